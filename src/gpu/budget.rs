@@ -1,0 +1,342 @@
+//! Per-heap VRAM budgets: the driver's numbers from `VK_EXT_memory_budget` where it exists, an
+//! honest, labelled estimate where it does not.
+//!
+//! The raw numbers come from a [`BudgetSource`] (a trait, so tests inject budgets that shrink and
+//! grow on cue); [`resolve`] turns them into [`HeapBudget`]s (pure: clamping, estimating).
+
+use ash::vk;
+
+use crate::error::Result;
+use crate::gpu::adapter::HeapInfo;
+
+/// Without `VK_EXT_memory_budget` we assume this share of a heap may be used by one process.
+pub const ESTIMATED_BUDGET_PERCENT: u64 = 80;
+
+/// Where a heap's budget and usage came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `VK_EXT_memory_budget`: the driver's `heapBudget` / `heapUsage`.
+    Ext,
+    /// No extension: budget = 80% of size, usage = bytes understory holds.
+    Estimated,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Ext => "ext",
+            Source::Estimated => "estimated",
+        })
+    }
+}
+
+/// Why a driver budget was replaced by the heap size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Clamp {
+    /// The driver reported a budget of 0.
+    Zero,
+    /// The driver reported a budget larger than the heap.
+    OverSize,
+}
+
+/// The driver's numbers for one heap, as reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverNumbers {
+    /// `heapBudget`.
+    pub budget: u64,
+    /// `heapUsage`.
+    pub usage: u64,
+}
+
+/// One heap as a [`BudgetSource`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawHeap {
+    /// Size and flags.
+    pub info: HeapInfo,
+    /// The driver's budget and usage, `None` without `VK_EXT_memory_budget`.
+    pub driver: Option<DriverNumbers>,
+}
+
+/// One heap's budget, resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HeapBudget {
+    /// Heap index.
+    pub index: u32,
+    /// Heap size in bytes.
+    pub size: u64,
+    /// `VK_MEMORY_HEAP_DEVICE_LOCAL_BIT`.
+    pub device_local: bool,
+    /// Bytes this process may use, clamped to `1..=size`.
+    pub budget: u64,
+    /// Bytes this process uses (driver's view with the extension; ours without).
+    pub usage: u64,
+    /// Where `budget` and `usage` came from.
+    pub source: Source,
+    /// Set when the driver's budget was unusable and replaced by `size`.
+    pub clamped: Option<Clamp>,
+}
+
+impl HeapBudget {
+    /// Bytes left under the budget (0 when over it).
+    pub fn headroom(&self) -> u64 {
+        self.budget.saturating_sub(self.usage)
+    }
+}
+
+/// Something that reports raw per-heap numbers: the driver, or a test's script.
+pub trait BudgetSource: Send {
+    /// Reads the heaps now. Called once a frame; must be cheap.
+    fn query(&mut self) -> Result<Vec<RawHeap>>;
+}
+
+/// Pure: raw numbers plus the bytes we hold per heap (`ours`, missing entries count as 0) into
+/// budgets. Driver budgets of 0 or above the heap size are clamped to the size.
+pub fn resolve(raw: &[RawHeap], ours: &[u64]) -> Vec<HeapBudget> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let size = h.info.size;
+            let ours = ours.get(i).copied().unwrap_or(0);
+            let (budget, usage, source, clamped) = match h.driver {
+                Some(d) => {
+                    let (budget, clamped) = if d.budget == 0 {
+                        (size, Some(Clamp::Zero))
+                    } else if d.budget > size {
+                        (size, Some(Clamp::OverSize))
+                    } else {
+                        (d.budget, None)
+                    };
+                    (budget, d.usage, Source::Ext, clamped)
+                }
+                None => (
+                    estimated_budget(size),
+                    ours,
+                    Source::Estimated,
+                    None,
+                ),
+            };
+            HeapBudget {
+                index: i as u32,
+                size,
+                device_local: h.info.device_local,
+                budget,
+                usage,
+                source,
+                clamped,
+            }
+        })
+        .collect()
+}
+
+/// 80% of the heap, never 0 for a non-empty heap.
+pub fn estimated_budget(size: u64) -> u64 {
+    ((size as u128 * ESTIMATED_BUDGET_PERCENT as u128 / 100) as u64).max(size.min(1))
+}
+
+/// The heaps of one device, refreshed once a frame. Logs each kind of clamp once per heap.
+pub struct HeapBudgets {
+    source: Box<dyn BudgetSource>,
+    logged: Vec<[bool; 2]>,
+    last: Vec<HeapBudget>,
+}
+
+impl HeapBudgets {
+    /// Wraps a source; nothing is read until [`HeapBudgets::refresh`].
+    pub fn new(source: Box<dyn BudgetSource>) -> Self {
+        Self {
+            source,
+            logged: Vec::new(),
+            last: Vec::new(),
+        }
+    }
+
+    /// Reads the source and resolves. `ours[i]` is what understory holds in heap `i`.
+    pub fn refresh(&mut self, ours: &[u64]) -> Result<&[HeapBudget]> {
+        let raw = self.source.query()?;
+        let heaps = resolve(&raw, ours);
+        if self.logged.len() < heaps.len() {
+            self.logged.resize(heaps.len(), [false; 2]);
+        }
+        for (h, r) in heaps.iter().zip(&raw) {
+            let Some(clamp) = h.clamped else { continue };
+            let slot = &mut self.logged[h.index as usize][clamp as usize];
+            if !*slot {
+                *slot = true;
+                log::warn!(
+                    "heap {}: driver reported budget {} bytes for a heap of {} bytes ({:?}); using the heap size",
+                    h.index,
+                    r.driver.map_or(0, |d| d.budget),
+                    h.size,
+                    clamp
+                );
+            }
+        }
+        self.last = heaps;
+        Ok(&self.last)
+    }
+
+    /// The result of the last refresh (empty before the first).
+    pub fn last(&self) -> &[HeapBudget] {
+        &self.last
+    }
+
+    /// How many clamp warnings have been logged so far (each kind once per heap).
+    pub fn clamp_warnings_logged(&self) -> usize {
+        self.logged.iter().flatten().filter(|b| **b).count()
+    }
+}
+
+/// Reads the driver through `vkGetPhysicalDeviceMemoryProperties2`, chaining
+/// `VkPhysicalDeviceMemoryBudgetPropertiesEXT` when the device supports `VK_EXT_memory_budget`.
+pub struct DriverBudget {
+    instance: ash::Instance,
+    physical_device: vk::PhysicalDevice,
+    has_ext: bool,
+}
+
+impl DriverBudget {
+    /// A source for one physical device.
+    ///
+    /// # Safety
+    /// `physical_device` must belong to `instance` (Vulkan >= 1.1), which must outlive this
+    /// source; `has_ext` must be true only if the device supports `VK_EXT_memory_budget`.
+    pub unsafe fn new(instance: ash::Instance, physical_device: vk::PhysicalDevice, has_ext: bool) -> Self {
+        Self {
+            instance,
+            physical_device,
+            has_ext,
+        }
+    }
+}
+
+impl BudgetSource for DriverBudget {
+    fn query(&mut self) -> Result<Vec<RawHeap>> {
+        let mut budget = vk::PhysicalDeviceMemoryBudgetPropertiesEXT::default();
+        let mut props = vk::PhysicalDeviceMemoryProperties2::default();
+        if self.has_ext {
+            props = props.push_next(&mut budget);
+        }
+        // SAFETY: the physical device belongs to the live instance (constructor contract); the
+        // budget struct is chained only when the device supports VK_EXT_memory_budget, whose
+        // physical-device-level query needs no enabled device (VUID-VkPhysicalDeviceMemoryProperties2-pNext).
+        unsafe {
+            self.instance
+                .get_physical_device_memory_properties2(self.physical_device, &mut props)
+        };
+        let mem = props.memory_properties;
+        let count = (mem.memory_heap_count as usize).min(vk::MAX_MEMORY_HEAPS);
+        let has_ext = self.has_ext;
+        Ok((0..count)
+            .map(|i| RawHeap {
+                info: HeapInfo {
+                    size: mem.memory_heaps[i].size,
+                    device_local: mem.memory_heaps[i]
+                        .flags
+                        .contains(vk::MemoryHeapFlags::DEVICE_LOCAL),
+                },
+                driver: has_ext.then(|| DriverNumbers {
+                    budget: budget.heap_budget[i],
+                    usage: budget.heap_usage[i],
+                }),
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn heap(size: u64, driver: Option<(u64, u64)>) -> RawHeap {
+        RawHeap {
+            info: HeapInfo {
+                size,
+                device_local: true,
+            },
+            driver: driver.map(|(budget, usage)| DriverNumbers { budget, usage }),
+        }
+    }
+
+    struct Script(Vec<Vec<RawHeap>>);
+    impl BudgetSource for Script {
+        fn query(&mut self) -> Result<Vec<RawHeap>> {
+            Ok(if self.0.len() > 1 {
+                self.0.remove(0)
+            } else {
+                self.0[0].clone()
+            })
+        }
+    }
+
+    #[test]
+    fn ext_numbers_pass_through() {
+        let b = resolve(&[heap(8 * GIB, Some((6 * GIB, GIB)))], &[123]);
+        assert_eq!(b[0].budget, 6 * GIB);
+        assert_eq!(b[0].usage, GIB, "with the extension usage is the driver's");
+        assert_eq!(b[0].source, Source::Ext);
+        assert_eq!(b[0].clamped, None);
+        assert_eq!(b[0].headroom(), 5 * GIB);
+    }
+
+    #[test]
+    fn zero_and_oversized_budgets_are_clamped_to_the_heap() {
+        let b = resolve(
+            &[heap(4 * GIB, Some((0, 10))), heap(4 * GIB, Some((u64::MAX, 10)))],
+            &[],
+        );
+        assert_eq!((b[0].budget, b[0].clamped), (4 * GIB, Some(Clamp::Zero)));
+        assert_eq!((b[1].budget, b[1].clamped), (4 * GIB, Some(Clamp::OverSize)));
+        let exact = resolve(&[heap(4 * GIB, Some((4 * GIB, 0)))], &[]);
+        assert_eq!(exact[0].clamped, None, "budget == size is legal");
+    }
+
+    #[test]
+    fn estimate_is_eighty_percent_and_usage_is_ours() {
+        let b = resolve(&[heap(2 * GIB, None), heap(10, None)], &[7 << 20]);
+        assert_eq!(b[0].budget, 2 * GIB / 10 * 8);
+        assert_eq!(b[0].usage, 7 << 20);
+        assert_eq!(b[0].source, Source::Estimated);
+        assert_eq!(b[1].budget, 8);
+        assert_eq!(b[1].usage, 0, "missing `ours` entries count as 0");
+        assert_eq!(estimated_budget(1), 1, "never 0 for a non-empty heap");
+        assert_eq!(estimated_budget(0), 0);
+        assert_eq!(estimated_budget(u64::MAX), (u64::MAX as u128 * 8 / 10) as u64);
+    }
+
+    #[test]
+    fn clamps_are_logged_once_per_heap_and_kind() {
+        let bad = vec![heap(GIB, Some((0, 0))), heap(GIB, Some((2 * GIB, 0)))];
+        let good = vec![heap(GIB, Some((GIB / 2, 0))), heap(GIB, Some((GIB / 2, 0)))];
+        let mut hb = HeapBudgets::new(Box::new(Script(vec![
+            bad.clone(),
+            bad.clone(),
+            good,
+            bad,
+        ])));
+        hb.refresh(&[]).unwrap();
+        assert_eq!(hb.clamp_warnings_logged(), 2);
+        hb.refresh(&[]).unwrap();
+        hb.refresh(&[]).unwrap();
+        assert_eq!(hb.last()[0].clamped, None);
+        hb.refresh(&[]).unwrap();
+        assert_eq!(hb.clamp_warnings_logged(), 2, "logged once, not every frame");
+        assert_eq!(hb.last()[1].clamped, Some(Clamp::OverSize));
+    }
+
+    #[test]
+    fn injected_budgets_shrink_and_grow_on_cue() {
+        let frames = [4, 3, 1, 1, 2, 4]
+            .iter()
+            .map(|g| vec![heap(4 * GIB, Some((g * GIB, GIB / 2)))])
+            .collect();
+        let mut hb = HeapBudgets::new(Box::new(Script(frames)));
+        let seen: Vec<u64> = (0..6)
+            .map(|_| hb.refresh(&[]).unwrap()[0].budget / GIB)
+            .collect();
+        assert_eq!(seen, vec![4, 3, 1, 1, 2, 4]);
+    }
+}

@@ -1,0 +1,261 @@
+//! Compute pipelines over storage buffers, recorded into the caller's command buffers.
+
+use std::ffi::CStr;
+
+use ash::vk;
+
+use crate::error::{Error, Result, vk_err};
+use crate::gpu::context::Context;
+use crate::gpu::memory::Buffer;
+
+/// A compute pipeline whose set 0 holds `storage_buffers` storage buffers at bindings
+/// `0..storage_buffers`, with an optional push-constant block.
+pub struct ComputePipeline {
+    name: String,
+    set_layout: vk::DescriptorSetLayout,
+    layout: vk::PipelineLayout,
+    pipeline: vk::Pipeline,
+    pool: vk::DescriptorPool,
+    storage_buffers: u32,
+    push_constant_bytes: u32,
+    destroyed: bool,
+}
+
+/// What a [`ComputePipeline`] is made of.
+#[derive(Clone, Copy, Debug)]
+pub struct ComputePipelineDesc<'a> {
+    /// Debug name.
+    pub name: &'a str,
+    /// SPIR-V bytes (from [`crate::gpu::shaders`]).
+    pub spirv: &'a [u8],
+    /// Entry point.
+    pub entry: &'a CStr,
+    /// Number of storage-buffer bindings in set 0.
+    pub storage_buffers: u32,
+    /// Size of the push-constant block (multiple of 4, ≤ 128).
+    pub push_constant_bytes: u32,
+    /// How many descriptor sets [`ComputePipeline::bind_set`] may hand out in total.
+    pub max_sets: u32,
+}
+
+/// A descriptor set of a [`ComputePipeline`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindingSet(vk::DescriptorSet);
+
+impl ComputePipeline {
+    /// Builds the shader module, layouts, pipeline and a descriptor pool.
+    pub fn new(ctx: &Context, desc: &ComputePipelineDesc<'_>) -> Result<Self> {
+        if desc.push_constant_bytes % 4 != 0 || desc.push_constant_bytes > 128 {
+            return Err(Error::InvalidInput(format!(
+                "{}: push constants of {} bytes (must be a multiple of 4, at most 128)",
+                desc.name, desc.push_constant_bytes
+            )));
+        }
+        if desc.max_sets == 0 || desc.storage_buffers == 0 {
+            return Err(Error::InvalidInput(format!(
+                "{}: needs at least one set and one binding",
+                desc.name
+            )));
+        }
+        let code = ash::util::read_spv(&mut std::io::Cursor::new(desc.spirv))
+            .map_err(|e| Error::InvalidInput(format!("{}: not SPIR-V: {e}", desc.name)))?;
+        let device = ctx.device();
+        let mut this = Self {
+            name: desc.name.to_owned(),
+            set_layout: vk::DescriptorSetLayout::null(),
+            layout: vk::PipelineLayout::null(),
+            pipeline: vk::Pipeline::null(),
+            pool: vk::DescriptorPool::null(),
+            storage_buffers: desc.storage_buffers,
+            push_constant_bytes: desc.push_constant_bytes,
+            destroyed: false,
+        };
+        // Build step by step; on error, destroy what exists (null handles are ignored).
+        let built = (|| {
+            let bindings: Vec<_> = (0..desc.storage_buffers)
+                .map(|b| {
+                    vk::DescriptorSetLayoutBinding::default()
+                        .binding(b)
+                        .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                        .descriptor_count(1)
+                        .stage_flags(vk::ShaderStageFlags::COMPUTE)
+                })
+                .collect();
+            let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
+            // SAFETY: valid info.
+            this.set_layout = unsafe { device.create_descriptor_set_layout(&info, None) }
+                .map_err(vk_err("vkCreateDescriptorSetLayout"))?;
+            let ranges = [vk::PushConstantRange::default()
+                .stage_flags(vk::ShaderStageFlags::COMPUTE)
+                .size(desc.push_constant_bytes)];
+            let set_layouts = [this.set_layout];
+            let mut info = vk::PipelineLayoutCreateInfo::default().set_layouts(&set_layouts);
+            if desc.push_constant_bytes > 0 {
+                info = info.push_constant_ranges(&ranges);
+            }
+            // SAFETY: valid info referencing a live set layout.
+            this.layout = unsafe { device.create_pipeline_layout(&info, None) }
+                .map_err(vk_err("vkCreatePipelineLayout"))?;
+            let info = vk::ShaderModuleCreateInfo::default().code(&code);
+            // SAFETY: code is SPIR-V validated by naga at build time.
+            let module = unsafe { device.create_shader_module(&info, None) }
+                .map_err(vk_err("vkCreateShaderModule"))?;
+            let stage = vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::COMPUTE)
+                .module(module)
+                .name(desc.entry);
+            let info = [vk::ComputePipelineCreateInfo::default()
+                .stage(stage)
+                .layout(this.layout)];
+            // SAFETY: valid info; module and layout are live.
+            let pipelines = unsafe {
+                device.create_compute_pipelines(vk::PipelineCache::null(), &info, None)
+            };
+            // SAFETY: the module is no longer needed once the pipeline exists (or failed).
+            unsafe { device.destroy_shader_module(module, None) };
+            this.pipeline = pipelines.map_err(|(_, e)| Error::vk("vkCreateComputePipelines", e))?[0];
+            let sizes = [vk::DescriptorPoolSize::default()
+                .ty(vk::DescriptorType::STORAGE_BUFFER)
+                .descriptor_count(desc.storage_buffers * desc.max_sets)];
+            let info = vk::DescriptorPoolCreateInfo::default()
+                .max_sets(desc.max_sets)
+                .pool_sizes(&sizes);
+            // SAFETY: valid info.
+            this.pool = unsafe { device.create_descriptor_pool(&info, None) }
+                .map_err(vk_err("vkCreateDescriptorPool"))?;
+            Ok(())
+        })();
+        match built {
+            Ok(()) => Ok(this),
+            Err(e) => {
+                // SAFETY: nothing was submitted; every non-null handle is ours.
+                unsafe { this.destroy(ctx) };
+                Err(e)
+            }
+        }
+    }
+
+    /// Allocates a descriptor set pointing binding `i` at `buffers[i]` (whole buffer).
+    pub fn bind_set(&self, ctx: &Context, buffers: &[&Buffer]) -> Result<BindingSet> {
+        if buffers.len() != self.storage_buffers as usize {
+            return Err(Error::InvalidInput(format!(
+                "{}: {} buffers for {} bindings",
+                self.name,
+                buffers.len(),
+                self.storage_buffers
+            )));
+        }
+        let layouts = [self.set_layout];
+        let info = vk::DescriptorSetAllocateInfo::default()
+            .descriptor_pool(self.pool)
+            .set_layouts(&layouts);
+        // SAFETY: pool and layout are live. Running out of sets is a caller error reported as
+        // VK_ERROR_OUT_OF_POOL_MEMORY.
+        let set = unsafe { ctx.device().allocate_descriptor_sets(&info) }
+            .map_err(vk_err("vkAllocateDescriptorSets"))?[0];
+        let infos: Vec<_> = buffers
+            .iter()
+            .map(|b| [vk::DescriptorBufferInfo::default().buffer(b.raw()).range(vk::WHOLE_SIZE)])
+            .collect();
+        let writes: Vec<_> = infos
+            .iter()
+            .enumerate()
+            .map(|(i, info)| {
+                vk::WriteDescriptorSet::default()
+                    .dst_set(set)
+                    .dst_binding(i as u32)
+                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                    .buffer_info(info)
+            })
+            .collect();
+        // SAFETY: the set was just allocated and is not in use; the buffers are live.
+        unsafe { ctx.device().update_descriptor_sets(&writes, &[]) };
+        Ok(BindingSet(set))
+    }
+
+    /// Records bind + push constants + dispatch into `cmd`.
+    ///
+    /// # Safety
+    /// `cmd` must be a command buffer of `ctx`'s device in the recording state, outside a render
+    /// pass; the buffers of `set` must stay alive until the submission completes.
+    pub unsafe fn record_dispatch(
+        &self,
+        ctx: &Context,
+        cmd: vk::CommandBuffer,
+        set: BindingSet,
+        push_constants: &[u8],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        if push_constants.len() != self.push_constant_bytes as usize {
+            return Err(Error::InvalidInput(format!(
+                "{}: {} push-constant bytes, pipeline takes {}",
+                self.name,
+                push_constants.len(),
+                self.push_constant_bytes
+            )));
+        }
+        let limits = ctx.adapter().max_compute_work_group_count;
+        if groups.iter().zip(limits).any(|(g, l)| *g > l) {
+            return Err(Error::InvalidInput(format!(
+                "{}: dispatch {groups:?} exceeds maxComputeWorkGroupCount {limits:?}",
+                self.name
+            )));
+        }
+        let d = ctx.device();
+        // SAFETY: the caller guarantees cmd is recording; pipeline, layout and set are live and
+        // compatible (same layout); push range matches the layout's.
+        unsafe {
+            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.pipeline);
+            d.cmd_bind_descriptor_sets(
+                cmd,
+                vk::PipelineBindPoint::COMPUTE,
+                self.layout,
+                0,
+                &[set.0],
+                &[],
+            );
+            if !push_constants.is_empty() {
+                d.cmd_push_constants(
+                    cmd,
+                    self.layout,
+                    vk::ShaderStageFlags::COMPUTE,
+                    0,
+                    push_constants,
+                );
+            }
+            d.cmd_dispatch(cmd, groups[0], groups[1], groups[2]);
+        }
+        Ok(())
+    }
+
+    /// Destroys the pipeline, its layouts and its descriptor pool.
+    ///
+    /// # Safety
+    /// The GPU must have finished every submission that used this pipeline.
+    pub unsafe fn destroy(&mut self, ctx: &Context) {
+        let d = ctx.device();
+        // SAFETY: idle (caller); null handles are ignored by vkDestroy*.
+        unsafe {
+            d.destroy_descriptor_pool(self.pool, None);
+            d.destroy_pipeline(self.pipeline, None);
+            d.destroy_pipeline_layout(self.layout, None);
+            d.destroy_descriptor_set_layout(self.set_layout, None);
+        }
+        self.pool = vk::DescriptorPool::null();
+        self.pipeline = vk::Pipeline::null();
+        self.layout = vk::PipelineLayout::null();
+        self.set_layout = vk::DescriptorSetLayout::null();
+        self.destroyed = true;
+    }
+}
+
+impl Drop for ComputePipeline {
+    fn drop(&mut self) {
+        if !self.destroyed {
+            log::error!("leak: compute pipeline {:?} dropped without destroy()", self.name);
+            if !std::thread::panicking() {
+                debug_assert!(false, "compute pipeline {:?} leaked", self.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The thin gpu layer: every `unsafe` Vulkan call lives here. It turns decisions into Vulkan
+//! calls and reports numbers back; it decides nothing that policy could decide.
+
+pub mod adapter;
+pub mod budget;
+pub mod compute;
+pub mod context;
+pub mod debug;
+pub mod instance;
+pub mod memory;
+pub mod scan;
+pub mod shaders;
+pub mod timeline;

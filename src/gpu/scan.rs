@@ -1,0 +1,127 @@
+//! Block scan: exclusive prefix sums of `u32` within blocks of [`SCAN_BLOCK`] elements plus each
+//! block's total (`shaders/block_scan.wgsl`). The first pass of a device-wide scan, as used for
+//! compaction offsets.
+
+use ash::vk;
+
+use crate::error::{Error, Result};
+use crate::gpu::compute::{BindingSet, ComputePipeline, ComputePipelineDesc};
+use crate::gpu::context::Context;
+use crate::gpu::memory::Buffer;
+use crate::gpu::shaders;
+
+/// Elements per block (the shader's workgroup size).
+pub const SCAN_BLOCK: u32 = 256;
+
+/// The pipeline.
+pub struct BlockScan {
+    pipeline: ComputePipeline,
+}
+
+impl BlockScan {
+    /// Builds the pipeline; `max_sets` bounds how many [`BlockScan::bind`] calls it serves.
+    pub fn new(ctx: &Context, max_sets: u32) -> Result<Self> {
+        Ok(Self {
+            pipeline: ComputePipeline::new(
+                ctx,
+                &ComputePipelineDesc {
+                    name: "block_scan",
+                    spirv: shaders::BLOCK_SCAN,
+                    entry: c"main",
+                    storage_buffers: 3,
+                    push_constant_bytes: 4,
+                    max_sets,
+                },
+            )?,
+        })
+    }
+
+    /// Binds `input` (`count` u32s), `output` (`count` u32s) and `block_sums`
+    /// (`ceil(count / 256)` u32s), checking their sizes.
+    pub fn bind(
+        &self,
+        ctx: &Context,
+        input: &Buffer,
+        output: &Buffer,
+        block_sums: &Buffer,
+        count: u32,
+    ) -> Result<BindingSet> {
+        let need = u64::from(count) * 4;
+        let blocks = u64::from(count.div_ceil(SCAN_BLOCK)) * 4;
+        if input.size() < need || output.size() < need || block_sums.size() < blocks {
+            return Err(Error::InvalidInput(format!(
+                "block_scan of {count}: buffers of {}/{}/{} bytes, need {need}/{need}/{blocks}",
+                input.size(),
+                output.size(),
+                block_sums.size()
+            )));
+        }
+        self.pipeline.bind_set(ctx, &[input, output, block_sums])
+    }
+
+    /// Records the dispatch for `count` elements. Zero elements records nothing.
+    ///
+    /// # Safety
+    /// As [`ComputePipeline::record_dispatch`]; `set` must come from [`BlockScan::bind`] with the
+    /// same `count` or larger buffers. The caller adds the barriers that order the input writes
+    /// before, and the output reads after, this dispatch.
+    pub unsafe fn record(
+        &self,
+        ctx: &Context,
+        cmd: vk::CommandBuffer,
+        set: BindingSet,
+        count: u32,
+    ) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let groups = [count.div_ceil(SCAN_BLOCK), 1, 1];
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.pipeline
+                .record_dispatch(ctx, cmd, set, &count.to_le_bytes(), groups)
+        }
+    }
+
+    /// Destroys the pipeline.
+    ///
+    /// # Safety
+    /// The GPU must have finished every submission that used it.
+    pub unsafe fn destroy(&mut self, ctx: &Context) {
+        // SAFETY: forwarded contract.
+        unsafe { self.pipeline.destroy(ctx) };
+    }
+}
+
+/// The CPU reference: the same result as the shader (wrapping arithmetic).
+pub fn block_scan_cpu(input: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let mut out = Vec::with_capacity(input.len());
+    let mut sums = Vec::with_capacity(input.len().div_ceil(SCAN_BLOCK as usize));
+    for block in input.chunks(SCAN_BLOCK as usize) {
+        let mut acc = 0u32;
+        for &v in block {
+            out.push(acc);
+            acc = acc.wrapping_add(v);
+        }
+        sums.push(acc);
+    }
+    (out, sums)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_reference_is_an_exclusive_scan_per_block() {
+        let input: Vec<u32> = (1..=300).collect();
+        let (out, sums) = block_scan_cpu(&input);
+        assert_eq!(&out[..4], &[0, 1, 3, 6]);
+        assert_eq!(out[256], 0, "each block starts over");
+        assert_eq!(out[257], 257);
+        assert_eq!(sums, vec![(1..=256).sum(), (257..=300).sum()]);
+        assert_eq!(block_scan_cpu(&[]), (vec![], vec![]));
+        let (_, s) = block_scan_cpu(&[u32::MAX, 2]);
+        assert_eq!(s, vec![1], "wraps like the shader");
+    }
+}

@@ -297,7 +297,7 @@ mod tests {
     #[test]
     fn estimate_is_eighty_percent_and_usage_is_ours() {
         let b = resolve(&[heap(2 * GIB, None), heap(10, None)], &[7 << 20]);
-        assert_eq!(b[0].budget, 2 * GIB / 10 * 8);
+        assert_eq!(b[0].budget, 2 * GIB * 8 / 10);
         assert_eq!(b[0].usage, 7 << 20);
         assert_eq!(b[0].source, Source::Estimated);
         assert_eq!(b[1].budget, 8);

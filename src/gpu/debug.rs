@@ -143,9 +143,10 @@ unsafe extern "system" fn callback(
     vk::FALSE
 }
 
-/// Create-info for a messenger that feeds `canary`. Also chained into `VkInstanceCreateInfo` so
-/// that messages from instance creation and destruction are caught.
-pub(crate) fn messenger_info(canary: &Arc<Canary>) -> vk::DebugUtilsMessengerCreateInfoEXT<'static> {
+/// Create-info for a messenger that feeds `canary`. understory chains it into
+/// `VkInstanceCreateInfo` so that messages from instance creation and destruction are caught; a
+/// host can use it for its own messenger. The canary must outlive every messenger made from it.
+pub fn messenger_create_info(canary: &Arc<Canary>) -> vk::DebugUtilsMessengerCreateInfoEXT<'static> {
     vk::DebugUtilsMessengerCreateInfoEXT::default()
         .message_severity(
             vk::DebugUtilsMessageSeverityFlagsEXT::ERROR
@@ -178,7 +179,7 @@ impl Messenger {
         canary: &Arc<Canary>,
     ) -> Result<Self> {
         let loader = ash::ext::debug_utils::Instance::new(entry, instance);
-        let info = messenger_info(canary);
+        let info = messenger_create_info(canary);
         // SAFETY: the caller guarantees VK_EXT_debug_utils is enabled on `instance`; the canary
         // pointer stays valid because we hold an Arc to it for the messenger's lifetime.
         let handle = unsafe { loader.create_debug_utils_messenger(&info, None) }

@@ -7,7 +7,7 @@ use ash::vk;
 
 use crate::error::{Error, Result, vk_err};
 use crate::gpu::adapter::Adapter;
-use crate::gpu::debug::{Canary, Messenger, messenger_info};
+use crate::gpu::debug::{Canary, Messenger, messenger_create_info};
 
 /// The Khronos validation layer's name.
 pub const VALIDATION_LAYER: &CStr = c"VK_LAYER_KHRONOS_validation";
@@ -163,7 +163,7 @@ impl Instance {
             ext_names.push(ash::ext::debug_utils::NAME.as_ptr());
         }
         let canary = Canary::new();
-        let mut dbg = messenger_info(&canary);
+        let mut dbg = messenger_create_info(&canary);
         let enables = [vk::ValidationFeatureEnableEXT::SYNCHRONIZATION_VALIDATION];
         let mut features = vk::ValidationFeaturesEXT::default().enabled_validation_features(&enables);
         if validation && options.sync_validation {

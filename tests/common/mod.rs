@@ -1,0 +1,88 @@
+//! Test harness: a context under the Khronos validation layer (required), whose canary must be
+//! empty after every test; loud skips that `UNDERSTORY_REQUIRE_GPU=1` turns into failures.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use understory::gpu::context::{Context, ContextOptions};
+use understory::gpu::debug::Canary;
+use understory::gpu::instance::{InstanceOptions, Validation};
+use understory::Error;
+
+/// Whether skips are failures (set on the GPU machine).
+pub fn require_gpu() -> bool {
+    matches!(
+        std::env::var("UNDERSTORY_REQUIRE_GPU").as_deref(),
+        Ok("1") | Ok("true") | Ok("yes")
+    )
+}
+
+/// Prints a loud skip line, or panics when skips are not allowed.
+pub fn skip(test: &str, reason: &str) {
+    if require_gpu() {
+        panic!("{test}: would be SKIPPED ({reason}), but UNDERSTORY_REQUIRE_GPU=1");
+    }
+    eprintln!("\n*** SKIPPED {test}: {reason} ***\n");
+}
+
+/// Options for a validated test context: validation required, synchronization validation on
+/// unless `UNDERSTORY_SYNC_VALIDATION=0`; `UNDERSTORY_DEVICE` respected.
+pub fn options() -> ContextOptions {
+    let sync = std::env::var("UNDERSTORY_SYNC_VALIDATION").map_or(true, |v| v != "0");
+    let device = std::env::var("UNDERSTORY_DEVICE")
+        .ok()
+        .map(|v| understory::gpu::adapter::DeviceSelector::parse(&v).expect("UNDERSTORY_DEVICE"));
+    ContextOptions {
+        instance: InstanceOptions {
+            app_name: "understory tests".into(),
+            validation: Validation::Required,
+            sync_validation: sync,
+        },
+        device,
+    }
+}
+
+fn init_log() {
+    let _ = env_logger::builder().is_test(true).try_init();
+}
+
+/// A validated context, or `None` after a loud skip when no Vulkan device or validation layer
+/// is installed.
+pub fn context(test: &str) -> Option<Context> {
+    init_log();
+    match Context::new(&options()) {
+        Ok(ctx) => {
+            assert!(ctx.validation_enabled(), "validation must be on in tests");
+            Some(ctx)
+        }
+        Err(e @ (Error::LoaderMissing { .. } | Error::NoDevice { .. } | Error::ValidationUnavailable)) => {
+            skip(test, &e.to_string());
+            None
+        }
+        Err(e) => panic!("{test}: context creation failed: {e}"),
+    }
+}
+
+/// Panics with every message if the canary counted any validation warning or error.
+pub fn assert_clean(canary: &Arc<Canary>, what: &str) {
+    let messages = canary.drain();
+    if canary.total() > 0 {
+        let list: Vec<String> = messages.iter().map(|m| format!("  {m}")).collect();
+        panic!(
+            "{what}: {} validation error(s), {} warning(s):\n{}",
+            canary.errors(),
+            canary.warnings(),
+            list.join("\n")
+        );
+    }
+}
+
+/// Tears the context down (wait, free, destroy) and checks: no leaks, no validation messages,
+/// including those raised during teardown.
+pub fn finish(mut ctx: Context, what: &str) {
+    let canary = ctx.canary().clone();
+    let leaks = ctx.shutdown();
+    drop(ctx);
+    assert_eq!(leaks, 0, "{what}: leaked allocations");
+    assert_clean(&canary, what);
+}

@@ -35,7 +35,10 @@ fn main() {
             Err(msg) => {
                 // cargo shows build-script stderr on failure; one block per shader.
                 eprintln!("{msg}");
-                println!("cargo:warning=shader {} failed to compile (details below)", path.display());
+                println!(
+                    "cargo:warning=shader {} failed to compile (details below)",
+                    path.display()
+                );
                 failed = true;
             }
         }

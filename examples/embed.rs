@@ -58,7 +58,9 @@ impl Host {
         let debug = if validation {
             let loader = ash::ext::debug_utils::Instance::new(&entry, &instance);
             // SAFETY: debug utils is enabled; destroyed before the instance.
-            let m = unsafe { loader.create_debug_utils_messenger(&messenger_create_info(canary), None)? };
+            let m = unsafe {
+                loader.create_debug_utils_messenger(&messenger_create_info(canary), None)?
+            };
             Some((loader, m))
         } else {
             None
@@ -72,7 +74,10 @@ impl Host {
                 // SAFETY: pd belongs to instance.
                 let fams = unsafe { instance.get_physical_device_queue_family_properties(pd) };
                 fams.iter()
-                    .position(|f| f.queue_flags.contains(vk::QueueFlags::GRAPHICS | vk::QueueFlags::COMPUTE))
+                    .position(|f| {
+                        f.queue_flags
+                            .contains(vk::QueueFlags::GRAPHICS | vk::QueueFlags::COMPUTE)
+                    })
                     .map(|i| (pd, i as u32))
             })
             .ok_or("no device with a graphics+compute queue")?;
@@ -89,7 +94,15 @@ impl Host {
         let device = unsafe { instance.create_device(physical_device, &info, None)? };
         // SAFETY: family/index 0 was created above.
         let queue = unsafe { device.get_device_queue(family, 0) };
-        Ok(Self { entry, instance, debug, physical_device, device, family, queue })
+        Ok(Self {
+            entry,
+            instance,
+            debug,
+            physical_device,
+            device,
+            family,
+            queue,
+        })
     }
 
     fn destroy(self) {
@@ -140,7 +153,9 @@ pub fn run(validation: bool) -> Result<Outcome, Box<dyn std::error::Error>> {
     let mut inp = mem.create_buffer(&desc("input", n * 4, MemoryLocation::CpuToGpu))?;
     let out = mem.create_buffer(&desc("output", n * 4, MemoryLocation::GpuToCpu))?;
     let sums = mem.create_buffer(&desc("sums", n.div_ceil(256) * 4, MemoryLocation::GpuToCpu))?;
-    inp.mapped_mut().ok_or("not mapped")?.copy_from_slice(bytemuck::cast_slice(&input));
+    inp.mapped_mut()
+        .ok_or("not mapped")?
+        .copy_from_slice(bytemuck::cast_slice(&input));
     let set = scan.bind(&ctx, &inp, &out, &sums, n as u32)?;
     // The host records into its own command buffer; here understory's one-shot helper stands in.
     ctx.submit_and_wait(|cmd| {
@@ -193,7 +208,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "embedded understory on {}: scan {}, validation messages: understory {}, host {}",
         o.device_name,
-        if o.scan_matches { "matches the CPU" } else { "MISMATCH" },
+        if o.scan_matches {
+            "matches the CPU"
+        } else {
+            "MISMATCH"
+        },
         o.understory_messages,
         o.host_messages
     );

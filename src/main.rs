@@ -11,7 +11,11 @@ use understory::gpu::instance::{Instance, InstanceOptions, Validation};
 use understory::report::budget_report;
 
 #[derive(Parser)]
-#[command(name = "understory", version, about = "Budget-aware Vulkan backend for instanced vegetation")]
+#[command(
+    name = "understory",
+    version,
+    about = "Budget-aware Vulkan backend for instanced vegetation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -42,7 +42,10 @@ pub struct DeviceBudget {
 
 /// Reads every device's budget (or only the selected one's). Usage without the extension is 0:
 /// this process holds nothing.
-pub fn budget_report(instance: &Instance, selector: Option<&DeviceSelector>) -> Result<BudgetReport> {
+pub fn budget_report(
+    instance: &Instance,
+    selector: Option<&DeviceSelector>,
+) -> Result<BudgetReport> {
     let adapters = instance.adapters()?;
     let chosen: Vec<&Adapter> = match selector {
         None => adapters.iter().collect(),
@@ -72,7 +75,9 @@ pub fn budget_report(instance: &Instance, selector: Option<&DeviceSelector>) -> 
     for a in chosen {
         // SAFETY: the adapter comes from this instance, which outlives the source (dropped at
         // the end of this iteration).
-        let source = unsafe { DriverBudget::new(instance.raw().clone(), a.handle, a.extensions.memory_budget) };
+        let source = unsafe {
+            DriverBudget::new(instance.raw().clone(), a.handle, a.extensions.memory_budget)
+        };
         let mut hb = HeapBudgets::new(Box::new(source));
         let heaps = hb.refresh(&[])?.to_vec();
         devices.push(DeviceBudget {
@@ -137,7 +142,11 @@ impl BudgetReport {
                     s,
                     "  {:>4}  {:<12}  {:>12}  {:>12}  {:>12}  {:>12}  {:<9}",
                     h.index,
-                    if h.device_local { "device-local" } else { "host" },
+                    if h.device_local {
+                        "device-local"
+                    } else {
+                        "host"
+                    },
                     human_bytes(h.size),
                     human_bytes(h.budget),
                     human_bytes(h.usage),

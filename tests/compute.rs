@@ -5,7 +5,7 @@ mod common;
 use ash::vk;
 use understory::gpu::context::Context;
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
-use understory::gpu::scan::{block_scan_cpu, BlockScan, SCAN_BLOCK};
+use understory::gpu::scan::{BlockScan, SCAN_BLOCK, block_scan_cpu};
 
 fn buffer(ctx: &Context, name: &str, bytes: u64, location: MemoryLocation) -> Buffer {
     ctx.memory()
@@ -28,7 +28,12 @@ fn gpu_scan(ctx: &Context, scan: &BlockScan, input: &[u32]) -> (Vec<u32>, Vec<u3
     let blocks = n.div_ceil(SCAN_BLOCK as usize);
     let mut inp = buffer(ctx, "scan input", n as u64 * 4, MemoryLocation::CpuToGpu);
     let out = buffer(ctx, "scan output", n as u64 * 4, MemoryLocation::GpuToCpu);
-    let sums = buffer(ctx, "scan sums", blocks as u64 * 4, MemoryLocation::GpuToCpu);
+    let sums = buffer(
+        ctx,
+        "scan sums",
+        blocks as u64 * 4,
+        MemoryLocation::GpuToCpu,
+    );
     inp.mapped_mut().unwrap()[..n * 4].copy_from_slice(bytemuck::cast_slice(input));
     let set = scan.bind(ctx, &inp, &out, &sums, n as u32).expect("bind");
     ctx.submit_and_wait(|cmd| {
@@ -86,7 +91,10 @@ fn block_scan_matches_cpu_reference() {
         (0..255).collect(),
         (0..256).map(|_| 1).collect(),
         (0..257).collect(),
-        pseudo_random(100_003, 42).into_iter().map(|v| v % 1000).collect(),
+        pseudo_random(100_003, 42)
+            .into_iter()
+            .map(|v| v % 1000)
+            .collect(),
         // Large values: the sums wrap, on both sides alike.
         pseudo_random(4096, 7),
     ];

@@ -16,7 +16,13 @@ fn host_owned_device_runs_understory_with_zero_validation_messages() {
     };
     drop(probe);
     let outcome = embed::run(true).expect("embedded run");
-    assert!(outcome.scan_matches, "GPU scan differs from the CPU reference");
+    assert!(
+        outcome.scan_matches,
+        "GPU scan differs from the CPU reference"
+    );
     assert_eq!(outcome.understory_messages, 0, "understory's canary");
-    assert_eq!(outcome.host_messages, 0, "the host's canary, teardown included");
+    assert_eq!(
+        outcome.host_messages, 0,
+        "the host's canary, teardown included"
+    );
 }

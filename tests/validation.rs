@@ -39,7 +39,9 @@ fn harness_catches_a_real_violation() {
     assert!(canary.errors() >= 1, "the canary missed a validation error");
     let messages = canary.drain();
     assert!(
-        messages.iter().any(|m| m.id.contains("VkBufferCreateInfo-usage")),
+        messages
+            .iter()
+            .any(|m| m.id.contains("VkBufferCreateInfo-usage")),
         "expected the usage VUID, got {messages:?}"
     );
     let before = canary.total();

@@ -112,10 +112,7 @@ impl Adapter {
     /// Why this device cannot run understory, or `None` if it can.
     pub fn unsuitable_because(&self) -> Option<String> {
         if self.api_version < vk::API_VERSION_1_2 {
-            return Some(format!(
-                "Vulkan {} < 1.2",
-                format_version(self.api_version)
-            ));
+            return Some(format!("Vulkan {} < 1.2", format_version(self.api_version)));
         }
         if !self.timeline_semaphore {
             return Some("no timelineSemaphore feature".into());

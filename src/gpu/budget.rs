@@ -110,12 +110,7 @@ pub fn resolve(raw: &[RawHeap], ours: &[u64]) -> Vec<HeapBudget> {
                     };
                     (budget, d.usage, Source::Ext, clamped)
                 }
-                None => (
-                    estimated_budget(size),
-                    ours,
-                    Source::Estimated,
-                    None,
-                ),
+                None => (estimated_budget(size), ours, Source::Estimated, None),
             };
             HeapBudget {
                 index: i as u32,
@@ -202,7 +197,11 @@ impl DriverBudget {
     /// # Safety
     /// `physical_device` must belong to `instance` (Vulkan >= 1.1), which must outlive this
     /// source; `has_ext` must be true only if the device supports `VK_EXT_memory_budget`.
-    pub unsafe fn new(instance: ash::Instance, physical_device: vk::PhysicalDevice, has_ext: bool) -> Self {
+    pub unsafe fn new(
+        instance: ash::Instance,
+        physical_device: vk::PhysicalDevice,
+        has_ext: bool,
+    ) -> Self {
         Self {
             instance,
             physical_device,
@@ -285,11 +284,17 @@ mod tests {
     #[test]
     fn zero_and_oversized_budgets_are_clamped_to_the_heap() {
         let b = resolve(
-            &[heap(4 * GIB, Some((0, 10))), heap(4 * GIB, Some((u64::MAX, 10)))],
+            &[
+                heap(4 * GIB, Some((0, 10))),
+                heap(4 * GIB, Some((u64::MAX, 10))),
+            ],
             &[],
         );
         assert_eq!((b[0].budget, b[0].clamped), (4 * GIB, Some(Clamp::Zero)));
-        assert_eq!((b[1].budget, b[1].clamped), (4 * GIB, Some(Clamp::OverSize)));
+        assert_eq!(
+            (b[1].budget, b[1].clamped),
+            (4 * GIB, Some(Clamp::OverSize))
+        );
         let exact = resolve(&[heap(4 * GIB, Some((4 * GIB, 0)))], &[]);
         assert_eq!(exact[0].clamped, None, "budget == size is legal");
     }
@@ -304,26 +309,28 @@ mod tests {
         assert_eq!(b[1].usage, 0, "missing `ours` entries count as 0");
         assert_eq!(estimated_budget(1), 1, "never 0 for a non-empty heap");
         assert_eq!(estimated_budget(0), 0);
-        assert_eq!(estimated_budget(u64::MAX), (u64::MAX as u128 * 8 / 10) as u64);
+        assert_eq!(
+            estimated_budget(u64::MAX),
+            (u64::MAX as u128 * 8 / 10) as u64
+        );
     }
 
     #[test]
     fn clamps_are_logged_once_per_heap_and_kind() {
         let bad = vec![heap(GIB, Some((0, 0))), heap(GIB, Some((2 * GIB, 0)))];
         let good = vec![heap(GIB, Some((GIB / 2, 0))), heap(GIB, Some((GIB / 2, 0)))];
-        let mut hb = HeapBudgets::new(Box::new(Script(vec![
-            bad.clone(),
-            bad.clone(),
-            good,
-            bad,
-        ])));
+        let mut hb = HeapBudgets::new(Box::new(Script(vec![bad.clone(), bad.clone(), good, bad])));
         hb.refresh(&[]).unwrap();
         assert_eq!(hb.clamp_warnings_logged(), 2);
         hb.refresh(&[]).unwrap();
         hb.refresh(&[]).unwrap();
         assert_eq!(hb.last()[0].clamped, None);
         hb.refresh(&[]).unwrap();
-        assert_eq!(hb.clamp_warnings_logged(), 2, "logged once, not every frame");
+        assert_eq!(
+            hb.clamp_warnings_logged(),
+            2,
+            "logged once, not every frame"
+        );
         assert_eq!(hb.last()[1].clamped, Some(Clamp::OverSize));
     }
 

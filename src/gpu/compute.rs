@@ -45,7 +45,7 @@ pub struct BindingSet(vk::DescriptorSet);
 impl ComputePipeline {
     /// Builds the shader module, layouts, pipeline and a descriptor pool.
     pub fn new(ctx: &Context, desc: &ComputePipelineDesc<'_>) -> Result<Self> {
-        if desc.push_constant_bytes % 4 != 0 || desc.push_constant_bytes > 128 {
+        if !desc.push_constant_bytes.is_multiple_of(4) || desc.push_constant_bytes > 128 {
             return Err(Error::InvalidInput(format!(
                 "{}: push constants of {} bytes (must be a multiple of 4, at most 128)",
                 desc.name, desc.push_constant_bytes
@@ -108,12 +108,12 @@ impl ComputePipeline {
                 .stage(stage)
                 .layout(this.layout)];
             // SAFETY: valid info; module and layout are live.
-            let pipelines = unsafe {
-                device.create_compute_pipelines(vk::PipelineCache::null(), &info, None)
-            };
+            let pipelines =
+                unsafe { device.create_compute_pipelines(vk::PipelineCache::null(), &info, None) };
             // SAFETY: the module is no longer needed once the pipeline exists (or failed).
             unsafe { device.destroy_shader_module(module, None) };
-            this.pipeline = pipelines.map_err(|(_, e)| Error::vk("vkCreateComputePipelines", e))?[0];
+            this.pipeline =
+                pipelines.map_err(|(_, e)| Error::vk("vkCreateComputePipelines", e))?[0];
             let sizes = [vk::DescriptorPoolSize::default()
                 .ty(vk::DescriptorType::STORAGE_BUFFER)
                 .descriptor_count(desc.storage_buffers * desc.max_sets)];
@@ -155,7 +155,11 @@ impl ComputePipeline {
             .map_err(vk_err("vkAllocateDescriptorSets"))?[0];
         let infos: Vec<_> = buffers
             .iter()
-            .map(|b| [vk::DescriptorBufferInfo::default().buffer(b.raw()).range(vk::WHOLE_SIZE)])
+            .map(|b| {
+                [vk::DescriptorBufferInfo::default()
+                    .buffer(b.raw())
+                    .range(vk::WHOLE_SIZE)]
+            })
             .collect();
         let writes: Vec<_> = infos
             .iter()
@@ -252,7 +256,10 @@ impl ComputePipeline {
 impl Drop for ComputePipeline {
     fn drop(&mut self) {
         if !self.destroyed {
-            log::error!("leak: compute pipeline {:?} dropped without destroy()", self.name);
+            log::error!(
+                "leak: compute pipeline {:?} dropped without destroy()",
+                self.name
+            );
             if !std::thread::panicking() {
                 debug_assert!(false, "compute pipeline {:?} leaked", self.name);
             }

@@ -175,7 +175,10 @@ impl Context {
                 Error::InvalidInput("physical_device does not belong to the host instance".into())
             })?;
         if let Some(why) = adapter.unsuitable_because() {
-            return Err(Error::Unsupported(format!("host device {}: {why}", adapter.name)));
+            return Err(Error::Unsupported(format!(
+                "host device {}: {why}",
+                adapter.name
+            )));
         }
         // SAFETY: as above.
         let families = unsafe {
@@ -365,8 +368,7 @@ impl Context {
                 .map_err(vk_err("vkBeginCommandBuffer"))?;
             record(cmd)?;
             // SAFETY: recording.
-            unsafe { self.device.end_command_buffer(cmd) }
-                .map_err(vk_err("vkEndCommandBuffer"))?;
+            unsafe { self.device.end_command_buffer(cmd) }.map_err(vk_err("vkEndCommandBuffer"))?;
             let queue = self.queue();
             // SAFETY: queue locked; cmd executable; the closure's resources are the caller's to
             // keep alive, and we wait for completion before returning.

@@ -146,7 +146,9 @@ unsafe extern "system" fn callback(
 /// Create-info for a messenger that feeds `canary`. understory chains it into
 /// `VkInstanceCreateInfo` so that messages from instance creation and destruction are caught; a
 /// host can use it for its own messenger. The canary must outlive every messenger made from it.
-pub fn messenger_create_info(canary: &Arc<Canary>) -> vk::DebugUtilsMessengerCreateInfoEXT<'static> {
+pub fn messenger_create_info(
+    canary: &Arc<Canary>,
+) -> vk::DebugUtilsMessengerCreateInfoEXT<'static> {
     vk::DebugUtilsMessengerCreateInfoEXT::default()
         .message_severity(
             vk::DebugUtilsMessageSeverityFlagsEXT::ERROR

@@ -129,7 +129,9 @@ impl Instance {
             (Validation::Off, _) => false,
             (_, true) => true,
             (Validation::IfAvailable, false) => {
-                log::warn!("validation requested but VK_LAYER_KHRONOS_validation is not installed; running without it");
+                log::warn!(
+                    "validation requested but VK_LAYER_KHRONOS_validation is not installed; running without it"
+                );
                 false
             }
             (Validation::Required, false) => return Err(Error::ValidationUnavailable),
@@ -165,7 +167,8 @@ impl Instance {
         let canary = Canary::new();
         let mut dbg = messenger_create_info(&canary);
         let enables = [vk::ValidationFeatureEnableEXT::SYNCHRONIZATION_VALIDATION];
-        let mut features = vk::ValidationFeaturesEXT::default().enabled_validation_features(&enables);
+        let mut features =
+            vk::ValidationFeaturesEXT::default().enabled_validation_features(&enables);
         if validation && options.sync_validation {
             // VK_EXT_validation_features is provided by the layer itself.
             ext_names.push(ash::ext::validation_features::NAME.as_ptr());

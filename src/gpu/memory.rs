@@ -128,8 +128,8 @@ impl Memory {
             .usage(desc.usage)
             .sharing_mode(vk::SharingMode::EXCLUSIVE);
         // SAFETY: valid create info; the device is alive.
-        let raw = unsafe { self.device.create_buffer(&info, None) }
-            .map_err(vk_err("vkCreateBuffer"))?;
+        let raw =
+            unsafe { self.device.create_buffer(&info, None) }.map_err(vk_err("vkCreateBuffer"))?;
         // SAFETY: raw was just created from this device.
         let requirements = unsafe { self.device.get_buffer_memory_requirements(raw) };
         let allocation = self.with_allocator(|a| {
@@ -198,7 +198,11 @@ impl Memory {
         let Some(a) = guard.take() else { return 0 };
         let report = a.generate_report();
         for alloc in &report.allocations {
-            log::error!("leak: {:?} ({} bytes) still allocated at shutdown", alloc.name, alloc.size);
+            log::error!(
+                "leak: {:?} ({} bytes) still allocated at shutdown",
+                alloc.name,
+                alloc.size
+            );
         }
         report.allocations.len()
     }

@@ -26,8 +26,8 @@ impl Timeline {
             .initial_value(0);
         let info = vk::SemaphoreCreateInfo::default().push_next(&mut ty);
         // SAFETY: timelineSemaphore is enabled (caller); the info is valid.
-        let semaphore = unsafe { device.create_semaphore(&info, None) }
-            .map_err(vk_err("vkCreateSemaphore"))?;
+        let semaphore =
+            unsafe { device.create_semaphore(&info, None) }.map_err(vk_err("vkCreateSemaphore"))?;
         Ok(Self {
             device: device.clone(),
             semaphore,
@@ -50,13 +50,19 @@ impl Timeline {
 
     /// The last value handed to a submission.
     pub fn last_submitted(&self) -> u64 {
-        *self.last_submitted.lock().unwrap_or_else(|p| p.into_inner())
+        *self
+            .last_submitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Hands out the next value for a submission the caller makes itself; that submission must
     /// signal this semaphore with exactly this value, in reservation order.
     pub fn reserve(&self) -> u64 {
-        let mut last = self.last_submitted.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self
+            .last_submitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         *last += 1;
         *last
     }
@@ -96,11 +102,15 @@ impl Timeline {
         command_buffers: &[vk::CommandBuffer],
     ) -> Result<u64> {
         // Hold the counter lock across the submit so values reach the queue in order.
-        let mut last = self.last_submitted.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self
+            .last_submitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let value = *last + 1;
         let signal_values = [value];
         let signals = [self.semaphore];
-        let mut tl = vk::TimelineSemaphoreSubmitInfo::default().signal_semaphore_values(&signal_values);
+        let mut tl =
+            vk::TimelineSemaphoreSubmitInfo::default().signal_semaphore_values(&signal_values);
         let submit = vk::SubmitInfo::default()
             .command_buffers(command_buffers)
             .signal_semaphores(&signals)

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use understory::Error;
 use understory::gpu::context::{Context, ContextOptions};
 use understory::gpu::debug::Canary;
 use understory::gpu::instance::{InstanceOptions, Validation};
-use understory::Error;
 
 /// Whether skips are failures (set on the GPU machine).
 pub fn require_gpu() -> bool {
@@ -55,7 +55,11 @@ pub fn context(test: &str) -> Option<Context> {
             assert!(ctx.validation_enabled(), "validation must be on in tests");
             Some(ctx)
         }
-        Err(e @ (Error::LoaderMissing { .. } | Error::NoDevice { .. } | Error::ValidationUnavailable)) => {
+        Err(
+            e @ (Error::LoaderMissing { .. }
+            | Error::NoDevice { .. }
+            | Error::ValidationUnavailable),
+        ) => {
             skip(test, &e.to_string());
             None
         }

@@ -2,10 +2,22 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
+/// The binary: cargo's build-time path, or (when the tests were copied elsewhere, as on the GPU
+/// machine) the `understory` next to this test executable.
+fn bin() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_understory"));
+    if built.exists() {
+        return built;
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.with_file_name("understory")
+}
+
 fn understory(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_understory"))
+    Command::new(bin())
         .args(args)
         .env_remove("UNDERSTORY_DEVICE")
         .output()
@@ -132,7 +144,7 @@ fn bad_arguments_fail_with_a_message() {
 #[test]
 fn no_driver_is_a_clear_error_not_a_panic() {
     // A loader that finds no driver manifest: what a machine without any Vulkan driver sees.
-    let out = Command::new(env!("CARGO_BIN_EXE_understory"))
+    let out = Command::new(bin())
         .args(["budget"])
         .env("VK_DRIVER_FILES", "/nonexistent/understory-no-driver.json")
         .env("VK_ICD_FILENAMES", "/nonexistent/understory-no-driver.json")

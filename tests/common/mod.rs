@@ -22,7 +22,9 @@ pub fn skip(test: &str, reason: &str) {
     if require_gpu() {
         panic!("{test}: would be SKIPPED ({reason}), but UNDERSTORY_REQUIRE_GPU=1");
     }
-    eprintln!("\n*** SKIPPED {test}: {reason} ***\n");
+    // Straight to the stream: libtest captures eprintln!, and a skip must be seen.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {reason} ***\n");
 }
 
 /// Options for a validated test context: validation required, synchronization validation on

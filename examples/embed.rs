@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use ash::vk;
 use understory::gpu::adapter::OptionalExtensions;
-use understory::gpu::context::{Context, HostHandles};
+use understory::gpu::context::{Context, ContextOptions, HostHandles};
 use understory::gpu::debug::{Canary, messenger_create_info};
 use understory::gpu::memory::{BufferDesc, MemoryLocation};
 use understory::gpu::scan::{BlockScan, block_scan_cpu};
+use understory::policy::category::Category;
 
 /// What the host saw.
 pub struct Outcome {
@@ -127,17 +128,20 @@ pub fn run(validation: bool) -> Result<Outcome, Box<dyn std::error::Error>> {
     // compute queue, debug utils iff validation), nobody else submits to the queue meanwhile,
     // and every handle outlives the context (destroyed after it below).
     let ctx = unsafe {
-        Context::from_raw(HostHandles {
-            entry: host.entry.clone(),
-            instance: host.instance.clone(),
-            instance_api_version: vk::API_VERSION_1_2,
-            debug_utils_enabled: validation,
-            physical_device: host.physical_device,
-            device: host.device.clone(),
-            queue_family_index: host.family,
-            queue: host.queue,
-            enabled_extensions: OptionalExtensions::default(),
-        })?
+        Context::from_raw(
+            HostHandles {
+                entry: host.entry.clone(),
+                instance: host.instance.clone(),
+                instance_api_version: vk::API_VERSION_1_2,
+                debug_utils_enabled: validation,
+                physical_device: host.physical_device,
+                device: host.device.clone(),
+                queue_family_index: host.family,
+                queue: host.queue,
+                enabled_extensions: OptionalExtensions::default(),
+            },
+            &ContextOptions::default(),
+        )?
     };
     let device_name = ctx.adapter().name.clone();
     let input: Vec<u32> = (0..10_000u32).map(|i| i % 17).collect();
@@ -148,6 +152,7 @@ pub fn run(validation: bool) -> Result<Outcome, Box<dyn std::error::Error>> {
         size,
         usage: vk::BufferUsageFlags::STORAGE_BUFFER,
         location,
+        category: Category::Other,
     };
     let mut scan = BlockScan::new(&ctx, 1)?;
     let mut inp = mem.create_buffer(&desc("input", n * 4, MemoryLocation::CpuToGpu))?;
@@ -158,7 +163,7 @@ pub fn run(validation: bool) -> Result<Outcome, Box<dyn std::error::Error>> {
         .copy_from_slice(bytemuck::cast_slice(&input));
     let set = scan.bind(&ctx, &inp, &out, &sums, n as u32)?;
     // The host records into its own command buffer; here understory's one-shot helper stands in.
-    ctx.submit_and_wait(|cmd| {
+    let value = ctx.submit_and_wait(|cmd| {
         // SAFETY: cmd is recording; buffers live until the wait returns.
         unsafe { scan.record(&ctx, cmd, set, n as u32) }?;
         let barrier = vk::MemoryBarrier::default()
@@ -182,14 +187,17 @@ pub fn run(validation: bool) -> Result<Outcome, Box<dyn std::error::Error>> {
     let gpu_out: &[u32] = bytemuck::cast_slice(out.mapped().ok_or("not mapped")?);
     let gpu_sums: &[u32] = bytemuck::cast_slice(sums.mapped().ok_or("not mapped")?);
     let scan_matches = gpu_out == cpu_out.as_slice() && gpu_sums == cpu_sums.as_slice();
-    // SAFETY: the submission was waited for.
-    unsafe {
-        mem.destroy_buffer(inp)?;
-        mem.destroy_buffer(out)?;
-        mem.destroy_buffer(sums)?;
-        scan.destroy(&ctx);
+    for b in [inp, out, sums] {
+        ctx.retire(b, value)?;
     }
+    // SAFETY: the submission was waited for.
+    unsafe { scan.destroy(&ctx) };
     let understory_canary = ctx.canary().clone();
+    let mut ctx = ctx;
+    let report = ctx.shutdown();
+    if !report.leaks.is_empty() {
+        return Err(format!("understory leaked {:?}", report.leaks).into());
+    }
     drop(ctx);
     host.destroy();
     Ok(Outcome {

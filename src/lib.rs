@@ -22,6 +22,7 @@
 
 pub mod error;
 pub mod gpu;
+pub mod policy;
 pub mod report;
 
 pub use error::{Error, Result};

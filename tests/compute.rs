@@ -6,6 +6,7 @@ use ash::vk;
 use understory::gpu::context::Context;
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use understory::gpu::scan::{BlockScan, SCAN_BLOCK, block_scan_cpu};
+use understory::policy::category::Category;
 
 fn buffer(ctx: &Context, name: &str, bytes: u64, location: MemoryLocation) -> Buffer {
     ctx.memory()
@@ -14,6 +15,7 @@ fn buffer(ctx: &Context, name: &str, bytes: u64, location: MemoryLocation) -> Bu
             size: bytes.max(4),
             usage: vk::BufferUsageFlags::STORAGE_BUFFER,
             location,
+            category: Category::Other,
         })
         .expect("buffer")
 }
@@ -36,34 +38,33 @@ fn gpu_scan(ctx: &Context, scan: &BlockScan, input: &[u32]) -> (Vec<u32>, Vec<u3
     );
     inp.mapped_mut().unwrap()[..n * 4].copy_from_slice(bytemuck::cast_slice(input));
     let set = scan.bind(ctx, &inp, &out, &sums, n as u32).expect("bind");
-    ctx.submit_and_wait(|cmd| {
-        // SAFETY: cmd is recording; the buffers outlive the wait inside submit_and_wait.
-        unsafe { scan.record(ctx, cmd, set, n as u32) }?;
-        let barrier = vk::MemoryBarrier::default()
-            .src_access_mask(vk::AccessFlags::SHADER_WRITE)
-            .dst_access_mask(vk::AccessFlags::HOST_READ);
-        // SAFETY: recording; makes the shader writes visible to the host read after the wait.
-        unsafe {
-            ctx.device().cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::COMPUTE_SHADER,
-                vk::PipelineStageFlags::HOST,
-                vk::DependencyFlags::empty(),
-                &[barrier],
-                &[],
-                &[],
-            )
-        };
-        Ok(())
-    })
-    .expect("submit");
+    let value = ctx
+        .submit_and_wait(|cmd| {
+            // SAFETY: cmd is recording; the buffers outlive the wait inside submit_and_wait.
+            unsafe { scan.record(ctx, cmd, set, n as u32) }?;
+            let barrier = vk::MemoryBarrier::default()
+                .src_access_mask(vk::AccessFlags::SHADER_WRITE)
+                .dst_access_mask(vk::AccessFlags::HOST_READ);
+            // SAFETY: recording; makes the shader writes visible to the host read after the wait.
+            unsafe {
+                ctx.device().cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::PipelineStageFlags::HOST,
+                    vk::DependencyFlags::empty(),
+                    &[barrier],
+                    &[],
+                    &[],
+                )
+            };
+            Ok(())
+        })
+        .expect("submit");
     let result = (read_u32(&out, n), read_u32(&sums, blocks));
-    // SAFETY: submit_and_wait waited for the submission.
-    unsafe {
-        ctx.memory().destroy_buffer(inp).unwrap();
-        ctx.memory().destroy_buffer(out).unwrap();
-        ctx.memory().destroy_buffer(sums).unwrap();
+    for b in [inp, out, sums] {
+        ctx.retire(b, value).unwrap();
     }
+    ctx.collect().unwrap();
     result
 }
 
@@ -129,12 +130,11 @@ fn zero_elements_record_nothing_and_bad_sizes_are_typed_errors() {
         size: 0,
         usage: vk::BufferUsageFlags::STORAGE_BUFFER,
         location: MemoryLocation::GpuOnly,
+        category: Category::Other,
     });
     assert!(matches!(zero, Err(understory::Error::InvalidInput(_))));
+    ctx.retire(small, ctx.timeline().last_submitted()).unwrap();
     // SAFETY: idle.
-    unsafe {
-        ctx.memory().destroy_buffer(small).unwrap();
-        scan.destroy(&ctx);
-    }
+    unsafe { scan.destroy(&ctx) };
     common::finish(ctx, "zero_elements_record_nothing");
 }

@@ -11,16 +11,45 @@ use crate::gpu::adapter::{self, Adapter, DeviceSelector, OptionalExtensions};
 use crate::gpu::budget::{DriverBudget, HeapBudgets};
 use crate::gpu::debug::Canary;
 use crate::gpu::instance::{Instance, InstanceOptions};
-use crate::gpu::memory::Memory;
+use crate::gpu::memory::{HeapReport, Memory, MemoryConfig, Retirable, ShutdownReport};
 use crate::gpu::timeline::Timeline;
 
-/// How to build a standalone [`Context`].
-#[derive(Clone, Debug, Default)]
+/// Most frames the CPU may record ahead of the GPU.
+pub const MAX_FRAMES_IN_FLIGHT: u32 = 4;
+
+/// How to build a [`Context`].
+#[derive(Clone, Debug)]
 pub struct ContextOptions {
-    /// Instance and validation settings.
+    /// Instance and validation settings (standalone only).
     pub instance: InstanceOptions,
     /// Which device; `None` picks the best (discrete > integrated > virtual > CPU).
     pub device: Option<DeviceSelector>,
+    /// Memory caps, block sizes, priorities.
+    pub memory: MemoryConfig,
+    /// Frames the CPU may run ahead of the GPU, 1..=4 (default 2).
+    pub frames_in_flight: u32,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        Self {
+            instance: InstanceOptions::default(),
+            device: None,
+            memory: MemoryConfig::default(),
+            frames_in_flight: 2,
+        }
+    }
+}
+
+/// What [`Context::begin_frame`] found.
+#[derive(Clone, Debug)]
+pub struct FrameStart {
+    /// Timeline value the GPU has completed.
+    pub completed: u64,
+    /// Resources freed by the retire queue this frame.
+    pub freed: usize,
+    /// Every heap's budget, usage and our share.
+    pub heaps: Vec<HeapReport>,
 }
 
 impl ContextOptions {
@@ -68,6 +97,8 @@ pub struct Context {
     memory: Memory,
     timeline: Timeline,
     command_pool: Mutex<vk::CommandPool>,
+    frames_in_flight: u32,
+    shutdown_report: Option<ShutdownReport>,
     // Dropped last: destroys the messenger and (if ours) the instance after the device.
     instance: Instance,
 }
@@ -125,7 +156,11 @@ impl Context {
             extensions.pageable_device_local_memory
         );
         // SAFETY: device was just created with what finish() needs and is owned by us.
-        unsafe { Self::finish(instance, adapter, device, queue, family, extensions, true) }
+        unsafe {
+            Self::finish(
+                instance, adapter, device, queue, family, extensions, true, options,
+            )
+        }
     }
 
     /// Shorthand: [`Context::new`] with default options and the environment applied.
@@ -151,7 +186,7 @@ impl Context {
     /// - while the context is alive the host does not submit to `queue` at the same time as
     ///   understory does (take [`Context::queue`]'s lock around host submissions to the same queue);
     /// - all these objects outlive the context.
-    pub unsafe fn from_raw(host: HostHandles) -> Result<Self> {
+    pub unsafe fn from_raw(host: HostHandles, options: &ContextOptions) -> Result<Self> {
         if host.instance_api_version < vk::API_VERSION_1_2 {
             return Err(Error::Unsupported(format!(
                 "host instance is Vulkan {}, understory needs 1.2",
@@ -207,6 +242,7 @@ impl Context {
                 host.queue_family_index,
                 extensions,
                 false,
+                options,
             )
         }
     }
@@ -222,7 +258,18 @@ impl Context {
         queue_family: u32,
         extensions: OptionalExtensions,
         owns_device: bool,
+        options: &ContextOptions,
     ) -> Result<Self> {
+        if !(1..=MAX_FRAMES_IN_FLIGHT).contains(&options.frames_in_flight) {
+            if owns_device {
+                // SAFETY: nothing was created from it yet.
+                unsafe { device.destroy_device(None) };
+            }
+            return Err(Error::InvalidInput(format!(
+                "frames_in_flight {} (1..={MAX_FRAMES_IN_FLIGHT})",
+                options.frames_in_flight
+            )));
+        }
         let destroy_device = |device: &ash::Device| {
             if owns_device {
                 // SAFETY: nothing else was created from it that is still alive.
@@ -250,8 +297,25 @@ impl Context {
                 return Err(Error::vk("vkCreateCommandPool", e));
             }
         };
-        // SAFETY: the handles are live and related.
-        let memory = match unsafe { Memory::new(&instance.raw, &device, adapter.handle) } {
+        // SAFETY: the physical device belongs to the instance, which outlives the source.
+        let source = unsafe {
+            DriverBudget::new(
+                instance.raw.clone(),
+                adapter.handle,
+                extensions.memory_budget,
+            )
+        };
+        // SAFETY: the handles are live and related; pageable is only set when enabled.
+        let memory = match unsafe {
+            Memory::new(
+                &instance.raw,
+                &device,
+                adapter.handle,
+                options.memory.clone(),
+                HeapBudgets::new(Box::new(source)),
+                extensions.pageable_device_local_memory,
+            )
+        } {
             Ok(m) => m,
             Err(e) => {
                 // SAFETY: never used.
@@ -273,6 +337,8 @@ impl Context {
             memory,
             timeline,
             command_pool: Mutex::new(pool),
+            frames_in_flight: options.frames_in_flight,
+            shutdown_report: None,
             instance,
         })
     }
@@ -395,34 +461,98 @@ impl Context {
         result
     }
 
-    /// Waits for the GPU and releases everything understory created. Returns the number of
-    /// leaked allocations (logged with their names). Also runs on drop.
-    pub fn shutdown(&mut self) -> usize {
-        self.teardown()
+    /// Frames the CPU may run ahead of the GPU.
+    pub fn frames_in_flight(&self) -> u32 {
+        self.frames_in_flight
     }
 
-    fn teardown(&mut self) -> usize {
-        // SAFETY: waiting for our device; the queue lock keeps our own submissions out.
+    /// Submits command buffers to the queue, signalling the next timeline value (returned).
+    ///
+    /// # Safety
+    /// The command buffers must be executable, from this device, and everything they use must
+    /// stay alive until the returned value completes (retire it with that value).
+    pub unsafe fn submit(&self, command_buffers: &[vk::CommandBuffer]) -> Result<u64> {
+        let queue = self.queue();
+        // SAFETY: queue locked; the rest is the caller's contract.
+        unsafe { self.timeline.submit(*queue, command_buffers) }
+    }
+
+    /// Queues a buffer or image to be freed once the GPU completes `last_used`.
+    /// See [`Memory::retire`] for the errors.
+    pub fn retire(&self, resource: impl Into<Retirable>, last_used: u64) -> Result<()> {
+        self.memory
+            .retire(resource, last_used, self.timeline.last_submitted())
+    }
+
+    /// Frees what the GPU has finished with. Never blocks. Returns how many were freed.
+    pub fn collect(&self) -> Result<usize> {
+        let completed = self.timeline.completed_value()?;
+        Ok(self
+            .memory
+            .collect(completed, self.timeline.last_submitted()))
+    }
+
+    /// Start of a frame: waits only if the CPU is more than `frames_in_flight` submissions
+    /// ahead, frees what the GPU has finished with, and reads the budget once.
+    pub fn begin_frame(&self) -> Result<FrameStart> {
+        let last = self.timeline.last_submitted();
+        let must_have = (last + 1).saturating_sub(u64::from(self.frames_in_flight));
+        if must_have > 0 && self.timeline.completed_value()? < must_have {
+            if !self.timeline.wait(must_have, Duration::from_secs(10))? {
+                return Err(Error::Vulkan {
+                    call: "begin_frame: frame throttle wait (10 s)",
+                    result: vk::Result::TIMEOUT,
+                });
+            }
+        }
+        let completed = self.timeline.completed_value()?;
+        let freed = self.memory.collect(completed, last);
+        let heaps = self.memory.refresh_budget()?;
+        Ok(FrameStart {
+            completed,
+            freed,
+            heaps,
+        })
+    }
+
+    /// Waits for the last submission, drains the retire queue, frees everything, and reports
+    /// leaks (logged with name and category). Idempotent; also runs on drop.
+    pub fn shutdown(&mut self) -> ShutdownReport {
+        if let Some(r) = &self.shutdown_report {
+            return r.clone();
+        }
+        let last = self.timeline.last_submitted();
+        match self.timeline.wait(last, Duration::from_secs(30)) {
+            Ok(true) => {}
+            Ok(false) => log::error!("shutdown: timeline value {last} not reached in 30 s"),
+            Err(e) => log::error!("shutdown: waiting for timeline value {last}: {e}"),
+        }
         let _q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: waiting for our device; the queue lock keeps our own submissions out.
         if let Err(e) = unsafe { self.device.device_wait_idle() } {
-            log::error!("vkDeviceWaitIdle at teardown: {e}");
+            log::error!("vkDeviceWaitIdle at shutdown: {e}");
         }
-        let leaks = self.memory.shutdown();
+        // SAFETY: the device is idle.
+        let report = unsafe { self.memory.shutdown() };
         let mut pool = self.command_pool.lock().unwrap_or_else(|p| p.into_inner());
-        if *pool != vk::CommandPool::null() {
-            // SAFETY: idle; every command buffer from it is done.
-            unsafe { self.device.destroy_command_pool(*pool, None) };
-            *pool = vk::CommandPool::null();
-            // SAFETY: idle.
-            unsafe { self.timeline.destroy() };
+        // SAFETY: idle; every command buffer from the pool is done.
+        unsafe { self.device.destroy_command_pool(*pool, None) };
+        *pool = vk::CommandPool::null();
+        // SAFETY: idle.
+        unsafe { self.timeline.destroy() };
+        if report.leaks.is_empty() {
+            log::debug!("shutdown: {} drained, no leaks", report.drained);
+        } else {
+            log::error!("shutdown: {} leaked allocation(s)", report.leaks.len());
         }
-        leaks
+        self.shutdown_report = Some(report.clone());
+        report
     }
 }
 
 impl Drop for Context {
     fn drop(&mut self) {
-        self.teardown();
+        self.shutdown();
         if self.owns_device {
             // SAFETY: idle, and every child object understory created is destroyed.
             unsafe { self.device.destroy_device(None) };

@@ -1,15 +1,121 @@
-//! GPU memory: sub-allocations from gpu-allocator, never one `vkAllocateMemory` per object.
+//! GPU memory: budget-aware sub-allocations from gpu-allocator, with frame-fenced frees.
+//!
+//! # What is allocated, and what gpu-allocator keeps
+//! - One gpu-allocator **per category** (instances, atlas, staging, other) of the device, each
+//!   behind its own lock, so that a memory block never mixes categories. That is what makes
+//!   per-category memory priority possible (`vkSetDeviceMemoryPriorityEXT` works on a whole
+//!   `VkDeviceMemory`), and reserved bytes per category exact.
+//! - Every buffer and image is a sub-allocation of a block; an allocation larger than the
+//!   category's maximum block size gets a block of its own (gpu-allocator's "personal block").
+//! - gpu-allocator 0.28 frees a block as soon as it becomes empty, **except the last general block
+//!   of each memory type**, which it keeps for reuse until the allocator is dropped. Personal
+//!   blocks are always freed at once. Block sizes start at the configured minimum and double with
+//!   each new block up to the maximum (4 MiB steps, 4–256 MiB).
+//! - understory adds two things: a size-class cache of released buffers (reused without any
+//!   Vulkan call while headroom is comfortable, so churn in the frame loop does not reach
+//!   `vkAllocateMemory`/`vkFreeMemory`), and [`Memory::release_empty_blocks`], which drops and
+//!   recreates the allocator of a category that holds nothing, returning its kept block. Both
+//!   are flushed when headroom falls below [`MemoryConfig::release_below_headroom_fraction`].
+//!
+//! # Freeing
+//! Nothing is freed when a handle is dropped. [`Memory::retire`] queues a resource with the
+//! timeline value of the last submission that used it, and [`Memory::collect`] frees it once the
+//! GPU has passed that value. A [`Buffer`] or [`Image`] dropped without being retired is a bug:
+//! it is logged, trips a debug assertion, and is retired conservatively (at the newest submitted
+//! value) at the next collect, never freed at once.
 
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ash::vk;
 use gpu_allocator::vulkan::{
     Allocation, AllocationCreateDesc, AllocationScheme, Allocator, AllocatorCreateDesc,
 };
+use gpu_allocator::{AllocationSizes, AllocatorDebugSettings};
 
 pub use gpu_allocator::MemoryLocation;
 
 use crate::error::{Error, Result, vk_err};
+use crate::gpu::adapter::HeapInfo;
+use crate::gpu::budget::{HeapBudget, HeapBudgets, Source};
+use crate::policy::category::{Category, PerCategory};
+use crate::policy::retire::RetireQueue;
+
+const MIB: u64 = 1 << 20;
+
+/// Memory tunables. Defaults suit a 512 MiB vegetation budget.
+#[derive(Clone, Debug)]
+pub struct MemoryConfig {
+    /// Most bytes each category may hold in live allocations (retired-but-unfreed included).
+    pub cap_bytes: PerCategory<u64>,
+    /// First device-local block size; blocks double up to the maximum. 256 MiB blocks (the
+    /// gpu-allocator default) would be half of a 512 MiB budget in one step.
+    pub device_block_min_bytes: u64,
+    /// Largest device-local block size.
+    pub device_block_max_bytes: u64,
+    /// First host-visible block size.
+    pub host_block_min_bytes: u64,
+    /// Largest host-visible block size.
+    pub host_block_max_bytes: u64,
+    /// `VK_EXT_memory_priority` priority per category, 0..=1 (0.5 is the driver's default):
+    /// vegetation is the first thing the driver should page out, below render targets.
+    pub priority: PerCategory<f32>,
+    /// Keep released buffers for reuse up to this many bytes per category.
+    pub cache_bytes: PerCategory<u64>,
+    /// When any heap's headroom falls below this share of its budget, flush the caches and
+    /// release empty blocks.
+    pub release_below_headroom_fraction: f64,
+    /// Fault injection: every Nth allocation fails with `VK_ERROR_OUT_OF_DEVICE_MEMORY`.
+    pub fail_every_nth_allocation: Option<NonZeroU64>,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            cap_bytes: PerCategory([352 * MIB, 128 * MIB, 32 * MIB, u64::MAX]),
+            device_block_min_bytes: 16 * MIB,
+            device_block_max_bytes: 64 * MIB,
+            host_block_min_bytes: 8 * MIB,
+            host_block_max_bytes: 32 * MIB,
+            priority: PerCategory([0.3, 0.2, 0.1, 0.5]),
+            cache_bytes: PerCategory([16 * MIB, 0, 8 * MIB, 4 * MIB]),
+            release_below_headroom_fraction: 0.10,
+            fail_every_nth_allocation: None,
+        }
+    }
+}
+
+impl MemoryConfig {
+    fn validate(&self) -> Result<()> {
+        let blocks = [
+            self.device_block_min_bytes,
+            self.device_block_max_bytes,
+            self.host_block_min_bytes,
+            self.host_block_max_bytes,
+        ];
+        if blocks
+            .iter()
+            .any(|b| !(4 * MIB..=256 * MIB).contains(b) || b % (4 * MIB) != 0)
+            || self.device_block_min_bytes > self.device_block_max_bytes
+            || self.host_block_min_bytes > self.host_block_max_bytes
+        {
+            return Err(Error::InvalidInput(format!(
+                "block sizes {blocks:?}: each must be a multiple of 4 MiB in 4..=256 MiB, min <= max"
+            )));
+        }
+        if self.priority.iter().any(|(_, p)| !(0.0..=1.0).contains(p)) {
+            return Err(Error::InvalidInput("priorities must be in 0..=1".into()));
+        }
+        if !(0.0..=1.0).contains(&self.release_below_headroom_fraction) {
+            return Err(Error::InvalidInput(
+                "release_below_headroom_fraction must be in 0..=1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// What to create.
 #[derive(Clone, Copy, Debug)]
@@ -22,15 +128,62 @@ pub struct BufferDesc<'a> {
     pub usage: vk::BufferUsageFlags,
     /// Where the memory lives (GPU only, CPU-to-GPU upload, GPU-to-CPU readback).
     pub location: MemoryLocation,
+    /// What it is for (caps, priority, statistics).
+    pub category: Category,
 }
 
-/// A buffer bound to a sub-allocation. It owns the allocation; dropping it without handing it
-/// back to [`Memory::destroy_buffer`] is a leak and is reported, never a silent free.
+/// A 2D image to create (optimal tiling, device-local).
+#[derive(Clone, Copy, Debug)]
+pub struct ImageDesc<'a> {
+    /// Debug name.
+    pub name: &'a str,
+    /// Width and height in texels.
+    pub extent: vk::Extent2D,
+    /// Texel format.
+    pub format: vk::Format,
+    /// Mip levels (1 = no mips).
+    pub mip_levels: u32,
+    /// Usage flags.
+    pub usage: vk::ImageUsageFlags,
+    /// What it is for.
+    pub category: Category,
+}
+
+/// Where a resource came from and what it holds.
+#[derive(Clone, Debug)]
+struct Meta {
+    name: String,
+    category: Category,
+    heap: usize,
+    /// Bytes of the sub-allocation.
+    bytes: u64,
+    owner: u64,
+}
+
+/// Resources dropped without being retired, waiting to be retired conservatively.
+type Orphans = Mutex<Vec<Resource>>;
+
+/// A buffer bound to a sub-allocation. It owns the allocation; only [`Memory::retire`] gives it
+/// back.
 pub struct Buffer {
     raw: vk::Buffer,
     allocation: Option<Allocation>,
     size: u64,
-    name: String,
+    usage: vk::BufferUsageFlags,
+    location: MemoryLocation,
+    meta: Meta,
+    orphans: Arc<Orphans>,
+}
+
+/// A 2D image bound to a sub-allocation.
+pub struct Image {
+    raw: vk::Image,
+    allocation: Option<Allocation>,
+    extent: vk::Extent2D,
+    format: vk::Format,
+    mip_levels: u32,
+    meta: Meta,
+    orphans: Arc<Orphans>,
 }
 
 impl Buffer {
@@ -38,23 +191,31 @@ impl Buffer {
     pub fn raw(&self) -> vk::Buffer {
         self.raw
     }
-
-    /// Requested size in bytes.
+    /// Requested size in bytes (the buffer may be larger: sizes are rounded to a size class).
     pub fn size(&self) -> u64 {
         self.size
     }
-
+    /// Bytes of memory it holds.
+    pub fn bytes(&self) -> u64 {
+        self.meta.bytes
+    }
     /// Debug name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.meta.name
     }
-
-    /// The mapped bytes, for host-visible buffers (`None` for GPU-only memory).
+    /// Category.
+    pub fn category(&self) -> Category {
+        self.meta.category
+    }
+    /// Index of the memory heap it lives in.
+    pub fn heap(&self) -> usize {
+        self.meta.heap
+    }
+    /// The mapped bytes (`size()` of them), for host-visible buffers.
     pub fn mapped(&self) -> Option<&[u8]> {
         let a = self.allocation.as_ref()?;
         a.mapped_slice().map(|s| &s[..self.size as usize])
     }
-
     /// The mapped bytes, writable.
     pub fn mapped_mut(&mut self) -> Option<&mut [u8]> {
         let size = self.size as usize;
@@ -63,59 +224,616 @@ impl Buffer {
     }
 }
 
+impl Image {
+    /// The Vulkan handle.
+    pub fn raw(&self) -> vk::Image {
+        self.raw
+    }
+    /// Width and height.
+    pub fn extent(&self) -> vk::Extent2D {
+        self.extent
+    }
+    /// Format.
+    pub fn format(&self) -> vk::Format {
+        self.format
+    }
+    /// Mip levels.
+    pub fn mip_levels(&self) -> u32 {
+        self.mip_levels
+    }
+    /// Bytes of memory it holds.
+    pub fn bytes(&self) -> u64 {
+        self.meta.bytes
+    }
+    /// Debug name.
+    pub fn name(&self) -> &str {
+        &self.meta.name
+    }
+    /// Category.
+    pub fn category(&self) -> Category {
+        self.meta.category
+    }
+}
+
+fn orphan(orphans: &Orphans, what: &str, meta: &Meta, resource: Resource) {
+    log::error!(
+        "leak: {what} {:?} ({}, {} bytes) dropped without Memory::retire; it will be freed after the newest submission",
+        meta.name,
+        meta.category,
+        meta.bytes
+    );
+    orphans
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(resource);
+    if !std::thread::panicking() {
+        debug_assert!(
+            false,
+            "{what} {:?} dropped without being retired",
+            meta.name
+        );
+    }
+}
+
 impl Drop for Buffer {
     fn drop(&mut self) {
-        if self.allocation.is_some() {
-            log::error!(
-                "leak: buffer {:?} ({} bytes) dropped without being destroyed through understory",
-                self.name,
-                self.size
-            );
-            if !std::thread::panicking() {
-                debug_assert!(false, "buffer {:?} leaked", self.name);
-            }
+        if let Some(allocation) = self.allocation.take() {
+            let resource = Resource::Buffer {
+                raw: self.raw,
+                allocation,
+                meta: self.meta.clone(),
+                key: None,
+            };
+            orphan(&self.orphans, "buffer", &self.meta, resource);
         }
     }
 }
 
-/// One gpu-allocator per device, shareable between threads.
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Some(allocation) = self.allocation.take() {
+            let resource = Resource::Image {
+                raw: self.raw,
+                allocation,
+                meta: self.meta.clone(),
+            };
+            orphan(&self.orphans, "image", &self.meta, resource);
+        }
+    }
+}
+
+/// A [`Buffer`] or [`Image`] on its way to the retire queue (`.into()` makes one).
+pub struct Retirable(Option<Resource>);
+
+impl From<Buffer> for Retirable {
+    fn from(mut b: Buffer) -> Self {
+        let key = CacheKey::of(&b);
+        Retirable(b.allocation.take().map(|allocation| Resource::Buffer {
+            raw: b.raw,
+            allocation,
+            meta: b.meta.clone(),
+            key: Some(key),
+        }))
+    }
+}
+
+impl From<Image> for Retirable {
+    fn from(mut i: Image) -> Self {
+        Retirable(i.allocation.take().map(|allocation| Resource::Image {
+            raw: i.raw,
+            allocation,
+            meta: i.meta.clone(),
+        }))
+    }
+}
+
+/// A resource without its handle wrapper: what the retire queue and the cache hold.
+enum Resource {
+    Buffer {
+        raw: vk::Buffer,
+        allocation: Allocation,
+        meta: Meta,
+        key: Option<CacheKey>,
+    },
+    Image {
+        raw: vk::Image,
+        allocation: Allocation,
+        meta: Meta,
+    },
+}
+
+impl Resource {
+    fn meta(&self) -> &Meta {
+        match self {
+            Resource::Buffer { meta, .. } | Resource::Image { meta, .. } => meta,
+        }
+    }
+}
+
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Resource({:?})", self.meta().name)
+    }
+}
+
+/// Buffers are reused only for the same usage, location and size class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct CacheKey {
+    usage: vk::BufferUsageFlags,
+    location: u8,
+    class_bytes: u64,
+}
+
+impl CacheKey {
+    fn of(b: &Buffer) -> Self {
+        Self {
+            usage: b.usage,
+            location: location_id(b.location),
+            class_bytes: size_class(b.size),
+        }
+    }
+}
+
+fn location_id(l: MemoryLocation) -> u8 {
+    match l {
+        MemoryLocation::Unknown => 0,
+        MemoryLocation::GpuOnly => 1,
+        MemoryLocation::CpuToGpu => 2,
+        MemoryLocation::GpuToCpu => 3,
+    }
+}
+
+/// Rounds up to one of four steps per power of two (at most 25% larger), minimum 256 bytes,
+/// so released buffers fit later requests of a similar size.
+pub fn size_class(size: u64) -> u64 {
+    if size <= 256 {
+        return 256;
+    }
+    let top = 63 - (size - 1).leading_zeros(); // 2^top < size <= 2^(top+1)
+    let base = 1u64 << top;
+    let step = base / 4;
+    size.div_ceil(step).saturating_mul(step)
+}
+
+/// Per-category statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CategoryStats {
+    /// Bytes in live allocations (including retired-but-unfreed and cached).
+    pub live_bytes: u64,
+    /// Bytes of memory blocks this category's allocator holds.
+    pub reserved_bytes: u64,
+    /// Highest `live_bytes` seen.
+    pub peak_live_bytes: u64,
+    /// Live allocations.
+    pub allocations: u64,
+    /// The cap.
+    pub cap_bytes: u64,
+    /// Bytes waiting in the retire queue.
+    pub pending_bytes: u64,
+    /// Resources waiting in the retire queue.
+    pub pending_count: u64,
+    /// Bytes of released buffers kept for reuse.
+    pub cached_bytes: u64,
+}
+
+/// A snapshot of understory's memory.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct MemoryStats {
+    /// Per category.
+    pub categories: PerCategory<CategoryStats>,
+    /// Allocations made since creation (cache hits included).
+    pub allocations_total: u64,
+    /// Buffer requests served from the cache.
+    pub cache_hits: u64,
+    /// Resources freed by the retire queue since creation.
+    pub frees_completed: u64,
+    /// Resources dropped without being retired (bugs; each was also logged).
+    pub dropped_without_retire: u64,
+    /// Requests refused with `OverBudget`.
+    pub refused_over_budget: u64,
+    /// Times empty blocks were released to the driver.
+    pub block_releases: u64,
+}
+
+/// One heap as understory sees it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HeapReport {
+    /// The driver's (or estimated) numbers.
+    #[serde(flatten)]
+    pub budget: HeapBudget,
+    /// Bytes of blocks understory holds in this heap, per category.
+    pub ours: PerCategory<u64>,
+    /// Sum of `ours`.
+    pub ours_total: u64,
+    /// Of `ours`, bytes waiting in the retire queue (reclaimable within frames in flight).
+    pub pending: u64,
+    /// `usage - ours`: the host engine, swapchains, other processes (0 when estimated).
+    pub foreign: u64,
+}
+
+/// What a shutdown found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ShutdownReport {
+    /// Resources freed from the retire queue at shutdown.
+    pub drained: u64,
+    /// Allocations still live after draining: leaks, with name, category and bytes.
+    pub leaks: Vec<Leak>,
+}
+
+/// One leaked allocation.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Leak {
+    /// Its debug name.
+    pub name: String,
+    /// Its category.
+    pub category: Category,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+struct CategoryState {
+    allocator: Option<Allocator>,
+    live_bytes: u64,
+    peak_live_bytes: u64,
+    allocations: u64,
+    /// Block bytes attributed to each heap (exact: measured as capacity deltas around each
+    /// allocate/free, which are the only calls that create or destroy blocks).
+    reserved_by_heap: Vec<u64>,
+    live_by_heap: Vec<u64>,
+    prioritized: HashSet<vk::DeviceMemory>,
+    cache: HashMap<CacheKey, Vec<(vk::Buffer, Allocation, Meta)>>,
+    cached_bytes: u64,
+}
+
+struct BudgetState {
+    heaps: HeapBudgets,
+    last: Vec<HeapBudget>,
+    /// Our reserved bytes per heap when `last` was read.
+    ours_at_refresh: Vec<u64>,
+}
+
+/// The device's memory: allocators, accounting, budgets, retire queue.
 pub struct Memory {
+    id: u64,
     device: ash::Device,
-    allocator: Mutex<Option<Allocator>>,
+    instance: ash::Instance,
+    physical_device: vk::PhysicalDevice,
+    config: MemoryConfig,
+    heaps: Vec<HeapInfo>,
+    type_flags: Vec<(vk::MemoryPropertyFlags, usize)>,
+    categories: [Mutex<CategoryState>; 4],
+    reserved_total_by_heap: Vec<AtomicU64>,
+    retire: Mutex<(RetireQueue<Resource>, Vec<u64>)>,
+    orphans: Arc<Orphans>,
+    budget: Mutex<BudgetState>,
+    pageable: Option<ash::ext::pageable_device_local_memory::Device>,
+    alloc_calls: AtomicU64,
+    allocations_total: AtomicU64,
+    cache_hits: AtomicU64,
+    dropped_without_retire: AtomicU64,
+    refused: AtomicU64,
+    block_releases: AtomicU64,
+}
+
+static NEXT_MEMORY_ID: AtomicU64 = AtomicU64::new(1);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Memory {
     /// # Safety
-    /// The handles must be live, related, and outlive this object.
+    /// The handles must be live and related and outlive this object; `pageable` must be true
+    /// only if `VK_EXT_pageable_device_local_memory` and its feature are enabled on `device`.
     pub(crate) unsafe fn new(
         instance: &ash::Instance,
         device: &ash::Device,
         physical_device: vk::PhysicalDevice,
+        config: MemoryConfig,
+        budgets: HeapBudgets,
+        pageable: bool,
     ) -> Result<Self> {
-        let allocator = Allocator::new(&AllocatorCreateDesc {
+        config.validate()?;
+        // SAFETY: physical_device belongs to instance.
+        let props = unsafe { instance.get_physical_device_memory_properties(physical_device) };
+        let heaps: Vec<HeapInfo> = props
+            .memory_heaps_as_slice()
+            .iter()
+            .map(|h| HeapInfo {
+                size: h.size,
+                device_local: h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL),
+            })
+            .collect();
+        let type_flags = props
+            .memory_types_as_slice()
+            .iter()
+            .map(|t| (t.property_flags, t.heap_index as usize))
+            .collect();
+        let n = heaps.len();
+        let mut categories = Vec::new();
+        for _ in Category::ALL {
+            categories.push(Mutex::new(CategoryState {
+                allocator: None,
+                live_bytes: 0,
+                peak_live_bytes: 0,
+                allocations: 0,
+                reserved_by_heap: vec![0; n],
+                live_by_heap: vec![0; n],
+                prioritized: HashSet::new(),
+                cache: HashMap::new(),
+                cached_bytes: 0,
+            }));
+        }
+        let categories: [Mutex<CategoryState>; 4] = categories
+            .try_into()
+            .map_err(|_| Error::Allocator("category count".into()))?;
+        let this = Self {
+            id: NEXT_MEMORY_ID.fetch_add(1, Ordering::Relaxed),
+            device: device.clone(),
             instance: instance.clone(),
-            device: device.clone(),
             physical_device,
-            debug_settings: Default::default(),
-            buffer_device_address: false,
-            allocation_sizes: Default::default(),
-        })?;
-        Ok(Self {
-            device: device.clone(),
-            allocator: Mutex::new(Some(allocator)),
-        })
+            config,
+            heaps,
+            type_flags,
+            categories,
+            reserved_total_by_heap: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            retire: Mutex::new((RetireQueue::new(), vec![0; n])),
+            orphans: Arc::new(Mutex::new(Vec::new())),
+            budget: Mutex::new(BudgetState {
+                heaps: budgets,
+                last: Vec::new(),
+                ours_at_refresh: vec![0; n],
+            }),
+            pageable: pageable
+                .then(|| ash::ext::pageable_device_local_memory::Device::new(instance, device)),
+            alloc_calls: AtomicU64::new(0),
+            allocations_total: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            dropped_without_retire: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            block_releases: AtomicU64::new(0),
+        };
+        for c in &this.categories {
+            let mut st = lock(c);
+            st.allocator = Some(this.new_allocator()?);
+        }
+        this.refresh_budget()?;
+        Ok(this)
     }
 
-    fn with_allocator<T>(&self, f: impl FnOnce(&mut Allocator) -> Result<T>) -> Result<T> {
-        let mut guard = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_mut() {
-            Some(a) => f(a),
-            None => Err(Error::InvalidInput("memory was already shut down".into())),
+    fn new_allocator(&self) -> Result<Allocator> {
+        let sizes = AllocationSizes::new(
+            self.config.device_block_min_bytes,
+            self.config.host_block_min_bytes,
+        )
+        .with_max_device_memblock_size(self.config.device_block_max_bytes)
+        .with_max_host_memblock_size(self.config.host_block_max_bytes);
+        let mut debug_settings = AllocatorDebugSettings::default();
+        // understory reports leaks itself, by name and category.
+        debug_settings.log_leaks_on_shutdown = false;
+        Ok(Allocator::new(&AllocatorCreateDesc {
+            instance: self.instance.clone(),
+            device: self.device.clone(),
+            physical_device: self.physical_device,
+            debug_settings,
+            buffer_device_address: false,
+            allocation_sizes: sizes,
+        })?)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.config
+    }
+
+    /// The memory heaps.
+    pub fn heaps(&self) -> &[HeapInfo] {
+        &self.heaps
+    }
+
+    /// Replaces where budgets come from (tests inject budgets that shrink and grow on cue), and
+    /// refreshes.
+    pub fn set_budget_source(&self, heaps: HeapBudgets) -> Result<Vec<HeapReport>> {
+        lock(&self.budget).heaps = heaps;
+        self.refresh_budget()
+    }
+
+    /// The heap gpu-allocator will pick for these requirements (its own selection rule).
+    fn predict_heap(
+        &self,
+        req: &vk::MemoryRequirements,
+        location: MemoryLocation,
+    ) -> Option<usize> {
+        use vk::MemoryPropertyFlags as F;
+        let (preferred, required) = match location {
+            MemoryLocation::GpuOnly => (F::DEVICE_LOCAL, F::DEVICE_LOCAL),
+            MemoryLocation::CpuToGpu => (
+                F::HOST_VISIBLE | F::HOST_COHERENT | F::DEVICE_LOCAL,
+                F::HOST_VISIBLE | F::HOST_COHERENT,
+            ),
+            MemoryLocation::GpuToCpu => (
+                F::HOST_VISIBLE | F::HOST_COHERENT | F::HOST_CACHED,
+                F::HOST_VISIBLE | F::HOST_COHERENT,
+            ),
+            MemoryLocation::Unknown => (F::empty(), F::empty()),
+        };
+        let find = |want: F| {
+            self.type_flags
+                .iter()
+                .enumerate()
+                .find(|(i, (f, _))| req.memory_type_bits & (1 << i) != 0 && f.contains(want))
+                .map(|(_, (_, heap))| *heap)
+        };
+        find(preferred).or_else(|| find(required))
+    }
+
+    /// The heap an allocation actually landed in.
+    fn heap_of(&self, req: &vk::MemoryRequirements, a: &Allocation) -> usize {
+        let props = a.memory_properties();
+        self.type_flags
+            .iter()
+            .enumerate()
+            .find(|(i, (f, _))| req.memory_type_bits & (1 << i) != 0 && *f == props)
+            .map_or(0, |(_, (_, heap))| *heap)
+    }
+
+    /// Budget and current usage of a heap: the last refresh, moved by what we reserved since.
+    fn heap_usage_now(&self, heap: usize) -> (u64, u64) {
+        let b = lock(&self.budget);
+        let ours_now = self.reserved_total_by_heap[heap].load(Ordering::Relaxed);
+        match b.last.get(heap) {
+            Some(h) if h.source == Source::Ext => {
+                let since = ours_now as i128 - b.ours_at_refresh[heap] as i128;
+                (h.budget, (h.usage as i128 + since).max(0) as u64)
+            }
+            Some(h) => (h.budget, ours_now),
+            None => (u64::MAX, ours_now),
         }
     }
 
-    /// Creates a buffer and binds it to a fresh sub-allocation. On any failure nothing is left
-    /// allocated.
+    fn block_max(&self, heap: usize) -> u64 {
+        if self.heaps[heap].device_local {
+            self.config.device_block_max_bytes
+        } else {
+            self.config.host_block_max_bytes
+        }
+    }
+
+    /// Sub-allocates, enforcing the category cap and the heap budget. Nothing is left allocated
+    /// on error.
+    fn allocate(
+        &self,
+        category: Category,
+        name: &str,
+        req: vk::MemoryRequirements,
+        location: MemoryLocation,
+        linear: bool,
+    ) -> Result<(Allocation, usize)> {
+        let n = self.alloc_calls.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(k) = self.config.fail_every_nth_allocation {
+            if n % k.get() == 0 {
+                return Err(Error::OutOfDeviceMemory {
+                    call: "allocate (injected fault)",
+                });
+            }
+        }
+        let size = req.size;
+        let heap = self.predict_heap(&req, location).ok_or_else(|| {
+            Error::Unsupported(format!("{name}: no memory type for {location:?}"))
+        })?;
+        if size > self.heaps[heap].size {
+            return Err(Error::InvalidInput(format!(
+                "{name}: {size} bytes is larger than heap {heap} ({} bytes)",
+                self.heaps[heap].size
+            )));
+        }
+        let mut st = lock(&self.categories[category as usize]);
+        let cap = self.config.cap_bytes[category];
+        if st.live_bytes.saturating_add(size) > cap {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::OverBudget {
+                what: format!("{name} ({category} cap)"),
+                requested: size,
+                available: cap.saturating_sub(st.live_bytes),
+            });
+        }
+        let (budget, usage) = self.heap_usage_now(heap);
+        let free_in_blocks = st.reserved_by_heap[heap].saturating_sub(st.live_by_heap[heap]);
+        let growth = if size > self.block_max(heap) {
+            size
+        } else if free_in_blocks >= size {
+            0
+        } else {
+            self.block_max(heap)
+        };
+        if usage.saturating_add(growth) > budget {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::OverBudget {
+                what: format!("{name} (heap {heap} budget)"),
+                requested: size,
+                available: budget.saturating_sub(usage),
+            });
+        }
+        let st = &mut *st;
+        let allocator = st
+            .allocator
+            .as_mut()
+            .ok_or_else(|| Error::InvalidInput("memory was shut down".into()))?;
+        let before = allocator.capacity();
+        let allocation = allocator.allocate(&AllocationCreateDesc {
+            name,
+            requirements: req,
+            location,
+            linear,
+            allocation_scheme: AllocationScheme::GpuAllocatorManaged,
+        })?;
+        let heap = self.heap_of(&req, &allocation);
+        let grown = allocator.capacity().saturating_sub(before);
+        st.reserved_by_heap[heap] += grown;
+        self.reserved_total_by_heap[heap].fetch_add(grown, Ordering::Relaxed);
+        if grown > 0 {
+            let (budget, usage) = self.heap_usage_now(heap);
+            if usage > budget {
+                self.free_locked(st, heap, allocation);
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::OverBudget {
+                    what: format!("{name} (new block in heap {heap})"),
+                    requested: size,
+                    available: 0,
+                });
+            }
+        }
+        let bytes = allocation.size();
+        st.live_bytes += bytes;
+        st.live_by_heap[heap] += bytes;
+        st.allocations += 1;
+        st.peak_live_bytes = st.peak_live_bytes.max(st.live_bytes);
+        self.allocations_total.fetch_add(1, Ordering::Relaxed);
+        if let Some(pageable) = &self.pageable {
+            // SAFETY: reading the handle of a live allocation.
+            let memory = unsafe { allocation.memory() };
+            if grown > 0 || !st.prioritized.contains(&memory) {
+                // SAFETY: memory is a live VkDeviceMemory of this device; the extension and its
+                // feature are enabled (constructor contract); priority is in 0..=1 (validated).
+                unsafe {
+                    (pageable.fp().set_device_memory_priority_ext)(
+                        self.device.handle(),
+                        memory,
+                        self.config.priority[category],
+                    )
+                };
+                st.prioritized.insert(memory);
+            }
+        }
+        Ok((allocation, heap))
+    }
+
+    /// Frees an allocation under its category's lock, keeping the accounting exact.
+    fn free_locked(&self, st: &mut CategoryState, heap: usize, allocation: Allocation) {
+        let Some(allocator) = st.allocator.as_mut() else {
+            return;
+        };
+        let before = allocator.capacity();
+        if let Err(e) = allocator.free(allocation) {
+            log::error!("gpu-allocator free failed: {e}");
+        }
+        let shrunk = before.saturating_sub(allocator.capacity());
+        if shrunk > 0 {
+            st.reserved_by_heap[heap] = st.reserved_by_heap[heap].saturating_sub(shrunk);
+            self.reserved_total_by_heap[heap].fetch_sub(shrunk, Ordering::Relaxed);
+            // A destroyed block's handle may be reused by the driver for a new block.
+            st.prioritized.clear();
+        }
+    }
+
+    fn release_live(st: &mut CategoryState, heap: usize, bytes: u64) {
+        st.live_bytes -= bytes;
+        st.live_by_heap[heap] -= bytes;
+        st.allocations -= 1;
+    }
+
+    /// Creates a buffer bound to a sub-allocation (or reuses a cached one of the same size class).
+    /// Typed errors: zero size, size over the heap, [`Error::OverBudget`], out of memory.
     pub fn create_buffer(&self, desc: &BufferDesc<'_>) -> Result<Buffer> {
         if desc.size == 0 {
             return Err(Error::InvalidInput(format!(
@@ -123,87 +841,499 @@ impl Memory {
                 desc.name
             )));
         }
+        if desc.usage.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "buffer {:?}: no usage flags",
+                desc.name
+            )));
+        }
+        let class = size_class(desc.size);
+        let key = CacheKey {
+            usage: desc.usage,
+            location: location_id(desc.location),
+            class_bytes: class,
+        };
+        if let Some(b) = self.take_cached(desc, key) {
+            return Ok(b);
+        }
         let info = vk::BufferCreateInfo::default()
-            .size(desc.size)
+            .size(class)
             .usage(desc.usage)
             .sharing_mode(vk::SharingMode::EXCLUSIVE);
         // SAFETY: valid create info; the device is alive.
         let raw =
             unsafe { self.device.create_buffer(&info, None) }.map_err(vk_err("vkCreateBuffer"))?;
         // SAFETY: raw was just created from this device.
-        let requirements = unsafe { self.device.get_buffer_memory_requirements(raw) };
-        let allocation = self.with_allocator(|a| {
-            Ok(a.allocate(&AllocationCreateDesc {
-                name: desc.name,
-                requirements,
-                location: desc.location,
-                linear: true,
-                allocation_scheme: AllocationScheme::GpuAllocatorManaged,
-            })?)
-        });
-        let allocation = match allocation {
-            Ok(a) => a,
-            Err(e) => {
-                // SAFETY: unbound, never used.
-                unsafe { self.device.destroy_buffer(raw, None) };
-                return Err(e);
-            }
-        };
+        let req = unsafe { self.device.get_buffer_memory_requirements(raw) };
+        let (allocation, heap) =
+            match self.allocate(desc.category, desc.name, req, desc.location, true) {
+                Ok(a) => a,
+                Err(e) => {
+                    // SAFETY: unbound, never used.
+                    unsafe { self.device.destroy_buffer(raw, None) };
+                    return Err(e);
+                }
+            };
         // SAFETY: the allocation satisfies the buffer's requirements and is unbound
         // (VUID-vkBindBufferMemory-memory-01035, -memoryOffset-01036).
         let bound = unsafe {
             self.device
                 .bind_buffer_memory(raw, allocation.memory(), allocation.offset())
         };
+        let meta = Meta {
+            name: desc.name.to_owned(),
+            category: desc.category,
+            heap,
+            bytes: allocation.size(),
+            owner: self.id,
+        };
         if let Err(e) = bound {
             // SAFETY: unbound, never used.
             unsafe { self.device.destroy_buffer(raw, None) };
-            let _ = self.with_allocator(|a| Ok(a.free(allocation)?));
+            let mut st = lock(&self.categories[desc.category as usize]);
+            Self::release_live(&mut st, heap, meta.bytes);
+            self.free_locked(&mut st, heap, allocation);
             return Err(Error::vk("vkBindBufferMemory", e));
         }
         Ok(Buffer {
             raw,
             allocation: Some(allocation),
             size: desc.size,
-            name: desc.name.to_owned(),
+            usage: desc.usage,
+            location: desc.location,
+            meta,
+            orphans: self.orphans.clone(),
         })
     }
 
-    /// Destroys a buffer and frees its sub-allocation at once.
+    fn take_cached(&self, desc: &BufferDesc<'_>, key: CacheKey) -> Option<Buffer> {
+        let mut st = lock(&self.categories[desc.category as usize]);
+        let (raw, allocation, mut meta) = st.cache.get_mut(&key)?.pop()?;
+        st.cached_bytes -= meta.bytes;
+        drop(st);
+        meta.name = desc.name.to_owned();
+        self.allocations_total.fetch_add(1, Ordering::Relaxed);
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+        Some(Buffer {
+            raw,
+            allocation: Some(allocation),
+            size: desc.size,
+            usage: desc.usage,
+            location: desc.location,
+            meta,
+            orphans: self.orphans.clone(),
+        })
+    }
+
+    /// Creates a 2D optimal-tiling image in device-local memory.
+    pub fn create_image(&self, desc: &ImageDesc<'_>) -> Result<Image> {
+        if desc.extent.width == 0 || desc.extent.height == 0 || desc.mip_levels == 0 {
+            return Err(Error::InvalidInput(format!(
+                "image {:?}: extent {}x{} with {} mips",
+                desc.name, desc.extent.width, desc.extent.height, desc.mip_levels
+            )));
+        }
+        let max_mips = 32 - desc.extent.width.max(desc.extent.height).leading_zeros();
+        if desc.mip_levels > max_mips {
+            return Err(Error::InvalidInput(format!(
+                "image {:?}: {} mips, at most {max_mips} for {}x{}",
+                desc.name, desc.mip_levels, desc.extent.width, desc.extent.height
+            )));
+        }
+        let info = vk::ImageCreateInfo::default()
+            .image_type(vk::ImageType::TYPE_2D)
+            .format(desc.format)
+            .extent(vk::Extent3D {
+                width: desc.extent.width,
+                height: desc.extent.height,
+                depth: 1,
+            })
+            .mip_levels(desc.mip_levels)
+            .array_layers(1)
+            .samples(vk::SampleCountFlags::TYPE_1)
+            .tiling(vk::ImageTiling::OPTIMAL)
+            .usage(desc.usage)
+            .sharing_mode(vk::SharingMode::EXCLUSIVE)
+            .initial_layout(vk::ImageLayout::UNDEFINED);
+        // SAFETY: valid create info (format support is the caller's choice; errors are mapped).
+        let raw =
+            unsafe { self.device.create_image(&info, None) }.map_err(vk_err("vkCreateImage"))?;
+        // SAFETY: raw was just created.
+        let req = unsafe { self.device.get_image_memory_requirements(raw) };
+        let (allocation, heap) = match self.allocate(
+            desc.category,
+            desc.name,
+            req,
+            MemoryLocation::GpuOnly,
+            false,
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                // SAFETY: unbound, never used.
+                unsafe { self.device.destroy_image(raw, None) };
+                return Err(e);
+            }
+        };
+        // SAFETY: requirements satisfied; unbound.
+        let bound = unsafe {
+            self.device
+                .bind_image_memory(raw, allocation.memory(), allocation.offset())
+        };
+        let meta = Meta {
+            name: desc.name.to_owned(),
+            category: desc.category,
+            heap,
+            bytes: allocation.size(),
+            owner: self.id,
+        };
+        if let Err(e) = bound {
+            // SAFETY: unbound, never used.
+            unsafe { self.device.destroy_image(raw, None) };
+            let mut st = lock(&self.categories[desc.category as usize]);
+            Self::release_live(&mut st, heap, meta.bytes);
+            self.free_locked(&mut st, heap, allocation);
+            return Err(Error::vk("vkBindImageMemory", e));
+        }
+        Ok(Image {
+            raw,
+            allocation: Some(allocation),
+            extent: desc.extent,
+            format: desc.format,
+            mip_levels: desc.mip_levels,
+            meta,
+            orphans: self.orphans.clone(),
+        })
+    }
+
+    /// Queues `resource` to be freed once the GPU completes `last_used` (the timeline value of
+    /// the last submission that used it). `last_submitted` is the newest value handed out.
+    ///
+    /// Errors: a resource of another `Memory` ([`Error::InvalidInput`]; it stays allocated in
+    /// its owner and is reported there as a leak), or `last_used > last_submitted` (the value was
+    /// never submitted; the resource is still queued safely and freed once that value completes,
+    /// or at shutdown).
+    pub fn retire(
+        &self,
+        resource: impl Into<Retirable>,
+        last_used: u64,
+        last_submitted: u64,
+    ) -> Result<()> {
+        let Some(resource) = resource.into().0 else {
+            return Ok(());
+        };
+        let meta = resource.meta().clone();
+        if meta.owner != self.id {
+            log::error!(
+                "retire: {:?} belongs to another context; left to its owner, which reports it as a leak",
+                meta.name
+            );
+            // Leave it allocated in its owner: freeing it through our allocator is impossible.
+            std::mem::forget(resource);
+            return Err(Error::InvalidInput(format!(
+                "{:?} was allocated by another context",
+                meta.name
+            )));
+        }
+        let mut q = lock(&self.retire);
+        q.1[meta.heap] += meta.bytes;
+        q.0.retire(resource, last_used, meta.bytes, meta.category);
+        drop(q);
+        if last_used > last_submitted {
+            return Err(Error::InvalidInput(format!(
+                "{:?} retired at timeline value {last_used}, but only {last_submitted} was submitted; queued until that value completes",
+                meta.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Frees everything whose value the GPU has completed; orphans (dropped without retire) are
+    /// first queued at `last_submitted`. Returns how many resources were freed.
+    pub fn collect(&self, completed: u64, last_submitted: u64) -> usize {
+        let orphans = std::mem::take(&mut *lock(&self.orphans));
+        if !orphans.is_empty() {
+            self.dropped_without_retire
+                .fetch_add(orphans.len() as u64, Ordering::Relaxed);
+            let mut q = lock(&self.retire);
+            for r in orphans {
+                let m = r.meta().clone();
+                q.1[m.heap] += m.bytes;
+                q.0.retire(r, last_submitted, m.bytes, m.category);
+            }
+        }
+        let freed = {
+            let mut q = lock(&self.retire);
+            let freed = q.0.collect(completed);
+            for r in &freed {
+                q.1[r.resource.meta().heap] -= r.bytes;
+            }
+            freed
+        };
+        let n = freed.len();
+        let comfortable = !self.headroom_low();
+        for r in freed {
+            self.free_resource(r.resource, comfortable);
+        }
+        n
+    }
+
+    /// Destroys a resource's handle and frees its memory, or caches a buffer for reuse.
+    fn free_resource(&self, resource: Resource, may_cache: bool) {
+        match resource {
+            Resource::Buffer {
+                raw,
+                allocation,
+                meta,
+                key,
+            } => {
+                let mut st = lock(&self.categories[meta.category as usize]);
+                if let Some(key) = key {
+                    if may_cache
+                        && st.cached_bytes + meta.bytes <= self.config.cache_bytes[meta.category]
+                    {
+                        st.cached_bytes += meta.bytes;
+                        st.cache
+                            .entry(key)
+                            .or_default()
+                            .push((raw, allocation, meta));
+                        return;
+                    }
+                }
+                // SAFETY: the GPU has completed every use (retire contract) and nothing else
+                // holds the handle.
+                unsafe { self.device.destroy_buffer(raw, None) };
+                Self::release_live(&mut st, meta.heap, meta.bytes);
+                self.free_locked(&mut st, meta.heap, allocation);
+            }
+            Resource::Image {
+                raw,
+                allocation,
+                meta,
+            } => {
+                // SAFETY: as above.
+                unsafe { self.device.destroy_image(raw, None) };
+                let mut st = lock(&self.categories[meta.category as usize]);
+                Self::release_live(&mut st, meta.heap, meta.bytes);
+                self.free_locked(&mut st, meta.heap, allocation);
+            }
+        }
+    }
+
+    /// Whether any heap's headroom is below the configured share of its budget.
+    fn headroom_low(&self) -> bool {
+        (0..self.heaps.len()).any(|h| {
+            let (budget, usage) = self.heap_usage_now(h);
+            budget != u64::MAX
+                && (budget.saturating_sub(usage) as f64)
+                    < budget as f64 * self.config.release_below_headroom_fraction
+        })
+    }
+
+    /// Frees every cached buffer. Returns bytes freed from live allocations.
+    pub fn flush_cache(&self) -> u64 {
+        let mut freed = 0;
+        for c in &self.categories {
+            let mut st = lock(c);
+            let cache = std::mem::take(&mut st.cache);
+            st.cached_bytes = 0;
+            for (raw, allocation, meta) in cache.into_values().flatten() {
+                // SAFETY: cached buffers were retired and their values completed.
+                unsafe { self.device.destroy_buffer(raw, None) };
+                freed += meta.bytes;
+                Self::release_live(&mut st, meta.heap, meta.bytes);
+                self.free_locked(&mut st, meta.heap, allocation);
+            }
+        }
+        freed
+    }
+
+    /// Returns the block gpu-allocator keeps, for every category that holds no allocation, by
+    /// dropping and recreating its allocator. Returns bytes given back to the driver.
+    pub fn release_empty_blocks(&self) -> Result<u64> {
+        let mut released = 0;
+        for c in &self.categories {
+            let mut st = lock(c);
+            let reserved: u64 = st.reserved_by_heap.iter().sum();
+            if st.allocations > 0 || reserved == 0 {
+                continue;
+            }
+            let fresh = self.new_allocator()?;
+            drop(st.allocator.replace(fresh));
+            for (h, r) in st.reserved_by_heap.iter_mut().enumerate() {
+                self.reserved_total_by_heap[h].fetch_sub(*r, Ordering::Relaxed);
+                *r = 0;
+            }
+            st.prioritized.clear();
+            released += reserved;
+        }
+        if released > 0 {
+            self.block_releases.fetch_add(1, Ordering::Relaxed);
+            log::debug!("released {released} bytes of empty blocks");
+        }
+        Ok(released)
+    }
+
+    /// Reads the budget source (once a frame) and reports every heap. When headroom is low,
+    /// flushes the buffer cache and releases empty blocks first.
+    pub fn refresh_budget(&self) -> Result<Vec<HeapReport>> {
+        if !lock(&self.budget).last.is_empty() && self.headroom_low() {
+            self.flush_cache();
+            self.release_empty_blocks()?;
+        }
+        let ours: Vec<u64> = self
+            .reserved_total_by_heap
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let snapshot = {
+            let mut b = lock(&self.budget);
+            let last = b.heaps.refresh(&ours)?.to_vec();
+            b.last = last.clone();
+            b.ours_at_refresh = ours.clone();
+            last
+        };
+        let by_category: Vec<Vec<u64>> = self
+            .categories
+            .iter()
+            .map(|c| lock(c).reserved_by_heap.clone())
+            .collect();
+        let pending = lock(&self.retire).1.clone();
+        Ok(snapshot
+            .into_iter()
+            .enumerate()
+            .map(|(h, budget)| {
+                let mut per = PerCategory::<u64>::default();
+                for c in Category::ALL {
+                    per[c] = by_category[c as usize].get(h).copied().unwrap_or(0);
+                }
+                let ours_total = ours.get(h).copied().unwrap_or(0);
+                HeapReport {
+                    foreign: match budget.source {
+                        Source::Ext => budget.usage.saturating_sub(ours_total),
+                        Source::Estimated => 0,
+                    },
+                    budget,
+                    ours: per,
+                    ours_total,
+                    pending: pending.get(h).copied().unwrap_or(0),
+                }
+            })
+            .collect())
+    }
+
+    /// The last budget read, without reading the driver.
+    pub fn last_budget(&self) -> Vec<HeapBudget> {
+        lock(&self.budget).last.clone()
+    }
+
+    /// Statistics now.
+    pub fn stats(&self) -> MemoryStats {
+        let (pending_bytes, pending_count) = {
+            let q = lock(&self.retire);
+            (q.0.pending_bytes(), q.0.pending_count())
+        };
+        let frees_completed = lock(&self.retire).0.freed_total();
+        let mut categories = PerCategory::<CategoryStats>::default();
+        for c in Category::ALL {
+            let st = lock(&self.categories[c as usize]);
+            categories[c] = CategoryStats {
+                live_bytes: st.live_bytes,
+                reserved_bytes: st.reserved_by_heap.iter().sum(),
+                peak_live_bytes: st.peak_live_bytes,
+                allocations: st.allocations,
+                cap_bytes: self.config.cap_bytes[c],
+                pending_bytes: pending_bytes[c],
+                pending_count: pending_count[c],
+                cached_bytes: st.cached_bytes,
+            };
+        }
+        MemoryStats {
+            categories,
+            allocations_total: self.allocations_total.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            frees_completed,
+            dropped_without_retire: self.dropped_without_retire.load(Ordering::Relaxed),
+            refused_over_budget: self.refused.load(Ordering::Relaxed),
+            block_releases: self.block_releases.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Shutdown, after the GPU is idle: frees orphans and the retire queue, flushes the cache,
+    /// reports what is still live as leaks, and drops the allocators (every block goes back).
     ///
     /// # Safety
-    /// The GPU must have finished every use of the buffer (its last submission has completed).
-    pub unsafe fn destroy_buffer(&self, mut buffer: Buffer) -> Result<()> {
-        // SAFETY: the caller guarantees the GPU no longer uses it.
-        unsafe { self.device.destroy_buffer(buffer.raw, None) };
-        match buffer.allocation.take() {
-            Some(a) => self.with_allocator(|al| Ok(al.free(a)?)),
-            None => Ok(()),
+    /// The GPU must have completed every submission.
+    pub(crate) unsafe fn shutdown(&self) -> ShutdownReport {
+        let mut report = ShutdownReport::default();
+        self.collect(u64::MAX, u64::MAX);
+        let drained = {
+            let mut q = lock(&self.retire);
+            let all = q.0.drain();
+            q.1.iter_mut().for_each(|p| *p = 0);
+            all
+        };
+        report.drained = drained.len() as u64;
+        for r in drained {
+            self.free_resource(r.resource, false);
+        }
+        self.flush_cache();
+        for c in Category::ALL {
+            let mut st = lock(&self.categories[c as usize]);
+            if let Some(a) = st.allocator.take() {
+                for alloc in a.generate_report().allocations {
+                    log::error!(
+                        "leak: {:?} ({c}, {} bytes) still allocated at shutdown",
+                        alloc.name,
+                        alloc.size
+                    );
+                    report.leaks.push(Leak {
+                        name: alloc.name,
+                        category: c,
+                        bytes: alloc.size,
+                    });
+                }
+            }
+            for (h, r) in st.reserved_by_heap.iter_mut().enumerate() {
+                self.reserved_total_by_heap[h].fetch_sub(*r, Ordering::Relaxed);
+                *r = 0;
+            }
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_classes_round_up_by_at_most_a_quarter() {
+        assert_eq!(size_class(1), 256);
+        assert_eq!(size_class(256), 256);
+        assert_eq!(size_class(257), 320);
+        assert_eq!(size_class(1000), 1024);
+        assert_eq!(size_class(1024), 1024);
+        assert_eq!(size_class(1025), 1280);
+        assert_eq!(size_class(1 << 20), 1 << 20);
+        for s in [300u64, 5_000, 77_777, 1 << 30, (1 << 40) + 3] {
+            let c = size_class(s);
+            assert!(c >= s && c as f64 <= s as f64 * 1.25 + 1.0, "{s} -> {c}");
+            assert_eq!(size_class(c), c, "classes are fixed points");
         }
     }
 
-    /// Bytes in live allocations, and bytes reserved in blocks, over all memory types.
-    pub fn usage(&self) -> (u64, u64) {
-        self.with_allocator(|a| {
-            let r = a.generate_report();
-            Ok((r.total_allocated_bytes, r.total_capacity_bytes))
-        })
-        .unwrap_or((0, 0))
-    }
-
-    /// Drops the allocator (returning every block to the driver), logging leaks first. Returns
-    /// the number of allocations still live (leaks).
-    pub(crate) fn shutdown(&self) -> usize {
-        let mut guard = self.allocator.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(a) = guard.take() else { return 0 };
-        let report = a.generate_report();
-        for alloc in &report.allocations {
-            log::error!(
-                "leak: {:?} ({} bytes) still allocated at shutdown",
-                alloc.name,
-                alloc.size
-            );
-        }
-        report.allocations.len()
+    #[test]
+    fn default_config_is_valid_and_bad_ones_are_typed_errors() {
+        MemoryConfig::default().validate().unwrap();
+        let bad = MemoryConfig {
+            device_block_min_bytes: 3 * MIB,
+            ..Default::default()
+        };
+        assert!(matches!(bad.validate(), Err(Error::InvalidInput(_))));
+        let bad = MemoryConfig {
+            priority: PerCategory([2.0, 0.0, 0.0, 0.0]),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
     }
 }

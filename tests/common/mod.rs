@@ -41,6 +41,7 @@ pub fn options() -> ContextOptions {
             sync_validation: sync,
         },
         device,
+        ..Default::default()
     }
 }
 
@@ -87,8 +88,8 @@ pub fn assert_clean(canary: &Arc<Canary>, what: &str) {
 /// including those raised during teardown.
 pub fn finish(mut ctx: Context, what: &str) {
     let canary = ctx.canary().clone();
-    let leaks = ctx.shutdown();
+    let report = ctx.shutdown();
     drop(ctx);
-    assert_eq!(leaks, 0, "{what}: leaked allocations");
+    assert!(report.leaks.is_empty(), "{what}: leaked {:?}", report.leaks);
     assert_clean(&canary, what);
 }

@@ -1,0 +1,4 @@
+//! Pure policy: plain numbers in, decisions out. No Vulkan types, no I/O.
+
+pub mod category;
+pub mod retire;

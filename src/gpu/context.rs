@@ -86,6 +86,15 @@ pub struct HostHandles {
     pub enabled_extensions: OptionalExtensions,
 }
 
+/// The device half of a context under construction.
+struct DeviceParts {
+    device: ash::Device,
+    queue: vk::Queue,
+    queue_family: u32,
+    extensions: OptionalExtensions,
+    owns_device: bool,
+}
+
 /// A Vulkan device ready for understory: instance, device, one queue, timeline, allocator.
 pub struct Context {
     device: ash::Device,
@@ -158,7 +167,16 @@ impl Context {
         // SAFETY: device was just created with what finish() needs and is owned by us.
         unsafe {
             Self::finish(
-                instance, adapter, device, queue, family, extensions, true, options,
+                instance,
+                adapter,
+                DeviceParts {
+                    device,
+                    queue,
+                    queue_family: family,
+                    extensions,
+                    owns_device: true,
+                },
+                options,
             )
         }
     }
@@ -237,11 +255,13 @@ impl Context {
             Self::finish(
                 instance,
                 adapter,
-                host.device,
-                host.queue,
-                host.queue_family_index,
-                extensions,
-                false,
+                DeviceParts {
+                    device: host.device,
+                    queue: host.queue,
+                    queue_family: host.queue_family_index,
+                    extensions,
+                    owns_device: false,
+                },
                 options,
             )
         }
@@ -253,13 +273,16 @@ impl Context {
     unsafe fn finish(
         instance: Instance,
         adapter: Adapter,
-        device: ash::Device,
-        queue: vk::Queue,
-        queue_family: u32,
-        extensions: OptionalExtensions,
-        owns_device: bool,
+        parts: DeviceParts,
         options: &ContextOptions,
     ) -> Result<Self> {
+        let DeviceParts {
+            device,
+            queue,
+            queue_family,
+            extensions,
+            owns_device,
+        } = parts;
         if !(1..=MAX_FRAMES_IN_FLIGHT).contains(&options.frames_in_flight) {
             if owns_device {
                 // SAFETY: nothing was created from it yet.
@@ -479,6 +502,15 @@ impl Context {
 
     /// Queues a buffer or image to be freed once the GPU completes `last_used`.
     /// See [`Memory::retire`] for the errors.
+    ///
+    /// Retiring takes the resource by value, so retiring it twice does not compile:
+    ///
+    /// ```compile_fail,E0382
+    /// # fn f(ctx: &understory::gpu::context::Context, b: understory::gpu::memory::Buffer) {
+    /// ctx.retire(b, 1).unwrap();
+    /// ctx.retire(b, 2).unwrap(); // use of moved value
+    /// # }
+    /// ```
     pub fn retire(&self, resource: impl Into<Retirable>, last_used: u64) -> Result<()> {
         self.memory
             .retire(resource, last_used, self.timeline.last_submitted())
@@ -497,13 +529,14 @@ impl Context {
     pub fn begin_frame(&self) -> Result<FrameStart> {
         let last = self.timeline.last_submitted();
         let must_have = (last + 1).saturating_sub(u64::from(self.frames_in_flight));
-        if must_have > 0 && self.timeline.completed_value()? < must_have {
-            if !self.timeline.wait(must_have, Duration::from_secs(10))? {
-                return Err(Error::Vulkan {
-                    call: "begin_frame: frame throttle wait (10 s)",
-                    result: vk::Result::TIMEOUT,
-                });
-            }
+        if must_have > 0
+            && self.timeline.completed_value()? < must_have
+            && !self.timeline.wait(must_have, Duration::from_secs(10))?
+        {
+            return Err(Error::Vulkan {
+                call: "begin_frame: frame throttle wait (10 s)",
+                result: vk::Result::TIMEOUT,
+            });
         }
         let completed = self.timeline.completed_value()?;
         let freed = self.memory.collect(completed, last);
@@ -553,6 +586,8 @@ impl Context {
 impl Drop for Context {
     fn drop(&mut self) {
         self.shutdown();
+        // SAFETY: shutdown made the device idle and shut memory down.
+        unsafe { self.memory.destroy_late_orphans() };
         if self.owns_device {
             // SAFETY: idle, and every child object understory created is destroyed.
             unsafe { self.device.destroy_device(None) };

@@ -255,6 +255,30 @@ impl Image {
     }
 }
 
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("name", &self.meta.name)
+            .field("category", &self.meta.category)
+            .field("size", &self.size)
+            .field("bytes", &self.meta.bytes)
+            .field("raw", &self.raw)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("name", &self.meta.name)
+            .field("category", &self.meta.category)
+            .field("extent", &self.extent)
+            .field("bytes", &self.meta.bytes)
+            .field("raw", &self.raw)
+            .finish()
+    }
+}
+
 fn orphan(orphans: &Orphans, what: &str, meta: &Meta, resource: Resource) {
     log::error!(
         "leak: {what} {:?} ({}, {} bytes) dropped without Memory::retire; it will be freed after the newest submission",
@@ -303,27 +327,37 @@ impl Drop for Image {
 }
 
 /// A [`Buffer`] or [`Image`] on its way to the retire queue (`.into()` makes one).
-pub struct Retirable(Option<Resource>);
+pub struct Retirable {
+    resource: Option<Resource>,
+    /// The owner's orphan list: where a resource retired into the wrong `Memory` goes.
+    orphans: Arc<Orphans>,
+}
 
 impl From<Buffer> for Retirable {
     fn from(mut b: Buffer) -> Self {
         let key = CacheKey::of(&b);
-        Retirable(b.allocation.take().map(|allocation| Resource::Buffer {
-            raw: b.raw,
-            allocation,
-            meta: b.meta.clone(),
-            key: Some(key),
-        }))
+        Retirable {
+            resource: b.allocation.take().map(|allocation| Resource::Buffer {
+                raw: b.raw,
+                allocation,
+                meta: b.meta.clone(),
+                key: Some(key),
+            }),
+            orphans: b.orphans.clone(),
+        }
     }
 }
 
 impl From<Image> for Retirable {
     fn from(mut i: Image) -> Self {
-        Retirable(i.allocation.take().map(|allocation| Resource::Image {
-            raw: i.raw,
-            allocation,
-            meta: i.meta.clone(),
-        }))
+        Retirable {
+            resource: i.allocation.take().map(|allocation| Resource::Image {
+                raw: i.raw,
+                allocation,
+                meta: i.meta.clone(),
+            }),
+            orphans: i.orphans.clone(),
+        }
     }
 }
 
@@ -454,7 +488,7 @@ pub struct HeapReport {
 /// What a shutdown found.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ShutdownReport {
-    /// Resources freed from the retire queue at shutdown.
+    /// Resources freed from the retire queue (and dropped-without-retire list) at shutdown.
     pub drained: u64,
     /// Allocations still live after draining: leaks, with name, category and bytes.
     pub leaks: Vec<Leak>,
@@ -691,6 +725,14 @@ impl Memory {
         }
     }
 
+    fn block_min(&self, heap: usize) -> u64 {
+        if self.heaps[heap].device_local {
+            self.config.device_block_min_bytes
+        } else {
+            self.config.host_block_min_bytes
+        }
+    }
+
     fn block_max(&self, heap: usize) -> u64 {
         if self.heaps[heap].device_local {
             self.config.device_block_max_bytes
@@ -711,7 +753,7 @@ impl Memory {
     ) -> Result<(Allocation, usize)> {
         let n = self.alloc_calls.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(k) = self.config.fail_every_nth_allocation {
-            if n % k.get() == 0 {
+            if n.is_multiple_of(k.get()) {
                 return Err(Error::OutOfDeviceMemory {
                     call: "allocate (injected fault)",
                 });
@@ -739,12 +781,14 @@ impl Memory {
         }
         let (budget, usage) = self.heap_usage_now(heap);
         let free_in_blocks = st.reserved_by_heap[heap].saturating_sub(st.live_by_heap[heap]);
+        // A new block is at least the minimum size (it doubles with the block count; a block
+        // larger than estimated is caught after the allocation, below).
         let growth = if size > self.block_max(heap) {
             size
         } else if free_in_blocks >= size {
             0
         } else {
-            self.block_max(heap)
+            size.max(self.block_min(heap))
         };
         if usage.saturating_add(growth) > budget {
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -1018,17 +1062,17 @@ impl Memory {
         last_used: u64,
         last_submitted: u64,
     ) -> Result<()> {
-        let Some(resource) = resource.into().0 else {
+        let Retirable { resource, orphans } = resource.into();
+        let Some(resource) = resource else {
             return Ok(());
         };
         let meta = resource.meta().clone();
         if meta.owner != self.id {
             log::error!(
-                "retire: {:?} belongs to another context; left to its owner, which reports it as a leak",
+                "retire: {:?} belongs to another context; handed back to its owner, which frees it after its newest submission",
                 meta.name
             );
-            // Leave it allocated in its owner: freeing it through our allocator is impossible.
-            std::mem::forget(resource);
+            lock(&orphans).push(resource);
             return Err(Error::InvalidInput(format!(
                 "{:?} was allocated by another context",
                 meta.name
@@ -1258,6 +1302,25 @@ impl Memory {
         }
     }
 
+    /// After [`Memory::shutdown`]: destroys the handles of resources dropped since (their memory
+    /// went with the allocators), so that no Vulkan object outlives the device. Returns how many.
+    ///
+    /// # Safety
+    /// The GPU must be idle and `shutdown` must have run.
+    pub(crate) unsafe fn destroy_late_orphans(&self) -> usize {
+        let late = std::mem::take(&mut *lock(&self.orphans));
+        for r in &late {
+            log::error!("leak: {:?} dropped after shutdown", r.meta().name);
+            match r {
+                // SAFETY: the device is idle (caller) and nothing else holds the handle.
+                Resource::Buffer { raw, .. } => unsafe { self.device.destroy_buffer(*raw, None) },
+                // SAFETY: as above.
+                Resource::Image { raw, .. } => unsafe { self.device.destroy_image(*raw, None) },
+            }
+        }
+        late.len()
+    }
+
     /// Shutdown, after the GPU is idle: frees orphans and the retire queue, flushes the cache,
     /// reports what is still live as leaks, and drops the allocators (every block goes back).
     ///
@@ -1265,14 +1328,14 @@ impl Memory {
     /// The GPU must have completed every submission.
     pub(crate) unsafe fn shutdown(&self) -> ShutdownReport {
         let mut report = ShutdownReport::default();
-        self.collect(u64::MAX, u64::MAX);
+        let collected = self.collect(u64::MAX, u64::MAX) as u64;
         let drained = {
             let mut q = lock(&self.retire);
             let all = q.0.drain();
             q.1.iter_mut().for_each(|p| *p = 0);
             all
         };
-        report.drained = drained.len() as u64;
+        report.drained = collected + drained.len() as u64;
         for r in drained {
             self.free_resource(r.resource, false);
         }

@@ -67,6 +67,24 @@ impl Timeline {
         *last
     }
 
+    /// Signals `value` from the host: for values handed out by [`Timeline::reserve`] that the
+    /// host completes itself (and for tests). `value` must be reserved and above the current one.
+    pub fn signal(&self, value: u64) -> Result<()> {
+        let current = self.completed_value()?;
+        if value <= current || value > self.last_submitted() {
+            return Err(Error::InvalidInput(format!(
+                "signal {value}: must be above the completed value {current} and at most the last reserved {}",
+                self.last_submitted()
+            )));
+        }
+        let info = vk::SemaphoreSignalInfo::default()
+            .semaphore(self.semaphore)
+            .value(value);
+        // SAFETY: a live timeline semaphore; value is greater than its current value
+        // (VUID-VkSemaphoreSignalInfo-value-03258).
+        unsafe { self.device.signal_semaphore(&info) }.map_err(vk_err("vkSignalSemaphore"))
+    }
+
     /// Waits until the GPU reaches `value`. Returns `Ok(false)` on timeout. Waiting for a value
     /// never handed out is an error (it would never complete).
     pub fn wait(&self, value: u64, timeout: Duration) -> Result<bool> {

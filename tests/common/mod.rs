@@ -52,8 +52,15 @@ fn init_log() {
 /// A validated context, or `None` after a loud skip when no Vulkan device or validation layer
 /// is installed.
 pub fn context(test: &str) -> Option<Context> {
+    context_with(test, &options())
+}
+
+/// As [`context`], with the caller's options (validation is forced to required).
+pub fn context_with(test: &str, options: &ContextOptions) -> Option<Context> {
     init_log();
-    match Context::new(&options()) {
+    let mut options = options.clone();
+    options.instance.validation = Validation::Required;
+    match Context::new(&options) {
         Ok(ctx) => {
             assert!(ctx.validation_enabled(), "validation must be on in tests");
             Some(ctx)

@@ -152,7 +152,8 @@ pub struct ImageDesc<'a> {
 /// Where a resource came from and what it holds.
 #[derive(Clone, Debug)]
 struct Meta {
-    name: String,
+    /// Shared, so that handing a resource to the retire queue copies no string.
+    name: Arc<str>,
     category: Category,
     heap: usize,
     /// Bytes of the sub-allocation.
@@ -522,8 +523,16 @@ struct CategoryState {
 struct BudgetState {
     heaps: HeapBudgets,
     last: Vec<HeapBudget>,
-    /// Our reserved bytes per heap when `last` was read.
-    ours_at_refresh: Vec<u64>,
+}
+
+/// The last refresh of one heap, readable without a lock.
+struct HeapLimit {
+    budget: AtomicU64,
+    usage_at_refresh: AtomicU64,
+    /// Our reserved bytes in the heap at that refresh.
+    ours_at_refresh: AtomicU64,
+    /// Whether the numbers are the driver's (`VK_EXT_memory_budget`).
+    ext: std::sync::atomic::AtomicBool,
 }
 
 /// The device's memory: allocators, accounting, budgets, retire queue.
@@ -540,6 +549,7 @@ pub struct Memory {
     retire: Mutex<(RetireQueue<Resource>, Vec<u64>)>,
     orphans: Arc<Orphans>,
     budget: Mutex<BudgetState>,
+    limits: Vec<HeapLimit>,
     pageable: Option<ash::ext::pageable_device_local_memory::Device>,
     alloc_calls: AtomicU64,
     allocations_total: AtomicU64,
@@ -616,8 +626,15 @@ impl Memory {
             budget: Mutex::new(BudgetState {
                 heaps: budgets,
                 last: Vec::new(),
-                ours_at_refresh: vec![0; n],
             }),
+            limits: (0..n)
+                .map(|_| HeapLimit {
+                    budget: AtomicU64::new(u64::MAX),
+                    usage_at_refresh: AtomicU64::new(0),
+                    ours_at_refresh: AtomicU64::new(0),
+                    ext: std::sync::atomic::AtomicBool::new(false),
+                })
+                .collect(),
             pageable: pageable
                 .then(|| ash::ext::pageable_device_local_memory::Device::new(instance, device)),
             alloc_calls: AtomicU64::new(0),
@@ -712,16 +729,17 @@ impl Memory {
     }
 
     /// Budget and current usage of a heap: the last refresh, moved by what we reserved since.
+    /// Lock-free: it runs on every allocation.
     fn heap_usage_now(&self, heap: usize) -> (u64, u64) {
-        let b = lock(&self.budget);
+        let l = &self.limits[heap];
         let ours_now = self.reserved_total_by_heap[heap].load(Ordering::Relaxed);
-        match b.last.get(heap) {
-            Some(h) if h.source == Source::Ext => {
-                let since = ours_now as i128 - b.ours_at_refresh[heap] as i128;
-                (h.budget, (h.usage as i128 + since).max(0) as u64)
-            }
-            Some(h) => (h.budget, ours_now),
-            None => (u64::MAX, ours_now),
+        let budget = l.budget.load(Ordering::Relaxed);
+        if l.ext.load(Ordering::Relaxed) {
+            let since = ours_now as i128 - l.ours_at_refresh.load(Ordering::Relaxed) as i128;
+            let usage = (l.usage_at_refresh.load(Ordering::Relaxed) as i128 + since).max(0) as u64;
+            (budget, usage)
+        } else {
+            (budget, ours_now)
         }
     }
 
@@ -891,7 +909,12 @@ impl Memory {
                 desc.name
             )));
         }
-        let class = size_class(desc.size);
+        // Round to a size class only where released buffers are cached for reuse.
+        let class = if self.config.cache_bytes[desc.category] > 0 {
+            size_class(desc.size)
+        } else {
+            desc.size
+        };
         let key = CacheKey {
             usage: desc.usage,
             location: location_id(desc.location),
@@ -925,7 +948,7 @@ impl Memory {
                 .bind_buffer_memory(raw, allocation.memory(), allocation.offset())
         };
         let meta = Meta {
-            name: desc.name.to_owned(),
+            name: desc.name.into(),
             category: desc.category,
             heap,
             bytes: allocation.size(),
@@ -951,11 +974,14 @@ impl Memory {
     }
 
     fn take_cached(&self, desc: &BufferDesc<'_>, key: CacheKey) -> Option<Buffer> {
+        if self.config.cache_bytes[desc.category] == 0 {
+            return None;
+        }
         let mut st = lock(&self.categories[desc.category as usize]);
         let (raw, allocation, mut meta) = st.cache.get_mut(&key)?.pop()?;
         st.cached_bytes -= meta.bytes;
         drop(st);
-        meta.name = desc.name.to_owned();
+        meta.name = desc.name.into();
         self.allocations_total.fetch_add(1, Ordering::Relaxed);
         self.cache_hits.fetch_add(1, Ordering::Relaxed);
         Some(Buffer {
@@ -1024,7 +1050,7 @@ impl Memory {
                 .bind_image_memory(raw, allocation.memory(), allocation.offset())
         };
         let meta = Meta {
-            name: desc.name.to_owned(),
+            name: desc.name.into(),
             category: desc.category,
             heap,
             bytes: allocation.size(),
@@ -1066,26 +1092,28 @@ impl Memory {
         let Some(resource) = resource else {
             return Ok(());
         };
-        let meta = resource.meta().clone();
-        if meta.owner != self.id {
+        let meta = resource.meta();
+        let (owner, heap, bytes, category) = (meta.owner, meta.heap, meta.bytes, meta.category);
+        let name = meta.name.clone();
+        if owner != self.id {
             log::error!(
                 "retire: {:?} belongs to another context; handed back to its owner, which frees it after its newest submission",
-                meta.name
+                name
             );
             lock(&orphans).push(resource);
             return Err(Error::InvalidInput(format!(
                 "{:?} was allocated by another context",
-                meta.name
+                name
             )));
         }
         let mut q = lock(&self.retire);
-        q.1[meta.heap] += meta.bytes;
-        q.0.retire(resource, last_used, meta.bytes, meta.category);
+        q.1[heap] += bytes;
+        q.0.retire(resource, last_used, bytes, category);
         drop(q);
         if last_used > last_submitted {
             return Err(Error::InvalidInput(format!(
                 "{:?} retired at timeline value {last_used}, but only {last_submitted} was submitted; queued until that value completes",
-                meta.name
+                name
             )));
         }
         Ok(())
@@ -1232,8 +1260,16 @@ impl Memory {
         let snapshot = {
             let mut b = lock(&self.budget);
             let last = b.heaps.refresh(&ours)?.to_vec();
+            for (h, l) in last.iter().zip(&self.limits) {
+                l.budget.store(h.budget, Ordering::Relaxed);
+                l.usage_at_refresh.store(h.usage, Ordering::Relaxed);
+                l.ours_at_refresh.store(
+                    ours.get(h.index as usize).copied().unwrap_or(0),
+                    Ordering::Relaxed,
+                );
+                l.ext.store(h.source == Source::Ext, Ordering::Relaxed);
+            }
             b.last = last.clone();
-            b.ours_at_refresh = ours.clone();
             last
         };
         let by_category: Vec<Vec<u64>> = self

@@ -2,6 +2,7 @@
 //! number that can be read without blocking.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ash::vk;
@@ -12,8 +13,10 @@ use crate::error::{Error, Result, vk_err};
 pub struct Timeline {
     device: ash::Device,
     semaphore: vk::Semaphore,
-    /// Last value handed out to a submission.
-    last_submitted: Mutex<u64>,
+    /// Last value handed out to a submission; written under `order`, read without a lock.
+    last_submitted: AtomicU64,
+    /// Serializes handing out values with the submissions that signal them.
+    order: Mutex<()>,
 }
 
 impl Timeline {
@@ -31,7 +34,8 @@ impl Timeline {
         Ok(Self {
             device: device.clone(),
             semaphore,
-            last_submitted: Mutex::new(0),
+            last_submitted: AtomicU64::new(0),
+            order: Mutex::new(()),
         })
     }
 
@@ -50,21 +54,14 @@ impl Timeline {
 
     /// The last value handed to a submission.
     pub fn last_submitted(&self) -> u64 {
-        *self
-            .last_submitted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.last_submitted.load(Ordering::Acquire)
     }
 
     /// Hands out the next value for a submission the caller makes itself; that submission must
     /// signal this semaphore with exactly this value, in reservation order.
     pub fn reserve(&self) -> u64 {
-        let mut last = self
-            .last_submitted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *last += 1;
-        *last
+        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        self.last_submitted.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// Signals `value` from the host: for values handed out by [`Timeline::reserve`] that the
@@ -119,12 +116,9 @@ impl Timeline {
         queue: vk::Queue,
         command_buffers: &[vk::CommandBuffer],
     ) -> Result<u64> {
-        // Hold the counter lock across the submit so values reach the queue in order.
-        let mut last = self
-            .last_submitted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let value = *last + 1;
+        // Hold the order lock across the submit so values reach the queue in order.
+        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let value = self.last_submitted.load(Ordering::Acquire) + 1;
         let signal_values = [value];
         let signals = [self.semaphore];
         let mut tl =
@@ -140,7 +134,7 @@ impl Timeline {
                 .queue_submit(queue, &[submit], vk::Fence::null())
         }
         .map_err(vk_err("vkQueueSubmit"))?;
-        *last = value;
+        self.last_submitted.store(value, Ordering::Release);
         Ok(value)
     }
 

@@ -1143,14 +1143,29 @@ impl Memory {
         };
         let n = freed.len();
         let comfortable = !self.headroom_low();
-        for r in freed {
-            self.free_resource(r.resource, comfortable);
-        }
+        self.free_resources(freed.into_iter().map(|r| r.resource).collect(), comfortable);
         n
     }
 
-    /// Destroys a resource's handle and frees its memory, or caches a buffer for reuse.
-    fn free_resource(&self, resource: Resource, may_cache: bool) {
+    /// Destroys resources' handles and frees their memory (or caches buffers for reuse), taking
+    /// each category's lock once per batch.
+    fn free_resources(&self, resources: Vec<Resource>, may_cache: bool) {
+        let mut by_category: [Vec<Resource>; 4] = Default::default();
+        for r in resources {
+            by_category[r.meta().category as usize].push(r);
+        }
+        for (c, batch) in by_category.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let mut st = lock(&self.categories[c]);
+            for r in batch {
+                self.free_one(&mut st, r, may_cache);
+            }
+        }
+    }
+
+    fn free_one(&self, st: &mut CategoryState, resource: Resource, may_cache: bool) {
         match resource {
             Resource::Buffer {
                 raw,
@@ -1158,7 +1173,6 @@ impl Memory {
                 meta,
                 key,
             } => {
-                let mut st = lock(&self.categories[meta.category as usize]);
                 if let Some(key) = key {
                     if may_cache
                         && st.cached_bytes + meta.bytes <= self.config.cache_bytes[meta.category]
@@ -1174,8 +1188,8 @@ impl Memory {
                 // SAFETY: the GPU has completed every use (retire contract) and nothing else
                 // holds the handle.
                 unsafe { self.device.destroy_buffer(raw, None) };
-                Self::release_live(&mut st, meta.heap, meta.bytes);
-                self.free_locked(&mut st, meta.heap, allocation);
+                Self::release_live(st, meta.heap, meta.bytes);
+                self.free_locked(st, meta.heap, allocation);
             }
             Resource::Image {
                 raw,
@@ -1184,9 +1198,8 @@ impl Memory {
             } => {
                 // SAFETY: as above.
                 unsafe { self.device.destroy_image(raw, None) };
-                let mut st = lock(&self.categories[meta.category as usize]);
-                Self::release_live(&mut st, meta.heap, meta.bytes);
-                self.free_locked(&mut st, meta.heap, allocation);
+                Self::release_live(st, meta.heap, meta.bytes);
+                self.free_locked(st, meta.heap, allocation);
             }
         }
     }
@@ -1372,9 +1385,7 @@ impl Memory {
             all
         };
         report.drained = collected + drained.len() as u64;
-        for r in drained {
-            self.free_resource(r.resource, false);
-        }
+        self.free_resources(drained.into_iter().map(|r| r.resource).collect(), false);
         self.flush_cache();
         for c in Category::ALL {
             let mut st = lock(&self.categories[c as usize]);

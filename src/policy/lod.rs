@@ -192,7 +192,7 @@ mod tests {
     fn frame_time_quality_drops_fast_and_recovers_slowly() {
         let mut q = FrameTimeQuality::new(16.0);
         let down = q.step(32.0);
-        assert!(down < 1.0 && down >= 0.8);
+        assert!((0.8..1.0).contains(&down));
         for _ in 0..100 {
             q.step(40.0);
         }

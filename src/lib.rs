@@ -24,5 +24,6 @@ pub mod error;
 pub mod gpu;
 pub mod policy;
 pub mod report;
+pub mod world;
 
 pub use error::{Error, Result};

@@ -2,10 +2,12 @@
 //! calls and reports numbers back; it decides nothing that policy could decide.
 
 pub mod adapter;
+pub mod atlas;
 pub mod budget;
 pub mod compute;
 pub mod context;
 pub mod debug;
+pub mod frame;
 pub mod instance;
 pub mod memory;
 pub mod scan;

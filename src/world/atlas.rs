@@ -72,7 +72,10 @@ impl AtlasPacker {
     /// than a page (with padding) is an error.
     pub fn allocate(&mut self, width: u32, height: u32) -> Result<Placed> {
         let pad = self.padding_px;
-        let (w, h) = (width.saturating_add(2 * pad), height.saturating_add(2 * pad));
+        let (w, h) = (
+            width.saturating_add(2 * pad),
+            height.saturating_add(2 * pad),
+        );
         if width == 0 || height == 0 || w > self.page_px || h > self.page_px {
             return Err(Error::InvalidInput(format!(
                 "atlas region {width}x{height} (+{pad} px padding) does not fit a {0}x{0} page",
@@ -135,7 +138,9 @@ impl AtlasPacker {
             .pages
             .get_mut(region.page as usize)
             .and_then(Option::as_mut)
-            .ok_or_else(|| Error::InvalidInput(format!("atlas page {} is not open", region.page)))?;
+            .ok_or_else(|| {
+                Error::InvalidInput(format!("atlas page {} is not open", region.page))
+            })?;
         page.packer.deallocate(region.id);
         page.regions -= 1;
         if page.regions == 0 {
@@ -168,7 +173,10 @@ mod tests {
         assert_eq!(p.free(&b.region).unwrap(), Some(0), "page 0 emptied");
         assert_eq!(p.live_pages(), 1);
         let d = p.allocate(10, 10).unwrap();
-        assert!(d.new_page && d.region.page == 0, "the closed slot is reused");
+        assert!(
+            d.new_page && d.region.page == 0,
+            "the closed slot is reused"
+        );
     }
 
     #[test]

@@ -160,7 +160,11 @@ mod tests {
         assert_eq!((a.x, a.y), (0, 0));
         let b = q.leaf_at(Vec3::new(2047.9, 0.0, 0.5)).unwrap();
         assert_eq!((b.x, b.y), (127, 64));
-        assert_eq!(q.leaf_at(Vec3::new(2048.0, 0.0, 0.0)), None, "max edge is outside");
+        assert_eq!(
+            q.leaf_at(Vec3::new(2048.0, 0.0, 0.0)),
+            None,
+            "max edge is outside"
+        );
         assert_eq!(q.leaf_at(Vec3::new(f32::NAN, 0.0, 0.0)), None);
         assert_eq!(b.parent().level, 6);
         assert_ne!(a.packed(), b.packed());
@@ -180,7 +184,10 @@ mod tests {
     fn traversal_finds_exactly_the_occupied_leaves_in_range() {
         let q = Quadtree::new(Vec2::ZERO, 1024.0, 16.0).unwrap();
         let occupied_leaves: std::collections::HashSet<NodeId> = (0..64)
-            .map(|i| q.leaf_at(Vec3::new(i as f32 * 16.0 + 1.0, 0.0, 300.0)).unwrap())
+            .map(|i| {
+                q.leaf_at(Vec3::new(i as f32 * 16.0 + 1.0, 0.0, 300.0))
+                    .unwrap()
+            })
             .collect();
         let mut ancestors = std::collections::HashSet::new();
         for l in &occupied_leaves {
@@ -195,7 +202,9 @@ mod tests {
         }
         let p = Vec3::new(500.0, 0.0, 300.0);
         let mut found = vec![];
-        q.leaves_within(p, 100.0, &|n| ancestors.contains(&n), &mut |n, d| found.push((n, d)));
+        q.leaves_within(p, 100.0, &|n| ancestors.contains(&n), &mut |n, d| {
+            found.push((n, d))
+        });
         let brute: Vec<NodeId> = occupied_leaves
             .iter()
             .copied()

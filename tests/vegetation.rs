@@ -1,0 +1,331 @@
+//! The vegetation world on the real driver, under validation: a million instances, a camera
+//! flying over them, and a budget that shrinks to a quarter mid-flight and recovers.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use glam::{Vec2, Vec3};
+use understory::Error;
+use understory::gpu::adapter::HeapInfo;
+use understory::gpu::budget::{BudgetSource, HeapBudgets, RawHeap};
+use understory::gpu::context::Context;
+use understory::gpu::frame::FrameRing;
+use understory::policy::category::Category;
+use understory::vegetation::{PatchDesc, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig};
+use understory::world::instance::Instance;
+
+const MIB: u64 = 1 << 20;
+
+/// Estimate-path heaps whose size a test sets (budget = 80% of it), like a driver whose budget
+/// moves under other processes.
+struct Scripted {
+    heaps: Vec<HeapInfo>,
+    size: Arc<AtomicU64>,
+}
+impl BudgetSource for Scripted {
+    fn query(&mut self) -> understory::Result<Vec<RawHeap>> {
+        let size = self.size.load(Ordering::Relaxed);
+        Ok(self
+            .heaps
+            .iter()
+            .map(|h| RawHeap {
+                info: HeapInfo {
+                    size: if h.device_local { size } else { h.size },
+                    device_local: h.device_local,
+                },
+                driver: None,
+            })
+            .collect())
+    }
+}
+
+fn xorshift(s: &mut u64) -> f32 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    (*s >> 40) as f32 / (1u64 << 24) as f32
+}
+
+fn species(veg: &mut Vegetation, ctx: &Context, name: &str, color: [u8; 4]) -> SpeciesId {
+    let px: Vec<u8> = color.iter().copied().cycle().take(32 * 64 * 4).collect();
+    veg.register_species(
+        ctx,
+        &SpeciesDesc {
+            name,
+            width: 32,
+            height: 64,
+            rgba8: &px,
+        },
+    )
+    .expect("species")
+}
+
+/// `n` patches of `per` instances, each inside one tile of a `side` m square at the origin.
+fn patches(
+    veg: &Vegetation,
+    n: usize,
+    per: usize,
+    side: f32,
+    species: &[SpeciesId],
+    seed: u64,
+) -> Vec<(SpeciesId, Vec<Instance>)> {
+    let leaf = veg.quadtree().leaf_m();
+    let mut s = seed | 1;
+    (0..n)
+        .map(|i| {
+            let corner = Vec2::new(xorshift(&mut s), xorshift(&mut s)) * (side - leaf) - side / 2.0;
+            // Snap to the tile grid so the whole patch lies in one tile.
+            let tile_min = (corner / leaf).floor() * leaf;
+            let inst = (0..per)
+                .map(|_| {
+                    let p =
+                        tile_min + Vec2::new(xorshift(&mut s), xorshift(&mut s)) * (leaf * 0.999);
+                    Instance {
+                        scale: 0.5 + xorshift(&mut s),
+                        yaw: xorshift(&mut s) * std::f32::consts::TAU,
+                        ..Instance::at(Vec3::new(p.x, 0.0, p.y))
+                    }
+                })
+                .collect();
+            (species[i % species.len()], inst)
+        })
+        .collect()
+}
+
+#[test]
+fn bad_patches_are_typed_errors_and_allocate_nothing() {
+    let Some(ctx) = common::context("bad_patches") else {
+        return;
+    };
+    let mut veg = Vegetation::new(&ctx, VegetationConfig::default()).unwrap();
+    let grass = species(&mut veg, &ctx, "grass", [40, 160, 40, 255]);
+    let before = ctx.memory().stats().categories[Category::Instances];
+    let ok = Instance::at(Vec3::new(1.0, 0.0, 1.0));
+    let cases: Vec<(&str, Vec<Instance>)> = vec![
+        ("empty", vec![]),
+        (
+            "nan position",
+            vec![Instance::at(Vec3::new(f32::NAN, 0.0, 0.0))],
+        ),
+        (
+            "inf scale",
+            vec![Instance {
+                scale: f32::INFINITY,
+                ..ok
+            }],
+        ),
+        ("zero scale", vec![Instance { scale: 0.0, ..ok }]),
+        (
+            "nan yaw",
+            vec![Instance {
+                yaw: f32::NAN,
+                ..ok
+            }],
+        ),
+        (
+            "outside the world",
+            vec![Instance::at(Vec3::new(1e6, 0.0, 0.0))],
+        ),
+        (
+            "two tiles",
+            vec![ok, Instance::at(Vec3::new(100.0, 0.0, 1.0))],
+        ),
+        ("too many", vec![ok; 65_537]),
+    ];
+    for (what, instances) in cases {
+        let err = veg
+            .spawn(&PatchDesc {
+                species: grass,
+                instances: &instances,
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{what}: {err}");
+    }
+    let gone = species(&mut veg, &ctx, "gone", [1, 2, 3, 4]);
+    veg.unregister_species(gone).unwrap();
+    let err = veg
+        .spawn(&PatchDesc {
+            species: gone,
+            instances: &[ok],
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidInput(_)),
+        "unknown species: {err}"
+    );
+    assert_eq!(ctx.memory().stats().categories[Category::Instances], before);
+    assert_eq!(veg.stats(&ctx).patches, 0);
+
+    let id = veg
+        .spawn(&PatchDesc {
+            species: grass,
+            instances: &[ok],
+        })
+        .unwrap();
+    veg.despawn(id).unwrap();
+    assert!(
+        matches!(veg.despawn(id), Err(Error::InvalidInput(_))),
+        "double despawn"
+    );
+    assert!(veg.patch_gpu(id).is_err(), "stale id");
+    let too_big = vec![0u8; 4096 * 4096 * 4];
+    let err = veg
+        .register_species(
+            &ctx,
+            &SpeciesDesc {
+                name: "huge",
+                width: 4096,
+                height: 4096,
+                rgba8: &too_big,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidInput(_)),
+        "region larger than a page: {err}"
+    );
+    assert!(matches!(
+        veg.unregister_species(gone),
+        Err(Error::InvalidInput(_))
+    ));
+    let id = veg
+        .spawn(&PatchDesc {
+            species: grass,
+            instances: &[ok],
+        })
+        .unwrap();
+    assert!(
+        matches!(veg.unregister_species(grass), Err(Error::InvalidInput(_))),
+        "in use"
+    );
+    veg.despawn(id).unwrap();
+    veg.unregister_species(grass).unwrap();
+    veg.release(&ctx).unwrap();
+    common::finish(ctx, "bad patches");
+}
+
+#[test]
+fn a_million_instances_fly_over_with_a_squeezed_budget() {
+    let test = "a_million_instances_fly_over";
+    let Some(ctx) = common::context(test) else {
+        return;
+    };
+    let heap_size = Arc::new(AtomicU64::new(100 * MIB));
+    ctx.memory()
+        .set_budget_source(HeapBudgets::new(Box::new(Scripted {
+            heaps: ctx.memory().heaps().to_vec(),
+            size: heap_size.clone(),
+        })))
+        .unwrap();
+    let mut config = VegetationConfig {
+        atlas_page_px: 512,
+        ..Default::default()
+    };
+    config.controller.cap_bytes = 64 * MIB;
+    config.residency.max_upload_bytes_per_frame = 8 * MIB;
+    let mut veg = Vegetation::new(&ctx, config).unwrap();
+    let kinds = [
+        species(&mut veg, &ctx, "grass", [60, 170, 60, 255]),
+        species(&mut veg, &ctx, "fern", [30, 120, 50, 255]),
+        species(&mut veg, &ctx, "birch", [200, 200, 180, 255]),
+    ];
+    let world = patches(&veg, 10_000, 100, 1024.0, &kinds, 42);
+    let mut ids = Vec::with_capacity(world.len());
+    for (sp, inst) in &world {
+        ids.push(
+            veg.spawn(&PatchDesc {
+                species: *sp,
+                instances: inst,
+            })
+            .unwrap(),
+        );
+    }
+    assert_eq!(veg.stats(&ctx).instances, 1_000_000);
+
+    let mut ring = FrameRing::new(&ctx).unwrap();
+    let settle = ctx.frames_in_flight() as usize + 2;
+    let (squeeze_at, recover_at, frames) = (60usize, 120usize, 200usize);
+    let mut peak_held = 0;
+    let mut refusals_seen = false;
+    for f in 0..frames {
+        if f == squeeze_at {
+            heap_size.store(25 * MIB, Ordering::Relaxed); // a quarter
+        }
+        if f == recover_at {
+            heap_size.store(100 * MIB, Ordering::Relaxed);
+        }
+        let start = ctx.begin_frame().expect("begin_frame");
+        let x = -700.0 + 1400.0 * f as f32 / frames as f32;
+        let camera = Vec3::new(x, 30.0, 80.0 * (f as f32 * 0.05).sin());
+        let report = veg
+            .update(&ctx, &start, camera)
+            .expect("update never fails");
+        let cmd = ring.begin(&ctx).unwrap();
+        // SAFETY: cmd is recording and is submitted right below with the value end_frame gets.
+        unsafe { veg.record(&ctx, cmd).unwrap() };
+        let value = ring.submit(&ctx, cmd).unwrap();
+        veg.end_frame(&ctx, value).unwrap();
+
+        let stats = veg.stats(&ctx);
+        let c = &stats.memory.categories;
+        let held = c[Category::Instances].live_bytes + c[Category::Atlas].live_bytes;
+        peak_held = peak_held.max(held);
+        refusals_seen |= stats.refused_uploads > 0;
+        let since_change = if f >= recover_at {
+            f - recover_at
+        } else if f >= squeeze_at {
+            f - squeeze_at
+        } else {
+            f
+        };
+        if since_change >= settle {
+            assert!(
+                held <= report.decision.budget,
+                "frame {f}: held {held} > budget {} ({} frames after the change)",
+                report.decision.budget,
+                since_change
+            );
+        }
+        if f == recover_at - 1 {
+            assert!(
+                report.decision.budget <= 10 * MIB,
+                "squeezed budget {}",
+                report.decision.budget
+            );
+            assert!(stats.quality < 1.0, "quality stepped down under pressure");
+            assert!(stats.evictions > 0, "far tiles were evicted");
+        }
+        if f == squeeze_at - 1 {
+            assert!(stats.resident_tiles > 100, "tiles streamed in: {stats:?}");
+            assert!(
+                stats.lod_instances.full
+                    + stats.lod_instances.medium
+                    + stats.lod_instances.billboard
+                    > 0
+            );
+        }
+    }
+    let stats = veg.stats(&ctx);
+    eprintln!(
+        "after {} frames: peak held {:.1} MiB, {} evictions, {} uploads, {} refused, {} deferred frees, quality {:.2}",
+        stats.frames,
+        peak_held as f64 / MIB as f64,
+        stats.evictions,
+        stats.uploads,
+        stats.refused_uploads,
+        stats.memory.frees_completed,
+        stats.quality
+    );
+    assert!(stats.memory.frees_completed > 0);
+    let _ = refusals_seen;
+    // Churn: despawn half, the rest stays; then release everything.
+    for id in ids.iter().step_by(2) {
+        veg.despawn(*id).unwrap();
+    }
+    assert_eq!(veg.stats(&ctx).instances, 500_000);
+    veg.release(&ctx).unwrap();
+    ring.destroy(&ctx).unwrap();
+    common::finish(ctx, test);
+}

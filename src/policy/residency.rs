@@ -57,8 +57,10 @@ pub struct ResidencyPlan {
     pub upload_bytes: u64,
     /// Bytes of `evict`.
     pub evict_bytes: u64,
-    /// Tiles that wanted to be resident but did not fit (uploads refused).
+    /// Tiles that wanted to be resident but did not fit the budget (uploads refused).
     pub refused: u32,
+    /// Tiles that fit the budget but not this frame's upload limit (they come next frames).
+    pub deferred: u32,
 }
 
 /// The tile's level at `quality` (tile distance = nearest point, so a tile is drawn if any part
@@ -107,11 +109,15 @@ pub fn plan(
         .filter(|t| !t.resident && tile_lod(bands, t.distance, quality) != Lod::Culled)
         .collect();
     wanted.sort_by(|a, b| a.distance.total_cmp(&b.distance));
-    let limit = decision.upload_bytes.min(config.max_upload_bytes_per_frame);
     for t in wanted {
-        // Never upload while evicting for pressure, and never past the limit.
-        if evicting_for_pressure || out.upload_bytes + t.bytes > limit {
+        // Never upload while evicting for pressure, never past the budget's room, and at most
+        // the per-frame limit (the rest waits for later frames).
+        if evicting_for_pressure || out.upload_bytes + t.bytes > decision.upload_bytes {
             out.refused += 1;
+            continue;
+        }
+        if out.upload_bytes + t.bytes > config.max_upload_bytes_per_frame {
+            out.deferred += 1;
             continue;
         }
         out.upload.push(t.id);
@@ -187,6 +193,13 @@ mod tests {
         assert_eq!(p.upload, vec![2, 4]);
         assert_eq!(p.upload_bytes, 120);
         assert_eq!(p.refused, 1);
+        let small_frames = ResidencyConfig {
+            max_upload_bytes_per_frame: 60,
+            ..Default::default()
+        };
+        let p = plan(&tiles, &LodBands::default(), &decision(0, 1000), &small_frames);
+        assert_eq!(p.upload, vec![2]);
+        assert_eq!((p.refused, p.deferred), (0, 2), "over the frame limit: deferred, not refused");
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct OptionalExtensions {
     pub memory_priority: bool,
     /// `VK_EXT_pageable_device_local_memory`: lets the driver page device-local memory out.
     pub pageable_device_local_memory: bool,
+    /// `VK_KHR_push_descriptor`: the cull pass binds each instance source without a pool.
+    pub push_descriptor: bool,
 }
 
 impl OptionalExtensions {
@@ -57,6 +59,9 @@ impl OptionalExtensions {
         }
         if self.pageable_device_local_memory {
             v.push(ash::ext::pageable_device_local_memory::NAME);
+        }
+        if self.push_descriptor {
+            v.push(ash::khr::push_descriptor::NAME);
         }
         v
     }
@@ -106,6 +111,10 @@ pub struct Adapter {
     pub timestamp_period_ns: f32,
     /// `maxComputeWorkGroupCount`.
     pub max_compute_work_group_count: [u32; 3],
+    /// Subgroup ballot is supported in compute shaders.
+    pub subgroup_ballot_in_compute: bool,
+    /// Subgroup size.
+    pub subgroup_size: u32,
 }
 
 impl Adapter {
@@ -147,12 +156,15 @@ impl Adapter {
             memory_priority: has(ash::ext::memory_priority::NAME),
             pageable_device_local_memory: has(ash::ext::pageable_device_local_memory::NAME)
                 && has(ash::ext::memory_priority::NAME),
+            push_descriptor: has(ash::khr::push_descriptor::NAME),
         };
 
         let mut timeline = false;
         let mut priority = false;
         let mut pageable = false;
         let mut driver = format!("driver {:#x}", props.driver_version);
+        let mut subgroup_size = 0;
+        let mut subgroup_ballot = false;
         if props.api_version >= vk::API_VERSION_1_2 {
             let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
             let mut prio = vk::PhysicalDeviceMemoryPriorityFeaturesEXT::default();
@@ -172,7 +184,10 @@ impl Adapter {
             pageable = page.pageable_device_local_memory == vk::TRUE;
 
             let mut drv = vk::PhysicalDeviceDriverProperties::default();
-            let mut p2 = vk::PhysicalDeviceProperties2::default().push_next(&mut drv);
+            let mut sg = vk::PhysicalDeviceSubgroupProperties::default();
+            let mut p2 = vk::PhysicalDeviceProperties2::default()
+                .push_next(&mut drv)
+                .push_next(&mut sg);
             // SAFETY: VkPhysicalDeviceDriverProperties is core in 1.2.
             unsafe { instance.get_physical_device_properties2(handle, &mut p2) };
             let dname = drv.driver_name_as_c_str().map(|s| s.to_string_lossy());
@@ -180,6 +195,12 @@ impl Adapter {
             if let (Ok(n), Ok(i)) = (dname, dinfo) {
                 driver = format!("{n} {i}").trim().to_string();
             }
+            subgroup_size = sg.subgroup_size;
+            subgroup_ballot = sg.supported_stages.contains(vk::ShaderStageFlags::COMPUTE)
+                && sg
+                    .supported_operations
+                    .contains(vk::SubgroupFeatureFlags::BALLOT)
+                && (1..=128).contains(&sg.subgroup_size);
         }
 
         // SAFETY: as above.
@@ -212,6 +233,8 @@ impl Adapter {
             heaps,
             timestamp_period_ns: props.limits.timestamp_period,
             max_compute_work_group_count: props.limits.max_compute_work_group_count,
+            subgroup_ballot_in_compute: subgroup_ballot,
+            subgroup_size,
         })
     }
 }
@@ -344,6 +367,8 @@ mod tests {
             heaps: vec![],
             timestamp_period_ns: 1.0,
             max_compute_work_group_count: [65535; 3],
+            subgroup_ballot_in_compute: false,
+            subgroup_size: 0,
         }
     }
 

@@ -38,6 +38,81 @@ pub struct ComputePipelineDesc<'a> {
     pub max_sets: u32,
 }
 
+/// A descriptor set layout for compute, binding `i` of type `types[i]`; with `push`, for
+/// `vkCmdPushDescriptorSetKHR`.
+pub(crate) fn set_layout(
+    ctx: &Context,
+    types: &[vk::DescriptorType],
+    push: bool,
+) -> Result<vk::DescriptorSetLayout> {
+    let bindings: Vec<_> = types
+        .iter()
+        .enumerate()
+        .map(|(b, t)| {
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(b as u32)
+                .descriptor_type(*t)
+                .descriptor_count(1)
+                .stage_flags(vk::ShaderStageFlags::COMPUTE)
+        })
+        .collect();
+    let mut info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
+    if push {
+        info = info.flags(vk::DescriptorSetLayoutCreateFlags::PUSH_DESCRIPTOR_KHR);
+    }
+    // SAFETY: valid info (push only when the caller checked VK_KHR_push_descriptor is enabled).
+    unsafe { ctx.device().create_descriptor_set_layout(&info, None) }
+        .map_err(vk_err("vkCreateDescriptorSetLayout"))
+}
+
+/// A pipeline layout of one set plus a compute push-constant range of `push_bytes`.
+pub(crate) fn pipeline_layout(
+    ctx: &Context,
+    set: vk::DescriptorSetLayout,
+    push_bytes: u32,
+) -> Result<vk::PipelineLayout> {
+    let ranges = [vk::PushConstantRange::default()
+        .stage_flags(vk::ShaderStageFlags::COMPUTE)
+        .size(push_bytes)];
+    let sets = [set];
+    let mut info = vk::PipelineLayoutCreateInfo::default().set_layouts(&sets);
+    if push_bytes > 0 {
+        info = info.push_constant_ranges(&ranges);
+    }
+    // SAFETY: valid info referencing a live set layout.
+    unsafe { ctx.device().create_pipeline_layout(&info, None) }
+        .map_err(vk_err("vkCreatePipelineLayout"))
+}
+
+/// A compute pipeline from embedded SPIR-V.
+pub(crate) fn compute_pipeline(
+    ctx: &Context,
+    spirv: &[u8],
+    entry: &CStr,
+    layout: vk::PipelineLayout,
+) -> Result<vk::Pipeline> {
+    let code = ash::util::read_spv(&mut std::io::Cursor::new(spirv))
+        .map_err(|e| Error::InvalidInput(format!("not SPIR-V: {e}")))?;
+    let device = ctx.device();
+    let info = vk::ShaderModuleCreateInfo::default().code(&code);
+    // SAFETY: code is SPIR-V validated by naga at build time.
+    let module = unsafe { device.create_shader_module(&info, None) }
+        .map_err(vk_err("vkCreateShaderModule"))?;
+    let stage = vk::PipelineShaderStageCreateInfo::default()
+        .stage(vk::ShaderStageFlags::COMPUTE)
+        .module(module)
+        .name(entry);
+    let info = [vk::ComputePipelineCreateInfo::default()
+        .stage(stage)
+        .layout(layout)];
+    // SAFETY: valid info; module and layout are live.
+    let pipelines =
+        unsafe { device.create_compute_pipelines(vk::PipelineCache::null(), &info, None) };
+    // SAFETY: the module is no longer needed once the pipeline exists (or failed).
+    unsafe { device.destroy_shader_module(module, None) };
+    Ok(pipelines.map_err(|(_, e)| Error::vk("vkCreateComputePipelines", e))?[0])
+}
+
 /// A descriptor set of a [`ComputePipeline`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BindingSet(vk::DescriptorSet);
@@ -57,8 +132,6 @@ impl ComputePipeline {
                 desc.name
             )));
         }
-        let code = ash::util::read_spv(&mut std::io::Cursor::new(desc.spirv))
-            .map_err(|e| Error::InvalidInput(format!("{}: not SPIR-V: {e}", desc.name)))?;
         let device = ctx.device();
         let mut this = Self {
             name: desc.name.to_owned(),
@@ -72,48 +145,10 @@ impl ComputePipeline {
         };
         // Build step by step; on error, destroy what exists (null handles are ignored).
         let built = (|| {
-            let bindings: Vec<_> = (0..desc.storage_buffers)
-                .map(|b| {
-                    vk::DescriptorSetLayoutBinding::default()
-                        .binding(b)
-                        .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
-                        .descriptor_count(1)
-                        .stage_flags(vk::ShaderStageFlags::COMPUTE)
-                })
-                .collect();
-            let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
-            // SAFETY: valid info.
-            this.set_layout = unsafe { device.create_descriptor_set_layout(&info, None) }
-                .map_err(vk_err("vkCreateDescriptorSetLayout"))?;
-            let ranges = [vk::PushConstantRange::default()
-                .stage_flags(vk::ShaderStageFlags::COMPUTE)
-                .size(desc.push_constant_bytes)];
-            let set_layouts = [this.set_layout];
-            let mut info = vk::PipelineLayoutCreateInfo::default().set_layouts(&set_layouts);
-            if desc.push_constant_bytes > 0 {
-                info = info.push_constant_ranges(&ranges);
-            }
-            // SAFETY: valid info referencing a live set layout.
-            this.layout = unsafe { device.create_pipeline_layout(&info, None) }
-                .map_err(vk_err("vkCreatePipelineLayout"))?;
-            let info = vk::ShaderModuleCreateInfo::default().code(&code);
-            // SAFETY: code is SPIR-V validated by naga at build time.
-            let module = unsafe { device.create_shader_module(&info, None) }
-                .map_err(vk_err("vkCreateShaderModule"))?;
-            let stage = vk::PipelineShaderStageCreateInfo::default()
-                .stage(vk::ShaderStageFlags::COMPUTE)
-                .module(module)
-                .name(desc.entry);
-            let info = [vk::ComputePipelineCreateInfo::default()
-                .stage(stage)
-                .layout(this.layout)];
-            // SAFETY: valid info; module and layout are live.
-            let pipelines =
-                unsafe { device.create_compute_pipelines(vk::PipelineCache::null(), &info, None) };
-            // SAFETY: the module is no longer needed once the pipeline exists (or failed).
-            unsafe { device.destroy_shader_module(module, None) };
-            this.pipeline =
-                pipelines.map_err(|(_, e)| Error::vk("vkCreateComputePipelines", e))?[0];
+            let types = vec![vk::DescriptorType::STORAGE_BUFFER; desc.storage_buffers as usize];
+            this.set_layout = set_layout(ctx, &types, false)?;
+            this.layout = pipeline_layout(ctx, this.set_layout, desc.push_constant_bytes)?;
+            this.pipeline = compute_pipeline(ctx, desc.spirv, desc.entry, this.layout)?;
             let sizes = [vk::DescriptorPoolSize::default()
                 .ty(vk::DescriptorType::STORAGE_BUFFER)
                 .descriptor_count(desc.storage_buffers * desc.max_sets)];

@@ -6,6 +6,7 @@ pub mod atlas;
 pub mod budget;
 pub mod compute;
 pub mod context;
+pub mod cull;
 pub mod debug;
 pub mod frame;
 pub mod instance;

@@ -197,9 +197,18 @@ mod tests {
             max_upload_bytes_per_frame: 60,
             ..Default::default()
         };
-        let p = plan(&tiles, &LodBands::default(), &decision(0, 1000), &small_frames);
+        let p = plan(
+            &tiles,
+            &LodBands::default(),
+            &decision(0, 1000),
+            &small_frames,
+        );
         assert_eq!(p.upload, vec![2]);
-        assert_eq!((p.refused, p.deferred), (0, 2), "over the frame limit: deferred, not refused");
+        assert_eq!(
+            (p.refused, p.deferred),
+            (0, 2),
+            "over the frame limit: deferred, not refused"
+        );
     }
 
     #[test]

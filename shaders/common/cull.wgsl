@@ -1,0 +1,66 @@
+// What the cull pass knows about the view, and the one classification rule it applies. The CPU
+// reference (src/gpu/cull.rs, classify_cpu) performs the same operations in the same order,
+// with the same fused multiply-adds, so the two agree bit for bit, on band edges and frustum
+// planes included.
+struct CullView {
+    // Frustum planes (xyz normal pointing inside, w distance): inside when dot(n, p) + w >= -r.
+    planes: array<vec4<f32>, 6>,
+    // Camera position (xyz) and the bounding radius of an instance of scale 1 (w).
+    camera: vec4<f32>,
+    // Squared band edges at the current quality: full, medium, billboard; w unused.
+    bands_sq: vec4<f32>,
+}
+
+// Levels: 0 full, 1 medium, 2 billboard, 3 culled, 4 invalid (non-finite position or scale).
+const LOD_CULLED: u32 = 3u;
+const LOD_INVALID: u32 = 4u;
+
+fn finite_bits(x: f32) -> bool {
+    // Bit test rather than x == x: WGSL lets compilers assume there are no NaNs.
+    return (bitcast<u32>(x) & 0x7fffffffu) < 0x7f800000u;
+}
+
+fn classify(inst: Instance, view: CullView) -> u32 {
+    let p = inst.position;
+    if !(finite_bits(p.x) && finite_bits(p.y) && finite_bits(p.z) && finite_bits(inst.scale)) {
+        return LOD_INVALID;
+    }
+    let r = view.camera.w * inst.scale;
+    for (var k = 0u; k < 6u; k = k + 1u) {
+        let pl = view.planes[k];
+        let d = fma(pl.x, p.x, fma(pl.y, p.y, fma(pl.z, p.z, pl.w)));
+        if d < -r {
+            return LOD_CULLED;
+        }
+    }
+    let dx = p.x - view.camera.x;
+    let dy = p.y - view.camera.y;
+    let dz = p.z - view.camera.z;
+    let d2 = fma(dx, dx, fma(dy, dy, dz * dz));
+    if d2 < view.bands_sq.x {
+        return 0u;
+    }
+    if d2 < view.bands_sq.y {
+        return 1u;
+    }
+    if d2 < view.bands_sq.z {
+        return 2u;
+    }
+    return LOD_CULLED;
+}
+
+// Counters: [0..3) appended per list, [3] invalid instances, [4..7) overflow per list.
+const COUNTER_INVALID: u32 = 3u;
+const COUNTER_OVERFLOW: u32 = 4u;
+
+// Push constants of the cull dispatches: one dispatch per instance source.
+struct CullPush {
+    // Instances in this source.
+    count: u32,
+    // Index the source's first instance has in the lists (lists hold base + local index).
+    base: u32,
+    // Capacity of each LOD list.
+    capacity: u32,
+    // Threads per row of the 2D dispatch (workgroups in x times the workgroup size).
+    row: u32,
+}

@@ -1,0 +1,29 @@
+// GPU cull, plain atomics: one thread per instance; frustum and distance test (classify), then
+// one atomic per visible instance to append it to its LOD's list.
+
+var<immediate> pc: CullPush;
+
+@group(0) @binding(0) var<storage, read> instances: array<Instance>;
+@group(0) @binding(1) var<storage, read_write> lists: array<u32>;
+@group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, 8>;
+@group(0) @binding(3) var<uniform> view: CullView;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * pc.row;
+    if i >= pc.count {
+        return;
+    }
+    let lod = classify(instances[i], view);
+    if lod == LOD_INVALID {
+        atomicAdd(&counters[COUNTER_INVALID], 1u);
+        return;
+    }
+    if lod == LOD_CULLED {
+        return;
+    }
+    let slot = atomicAdd(&counters[lod], 1u);
+    if slot < pc.capacity {
+        lists[lod * pc.capacity + slot] = pc.base + i;
+    }
+}

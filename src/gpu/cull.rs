@@ -1,0 +1,682 @@
+//! The GPU cull pass: one thread per instance tests the frustum and the distance bands, appends
+//! visible instances to per-LOD lists and produces `VkDrawIndexedIndirectCommand`s, all recorded
+//! into the caller's command buffer. [`classify_cpu`] is the CPU reference of the same rule.
+
+use ash::vk;
+use glam::{Mat4, Vec3, Vec4};
+
+use crate::error::{Error, Result};
+use crate::gpu::compute::{compute_pipeline, pipeline_layout, set_layout};
+use crate::gpu::context::Context;
+use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
+use crate::gpu::shaders;
+use crate::policy::category::Category;
+use crate::policy::lod::{Lod, LodBands};
+use crate::world::instance::Instance;
+
+/// Threads per cull workgroup.
+const GROUP: u32 = 64;
+/// Words after the lists that the pass never writes (tests check them).
+pub const LIST_GUARD_WORDS: u64 = 64;
+/// Level code for invalid (non-finite) instances.
+pub const LOD_INVALID: u32 = 4;
+
+/// How visible instances are appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compaction {
+    /// One atomic per visible instance.
+    Atomic,
+    /// One ballot and one atomic per subgroup and LOD.
+    Subgroup,
+}
+
+/// The view the pass culls against; the exact values both the GPU and [`classify_cpu`] use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CullView {
+    /// Frustum planes, normals pointing inside: inside when `dot(n, p) + w >= -radius`.
+    pub planes: [[f32; 4]; 6],
+    /// Camera position (xyz) and the bounding radius of an instance of scale 1 (w).
+    pub camera: [f32; 4],
+    /// Squared band edges at the current quality (full, medium, billboard, unused).
+    pub bands_sq: [f32; 4],
+}
+
+const _: () = assert!(size_of::<CullView>() == shaders::layout::CULLVIEW_SIZE);
+const _: () =
+    assert!(std::mem::offset_of!(CullView, camera) == shaders::layout::CULLVIEW_OFFSET_CAMERA);
+const _: () =
+    assert!(std::mem::offset_of!(CullView, bands_sq) == shaders::layout::CULLVIEW_OFFSET_BANDS_SQ);
+
+impl CullView {
+    /// From a view-projection matrix (Vulkan clip space, depth 0..1), the camera, the
+    /// instance radius at scale 1, and the LOD bands at `quality`.
+    pub fn new(
+        view_proj: Mat4,
+        camera: Vec3,
+        radius_m: f32,
+        bands: &LodBands,
+        quality: f32,
+    ) -> Result<Self> {
+        let planes = [
+            view_proj.row(3) + view_proj.row(0),
+            view_proj.row(3) - view_proj.row(0),
+            view_proj.row(3) + view_proj.row(1),
+            view_proj.row(3) - view_proj.row(1),
+            view_proj.row(2),
+            view_proj.row(3) - view_proj.row(2),
+        ]
+        .map(|p: Vec4| {
+            let len = p.truncate().length();
+            (p / len).to_array()
+        });
+        Self::from_planes(planes, camera, radius_m, bands, quality)
+    }
+
+    /// From explicit planes (normals pointing inside, need not be unit length).
+    pub fn from_planes(
+        planes: [[f32; 4]; 6],
+        camera: Vec3,
+        radius_m: f32,
+        bands: &LodBands,
+        quality: f32,
+    ) -> Result<Self> {
+        let finite = planes.iter().flatten().all(|v| v.is_finite());
+        if !finite || !camera.is_finite() || !(radius_m >= 0.0 && radius_m.is_finite()) {
+            return Err(Error::InvalidInput(format!(
+                "cull view: planes {planes:?}, camera {camera}, radius {radius_m}"
+            )));
+        }
+        if !bands.is_valid() || !(quality > 0.0 && quality.is_finite()) {
+            return Err(Error::InvalidInput(format!(
+                "bands {bands:?} at quality {quality}"
+            )));
+        }
+        let [f, m, b] = bands.scaled(quality);
+        Ok(Self {
+            planes,
+            camera: [camera.x, camera.y, camera.z, radius_m],
+            bands_sq: [f * f, m * m, b * b, 0.0],
+        })
+    }
+}
+
+/// The CPU reference of `classify` in `shaders/common/cull.wgsl`: the same operations in the
+/// same order, with the same fused multiply-adds. 0 full, 1 medium, 2 billboard, 3 culled,
+/// 4 invalid.
+pub fn classify_cpu(inst: &Instance, view: &CullView) -> u32 {
+    let p = inst.position;
+    let finite = |x: f32| (x.to_bits() & 0x7fff_ffff) < 0x7f80_0000;
+    if !(finite(p[0]) && finite(p[1]) && finite(p[2]) && finite(inst.scale)) {
+        return LOD_INVALID;
+    }
+    let r = view.camera[3] * inst.scale;
+    for pl in &view.planes {
+        let d = pl[0].mul_add(p[0], pl[1].mul_add(p[1], pl[2].mul_add(p[2], pl[3])));
+        if d < -r {
+            return Lod::Culled as u32;
+        }
+    }
+    let dx = p[0] - view.camera[0];
+    let dy = p[1] - view.camera[1];
+    let dz = p[2] - view.camera[2];
+    let d2 = dx.mul_add(dx, dy.mul_add(dy, dz * dz));
+    if d2 < view.bands_sq[0] {
+        0
+    } else if d2 < view.bands_sq[1] {
+        1
+    } else if d2 < view.bands_sq[2] {
+        2
+    } else {
+        Lod::Culled as u32
+    }
+}
+
+/// What the CPU reference expects of one pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CullExpectation {
+    /// Indices (base + local) per drawn LOD, sorted.
+    pub lists: [Vec<u32>; 3],
+    /// Invalid instances.
+    pub invalid: u32,
+}
+
+/// Runs the reference over sources given as (instances, base).
+pub fn cull_cpu(sources: &[(&[Instance], u32)], view: &CullView) -> CullExpectation {
+    let mut e = CullExpectation::default();
+    for (instances, base) in sources {
+        for (i, inst) in instances.iter().enumerate() {
+            match classify_cpu(inst, view) {
+                l @ 0..=2 => e.lists[l as usize].push(base + i as u32),
+                LOD_INVALID => e.invalid += 1,
+                _ => {}
+            }
+        }
+    }
+    for l in &mut e.lists {
+        l.sort_unstable();
+    }
+    e
+}
+
+/// One buffer of instances to cull.
+#[derive(Clone, Copy, Debug)]
+pub struct CullSource<'a> {
+    /// Instances, tightly packed from offset 0.
+    pub buffer: &'a Buffer,
+    /// How many.
+    pub count: u32,
+    /// Index of its first instance in the lists.
+    pub base: u32,
+}
+
+/// `VkDrawIndexedIndirectCommand`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DrawIndexedIndirect {
+    /// Indices per instance (the LOD's mesh).
+    pub index_count: u32,
+    /// Visible instances (clamped to the list capacity).
+    pub instance_count: u32,
+    /// First index of the LOD's mesh.
+    pub first_index: u32,
+    /// Vertex offset of the LOD's mesh.
+    pub vertex_offset: i32,
+    /// Start of the LOD's list (`lod * capacity`): the vertex stage reads `lists[instance_index]`.
+    pub first_instance: u32,
+}
+
+/// Counter words: appended per list (0..3), invalid (3), overflow per list (4..7).
+pub const COUNTERS: usize = 8;
+
+/// The pass and its output buffers.
+pub struct CullPass {
+    compaction: Compaction,
+    capacity: u32,
+    meshes: [DrawIndexedIndirect; 3],
+    set_layout: vk::DescriptorSetLayout,
+    layout: vk::PipelineLayout,
+    pipeline: vk::Pipeline,
+    fin_set_layout: vk::DescriptorSetLayout,
+    fin_layout: vk::PipelineLayout,
+    fin_pipeline: vk::Pipeline,
+    push: ash::khr::push_descriptor::Device,
+    lists: Option<Buffer>,
+    counters: Option<Buffer>,
+    args: Option<Buffer>,
+    view: Option<Buffer>,
+}
+
+impl CullPass {
+    /// Builds the pass with lists of `capacity` entries per LOD. `meshes` gives each LOD's
+    /// index count, first index and vertex offset (instance fields are filled by the pass).
+    /// Needs `VK_KHR_push_descriptor`; the subgroup variant needs ballot in compute shaders.
+    pub fn new(
+        ctx: &Context,
+        compaction: Compaction,
+        capacity: u32,
+        meshes: [DrawIndexedIndirect; 3],
+    ) -> Result<Self> {
+        if !ctx.extensions().push_descriptor {
+            return Err(Error::Unsupported(
+                "the cull pass needs VK_KHR_push_descriptor".into(),
+            ));
+        }
+        if capacity == 0 || u64::from(capacity) * 3 > u64::from(u32::MAX) {
+            return Err(Error::InvalidInput(format!(
+                "cull list capacity {capacity}"
+            )));
+        }
+        if compaction == Compaction::Subgroup && !ctx.adapter().subgroup_ballot_in_compute {
+            return Err(Error::Unsupported(
+                "subgroup compaction needs subgroup ballot in compute shaders".into(),
+            ));
+        }
+        let mut this = Self {
+            compaction,
+            capacity,
+            meshes,
+            set_layout: vk::DescriptorSetLayout::null(),
+            layout: vk::PipelineLayout::null(),
+            pipeline: vk::Pipeline::null(),
+            fin_set_layout: vk::DescriptorSetLayout::null(),
+            fin_layout: vk::PipelineLayout::null(),
+            fin_pipeline: vk::Pipeline::null(),
+            push: ash::khr::push_descriptor::Device::new(ctx.instance(), ctx.device()),
+            lists: None,
+            counters: None,
+            args: None,
+            view: None,
+        };
+        match this.build(ctx) {
+            Ok(()) => Ok(this),
+            Err(e) => {
+                // SAFETY: nothing was recorded with the pass yet.
+                unsafe { this.destroy_objects(ctx) };
+                this.retire_buffers(ctx, 0);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&mut self, ctx: &Context) -> Result<()> {
+        use vk::DescriptorType as T;
+        self.set_layout = set_layout(
+            ctx,
+            &[
+                T::STORAGE_BUFFER,
+                T::STORAGE_BUFFER,
+                T::STORAGE_BUFFER,
+                T::UNIFORM_BUFFER,
+            ],
+            true,
+        )?;
+        self.layout = pipeline_layout(ctx, self.set_layout, 16)?;
+        let spirv = match self.compaction {
+            Compaction::Atomic => shaders::CULL_ATOMIC,
+            Compaction::Subgroup => shaders::CULL_SUBGROUP,
+        };
+        self.pipeline = compute_pipeline(ctx, spirv, c"main", self.layout)?;
+        self.fin_set_layout = set_layout(ctx, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER], true)?;
+        self.fin_layout = pipeline_layout(ctx, self.fin_set_layout, 4)?;
+        self.fin_pipeline =
+            compute_pipeline(ctx, shaders::CULL_FINALIZE, c"main", self.fin_layout)?;
+        let buffer = |name, size, usage| {
+            ctx.memory().create_buffer(&BufferDesc {
+                name,
+                size,
+                usage: usage
+                    | vk::BufferUsageFlags::TRANSFER_DST
+                    | vk::BufferUsageFlags::TRANSFER_SRC,
+                location: MemoryLocation::GpuOnly,
+                category: Category::Other,
+            })
+        };
+        let list_words = u64::from(self.capacity) * 3 + LIST_GUARD_WORDS;
+        self.lists = Some(buffer(
+            "cull lists",
+            list_words * 4,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+        )?);
+        self.counters = Some(buffer(
+            "cull counters",
+            COUNTERS as u64 * 4,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+        )?);
+        self.args = Some(buffer(
+            "cull indirect args",
+            size_of::<[DrawIndexedIndirect; 3]>() as u64,
+            vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::INDIRECT_BUFFER,
+        )?);
+        self.view = Some(buffer(
+            "cull view",
+            size_of::<CullView>() as u64,
+            vk::BufferUsageFlags::UNIFORM_BUFFER,
+        )?);
+        Ok(())
+    }
+
+    /// Entries per LOD list.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// The compaction variant.
+    pub fn compaction(&self) -> Compaction {
+        self.compaction
+    }
+
+    fn get(b: &Option<Buffer>) -> Result<&Buffer> {
+        b.as_ref()
+            .ok_or_else(|| Error::InvalidInput("cull pass was destroyed".into()))
+    }
+
+    /// The lists: `3 * capacity` u32 (LOD `l` at `l * capacity`), then [`LIST_GUARD_WORDS`].
+    pub fn lists(&self) -> Result<&Buffer> {
+        Self::get(&self.lists)
+    }
+
+    /// The counters ([`COUNTERS`] u32).
+    pub fn counters(&self) -> Result<&Buffer> {
+        Self::get(&self.counters)
+    }
+
+    /// Three `VkDrawIndexedIndirectCommand`s, one per drawn LOD.
+    pub fn args(&self) -> Result<&Buffer> {
+        Self::get(&self.args)
+    }
+
+    /// Records the whole pass: reset (fill + update), one dispatch per source, finalize, and the
+    /// barrier that makes lists and arguments visible to indirect draws, vertex, fragment and
+    /// compute shaders and transfers. Zero sources or zero instances record a valid, empty pass.
+    ///
+    /// # Safety
+    /// `cmd` must be a command buffer of `ctx`'s device, recording, outside a render pass; the
+    /// source buffers must hold `count` instances and stay alive until the submission completes.
+    pub unsafe fn record(
+        &self,
+        ctx: &Context,
+        cmd: vk::CommandBuffer,
+        sources: &[CullSource<'_>],
+        view: &CullView,
+    ) -> Result<()> {
+        let (lists, counters, args, view_buf) = (
+            self.lists()?,
+            self.counters()?,
+            self.args()?,
+            Self::get(&self.view)?,
+        );
+        for s in sources {
+            if s.buffer.size() < u64::from(s.count) * size_of::<Instance>() as u64 {
+                return Err(Error::InvalidInput(format!(
+                    "cull source {:?} of {} bytes holds fewer than {} instances",
+                    s.buffer.name(),
+                    s.buffer.size(),
+                    s.count
+                )));
+            }
+        }
+        let d = ctx.device();
+        let all_reads = vk::AccessFlags::SHADER_READ
+            | vk::AccessFlags::SHADER_WRITE
+            | vk::AccessFlags::INDIRECT_COMMAND_READ
+            | vk::AccessFlags::UNIFORM_READ
+            | vk::AccessFlags::TRANSFER_READ;
+        let users = vk::PipelineStageFlags::COMPUTE_SHADER
+            | vk::PipelineStageFlags::DRAW_INDIRECT
+            | vk::PipelineStageFlags::VERTEX_SHADER
+            | vk::PipelineStageFlags::FRAGMENT_SHADER
+            | vk::PipelineStageFlags::TRANSFER;
+        let mut meshes = self.meshes;
+        for (l, m) in meshes.iter_mut().enumerate() {
+            m.instance_count = 0;
+            m.first_instance = l as u32 * self.capacity;
+        }
+        let barrier = |src_access, dst_access| {
+            [vk::MemoryBarrier::default()
+                .src_access_mask(src_access)
+                .dst_access_mask(dst_access)]
+        };
+        let storage = |b: &Buffer| {
+            [vk::DescriptorBufferInfo::default()
+                .buffer(b.raw())
+                .range(vk::WHOLE_SIZE)]
+        };
+        let (lists_i, counters_i, args_i, view_i) = (
+            storage(lists),
+            storage(counters),
+            storage(args),
+            storage(view_buf),
+        );
+        // SAFETY (whole body): cmd is recording outside a render pass (caller); every buffer is
+        // live and large enough (created here, or checked above); push descriptors are enabled
+        // (checked in new); the barriers order the reset before the dispatches, the dispatches
+        // before finalize, and finalize before every consumer, including the previous frame's
+        // readers before this frame's reset (write-after-read).
+        unsafe {
+            d.cmd_pipeline_barrier(
+                cmd,
+                users,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &barrier(all_reads, vk::AccessFlags::TRANSFER_WRITE),
+                &[],
+                &[],
+            );
+            d.cmd_fill_buffer(cmd, counters.raw(), 0, vk::WHOLE_SIZE, 0);
+            d.cmd_update_buffer(cmd, view_buf.raw(), 0, bytemuck::bytes_of(view));
+            d.cmd_update_buffer(cmd, args.raw(), 0, bytemuck::cast_slice(&meshes));
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::DependencyFlags::empty(),
+                &barrier(
+                    vk::AccessFlags::TRANSFER_WRITE,
+                    vk::AccessFlags::SHADER_READ
+                        | vk::AccessFlags::SHADER_WRITE
+                        | vk::AccessFlags::UNIFORM_READ,
+                ),
+                &[],
+                &[],
+            );
+            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.pipeline);
+            let max_x = ctx.adapter().max_compute_work_group_count[0].min(65_535);
+            let mut first = true;
+            for s in sources.iter().filter(|s| s.count > 0) {
+                if !first {
+                    // Dispatches append to the same lists and counters.
+                    d.cmd_pipeline_barrier(
+                        cmd,
+                        vk::PipelineStageFlags::COMPUTE_SHADER,
+                        vk::PipelineStageFlags::COMPUTE_SHADER,
+                        vk::DependencyFlags::empty(),
+                        &barrier(
+                            vk::AccessFlags::SHADER_WRITE,
+                            vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
+                        ),
+                        &[],
+                        &[],
+                    );
+                }
+                first = false;
+                let inst_i = storage(s.buffer);
+                let writes = [
+                    write(0, vk::DescriptorType::STORAGE_BUFFER, &inst_i),
+                    write(1, vk::DescriptorType::STORAGE_BUFFER, &lists_i),
+                    write(2, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
+                    write(3, vk::DescriptorType::UNIFORM_BUFFER, &view_i),
+                ];
+                self.push.cmd_push_descriptor_set(
+                    cmd,
+                    vk::PipelineBindPoint::COMPUTE,
+                    self.layout,
+                    0,
+                    &writes,
+                );
+                let groups = s.count.div_ceil(GROUP);
+                let gx = groups.min(max_x);
+                let gy = groups.div_ceil(gx);
+                let pc = [s.count, s.base, self.capacity, gx * GROUP];
+                d.cmd_push_constants(
+                    cmd,
+                    self.layout,
+                    vk::ShaderStageFlags::COMPUTE,
+                    0,
+                    bytemuck::cast_slice(&pc),
+                );
+                d.cmd_dispatch(cmd, gx, gy, 1);
+            }
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::DependencyFlags::empty(),
+                &barrier(
+                    vk::AccessFlags::SHADER_WRITE,
+                    vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
+                ),
+                &[],
+                &[],
+            );
+            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.fin_pipeline);
+            let writes = [
+                write(0, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
+                write(1, vk::DescriptorType::STORAGE_BUFFER, &args_i),
+            ];
+            self.push.cmd_push_descriptor_set(
+                cmd,
+                vk::PipelineBindPoint::COMPUTE,
+                self.fin_layout,
+                0,
+                &writes,
+            );
+            d.cmd_push_constants(
+                cmd,
+                self.fin_layout,
+                vk::ShaderStageFlags::COMPUTE,
+                0,
+                &self.capacity.to_le_bytes(),
+            );
+            d.cmd_dispatch(cmd, 1, 1, 1);
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                users,
+                vk::DependencyFlags::empty(),
+                &barrier(vk::AccessFlags::SHADER_WRITE, all_reads),
+                &[],
+                &[],
+            );
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// The GPU must have finished every submission that used the pass.
+    unsafe fn destroy_objects(&mut self, ctx: &Context) {
+        let d = ctx.device();
+        // SAFETY: idle (caller); null handles are ignored.
+        unsafe {
+            d.destroy_pipeline(self.pipeline, None);
+            d.destroy_pipeline_layout(self.layout, None);
+            d.destroy_descriptor_set_layout(self.set_layout, None);
+            d.destroy_pipeline(self.fin_pipeline, None);
+            d.destroy_pipeline_layout(self.fin_layout, None);
+            d.destroy_descriptor_set_layout(self.fin_set_layout, None);
+        }
+        self.pipeline = vk::Pipeline::null();
+        self.fin_pipeline = vk::Pipeline::null();
+        self.layout = vk::PipelineLayout::null();
+        self.fin_layout = vk::PipelineLayout::null();
+        self.set_layout = vk::DescriptorSetLayout::null();
+        self.fin_set_layout = vk::DescriptorSetLayout::null();
+    }
+
+    fn retire_buffers(&mut self, ctx: &Context, value: u64) {
+        for b in [
+            self.lists.take(),
+            self.counters.take(),
+            self.args.take(),
+            self.view.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Err(e) = ctx.retire(b, value) {
+                log::error!("cull pass: {e}");
+            }
+        }
+    }
+
+    /// Waits for the context's last submission, destroys the pipelines and retires the buffers.
+    pub fn destroy(mut self, ctx: &Context) -> Result<()> {
+        let last = ctx.timeline().last_submitted();
+        ctx.timeline()
+            .wait(last, std::time::Duration::from_secs(30))?;
+        // SAFETY: every submission so far has completed.
+        unsafe { self.destroy_objects(ctx) };
+        self.retire_buffers(ctx, last);
+        Ok(())
+    }
+}
+
+fn write<'a>(
+    binding: u32,
+    ty: vk::DescriptorType,
+    info: &'a [vk::DescriptorBufferInfo; 1],
+) -> vk::WriteDescriptorSet<'a> {
+    vk::WriteDescriptorSet::default()
+        .dst_binding(binding)
+        .descriptor_type(ty)
+        .buffer_info(info)
+}
+
+impl Drop for CullPass {
+    fn drop(&mut self) {
+        if self.pipeline != vk::Pipeline::null() && !std::thread::panicking() {
+            log::error!("leak: CullPass dropped without destroy()");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(x: f32, y: f32, z: f32) -> Instance {
+        Instance::at(Vec3::new(x, y, z))
+    }
+
+    fn box_view() -> CullView {
+        // x, y, z in [-100, 100]; exact small integers so every test value is exact.
+        let planes = [
+            [1.0, 0.0, 0.0, 100.0],
+            [-1.0, 0.0, 0.0, 100.0],
+            [0.0, 1.0, 0.0, 100.0],
+            [0.0, -1.0, 0.0, 100.0],
+            [0.0, 0.0, 1.0, 100.0],
+            [0.0, 0.0, -1.0, 100.0],
+        ];
+        CullView::from_planes(planes, Vec3::ZERO, 1.0, &LodBands::default(), 1.0).unwrap()
+    }
+
+    #[test]
+    fn band_edges_and_planes_follow_the_half_open_rule() {
+        let v = box_view();
+        assert_eq!(classify_cpu(&inst(0.0, 0.0, 49.0), &v), 0);
+        assert_eq!(
+            classify_cpu(&inst(0.0, 0.0, 50.0), &v),
+            1,
+            "on the full edge: medium"
+        );
+        assert_eq!(classify_cpu(&inst(0.0, 0.0, -99.0), &v), 2);
+        assert_eq!(
+            classify_cpu(&inst(-101.0, 0.0, 0.0), &v),
+            2,
+            "d == -r: inside"
+        );
+        assert_eq!(
+            classify_cpu(&inst(-101.5, 0.0, 0.0), &v),
+            3,
+            "beyond the radius: culled"
+        );
+        assert_eq!(classify_cpu(&inst(f32::NAN, 0.0, 0.0), &v), LOD_INVALID);
+        assert_eq!(
+            classify_cpu(
+                &Instance {
+                    scale: f32::INFINITY,
+                    ..inst(0.0, 0.0, 0.0)
+                },
+                &v
+            ),
+            LOD_INVALID
+        );
+    }
+
+    #[test]
+    fn perspective_planes_contain_what_the_camera_sees() {
+        let eye = Vec3::new(0.0, 10.0, 0.0);
+        let view = Mat4::look_at_rh(eye, Vec3::new(0.0, 10.0, -1.0), Vec3::Y);
+        let proj = Mat4::perspective_rh(60f32.to_radians(), 16.0 / 9.0, 0.5, 1000.0);
+        let v = CullView::new(proj * view, eye, 1.0, &LodBands::default(), 1.0).unwrap();
+        assert_eq!(
+            classify_cpu(&inst(0.0, 10.0, -20.0), &v),
+            0,
+            "in front, near"
+        );
+        assert_eq!(
+            classify_cpu(&inst(0.0, 10.0, -300.0), &v),
+            2,
+            "in front, far"
+        );
+        assert_eq!(classify_cpu(&inst(0.0, 10.0, 20.0), &v), 3, "behind");
+        assert_eq!(
+            classify_cpu(&inst(500.0, 10.0, -20.0), &v),
+            3,
+            "far to the side"
+        );
+        assert!(CullView::new(proj * view, Vec3::NAN, 1.0, &LodBands::default(), 1.0).is_err());
+    }
+}

@@ -1,0 +1,447 @@
+//! The GPU cull pass against its CPU reference, on the real driver under (synchronization)
+//! validation: random scenes, instances exactly on band edges and frustum planes, NaNs, empty
+//! input, overflow, many sources, both compaction variants.
+
+mod common;
+
+use ash::vk;
+use glam::{Mat4, Vec3};
+use understory::gpu::context::Context;
+use understory::gpu::cull::{
+    COUNTERS, Compaction, CullPass, CullSource, CullView, DrawIndexedIndirect, LIST_GUARD_WORDS,
+    cull_cpu,
+};
+use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
+use understory::policy::category::Category;
+use understory::policy::lod::LodBands;
+use understory::world::instance::Instance;
+
+const MESHES: [DrawIndexedIndirect; 3] = [
+    DrawIndexedIndirect {
+        index_count: 900,
+        instance_count: 0,
+        first_index: 0,
+        vertex_offset: 0,
+        first_instance: 0,
+    },
+    DrawIndexedIndirect {
+        index_count: 240,
+        instance_count: 0,
+        first_index: 900,
+        vertex_offset: 400,
+        first_instance: 0,
+    },
+    DrawIndexedIndirect {
+        index_count: 6,
+        instance_count: 0,
+        first_index: 1140,
+        vertex_offset: 520,
+        first_instance: 0,
+    },
+];
+
+fn upload(ctx: &Context, instances: &[Instance]) -> Buffer {
+    let bytes: &[u8] = bytemuck::cast_slice(instances);
+    let mut b = ctx
+        .memory()
+        .create_buffer(&BufferDesc {
+            name: "cull test instances",
+            size: bytes.len().max(32) as u64,
+            usage: vk::BufferUsageFlags::STORAGE_BUFFER,
+            location: MemoryLocation::CpuToGpu,
+            category: Category::Instances,
+        })
+        .unwrap();
+    b.mapped_mut().unwrap()[..bytes.len()].copy_from_slice(bytes);
+    b
+}
+
+struct Readback {
+    lists: [Vec<u32>; 3],
+    counters: [u32; COUNTERS],
+    args: [DrawIndexedIndirect; 3],
+    guard_intact: bool,
+}
+
+/// Runs the pass over `sources` and reads everything back.
+fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullView) -> Readback {
+    let cap = pass.capacity() as u64;
+    let list_bytes = (cap * 3 + LIST_GUARD_WORDS) * 4;
+    let counter_bytes = COUNTERS as u64 * 4;
+    let args_bytes = size_of::<[DrawIndexedIndirect; 3]>() as u64;
+    let read = ctx
+        .memory()
+        .create_buffer(&BufferDesc {
+            name: "cull readback",
+            size: list_bytes + counter_bytes + args_bytes,
+            usage: vk::BufferUsageFlags::TRANSFER_DST,
+            location: MemoryLocation::GpuToCpu,
+            category: Category::Other,
+        })
+        .unwrap();
+    let lists = pass.lists().unwrap();
+    let value = ctx
+        .submit_and_wait(|cmd| {
+            let d = ctx.device();
+            // SAFETY: cmd is recording; the guard words are set before the pass runs.
+            unsafe {
+                d.cmd_fill_buffer(cmd, lists.raw(), 0, vk::WHOLE_SIZE, 0xDEAD_BEEF);
+                let b = [vk::MemoryBarrier::default()
+                    .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+                    .dst_access_mask(
+                        vk::AccessFlags::TRANSFER_WRITE | vk::AccessFlags::SHADER_WRITE,
+                    )];
+                d.cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::PipelineStageFlags::TRANSFER | vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::DependencyFlags::empty(),
+                    &b,
+                    &[],
+                    &[],
+                );
+                pass.record(ctx, cmd, sources, view)?;
+                let copy = |src: &Buffer, at: u64, size: u64| {
+                    d.cmd_copy_buffer(
+                        cmd,
+                        src.raw(),
+                        read.raw(),
+                        &[vk::BufferCopy {
+                            src_offset: 0,
+                            dst_offset: at,
+                            size,
+                        }],
+                    );
+                };
+                copy(lists, 0, list_bytes);
+                copy(pass.counters()?, list_bytes, counter_bytes);
+                copy(pass.args()?, list_bytes + counter_bytes, args_bytes);
+                let b = [vk::MemoryBarrier::default()
+                    .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+                    .dst_access_mask(vk::AccessFlags::HOST_READ)];
+                d.cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::PipelineStageFlags::HOST,
+                    vk::DependencyFlags::empty(),
+                    &b,
+                    &[],
+                    &[],
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+    let bytes = read.mapped().unwrap();
+    let words: &[u32] = bytemuck::cast_slice(&bytes[..list_bytes as usize]);
+    let counters: [u32; COUNTERS] = bytemuck::pod_read_unaligned(
+        &bytes[list_bytes as usize..(list_bytes + counter_bytes) as usize],
+    );
+    let args: [DrawIndexedIndirect; 3] =
+        bytemuck::pod_read_unaligned(&bytes[(list_bytes + counter_bytes) as usize..]);
+    let mut out: [Vec<u32>; 3] = Default::default();
+    for (l, list) in out.iter_mut().enumerate() {
+        let n = args[l].instance_count as usize;
+        let start = l * cap as usize;
+        *list = words[start..start + n].to_vec();
+        list.sort_unstable();
+    }
+    let guard_intact = words[(cap * 3) as usize..]
+        .iter()
+        .all(|w| *w == 0xDEAD_BEEF);
+    ctx.retire(read, value).unwrap();
+    Readback {
+        lists: out,
+        counters,
+        args,
+        guard_intact,
+    }
+}
+
+fn xorshift(s: &mut u64) -> f32 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    (*s >> 40) as f32 / (1u64 << 24) as f32
+}
+
+fn random_scene(n: usize, seed: u64) -> Vec<Instance> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| Instance {
+            scale: 0.2 + 2.0 * xorshift(&mut s),
+            ..Instance::at(Vec3::new(
+                (xorshift(&mut s) - 0.5) * 1000.0,
+                (xorshift(&mut s) - 0.5) * 60.0,
+                (xorshift(&mut s) - 0.5) * 1000.0,
+            ))
+        })
+        .collect()
+}
+
+fn perspective(eye: Vec3, yaw: f32, quality: f32) -> CullView {
+    let dir = Vec3::new(yaw.sin(), -0.1, -yaw.cos());
+    let view = Mat4::look_at_rh(eye, eye + dir, Vec3::Y);
+    let proj = Mat4::perspective_rh(70f32.to_radians(), 16.0 / 9.0, 0.5, 2000.0);
+    CullView::new(proj * view, eye, 1.5, &LodBands::default(), quality).unwrap()
+}
+
+fn variants(ctx: &Context) -> Vec<Compaction> {
+    let mut v = vec![Compaction::Atomic];
+    if ctx.adapter().subgroup_ballot_in_compute {
+        v.push(Compaction::Subgroup);
+    } else {
+        common::skip(
+            "subgroup variant",
+            "no subgroup ballot in compute on this device",
+        );
+    }
+    v
+}
+
+fn check(rb: &Readback, want: &understory::gpu::cull::CullExpectation, cap: u32, what: &str) {
+    assert!(rb.guard_intact, "{what}: wrote past the lists");
+    for l in 0..3 {
+        let total = want.lists[l].len() as u32;
+        assert_eq!(rb.counters[l], total, "{what}: LOD {l} appended");
+        assert_eq!(
+            rb.args[l].instance_count,
+            total.min(cap),
+            "{what}: LOD {l} indirect count"
+        );
+        assert_eq!(
+            rb.counters[4 + l],
+            total.saturating_sub(cap),
+            "{what}: LOD {l} overflow"
+        );
+        assert_eq!(rb.args[l].first_instance, l as u32 * cap);
+        assert_eq!(rb.args[l].index_count, MESHES[l].index_count);
+        assert_eq!(rb.args[l].first_index, MESHES[l].first_index);
+        assert_eq!(rb.args[l].vertex_offset, MESHES[l].vertex_offset);
+        if total <= cap {
+            assert_eq!(rb.lists[l], want.lists[l], "{what}: LOD {l} set");
+        } else {
+            let mut dedup = rb.lists[l].clone();
+            dedup.dedup();
+            assert_eq!(dedup.len(), rb.lists[l].len(), "{what}: no duplicates");
+            assert!(
+                rb.lists[l]
+                    .iter()
+                    .all(|i| want.lists[l].binary_search(i).is_ok()),
+                "{what}: subset"
+            );
+        }
+    }
+    assert_eq!(rb.counters[3], want.invalid, "{what}: invalid count");
+}
+
+#[test]
+fn random_scenes_match_the_cpu_reference() {
+    let Some(ctx) = common::context("random_scenes_match") else {
+        return;
+    };
+    let scene = random_scene(100_000, 7);
+    let buf = upload(&ctx, &scene);
+    for compaction in variants(&ctx) {
+        let pass = CullPass::new(&ctx, compaction, 200_000, MESHES).unwrap();
+        for (k, (eye, yaw, quality)) in [
+            (Vec3::new(0.0, 20.0, 0.0), 0.0, 1.0),
+            (Vec3::new(100.0, 5.0, -50.0), 2.0, 0.6),
+            (Vec3::new(-300.0, 40.0, 200.0), -1.0, 1.3),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let view = perspective(eye, yaw, quality);
+            let rb = run(
+                &ctx,
+                &pass,
+                &[CullSource {
+                    buffer: &buf,
+                    count: scene.len() as u32,
+                    base: 0,
+                }],
+                &view,
+            );
+            let want = cull_cpu(&[(&scene, 0)], &view);
+            assert!(
+                want.lists.iter().all(|l| !l.is_empty()),
+                "scene {k} exercises every LOD"
+            );
+            check(
+                &rb,
+                &want,
+                pass.capacity(),
+                &format!("{compaction:?} scene {k}"),
+            );
+        }
+        pass.destroy(&ctx).unwrap();
+    }
+    ctx.retire(buf, ctx.timeline().last_submitted()).unwrap();
+    common::finish(ctx, "random scenes");
+}
+
+#[test]
+fn band_edges_planes_nans_and_many_sources() {
+    let Some(ctx) = common::context("band_edges_planes_nans") else {
+        return;
+    };
+    // Box frustum x in [-200, 500], y and z in [-500, 500], exact planes; instances exactly on
+    // band edges and planes.
+    let planes = [
+        [1.0, 0.0, 0.0, 200.0],
+        [-1.0, 0.0, 0.0, 500.0],
+        [0.0, 1.0, 0.0, 500.0],
+        [0.0, -1.0, 0.0, 500.0],
+        [0.0, 0.0, 1.0, 500.0],
+        [0.0, 0.0, -1.0, 500.0],
+    ];
+    let view = CullView::from_planes(planes, Vec3::ZERO, 2.0, &LodBands::default(), 1.0).unwrap();
+    let mut edge = vec![];
+    for d in [
+        49.0f32, 50.0, 51.0, 149.0, 150.0, 151.0, 399.0, 400.0, 401.0,
+    ] {
+        for axis in [Vec3::X, Vec3::Y, Vec3::Z, -Vec3::Y, -Vec3::Z] {
+            edge.push(Instance::at(axis * d));
+        }
+    }
+    // On the plane x = -200 - r (d == -r: inside, a billboard at 202 m) and just beyond.
+    for (x, scale) in [
+        (-202.0f32, 1.0f32),
+        (-202.5, 1.0),
+        (-204.0, 2.0),
+        (-204.5, 2.0),
+    ] {
+        edge.push(Instance {
+            scale,
+            ..Instance::at(Vec3::new(x, 0.0, 0.0))
+        });
+    }
+    let mut nans = random_scene(1000, 3);
+    for (i, inst) in nans.iter_mut().enumerate() {
+        match i % 4 {
+            0 => inst.position[0] = f32::NAN,
+            1 => inst.position[2] = f32::INFINITY,
+            2 => inst.scale = f32::NAN,
+            _ => {}
+        }
+    }
+    let many: Vec<Vec<Instance>> = (0..8)
+        .map(|k| random_scene(3000 + k * 100, 100 + k as u64))
+        .collect();
+    let bufs: Vec<Buffer> = std::iter::once(&edge)
+        .chain(std::iter::once(&nans))
+        .chain(many.iter())
+        .map(|s| upload(&ctx, s))
+        .collect();
+    let scenes: Vec<&Vec<Instance>> = std::iter::once(&edge)
+        .chain(std::iter::once(&nans))
+        .chain(many.iter())
+        .collect();
+    let mut base = 0u32;
+    let mut sources = vec![];
+    let mut cpu = vec![];
+    for (b, s) in bufs.iter().zip(&scenes) {
+        sources.push(CullSource {
+            buffer: b,
+            count: s.len() as u32,
+            base,
+        });
+        cpu.push((s.as_slice(), base));
+        base += s.len() as u32 + 17; // gaps: bases are the caller's numbering
+    }
+    for compaction in variants(&ctx) {
+        let pass = CullPass::new(&ctx, compaction, 50_000, MESHES).unwrap();
+        let rb = run(&ctx, &pass, &sources[..1], &view);
+        let want = cull_cpu(&cpu[..1], &view);
+        assert_eq!(want.lists[0].len(), 5, "49 m on five axes");
+        assert_eq!(want.lists[1].len() + want.lists[2].len(), 30 + 2);
+        check(
+            &rb,
+            &want,
+            pass.capacity(),
+            &format!("{compaction:?} edges"),
+        );
+
+        let rb = run(&ctx, &pass, &sources[1..2], &view);
+        let want = cull_cpu(&cpu[1..2], &view);
+        assert_eq!(want.invalid, 750);
+        check(&rb, &want, pass.capacity(), &format!("{compaction:?} nans"));
+
+        let rb = run(&ctx, &pass, &sources, &view);
+        let want = cull_cpu(&cpu, &view);
+        check(
+            &rb,
+            &want,
+            pass.capacity(),
+            &format!("{compaction:?} many sources"),
+        );
+
+        let rb = run(&ctx, &pass, &[], &view);
+        check(&rb, &Default::default(), pass.capacity(), "no sources");
+        let rb = run(
+            &ctx,
+            &pass,
+            &[CullSource {
+                buffer: &bufs[0],
+                count: 0,
+                base: 0,
+            }],
+            &view,
+        );
+        check(&rb, &Default::default(), pass.capacity(), "zero instances");
+        pass.destroy(&ctx).unwrap();
+    }
+    for b in bufs {
+        ctx.retire(b, ctx.timeline().last_submitted()).unwrap();
+    }
+    common::finish(ctx, "edges");
+}
+
+#[test]
+fn overflow_clamps_and_counts_without_writing_out_of_bounds() {
+    let Some(ctx) = common::context("overflow_clamps") else {
+        return;
+    };
+    let scene = random_scene(50_000, 11);
+    let buf = upload(&ctx, &scene);
+    let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.5, 1.0);
+    let want = cull_cpu(&[(&scene, 0)], &view);
+    for compaction in variants(&ctx) {
+        let pass = CullPass::new(&ctx, compaction, 16, MESHES).unwrap();
+        let rb = run(
+            &ctx,
+            &pass,
+            &[CullSource {
+                buffer: &buf,
+                count: scene.len() as u32,
+                base: 0,
+            }],
+            &view,
+        );
+        let sizes: Vec<usize> = want.lists.iter().map(Vec::len).collect();
+        assert!(
+            sizes.iter().all(|n| *n > 16),
+            "every list overflows: {sizes:?}"
+        );
+        check(&rb, &want, 16, &format!("{compaction:?} overflow"));
+        pass.destroy(&ctx).unwrap();
+    }
+    let too_few = CullSource {
+        buffer: &buf,
+        count: scene.len() as u32 + 1,
+        base: 0,
+    };
+    let pass = CullPass::new(&ctx, Compaction::Atomic, 10, MESHES).unwrap();
+    let err = ctx
+        .submit_and_wait(|cmd| {
+            // SAFETY: recording; the call is refused before anything is recorded.
+            unsafe { pass.record(&ctx, cmd, &[too_few], &view) }
+        })
+        .unwrap_err();
+    assert!(matches!(err, understory::Error::InvalidInput(_)), "{err}");
+    pass.destroy(&ctx).unwrap();
+    assert!(CullPass::new(&ctx, Compaction::Atomic, 0, MESHES).is_err());
+    ctx.retire(buf, ctx.timeline().last_submitted()).unwrap();
+    common::finish(ctx, "overflow");
+}

@@ -83,12 +83,12 @@ impl CullView {
         quality: f32,
     ) -> Result<Self> {
         let finite = planes.iter().flatten().all(|v| v.is_finite());
-        if !finite || !camera.is_finite() || !(radius_m >= 0.0 && radius_m.is_finite()) {
+        if !(finite && camera.is_finite() && radius_m >= 0.0 && radius_m.is_finite()) {
             return Err(Error::InvalidInput(format!(
                 "cull view: planes {planes:?}, camera {camera}, radius {radius_m}"
             )));
         }
-        if !bands.is_valid() || !(quality > 0.0 && quality.is_finite()) {
+        if !(bands.is_valid() && quality > 0.0 && quality.is_finite()) {
             return Err(Error::InvalidInput(format!(
                 "bands {bands:?} at quality {quality}"
             )));

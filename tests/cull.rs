@@ -201,7 +201,7 @@ fn variants(ctx: &Context) -> Vec<Compaction> {
 
 fn check(rb: &Readback, want: &understory::gpu::cull::CullExpectation, cap: u32, what: &str) {
     assert!(rb.guard_intact, "{what}: wrote past the lists");
-    for l in 0..3 {
+    for (l, mesh) in MESHES.iter().enumerate() {
         let total = want.lists[l].len() as u32;
         assert_eq!(rb.counters[l], total, "{what}: LOD {l} appended");
         assert_eq!(
@@ -215,9 +215,9 @@ fn check(rb: &Readback, want: &understory::gpu::cull::CullExpectation, cap: u32,
             "{what}: LOD {l} overflow"
         );
         assert_eq!(rb.args[l].first_instance, l as u32 * cap);
-        assert_eq!(rb.args[l].index_count, MESHES[l].index_count);
-        assert_eq!(rb.args[l].first_index, MESHES[l].first_index);
-        assert_eq!(rb.args[l].vertex_offset, MESHES[l].vertex_offset);
+        assert_eq!(rb.args[l].index_count, mesh.index_count);
+        assert_eq!(rb.args[l].first_index, mesh.first_index);
+        assert_eq!(rb.args[l].vertex_offset, mesh.vertex_offset);
         if total <= cap {
             assert_eq!(rb.lists[l], want.lists[l], "{what}: LOD {l} set");
         } else {

@@ -1,0 +1,370 @@
+//! GPU cull pass timed with GPU timestamps against the card's streaming bandwidth.
+//!
+//! For each size (default 1M, 4M and 16M instances on a GPU, 1M on a CPU driver; override with
+//! `UNDERSTORY_CULL_BENCH_MILLIONS=1,4,16`) and each compaction variant, the whole pass (reset,
+//! dispatch, finalize) is recorded 15 times between timestamp pairs and the median reported.
+//! In the same run a vec4 copy kernel moves as many bytes as the instance buffer holds (read +
+//! write): its bandwidth gives the floor, `(bytes read + written by the cull) / copy bandwidth`.
+//! A last table compares one source of 1M instances with 1024 sources of 1024 (instances spread
+//! over many tile allocations: one dispatch and one barrier each).
+//!
+//! Run: `cargo bench --bench cull`; on the GPU machine `.gpu/bin/cull-unittests`.
+
+use ash::vk;
+use glam::{Mat4, Vec3};
+use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc};
+use understory::gpu::context::{Context, ContextOptions};
+use understory::gpu::cull::{
+    Compaction, CullPass, CullSource, CullView, DrawIndexedIndirect, cull_cpu,
+};
+use understory::gpu::instance::{InstanceOptions, Validation};
+use understory::gpu::memory::{Buffer, BufferDesc, MemoryConfig, MemoryLocation};
+use understory::gpu::shaders;
+use understory::policy::category::{Category, PerCategory};
+use understory::policy::lod::LodBands;
+use understory::world::instance::Instance;
+
+const REPEATS: u32 = 15;
+const MESHES: [DrawIndexedIndirect; 3] = [DrawIndexedIndirect {
+    index_count: 6,
+    instance_count: 0,
+    first_index: 0,
+    vertex_offset: 0,
+    first_instance: 0,
+}; 3];
+
+fn xorshift(s: &mut u64) -> f32 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    (*s >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// A forest over a 3 km square around the camera: most instances are beyond the 400 m draw
+/// distance or behind the camera, as in a real world.
+fn forest(n: usize, seed: u64) -> Vec<Instance> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| Instance {
+            scale: 0.5 + xorshift(&mut s),
+            yaw: xorshift(&mut s) * std::f32::consts::TAU,
+            ..Instance::at(Vec3::new(
+                (xorshift(&mut s) - 0.5) * 3000.0,
+                xorshift(&mut s) * 5.0,
+                (xorshift(&mut s) - 0.5) * 3000.0,
+            ))
+        })
+        .collect()
+}
+
+fn view() -> CullView {
+    let eye = Vec3::new(0.0, 30.0, 0.0);
+    let v = Mat4::look_at_rh(eye, eye + Vec3::new(0.3, -0.15, -1.0), Vec3::Y);
+    let p = Mat4::perspective_rh(75f32.to_radians(), 16.0 / 9.0, 0.5, 2000.0);
+    CullView::new(p * v, eye, 2.0, &LodBands::default(), 1.0).expect("view")
+}
+
+fn gpu_buffer(ctx: &Context, name: &str, bytes: u64, usage: vk::BufferUsageFlags) -> Buffer {
+    ctx.memory()
+        .create_buffer(&BufferDesc {
+            name,
+            size: bytes,
+            usage: usage | vk::BufferUsageFlags::TRANSFER_DST,
+            location: MemoryLocation::GpuOnly,
+            category: Category::Instances,
+        })
+        .expect("buffer")
+}
+
+/// Uploads through a 64 MiB staging buffer.
+fn upload(ctx: &Context, dst: &Buffer, data: &[u8]) {
+    const CHUNK: usize = 64 << 20;
+    let mut staging = ctx
+        .memory()
+        .create_buffer(&BufferDesc {
+            name: "bench staging",
+            size: CHUNK.min(data.len()).max(4) as u64,
+            usage: vk::BufferUsageFlags::TRANSFER_SRC,
+            location: MemoryLocation::CpuToGpu,
+            category: Category::Staging,
+        })
+        .expect("staging");
+    let mut last = 0;
+    for (k, chunk) in data.chunks(CHUNK).enumerate() {
+        staging.mapped_mut().expect("mapped")[..chunk.len()].copy_from_slice(chunk);
+        last = ctx
+            .submit_and_wait(|cmd| {
+                let region = vk::BufferCopy {
+                    src_offset: 0,
+                    dst_offset: (k * CHUNK) as u64,
+                    size: chunk.len() as u64,
+                };
+                // SAFETY: recording; both buffers live past the wait.
+                unsafe {
+                    ctx.device()
+                        .cmd_copy_buffer(cmd, staging.raw(), dst.raw(), &[region])
+                };
+                Ok(())
+            })
+            .expect("upload");
+    }
+    ctx.retire(staging, last).expect("retire");
+}
+
+/// Records `body` REPEATS times between timestamp pairs, returns the median in microseconds.
+fn time_gpu(ctx: &Context, mut body: impl FnMut(vk::CommandBuffer)) -> f64 {
+    let d = ctx.device();
+    let info = vk::QueryPoolCreateInfo::default()
+        .query_type(vk::QueryType::TIMESTAMP)
+        .query_count(REPEATS * 2);
+    // SAFETY: valid create info.
+    let pool = unsafe { d.create_query_pool(&info, None) }.expect("query pool");
+    ctx.submit_and_wait(|cmd| {
+        // SAFETY: recording; the pool lives until after the wait; queries reset before use.
+        unsafe {
+            d.cmd_reset_query_pool(cmd, pool, 0, REPEATS * 2);
+            for r in 0..REPEATS {
+                d.cmd_write_timestamp(cmd, vk::PipelineStageFlags::TOP_OF_PIPE, pool, r * 2);
+                body(cmd);
+                d.cmd_write_timestamp(cmd, vk::PipelineStageFlags::BOTTOM_OF_PIPE, pool, r * 2 + 1);
+            }
+        }
+        Ok(())
+    })
+    .expect("timed submit");
+    let mut ticks = vec![0u64; (REPEATS * 2) as usize];
+    // SAFETY: the submission completed; WAIT makes the results available.
+    unsafe {
+        d.get_query_pool_results(
+            pool,
+            0,
+            &mut ticks,
+            vk::QueryResultFlags::TYPE_64 | vk::QueryResultFlags::WAIT,
+        )
+        .expect("query results");
+        d.destroy_query_pool(pool, None);
+    }
+    let period = f64::from(ctx.adapter().timestamp_period_ns);
+    let mut us: Vec<f64> = ticks
+        .chunks(2)
+        .map(|p| p[1].wrapping_sub(p[0]) as f64 * period / 1000.0)
+        .collect();
+    us.sort_by(f64::total_cmp);
+    us[us.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo test --benches asks; there is nothing for it to list
+    }
+    let options = ContextOptions {
+        instance: InstanceOptions {
+            validation: Validation::Off,
+            ..Default::default()
+        },
+        memory: MemoryConfig {
+            cap_bytes: PerCategory([u64::MAX; 4]),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let ctx = match options.with_env().and_then(|o| Context::new(&o)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("*** SKIPPED cull bench: {e} ***");
+            return;
+        }
+    };
+    let a = ctx.adapter().clone();
+    println!(
+        "cull bench on {} ({}), subgroup size {}",
+        a.name, a.driver, a.subgroup_size
+    );
+    let cpu = a.device_type == understory::gpu::adapter::DeviceType::Cpu;
+    let millions: Vec<usize> = std::env::var("UNDERSTORY_CULL_BENCH_MILLIONS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect())
+        .unwrap_or_else(|| if cpu { vec![1] } else { vec![1, 4, 16] });
+    let view = view();
+    let copy = ComputePipeline::new(
+        &ctx,
+        &ComputePipelineDesc {
+            name: "copy_vec4",
+            spirv: shaders::COPY_VEC4,
+            entry: c"main",
+            storage_buffers: 2,
+            push_constant_bytes: 16,
+            max_sets: 8,
+        },
+    )
+    .expect("copy pipeline");
+    let mut copy = copy;
+    let mut variants = vec![Compaction::Atomic];
+    if a.subgroup_ballot_in_compute {
+        variants.push(Compaction::Subgroup);
+    }
+    println!(
+        "\n{:>6} {:>9} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6}",
+        "N", "variant", "visible", "time us", "inst/ms", "B/inst", "GB/s", "floor us", "x"
+    );
+    for m in millions {
+        let n = m * 1_000_000;
+        let scene = forest(n, 42 + m as u64);
+        let bytes: &[u8] = bytemuck::cast_slice(&scene);
+        let instances = gpu_buffer(
+            &ctx,
+            "bench instances",
+            bytes.len() as u64,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+        );
+        upload(&ctx, &instances, bytes);
+        // Streaming yardstick: vec4 copy of as many bytes as the instances.
+        let src = gpu_buffer(
+            &ctx,
+            "copy src",
+            bytes.len() as u64,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+        );
+        let dst = gpu_buffer(
+            &ctx,
+            "copy dst",
+            bytes.len() as u64,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+        );
+        let set = copy.bind_set(&ctx, &[&src, &dst]).expect("copy set");
+        let vec4s = (bytes.len() / 16) as u32;
+        let groups = vec4s.div_ceil(256);
+        let gx = groups.min(65_535);
+        let gy = groups.div_ceil(gx);
+        let pc: [u32; 4] = [vec4s, 0, 0, gx * 256];
+        let copy_us = time_gpu(&ctx, |cmd| {
+            // SAFETY: recording; the buffers outlive the timed submission.
+            unsafe {
+                copy.record_dispatch(&ctx, cmd, set, bytemuck::cast_slice(&pc), [gx, gy, 1])
+                    .expect("copy");
+                let b = [vk::MemoryBarrier::default()
+                    .src_access_mask(vk::AccessFlags::SHADER_WRITE)
+                    .dst_access_mask(vk::AccessFlags::SHADER_WRITE)];
+                ctx.device().cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::DependencyFlags::empty(),
+                    &b,
+                    &[],
+                    &[],
+                );
+            }
+        });
+        let copy_gbs = 2.0 * bytes.len() as f64 / (copy_us * 1e3);
+        let expect = cull_cpu(&[(&scene, 0)], &view);
+        let visible: usize = expect.lists.iter().map(Vec::len).sum();
+        let cull_bytes = bytes.len() as f64 + visible as f64 * 4.0;
+        let floor_us = cull_bytes / (copy_gbs * 1e3);
+        for &variant in &variants {
+            let pass = CullPass::new(&ctx, variant, n as u32, MESHES).expect("cull pass");
+            let src = [CullSource {
+                buffer: &instances,
+                count: n as u32,
+                base: 0,
+            }];
+            let us = time_gpu(&ctx, |cmd| {
+                // SAFETY: recording; the instances outlive the timed submission.
+                unsafe { pass.record(&ctx, cmd, &src, &view).expect("record") };
+            });
+            println!(
+                "{:>5}M {:>9} {:>9.1}% {:>12.1} {:>10.0} {:>10.2} {:>12.1} {:>10.1} {:>6.2}",
+                m,
+                format!("{variant:?}").to_lowercase(),
+                100.0 * visible as f64 / n as f64,
+                us,
+                n as f64 / (us / 1000.0),
+                cull_bytes / n as f64,
+                cull_bytes / (us * 1e3),
+                floor_us,
+                us / floor_us
+            );
+            pass.destroy(&ctx).expect("destroy");
+        }
+        println!(
+            "{:>6} vec4 copy of {} MiB: {:.1} us, {:.0} GB/s (read + write)",
+            "",
+            bytes.len() >> 20,
+            copy_us,
+            copy_gbs
+        );
+        let last = ctx.timeline().last_submitted();
+        for b in [instances, src, dst] {
+            ctx.retire(b, last).expect("retire");
+        }
+        ctx.collect().expect("collect");
+    }
+    // One source of 1M against 1024 sources of 1024 instances: the price of many allocations.
+    let scene = forest(1 << 20, 7);
+    let one = gpu_buffer(
+        &ctx,
+        "one source",
+        (scene.len() * 32) as u64,
+        vk::BufferUsageFlags::STORAGE_BUFFER,
+    );
+    upload(&ctx, &one, bytemuck::cast_slice(&scene));
+    let many: Vec<Buffer> = scene
+        .chunks(1024)
+        .map(|c| {
+            let b = gpu_buffer(
+                &ctx,
+                "tile source",
+                1024 * 32,
+                vk::BufferUsageFlags::STORAGE_BUFFER,
+            );
+            upload(&ctx, &b, bytemuck::cast_slice(c));
+            b
+        })
+        .collect();
+    println!(
+        "\n1,048,576 instances as one buffer vs 1024 buffers of 1024 (one dispatch + barrier each):"
+    );
+    for &variant in &variants {
+        let pass = CullPass::new(&ctx, variant, 1 << 20, MESHES).expect("pass");
+        let single = [CullSource {
+            buffer: &one,
+            count: 1 << 20,
+            base: 0,
+        }];
+        let spread: Vec<CullSource> = many
+            .iter()
+            .enumerate()
+            .map(|(i, b)| CullSource {
+                buffer: b,
+                count: 1024,
+                base: (i * 1024) as u32,
+            })
+            .collect();
+        let t1 = time_gpu(&ctx, |cmd| {
+            // SAFETY: recording; buffers outlive the submission.
+            unsafe { pass.record(&ctx, cmd, &single, &view).expect("record") };
+        });
+        let t2 = time_gpu(&ctx, |cmd| {
+            // SAFETY: as above.
+            unsafe { pass.record(&ctx, cmd, &spread, &view).expect("record") };
+        });
+        println!(
+            "  {:>9}: one buffer {:.1} us, 1024 buffers {:.1} us ({:.1}x)",
+            format!("{variant:?}").to_lowercase(),
+            t1,
+            t2,
+            t2 / t1
+        );
+        pass.destroy(&ctx).expect("destroy");
+    }
+    let last = ctx.timeline().last_submitted();
+    ctx.retire(one, last).expect("retire");
+    for b in many {
+        ctx.retire(b, last).expect("retire");
+    }
+    // SAFETY: every submission was waited for.
+    unsafe { copy.destroy(&ctx) };
+    let mut ctx = ctx;
+    let report = ctx.shutdown();
+    assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
+}

@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::gpu::atlas::{self, RegionUpload};
 use crate::gpu::budget::Source;
 use crate::gpu::context::{Context, FrameStart};
+use crate::gpu::cull::CullSource;
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, MemoryStats, Retirable};
 use crate::policy::category::Category;
 use crate::policy::controller::{BudgetController, BudgetInput, ControllerConfig, Decision};
@@ -901,6 +902,28 @@ impl Vegetation {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// The resident patches as sources for the GPU cull pass, numbered consecutively (`base`)
+    /// in patch-slot order, with the instances they hold on the CPU (for references and tests).
+    pub fn cull_sources(&self) -> Vec<(CullSource<'_>, &[Instance])> {
+        let mut base = 0u32;
+        let mut out = Vec::new();
+        for p in self.patches.iter().flatten() {
+            if let Some(gpu) = &p.gpu {
+                let count = p.instances.len() as u32;
+                out.push((
+                    CullSource {
+                        buffer: &gpu.buffer,
+                        count,
+                        base,
+                    },
+                    p.instances.as_slice(),
+                ));
+                base += count;
+            }
+        }
+        out
     }
 
     /// A stats snapshot.

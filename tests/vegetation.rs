@@ -320,6 +320,83 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
     );
     assert!(stats.memory.frees_completed > 0);
     let _ = refusals_seen;
+
+    // The GPU cull pass over the resident patches, many tile allocations, matches the CPU.
+    let view = understory::gpu::cull::CullView::new(
+        glam::Mat4::perspective_rh(1.2, 1.5, 0.5, 1000.0)
+            * glam::Mat4::look_at_rh(
+                Vec3::new(0.0, 30.0, 0.0),
+                Vec3::new(0.0, 20.0, -100.0),
+                Vec3::Y,
+            ),
+        Vec3::new(0.0, 30.0, 0.0),
+        1.0,
+        &veg.config().lod,
+        1.0,
+    )
+    .unwrap();
+    let sources = veg.cull_sources();
+    assert!(sources.len() > 100, "{} resident patches", sources.len());
+    let pass = understory::gpu::cull::CullPass::new(
+        &ctx,
+        understory::gpu::cull::Compaction::Atomic,
+        1 << 20,
+        [Default::default(); 3],
+    )
+    .unwrap();
+    let read = ctx
+        .memory()
+        .create_buffer(&understory::gpu::memory::BufferDesc {
+            name: "cull counters readback",
+            size: 32,
+            usage: ash::vk::BufferUsageFlags::TRANSFER_DST,
+            location: understory::gpu::memory::MemoryLocation::GpuToCpu,
+            category: Category::Other,
+        })
+        .unwrap();
+    let gpu_sources: Vec<_> = sources.iter().map(|(s, _)| *s).collect();
+    let value = ctx
+        .submit_and_wait(|cmd| {
+            // SAFETY: recording; every source buffer is resident and outlives the wait.
+            unsafe {
+                pass.record(&ctx, cmd, &gpu_sources, &view)?;
+                let region = ash::vk::BufferCopy {
+                    src_offset: 0,
+                    dst_offset: 0,
+                    size: 32,
+                };
+                ctx.device()
+                    .cmd_copy_buffer(cmd, pass.counters()?.raw(), read.raw(), &[region]);
+                let b = [ash::vk::MemoryBarrier::default()
+                    .src_access_mask(ash::vk::AccessFlags::TRANSFER_WRITE)
+                    .dst_access_mask(ash::vk::AccessFlags::HOST_READ)];
+                ctx.device().cmd_pipeline_barrier(
+                    cmd,
+                    ash::vk::PipelineStageFlags::TRANSFER,
+                    ash::vk::PipelineStageFlags::HOST,
+                    ash::vk::DependencyFlags::empty(),
+                    &b,
+                    &[],
+                    &[],
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+    let counters: [u32; 8] = bytemuck::pod_read_unaligned(read.mapped().unwrap());
+    let cpu_sources: Vec<(&[Instance], u32)> = sources.iter().map(|(s, i)| (*i, s.base)).collect();
+    let want = understory::gpu::cull::cull_cpu(&cpu_sources, &view);
+    for l in 0..3 {
+        assert_eq!(
+            counters[l] as usize,
+            want.lists[l].len(),
+            "LOD {l} over {} patches",
+            sources.len()
+        );
+    }
+    drop(sources);
+    ctx.retire(read, value).unwrap();
+    pass.destroy(&ctx).unwrap();
     // Churn: despawn half, the rest stays; then release everything.
     for id in ids.iter().step_by(2) {
         veg.despawn(*id).unwrap();

@@ -262,6 +262,8 @@ pub struct Vegetation {
     copies: Vec<(usize, PendingCopy)>,
     atlas_uploads: Vec<(u32, usize, RegionUpload)>,
     to_retire: Vec<Retirable>,
+    /// Resident tiles with patches spawned since their upload.
+    incomplete: std::collections::HashSet<NodeId>,
     // Counters.
     frames: u64,
     live_instances: u64,
@@ -315,6 +317,7 @@ impl Vegetation {
             copies: Vec::new(),
             atlas_uploads: Vec::new(),
             to_retire: Vec::new(),
+            incomplete: Default::default(),
             frames: 0,
             live_instances: 0,
             evictions: 0,
@@ -500,6 +503,10 @@ impl Vegetation {
             s.patches += 1;
         }
         let tile = self.tiles.entry(node).or_default();
+        if tile.resident {
+            // Resident tiles get new patches uploaded by the next update, budget permitting.
+            self.incomplete.insert(node);
+        }
         tile.patches.push(slot);
         tile.instances += n as u64;
         self.live_instances += n as u64;
@@ -621,23 +628,26 @@ impl Vegetation {
         self.lod_instances = lod;
         let plan = residency::plan(&views, &self.config.lod, &decision, &self.config.residency);
         self.refused_uploads += u64::from(plan.refused);
-        let by_packed: HashMap<u64, NodeId> = if plan.evict.is_empty() && plan.upload.is_empty() {
-            HashMap::new()
-        } else {
-            self.tiles.keys().map(|n| (n.packed(), *n)).collect()
-        };
         let mut evicted = 0;
         for (packed, _) in &plan.evict {
-            if let Some(node) = by_packed.get(packed).copied() {
+            let node = NodeId::from_packed(*packed);
+            if self.tiles.contains_key(&node) {
                 self.evict_tile(node);
                 evicted += 1;
             }
         }
-        let upload_nodes: Vec<NodeId> = plan
+        let mut upload_nodes: Vec<NodeId> = plan
             .upload
             .iter()
-            .filter_map(|p| by_packed.get(p).copied())
+            .map(|p| NodeId::from_packed(*p))
             .collect();
+        if plan.evict.is_empty() && decision.upload_bytes > plan.upload_bytes {
+            upload_nodes.extend(
+                self.incomplete
+                    .drain()
+                    .filter(|n| self.tiles.get(n).is_some_and(|t| t.resident)),
+            );
+        }
         let (uploaded_patches, uploaded_bytes) = self.upload_tiles(ctx, &upload_nodes)?;
         self.frames += 1;
         self.last_held = held;

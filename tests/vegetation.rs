@@ -406,3 +406,51 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
     ring.destroy(&ctx).unwrap();
     common::finish(ctx, test);
 }
+
+#[test]
+fn patches_spawned_into_resident_tiles_are_uploaded() {
+    let Some(ctx) = common::context("patches_spawned_into_resident_tiles") else {
+        return;
+    };
+    let mut veg = Vegetation::new(&ctx, VegetationConfig::default()).unwrap();
+    let grass = species(&mut veg, &ctx, "grass", [40, 160, 40, 255]);
+    let mut ring = FrameRing::new(&ctx).unwrap();
+    let mut frame = |veg: &mut Vegetation| {
+        let start = ctx.begin_frame().unwrap();
+        veg.update(&ctx, &start, Vec3::new(5.0, 2.0, 5.0)).unwrap();
+        let cmd = ring.begin(&ctx).unwrap();
+        // SAFETY: recording; submitted right below with the value end_frame gets.
+        unsafe { veg.record(&ctx, cmd).unwrap() };
+        let value = ring.submit(&ctx, cmd).unwrap();
+        veg.end_frame(&ctx, value).unwrap();
+    };
+    let a = veg
+        .spawn(&PatchDesc {
+            species: grass,
+            instances: &[Instance::at(Vec3::new(1.0, 0.0, 1.0))],
+        })
+        .unwrap();
+    frame(&mut veg);
+    assert!(veg.patch_gpu(a).unwrap().is_some(), "first patch uploaded");
+    let b = veg
+        .spawn(&PatchDesc {
+            species: grass,
+            instances: &[Instance::at(Vec3::new(2.0, 0.0, 2.0))],
+        })
+        .unwrap();
+    frame(&mut veg);
+    let gpu = veg
+        .patch_gpu(b)
+        .unwrap()
+        .expect("a patch spawned into a resident tile is uploaded");
+    assert_eq!(gpu.instance_bytes, 32);
+    assert!(gpu.bytes >= 32);
+    assert_eq!(
+        gpu.node,
+        veg.quadtree().leaf_at(Vec3::new(2.0, 0.0, 2.0)).unwrap()
+    );
+    veg.release(&ctx).unwrap();
+    drop(frame);
+    ring.destroy(&ctx).unwrap();
+    common::finish(ctx, "resident tile spawn");
+}

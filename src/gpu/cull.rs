@@ -631,11 +631,11 @@ mod tests {
             1,
             "on the full edge: medium"
         );
-        assert_eq!(classify_cpu(&inst(0.0, 0.0, -99.0), &v), 2);
+        assert_eq!(classify_cpu(&inst(0.0, 0.0, -99.0), &v), 1);
         assert_eq!(
             classify_cpu(&inst(-101.0, 0.0, 0.0), &v),
-            2,
-            "d == -r: inside"
+            1,
+            "d == -r: inside (a medium at 101 m)"
         );
         assert_eq!(
             classify_cpu(&inst(-101.5, 0.0, 0.0), &v),

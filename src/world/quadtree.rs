@@ -22,6 +22,15 @@ impl NodeId {
         (u64::from(self.level) << 56) | (u64::from(self.x) << 28) | u64::from(self.y)
     }
 
+    /// The inverse of [`NodeId::packed`].
+    pub fn from_packed(p: u64) -> NodeId {
+        NodeId {
+            level: (p >> 56) as u8,
+            x: ((p >> 28) & 0x0fff_ffff) as u32,
+            y: (p & 0x0fff_ffff) as u32,
+        }
+    }
+
     /// The parent node (the root is its own parent).
     pub fn parent(self) -> NodeId {
         if self.level == 0 {
@@ -168,6 +177,7 @@ mod tests {
         assert_eq!(q.leaf_at(Vec3::new(f32::NAN, 0.0, 0.0)), None);
         assert_eq!(b.parent().level, 6);
         assert_ne!(a.packed(), b.packed());
+        assert_eq!(NodeId::from_packed(b.packed()), b);
         let (min, max) = q.bounds(b);
         assert_eq!(max - min, Vec2::splat(32.0));
     }

@@ -450,7 +450,6 @@ fn patches_spawned_into_resident_tiles_are_uploaded() {
         veg.quadtree().leaf_at(Vec3::new(2.0, 0.0, 2.0)).unwrap()
     );
     veg.release(&ctx).unwrap();
-    drop(frame);
     ring.destroy(&ctx).unwrap();
     common::finish(ctx, "resident tile spawn");
 }

@@ -3,18 +3,19 @@
 
 var<immediate> pc: CullPush;
 
-@group(0) @binding(0) var<storage, read> instances: array<Instance>;
+// Instances as vec4s: instance i is vec4s 2i (position, scale) and 2i + 1 (the rest).
+@group(0) @binding(0) var<storage, read> instances: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> lists: array<u32>;
 @group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, 8>;
 @group(0) @binding(3) var<uniform> view: CullView;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x + gid.y * pc.row;
     if i >= pc.count {
         return;
     }
-    let lod = classify(instances[i], view);
+    let lod = classify(instances[2u * i], view);
     if lod == LOD_INVALID {
         atomicAdd(&counters[COUNTER_INVALID], 1u);
         return;

@@ -4,7 +4,8 @@
 
 var<immediate> pc: CullPush;
 
-@group(0) @binding(0) var<storage, read> instances: array<Instance>;
+// Instances as vec4s: instance i is vec4s 2i (position, scale) and 2i + 1 (the rest).
+@group(0) @binding(0) var<storage, read> instances: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> lists: array<u32>;
 @group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, 8>;
 @group(0) @binding(3) var<uniform> view: CullView;
@@ -26,7 +27,7 @@ fn bits(v: vec4<u32>) -> u32 {
     return countOneBits(v.x) + countOneBits(v.y) + countOneBits(v.z) + countOneBits(v.w);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn main(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(subgroup_invocation_id) lane: u32,
@@ -34,7 +35,12 @@ fn main(
     let i = gid.x + gid.y * pc.row;
     var lod = 5u; // past the end: takes part in the ballots, appends nothing
     if i < pc.count {
-        lod = classify(instances[i], view);
+        lod = classify(instances[2u * i], view);
+    }
+    // Most instances of a large world are culled: one ballot skips the per-LOD work for
+    // subgroups with nothing to append (the ballot is the same for every lane).
+    if bits(subgroupBallot(lod < LOD_CULLED || lod == LOD_INVALID)) == 0u {
+        return;
     }
     let below = lanes_below(lane);
     let leader = subgroupBroadcastFirst(lane);

@@ -20,12 +20,14 @@ fn finite_bits(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) < 0x7f800000u;
 }
 
-fn classify(inst: Instance, view: CullView) -> u32 {
-    let p = inst.position;
-    if !(finite_bits(p.x) && finite_bits(p.y) && finite_bits(p.z) && finite_bits(inst.scale)) {
+// `ps` is the first 16 bytes of an Instance: position (xyz) and scale (w), read as one vec4 so
+// that each thread issues a single 16-byte load (the rest of the record is not needed here).
+fn classify(ps: vec4<f32>, view: CullView) -> u32 {
+    let p = ps.xyz;
+    if !(finite_bits(p.x) && finite_bits(p.y) && finite_bits(p.z) && finite_bits(ps.w)) {
         return LOD_INVALID;
     }
-    let r = view.camera.w * inst.scale;
+    let r = view.camera.w * ps.w;
     for (var k = 0u; k < 6u; k = k + 1u) {
         let pl = view.planes[k];
         let d = fma(pl.x, p.x, fma(pl.y, p.y, fma(pl.z, p.z, pl.w)));

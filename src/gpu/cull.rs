@@ -15,7 +15,7 @@ use crate::policy::lod::{Lod, LodBands};
 use crate::world::instance::Instance;
 
 /// Threads per cull workgroup.
-const GROUP: u32 = 64;
+const GROUP: u32 = 256;
 /// Words after the lists that the pass never writes (tests check them).
 pub const LIST_GUARD_WORDS: u64 = 64;
 /// Level code for invalid (non-finite) instances.

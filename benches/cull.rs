@@ -199,6 +199,18 @@ fn main() {
     )
     .expect("copy pipeline");
     let mut copy = copy;
+    let mut probe = ComputePipeline::new(
+        &ctx,
+        &ComputePipelineDesc {
+            name: "read_probe",
+            spirv: shaders::READ_PROBE,
+            entry: c"main",
+            storage_buffers: 2,
+            push_constant_bytes: 16,
+            max_sets: 8,
+        },
+    )
+    .expect("probe pipeline");
     let mut variants = vec![Compaction::Atomic];
     if a.subgroup_ballot_in_compute {
         variants.push(Compaction::Subgroup);
@@ -257,6 +269,33 @@ fn main() {
             }
         });
         let copy_gbs = 2.0 * bytes.len() as f64 / (copy_us * 1e3);
+        // Read-only yardsticks over the instance buffer: the cull's pattern (first 16 bytes of
+        // every 32-byte record) and a dense read of every byte.
+        let probe_set = probe
+            .bind_set(&ctx, &[&instances, &dst])
+            .expect("probe set");
+        let mut read_us = [0.0; 2];
+        for (k, stride) in [2u32, 1].into_iter().enumerate() {
+            let threads = (bytes.len() / 16) as u32 / stride;
+            let groups = threads.div_ceil(256);
+            let gx = groups.min(65_535);
+            let gy = groups.div_ceil(gx);
+            let pc: [u32; 4] = [threads, stride, 0, gx * 256];
+            read_us[k] = time_gpu(&ctx, |cmd| {
+                // SAFETY: recording; the buffers outlive the timed submission.
+                unsafe {
+                    probe
+                        .record_dispatch(
+                            &ctx,
+                            cmd,
+                            probe_set,
+                            bytemuck::cast_slice(&pc),
+                            [gx, gy, 1],
+                        )
+                        .expect("probe");
+                }
+            });
+        }
         let expect = cull_cpu(&[(&scene, 0)], &view);
         let visible: usize = expect.lists.iter().map(Vec::len).sum();
         let cull_bytes = bytes.len() as f64 + visible as f64 * 4.0;
@@ -287,11 +326,15 @@ fn main() {
             pass.destroy(&ctx).expect("destroy");
         }
         println!(
-            "{:>6} vec4 copy of {} MiB: {:.1} us, {:.0} GB/s (read + write)",
+            "{:>6} vec4 copy of {} MiB: {:.1} us, {:.0} GB/s (read + write); read-only: cull pattern {:.1} us ({:.0} GB/s of records), dense {:.1} us ({:.0} GB/s)",
             "",
             bytes.len() >> 20,
             copy_us,
-            copy_gbs
+            copy_gbs,
+            read_us[0],
+            bytes.len() as f64 / (read_us[0] * 1e3),
+            read_us[1],
+            bytes.len() as f64 / (read_us[1] * 1e3)
         );
         let last = ctx.timeline().last_submitted();
         for b in [instances, src, dst] {
@@ -363,7 +406,10 @@ fn main() {
         ctx.retire(b, last).expect("retire");
     }
     // SAFETY: every submission was waited for.
-    unsafe { copy.destroy(&ctx) };
+    unsafe {
+        copy.destroy(&ctx);
+        probe.destroy(&ctx);
+    }
     let mut ctx = ctx;
     let report = ctx.shutdown();
     assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);

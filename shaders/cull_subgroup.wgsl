@@ -27,36 +27,65 @@ fn bits(v: vec4<u32>) -> u32 {
     return countOneBits(v.x) + countOneBits(v.y) + countOneBits(v.z) + countOneBits(v.w);
 }
 
+var<workgroup> wg_count: array<atomic<u32>, 5>;
+var<workgroup> wg_base: array<u32, 5>;
+
+// Two levels of aggregation: per subgroup (ballot, one shared-memory atomic per LOD), then per
+// workgroup of CULL_PER_GROUP instances (one global atomic per LOD). Global atomics on the three
+// list counters are what limits the plain variant when visible instances are sparse.
 @compute @workgroup_size(256)
 fn main(
-    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
-    let i = gid.x + gid.y * pc.row;
-    var lod = 5u; // past the end: takes part in the ballots, appends nothing
-    if i < pc.count {
-        lod = classify(instances[2u * i], view);
+    if t < 5u {
+        atomicStore(&wg_count[t], 0u);
     }
-    // Most instances of a large world are culled: one ballot skips the per-LOD work for
-    // subgroups with nothing to append (the ballot is the same for every lane).
-    if bits(subgroupBallot(lod < LOD_CULLED || lod == LOD_INVALID)) == 0u {
-        return;
-    }
+    workgroupBarrier();
+    let first = (wid.x + wid.y * nwg.x) * CULL_PER_GROUP + t;
     let below = lanes_below(lane);
     let leader = subgroupBroadcastFirst(lane);
-    for (var l = 0u; l < 5u; l = l + 1u) {
-        let ballot = subgroupBallot(lod == l);
-        let total = bits(ballot);
-        var base = 0u;
-        if lane == leader && total > 0u && l != LOD_CULLED {
-            let counter = select(l, COUNTER_INVALID, l == LOD_INVALID);
-            base = atomicAdd(&counters[counter], total);
+    var lods: array<u32, CULL_PER_THREAD>;
+    var slots: array<u32, CULL_PER_THREAD>;
+    for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
+        let i = first + k * 256u;
+        var lod = 5u; // past the end: takes part in the ballots, appends nothing
+        if i < pc.count {
+            lod = classify(instances[2u * i], view);
         }
-        base = subgroupBroadcastFirst(base);
-        if lod == l && l < LOD_CULLED {
-            let slot = base + bits(ballot & below);
+        lods[k] = lod;
+        slots[k] = 0u;
+        for (var l = 0u; l < 5u; l = l + 1u) {
+            let ballot = subgroupBallot(lod == l && l != LOD_CULLED);
+            let total = bits(ballot);
+            var base = 0u;
+            if lane == leader && total > 0u {
+                base = atomicAdd(&wg_count[l], total);
+            }
+            base = subgroupBroadcastFirst(base);
+            if lod == l {
+                slots[k] = base + bits(ballot & below);
+            }
+        }
+    }
+    workgroupBarrier();
+    if t < 5u && t != LOD_CULLED {
+        let n = atomicLoad(&wg_count[t]);
+        var b = 0u;
+        if n > 0u {
+            b = atomicAdd(&counters[select(t, COUNTER_INVALID, t == LOD_INVALID)], n);
+        }
+        wg_base[t] = b;
+    }
+    workgroupBarrier();
+    for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
+        let lod = lods[k];
+        if lod < LOD_CULLED {
+            let slot = wg_base[lod] + slots[k];
             if slot < pc.capacity {
-                lists[l * pc.capacity + slot] = pc.base + i;
+                lists[lod * pc.capacity + slot] = pc.base + first + k * 256u;
             }
         }
     }

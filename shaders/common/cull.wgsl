@@ -55,6 +55,11 @@ fn classify(ps: vec4<f32>, view: CullView) -> u32 {
 const COUNTER_INVALID: u32 = 3u;
 const COUNTER_OVERFLOW: u32 = 4u;
 
+// Instances per thread and per 256-thread workgroup of the subgroup variant
+// (src/gpu/cull.rs dispatches to match; the atomic variant takes one instance per thread).
+const CULL_PER_THREAD: u32 = 4u;
+const CULL_PER_GROUP: u32 = 1024u;
+
 // Push constants of the cull dispatches: one dispatch per instance source.
 struct CullPush {
     // Instances in this source.

@@ -27,8 +27,19 @@ pub const LOD_INVALID: u32 = 4;
 pub enum Compaction {
     /// One atomic per visible instance.
     Atomic,
-    /// One ballot and one atomic per subgroup and LOD.
+    /// Ballots per subgroup, one shared-memory atomic per subgroup and LOD, and one global
+    /// atomic per workgroup (1024 instances) and LOD.
     Subgroup,
+}
+
+impl Compaction {
+    /// Instances one workgroup covers (`CULL_PER_GROUP` in `shaders/common/cull.wgsl`).
+    fn per_group(self) -> u32 {
+        match self {
+            Compaction::Atomic => GROUP,
+            Compaction::Subgroup => 1024,
+        }
+    }
 }
 
 /// The view the pass culls against; the exact values both the GPU and [`classify_cpu`] use.
@@ -475,7 +486,7 @@ impl CullPass {
                     0,
                     &writes,
                 );
-                let groups = s.count.div_ceil(GROUP);
+                let groups = s.count.div_ceil(self.compaction.per_group());
                 let gx = groups.min(max_x);
                 let gy = groups.div_ceil(gx);
                 let pc = [s.count, s.base, self.capacity, gx * GROUP];

@@ -39,7 +39,7 @@ use crate::gpu::cull::CullSource;
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, MemoryStats, Retirable};
 use crate::policy::category::Category;
 use crate::policy::controller::{BudgetController, BudgetInput, ControllerConfig, Decision};
-use crate::policy::lod::{Lod, LodBands};
+use crate::policy::lod::{FrameTimeQuality, Lod, LodBands};
 use crate::policy::residency::{self, ResidencyConfig, TileView};
 use crate::world::atlas::{AtlasPacker, AtlasRegion};
 use crate::world::instance::Instance;
@@ -254,6 +254,7 @@ pub struct Vegetation {
     packer: AtlasPacker,
     pages: Vec<Option<Page>>,
     controller: BudgetController,
+    frame_time: Option<FrameTimeQuality>,
     last_decision: Option<Decision>,
     last_held: u64,
     budget_source: Source,
@@ -300,6 +301,7 @@ impl Vegetation {
             .unwrap_or(0);
         Ok(Self {
             controller: BudgetController::new(config.controller),
+            frame_time: None,
             config,
             quadtree,
             heap,
@@ -327,6 +329,22 @@ impl Vegetation {
             last_log: Instant::now(),
             released: false,
         })
+    }
+
+    /// Feeds the last frame's time (milliseconds) to the frame-time quality scale, the
+    /// optional second input to LOD quality (the seed's adaptive LOD): above `target_ms` the
+    /// draw distances shrink, below it they recover slowly. Off until first called.
+    pub fn set_frame_time(&mut self, frame_ms: f32, target_ms: f32) -> Result<f32> {
+        if !(target_ms.is_finite() && target_ms > 0.0) {
+            return Err(Error::InvalidInput(format!(
+                "target frame time {target_ms} ms"
+            )));
+        }
+        let ft = self
+            .frame_time
+            .get_or_insert_with(|| FrameTimeQuality::new(target_ms));
+        ft.target_ms = target_ms;
+        Ok(ft.step(frame_ms))
     }
 
     /// The world's quadtree.
@@ -594,13 +612,18 @@ impl Vegetation {
             .ok_or_else(|| Error::InvalidInput("frame has no heap report".into()))?;
         self.budget_source = heap.budget.source;
         let (held, pending) = self.held_and_pending(ctx);
-        let decision = self.controller.step(&BudgetInput {
+        let mut decision = self.controller.step(&BudgetInput {
             heap_budget: heap.budget.budget,
             heap_usage: heap.budget.usage,
             ours: heap.ours_total,
             held,
             pending,
         });
+        // The optional second input: frame time scales quality further (never up past the
+        // budget's choice).
+        if let Some(ft) = &self.frame_time {
+            decision.quality *= ft.scale;
+        }
         // Tile views: distances and culled-frame counts.
         let draw = self.config.lod.draw_distance(decision.quality);
         let mut views = Vec::with_capacity(self.tiles.len());
@@ -946,7 +969,7 @@ impl Vegetation {
             budget_source: self.budget_source,
             held: self.last_held,
             pressure: d.map_or(0.0, |d| d.pressure),
-            quality: self.controller.quality(),
+            quality: self.last_decision.map_or(1.0, |d| d.quality),
             patches: (self.patches.len() - self.free_slots.len()) as u64,
             instances: self.live_instances,
             tiles: self.tiles.len() as u64,

@@ -22,18 +22,22 @@ fn finite_bits(x: f32) -> bool {
 
 // `ps` is the first 16 bytes of an Instance: position (xyz) and scale (w), read as one vec4 so
 // that each thread issues a single 16-byte load (the rest of the record is not needed here).
+fn plane_inside(pl: vec4<f32>, p: vec3<f32>, r: f32) -> bool {
+    return fma(pl.x, p.x, fma(pl.y, p.y, fma(pl.z, p.z, pl.w))) >= -r;
+}
+
 fn classify(ps: vec4<f32>, view: CullView) -> u32 {
     let p = ps.xyz;
     if !(finite_bits(p.x) && finite_bits(p.y) && finite_bits(p.z) && finite_bits(ps.w)) {
         return LOD_INVALID;
     }
     let r = view.camera.w * ps.w;
-    for (var k = 0u; k < 6u; k = k + 1u) {
-        let pl = view.planes[k];
-        let d = fma(pl.x, p.x, fma(pl.y, p.y, fma(pl.z, p.z, pl.w)));
-        if d < -r {
-            return LOD_CULLED;
-        }
+    // Unrolled: six independent plane tests, no loop or dynamic uniform indexing.
+    let inside = plane_inside(view.planes[0], p, r) && plane_inside(view.planes[1], p, r)
+        && plane_inside(view.planes[2], p, r) && plane_inside(view.planes[3], p, r)
+        && plane_inside(view.planes[4], p, r) && plane_inside(view.planes[5], p, r);
+    if !inside {
+        return LOD_CULLED;
     }
     let dx = p.x - view.camera.x;
     let dy = p.y - view.camera.y;

@@ -126,7 +126,9 @@ pub fn classify_cpu(inst: &Instance, view: &CullView) -> u32 {
     for pl in &view.planes {
         let d = pl[0].mul_add(p[0], pl[1].mul_add(p[1], pl[2].mul_add(p[2], pl[3])));
         // Not `d >= -r`, as the shader's plane_inside: a NaN distance (huge positions) is culled.
-        let inside = d.partial_cmp(&-r).is_some_and(|o| o != std::cmp::Ordering::Less);
+        let inside = d
+            .partial_cmp(&-r)
+            .is_some_and(|o| o != std::cmp::Ordering::Less);
         if !inside {
             return Lod::Culled as u32;
         }

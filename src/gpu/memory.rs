@@ -41,7 +41,7 @@ use crate::error::{Error, Result, vk_err};
 use crate::gpu::adapter::HeapInfo;
 use crate::gpu::budget::{HeapBudget, HeapBudgets, Source};
 use crate::policy::category::{Category, PerCategory};
-use crate::policy::retire::RetireQueue;
+use crate::policy::retire::{RetireQueue, Retired};
 
 const MIB: u64 = 1 << 20;
 
@@ -1143,25 +1143,23 @@ impl Memory {
         };
         let n = freed.len();
         let comfortable = !self.headroom_low();
-        self.free_resources(freed.into_iter().map(|r| r.resource).collect(), comfortable);
+        self.free_resources(freed, comfortable);
         n
     }
 
     /// Destroys resources' handles and frees their memory (or caches buffers for reuse), taking
     /// each category's lock once per batch.
-    fn free_resources(&self, resources: Vec<Resource>, may_cache: bool) {
-        let mut by_category: [Vec<Resource>; 4] = Default::default();
-        for r in resources {
-            by_category[r.meta().category as usize].push(r);
+    fn free_resources(&self, resources: Vec<Retired<Resource>>, may_cache: bool) {
+        if resources.is_empty() {
+            return;
         }
-        for (c, batch) in by_category.into_iter().enumerate() {
-            if batch.is_empty() {
-                continue;
-            }
-            let mut st = lock(&self.categories[c]);
-            for r in batch {
-                self.free_one(&mut st, r, may_cache);
-            }
+        // Every category lock at once, always in index order (other paths hold at most one),
+        // so the batch is walked once with no regrouping copies.
+        let mut guards: Vec<MutexGuard<'_, CategoryState>> =
+            self.categories.iter().map(lock).collect();
+        for r in resources {
+            let c = r.resource.meta().category as usize;
+            self.free_one(&mut guards[c], r.resource, may_cache);
         }
     }
 
@@ -1385,7 +1383,7 @@ impl Memory {
             all
         };
         report.drained = collected + drained.len() as u64;
-        self.free_resources(drained.into_iter().map(|r| r.resource).collect(), false);
+        self.free_resources(drained, false);
         self.flush_cache();
         for c in Category::ALL {
             let mut st = lock(&self.categories[c as usize]);

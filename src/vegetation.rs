@@ -347,6 +347,15 @@ impl Vegetation {
         Ok(ft.step(frame_ms))
     }
 
+    fn check_live(&self) -> Result<()> {
+        if self.released {
+            return Err(Error::InvalidInput(
+                "this Vegetation was released; create a new one".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The world's quadtree.
     pub fn quadtree(&self) -> &Quadtree {
         &self.quadtree
@@ -360,6 +369,7 @@ impl Vegetation {
     /// Registers a species: packs its billboard into the atlas and queues the upload (recorded
     /// by the next [`Vegetation::record`]).
     pub fn register_species(&mut self, ctx: &Context, desc: &SpeciesDesc<'_>) -> Result<SpeciesId> {
+        self.check_live()?;
         let texels = u64::from(desc.width) * u64::from(desc.height) * 4;
         if desc.rgba8.len() as u64 != texels {
             return Err(Error::InvalidInput(format!(
@@ -603,6 +613,7 @@ impl Vegetation {
         frame: &FrameStart,
         camera: Vec3,
     ) -> Result<UpdateReport> {
+        self.check_live()?;
         if !camera.is_finite() {
             return Err(Error::InvalidInput(format!("camera at {camera}")));
         }
@@ -982,7 +993,8 @@ impl Vegetation {
     }
 
     /// Retires every GPU resource (at the context's newest submitted value) so that the context
-    /// can shut down with nothing leaked. The CPU side (patches, species) stays.
+    /// can shut down with nothing leaked. Final: afterwards `update` and `register_species`
+    /// return errors; the CPU side (patches, species, stats) stays readable.
     pub fn release(&mut self, ctx: &Context) -> Result<()> {
         for p in self.patches.iter_mut().flatten() {
             if let Some(gpu) = p.gpu.take() {

@@ -203,6 +203,24 @@ fn bad_patches_are_typed_errors_and_allocate_nothing() {
     veg.despawn(id).unwrap();
     veg.unregister_species(grass).unwrap();
     veg.release(&ctx).unwrap();
+    let frame = ctx.begin_frame().unwrap();
+    assert!(
+        matches!(
+            veg.update(&ctx, &frame, Vec3::ZERO),
+            Err(Error::InvalidInput(_))
+        ),
+        "released"
+    );
+    let nan = ctx.begin_frame().unwrap();
+    let mut fresh = Vegetation::new(&ctx, VegetationConfig::default()).unwrap();
+    assert!(
+        matches!(
+            fresh.update(&ctx, &nan, Vec3::NAN),
+            Err(Error::InvalidInput(_))
+        ),
+        "NaN camera"
+    );
+    fresh.release(&ctx).unwrap();
     common::finish(ctx, "bad patches");
 }
 

@@ -978,8 +978,12 @@ impl Memory {
             return None;
         }
         let mut st = lock(&self.categories[desc.category as usize]);
-        let (raw, allocation, mut meta) = st.cache.get_mut(&key)?.pop()?;
+        let (raw, mut allocation, mut meta) = st.cache.get_mut(&key)?.pop()?;
         st.cached_bytes -= meta.bytes;
+        // Leak reports name the new owner.
+        if let Some(a) = st.allocator.as_mut() {
+            let _ = a.rename_allocation(&mut allocation, desc.name);
+        }
         drop(st);
         meta.name = desc.name.into();
         self.allocations_total.fetch_add(1, Ordering::Relaxed);

@@ -24,6 +24,7 @@ pub mod error;
 pub mod gpu;
 pub mod policy;
 pub mod report;
+pub mod soak;
 pub mod vegetation;
 pub mod world;
 

@@ -39,6 +39,31 @@ enum Command {
         #[arg(long, hide = true)]
         iterations: Option<u64>,
     },
+    /// A long session of churn, camera motion and budget changes, with the GPU cull every
+    /// frame: a CSV row per frame, an SVG plot of VRAM against the budget, and leak checks.
+    Soak {
+        /// Frames to run.
+        #[arg(long, default_value_t = 10_000)]
+        frames: u64,
+        /// Stop earlier after this many seconds.
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Patches alive at any time.
+        #[arg(long, default_value_t = 20_000)]
+        patches: usize,
+        /// Vegetation cap in MiB (a quarter of it during squeezes, which come six times a run).
+        #[arg(long, default_value_t = 16)]
+        cap_mib: u64,
+        /// CSV output.
+        #[arg(long, default_value = "soak.csv")]
+        csv: std::path::PathBuf,
+        /// SVG plot output.
+        #[arg(long, default_value = "soak.svg")]
+        svg: std::path::PathBuf,
+        /// Seed of the world and the churn.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +80,64 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> understory::Result<()> {
     match cli.command {
+        Command::Soak {
+            frames,
+            seconds,
+            patches,
+            cap_mib,
+            csv,
+            svg,
+            seed,
+        } => {
+            let options = understory::gpu::context::ContextOptions {
+                instance: InstanceOptions {
+                    app_name: "understory soak".into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .with_env()?;
+            let config = understory::soak::SoakConfig {
+                frames,
+                max_seconds: seconds,
+                patches,
+                cap_bytes: cap_mib << 20,
+                squeeze_period_frames: (frames / 6).clamp(50, 20_000),
+                csv: Some(csv.clone()),
+                svg: Some(svg.clone()),
+                seed,
+                ..Default::default()
+            };
+            let r = understory::soak::run(&options, &config)?;
+            println!(
+                "soak on {}: {} frames in {:.1} s ({:.0} frames/s); peak held {:.1} MiB; {} evictions, {} uploads, {} deferred frees",
+                r.device,
+                r.frames,
+                r.seconds,
+                r.frames as f64 / r.seconds,
+                r.peak_held as f64 / (1u64 << 20) as f64,
+                r.evictions,
+                r.uploads,
+                r.frees_completed
+            );
+            println!(
+                "heap usage ({}): baseline {} B, after {} B; live allocations after {}, leaks {}, validation messages {}, frames over budget after settling {}",
+                r.budget_source,
+                r.baseline_usage,
+                r.final_usage,
+                r.live_allocations_after,
+                r.leaks,
+                r.validation_messages,
+                r.over_budget_frames
+            );
+            println!("wrote {} and {}", csv.display(), svg.display());
+            if !r.passed() {
+                return Err(understory::Error::Unsupported(
+                    "soak checks failed (see above)".into(),
+                ));
+            }
+            Ok(())
+        }
         Command::Budget {
             json,
             watch,

@@ -347,6 +347,16 @@ impl Vegetation {
         Ok(ft.step(frame_ms))
     }
 
+    /// Changes the vegetation cap in bytes (e.g. from the engine's settings menu); the budget is
+    /// still at most the controller's share of the heap's real headroom.
+    pub fn set_budget_cap(&mut self, cap_bytes: u64) -> Result<()> {
+        if cap_bytes == 0 {
+            return Err(Error::InvalidInput("vegetation cap of 0 bytes".into()));
+        }
+        self.controller.set_cap(cap_bytes);
+        Ok(())
+    }
+
     fn check_live(&self) -> Result<()> {
         if self.released {
             return Err(Error::InvalidInput(
@@ -622,7 +632,22 @@ impl Vegetation {
             .get(self.heap)
             .ok_or_else(|| Error::InvalidInput("frame has no heap report".into()))?;
         self.budget_source = heap.budget.source;
-        let (held, pending) = self.held_and_pending(ctx);
+        let (mut held, mut pending) = self.held_and_pending(ctx);
+        // Released instance buffers kept for reuse count as held; over the high watermark they
+        // are the first thing to give back, before any tile is evicted.
+        let high = self.controller.config().high_watermark;
+        let budget_now = self.controller.budget_for(&BudgetInput {
+            heap_budget: heap.budget.budget,
+            heap_usage: heap.budget.usage,
+            ours: heap.ours_total,
+            held,
+            pending,
+        });
+        if held as f64 > budget_now as f64 * high
+            && ctx.memory().flush_cache_of(Category::Instances) > 0
+        {
+            (held, pending) = self.held_and_pending(ctx);
+        }
         let mut decision = self.controller.step(&BudgetInput {
             heap_budget: heap.budget.budget,
             heap_usage: heap.budget.usage,

@@ -1218,18 +1218,21 @@ impl Memory {
 
     /// Frees every cached buffer. Returns bytes freed from live allocations.
     pub fn flush_cache(&self) -> u64 {
+        Category::ALL.iter().map(|c| self.flush_cache_of(*c)).sum()
+    }
+
+    /// Frees the cached buffers of one category. Returns bytes freed from live allocations.
+    pub fn flush_cache_of(&self, category: Category) -> u64 {
         let mut freed = 0;
-        for c in &self.categories {
-            let mut st = lock(c);
-            let cache = std::mem::take(&mut st.cache);
-            st.cached_bytes = 0;
-            for (raw, allocation, meta) in cache.into_values().flatten() {
-                // SAFETY: cached buffers were retired and their values completed.
-                unsafe { self.device.destroy_buffer(raw, None) };
-                freed += meta.bytes;
-                Self::release_live(&mut st, meta.heap, meta.bytes);
-                self.free_locked(&mut st, meta.heap, allocation);
-            }
+        let mut st = lock(&self.categories[category as usize]);
+        let cache = std::mem::take(&mut st.cache);
+        st.cached_bytes = 0;
+        for (raw, allocation, meta) in cache.into_values().flatten() {
+            // SAFETY: cached buffers were retired and their values completed.
+            unsafe { self.device.destroy_buffer(raw, None) };
+            freed += meta.bytes;
+            Self::release_live(&mut st, meta.heap, meta.bytes);
+            self.free_locked(&mut st, meta.heap, allocation);
         }
         freed
     }

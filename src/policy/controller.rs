@@ -120,6 +120,11 @@ impl BudgetController {
         &self.config
     }
 
+    /// Changes the cap (the engine's own vegetation setting); takes effect at the next step.
+    pub fn set_cap(&mut self, cap_bytes: u64) {
+        self.config.cap_bytes = cap_bytes.max(1);
+    }
+
     /// The current quality scale.
     pub fn quality(&self) -> f32 {
         self.quality

@@ -1,0 +1,459 @@
+//! `understory soak`: a long session of spawn/despawn churn, camera motion and budget changes,
+//! with the GPU cull every frame. Writes one CSV row per frame, plots VRAM against the budget
+//! (SVG), and checks at the end that live allocations return to 0 and, where
+//! `VK_EXT_memory_budget` exists, that the driver's heap usage returns to its baseline.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use glam::{Mat4, Vec2, Vec3};
+
+use crate::error::{Error, Result};
+use crate::gpu::budget::Source;
+use crate::gpu::context::{Context, ContextOptions};
+use crate::gpu::cull::{Compaction, CullPass, CullView};
+use crate::gpu::frame::FrameRing;
+use crate::policy::category::Category;
+use crate::vegetation::{PatchDesc, PatchId, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig};
+use crate::world::instance::Instance;
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct SoakConfig {
+    /// Frames to run.
+    pub frames: u64,
+    /// Stop earlier after this many seconds.
+    pub max_seconds: Option<f64>,
+    /// Seed of the world and the churn.
+    pub seed: u64,
+    /// Patches alive at any time.
+    pub patches: usize,
+    /// Instances per patch.
+    pub instances_per_patch: usize,
+    /// Patches despawned and respawned elsewhere every frame.
+    pub churn_per_frame: usize,
+    /// The vegetation cap alternates between `cap_bytes` and a quarter of it every this many
+    /// frames.
+    pub squeeze_period_frames: u64,
+    /// Vegetation cap in bytes.
+    pub cap_bytes: u64,
+    /// Where to write the CSV (one row per frame).
+    pub csv: Option<PathBuf>,
+    /// Where to write the SVG plot.
+    pub svg: Option<PathBuf>,
+}
+
+impl Default for SoakConfig {
+    fn default() -> Self {
+        Self {
+            frames: 10_000,
+            max_seconds: None,
+            seed: 1,
+            patches: 20_000,
+            instances_per_patch: 64,
+            churn_per_frame: 20,
+            squeeze_period_frames: 2_000,
+            cap_bytes: 16 << 20,
+            csv: None,
+            svg: None,
+        }
+    }
+}
+
+/// What a soak found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SoakReport {
+    /// Frames run.
+    pub frames: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Device.
+    pub device: String,
+    /// Where budgets came from.
+    pub budget_source: Source,
+    /// Highest vegetation bytes held.
+    pub peak_held: u64,
+    /// Frames, past the settle time after a budget change, whose held bytes exceeded the budget.
+    pub over_budget_frames: u64,
+    /// Tile evictions.
+    pub evictions: u64,
+    /// Patch uploads.
+    pub uploads: u64,
+    /// Deferred frees completed.
+    pub frees_completed: u64,
+    /// Driver heap usage before anything was allocated (the estimate's, without the extension).
+    pub baseline_usage: u64,
+    /// Driver heap usage after everything was released.
+    pub final_usage: u64,
+    /// Live allocations left after release (must be 0).
+    pub live_allocations_after: u64,
+    /// Leaks reported at shutdown (must be 0).
+    pub leaks: usize,
+    /// Validation warnings and errors (must be 0).
+    pub validation_messages: u64,
+}
+
+impl SoakReport {
+    /// Whether every check passed: nothing live or leaked, no validation message, held within
+    /// the budget once settled, and (with the extension) driver usage back to its baseline.
+    pub fn passed(&self) -> bool {
+        self.live_allocations_after == 0
+            && self.leaks == 0
+            && self.validation_messages == 0
+            && self.over_budget_frames == 0
+            && (self.budget_source != Source::Ext || self.final_usage <= self.baseline_usage)
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn f(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+fn patch(veg: &Vegetation, rng: &mut Rng, n: usize) -> Vec<Instance> {
+    let q = veg.quadtree();
+    let leaf = q.leaf_m();
+    let tile = (Vec2::new(rng.f(), rng.f()) * (q.size_m / leaf - 1.0)).floor() * leaf + q.origin;
+    (0..n)
+        .map(|_| {
+            let p = tile + Vec2::new(rng.f(), rng.f()) * leaf * 0.999;
+            Instance {
+                scale: 0.5 + rng.f(),
+                yaw: rng.f() * std::f32::consts::TAU,
+                ..Instance::at(Vec3::new(p.x, 0.0, p.y))
+            }
+        })
+        .collect()
+}
+
+/// One CSV row.
+struct Row {
+    frame: u64,
+    ours: [u64; 4],
+    pending: u64,
+    usage: u64,
+    heap_budget: u64,
+    budget: u64,
+    held: u64,
+    quality: f32,
+    lod: [u64; 4],
+}
+
+/// Runs a soak on a context of its own, shuts it down, and reports.
+pub fn run(options: &ContextOptions, config: &SoakConfig) -> Result<SoakReport> {
+    if config.frames == 0 || config.patches == 0 || config.instances_per_patch == 0 {
+        return Err(Error::InvalidInput(
+            "soak needs frames, patches and instances".into(),
+        ));
+    }
+    let mut ctx = Context::new(options)?;
+    let canary = ctx.canary().clone();
+    let heap = ctx
+        .memory()
+        .heaps()
+        .iter()
+        .position(|h| h.device_local)
+        .unwrap_or(0);
+    let baseline_usage = ctx.memory().refresh_budget()?[heap].budget.usage;
+    let result = soak(&ctx, config, heap);
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.shutdown();
+            return Err(e);
+        }
+    };
+    report.baseline_usage = baseline_usage;
+    // Everything was retired; wait for the GPU, free, give blocks back, and read the driver.
+    let last = ctx.timeline().last_submitted();
+    ctx.timeline()
+        .wait(last, std::time::Duration::from_secs(30))?;
+    ctx.collect()?;
+    ctx.memory().flush_cache();
+    ctx.memory().release_empty_blocks()?;
+    let stats = ctx.memory().stats();
+    report.live_allocations_after = stats.categories.iter().map(|(_, c)| c.allocations).sum();
+    report.final_usage = ctx.memory().refresh_budget()?[heap].budget.usage;
+    report.leaks = ctx.shutdown().leaks.len();
+    drop(ctx);
+    report.validation_messages = canary.total();
+    Ok(report)
+}
+
+fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
+    let mut vconfig = VegetationConfig {
+        world_origin: Vec2::splat(-512.0),
+        world_size_m: 1024.0,
+        atlas_page_px: 512,
+        ..Default::default()
+    };
+    vconfig.controller.cap_bytes = config.cap_bytes;
+    let mut veg = Vegetation::new(ctx, vconfig)?;
+    let mut rng = Rng(config.seed | 1);
+    let texels: Vec<u8> = [50u8, 140, 60, 255]
+        .iter()
+        .copied()
+        .cycle()
+        .take(32 * 64 * 4)
+        .collect();
+    let species: Vec<SpeciesId> = ["grass", "fern", "pine"]
+        .iter()
+        .map(|name| {
+            veg.register_species(
+                ctx,
+                &SpeciesDesc {
+                    name,
+                    width: 32,
+                    height: 64,
+                    rgba8: &texels,
+                },
+            )
+        })
+        .collect::<Result<_>>()?;
+    let mut live: Vec<PatchId> = Vec::with_capacity(config.patches);
+    for i in 0..config.patches {
+        let inst = patch(&veg, &mut rng, config.instances_per_patch);
+        live.push(veg.spawn(&PatchDesc {
+            species: species[i % species.len()],
+            instances: &inst,
+        })?);
+    }
+    let mut ring = FrameRing::new(ctx)?;
+    let cull = if ctx.extensions().push_descriptor {
+        let compaction = if ctx.adapter().subgroup_ballot_in_compute {
+            Compaction::Subgroup
+        } else {
+            Compaction::Atomic
+        };
+        Some(CullPass::new(
+            ctx,
+            compaction,
+            1 << 20,
+            [Default::default(); 3],
+        )?)
+    } else {
+        log::warn!("no VK_KHR_push_descriptor: the soak runs without the GPU cull pass");
+        None
+    };
+    let mut rows = Vec::with_capacity(config.frames as usize);
+    let settle = u64::from(ctx.frames_in_flight()) + 2;
+    let mut last_change = 0;
+    let mut over = 0;
+    let mut peak = 0;
+    let started = Instant::now();
+    let mut frames = 0;
+    let outcome = (|| -> Result<()> {
+        for f in 0..config.frames {
+            if config
+                .max_seconds
+                .is_some_and(|s| started.elapsed().as_secs_f64() >= s)
+            {
+                break;
+            }
+            let squeezed = (f / config.squeeze_period_frames) % 2 == 1;
+            let cap = if squeezed {
+                config.cap_bytes / 4
+            } else {
+                config.cap_bytes
+            };
+            if f > 0 && f % config.squeeze_period_frames == 0 {
+                last_change = f;
+            }
+            veg.set_budget_cap(cap)?;
+            for _ in 0..config.churn_per_frame.min(live.len()) {
+                let k = (rng.f() * live.len() as f32) as usize % live.len();
+                veg.despawn(live.swap_remove(k))?;
+                let inst = patch(&veg, &mut rng, config.instances_per_patch);
+                let sp = species[(rng.f() * 3.0) as usize % 3];
+                live.push(veg.spawn(&PatchDesc {
+                    species: sp,
+                    instances: &inst,
+                })?);
+            }
+            let t = f as f32 * 0.004;
+            let eye = Vec3::new(400.0 * (t * 1.3).sin(), 40.0, 400.0 * (t * 0.7).cos());
+            let look = eye + Vec3::new((t * 2.0).cos(), -0.2, (t * 2.0).sin());
+            let start = ctx.begin_frame()?;
+            let report = veg.update(ctx, &start, eye)?;
+            let cmd = ring.begin(ctx)?;
+            // SAFETY: cmd is recording and is submitted below with the value end_frame gets.
+            unsafe { veg.record(ctx, cmd)? };
+            if let Some(pass) = &cull {
+                let view = CullView::new(
+                    Mat4::perspective_rh(1.2, 16.0 / 9.0, 0.5, 2000.0)
+                        * Mat4::look_at_rh(eye, look, Vec3::Y),
+                    eye,
+                    2.0,
+                    &veg.config().lod,
+                    report.decision.quality,
+                )?;
+                let sources: Vec<_> = veg.cull_sources().into_iter().map(|(s, _)| s).collect();
+                // SAFETY: recording; the resident buffers stay alive until retired with this
+                // frame's value or later.
+                unsafe { pass.record(ctx, cmd, &sources, &view)? };
+            }
+            let value = ring.submit(ctx, cmd)?;
+            veg.end_frame(ctx, value)?;
+            let stats = veg.stats(ctx);
+            let c = &stats.memory.categories;
+            let held = c[Category::Instances].live_bytes + c[Category::Atlas].live_bytes;
+            peak = peak.max(held);
+            if f >= last_change + settle && held > report.decision.budget {
+                over += 1;
+            }
+            let h = &start.heaps[heap];
+            let l = stats.lod_instances;
+            rows.push(Row {
+                frame: f,
+                ours: [
+                    h.ours[Category::Instances],
+                    h.ours[Category::Atlas],
+                    h.ours[Category::Staging],
+                    h.ours[Category::Other],
+                ],
+                pending: h.pending,
+                usage: h.budget.usage,
+                heap_budget: h.budget.budget,
+                budget: report.decision.budget,
+                held,
+                quality: report.decision.quality,
+                lod: [l.full, l.medium, l.billboard, l.culled],
+            });
+            frames += 1;
+        }
+        Ok(())
+    })();
+    let stats = veg.stats(ctx);
+    veg.release(ctx)?;
+    if let Some(pass) = cull {
+        pass.destroy(ctx)?;
+    }
+    ring.destroy(ctx)?;
+    outcome?;
+    if let Some(path) = &config.csv {
+        write_csv(path, &rows)?;
+    }
+    if let Some(path) = &config.svg {
+        plot(path, &rows, &ctx.adapter().name, stats.budget_source)?;
+    }
+    Ok(SoakReport {
+        frames,
+        seconds: started.elapsed().as_secs_f64(),
+        device: ctx.adapter().name.clone(),
+        budget_source: stats.budget_source,
+        peak_held: peak,
+        over_budget_frames: over,
+        evictions: stats.evictions,
+        uploads: stats.uploads,
+        frees_completed: ctx.memory().stats().frees_completed,
+        baseline_usage: 0,
+        final_usage: 0,
+        live_allocations_after: 0,
+        leaks: 0,
+        validation_messages: 0,
+    })
+}
+
+fn io(path: &std::path::Path, e: std::io::Error) -> Error {
+    Error::InvalidInput(format!("{}: {e}", path.display()))
+}
+
+fn write_csv(path: &std::path::Path, rows: &[Row]) -> Result<()> {
+    let file = std::fs::File::create(path).map_err(|e| io(path, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    let header = "frame,ours_instances,ours_atlas,ours_staging,ours_other,pending,driver_usage,heap_budget,vegetation_budget,vegetation_held,quality,lod_full,lod_medium,lod_billboard,lod_culled";
+    writeln!(w, "{header}").map_err(|e| io(path, e))?;
+    for r in rows {
+        writeln!(
+            w,
+            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{}",
+            r.frame,
+            r.ours[0],
+            r.ours[1],
+            r.ours[2],
+            r.ours[3],
+            r.pending,
+            r.usage,
+            r.heap_budget,
+            r.budget,
+            r.held,
+            r.quality,
+            r.lod[0],
+            r.lod[1],
+            r.lod[2],
+            r.lod[3]
+        )
+        .map_err(|e| io(path, e))?;
+    }
+    w.flush().map_err(|e| io(path, e))
+}
+
+fn plot(path: &std::path::Path, rows: &[Row], device: &str, source: Source) -> Result<()> {
+    use plotters::prelude::*;
+    let err =
+        |e: &dyn std::fmt::Display| Error::InvalidInput(format!("{}: plot: {e}", path.display()));
+    let root = SVGBackend::new(path, (1200, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let max_y = rows
+        .iter()
+        .map(|r| r.budget.max(r.held).max(r.ours.iter().sum()) as f64 / MIB)
+        .fold(1.0, f64::max)
+        * 1.1;
+    let n = rows.len().max(2) as u64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("understory soak on {device} (budget: {source})"),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0u64..n, 0f64..max_y)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("frame")
+        .y_desc("MiB")
+        .draw()
+        .map_err(|e| err(&e))?;
+    type Series = (&'static str, RGBColor, fn(&Row) -> f64);
+    let series: [Series; 4] = [
+        (
+            "heap usage (driver's, or ours when estimated)",
+            BLACK,
+            |r| r.usage as f64 / MIB,
+        ),
+        ("vegetation budget", RED, |r| r.budget as f64 / MIB),
+        ("vegetation held (instances + atlas)", BLUE, |r| {
+            r.held as f64 / MIB
+        }),
+        ("understory blocks, all categories", GREEN, |r| {
+            r.ours.iter().sum::<u64>() as f64 / MIB
+        }),
+    ];
+    for (label, color, f) in series {
+        chart
+            .draw_series(LineSeries::new(
+                rows.iter().map(|r| (r.frame, f(r))),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| err(&e))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}

@@ -164,7 +164,9 @@ fn run(cli: Cli) -> understory::Result<()> {
                 let report = budget_report(&instance, selector.as_ref())?;
                 let mut out = std::io::stdout().lock();
                 let text = if json {
-                    serde_json::to_string(&report).expect("report serializes") + "\n"
+                    serde_json::to_string(&report).map_err(|e| {
+                        understory::Error::InvalidInput(format!("budget report as JSON: {e}"))
+                    })? + "\n"
                 } else {
                     report.to_table()
                 };

@@ -894,6 +894,43 @@ impl Memory {
         st.allocations -= 1;
     }
 
+    /// Allocates for a freshly created handle and binds it; on any failure calls `destroy` and
+    /// frees what was allocated, so nothing is left behind.
+    #[allow(clippy::too_many_arguments)]
+    fn allocate_and_bind(
+        &self,
+        category: Category,
+        name: &str,
+        req: vk::MemoryRequirements,
+        (location, linear): (MemoryLocation, bool),
+        bind_call: &'static str,
+        bind: impl FnOnce(&Allocation) -> std::result::Result<(), vk::Result>,
+        destroy: impl FnOnce(),
+    ) -> Result<(Allocation, Meta)> {
+        let (allocation, heap) = match self.allocate(category, name, req, location, linear) {
+            Ok(a) => a,
+            Err(e) => {
+                destroy();
+                return Err(e);
+            }
+        };
+        let meta = Meta {
+            name: name.into(),
+            category,
+            heap,
+            bytes: allocation.size(),
+            owner: self.id,
+        };
+        if let Err(e) = bind(&allocation) {
+            destroy();
+            let mut st = lock(&self.categories[category as usize]);
+            Self::release_live(&mut st, heap, meta.bytes);
+            self.free_locked(&mut st, heap, allocation);
+            return Err(Error::vk(bind_call, e));
+        }
+        Ok((allocation, meta))
+    }
+
     /// Creates a buffer bound to a sub-allocation (or reuses a cached one of the same size class).
     /// Typed errors: zero size, size over the heap, [`Error::OverBudget`], out of memory.
     pub fn create_buffer(&self, desc: &BufferDesc<'_>) -> Result<Buffer> {
@@ -932,36 +969,18 @@ impl Memory {
             unsafe { self.device.create_buffer(&info, None) }.map_err(vk_err("vkCreateBuffer"))?;
         // SAFETY: raw was just created from this device.
         let req = unsafe { self.device.get_buffer_memory_requirements(raw) };
-        let (allocation, heap) =
-            match self.allocate(desc.category, desc.name, req, desc.location, true) {
-                Ok(a) => a,
-                Err(e) => {
-                    // SAFETY: unbound, never used.
-                    unsafe { self.device.destroy_buffer(raw, None) };
-                    return Err(e);
-                }
-            };
-        // SAFETY: the allocation satisfies the buffer's requirements and is unbound
-        // (VUID-vkBindBufferMemory-memory-01035, -memoryOffset-01036).
-        let bound = unsafe {
-            self.device
-                .bind_buffer_memory(raw, allocation.memory(), allocation.offset())
-        };
-        let meta = Meta {
-            name: desc.name.into(),
-            category: desc.category,
-            heap,
-            bytes: allocation.size(),
-            owner: self.id,
-        };
-        if let Err(e) = bound {
-            // SAFETY: unbound, never used.
-            unsafe { self.device.destroy_buffer(raw, None) };
-            let mut st = lock(&self.categories[desc.category as usize]);
-            Self::release_live(&mut st, heap, meta.bytes);
-            self.free_locked(&mut st, heap, allocation);
-            return Err(Error::vk("vkBindBufferMemory", e));
-        }
+        let (allocation, meta) = self.allocate_and_bind(
+            desc.category,
+            desc.name,
+            req,
+            (desc.location, true),
+            "vkBindBufferMemory",
+            // SAFETY: the allocation satisfies the buffer's requirements and is unbound
+            // (VUID-vkBindBufferMemory-memory-01035, -memoryOffset-01036).
+            |a| unsafe { self.device.bind_buffer_memory(raw, a.memory(), a.offset()) },
+            // SAFETY: unbound or failed to bind, never used.
+            || unsafe { self.device.destroy_buffer(raw, None) },
+        )?;
         Ok(Buffer {
             raw,
             allocation: Some(allocation),
@@ -1034,40 +1053,17 @@ impl Memory {
             unsafe { self.device.create_image(&info, None) }.map_err(vk_err("vkCreateImage"))?;
         // SAFETY: raw was just created.
         let req = unsafe { self.device.get_image_memory_requirements(raw) };
-        let (allocation, heap) = match self.allocate(
+        let (allocation, meta) = self.allocate_and_bind(
             desc.category,
             desc.name,
             req,
-            MemoryLocation::GpuOnly,
-            false,
-        ) {
-            Ok(a) => a,
-            Err(e) => {
-                // SAFETY: unbound, never used.
-                unsafe { self.device.destroy_image(raw, None) };
-                return Err(e);
-            }
-        };
-        // SAFETY: requirements satisfied; unbound.
-        let bound = unsafe {
-            self.device
-                .bind_image_memory(raw, allocation.memory(), allocation.offset())
-        };
-        let meta = Meta {
-            name: desc.name.into(),
-            category: desc.category,
-            heap,
-            bytes: allocation.size(),
-            owner: self.id,
-        };
-        if let Err(e) = bound {
-            // SAFETY: unbound, never used.
-            unsafe { self.device.destroy_image(raw, None) };
-            let mut st = lock(&self.categories[desc.category as usize]);
-            Self::release_live(&mut st, heap, meta.bytes);
-            self.free_locked(&mut st, heap, allocation);
-            return Err(Error::vk("vkBindImageMemory", e));
-        }
+            (MemoryLocation::GpuOnly, false),
+            "vkBindImageMemory",
+            // SAFETY: the allocation satisfies the image's requirements and is unbound.
+            |a| unsafe { self.device.bind_image_memory(raw, a.memory(), a.offset()) },
+            // SAFETY: unbound or failed to bind, never used.
+            || unsafe { self.device.destroy_image(raw, None) },
+        )?;
         Ok(Image {
             raw,
             allocation: Some(allocation),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use ash::vk;
 use understory::gpu::adapter::OptionalExtensions;
+use understory::gpu::compute::memory_barrier;
 use understory::gpu::context::{Context, ContextOptions, HostHandles};
 use understory::gpu::debug::{Canary, messenger_create_info};
 use understory::gpu::memory::{BufferDesc, MemoryLocation};
@@ -166,19 +167,16 @@ pub fn run(validation: bool) -> Result<Outcome, Box<dyn std::error::Error>> {
     let value = ctx.submit_and_wait(|cmd| {
         // SAFETY: cmd is recording; buffers live until the wait returns.
         unsafe { scan.record(&ctx, cmd, set, n as u32) }?;
-        let barrier = vk::MemoryBarrier::default()
-            .src_access_mask(vk::AccessFlags::SHADER_WRITE)
-            .dst_access_mask(vk::AccessFlags::HOST_READ);
-        // SAFETY: recording.
+        // SAFETY: recording; makes the shader writes visible to the host read after the wait.
         unsafe {
-            ctx.device().cmd_pipeline_barrier(
+            memory_barrier(
+                &ctx,
                 cmd,
-                vk::PipelineStageFlags::COMPUTE_SHADER,
-                vk::PipelineStageFlags::HOST,
-                vk::DependencyFlags::empty(),
-                &[barrier],
-                &[],
-                &[],
+                (
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::AccessFlags::SHADER_WRITE,
+                ),
+                (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
             )
         };
         Ok(())

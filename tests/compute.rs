@@ -3,6 +3,7 @@
 mod common;
 
 use ash::vk;
+use understory::gpu::compute::memory_barrier;
 use understory::gpu::context::Context;
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use understory::gpu::scan::{BlockScan, SCAN_BLOCK, block_scan_cpu};
@@ -42,19 +43,16 @@ fn gpu_scan(ctx: &Context, scan: &BlockScan, input: &[u32]) -> (Vec<u32>, Vec<u3
         .submit_and_wait(|cmd| {
             // SAFETY: cmd is recording; the buffers outlive the wait inside submit_and_wait.
             unsafe { scan.record(ctx, cmd, set, n as u32) }?;
-            let barrier = vk::MemoryBarrier::default()
-                .src_access_mask(vk::AccessFlags::SHADER_WRITE)
-                .dst_access_mask(vk::AccessFlags::HOST_READ);
             // SAFETY: recording; makes the shader writes visible to the host read after the wait.
             unsafe {
-                ctx.device().cmd_pipeline_barrier(
+                memory_barrier(
+                    ctx,
                     cmd,
-                    vk::PipelineStageFlags::COMPUTE_SHADER,
-                    vk::PipelineStageFlags::HOST,
-                    vk::DependencyFlags::empty(),
-                    &[barrier],
-                    &[],
-                    &[],
+                    (
+                        vk::PipelineStageFlags::COMPUTE_SHADER,
+                        vk::AccessFlags::SHADER_WRITE,
+                    ),
+                    (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
                 )
             };
             Ok(())

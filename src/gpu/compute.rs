@@ -38,6 +38,35 @@ pub struct ComputePipelineDesc<'a> {
     pub max_sets: u32,
 }
 
+/// Records one global memory barrier: everything `src` wrote becomes visible to `dst`.
+///
+/// # Safety
+/// `cmd` must be a command buffer of `ctx`'s device in the recording state, outside a render
+/// pass.
+pub unsafe fn memory_barrier(
+    ctx: &Context,
+    cmd: vk::CommandBuffer,
+    src: (vk::PipelineStageFlags, vk::AccessFlags),
+    dst: (vk::PipelineStageFlags, vk::AccessFlags),
+) {
+    let barrier = [vk::MemoryBarrier::default()
+        .src_access_mask(src.1)
+        .dst_access_mask(dst.1)];
+    // SAFETY: cmd is recording outside a render pass (caller); a global memory barrier needs
+    // nothing else.
+    unsafe {
+        ctx.device().cmd_pipeline_barrier(
+            cmd,
+            src.0,
+            dst.0,
+            vk::DependencyFlags::empty(),
+            &barrier,
+            &[],
+            &[],
+        )
+    };
+}
+
 /// A descriptor set layout for compute, binding `i` of type `types[i]`; with `push`, for
 /// `vkCmdPushDescriptorSetKHR`.
 pub(crate) fn set_layout(

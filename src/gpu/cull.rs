@@ -6,7 +6,7 @@ use ash::vk;
 use glam::{Mat4, Vec3, Vec4};
 
 use crate::error::{Error, Result};
-use crate::gpu::compute::{compute_pipeline, pipeline_layout, set_layout};
+use crate::gpu::compute::{compute_pipeline, memory_barrier, pipeline_layout, set_layout};
 use crate::gpu::context::Context;
 use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use crate::gpu::shaders;
@@ -458,22 +458,19 @@ impl CullPass {
             );
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.pipeline);
             let max_x = ctx.adapter().max_compute_work_group_count[0].min(65_535);
+            let compute_write = (
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::AccessFlags::SHADER_WRITE,
+            );
+            let compute_rw = (
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
+            );
             let mut first = true;
             for s in sources.iter().filter(|s| s.count > 0) {
                 if !first {
                     // Dispatches append to the same lists and counters.
-                    d.cmd_pipeline_barrier(
-                        cmd,
-                        vk::PipelineStageFlags::COMPUTE_SHADER,
-                        vk::PipelineStageFlags::COMPUTE_SHADER,
-                        vk::DependencyFlags::empty(),
-                        &barrier(
-                            vk::AccessFlags::SHADER_WRITE,
-                            vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
-                        ),
-                        &[],
-                        &[],
-                    );
+                    memory_barrier(ctx, cmd, compute_write, compute_rw);
                 }
                 first = false;
                 let inst_i = storage(s.buffer);
@@ -503,18 +500,7 @@ impl CullPass {
                 );
                 d.cmd_dispatch(cmd, gx, gy, 1);
             }
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::COMPUTE_SHADER,
-                vk::PipelineStageFlags::COMPUTE_SHADER,
-                vk::DependencyFlags::empty(),
-                &barrier(
-                    vk::AccessFlags::SHADER_WRITE,
-                    vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
-                ),
-                &[],
-                &[],
-            );
+            memory_barrier(ctx, cmd, compute_write, compute_rw);
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.fin_pipeline);
             let writes = [
                 write(0, vk::DescriptorType::STORAGE_BUFFER, &counters_i),

@@ -8,6 +8,8 @@ var<immediate> pc: CullPush;
 @group(0) @binding(1) var<storage, read_write> lists: array<u32>;
 @group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, 8>;
 @group(0) @binding(3) var<uniform> view: CullView;
+// Visible instances' records, laid out like `lists` (2 vec4s per slot); written when pc.records.
+@group(0) @binding(4) var<storage, read_write> drawn: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -25,6 +27,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let slot = atomicAdd(&counters[lod], 1u);
     if slot < pc.capacity {
-        lists[lod * pc.capacity + slot] = pc.base + i;
+        let at = lod * pc.capacity + slot;
+        lists[at] = pc.base + i;
+        if pc.records != 0u {
+            drawn[2u * at] = instances[2u * i];
+            drawn[2u * at + 1u] = instances[2u * i + 1u];
+        }
     }
 }

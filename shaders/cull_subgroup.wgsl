@@ -9,6 +9,8 @@ var<immediate> pc: CullPush;
 @group(0) @binding(1) var<storage, read_write> lists: array<u32>;
 @group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, 8>;
 @group(0) @binding(3) var<uniform> view: CullView;
+// Visible instances' records, laid out like `lists` (2 vec4s per slot); written when pc.records.
+@group(0) @binding(4) var<storage, read_write> drawn: array<vec4<f32>>;
 
 fn lanes_below(lane: u32) -> vec4<u32> {
     var m = vec4<u32>(0u);
@@ -85,7 +87,13 @@ fn main(
         if lod < LOD_CULLED {
             let slot = wg_base[lod] + slots[k];
             if slot < pc.capacity {
-                lists[lod * pc.capacity + slot] = pc.base + first + k * 256u;
+                let at = lod * pc.capacity + slot;
+                lists[at] = pc.base + first + k * 256u;
+                if pc.records != 0u {
+                    let j = first + k * 256u;
+                    drawn[2u * at] = instances[2u * j];
+                    drawn[2u * at + 1u] = instances[2u * j + 1u];
+                }
             }
         }
     }

@@ -445,3 +445,127 @@ fn overflow_clamps_and_counts_without_writing_out_of_bounds() {
     ctx.retire(buf, ctx.timeline().last_submitted()).unwrap();
     common::finish(ctx, "overflow");
 }
+
+/// With records on, every written list slot carries the full 32-byte record of the instance its
+/// index names, across several source buffers, for both compaction variants.
+#[test]
+fn records_hold_the_instance_each_list_slot_names() {
+    let Some(ctx) = common::context("records_hold_the_instance") else {
+        return;
+    };
+    let mut scene = random_scene(30_000, 11);
+    for (i, inst) in scene.iter_mut().enumerate() {
+        // Distinct tails so a wrong copy cannot pass by accident.
+        inst.tint = i as u32 ^ 0x5a5a_0000;
+        inst.patch_slot = (i / 10_000) as u32;
+    }
+    let parts: Vec<&[Instance]> = scene.chunks(10_000).collect();
+    let bufs: Vec<Buffer> = parts.iter().map(|p| upload(&ctx, p)).collect();
+    let sources: Vec<CullSource<'_>> = bufs
+        .iter()
+        .enumerate()
+        .map(|(k, b)| CullSource {
+            buffer: b,
+            count: 10_000,
+            base: k as u32 * 10_000,
+        })
+        .collect();
+    let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.3, 1.0);
+    for compaction in variants(&ctx) {
+        let cap = 40_000u32;
+        let pass = CullPass::with_records(&ctx, compaction, cap, MESHES).unwrap();
+        assert!(
+            CullPass::new(&ctx, compaction, 8, MESHES)
+                .and_then(|p| {
+                    let e = p.records().is_err();
+                    p.destroy(&ctx)?;
+                    Ok(e)
+                })
+                .unwrap()
+        );
+        let record_bytes = u64::from(cap) * 3 * 32;
+        let list_bytes = u64::from(cap) * 3 * 4;
+        let args_bytes = size_of::<[DrawIndexedIndirect; 3]>() as u64;
+        let read = ctx
+            .memory()
+            .create_buffer(&BufferDesc {
+                name: "records readback",
+                size: record_bytes + list_bytes + args_bytes,
+                usage: vk::BufferUsageFlags::TRANSFER_DST,
+                location: MemoryLocation::GpuToCpu,
+                category: Category::Other,
+            })
+            .unwrap();
+        let value = ctx
+            .submit_and_wait(|cmd| {
+                let d = ctx.device();
+                // SAFETY: cmd is recording; the pass ends with a barrier to transfers.
+                unsafe {
+                    pass.record(&ctx, cmd, &sources, &view)?;
+                    let copy = |src: &Buffer, at: u64, size: u64| {
+                        d.cmd_copy_buffer(
+                            cmd,
+                            src.raw(),
+                            read.raw(),
+                            &[vk::BufferCopy {
+                                src_offset: 0,
+                                dst_offset: at,
+                                size,
+                            }],
+                        );
+                    };
+                    copy(pass.records()?, 0, record_bytes);
+                    copy(pass.lists()?, record_bytes, list_bytes);
+                    copy(pass.args()?, record_bytes + list_bytes, args_bytes);
+                    let b = [vk::MemoryBarrier::default()
+                        .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+                        .dst_access_mask(vk::AccessFlags::HOST_READ)];
+                    d.cmd_pipeline_barrier(
+                        cmd,
+                        vk::PipelineStageFlags::TRANSFER,
+                        vk::PipelineStageFlags::HOST,
+                        vk::DependencyFlags::empty(),
+                        &b,
+                        &[],
+                        &[],
+                    );
+                }
+                Ok(())
+            })
+            .unwrap();
+        let bytes = read.mapped().unwrap();
+        let records: &[Instance] = bytemuck::cast_slice(&bytes[..record_bytes as usize]);
+        let lists: &[u32] = bytemuck::cast_slice(
+            &bytes[record_bytes as usize..(record_bytes + list_bytes) as usize],
+        );
+        let args: [DrawIndexedIndirect; 3] =
+            bytemuck::pod_read_unaligned(&bytes[(record_bytes + list_bytes) as usize..]);
+        let want = cull_cpu(
+            &parts
+                .iter()
+                .enumerate()
+                .map(|(k, p)| (*p, k as u32 * 10_000))
+                .collect::<Vec<_>>(),
+            &view,
+        );
+        for l in 0..3 {
+            let n = args[l].instance_count as usize;
+            assert_eq!(n, want.lists[l].len(), "{compaction:?} LOD {l} count");
+            assert!(n > 0, "the view exercises LOD {l}");
+            for s in 0..n {
+                let at = l * cap as usize + s;
+                let i = lists[at] as usize;
+                assert_eq!(
+                    records[at], scene[i],
+                    "{compaction:?} LOD {l} slot {s} (instance {i})"
+                );
+            }
+        }
+        ctx.retire(read, value).unwrap();
+        pass.destroy(&ctx).unwrap();
+    }
+    for b in bufs {
+        ctx.retire(b, ctx.timeline().last_submitted()).unwrap();
+    }
+    common::finish(ctx, "records");
+}

@@ -74,4 +74,8 @@ struct CullPush {
     capacity: u32,
     // Threads per row of the 2D dispatch (workgroups in x times the workgroup size).
     row: u32,
+    // Non-zero: also copy each visible instance's 32-byte record to `drawn` at its list slot
+    // (what the draw pass's vertex stage reads); zero: `drawn` is not touched.
+    records: u32,
 }
+

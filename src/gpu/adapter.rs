@@ -45,6 +45,9 @@ pub struct OptionalExtensions {
     pub pageable_device_local_memory: bool,
     /// `VK_KHR_push_descriptor`: the cull pass binds each instance source without a pool.
     pub push_descriptor: bool,
+    /// Vulkan 1.3 `dynamicRendering` (a core feature, not an extension name): the draw pass
+    /// records inside the host's `vkCmdBeginRendering` scope.
+    pub dynamic_rendering: bool,
 }
 
 impl OptionalExtensions {
@@ -157,6 +160,7 @@ impl Adapter {
             pageable_device_local_memory: has(ash::ext::pageable_device_local_memory::NAME)
                 && has(ash::ext::memory_priority::NAME),
             push_descriptor: has(ash::khr::push_descriptor::NAME),
+            dynamic_rendering: false,
         };
 
         let mut timeline = false;
@@ -165,8 +169,10 @@ impl Adapter {
         let mut driver = format!("driver {:#x}", props.driver_version);
         let mut subgroup_size = 0;
         let mut subgroup_ballot = false;
+        let mut extensions = extensions;
         if props.api_version >= vk::API_VERSION_1_2 {
             let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
+            let mut v13 = vk::PhysicalDeviceVulkan13Features::default();
             let mut prio = vk::PhysicalDeviceMemoryPriorityFeaturesEXT::default();
             let mut page = vk::PhysicalDevicePageableDeviceLocalMemoryFeaturesEXT::default();
             let mut f2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut v12);
@@ -176,9 +182,14 @@ impl Adapter {
             if extensions.pageable_device_local_memory {
                 f2 = f2.push_next(&mut page);
             }
-            // SAFETY: the chained structs belong to extensions the device supports
-            // (physical-device-level functionality of a supported extension may be queried).
+            if props.api_version >= vk::API_VERSION_1_3 {
+                f2 = f2.push_next(&mut v13);
+            }
+            // SAFETY: the chained structs belong to extensions the device supports or to its
+            // core version (physical-device-level functionality of a supported extension may be
+            // queried).
             unsafe { instance.get_physical_device_features2(handle, &mut f2) };
+            extensions.dynamic_rendering = v13.dynamic_rendering == vk::TRUE;
             timeline = v12.timeline_semaphore == vk::TRUE;
             priority = prio.memory_priority == vk::TRUE;
             pageable = page.pageable_device_local_memory == vk::TRUE;

@@ -127,6 +127,8 @@ impl Context {
         extensions.memory_priority &= adapter.memory_priority_feature;
         extensions.pageable_device_local_memory &=
             extensions.memory_priority && adapter.pageable_feature;
+        // Core 1.3 functionality is usable only when the instance asked for 1.3 as well.
+        extensions.dynamic_rendering &= instance.api_version() >= vk::API_VERSION_1_3;
         let ext_names: Vec<_> = extensions.names().iter().map(|n| n.as_ptr()).collect();
 
         let priorities = [1.0f32];
@@ -134,6 +136,7 @@ impl Context {
             .queue_family_index(family)
             .queue_priorities(&priorities)];
         let mut v12 = vk::PhysicalDeviceVulkan12Features::default().timeline_semaphore(true);
+        let mut v13 = vk::PhysicalDeviceVulkan13Features::default().dynamic_rendering(true);
         let mut prio = vk::PhysicalDeviceMemoryPriorityFeaturesEXT::default().memory_priority(true);
         let mut page = vk::PhysicalDevicePageableDeviceLocalMemoryFeaturesEXT::default()
             .pageable_device_local_memory(true);
@@ -146,6 +149,9 @@ impl Context {
         }
         if extensions.pageable_device_local_memory {
             info = info.push_next(&mut page);
+        }
+        if extensions.dynamic_rendering {
+            info = info.push_next(&mut v13);
         }
         // SAFETY: the adapter is suitable (1.2, timeline feature, compute family); every feature
         // chained is supported, every extension listed is supported; pointers live for the call.

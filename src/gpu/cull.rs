@@ -202,6 +202,10 @@ pub struct DrawIndexedIndirect {
     pub first_instance: u32,
 }
 
+/// Bytes of the cull dispatches' push constants (`CullPush` in `shaders/common/cull.wgsl`).
+const PUSH_BYTES: u32 = 20;
+const _: () = assert!(PUSH_BYTES as usize == shaders::layout::CULLPUSH_SIZE);
+
 /// Counter words: appended per list (0..3), invalid (3), overflow per list (4..7).
 pub const COUNTERS: usize = 8;
 
@@ -221,6 +225,8 @@ pub struct CullPass {
     counters: Option<Buffer>,
     args: Option<Buffer>,
     view: Option<Buffer>,
+    records: Option<Buffer>,
+    with_records: bool,
 }
 
 impl CullPass {
@@ -233,12 +239,38 @@ impl CullPass {
         capacity: u32,
         meshes: [DrawIndexedIndirect; 3],
     ) -> Result<Self> {
+        Self::build_pass(ctx, compaction, capacity, meshes, false)
+    }
+
+    /// As [`CullPass::new`], and the pass also copies every visible instance's record to
+    /// [`CullPass::records`] at its list slot, so a vertex stage reads `records[instance_index]`
+    /// directly whatever buffer the instance lives in (what [`crate::gpu::draw::DrawPass`]
+    /// draws from). Costs `3 * capacity * 32` bytes (category `Other`) and 32 bytes written
+    /// per visible instance.
+    pub fn with_records(
+        ctx: &Context,
+        compaction: Compaction,
+        capacity: u32,
+        meshes: [DrawIndexedIndirect; 3],
+    ) -> Result<Self> {
+        Self::build_pass(ctx, compaction, capacity, meshes, true)
+    }
+
+    fn build_pass(
+        ctx: &Context,
+        compaction: Compaction,
+        capacity: u32,
+        meshes: [DrawIndexedIndirect; 3],
+        with_records: bool,
+    ) -> Result<Self> {
         if !ctx.extensions().push_descriptor {
             return Err(Error::Unsupported(
                 "the cull pass needs VK_KHR_push_descriptor".into(),
             ));
         }
-        if capacity == 0 || u64::from(capacity) * 3 > u64::from(u32::MAX) {
+        // Records are addressed in vec4s: 2 per slot.
+        let words_per_slot = if with_records { 6 } else { 3 };
+        if capacity == 0 || u64::from(capacity) * words_per_slot > u64::from(u32::MAX) {
             return Err(Error::InvalidInput(format!(
                 "cull list capacity {capacity}"
             )));
@@ -263,6 +295,8 @@ impl CullPass {
             counters: None,
             args: None,
             view: None,
+            records: None,
+            with_records,
         };
         match this.build(ctx) {
             Ok(()) => Ok(this),
@@ -284,10 +318,11 @@ impl CullPass {
                 T::STORAGE_BUFFER,
                 T::STORAGE_BUFFER,
                 T::UNIFORM_BUFFER,
+                T::STORAGE_BUFFER,
             ],
             true,
         )?;
-        self.layout = pipeline_layout(ctx, self.set_layout, 16)?;
+        self.layout = pipeline_layout(ctx, self.set_layout, PUSH_BYTES)?;
         let spirv = match self.compaction {
             Compaction::Atomic => shaders::CULL_ATOMIC,
             Compaction::Subgroup => shaders::CULL_SUBGROUP,
@@ -329,6 +364,13 @@ impl CullPass {
             size_of::<CullView>() as u64,
             vk::BufferUsageFlags::UNIFORM_BUFFER,
         )?);
+        if self.with_records {
+            self.records = Some(buffer(
+                "cull records",
+                u64::from(self.capacity) * 3 * size_of::<Instance>() as u64,
+                vk::BufferUsageFlags::STORAGE_BUFFER,
+            )?);
+        }
         Ok(())
     }
 
@@ -355,6 +397,14 @@ impl CullPass {
     /// The counters ([`COUNTERS`] u32).
     pub fn counters(&self) -> Result<&Buffer> {
         Self::get(&self.counters)
+    }
+
+    /// The visible instances' records, `3 * capacity` [`Instance`]s laid out like the lists
+    /// (passes built with [`CullPass::with_records`]; an error otherwise).
+    pub fn records(&self) -> Result<&Buffer> {
+        self.records
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("cull pass built without records".into()))
     }
 
     /// Three `VkDrawIndexedIndirectCommand`s, one per drawn LOD.
@@ -424,6 +474,8 @@ impl CullPass {
             storage(args),
             storage(view_buf),
         );
+        // Without records the binding still needs a buffer; the shader never touches it then.
+        let records_i = storage(self.records.as_ref().unwrap_or(lists));
         // SAFETY (whole body): cmd is recording outside a render pass (caller); every buffer is
         // live and large enough (created here, or checked above); push descriptors are enabled
         // (checked in new); the barriers order the reset before the dispatches, the dispatches
@@ -479,6 +531,7 @@ impl CullPass {
                     write(1, vk::DescriptorType::STORAGE_BUFFER, &lists_i),
                     write(2, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
                     write(3, vk::DescriptorType::UNIFORM_BUFFER, &view_i),
+                    write(4, vk::DescriptorType::STORAGE_BUFFER, &records_i),
                 ];
                 self.push.cmd_push_descriptor_set(
                     cmd,
@@ -490,7 +543,13 @@ impl CullPass {
                 let groups = s.count.div_ceil(self.compaction.per_group());
                 let gx = groups.min(max_x);
                 let gy = groups.div_ceil(gx);
-                let pc = [s.count, s.base, self.capacity, gx * GROUP];
+                let pc = [
+                    s.count,
+                    s.base,
+                    self.capacity,
+                    gx * GROUP,
+                    u32::from(self.records.is_some()),
+                ];
                 d.cmd_push_constants(
                     cmd,
                     self.layout,
@@ -561,6 +620,7 @@ impl CullPass {
             self.counters.take(),
             self.args.take(),
             self.view.take(),
+            self.records.take(),
         ]
         .into_iter()
         .flatten()

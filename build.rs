@@ -31,14 +31,15 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
         match compile(path, &common) {
-            Ok(words) => {
+            Ok((words, entries)) => {
                 let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
                 let spv = Path::new(&out).join(format!("{stem}.spv"));
                 std::fs::write(&spv, bytes).expect("write SPIR-V");
                 let _ = writeln!(
                     generated,
-                    "/// SPIR-V of `shaders/{stem}.wgsl` (entry point `main`).\n\
+                    "/// SPIR-V of `shaders/{stem}.wgsl` (entry points: {}).\n\
                      pub const {}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.spv\"));",
+                    entries.join(", "),
                     stem.to_uppercase()
                 );
             }
@@ -109,7 +110,7 @@ fn layouts(common: &str) -> Result<String, String> {
     Ok(out)
 }
 
-fn compile(path: &Path, common: &str) -> Result<Vec<u32>, String> {
+fn compile(path: &Path, common: &str) -> Result<(Vec<u32>, Vec<String>), String> {
     let name = path.display().to_string();
     let own = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
     // Common declarations go after the shader's own lines so reported line numbers stay true.
@@ -130,6 +131,12 @@ fn compile(path: &Path, common: &str) -> Result<Vec<u32>, String> {
         flags: naga::back::spv::WriterFlags::empty(),
         ..Default::default()
     };
+    let entries = module
+        .entry_points
+        .iter()
+        .map(|e| format!("`{}`", e.name))
+        .collect();
     naga::back::spv::write_vec(&module, &info, &options, None)
+        .map(|words| (words, entries))
         .map_err(|e| format!("{name}: SPIR-V output: {e}"))
 }

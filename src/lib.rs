@@ -20,6 +20,7 @@
 
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
+pub mod demo;
 pub mod error;
 pub mod gpu;
 pub mod policy;

@@ -23,6 +23,42 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fly over a seeded procedural forest: tiles stream, LOD follows the budget, the GPU culls
+    /// and draws every frame (offscreen; `--png` writes it). Ends with a summary; exits non-zero
+    /// on leaks or validation messages.
+    Demo {
+        /// Trees in the world (millions are fine on a real GPU).
+        #[arg(long, default_value_t = 200_000)]
+        instances: u64,
+        /// Frames to fly (one lap around the world).
+        #[arg(long, default_value_t = 600)]
+        frames: u64,
+        /// Image size, WIDTHxHEIGHT.
+        #[arg(long, default_value = "640x360")]
+        size: String,
+        /// Vegetation memory cap, e.g. 512MiB (default: the controller's 512 MiB).
+        #[arg(long, value_name = "SIZE")]
+        budget: Option<String>,
+        /// Shrink the budget mid-flight (to a third of what is held, from 40% to 70% of the
+        /// frames) to watch the controller work.
+        #[arg(long)]
+        squeeze: bool,
+        /// Write the last frame as PNG; with --png-every, a pattern containing {frame}.
+        #[arg(long, value_name = "PATH")]
+        png: Option<std::path::PathBuf>,
+        /// Write a PNG every N frames (needs {frame} in --png).
+        #[arg(long, value_name = "N")]
+        png_every: Option<u64>,
+        /// Colour trees by LOD: full red, medium yellow, billboard blue.
+        #[arg(long)]
+        lod_tint: bool,
+        /// Seed of the forest.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// No progress bar (stats lines still print).
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Print the real VRAM budget of every heap of every physical device.
     Budget {
         /// Machine-readable output (schema `understory.budget/1`, see the README). With
@@ -78,8 +114,108 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_image_size(text: &str) -> understory::Result<(u32, u32)> {
+    let bad =
+        || understory::Error::InvalidInput(format!("--size {text:?}: expected e.g. 1280x720"));
+    let (w, h) = text.split_once(['x', 'X']).ok_or_else(bad)?;
+    Ok((
+        w.trim().parse().map_err(|_| bad())?,
+        h.trim().parse().map_err(|_| bad())?,
+    ))
+}
+
 fn run(cli: Cli) -> understory::Result<()> {
     match cli.command {
+        Command::Demo {
+            instances,
+            frames,
+            size,
+            budget,
+            squeeze,
+            png,
+            png_every,
+            lod_tint,
+            seed,
+            quiet,
+        } => {
+            let (width, height) = parse_image_size(&size)?;
+            let budget_bytes = budget
+                .as_deref()
+                .map(understory::demo::parse_size)
+                .transpose()?;
+            let options = understory::gpu::context::ContextOptions {
+                instance: InstanceOptions {
+                    app_name: "understory demo".into(),
+                    validation: Validation::IfAvailable,
+                    sync_validation: false,
+                },
+                ..Default::default()
+            }
+            .with_env()?;
+            let config = understory::demo::DemoConfig {
+                instances,
+                frames,
+                width,
+                height,
+                seed,
+                budget_bytes,
+                squeeze,
+                png,
+                png_every,
+                lod_tint,
+                progress: !quiet,
+                ..Default::default()
+            };
+            let r = understory::demo::run(&options, &config)?;
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            let p = &r.peak_bytes.0;
+            println!(
+                "demo on {}: {} frames in {:.1} s ({:.1} frames/s), {} trees in {} patches",
+                r.device,
+                r.frames,
+                r.seconds,
+                r.frames as f64 / r.seconds,
+                r.instances,
+                r.patches
+            );
+            println!(
+                "peak memory (budget: {}): instances {:.1} MiB, atlas {:.1} MiB, staging {:.1} MiB, other {:.1} MiB; vegetation held {:.1} MiB; lowest quality {:.2}",
+                r.budget_source,
+                mib(p[0]),
+                mib(p[1]),
+                mib(p[2]),
+                mib(p[3]),
+                mib(r.peak_held),
+                r.min_quality
+            );
+            println!(
+                "most drawn in a frame: full {}, medium {}, billboard {}; frames with list overflow {}",
+                r.peak_drawn[0], r.peak_drawn[1], r.peak_drawn[2], r.overflow_frames
+            );
+            println!(
+                "evictions {}, uploads {} ({} refused for the budget), deferred frees {}",
+                r.evictions, r.uploads, r.refused_uploads, r.deferred_frees
+            );
+            for path in &r.pngs {
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "leaks {}, validation messages {}{}",
+                r.leaks,
+                r.validation_messages,
+                if r.validation {
+                    ""
+                } else {
+                    " (validation layer off: not counted)"
+                }
+            );
+            if !r.passed() {
+                return Err(understory::Error::Unsupported(
+                    "the demo leaked or raised validation messages (see above)".into(),
+                ));
+            }
+            Ok(())
+        }
         Command::Soak {
             frames,
             seconds,

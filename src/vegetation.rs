@@ -116,7 +116,8 @@ pub struct SpeciesDesc<'a> {
 pub struct PatchDesc<'a> {
     /// The species.
     pub species: SpeciesId,
-    /// The instances (their `patch_slot` is overwritten).
+    /// The instances (their `patch_slot` and the species bits, the low 16 of
+    /// `species_variant`, are overwritten).
     pub instances: &'a [Instance],
 }
 
@@ -444,6 +445,24 @@ impl Vegetation {
         Ok(SpeciesId(id as u32))
     }
 
+    /// The atlas region of every species, indexed by species id (`None` where unregistered).
+    pub fn species_regions(&self) -> Vec<Option<AtlasRegion>> {
+        self.species
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.region))
+            .collect()
+    }
+
+    /// An atlas page image (`None` if that page does not exist). Pages are created by
+    /// [`Vegetation::register_species`] and filled by the next [`Vegetation::record`], which
+    /// leaves them in `SHADER_READ_ONLY_OPTIMAL` layout.
+    pub fn atlas_page(&self, page: u32) -> Option<&Image> {
+        self.pages
+            .get(page as usize)
+            .and_then(Option::as_ref)
+            .map(|p| &p.image)
+    }
+
     /// Removes a species no patch uses; its atlas space is returned, and an emptied page is
     /// retired at the next [`Vegetation::end_frame`].
     pub fn unregister_species(&mut self, id: SpeciesId) -> Result<()> {
@@ -534,6 +553,9 @@ impl Vegetation {
             .iter()
             .map(|i| Instance {
                 patch_slot: slot,
+                // The species id goes in the low 16 bits (the draw pass finds the billboard's
+                // atlas region with it); the variant in the high 16 bits is the caller's.
+                species_variant: (i.species_variant & 0xffff_0000) | (desc.species.0 & 0xffff),
                 ..*i
             })
             .collect();

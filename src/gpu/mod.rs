@@ -8,6 +8,7 @@ pub mod compute;
 pub mod context;
 pub mod cull;
 pub mod debug;
+pub mod draw;
 pub mod frame;
 pub mod instance;
 pub mod memory;

@@ -1,0 +1,847 @@
+//! The draw pass: one indexed indirect draw per LOD from the cull pass's arguments, recorded
+//! inside the caller's dynamic-rendering scope. Full and medium detail are procedural tree
+//! meshes; billboards are quads turned about +Y towards the camera that sample the species'
+//! region of the atlas. The vertex stage reads each visible instance from the cull pass's
+//! records ([`CullPass::with_records`]), so instances may live in any number of buffers.
+//!
+//! Per frame: [`DrawPass::prepare`] outside the rendering scope (frame constants and the
+//! species table, by `vkCmdUpdateBuffer`), then [`DrawPass::record`] inside it.
+
+use std::f32::consts::TAU;
+
+use ash::vk;
+use glam::{Mat4, Vec3};
+
+use crate::error::{Error, Result, vk_err};
+use crate::gpu::context::Context;
+use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
+use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
+use crate::gpu::shaders;
+use crate::policy::category::Category;
+
+/// Species the table holds (16 bytes each; one `vkCmdUpdateBuffer` is at most 64 KiB).
+pub const MAX_SPECIES: usize = 1024;
+
+/// One mesh vertex: 36 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Vertex {
+    /// Position for an instance of scale 1 (trees are 1 tall, base at the origin).
+    pub position: [f32; 3],
+    /// Unit normal.
+    pub normal: [f32; 3],
+    /// Texture coordinate (billboards: the species' atlas region, v down).
+    pub uv: [f32; 2],
+    /// RGB colour, and in alpha how much the instance's tint applies (foliage 255, bark 0).
+    pub color: [u8; 4],
+}
+
+/// The meshes of every LOD and the ground, in one vertex and one index buffer.
+#[derive(Clone, Debug)]
+pub struct Meshes {
+    /// Vertices of every mesh.
+    pub vertices: Vec<Vertex>,
+    /// Indices of every mesh (relative to each mesh's `vertex_offset`).
+    pub indices: Vec<u32>,
+    /// Full, medium and billboard: index count, first index and vertex offset.
+    pub lods: [DrawIndexedIndirect; 3],
+    /// The ground quad (unit square in x/z, scaled by [`DrawFrame::ground`]).
+    pub ground: DrawIndexedIndirect,
+}
+
+const BARK: [u8; 4] = [92, 62, 38, 0];
+const FOLIAGE: [u8; 4] = [255, 255, 255, 255];
+const GROUND: [u8; 4] = [74, 92, 48, 0];
+
+/// Foliage cones of a tree 1 tall: (bottom, top, radius).
+pub const CONES_FULL: [(f32, f32, f32); 3] =
+    [(0.18, 0.62, 0.30), (0.40, 0.84, 0.23), (0.62, 1.0, 0.16)];
+const CONES_MEDIUM: [(f32, f32, f32); 2] = [(0.18, 0.70, 0.29), (0.48, 1.0, 0.20)];
+/// Trunk radius and height of a tree 1 tall.
+pub const TRUNK: (f32, f32) = (0.035, 0.3);
+/// Half width of the billboard quad (it is 1 tall).
+pub const BILLBOARD_HALF_WIDTH: f32 = 0.32;
+
+struct Builder {
+    vertices: Vec<Vertex>,
+    indices: Vec<u32>,
+}
+
+impl Builder {
+    fn vertex(
+        &mut self,
+        position: [f32; 3],
+        normal: [f32; 3],
+        uv: [f32; 2],
+        color: [u8; 4],
+    ) -> u32 {
+        self.vertices.push(Vertex {
+            position,
+            normal,
+            uv,
+            color,
+        });
+        (self.vertices.len() - 1) as u32
+    }
+
+    /// Open cylinder from y0 to y1.
+    fn cylinder(&mut self, radius: f32, y0: f32, y1: f32, sides: u32, color: [u8; 4]) {
+        let base = self.vertices.len() as u32;
+        for i in 0..=sides {
+            let a = i as f32 / sides as f32 * TAU;
+            let (s, c) = a.sin_cos();
+            self.vertex([c * radius, y0, s * radius], [c, 0.0, s], [0.0; 2], color);
+            self.vertex([c * radius, y1, s * radius], [c, 0.0, s], [0.0; 2], color);
+        }
+        for i in 0..sides {
+            let k = base + 2 * i;
+            self.indices
+                .extend_from_slice(&[k, k + 2, k + 1, k + 1, k + 2, k + 3]);
+        }
+    }
+
+    /// Cone from a ring at y0 to an apex at y1, with a flat underside.
+    fn cone(&mut self, radius: f32, y0: f32, y1: f32, sides: u32, color: [u8; 4]) {
+        let h = y1 - y0;
+        let len = (h * h + radius * radius).sqrt();
+        for i in 0..sides {
+            let a0 = i as f32 / sides as f32 * TAU;
+            let a1 = (i + 1) as f32 / sides as f32 * TAU;
+            let am = (a0 + a1) * 0.5;
+            let n = |a: f32| [a.cos() * h / len, radius / len, a.sin() * h / len];
+            let p = |a: f32| [a.cos() * radius, y0, a.sin() * radius];
+            let v0 = self.vertex(p(a0), n(a0), [0.0; 2], color);
+            let v1 = self.vertex(p(a1), n(a1), [0.0; 2], color);
+            let apex = self.vertex([0.0, y1, 0.0], n(am), [0.0; 2], color);
+            self.indices.extend_from_slice(&[v0, apex, v1]);
+        }
+        let centre = self.vertex([0.0, y0, 0.0], [0.0, -1.0, 0.0], [0.0; 2], color);
+        let first = self.vertices.len() as u32;
+        for i in 0..sides {
+            let a = i as f32 / sides as f32 * TAU;
+            self.vertex(
+                [a.cos() * radius, y0, a.sin() * radius],
+                [0.0, -1.0, 0.0],
+                [0.0; 2],
+                color,
+            );
+        }
+        for i in 0..sides {
+            self.indices
+                .extend_from_slice(&[centre, first + (i + 1) % sides, first + i]);
+        }
+    }
+
+    /// Ends the current mesh: its draw parameters, vertices rebased to its first vertex.
+    fn finish(&mut self, first_vertex: u32, first_index: u32) -> DrawIndexedIndirect {
+        for i in &mut self.indices[first_index as usize..] {
+            *i -= first_vertex;
+        }
+        DrawIndexedIndirect {
+            index_count: self.indices.len() as u32 - first_index,
+            instance_count: 0,
+            first_index,
+            vertex_offset: first_vertex as i32,
+            first_instance: 0,
+        }
+    }
+
+    fn mark(&self) -> (u32, u32) {
+        (self.vertices.len() as u32, self.indices.len() as u32)
+    }
+}
+
+impl Meshes {
+    /// A conifer (bark trunk and stacked foliage cones) at full (12 sides, 3 cones) and medium
+    /// (5 sides, 2 cones) detail, the billboard quad and the ground quad.
+    pub fn trees() -> Self {
+        let mut b = Builder {
+            vertices: Vec::new(),
+            indices: Vec::new(),
+        };
+        let (v, i) = b.mark();
+        b.cylinder(TRUNK.0, 0.0, TRUNK.1, 8, BARK);
+        for (y0, y1, r) in CONES_FULL {
+            b.cone(r, y0, y1, 12, FOLIAGE);
+        }
+        let full = b.finish(v, i);
+        let (v, i) = b.mark();
+        b.cylinder(TRUNK.0 * 1.2, 0.0, TRUNK.1, 4, BARK);
+        for (y0, y1, r) in CONES_MEDIUM {
+            b.cone(r, y0, y1, 5, FOLIAGE);
+        }
+        let medium = b.finish(v, i);
+        let (v, i) = b.mark();
+        let w = BILLBOARD_HALF_WIDTH;
+        let n = [0.0, 0.0, 1.0];
+        let q = [
+            b.vertex([-w, 0.0, 0.0], n, [0.0, 1.0], FOLIAGE),
+            b.vertex([w, 0.0, 0.0], n, [1.0, 1.0], FOLIAGE),
+            b.vertex([w, 1.0, 0.0], n, [1.0, 0.0], FOLIAGE),
+            b.vertex([-w, 1.0, 0.0], n, [0.0, 0.0], FOLIAGE),
+        ];
+        b.indices
+            .extend_from_slice(&[q[0], q[1], q[2], q[0], q[2], q[3]]);
+        let billboard = b.finish(v, i);
+        let (v, i) = b.mark();
+        let up = [0.0, 1.0, 0.0];
+        let g = [
+            b.vertex([0.0, 0.0, 0.0], up, [0.0; 2], GROUND),
+            b.vertex([1.0, 0.0, 0.0], up, [0.0; 2], GROUND),
+            b.vertex([1.0, 0.0, 1.0], up, [0.0; 2], GROUND),
+            b.vertex([0.0, 0.0, 1.0], up, [0.0; 2], GROUND),
+        ];
+        b.indices
+            .extend_from_slice(&[g[0], g[1], g[2], g[0], g[2], g[3]]);
+        let ground = b.finish(v, i);
+        Self {
+            vertices: b.vertices,
+            indices: b.indices,
+            lods: [full, medium, billboard],
+            ground,
+        }
+    }
+}
+
+/// The billboard texture of a tree like [`Meshes::trees`]: `width` × `height` RGBA8, the
+/// foliage in light greys (the instance tint colours it), the trunk in bark brown, transparent
+/// around it.
+pub fn tree_billboard(width: u32, height: u32, seed: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity((width * height * 4) as usize);
+    for y in 0..height {
+        for x in 0..width {
+            // Quad coordinates: x in [-w, w], y in [0, 1] upwards.
+            let fx = ((x as f32 + 0.5) / width as f32 * 2.0 - 1.0) * BILLBOARD_HALF_WIDTH;
+            let fy = 1.0 - (y as f32 + 0.5) / height as f32;
+            let foliage = CONES_FULL
+                .iter()
+                .any(|&(y0, y1, r)| fy >= y0 && fy <= y1 && fx.abs() <= r * (y1 - fy) / (y1 - y0));
+            let texel = if foliage {
+                // Light from the upper left, a little noise so the crown is not flat.
+                let h = (x.wrapping_mul(73_856_093) ^ y.wrapping_mul(19_349_663) ^ seed)
+                    .wrapping_mul(2_654_435_761)
+                    >> 27;
+                let shade =
+                    0.72 + 0.25 * (0.5 - fx / (2.0 * BILLBOARD_HALF_WIDTH)) + h as f32 / 200.0;
+                let g = (shade.clamp(0.0, 1.0) * 255.0) as u8;
+                [g, g, g, 255]
+            } else if fy <= TRUNK.1 && fx.abs() <= TRUNK.0 * 1.5 {
+                [BARK[0], BARK[1], BARK[2], 255]
+            } else {
+                [0, 0, 0, 0]
+            };
+            out.extend_from_slice(&texel);
+        }
+    }
+    out
+}
+
+/// The frame constants, laid out exactly as WGSL `DrawFrame` (`shaders/common/draw.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DrawFrame {
+    /// View-projection (Vulkan clip space, depth 0..1), column-major.
+    pub view_proj: [[f32; 4]; 4],
+    /// Camera position (xyz).
+    pub camera: [f32; 4],
+    /// Unit direction towards the sun (xyz), ambient term (w).
+    pub sun: [f32; 4],
+    /// Sky and fog colour (rgb), distance of full fog in metres (w).
+    pub fog: [f32; 4],
+    /// Ground rectangle: lowest x, lowest z, side in metres.
+    pub ground: [f32; 4],
+    /// x: the cull pass's list capacity (set by [`DrawPass::prepare`]); y: flags
+    /// ([`DrawFrame::LOD_TINT`]); z: species in the table (set by `prepare`).
+    pub params: [u32; 4],
+}
+
+const _: () = assert!(size_of::<DrawFrame>() == shaders::layout::DRAWFRAME_SIZE);
+const _: () =
+    assert!(std::mem::offset_of!(DrawFrame, camera) == shaders::layout::DRAWFRAME_OFFSET_CAMERA);
+const _: () =
+    assert!(std::mem::offset_of!(DrawFrame, params) == shaders::layout::DRAWFRAME_OFFSET_PARAMS);
+const _: () =
+    assert!(std::mem::offset_of!(DrawFrame, ground) == shaders::layout::DRAWFRAME_OFFSET_GROUND);
+
+impl DrawFrame {
+    /// Flag: colour instances by LOD (full red, medium yellow, billboard blue).
+    pub const LOD_TINT: u32 = 1;
+
+    /// Frame constants for a camera, with a default sun, sky and fog.
+    pub fn new(
+        view_proj: Mat4,
+        camera: Vec3,
+        fog_m: f32,
+        ground: [f32; 3],
+        lod_tint: bool,
+    ) -> Self {
+        let sun = Vec3::new(-0.4, 0.8, 0.35).normalize();
+        Self {
+            view_proj: view_proj.to_cols_array_2d(),
+            camera: [camera.x, camera.y, camera.z, 0.0],
+            sun: [sun.x, sun.y, sun.z, 0.4],
+            fog: [0.62, 0.74, 0.86, fog_m],
+            ground: [ground[0], ground[1], ground[2], 0.0],
+            params: [0, if lod_tint { Self::LOD_TINT } else { 0 }, 0, 0],
+        }
+    }
+
+    /// The sky colour as RGBA (the clear colour that matches the fog).
+    pub fn sky(&self) -> [f32; 4] {
+        [self.fog[0], self.fog[1], self.fog[2], 1.0]
+    }
+}
+
+/// The pipeline and the buffers it reads besides the cull pass's.
+pub struct DrawPass {
+    set_layout: vk::DescriptorSetLayout,
+    layout: vk::PipelineLayout,
+    pipeline: vk::Pipeline,
+    sampler: vk::Sampler,
+    atlas_view: vk::ImageView,
+    push: ash::khr::push_descriptor::Device,
+    lods: [DrawIndexedIndirect; 3],
+    ground: DrawIndexedIndirect,
+    vertices: Option<Buffer>,
+    indices: Option<Buffer>,
+    frame: Option<Buffer>,
+    species: Option<Buffer>,
+}
+
+impl DrawPass {
+    /// Builds the pipeline for colour and depth attachments of these formats, the meshes of
+    /// [`Meshes::trees`], and a view of `atlas_page` (the billboards' page; a page that is
+    /// replaced needs a new pass). Needs dynamic rendering and `VK_KHR_push_descriptor`.
+    pub fn new(
+        ctx: &Context,
+        color_format: vk::Format,
+        depth_format: vk::Format,
+        atlas_page: &Image,
+    ) -> Result<Self> {
+        let ext = ctx.extensions();
+        if !(ext.dynamic_rendering && ext.push_descriptor) {
+            return Err(Error::Unsupported(
+                "the draw pass needs dynamic rendering (Vulkan 1.3) and VK_KHR_push_descriptor"
+                    .into(),
+            ));
+        }
+        let meshes = Meshes::trees();
+        let mut this = Self {
+            set_layout: vk::DescriptorSetLayout::null(),
+            layout: vk::PipelineLayout::null(),
+            pipeline: vk::Pipeline::null(),
+            sampler: vk::Sampler::null(),
+            atlas_view: vk::ImageView::null(),
+            push: ash::khr::push_descriptor::Device::new(ctx.instance(), ctx.device()),
+            lods: meshes.lods,
+            ground: meshes.ground,
+            vertices: None,
+            indices: None,
+            frame: None,
+            species: None,
+        };
+        match this.build(ctx, color_format, depth_format, atlas_page, &meshes) {
+            Ok(()) => Ok(this),
+            Err(e) => {
+                // SAFETY: nothing was recorded with the pass yet.
+                unsafe { this.destroy_objects(ctx) };
+                this.retire_buffers(ctx, 0);
+                Err(e)
+            }
+        }
+    }
+
+    /// Index count, first index and vertex offset of each LOD's mesh, for
+    /// [`CullPass::with_records`].
+    pub fn lod_meshes(&self) -> [DrawIndexedIndirect; 3] {
+        self.lods
+    }
+
+    fn build(
+        &mut self,
+        ctx: &Context,
+        color_format: vk::Format,
+        depth_format: vk::Format,
+        atlas_page: &Image,
+        meshes: &Meshes,
+    ) -> Result<()> {
+        let d = ctx.device();
+        let host_buffer = |name, bytes: &[u8], usage| -> Result<Buffer> {
+            let mut b = ctx.memory().create_buffer(&BufferDesc {
+                name,
+                size: bytes.len() as u64,
+                usage,
+                location: MemoryLocation::CpuToGpu,
+                category: Category::Other,
+            })?;
+            let m = b
+                .mapped_mut()
+                .ok_or_else(|| Error::Unsupported(format!("{name}: not host-visible")))?;
+            m[..bytes.len()].copy_from_slice(bytes);
+            Ok(b)
+        };
+        self.vertices = Some(host_buffer(
+            "draw vertices",
+            bytemuck::cast_slice(&meshes.vertices),
+            vk::BufferUsageFlags::VERTEX_BUFFER,
+        )?);
+        self.indices = Some(host_buffer(
+            "draw indices",
+            bytemuck::cast_slice(&meshes.indices),
+            vk::BufferUsageFlags::INDEX_BUFFER,
+        )?);
+        let gpu_buffer = |name, size, usage| {
+            ctx.memory().create_buffer(&BufferDesc {
+                name,
+                size,
+                usage: usage | vk::BufferUsageFlags::TRANSFER_DST,
+                location: MemoryLocation::GpuOnly,
+                category: Category::Other,
+            })
+        };
+        self.frame = Some(gpu_buffer(
+            "draw frame",
+            size_of::<DrawFrame>() as u64,
+            vk::BufferUsageFlags::UNIFORM_BUFFER,
+        )?);
+        self.species = Some(gpu_buffer(
+            "draw species",
+            (MAX_SPECIES * 16) as u64,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+        )?);
+
+        let view_info = vk::ImageViewCreateInfo::default()
+            .image(atlas_page.raw())
+            .view_type(vk::ImageViewType::TYPE_2D)
+            .format(atlas_page.format())
+            .subresource_range(vk::ImageSubresourceRange {
+                aspect_mask: vk::ImageAspectFlags::COLOR,
+                base_mip_level: 0,
+                level_count: atlas_page.mip_levels(),
+                base_array_layer: 0,
+                layer_count: 1,
+            });
+        // SAFETY: the page is a live 2D colour image of this device with these mips.
+        self.atlas_view = unsafe { d.create_image_view(&view_info, None) }
+            .map_err(vk_err("vkCreateImageView"))?;
+        let sampler_info = vk::SamplerCreateInfo::default()
+            .mag_filter(vk::Filter::LINEAR)
+            .min_filter(vk::Filter::LINEAR)
+            .mipmap_mode(vk::SamplerMipmapMode::LINEAR)
+            .address_mode_u(vk::SamplerAddressMode::CLAMP_TO_EDGE)
+            .address_mode_v(vk::SamplerAddressMode::CLAMP_TO_EDGE)
+            .address_mode_w(vk::SamplerAddressMode::CLAMP_TO_EDGE)
+            .max_lod(vk::LOD_CLAMP_NONE);
+        // SAFETY: valid create info.
+        self.sampler =
+            unsafe { d.create_sampler(&sampler_info, None) }.map_err(vk_err("vkCreateSampler"))?;
+
+        let stages = vk::ShaderStageFlags::VERTEX | vk::ShaderStageFlags::FRAGMENT;
+        let binding = |b: u32, t| {
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(b)
+                .descriptor_type(t)
+                .descriptor_count(1)
+                .stage_flags(stages)
+        };
+        let bindings = [
+            binding(0, vk::DescriptorType::UNIFORM_BUFFER),
+            binding(1, vk::DescriptorType::STORAGE_BUFFER),
+            binding(2, vk::DescriptorType::STORAGE_BUFFER),
+            binding(3, vk::DescriptorType::SAMPLED_IMAGE),
+            binding(4, vk::DescriptorType::SAMPLER),
+        ];
+        let info = vk::DescriptorSetLayoutCreateInfo::default()
+            .bindings(&bindings)
+            .flags(vk::DescriptorSetLayoutCreateFlags::PUSH_DESCRIPTOR_KHR);
+        // SAFETY: valid info; push descriptors are enabled (checked in new).
+        self.set_layout = unsafe { d.create_descriptor_set_layout(&info, None) }
+            .map_err(vk_err("vkCreateDescriptorSetLayout"))?;
+        let ranges = [vk::PushConstantRange::default()
+            .stage_flags(vk::ShaderStageFlags::VERTEX)
+            .size(4)];
+        let sets = [self.set_layout];
+        let info = vk::PipelineLayoutCreateInfo::default()
+            .set_layouts(&sets)
+            .push_constant_ranges(&ranges);
+        // SAFETY: valid info referencing a live set layout.
+        self.layout = unsafe { d.create_pipeline_layout(&info, None) }
+            .map_err(vk_err("vkCreatePipelineLayout"))?;
+
+        let code = ash::util::read_spv(&mut std::io::Cursor::new(shaders::DRAW))
+            .map_err(|e| Error::InvalidInput(format!("not SPIR-V: {e}")))?;
+        // SAFETY: code is SPIR-V validated by naga at build time.
+        let module = unsafe {
+            d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&code), None)
+        }
+        .map_err(vk_err("vkCreateShaderModule"))?;
+        let stage_infos = [
+            vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::VERTEX)
+                .module(module)
+                .name(c"vs_main"),
+            vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::FRAGMENT)
+                .module(module)
+                .name(c"fs_main"),
+        ];
+        let vb = [vk::VertexInputBindingDescription {
+            binding: 0,
+            stride: size_of::<Vertex>() as u32,
+            input_rate: vk::VertexInputRate::VERTEX,
+        }];
+        let attr = |location, format, offset: usize| vk::VertexInputAttributeDescription {
+            location,
+            binding: 0,
+            format,
+            offset: offset as u32,
+        };
+        let attrs = [
+            attr(
+                0,
+                vk::Format::R32G32B32_SFLOAT,
+                std::mem::offset_of!(Vertex, position),
+            ),
+            attr(
+                1,
+                vk::Format::R32G32B32_SFLOAT,
+                std::mem::offset_of!(Vertex, normal),
+            ),
+            attr(
+                2,
+                vk::Format::R32G32_SFLOAT,
+                std::mem::offset_of!(Vertex, uv),
+            ),
+            attr(
+                3,
+                vk::Format::R8G8B8A8_UNORM,
+                std::mem::offset_of!(Vertex, color),
+            ),
+        ];
+        let vertex_input = vk::PipelineVertexInputStateCreateInfo::default()
+            .vertex_binding_descriptions(&vb)
+            .vertex_attribute_descriptions(&attrs);
+        let assembly = vk::PipelineInputAssemblyStateCreateInfo::default()
+            .topology(vk::PrimitiveTopology::TRIANGLE_LIST);
+        let viewport = vk::PipelineViewportStateCreateInfo::default()
+            .viewport_count(1)
+            .scissor_count(1);
+        let raster = vk::PipelineRasterizationStateCreateInfo::default()
+            .polygon_mode(vk::PolygonMode::FILL)
+            .cull_mode(vk::CullModeFlags::NONE)
+            .front_face(vk::FrontFace::COUNTER_CLOCKWISE)
+            .line_width(1.0);
+        let multisample = vk::PipelineMultisampleStateCreateInfo::default()
+            .rasterization_samples(vk::SampleCountFlags::TYPE_1);
+        let depth = vk::PipelineDepthStencilStateCreateInfo::default()
+            .depth_test_enable(true)
+            .depth_write_enable(true)
+            .depth_compare_op(vk::CompareOp::LESS);
+        let blend_attachments = [vk::PipelineColorBlendAttachmentState::default()
+            .color_write_mask(vk::ColorComponentFlags::RGBA)];
+        let blend =
+            vk::PipelineColorBlendStateCreateInfo::default().attachments(&blend_attachments);
+        let dynamic_states = [vk::DynamicState::VIEWPORT, vk::DynamicState::SCISSOR];
+        let dynamic = vk::PipelineDynamicStateCreateInfo::default().dynamic_states(&dynamic_states);
+        let color_formats = [color_format];
+        let mut rendering = vk::PipelineRenderingCreateInfo::default()
+            .color_attachment_formats(&color_formats)
+            .depth_attachment_format(depth_format);
+        let info = [vk::GraphicsPipelineCreateInfo::default()
+            .stages(&stage_infos)
+            .vertex_input_state(&vertex_input)
+            .input_assembly_state(&assembly)
+            .viewport_state(&viewport)
+            .rasterization_state(&raster)
+            .multisample_state(&multisample)
+            .depth_stencil_state(&depth)
+            .color_blend_state(&blend)
+            .dynamic_state(&dynamic)
+            .layout(self.layout)
+            .push_next(&mut rendering)];
+        // SAFETY: every state struct is valid and lives for the call; module and layout are
+        // live; dynamic rendering is enabled (checked in new).
+        let pipelines =
+            unsafe { d.create_graphics_pipelines(vk::PipelineCache::null(), &info, None) };
+        // SAFETY: the module is no longer needed once the pipeline exists (or failed).
+        unsafe { d.destroy_shader_module(module, None) };
+        self.pipeline = pipelines
+            .map_err(|(_, e)| e)
+            .map_err(vk_err("vkCreateGraphicsPipelines"))?[0];
+        Ok(())
+    }
+
+    fn get(b: &Option<Buffer>) -> Result<&Buffer> {
+        b.as_ref()
+            .ok_or_else(|| Error::InvalidInput("draw pass was destroyed".into()))
+    }
+
+    /// Records the frame constants and the species table (UV rectangles, min u, min v, max u,
+    /// max v, indexed by species id), with the barriers that order them after the previous
+    /// frame's draws and before this frame's. `frame.params` x and z are filled in here.
+    ///
+    /// # Safety
+    /// `cmd` must be recording on `ctx`'s device, outside any rendering scope.
+    pub unsafe fn prepare(
+        &self,
+        ctx: &Context,
+        cmd: vk::CommandBuffer,
+        cull: &CullPass,
+        frame: &DrawFrame,
+        species_uv: &[[f32; 4]],
+    ) -> Result<()> {
+        if species_uv.len() > MAX_SPECIES {
+            return Err(Error::InvalidInput(format!(
+                "{} species, the draw pass holds {MAX_SPECIES}",
+                species_uv.len()
+            )));
+        }
+        let mut f = *frame;
+        f.params[0] = cull.capacity();
+        f.params[2] = species_uv.len() as u32;
+        let (fb, sb) = (Self::get(&self.frame)?, Self::get(&self.species)?);
+        let d = ctx.device();
+        let readers =
+            vk::PipelineStageFlags::VERTEX_SHADER | vk::PipelineStageFlags::FRAGMENT_SHADER;
+        let reads = vk::AccessFlags::UNIFORM_READ | vk::AccessFlags::SHADER_READ;
+        let barrier = |src, dst| {
+            [vk::MemoryBarrier::default()
+                .src_access_mask(src)
+                .dst_access_mask(dst)]
+        };
+        // SAFETY: cmd is recording outside rendering (caller); both buffers are live, the data
+        // fits (checked above) and is a multiple of 4 bytes.
+        unsafe {
+            d.cmd_pipeline_barrier(
+                cmd,
+                readers,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &barrier(vk::AccessFlags::empty(), vk::AccessFlags::TRANSFER_WRITE),
+                &[],
+                &[],
+            );
+            d.cmd_update_buffer(cmd, fb.raw(), 0, bytemuck::bytes_of(&f));
+            if !species_uv.is_empty() {
+                d.cmd_update_buffer(cmd, sb.raw(), 0, bytemuck::cast_slice(species_uv));
+            }
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                readers,
+                vk::DependencyFlags::empty(),
+                &barrier(vk::AccessFlags::TRANSFER_WRITE, reads),
+                &[],
+                &[],
+            );
+        }
+        Ok(())
+    }
+
+    /// Records the ground and the three indirect draws (full, medium, billboard) over the whole
+    /// `extent`.
+    ///
+    /// # Safety
+    /// `cmd` must be recording inside a dynamic-rendering scope whose attachments have the
+    /// formats given to [`DrawPass::new`]; [`CullPass::record`] (with records) and
+    /// [`DrawPass::prepare`] must have been recorded before it in submission order; the atlas
+    /// page must be in `SHADER_READ_ONLY_OPTIMAL` layout (as `Vegetation::record` leaves it).
+    pub unsafe fn record(
+        &self,
+        ctx: &Context,
+        cmd: vk::CommandBuffer,
+        cull: &CullPass,
+        extent: vk::Extent2D,
+    ) -> Result<()> {
+        let d = ctx.device();
+        let (vb, ib, fb, sb) = (
+            Self::get(&self.vertices)?,
+            Self::get(&self.indices)?,
+            Self::get(&self.frame)?,
+            Self::get(&self.species)?,
+        );
+        let (records, args) = (cull.records()?, cull.args()?);
+        let buf = |b: &Buffer| {
+            [vk::DescriptorBufferInfo::default()
+                .buffer(b.raw())
+                .range(vk::WHOLE_SIZE)]
+        };
+        let (fi, ri, si) = (buf(fb), buf(records), buf(sb));
+        let image = [vk::DescriptorImageInfo::default()
+            .image_view(self.atlas_view)
+            .image_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
+        let sampler = [vk::DescriptorImageInfo::default().sampler(self.sampler)];
+        let writes = [
+            vk::WriteDescriptorSet::default()
+                .dst_binding(0)
+                .descriptor_type(vk::DescriptorType::UNIFORM_BUFFER)
+                .buffer_info(&fi),
+            vk::WriteDescriptorSet::default()
+                .dst_binding(1)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .buffer_info(&ri),
+            vk::WriteDescriptorSet::default()
+                .dst_binding(2)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .buffer_info(&si),
+            vk::WriteDescriptorSet::default()
+                .dst_binding(3)
+                .descriptor_type(vk::DescriptorType::SAMPLED_IMAGE)
+                .image_info(&image),
+            vk::WriteDescriptorSet::default()
+                .dst_binding(4)
+                .descriptor_type(vk::DescriptorType::SAMPLER)
+                .image_info(&sampler),
+        ];
+        let stride = size_of::<DrawIndexedIndirect>() as u64;
+        // SAFETY (whole body): cmd is recording inside a compatible rendering scope (caller);
+        // every buffer, view and sampler is live; the indirect arguments were finalized by the
+        // cull pass, whose closing barrier covers DRAW_INDIRECT and the vertex stage; each draw
+        // reads `records` only within its LOD's list (instance counts are clamped to capacity).
+        unsafe {
+            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::GRAPHICS, self.pipeline);
+            d.cmd_set_viewport(
+                cmd,
+                0,
+                &[vk::Viewport {
+                    x: 0.0,
+                    y: 0.0,
+                    width: extent.width as f32,
+                    height: extent.height as f32,
+                    min_depth: 0.0,
+                    max_depth: 1.0,
+                }],
+            );
+            d.cmd_set_scissor(
+                cmd,
+                0,
+                &[vk::Rect2D {
+                    offset: vk::Offset2D::default(),
+                    extent,
+                }],
+            );
+            self.push.cmd_push_descriptor_set(
+                cmd,
+                vk::PipelineBindPoint::GRAPHICS,
+                self.layout,
+                0,
+                &writes,
+            );
+            d.cmd_bind_vertex_buffers(cmd, 0, &[vb.raw()], &[0]);
+            d.cmd_bind_index_buffer(cmd, ib.raw(), 0, vk::IndexType::UINT32);
+            d.cmd_push_constants(
+                cmd,
+                self.layout,
+                vk::ShaderStageFlags::VERTEX,
+                0,
+                &1u32.to_le_bytes(),
+            );
+            let g = self.ground;
+            d.cmd_draw_indexed(cmd, g.index_count, 1, g.first_index, g.vertex_offset, 0);
+            d.cmd_push_constants(
+                cmd,
+                self.layout,
+                vk::ShaderStageFlags::VERTEX,
+                0,
+                &0u32.to_le_bytes(),
+            );
+            for l in 0..3u64 {
+                d.cmd_draw_indexed_indirect(cmd, args.raw(), l * stride, 1, stride as u32);
+            }
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// The GPU must have finished every submission that used the pass.
+    unsafe fn destroy_objects(&mut self, ctx: &Context) {
+        let d = ctx.device();
+        // SAFETY: idle (caller); null handles are ignored.
+        unsafe {
+            d.destroy_pipeline(self.pipeline, None);
+            d.destroy_pipeline_layout(self.layout, None);
+            d.destroy_descriptor_set_layout(self.set_layout, None);
+            d.destroy_sampler(self.sampler, None);
+            d.destroy_image_view(self.atlas_view, None);
+        }
+        self.pipeline = vk::Pipeline::null();
+        self.layout = vk::PipelineLayout::null();
+        self.set_layout = vk::DescriptorSetLayout::null();
+        self.sampler = vk::Sampler::null();
+        self.atlas_view = vk::ImageView::null();
+    }
+
+    fn retire_buffers(&mut self, ctx: &Context, value: u64) {
+        for b in [
+            self.vertices.take(),
+            self.indices.take(),
+            self.frame.take(),
+            self.species.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Err(e) = ctx.retire(b, value) {
+                log::error!("draw pass: {e}");
+            }
+        }
+    }
+
+    /// Waits for the context's last submission, destroys the pipeline, view and sampler, and
+    /// retires the buffers.
+    pub fn destroy(mut self, ctx: &Context) -> Result<()> {
+        let last = ctx.timeline().last_submitted();
+        ctx.timeline()
+            .wait(last, std::time::Duration::from_secs(30))?;
+        // SAFETY: every submission so far has completed.
+        unsafe { self.destroy_objects(ctx) };
+        self.retire_buffers(ctx, last);
+        Ok(())
+    }
+}
+
+impl Drop for DrawPass {
+    fn drop(&mut self) {
+        if self.pipeline != vk::Pipeline::null() && !std::thread::panicking() {
+            log::error!("leak: DrawPass dropped without destroy()");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meshes_index_inside_their_own_vertices() {
+        let m = Meshes::trees();
+        let next = |d: &DrawIndexedIndirect| d.vertex_offset as usize;
+        let mut ends: Vec<usize> = m.lods.iter().chain([&m.ground]).map(next).collect();
+        ends.push(m.vertices.len());
+        for (k, d) in m.lods.iter().chain([&m.ground]).enumerate() {
+            let count = ends[k + 1] - ends[k];
+            let idx = &m.indices[d.first_index as usize..(d.first_index + d.index_count) as usize];
+            assert!(!idx.is_empty() && idx.len() % 3 == 0, "mesh {k}");
+            assert!(idx.iter().all(|&i| (i as usize) < count), "mesh {k}");
+        }
+        // Full detail has more triangles than medium, medium more than the billboard.
+        assert!(m.lods[0].index_count > m.lods[1].index_count);
+        assert!(m.lods[1].index_count > m.lods[2].index_count);
+        // Every tree vertex fits the cull radius of 1 around the base.
+        for v in &m.vertices[..m.ground.vertex_offset as usize] {
+            assert!(Vec3::from_array(v.position).length() <= 1.0 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn billboard_texture_is_opaque_inside_and_clear_outside() {
+        let (w, h) = (32u32, 64u32);
+        let t = tree_billboard(w, h, 1);
+        assert_eq!(t.len(), (w * h * 4) as usize);
+        let alpha = |x: u32, y: u32| t[((y * w + x) * 4 + 3) as usize];
+        assert_eq!(alpha(w / 2, h / 2), 255, "crown centre");
+        assert_eq!(alpha(0, 0), 0, "top-left corner");
+        assert_eq!(alpha(w / 2, h - 1), 255, "trunk");
+        assert_eq!(alpha(0, h - 1), 0, "beside the trunk");
+    }
+}

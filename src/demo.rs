@@ -42,8 +42,8 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Vegetation memory cap in bytes (`None`: the controller's default).
     pub budget_bytes: Option<u64>,
-    /// Shrink the budget mid-flight (to a third of what is held at 40% of the frames) and
-    /// restore it at 70%.
+    /// Shrink the budget mid-flight (instance memory to a third of what is held at 40% of the
+    /// frames) and restore it at 70%.
     pub squeeze: bool,
     /// PNG output: the last frame, or with `png_every` every N frames (`{frame}` in the
     /// path is replaced by the zero-padded frame number).
@@ -61,8 +61,8 @@ pub struct DemoConfig {
 impl Default for DemoConfig {
     fn default() -> Self {
         Self {
-            instances: 200_000,
-            frames: 600,
+            instances: 100_000,
+            frames: 300,
             width: 640,
             height: 360,
             seed: 1,
@@ -110,6 +110,11 @@ pub struct DemoReport {
     pub peak_drawn: [u32; 3],
     /// Frames whose LOD lists overflowed (instances not drawn).
     pub overflow_frames: u64,
+    /// Median GPU time of the cull pass (uploads included) per frame, milliseconds (`None`
+    /// without timestamps on the queue).
+    pub gpu_cull_ms: Option<f64>,
+    /// Median GPU time of the draw (ground and three indirect draws) per frame, milliseconds.
+    pub gpu_draw_ms: Option<f64>,
     /// PNGs written.
     pub pngs: Vec<PathBuf>,
     /// Whether the validation layer was on.
@@ -378,6 +383,18 @@ fn image_barrier<'a>(
         .subresource_range(range(aspect))
 }
 
+fn slots_of(ctx: &Context) -> u32 {
+    ctx.frames_in_flight().max(1)
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
 /// The path of the PNG for `frame`: `{frame}` replaced by the zero-padded number.
 fn png_path(pattern: &Path, frame: u64) -> PathBuf {
     let s = pattern.to_string_lossy();
@@ -505,6 +522,7 @@ struct Passes {
     cull: Option<CullPass>,
     target: Option<Target>,
     counters: Vec<(Buffer, u64)>,
+    queries: vk::QueryPool,
 }
 
 impl Passes {
@@ -527,6 +545,9 @@ impl Passes {
         for (b, _) in self.counters.drain(..) {
             first = first.and(ctx.retire(b, last));
         }
+        // SAFETY: the ring's destroy waited for every submission that wrote the queries.
+        unsafe { ctx.device().destroy_query_pool(self.queries, None) };
+        self.queries = vk::QueryPool::null();
         first
     }
 }
@@ -544,6 +565,7 @@ fn fly(
         cull: None,
         target: None,
         counters: Vec::new(),
+        queries: vk::QueryPool::null(),
     };
     let result = fly_with(ctx, veg, config, cap, fog_m, &mut passes);
     let destroyed = passes.destroy(ctx);
@@ -595,7 +617,7 @@ fn fly_with(
         .as_ref()
         .ok_or_else(|| Error::InvalidInput("target".into()))?;
     passes.ring = Some(FrameRing::new(ctx)?);
-    for _ in 0..ctx.frames_in_flight() {
+    for _ in 0..slots_of(ctx) {
         passes.counters.push((
             ctx.memory().create_buffer(&BufferDesc {
                 name: "demo counters readback",
@@ -607,6 +629,27 @@ fn fly_with(
             0,
         ));
     }
+    // Three timestamps per frame slot (start, after the cull, after the draw), where the
+    // queue has timestamps.
+    // SAFETY: the physical device belongs to the context's instance.
+    let families = unsafe {
+        ctx.instance()
+            .get_physical_device_queue_family_properties(ctx.adapter().handle)
+    };
+    let timestamps = families
+        .get(ctx.queue_family() as usize)
+        .is_some_and(|f| f.timestamp_valid_bits > 0)
+        && ctx.adapter().timestamp_period_ns > 0.0;
+    if timestamps {
+        let info = vk::QueryPoolCreateInfo::default()
+            .query_type(vk::QueryType::TIMESTAMP)
+            .query_count(slots_of(ctx) * 3);
+        // SAFETY: valid create info.
+        passes.queries = unsafe { ctx.device().create_query_pool(&info, None) }
+            .map_err(crate::error::vk_err("vkCreateQueryPool"))?;
+    }
+    let mut cull_ms = Vec::with_capacity(config.frames as usize);
+    let mut draw_ms = Vec::with_capacity(config.frames as usize);
     let ring = passes
         .ring
         .as_mut()
@@ -654,6 +697,8 @@ fn fly_with(
         deferred_frees: 0,
         peak_drawn: [0; 3],
         overflow_frames: 0,
+        gpu_cull_ms: None,
+        gpu_draw_ms: None,
         pngs: Vec::new(),
         validation: ctx.validation_enabled(),
         leaks: 0,
@@ -668,8 +713,10 @@ fn fly_with(
     let slots = passes.counters.len();
     for f in 0..config.frames {
         if config.squeeze && f == squeeze_at {
-            let held = veg.stats(ctx).held;
-            let squeezed = (held / 3).max(1 << 20);
+            // Instance memory down to a third; the atlas (not evictable) keeps its share.
+            let stats = veg.stats(ctx);
+            let atlas = stats.memory.categories[Category::Atlas].live_bytes;
+            let squeezed = (atlas + stats.held.saturating_sub(atlas) / 3).max(1 << 20);
             veg.set_budget_cap(squeezed)?;
             say(format!(
                 "frame {f}: squeeze: vegetation cap {:.1} MiB -> {:.1} MiB",
@@ -719,12 +766,32 @@ fn fly_with(
                 if let Some(m) = buf.mapped() {
                     let c: [u32; COUNTERS] = bytemuck::pod_read_unaligned(&m[..COUNTERS * 4]);
                     gpu_lod = [c[0], c[1], c[2]];
-                    for l in 0..3 {
-                        report.peak_drawn[l] = report.peak_drawn[l].max(c[l].min(capacity));
+                    for (peak, n) in report.peak_drawn.iter_mut().zip(c) {
+                        *peak = (*peak).max(n.min(capacity));
                     }
                     if c[4] + c[5] + c[6] > 0 {
                         report.overflow_frames += 1;
                     }
+                }
+                if timestamps {
+                    let mut t = [0u64; 3];
+                    // SAFETY: the three queries of this slot were written by the submission
+                    // waited for above.
+                    unsafe {
+                        ctx.device().get_query_pool_results(
+                            passes.queries,
+                            slot as u32 * 3,
+                            &mut t,
+                            vk::QueryResultFlags::TYPE_64,
+                        )
+                    }
+                    .map_err(crate::error::vk_err("vkGetQueryPoolResults"))?;
+                    let ms = |a: u64, b: u64| {
+                        b.saturating_sub(a) as f64 * f64::from(ctx.adapter().timestamp_period_ns)
+                            / 1e6
+                    };
+                    cull_ms.push(ms(t[0], t[1]));
+                    draw_ms.push(ms(t[1], t[2]));
                 }
             }
         }
@@ -738,9 +805,22 @@ fn fly_with(
         // value end_frame receives; every buffer and image used is alive until retired with
         // that value or later; layouts and barriers follow the order documented per command.
         unsafe {
+            let q = slot as u32 * 3;
+            if timestamps {
+                d.cmd_reset_query_pool(cmd, passes.queries, q, 3);
+                d.cmd_write_timestamp(cmd, vk::PipelineStageFlags::TOP_OF_PIPE, passes.queries, q);
+            }
             veg.record(ctx, cmd)?;
             let sources: Vec<_> = veg.cull_sources().into_iter().map(|(s, _)| s).collect();
             cull.record(ctx, cmd, &sources, &view)?;
+            if timestamps {
+                d.cmd_write_timestamp(
+                    cmd,
+                    vk::PipelineStageFlags::BOTTOM_OF_PIPE,
+                    passes.queries,
+                    q + 1,
+                );
+            }
             draw.prepare(ctx, cmd, cull, &frame, &species_uv)?;
             // Previous frame's colour/transfer and depth uses before this frame's clears.
             let to_attachment = [
@@ -812,6 +892,14 @@ fn fly_with(
             d.cmd_begin_rendering(cmd, &rendering);
             draw.record(ctx, cmd, cull, extent)?;
             d.cmd_end_rendering(cmd);
+            if timestamps {
+                d.cmd_write_timestamp(
+                    cmd,
+                    vk::PipelineStageFlags::BOTTOM_OF_PIPE,
+                    passes.queries,
+                    q + 2,
+                );
+            }
             // GPU LOD counts for the stats line (read when this slot comes round again).
             d.cmd_copy_buffer(
                 cmd,
@@ -919,8 +1007,12 @@ fn fly_with(
             let fps = frames_since_line as f64 / last_line.elapsed().as_secs_f64();
             last_line = Instant::now();
             frames_since_line = 0;
+            let gpu = match (cull_ms.last(), draw_ms.last()) {
+                (Some(c), Some(d)) => format!(" | GPU cull {c:.2} ms draw {d:.2} ms"),
+                _ => String::new(),
+            };
             say(format!(
-                "frame {f}: {fps:.0} fps | held {:.1}/{:.1} MiB ({}) | quality {:.2} | tiles {}/{} | GPU drew full {} medium {} billboard {} | evictions {} | pending frees {}",
+                "frame {f}: {fps:.0} fps{gpu} | held {:.1}/{:.1} MiB ({}) | quality {:.2} | tiles {}/{} | GPU drew full {} medium {} billboard {} | evictions {} | pending frees {}",
                 stats.held as f64 / MIB,
                 stats.budget as f64 / MIB,
                 stats.budget_source,
@@ -937,6 +1029,8 @@ fn fly_with(
     }
     bar.finish_and_clear();
     report.seconds = started.elapsed().as_secs_f64();
+    report.gpu_cull_ms = median(&mut cull_ms);
+    report.gpu_draw_ms = median(&mut draw_ms);
     let stats = veg.stats(ctx);
     report.evictions = stats.evictions;
     report.uploads = stats.uploads;

@@ -28,10 +28,10 @@ enum Command {
     /// on leaks or validation messages.
     Demo {
         /// Trees in the world (millions are fine on a real GPU).
-        #[arg(long, default_value_t = 200_000)]
+        #[arg(long, default_value_t = 100_000)]
         instances: u64,
         /// Frames to fly (one lap around the world).
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 300)]
         frames: u64,
         /// Image size, WIDTHxHEIGHT.
         #[arg(long, default_value = "640x360")]
@@ -39,8 +39,8 @@ enum Command {
         /// Vegetation memory cap, e.g. 512MiB (default: the controller's 512 MiB).
         #[arg(long, value_name = "SIZE")]
         budget: Option<String>,
-        /// Shrink the budget mid-flight (to a third of what is held, from 40% to 70% of the
-        /// frames) to watch the controller work.
+        /// Shrink the budget mid-flight (instance memory to a third of what is held, from 40%
+        /// to 70% of the frames) to watch the controller work.
         #[arg(long)]
         squeeze: bool,
         /// Write the last frame as PNG; with --png-every, a pattern containing {frame}.
@@ -192,6 +192,9 @@ fn run(cli: Cli) -> understory::Result<()> {
                 "most drawn in a frame: full {}, medium {}, billboard {}; frames with list overflow {}",
                 r.peak_drawn[0], r.peak_drawn[1], r.peak_drawn[2], r.overflow_frames
             );
+            if let (Some(c), Some(d)) = (r.gpu_cull_ms, r.gpu_draw_ms) {
+                println!("GPU time per frame (median): uploads + cull {c:.3} ms, draw {d:.3} ms");
+            }
             println!(
                 "evictions {}, uploads {} ({} refused for the budget), deferred frees {}",
                 r.evictions, r.uploads, r.refused_uploads, r.deferred_frees

@@ -821,7 +821,7 @@ mod tests {
         for (k, d) in m.lods.iter().chain([&m.ground]).enumerate() {
             let count = ends[k + 1] - ends[k];
             let idx = &m.indices[d.first_index as usize..(d.first_index + d.index_count) as usize];
-            assert!(!idx.is_empty() && idx.len() % 3 == 0, "mesh {k}");
+            assert!(!idx.is_empty() && idx.len().is_multiple_of(3), "mesh {k}");
             assert!(idx.iter().all(|&i| (i as usize) < count), "mesh {k}");
         }
         // Full detail has more triangles than medium, medium more than the billboard.

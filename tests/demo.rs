@@ -1,0 +1,167 @@
+//! `understory demo` under (synchronization) validation: the forest is culled and drawn on the
+//! GPU, the PNG shows sky, ground and trees, `--lod-tint` shows all three bands, a squeeze makes
+//! the controller give memory back, and nothing leaks.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use understory::demo::{DemoConfig, DemoReport, run};
+
+fn config(dir: &Path, name: &str) -> DemoConfig {
+    DemoConfig {
+        instances: 30_000,
+        frames: 40,
+        width: 320,
+        height: 180,
+        png: Some(dir.join(name)),
+        progress: false,
+        stats_interval: Duration::ZERO,
+        ..Default::default()
+    }
+}
+
+fn temp_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("understory-demo-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// RGBA8 pixels and width of a PNG.
+fn read_png(path: &Path) -> (Vec<[u8; 4]>, usize) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgba);
+    let px = buf[..info.buffer_size()]
+        .chunks_exact(4)
+        .map(|c| [c[0], c[1], c[2], c[3]])
+        .collect();
+    (px, info.width as usize)
+}
+
+fn check_clean(r: &DemoReport) {
+    assert_eq!(r.leaks, 0, "leaks");
+    assert_eq!(r.validation_messages, 0, "validation messages");
+    assert!(r.validation, "validation was on");
+    assert!(r.passed());
+}
+
+fn share(px: &[[u8; 4]], f: impl Fn(&[u8; 4]) -> bool) -> f64 {
+    px.iter().filter(|p| f(p)).count() as f64 / px.len() as f64
+}
+
+#[test]
+fn the_demo_draws_a_forest_and_returns_every_byte() {
+    let Some(probe) = common::context("the_demo_draws_a_forest") else {
+        return;
+    };
+    drop(probe);
+    let dir = temp_dir("forest");
+    let r = run(&common::options(), &config(&dir, "forest.png")).expect("demo");
+    eprintln!("{r:?}");
+    check_clean(&r);
+    assert_eq!(r.frames, 40);
+    assert!(r.uploads > 0 && r.patches > 0);
+    assert!(
+        r.peak_drawn.iter().all(|&n| n > 0),
+        "the GPU drew every LOD: {:?}",
+        r.peak_drawn
+    );
+    assert_eq!(r.overflow_frames, 0);
+    assert_eq!(r.pngs.len(), 1);
+    let (px, w) = read_png(&r.pngs[0]);
+    assert_eq!(w, 320);
+    let h = px.len() / w;
+    let (top, bottom) = px.split_at(w * h / 4);
+    let sky = |p: &[u8; 4]| p[2] > p[1] && p[1] > p[0] && p[2] > 180;
+    let green = |p: &[u8; 4]| p[1] > p[0] && p[1] > p[2];
+    assert!(share(top, sky) > 0.9, "the top quarter is sky");
+    let bottom = &bottom[bottom.len() / 2..];
+    assert!(share(bottom, green) > 0.9, "the bottom is trees and ground");
+    // Trees are lit: the bottom has a spread of greens, not one flat colour.
+    let mut greens: Vec<u8> = bottom.iter().filter(|p| green(p)).map(|p| p[1]).collect();
+    greens.sort_unstable();
+    greens.dedup();
+    assert!(greens.len() > 20, "{} shades of green", greens.len());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn lod_tint_shows_all_three_bands() {
+    let Some(probe) = common::context("lod_tint_shows_all_three_bands") else {
+        return;
+    };
+    drop(probe);
+    let dir = temp_dir("tint");
+    let r = run(
+        &common::options(),
+        &DemoConfig {
+            lod_tint: true,
+            ..config(&dir, "tint.png")
+        },
+    )
+    .expect("demo");
+    check_clean(&r);
+    let (px, _) = read_png(&r.pngs[0]);
+    let red = share(&px, |p| p[0] > 110 && p[1] < 60 && p[2] < 60);
+    let yellow = share(&px, |p| p[0] > 110 && p[1] > 90 && p[2] < 60);
+    let blue = share(&px, |p| p[2] > 110 && p[0] < 60 && p[1] < 110);
+    eprintln!("red {red:.3} yellow {yellow:.3} blue {blue:.3}");
+    assert!(red > 0.01, "full detail (red)");
+    assert!(yellow > 0.01, "medium (yellow)");
+    assert!(blue > 0.001, "billboards (blue)");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_squeeze_makes_the_controller_give_memory_back() {
+    let Some(probe) = common::context("a_squeeze_makes_the_controller") else {
+        return;
+    };
+    drop(probe);
+    let dir = temp_dir("squeeze");
+    let r = run(
+        &common::options(),
+        &DemoConfig {
+            frames: 120,
+            squeeze: true,
+            png: None,
+            ..config(&dir, "unused.png")
+        },
+    )
+    .expect("demo");
+    eprintln!("{r:?}");
+    check_clean(&r);
+    assert!(r.min_quality < 1.0, "quality dropped: {}", r.min_quality);
+    assert!(r.evictions > 0, "tiles were evicted");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_demo_input_is_a_typed_error() {
+    let dir = temp_dir("bad");
+    let base = config(&dir, "x.png");
+    for bad in [
+        DemoConfig {
+            instances: 0,
+            ..base.clone()
+        },
+        DemoConfig {
+            width: 0,
+            ..base.clone()
+        },
+        DemoConfig {
+            png_every: Some(5),
+            ..base.clone()
+        },
+    ] {
+        match run(&common::options(), &bad) {
+            Err(understory::Error::InvalidInput(_)) => {}
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -42,8 +42,8 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Vegetation memory cap in bytes (`None`: the controller's default).
     pub budget_bytes: Option<u64>,
-    /// Shrink the budget mid-flight (instance memory to a third of what is held at 40% of the
-    /// frames) and restore it at 70%.
+    /// Shrink the budget mid-flight (instance memory to a third of what is held at 25% of the
+    /// frames) and restore it at 50%, leaving half the run to watch quality recover.
     pub squeeze: bool,
     /// PNG output: the last frame, or with `png_every` every N frames (`{frame}` in the
     /// path is replaced by the zero-padded frame number).
@@ -704,8 +704,8 @@ fn fly_with(
         leaks: 0,
         validation_messages: 0,
     };
-    let squeeze_at = config.frames * 2 / 5;
-    let release_at = config.frames * 7 / 10;
+    let squeeze_at = config.frames / 4;
+    let release_at = config.frames / 2;
     let started = Instant::now();
     let mut last_line = Instant::now();
     let mut frames_since_line = 0u64;

@@ -39,8 +39,8 @@ enum Command {
         /// Vegetation memory cap, e.g. 512MiB (default: the controller's 512 MiB).
         #[arg(long, value_name = "SIZE")]
         budget: Option<String>,
-        /// Shrink the budget mid-flight (instance memory to a third of what is held, from 40%
-        /// to 70% of the frames) to watch the controller work.
+        /// Shrink the budget mid-flight (instance memory to a third of what is held, from 25%
+        /// to 50% of the frames) to watch the controller work.
         #[arg(long)]
         squeeze: bool,
         /// Write the last frame as PNG; with --png-every, a pattern containing {frame}.

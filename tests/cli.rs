@@ -158,3 +158,65 @@ fn no_driver_is_a_clear_error_not_a_panic() {
         "names what to install: {err}"
     );
 }
+
+#[test]
+fn demo_prints_a_summary_and_writes_the_png() {
+    if !have_vulkan("demo_prints_a_summary") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("understory-cli-demo-{}", std::process::id()));
+    let png = dir.join("f{frame}.png");
+    let out = Command::new(bin())
+        .args([
+            "demo",
+            "--instances",
+            "5000",
+            "--frames",
+            "12",
+            "--size",
+            "160x90",
+            "--quiet",
+            "--png-every",
+            "5",
+            "--png",
+        ])
+        .arg(&png)
+        .env("UNDERSTORY_VALIDATION", "required")
+        .env_remove("UNDERSTORY_DEVICE")
+        .output()
+        .expect("run understory demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("12 frames"), "{stdout}");
+    assert!(
+        stdout.contains("leaks 0, validation messages 0"),
+        "{stdout}"
+    );
+    // Frames 0, 5, 10 and the last (11).
+    for f in [0, 5, 10, 11] {
+        let p = dir.join(format!("f{f:06}.png"));
+        assert!(p.exists(), "{} missing; {stdout}", p.display());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_demo_arguments_fail_with_a_message() {
+    for args in [
+        &["demo", "--budget", "lots"][..],
+        &["demo", "--size", "big"][..],
+        &["demo", "--png-every", "3"][..],
+    ] {
+        let out = understory(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("understory: error:") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

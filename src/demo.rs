@@ -96,6 +96,11 @@ pub struct DemoReport {
     pub peak_bytes: PerCategory<u64>,
     /// Highest vegetation bytes held (instances + atlas).
     pub peak_held: u64,
+    /// Highest heap usage of the device-local heap: the driver's with `VK_EXT_memory_budget`,
+    /// understory's own otherwise (see `budget_source`).
+    pub peak_heap_usage: u64,
+    /// That heap's budget at the same frame.
+    pub heap_budget: u64,
     /// Lowest LOD quality the controller chose.
     pub min_quality: f32,
     /// Tile evictions.
@@ -590,7 +595,7 @@ fn fly_with(
     let page = veg
         .atlas_page(0)
         .ok_or_else(|| Error::InvalidInput("no atlas page".into()))?;
-    passes.draw = Some(DrawPass::new(ctx, COLOR_FORMAT, DEPTH_FORMAT, page)?);
+    passes.draw = Some(DrawPass::new(ctx, COLOR_FORMAT, DEPTH_FORMAT, page, 0)?);
     let draw = passes
         .draw
         .as_ref()
@@ -690,6 +695,8 @@ fn fly_with(
         patches: 0,
         peak_bytes: PerCategory([0; 4]),
         peak_held: 0,
+        peak_heap_usage: 0,
+        heap_budget: 0,
         min_quality: f32::INFINITY,
         evictions: 0,
         uploads: 0,
@@ -734,12 +741,24 @@ fn fly_with(
         let (eye, look) = camera(f as f32 / config.frames as f32, world_size * 0.27);
         let start = ctx.begin_frame()?;
         let update = veg.update(ctx, &start, eye)?;
+        if let Some(h) = ctx
+            .memory()
+            .heaps()
+            .iter()
+            .position(|h| h.device_local)
+            .and_then(|i| start.heaps.get(i))
+        {
+            if h.budget.usage >= report.peak_heap_usage {
+                report.peak_heap_usage = h.budget.usage;
+                report.heap_budget = h.budget.budget;
+            }
+        }
         let quality = update.decision.quality;
         let mut proj = Mat4::perspective_rh(60f32.to_radians(), aspect, 0.5, fog_m * 1.5);
         // Vulkan's clip space has y pointing down.
         proj.y_axis.y = -proj.y_axis.y;
         let view_proj = proj * Mat4::look_at_rh(eye, look, Vec3::Y);
-        let view = CullView::new(view_proj, eye, 1.0, &veg.config().lod, quality)?;
+        let view = CullView::new(view_proj, eye, draw.radius(), &veg.config().lod, quality)?;
         let mut frame = DrawFrame::new(
             view_proj,
             eye,
@@ -748,15 +767,7 @@ fn fly_with(
             config.lod_tint,
         );
         frame.fog[3] = frame.fog[3].max(1.0);
-        let species_uv: Vec<[f32; 4]> = veg
-            .species_regions()
-            .iter()
-            .map(|r| {
-                r.map_or([0.0; 4], |r| {
-                    [r.uv_min[0], r.uv_min[1], r.uv_max[0], r.uv_max[1]]
-                })
-            })
-            .collect();
+        let species = veg.species_regions();
         let cmd = ring.begin(ctx)?;
         let slot = (f as usize) % slots;
         {
@@ -821,7 +832,7 @@ fn fly_with(
                     q + 1,
                 );
             }
-            draw.prepare(ctx, cmd, cull, &frame, &species_uv)?;
+            draw.prepare(ctx, cmd, cull, &frame, &species)?;
             // Previous frame's colour/transfer and depth uses before this frame's clears.
             let to_attachment = [
                 image_barrier(

@@ -189,6 +189,12 @@ fn run(cli: Cli) -> understory::Result<()> {
                 r.min_quality
             );
             println!(
+                "device-local heap usage peak {:.1} MiB of a {:.1} MiB budget ({})",
+                mib(r.peak_heap_usage),
+                mib(r.heap_budget),
+                r.budget_source
+            );
+            println!(
                 "most drawn in a frame: full {}, medium {}, billboard {}; frames with list overflow {}",
                 r.peak_drawn[0], r.peak_drawn[1], r.peak_drawn[2], r.overflow_frames
             );

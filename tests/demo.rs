@@ -165,3 +165,79 @@ fn bad_demo_input_is_a_typed_error() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The draw pass samples one atlas page: a species on another page is a typed error from
+/// `prepare`, not a wrong texture.
+#[test]
+fn a_species_on_another_atlas_page_is_refused() {
+    use ash::vk;
+    use understory::gpu::cull::{Compaction, CullPass};
+    use understory::gpu::draw::{DrawFrame, DrawPass};
+    use understory::vegetation::{SpeciesDesc, Vegetation, VegetationConfig};
+    let Some(ctx) = common::context("a_species_on_another_atlas_page") else {
+        return;
+    };
+    if !(ctx.extensions().dynamic_rendering && ctx.extensions().push_descriptor) {
+        common::skip("a_species_on_another_atlas_page", "no dynamic rendering");
+        common::finish(ctx, "atlas page");
+        return;
+    }
+    let mut veg = Vegetation::new(
+        &ctx,
+        VegetationConfig {
+            atlas_page_px: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let texels = understory::gpu::draw::tree_billboard(32, 48, 1);
+    for name in ["a", "b"] {
+        veg.register_species(
+            &ctx,
+            &SpeciesDesc {
+                name,
+                width: 32,
+                height: 48,
+                rgba8: &texels,
+            },
+        )
+        .unwrap();
+    }
+    let regions = veg.species_regions();
+    assert_eq!(
+        regions[1].map(|r| r.page),
+        Some(1),
+        "the second species needs page 1"
+    );
+    let draw = DrawPass::new(
+        &ctx,
+        vk::Format::R8G8B8A8_UNORM,
+        vk::Format::D32_SFLOAT,
+        veg.atlas_page(0).unwrap(),
+        0,
+    )
+    .unwrap();
+    let cull = CullPass::with_records(&ctx, Compaction::Atomic, 64, draw.lod_meshes()).unwrap();
+    let frame = DrawFrame::new(
+        glam::Mat4::IDENTITY,
+        glam::Vec3::ZERO,
+        100.0,
+        [0.0; 3],
+        false,
+    );
+    ctx.submit_and_wait(|cmd| {
+        // SAFETY: cmd is recording, outside any rendering scope.
+        let both = unsafe { draw.prepare(&ctx, cmd, &cull, &frame, &regions) };
+        assert!(
+            matches!(both, Err(understory::Error::Unsupported(_))),
+            "{both:?}"
+        );
+        // SAFETY: as above.
+        unsafe { draw.prepare(&ctx, cmd, &cull, &frame, &regions[..1]) }
+    })
+    .unwrap();
+    draw.destroy(&ctx).unwrap();
+    cull.destroy(&ctx).unwrap();
+    veg.release(&ctx).unwrap();
+    common::finish(ctx, "atlas page");
+}

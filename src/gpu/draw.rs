@@ -18,6 +18,7 @@ use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
 use crate::gpu::shaders;
 use crate::policy::category::Category;
+use crate::world::atlas::AtlasRegion;
 
 /// Species the table holds (16 bytes each; one `vkCmdUpdateBuffer` is at most 64 KiB).
 pub const MAX_SPECIES: usize = 1024;
@@ -152,6 +153,16 @@ impl Builder {
 }
 
 impl Meshes {
+    /// Distance from the base (the instance position) to the farthest vertex of any LOD mesh at
+    /// scale 1: the radius the cull pass must use ([`CullView`](crate::gpu::cull::CullView)'s
+    /// `radius_m`) so that nothing visible is culled.
+    pub fn radius(&self) -> f32 {
+        self.vertices[..self.ground.vertex_offset as usize]
+            .iter()
+            .map(|v| Vec3::from_array(v.position).length())
+            .fold(0.0, f32::max)
+    }
+
     /// A conifer (bark trunk and stacked foliage cones) at full (12 sides, 3 cones) and medium
     /// (5 sides, 2 cones) detail, the billboard quad and the ground quad.
     pub fn trees() -> Self {
@@ -299,9 +310,11 @@ pub struct DrawPass {
     pipeline: vk::Pipeline,
     sampler: vk::Sampler,
     atlas_view: vk::ImageView,
+    atlas_page: u32,
     push: ash::khr::push_descriptor::Device,
     lods: [DrawIndexedIndirect; 3],
     ground: DrawIndexedIndirect,
+    radius: f32,
     vertices: Option<Buffer>,
     indices: Option<Buffer>,
     frame: Option<Buffer>,
@@ -310,13 +323,15 @@ pub struct DrawPass {
 
 impl DrawPass {
     /// Builds the pipeline for colour and depth attachments of these formats, the meshes of
-    /// [`Meshes::trees`], and a view of `atlas_page` (the billboards' page; a page that is
-    /// replaced needs a new pass). Needs dynamic rendering and `VK_KHR_push_descriptor`.
+    /// [`Meshes::trees`], and a view of atlas page number `page_index`, `atlas_page` (the
+    /// billboards' page: every drawn species must be on it; a page that is replaced needs a new
+    /// pass). Needs dynamic rendering and `VK_KHR_push_descriptor`.
     pub fn new(
         ctx: &Context,
         color_format: vk::Format,
         depth_format: vk::Format,
         atlas_page: &Image,
+        page_index: u32,
     ) -> Result<Self> {
         let ext = ctx.extensions();
         if !(ext.dynamic_rendering && ext.push_descriptor) {
@@ -332,9 +347,11 @@ impl DrawPass {
             pipeline: vk::Pipeline::null(),
             sampler: vk::Sampler::null(),
             atlas_view: vk::ImageView::null(),
+            atlas_page: page_index,
             push: ash::khr::push_descriptor::Device::new(ctx.instance(), ctx.device()),
             lods: meshes.lods,
             ground: meshes.ground,
+            radius: meshes.radius(),
             vertices: None,
             indices: None,
             frame: None,
@@ -355,6 +372,11 @@ impl DrawPass {
     /// [`CullPass::with_records`].
     pub fn lod_meshes(&self) -> [DrawIndexedIndirect; 3] {
         self.lods
+    }
+
+    /// The meshes' bounding radius at scale 1 ([`Meshes::radius`]), for the cull view.
+    pub fn radius(&self) -> f32 {
+        self.radius
     }
 
     fn build(
@@ -576,9 +598,10 @@ impl DrawPass {
             .ok_or_else(|| Error::InvalidInput("draw pass was destroyed".into()))
     }
 
-    /// Records the frame constants and the species table (UV rectangles, min u, min v, max u,
-    /// max v, indexed by species id), with the barriers that order them after the previous
-    /// frame's draws and before this frame's. `frame.params` x and z are filled in here.
+    /// Records the frame constants and the species table (each species' atlas region,
+    /// indexed by species id as `Vegetation::species_regions` returns them), with the barriers
+    /// that order them after the previous frame's draws and before this frame's. `frame.params`
+    /// x and z are filled in here. A species on another atlas page than the pass's is an error.
     ///
     /// # Safety
     /// `cmd` must be recording on `ctx`'s device, outside any rendering scope.
@@ -588,13 +611,26 @@ impl DrawPass {
         cmd: vk::CommandBuffer,
         cull: &CullPass,
         frame: &DrawFrame,
-        species_uv: &[[f32; 4]],
+        species: &[Option<AtlasRegion>],
     ) -> Result<()> {
-        if species_uv.len() > MAX_SPECIES {
+        if species.len() > MAX_SPECIES {
             return Err(Error::InvalidInput(format!(
                 "{} species, the draw pass holds {MAX_SPECIES}",
-                species_uv.len()
+                species.len()
             )));
+        }
+        let mut species_uv = Vec::with_capacity(species.len());
+        for (id, r) in species.iter().enumerate() {
+            species_uv.push(match r {
+                Some(r) if r.page != self.atlas_page => {
+                    return Err(Error::Unsupported(format!(
+                        "species {id} is on atlas page {}; the draw pass samples page {}",
+                        r.page, self.atlas_page
+                    )));
+                }
+                Some(r) => [r.uv_min[0], r.uv_min[1], r.uv_max[0], r.uv_max[1]],
+                None => [0.0; 4],
+            });
         }
         let mut f = *frame;
         f.params[0] = cull.capacity();
@@ -623,7 +659,7 @@ impl DrawPass {
             );
             d.cmd_update_buffer(cmd, fb.raw(), 0, bytemuck::bytes_of(&f));
             if !species_uv.is_empty() {
-                d.cmd_update_buffer(cmd, sb.raw(), 0, bytemuck::cast_slice(species_uv));
+                d.cmd_update_buffer(cmd, sb.raw(), 0, bytemuck::cast_slice(&species_uv));
             }
             d.cmd_pipeline_barrier(
                 cmd,
@@ -827,9 +863,11 @@ mod tests {
         // Full detail has more triangles than medium, medium more than the billboard.
         assert!(m.lods[0].index_count > m.lods[1].index_count);
         assert!(m.lods[1].index_count > m.lods[2].index_count);
-        // Every tree vertex fits the cull radius of 1 around the base.
+        // Every tree vertex fits the cull radius around the base, which is a tight bound.
+        let r = m.radius();
+        assert!((1.0..1.1).contains(&r), "radius {r}");
         for v in &m.vertices[..m.ground.vertex_offset as usize] {
-            assert!(Vec3::from_array(v.position).length() <= 1.0 + 1e-6);
+            assert!(Vec3::from_array(v.position).length() <= r);
         }
     }
 

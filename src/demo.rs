@@ -377,15 +377,7 @@ fn image_barrier<'a>(
     from: (vk::ImageLayout, vk::AccessFlags),
     to: (vk::ImageLayout, vk::AccessFlags),
 ) -> vk::ImageMemoryBarrier<'a> {
-    vk::ImageMemoryBarrier::default()
-        .image(image)
-        .old_layout(from.0)
-        .new_layout(to.0)
-        .src_access_mask(from.1)
-        .dst_access_mask(to.1)
-        .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-        .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-        .subresource_range(range(aspect))
+    crate::gpu::compute::image_barrier(image, range(aspect), from, to)
 }
 
 fn slots_of(ctx: &Context) -> u32 {
@@ -971,17 +963,14 @@ fn fly_with(
                     }],
                 );
             }
-            let to_host = [vk::MemoryBarrier::default()
-                .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
-                .dst_access_mask(vk::AccessFlags::HOST_READ)];
-            d.cmd_pipeline_barrier(
+            crate::gpu::compute::memory_barrier(
+                ctx,
                 cmd,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::PipelineStageFlags::HOST,
-                vk::DependencyFlags::empty(),
-                &to_host,
-                &[],
-                &[],
+                (
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                ),
+                (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
             );
         }
         let value = ring.submit(ctx, cmd)?;

@@ -3,6 +3,7 @@
 use ash::vk;
 
 use crate::error::Result;
+use crate::gpu::compute::image_barrier;
 use crate::gpu::context::Context;
 use crate::gpu::memory::{Image, ImageDesc};
 use crate::policy::category::Category;
@@ -48,21 +49,14 @@ fn barrier<'a>(
     from: (vk::ImageLayout, vk::AccessFlags),
     to: (vk::ImageLayout, vk::AccessFlags),
 ) -> vk::ImageMemoryBarrier<'a> {
-    vk::ImageMemoryBarrier::default()
-        .image(image)
-        .old_layout(from.0)
-        .new_layout(to.0)
-        .src_access_mask(from.1)
-        .dst_access_mask(to.1)
-        .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-        .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
-        .subresource_range(vk::ImageSubresourceRange {
-            aspect_mask: vk::ImageAspectFlags::COLOR,
-            base_mip_level: levels.0,
-            level_count: levels.1,
-            base_array_layer: 0,
-            layer_count: 1,
-        })
+    let range = vk::ImageSubresourceRange {
+        aspect_mask: vk::ImageAspectFlags::COLOR,
+        base_mip_level: levels.0,
+        level_count: levels.1,
+        base_array_layer: 0,
+        layer_count: 1,
+    };
+    image_barrier(image, range, from, to)
 }
 
 /// Records: the page to transfer layout (cleared on first use), the region copies into mip 0,

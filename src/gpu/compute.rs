@@ -67,6 +67,49 @@ pub unsafe fn memory_barrier(
     };
 }
 
+/// An image memory barrier over `range` from one (layout, access) to another, no queue
+/// family transfer.
+pub(crate) fn image_barrier<'a>(
+    image: vk::Image,
+    range: vk::ImageSubresourceRange,
+    from: (vk::ImageLayout, vk::AccessFlags),
+    to: (vk::ImageLayout, vk::AccessFlags),
+) -> vk::ImageMemoryBarrier<'a> {
+    vk::ImageMemoryBarrier::default()
+        .image(image)
+        .old_layout(from.0)
+        .new_layout(to.0)
+        .src_access_mask(from.1)
+        .dst_access_mask(to.1)
+        .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+        .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+        .subresource_range(range)
+}
+
+/// Waits (up to 30 s) for the context's newest submission and returns its timeline value: what
+/// a pass's `destroy` does before destroying objects the GPU may still use.
+pub(crate) fn wait_last_submitted(ctx: &Context) -> Result<u64> {
+    let last = ctx.timeline().last_submitted();
+    ctx.timeline()
+        .wait(last, std::time::Duration::from_secs(30))?;
+    Ok(last)
+}
+
+/// Retires every buffer at `value`; a failure is logged with `owner` (the buffers are then
+/// handed back to their own context, see [`Context::retire`]).
+pub(crate) fn retire_all(
+    ctx: &Context,
+    buffers: impl IntoIterator<Item = Option<Buffer>>,
+    value: u64,
+    owner: &str,
+) {
+    for b in buffers.into_iter().flatten() {
+        if let Err(e) = ctx.retire(b, value) {
+            log::error!("{owner}: {e}");
+        }
+    }
+}
+
 /// A descriptor set layout for compute, binding `i` of type `types[i]`; with `push`, for
 /// `vkCmdPushDescriptorSetKHR`.
 pub(crate) fn set_layout(

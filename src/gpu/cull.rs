@@ -6,7 +6,9 @@ use ash::vk;
 use glam::{Mat4, Vec3, Vec4};
 
 use crate::error::{Error, Result};
-use crate::gpu::compute::{compute_pipeline, memory_barrier, pipeline_layout, set_layout};
+use crate::gpu::compute::{
+    compute_pipeline, memory_barrier, pipeline_layout, retire_all, set_layout, wait_last_submitted,
+};
 use crate::gpu::context::Context;
 use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use crate::gpu::shaders;
@@ -615,27 +617,19 @@ impl CullPass {
     }
 
     fn retire_buffers(&mut self, ctx: &Context, value: u64) {
-        for b in [
+        let buffers = [
             self.lists.take(),
             self.counters.take(),
             self.args.take(),
             self.view.take(),
             self.records.take(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if let Err(e) = ctx.retire(b, value) {
-                log::error!("cull pass: {e}");
-            }
-        }
+        ];
+        retire_all(ctx, buffers, value, "cull pass");
     }
 
     /// Waits for the context's last submission, destroys the pipelines and retires the buffers.
     pub fn destroy(mut self, ctx: &Context) -> Result<()> {
-        let last = ctx.timeline().last_submitted();
-        ctx.timeline()
-            .wait(last, std::time::Duration::from_secs(30))?;
+        let last = wait_last_submitted(ctx)?;
         // SAFETY: every submission so far has completed.
         unsafe { self.destroy_objects(ctx) };
         self.retire_buffers(ctx, last);

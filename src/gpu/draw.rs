@@ -13,6 +13,7 @@ use ash::vk;
 use glam::{Mat4, Vec3};
 
 use crate::error::{Error, Result, vk_err};
+use crate::gpu::compute::{retire_all, wait_last_submitted};
 use crate::gpu::context::Context;
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
@@ -808,27 +809,19 @@ impl DrawPass {
     }
 
     fn retire_buffers(&mut self, ctx: &Context, value: u64) {
-        for b in [
+        let buffers = [
             self.vertices.take(),
             self.indices.take(),
             self.frame.take(),
             self.species.take(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if let Err(e) = ctx.retire(b, value) {
-                log::error!("draw pass: {e}");
-            }
-        }
+        ];
+        retire_all(ctx, buffers, value, "draw pass");
     }
 
     /// Waits for the context's last submission, destroys the pipeline, view and sampler, and
     /// retires the buffers.
     pub fn destroy(mut self, ctx: &Context) -> Result<()> {
-        let last = ctx.timeline().last_submitted();
-        ctx.timeline()
-            .wait(last, std::time::Duration::from_secs(30))?;
+        let last = wait_last_submitted(ctx)?;
         // SAFETY: every submission so far has completed.
         unsafe { self.destroy_objects(ctx) };
         self.retire_buffers(ctx, last);

@@ -86,6 +86,25 @@ pub(crate) fn image_barrier<'a>(
         .subresource_range(range)
 }
 
+/// Destroys a pipeline, its layout and its set layout, and nulls the three handles.
+///
+/// # Safety
+/// The GPU must have finished every submission that used them.
+pub(crate) unsafe fn destroy_pipeline_objects(
+    ctx: &Context,
+    pipeline: &mut vk::Pipeline,
+    layout: &mut vk::PipelineLayout,
+    set_layout: &mut vk::DescriptorSetLayout,
+) {
+    let d = ctx.device();
+    // SAFETY: idle (caller); null handles are ignored by vkDestroy*.
+    unsafe {
+        d.destroy_pipeline(std::mem::take(pipeline), None);
+        d.destroy_pipeline_layout(std::mem::take(layout), None);
+        d.destroy_descriptor_set_layout(std::mem::take(set_layout), None);
+    }
+}
+
 /// Waits (up to 30 s) for the context's newest submission and returns its timeline value: what
 /// a pass's `destroy` does before destroying objects the GPU may still use.
 pub(crate) fn wait_last_submitted(ctx: &Context) -> Result<u64> {
@@ -344,18 +363,17 @@ impl ComputePipeline {
     /// # Safety
     /// The GPU must have finished every submission that used this pipeline.
     pub unsafe fn destroy(&mut self, ctx: &Context) {
-        let d = ctx.device();
         // SAFETY: idle (caller); null handles are ignored by vkDestroy*.
         unsafe {
-            d.destroy_descriptor_pool(self.pool, None);
-            d.destroy_pipeline(self.pipeline, None);
-            d.destroy_pipeline_layout(self.layout, None);
-            d.destroy_descriptor_set_layout(self.set_layout, None);
+            ctx.device()
+                .destroy_descriptor_pool(std::mem::take(&mut self.pool), None);
+            destroy_pipeline_objects(
+                ctx,
+                &mut self.pipeline,
+                &mut self.layout,
+                &mut self.set_layout,
+            );
         }
-        self.pool = vk::DescriptorPool::null();
-        self.pipeline = vk::Pipeline::null();
-        self.layout = vk::PipelineLayout::null();
-        self.set_layout = vk::DescriptorSetLayout::null();
         self.destroyed = true;
     }
 }

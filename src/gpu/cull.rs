@@ -7,7 +7,8 @@ use glam::{Mat4, Vec3, Vec4};
 
 use crate::error::{Error, Result};
 use crate::gpu::compute::{
-    compute_pipeline, memory_barrier, pipeline_layout, retire_all, set_layout, wait_last_submitted,
+    compute_pipeline, destroy_pipeline_objects, memory_barrier, pipeline_layout, retire_all,
+    set_layout, wait_last_submitted,
 };
 use crate::gpu::context::Context;
 use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
@@ -598,22 +599,21 @@ impl CullPass {
     /// # Safety
     /// The GPU must have finished every submission that used the pass.
     unsafe fn destroy_objects(&mut self, ctx: &Context) {
-        let d = ctx.device();
-        // SAFETY: idle (caller); null handles are ignored.
+        // SAFETY: idle (caller).
         unsafe {
-            d.destroy_pipeline(self.pipeline, None);
-            d.destroy_pipeline_layout(self.layout, None);
-            d.destroy_descriptor_set_layout(self.set_layout, None);
-            d.destroy_pipeline(self.fin_pipeline, None);
-            d.destroy_pipeline_layout(self.fin_layout, None);
-            d.destroy_descriptor_set_layout(self.fin_set_layout, None);
+            destroy_pipeline_objects(
+                ctx,
+                &mut self.pipeline,
+                &mut self.layout,
+                &mut self.set_layout,
+            );
+            destroy_pipeline_objects(
+                ctx,
+                &mut self.fin_pipeline,
+                &mut self.fin_layout,
+                &mut self.fin_set_layout,
+            );
         }
-        self.pipeline = vk::Pipeline::null();
-        self.fin_pipeline = vk::Pipeline::null();
-        self.layout = vk::PipelineLayout::null();
-        self.fin_layout = vk::PipelineLayout::null();
-        self.set_layout = vk::DescriptorSetLayout::null();
-        self.fin_set_layout = vk::DescriptorSetLayout::null();
     }
 
     fn retire_buffers(&mut self, ctx: &Context, value: u64) {

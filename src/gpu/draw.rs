@@ -13,7 +13,7 @@ use ash::vk;
 use glam::{Mat4, Vec3};
 
 use crate::error::{Error, Result, vk_err};
-use crate::gpu::compute::{retire_all, wait_last_submitted};
+use crate::gpu::compute::{destroy_pipeline_objects, retire_all, wait_last_submitted};
 use crate::gpu::context::Context;
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
@@ -795,17 +795,15 @@ impl DrawPass {
         let d = ctx.device();
         // SAFETY: idle (caller); null handles are ignored.
         unsafe {
-            d.destroy_pipeline(self.pipeline, None);
-            d.destroy_pipeline_layout(self.layout, None);
-            d.destroy_descriptor_set_layout(self.set_layout, None);
-            d.destroy_sampler(self.sampler, None);
-            d.destroy_image_view(self.atlas_view, None);
+            destroy_pipeline_objects(
+                ctx,
+                &mut self.pipeline,
+                &mut self.layout,
+                &mut self.set_layout,
+            );
+            d.destroy_sampler(std::mem::take(&mut self.sampler), None);
+            d.destroy_image_view(std::mem::take(&mut self.atlas_view), None);
         }
-        self.pipeline = vk::Pipeline::null();
-        self.layout = vk::PipelineLayout::null();
-        self.set_layout = vk::DescriptorSetLayout::null();
-        self.sampler = vk::Sampler::null();
-        self.atlas_view = vk::ImageView::null();
     }
 
     fn retire_buffers(&mut self, ctx: &Context, value: u64) {

@@ -63,6 +63,40 @@ struct Readback {
     guard_intact: bool,
 }
 
+/// Records copies of `(source, offset in read, bytes)` into `read` and the barrier that makes
+/// them visible to the host.
+///
+/// # Safety
+/// `cmd` must be recording outside a render pass; every range must fit.
+unsafe fn copy_to_host(
+    ctx: &Context,
+    cmd: vk::CommandBuffer,
+    read: &Buffer,
+    parts: &[(&Buffer, u64, u64)],
+) {
+    let d = ctx.device();
+    // SAFETY: as the caller vouched.
+    unsafe {
+        for (src, at, size) in parts {
+            let region = vk::BufferCopy {
+                src_offset: 0,
+                dst_offset: *at,
+                size: *size,
+            };
+            d.cmd_copy_buffer(cmd, src.raw(), read.raw(), &[region]);
+        }
+        understory::gpu::compute::memory_barrier(
+            ctx,
+            cmd,
+            (
+                vk::PipelineStageFlags::TRANSFER,
+                vk::AccessFlags::TRANSFER_WRITE,
+            ),
+            (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
+        );
+    }
+}
+
 /// Runs the pass over `sources` and reads everything back.
 fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullView) -> Readback {
     let cap = pass.capacity() as u64;
@@ -101,32 +135,15 @@ fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullVi
                     &[],
                 );
                 pass.record(ctx, cmd, sources, view)?;
-                let copy = |src: &Buffer, at: u64, size: u64| {
-                    d.cmd_copy_buffer(
-                        cmd,
-                        src.raw(),
-                        read.raw(),
-                        &[vk::BufferCopy {
-                            src_offset: 0,
-                            dst_offset: at,
-                            size,
-                        }],
-                    );
-                };
-                copy(lists, 0, list_bytes);
-                copy(pass.counters()?, list_bytes, counter_bytes);
-                copy(pass.args()?, list_bytes + counter_bytes, args_bytes);
-                let b = [vk::MemoryBarrier::default()
-                    .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
-                    .dst_access_mask(vk::AccessFlags::HOST_READ)];
-                d.cmd_pipeline_barrier(
+                copy_to_host(
+                    ctx,
                     cmd,
-                    vk::PipelineStageFlags::TRANSFER,
-                    vk::PipelineStageFlags::HOST,
-                    vk::DependencyFlags::empty(),
-                    &b,
-                    &[],
-                    &[],
+                    &read,
+                    &[
+                        (lists, 0, list_bytes),
+                        (pass.counters()?, list_bytes, counter_bytes),
+                        (pass.args()?, list_bytes + counter_bytes, args_bytes),
+                    ],
                 );
             }
             Ok(())
@@ -498,36 +515,18 @@ fn records_hold_the_instance_each_list_slot_names() {
             .unwrap();
         let value = ctx
             .submit_and_wait(|cmd| {
-                let d = ctx.device();
                 // SAFETY: cmd is recording; the pass ends with a barrier to transfers.
                 unsafe {
                     pass.record(&ctx, cmd, &sources, &view)?;
-                    let copy = |src: &Buffer, at: u64, size: u64| {
-                        d.cmd_copy_buffer(
-                            cmd,
-                            src.raw(),
-                            read.raw(),
-                            &[vk::BufferCopy {
-                                src_offset: 0,
-                                dst_offset: at,
-                                size,
-                            }],
-                        );
-                    };
-                    copy(pass.records()?, 0, record_bytes);
-                    copy(pass.lists()?, record_bytes, list_bytes);
-                    copy(pass.args()?, record_bytes + list_bytes, args_bytes);
-                    let b = [vk::MemoryBarrier::default()
-                        .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
-                        .dst_access_mask(vk::AccessFlags::HOST_READ)];
-                    d.cmd_pipeline_barrier(
+                    copy_to_host(
+                        &ctx,
                         cmd,
-                        vk::PipelineStageFlags::TRANSFER,
-                        vk::PipelineStageFlags::HOST,
-                        vk::DependencyFlags::empty(),
-                        &b,
-                        &[],
-                        &[],
+                        &read,
+                        &[
+                            (pass.records()?, 0, record_bytes),
+                            (pass.lists()?, record_bytes, list_bytes),
+                            (pass.args()?, record_bytes + list_bytes, args_bytes),
+                        ],
                     );
                 }
                 Ok(())

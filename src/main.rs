@@ -202,7 +202,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 println!("GPU time per frame (median): uploads + cull {c:.3} ms, draw {d:.3} ms");
             }
             println!(
-                "evictions {}, uploads {} ({} refused for the budget), deferred frees {}",
+                "evictions {}, uploads {} ({} refused by the budget or a category cap, retried later), deferred frees {}",
                 r.evictions, r.uploads, r.refused_uploads, r.deferred_frees
             );
             for path in &r.pngs {

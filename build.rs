@@ -119,7 +119,10 @@ fn compile(path: &Path, common: &str) -> Result<(Vec<u32>, Vec<String>), String>
         .map_err(|e| e.emit_to_string_with_path(&source, &name))?;
     let mut validator = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::IMMEDIATES | naga::valid::Capabilities::SUBGROUP,
+        naga::valid::Capabilities::IMMEDIATES
+            | naga::valid::Capabilities::SUBGROUP
+            | naga::valid::Capabilities::BUFFER_BINDING_ARRAY
+            | naga::valid::Capabilities::STORAGE_BUFFER_BINDING_ARRAY,
     );
     validator.subgroup_stages(naga::valid::ShaderStages::COMPUTE);
     validator.subgroup_operations(naga::valid::SubgroupOperationSet::all());

@@ -365,7 +365,8 @@ fn main() {
         })
         .collect();
     println!(
-        "\n1,048,576 instances as one buffer vs 1024 buffers of 1024 (one dispatch + barrier each):"
+        "\n1,048,576 instances as one buffer vs 1024 buffers of 1024 ({} buffers per dispatch, a barrier between dispatches):",
+        understory::gpu::cull::SOURCES_PER_DISPATCH
     );
     for &variant in &variants {
         let pass = CullPass::new(&ctx, variant, 1 << 20, MESHES).expect("pass");

@@ -1,11 +1,18 @@
+enable wgpu_binding_array;
+
 // GPU cull, subgroup-aggregated: the same classification, then per LOD one ballot and one
 // atomic per subgroup; each lane writes at the subgroup's base plus its rank among the lanes of
 // the same LOD. All lanes stay in the loop (uniform control flow for the subgroup operations).
 
 var<immediate> pc: CullPush;
 
-// Instances as vec4s: instance i is vec4s 2i (position, scale) and 2i + 1 (the rest).
-@group(0) @binding(0) var<storage, read> instances: array<vec4<f32>>;
+// One instance buffer as vec4s: instance i is vec4s 2i (position, scale) and 2i + 1 (the rest).
+struct InstanceWords {
+    v: array<vec4<f32>>,
+}
+
+// Up to CULL_BATCH instance buffers per dispatch (see CullPush).
+@group(0) @binding(0) var<storage, read> sources: binding_array<InstanceWords, CULL_BATCH>;
 @group(0) @binding(1) var<storage, read_write> lists: array<u32>;
 @group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, 8>;
 @group(0) @binding(3) var<uniform> view: CullView;
@@ -30,6 +37,7 @@ fn bits(v: vec4<u32>) -> u32 {
 }
 
 var<workgroup> wg_count: array<atomic<u32>, 5>;
+var<workgroup> wg_source: u32;
 var<workgroup> wg_base: array<u32, 5>;
 
 // Two levels of aggregation: per subgroup (ballot, one shared-memory atomic per LOD), then per
@@ -38,15 +46,25 @@ var<workgroup> wg_base: array<u32, 5>;
 @compute @workgroup_size(256)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     if t < 5u {
         atomicStore(&wg_count[t], 0u);
     }
-    workgroupBarrier();
-    let first = (wid.x + wid.y * nwg.x) * CULL_PER_GROUP + t;
+    // The workgroup's source, shared so that the binding-array index is provably uniform
+    // (workgroupUniformLoad, which also orders the resets above); past the last source the
+    // workgroup appends nothing.
+    let at = cull_locate(pc, wid.x + wid.y * pc.row_groups, CULL_PER_GROUP);
+    if t == 0u {
+        wg_source = at.x;
+    }
+    let source = workgroupUniformLoad(&wg_source);
+    var src = vec2<u32>(0u, 0u);
+    if source < pc.sources {
+        src = cull_src(pc, source);
+    }
+    let first = at.y * CULL_PER_GROUP + t;
     let below = lanes_below(lane);
     let leader = subgroupBroadcastFirst(lane);
     var lods: array<u32, CULL_PER_THREAD>;
@@ -54,8 +72,8 @@ fn main(
     for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
         let i = first + k * 256u;
         var lod = 5u; // past the end: takes part in the ballots, appends nothing
-        if i < pc.count {
-            lod = classify(instances[2u * i], view);
+        if i < src.x {
+            lod = classify(sources[source].v[2u * i], view);
         }
         lods[k] = lod;
         slots[k] = 0u;
@@ -87,12 +105,12 @@ fn main(
         if lod < LOD_CULLED {
             let slot = wg_base[lod] + slots[k];
             if slot < pc.capacity {
-                let at = lod * pc.capacity + slot;
-                lists[at] = pc.base + first + k * 256u;
+                let dst = lod * pc.capacity + slot;
+                let j = first + k * 256u;
+                lists[dst] = src.y + j;
                 if pc.records != 0u {
-                    let j = first + k * 256u;
-                    drawn[2u * at] = instances[2u * j];
-                    drawn[2u * at + 1u] = instances[2u * j + 1u];
+                    drawn[2u * dst] = sources[source].v[2u * j];
+                    drawn[2u * dst + 1u] = sources[source].v[2u * j + 1u];
                 }
             }
         }

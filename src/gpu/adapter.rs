@@ -48,6 +48,10 @@ pub struct OptionalExtensions {
     /// Vulkan 1.3 `dynamicRendering` (a core feature, not an extension name): the draw pass
     /// records inside the host's `vkCmdBeginRendering` scope.
     pub dynamic_rendering: bool,
+    /// The core feature `shaderStorageBufferArrayDynamicIndexing`: the cull pass reads up to
+    /// [`SOURCES_PER_DISPATCH`](crate::gpu::cull::SOURCES_PER_DISPATCH) instance buffers per
+    /// dispatch through an array of storage buffers.
+    pub storage_buffer_array_dynamic_indexing: bool,
 }
 
 impl OptionalExtensions {
@@ -161,6 +165,7 @@ impl Adapter {
                 && has(ash::ext::memory_priority::NAME),
             push_descriptor: has(ash::khr::push_descriptor::NAME),
             dynamic_rendering: false,
+            storage_buffer_array_dynamic_indexing: false,
         };
 
         let mut timeline = false;
@@ -189,6 +194,9 @@ impl Adapter {
             // core version (physical-device-level functionality of a supported extension may be
             // queried).
             unsafe { instance.get_physical_device_features2(handle, &mut f2) };
+            let core = f2.features;
+            extensions.storage_buffer_array_dynamic_indexing =
+                core.shader_storage_buffer_array_dynamic_indexing == vk::TRUE;
             extensions.dynamic_rendering = v13.dynamic_rendering == vk::TRUE;
             timeline = v12.timeline_semaphore == vk::TRUE;
             priority = prio.memory_priority == vk::TRUE;

@@ -136,14 +136,24 @@ pub(crate) fn set_layout(
     types: &[vk::DescriptorType],
     push: bool,
 ) -> Result<vk::DescriptorSetLayout> {
+    let counted: Vec<_> = types.iter().map(|t| (*t, 1)).collect();
+    set_layout_with_counts(ctx, &counted, push)
+}
+
+/// As [`set_layout`], binding `i` an array of `types[i].1` descriptors of type `types[i].0`.
+pub(crate) fn set_layout_with_counts(
+    ctx: &Context,
+    types: &[(vk::DescriptorType, u32)],
+    push: bool,
+) -> Result<vk::DescriptorSetLayout> {
     let bindings: Vec<_> = types
         .iter()
         .enumerate()
-        .map(|(b, t)| {
+        .map(|(b, (t, n))| {
             vk::DescriptorSetLayoutBinding::default()
                 .binding(b as u32)
                 .descriptor_type(*t)
-                .descriptor_count(1)
+                .descriptor_count(*n)
                 .stage_flags(vk::ShaderStageFlags::COMPUTE)
         })
         .collect();

@@ -140,9 +140,14 @@ impl Context {
         let mut prio = vk::PhysicalDeviceMemoryPriorityFeaturesEXT::default().memory_priority(true);
         let mut page = vk::PhysicalDevicePageableDeviceLocalMemoryFeaturesEXT::default()
             .pageable_device_local_memory(true);
+        let features = vk::PhysicalDeviceFeatures::default()
+            .shader_storage_buffer_array_dynamic_indexing(
+                extensions.storage_buffer_array_dynamic_indexing,
+            );
         let mut info = vk::DeviceCreateInfo::default()
             .queue_create_infos(&queue_info)
             .enabled_extension_names(&ext_names)
+            .enabled_features(&features)
             .push_next(&mut v12);
         if extensions.memory_priority {
             info = info.push_next(&mut prio);

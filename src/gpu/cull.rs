@@ -8,7 +8,7 @@ use glam::{Mat4, Vec3, Vec4};
 use crate::error::{Error, Result};
 use crate::gpu::compute::{
     compute_pipeline, destroy_pipeline_objects, memory_barrier, pipeline_layout, retire_all,
-    set_layout, wait_last_submitted,
+    set_layout, set_layout_with_counts, wait_last_submitted,
 };
 use crate::gpu::context::Context;
 use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
@@ -205,9 +205,25 @@ pub struct DrawIndexedIndirect {
     pub first_instance: u32,
 }
 
-/// Bytes of the cull dispatches' push constants (`CullPush` in `shaders/common/cull.wgsl`).
-const PUSH_BYTES: u32 = 20;
+/// Instance sources one cull dispatch reads (`CULL_BATCH` in `shaders/common/cull.wgsl`): the
+/// binding array at binding 0 has this many entries.
+pub const SOURCES_PER_DISPATCH: usize = 12;
+
+/// The cull dispatches' push constants (`CullPush` in `shaders/common/cull.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct CullPush {
+    capacity: u32,
+    records: u32,
+    sources: u32,
+    row_groups: u32,
+    /// (count, base) per source.
+    src: [[u32; 2]; SOURCES_PER_DISPATCH],
+}
+
+const PUSH_BYTES: u32 = size_of::<CullPush>() as u32;
 const _: () = assert!(PUSH_BYTES as usize == shaders::layout::CULLPUSH_SIZE);
+const _: () = assert!(PUSH_BYTES <= 128, "the guaranteed push-constant space");
 
 /// Counter words: appended per list (0..3), invalid (3), overflow per list (4..7).
 pub const COUNTERS: usize = 8;
@@ -271,6 +287,11 @@ impl CullPass {
                 "the cull pass needs VK_KHR_push_descriptor".into(),
             ));
         }
+        if !ctx.extensions().storage_buffer_array_dynamic_indexing {
+            return Err(Error::Unsupported(
+                "the cull pass needs the shaderStorageBufferArrayDynamicIndexing feature".into(),
+            ));
+        }
         // Records are addressed in vec4s: 2 per slot.
         let words_per_slot = if with_records { 6 } else { 3 };
         if capacity == 0 || u64::from(capacity) * words_per_slot > u64::from(u32::MAX) {
@@ -314,14 +335,14 @@ impl CullPass {
 
     fn build(&mut self, ctx: &Context) -> Result<()> {
         use vk::DescriptorType as T;
-        self.set_layout = set_layout(
+        self.set_layout = set_layout_with_counts(
             ctx,
             &[
-                T::STORAGE_BUFFER,
-                T::STORAGE_BUFFER,
-                T::STORAGE_BUFFER,
-                T::UNIFORM_BUFFER,
-                T::STORAGE_BUFFER,
+                (T::STORAGE_BUFFER, SOURCES_PER_DISPATCH as u32),
+                (T::STORAGE_BUFFER, 1),
+                (T::STORAGE_BUFFER, 1),
+                (T::UNIFORM_BUFFER, 1),
+                (T::STORAGE_BUFFER, 1),
             ],
             true,
         )?;
@@ -415,7 +436,8 @@ impl CullPass {
         Self::get(&self.args)
     }
 
-    /// Records the whole pass: reset (fill + update), one dispatch per source, finalize, and the
+    /// Records the whole pass: reset (fill + update), one dispatch per [`SOURCES_PER_DISPATCH`]
+    /// sources (each source starts at a fresh workgroup), finalize, and the
     /// barrier that makes lists and arguments visible to indirect draws, vertex, fragment and
     /// compute shaders and transfers. Zero sources or zero instances record a valid, empty pass.
     ///
@@ -521,16 +543,22 @@ impl CullPass {
                 vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
             );
-            let mut first = true;
-            for s in sources.iter().filter(|s| s.count > 0) {
-                if !first {
+            let live: Vec<&CullSource<'_>> = sources.iter().filter(|s| s.count > 0).collect();
+            let per_group = self.compaction.per_group();
+            for (k, batch) in live.chunks(SOURCES_PER_DISPATCH).enumerate() {
+                if k > 0 {
                     // Dispatches append to the same lists and counters.
                     memory_barrier(ctx, cmd, compute_write, compute_rw);
                 }
-                first = false;
-                let inst_i = storage(s.buffer);
+                // Every entry of the binding array must be valid: unused ones repeat the first.
+                let inst_i: Vec<vk::DescriptorBufferInfo> = (0..SOURCES_PER_DISPATCH)
+                    .map(|j| storage(batch.get(j).unwrap_or(&batch[0]).buffer)[0])
+                    .collect();
                 let writes = [
-                    write(0, vk::DescriptorType::STORAGE_BUFFER, &inst_i),
+                    vk::WriteDescriptorSet::default()
+                        .dst_binding(0)
+                        .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                        .buffer_info(&inst_i),
                     write(1, vk::DescriptorType::STORAGE_BUFFER, &lists_i),
                     write(2, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
                     write(3, vk::DescriptorType::UNIFORM_BUFFER, &view_i),
@@ -543,22 +571,27 @@ impl CullPass {
                     0,
                     &writes,
                 );
-                let groups = s.count.div_ceil(self.compaction.per_group());
+                // Each source starts at a fresh workgroup (the shader finds its source by
+                // walking these counts), so a workgroup never straddles two buffers.
+                let groups: u32 = batch.iter().map(|s| s.count.div_ceil(per_group)).sum();
                 let gx = groups.min(max_x);
                 let gy = groups.div_ceil(gx);
-                let pc = [
-                    s.count,
-                    s.base,
-                    self.capacity,
-                    gx * GROUP,
-                    u32::from(self.records.is_some()),
-                ];
+                let mut pc = CullPush {
+                    capacity: self.capacity,
+                    records: u32::from(self.records.is_some()),
+                    sources: batch.len() as u32,
+                    row_groups: gx,
+                    ..Default::default()
+                };
+                for (slot, s) in pc.src.iter_mut().zip(batch) {
+                    *slot = [s.count, s.base];
+                }
                 d.cmd_push_constants(
                     cmd,
                     self.layout,
                     vk::ShaderStageFlags::COMPUTE,
                     0,
-                    bytemuck::cast_slice(&pc),
+                    bytemuck::bytes_of(&pc),
                 );
                 d.cmd_dispatch(cmd, gx, gy, 1);
             }

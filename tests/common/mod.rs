@@ -47,6 +47,41 @@ pub fn options() -> ContextOptions {
 
 fn init_log() {
     let _ = env_logger::builder().is_test(true).try_init();
+    static ANCHOR: std::sync::Once = std::sync::Once::new();
+    ANCHOR.call_once(anchor_driver);
+}
+
+/// Keeps one bare Vulkan instance (with the validation layer when installed) alive for the
+/// whole test process, so that the loader does not unload and reload the driver and the layer
+/// with every context. On the NVIDIA machine each reload takes static TLS
+/// (`libnvidia-tls.so`) that glibc never gives back: after about 30 contexts in one process
+/// `vkCreateInstance` failed with "cannot allocate memory in static TLS block", and parallel
+/// test binaries sometimes died with SIGSEGV. Real programs create their instance once.
+/// Deliberately never destroyed; without a loader this does nothing.
+fn anchor_driver() {
+    // SAFETY: loading the system Vulkan loader; the entry is leaked with the instance.
+    let Ok(entry) = (unsafe { ash::Entry::load() }) else {
+        return;
+    };
+    let layer = understory::gpu::instance::VALIDATION_LAYER;
+    // SAFETY: a plain query on a loaded entry.
+    let has_layer = unsafe { entry.enumerate_instance_layer_properties() }
+        .is_ok_and(|ls| ls.iter().any(|l| l.layer_name_as_c_str() == Ok(layer)));
+    let layers = if has_layer {
+        vec![layer.as_ptr()]
+    } else {
+        vec![]
+    };
+    let app = ash::vk::ApplicationInfo::default().api_version(ash::vk::API_VERSION_1_2);
+    let info = ash::vk::InstanceCreateInfo::default()
+        .application_info(&app)
+        .enabled_layer_names(&layers);
+    // SAFETY: valid create info; the instance is never used for anything else.
+    if unsafe { entry.create_instance(&info, None) }.is_ok() {
+        // ash::Instance has no Drop: the VkInstance stays alive. The entry would unload the
+        // loader library when dropped, so it is leaked too.
+        std::mem::forget(entry);
+    }
 }
 
 /// A validated context, or `None` after a loud skip when no Vulkan device or validation layer

@@ -4,35 +4,11 @@
 
 mod common;
 
-use ash::vk;
-use understory::gpu::context::Context;
-use understory::gpu::memory::{Buffer, BufferDesc, MemoryConfig, MemoryLocation};
-use understory::policy::category::{Category, PerCategory};
+use common::{context_with_memory as context_with, no_cache, storage_desc as desc};
+use understory::gpu::memory::Buffer;
+use understory::policy::category::Category;
 
 const MIB: u64 = 1 << 20;
-
-fn context_with(test: &str, memory: MemoryConfig) -> Option<Context> {
-    let mut options = common::options();
-    options.memory = memory;
-    common::context_with(test, &options)
-}
-
-fn desc(name: &str, size: u64, category: Category) -> BufferDesc<'_> {
-    BufferDesc {
-        name,
-        size,
-        usage: vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::TRANSFER_DST,
-        location: MemoryLocation::GpuOnly,
-        category,
-    }
-}
-
-fn no_cache() -> MemoryConfig {
-    MemoryConfig {
-        cache_bytes: PerCategory([0; 4]),
-        ..Default::default()
-    }
-}
 
 /// On a driver with `VK_EXT_memory_budget` (the NVIDIA GPU machine): 1 GiB in the instances
 /// category shows up in the driver's real heapUsage, and goes back once retired, collected and

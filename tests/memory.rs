@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::{context_with_memory as context_with, no_cache, storage_desc as desc};
 use std::panic::AssertUnwindSafe;
 
 use ash::vk;
@@ -10,33 +11,10 @@ use understory::Error;
 use understory::gpu::budget::{BudgetSource, DriverNumbers, HeapBudgets, RawHeap};
 use understory::gpu::context::{Context, ContextOptions};
 use understory::gpu::memory::{Buffer, BufferDesc, ImageDesc, MemoryConfig, MemoryLocation};
-use understory::policy::category::{Category, PerCategory};
+use understory::policy::category::Category;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-fn context_with(test: &str, memory: MemoryConfig) -> Option<Context> {
-    let mut options = common::options();
-    options.memory = memory;
-    common::context_with(test, &options)
-}
-
-fn desc(name: &str, size: u64, category: Category) -> BufferDesc<'_> {
-    BufferDesc {
-        name,
-        size,
-        usage: vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::TRANSFER_DST,
-        location: MemoryLocation::GpuOnly,
-        category,
-    }
-}
-
-fn no_cache() -> MemoryConfig {
-    MemoryConfig {
-        cache_bytes: PerCategory([0; 4]),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn accounting_follows_allocate_retire_and_collect() {

@@ -135,3 +135,37 @@ pub fn finish(mut ctx: Context, what: &str) {
     assert!(report.leaks.is_empty(), "{what}: leaked {:?}", report.leaks);
     assert_clean(&canary, what);
 }
+
+/// A validated context with this memory configuration.
+pub fn context_with_memory(
+    test: &str,
+    memory: understory::gpu::memory::MemoryConfig,
+) -> Option<Context> {
+    let mut options = options();
+    options.memory = memory;
+    context_with(test, &options)
+}
+
+/// A device-local storage buffer description (also a transfer destination).
+pub fn storage_desc(
+    name: &str,
+    size: u64,
+    category: understory::policy::category::Category,
+) -> understory::gpu::memory::BufferDesc<'_> {
+    understory::gpu::memory::BufferDesc {
+        name,
+        size,
+        usage: ash::vk::BufferUsageFlags::STORAGE_BUFFER | ash::vk::BufferUsageFlags::TRANSFER_DST,
+        location: understory::gpu::memory::MemoryLocation::GpuOnly,
+        category,
+    }
+}
+
+/// The default memory configuration without the size-class cache (every release reaches the
+/// allocator).
+pub fn no_cache() -> understory::gpu::memory::MemoryConfig {
+    understory::gpu::memory::MemoryConfig {
+        cache_bytes: understory::policy::category::PerCategory([0; 4]),
+        ..Default::default()
+    }
+}

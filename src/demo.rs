@@ -285,7 +285,8 @@ impl Target {
             extent,
         };
         if let Err(e) = t.build(ctx, readback) {
-            t.destroy(ctx, 0);
+            // Nothing was recorded with the views yet.
+            t.destroy(ctx, 0, true);
             return Err(e);
         }
         Ok(t)
@@ -338,13 +339,18 @@ impl Target {
         Ok(())
     }
 
-    /// Destroys the views and retires the images and buffer at `value` (the views' last use
-    /// must have completed).
-    fn destroy(&mut self, ctx: &Context, value: u64) {
-        // SAFETY: the caller waited for every submission that used the views; null is ignored.
-        unsafe {
-            ctx.device().destroy_image_view(self.color_view, None);
-            ctx.device().destroy_image_view(self.depth_view, None);
+    /// Retires the images and buffer at `value`, and destroys the views when `idle` (every
+    /// submission that used them has completed); otherwise the views are leaked, not freed
+    /// under the GPU.
+    fn destroy(&mut self, ctx: &Context, value: u64, idle: bool) {
+        if idle {
+            // SAFETY: idle (caller): no submission uses the views; null is ignored.
+            unsafe {
+                ctx.device().destroy_image_view(self.color_view, None);
+                ctx.device().destroy_image_view(self.depth_view, None);
+            }
+        } else {
+            log::error!("demo target: GPU not idle, image views leaked");
         }
         self.color_view = vk::ImageView::null();
         self.depth_view = vk::ImageView::null();
@@ -524,8 +530,11 @@ struct Passes {
 
 impl Passes {
     fn destroy(&mut self, ctx: &Context) -> Result<()> {
+        // The views and the query pool are destroyed at once: only once the GPU is idle.
+        let idle = crate::gpu::compute::wait_last_submitted(ctx);
         let last = ctx.timeline().last_submitted();
-        let mut first = Ok(());
+        let waited = idle.is_ok();
+        let mut first = idle.map(|_| ());
         if let Some(r) = self.ring.take() {
             first = first.and(r.destroy(ctx));
         }
@@ -536,14 +545,17 @@ impl Passes {
             first = first.and(d.destroy(ctx));
         }
         if let Some(mut t) = self.target.take() {
-            // The ring's destroy waited for the last submission.
-            t.destroy(ctx, last);
+            t.destroy(ctx, last, waited);
         }
         for (b, _) in self.counters.drain(..) {
             first = first.and(ctx.retire(b, last));
         }
-        // SAFETY: the ring's destroy waited for every submission that wrote the queries.
-        unsafe { ctx.device().destroy_query_pool(self.queries, None) };
+        if waited {
+            // SAFETY: idle (waited above): no submission writes the queries any more.
+            unsafe { ctx.device().destroy_query_pool(self.queries, None) };
+        } else {
+            log::error!("demo: GPU not idle, query pool leaked");
+        }
         self.queries = vk::QueryPool::null();
         first
     }

@@ -227,7 +227,8 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
         })?);
     }
     let mut ring = FrameRing::new(ctx)?;
-    let cull = if ctx.extensions().push_descriptor {
+    let ext = ctx.extensions();
+    let cull = if ext.push_descriptor && ext.storage_buffer_array_dynamic_indexing {
         let compaction = if ctx.adapter().subgroup_ballot_in_compute {
             Compaction::Subgroup
         } else {
@@ -240,7 +241,9 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
             [Default::default(); 3],
         )?)
     } else {
-        log::warn!("no VK_KHR_push_descriptor: the soak runs without the GPU cull pass");
+        log::warn!(
+            "no VK_KHR_push_descriptor or storage-buffer array indexing: the soak runs without the GPU cull pass"
+        );
         None
     };
     let mut rows = Vec::with_capacity(config.frames as usize);

@@ -1,14 +1,6 @@
 // Streaming copy, 16 bytes per thread: the bandwidth yardstick for the cull benchmark (it reads
 // and writes the same number of bytes; vkCmdCopyBuffer is much slower on some GPUs).
 
-// Push constants: elements, vec4s between reads (read_probe only), unused, threads per row of
-// the 2D dispatch.
-struct ProbePush {
-    count: u32,
-    base: u32,
-    unused: u32,
-    row: u32,
-}
 var<immediate> pc: ProbePush;
 
 @group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;

@@ -2,14 +2,6 @@
 // instance record, as the cull does, and writes only if a value is impossible (never), so the
 // time is that of the reads alone. `pc.base` = vec4s between reads (2: cull pattern, 1: dense).
 
-// Push constants: elements, vec4s between reads (read_probe only), unused, threads per row of
-// the 2D dispatch.
-struct ProbePush {
-    count: u32,
-    base: u32,
-    unused: u32,
-    row: u32,
-}
 var<immediate> pc: ProbePush;
 
 @group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;

@@ -20,6 +20,7 @@ use crate::gpu::frame::FrameRing;
 use crate::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
 use crate::policy::category::{Category, PerCategory};
 use crate::policy::lod::LodBands;
+use crate::rng::Rng;
 use crate::vegetation::{PatchDesc, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig};
 use crate::world::instance::Instance;
 
@@ -166,19 +167,6 @@ pub fn parse_size(text: &str) -> Result<u64> {
         return Err(Error::InvalidInput(format!("size {text:?} out of range")));
     }
     Ok(bytes as u64)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
 }
 
 /// Smooth value noise in [0, 1] with lattice spacing 1.
@@ -715,6 +703,7 @@ fn fly_with(
         leaks: 0,
         validation_messages: 0,
     };
+    let heap = ctx.memory().device_local_heap();
     let squeeze_at = config.frames / 4;
     let release_at = config.frames / 2;
     let started = Instant::now();
@@ -745,13 +734,7 @@ fn fly_with(
         let (eye, look) = camera(f as f32 / config.frames as f32, world_size * 0.27);
         let start = ctx.begin_frame()?;
         let update = veg.update(ctx, &start, eye)?;
-        if let Some(h) = ctx
-            .memory()
-            .heaps()
-            .iter()
-            .position(|h| h.device_local)
-            .and_then(|i| start.heaps.get(i))
-        {
+        if let Some(h) = start.heaps.get(heap) {
             if h.budget.usage >= report.peak_heap_usage {
                 report.peak_heap_usage = h.budget.usage;
                 report.heap_budget = h.budget.budget;

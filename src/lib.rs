@@ -25,6 +25,7 @@ pub mod error;
 pub mod gpu;
 pub mod policy;
 pub mod report;
+mod rng;
 pub mod soak;
 pub mod vegetation;
 pub mod world;

@@ -15,6 +15,7 @@ use crate::gpu::context::{Context, ContextOptions};
 use crate::gpu::cull::{Compaction, CullPass, CullView};
 use crate::gpu::frame::FrameRing;
 use crate::policy::category::Category;
+use crate::rng::Rng;
 use crate::vegetation::{PatchDesc, PatchId, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig};
 use crate::world::instance::Instance;
 
@@ -108,16 +109,6 @@ impl SoakReport {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn f(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
 fn patch(veg: &Vegetation, rng: &mut Rng, n: usize) -> Vec<Instance> {
     let q = veg.quadtree();
     let leaf = q.leaf_m();
@@ -156,12 +147,7 @@ pub fn run(options: &ContextOptions, config: &SoakConfig) -> Result<SoakReport> 
     }
     let mut ctx = Context::new(options)?;
     let canary = ctx.canary().clone();
-    let heap = ctx
-        .memory()
-        .heaps()
-        .iter()
-        .position(|h| h.device_local)
-        .unwrap_or(0);
+    let heap = ctx.memory().device_local_heap();
     let baseline_usage = ctx.memory().refresh_budget()?[heap].budget.usage;
     let result = soak(&ctx, config, heap);
     let mut report = match result {

@@ -294,12 +294,7 @@ impl Vegetation {
         }
         let quadtree = Quadtree::new(config.world_origin, config.world_size_m, config.leaf_tile_m)?;
         let packer = AtlasPacker::new(config.atlas_page_px, config.atlas_padding_px)?;
-        let heap = ctx
-            .memory()
-            .heaps()
-            .iter()
-            .position(|h| h.device_local)
-            .unwrap_or(0);
+        let heap = ctx.memory().device_local_heap();
         Ok(Self {
             controller: BudgetController::new(config.controller),
             frame_time: None,

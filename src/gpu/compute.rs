@@ -185,6 +185,16 @@ pub(crate) fn pipeline_layout(
         .map_err(vk_err("vkCreatePipelineLayout"))
 }
 
+/// A shader module from embedded SPIR-V ([`crate::gpu::shaders`]); the caller destroys it.
+pub(crate) fn shader_module(ctx: &Context, spirv: &[u8]) -> Result<vk::ShaderModule> {
+    let code = ash::util::read_spv(&mut std::io::Cursor::new(spirv))
+        .map_err(|e| Error::InvalidInput(format!("not SPIR-V: {e}")))?;
+    let info = vk::ShaderModuleCreateInfo::default().code(&code);
+    // SAFETY: code is SPIR-V validated by naga at build time.
+    unsafe { ctx.device().create_shader_module(&info, None) }
+        .map_err(vk_err("vkCreateShaderModule"))
+}
+
 /// A compute pipeline from embedded SPIR-V.
 pub(crate) fn compute_pipeline(
     ctx: &Context,
@@ -192,13 +202,8 @@ pub(crate) fn compute_pipeline(
     entry: &CStr,
     layout: vk::PipelineLayout,
 ) -> Result<vk::Pipeline> {
-    let code = ash::util::read_spv(&mut std::io::Cursor::new(spirv))
-        .map_err(|e| Error::InvalidInput(format!("not SPIR-V: {e}")))?;
     let device = ctx.device();
-    let info = vk::ShaderModuleCreateInfo::default().code(&code);
-    // SAFETY: code is SPIR-V validated by naga at build time.
-    let module = unsafe { device.create_shader_module(&info, None) }
-        .map_err(vk_err("vkCreateShaderModule"))?;
+    let module = shader_module(ctx, spirv)?;
     let stage = vk::PipelineShaderStageCreateInfo::default()
         .stage(vk::ShaderStageFlags::COMPUTE)
         .module(module)

@@ -13,7 +13,9 @@ use ash::vk;
 use glam::{Mat4, Vec3};
 
 use crate::error::{Error, Result, vk_err};
-use crate::gpu::compute::{destroy_pipeline_objects, retire_all, wait_last_submitted};
+use crate::gpu::compute::{
+    destroy_pipeline_objects, retire_all, shader_module, wait_last_submitted,
+};
 use crate::gpu::context::Context;
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
@@ -491,13 +493,7 @@ impl DrawPass {
         self.layout = unsafe { d.create_pipeline_layout(&info, None) }
             .map_err(vk_err("vkCreatePipelineLayout"))?;
 
-        let code = ash::util::read_spv(&mut std::io::Cursor::new(shaders::DRAW))
-            .map_err(|e| Error::InvalidInput(format!("not SPIR-V: {e}")))?;
-        // SAFETY: code is SPIR-V validated by naga at build time.
-        let module = unsafe {
-            d.create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&code), None)
-        }
-        .map_err(vk_err("vkCreateShaderModule"))?;
+        let module = shader_module(ctx, shaders::DRAW)?;
         let stage_infos = [
             vk::PipelineShaderStageCreateInfo::default()
                 .stage(vk::ShaderStageFlags::VERTEX)

@@ -682,6 +682,12 @@ impl Memory {
         &self.heaps
     }
 
+    /// The heap vegetation lives in: the first device-local one (heap 0 if the driver marks
+    /// none device-local, which conforming drivers never do).
+    pub fn device_local_heap(&self) -> usize {
+        self.heaps.iter().position(|h| h.device_local).unwrap_or(0)
+    }
+
     /// Replaces where budgets come from (tests inject budgets that shrink and grow on cue), and
     /// refreshes.
     pub fn set_budget_source(&self, heaps: HeapBudgets) -> Result<Vec<HeapReport>> {

@@ -63,6 +63,36 @@ struct Readback {
     guard_intact: bool,
 }
 
+/// Sources numbered consecutively with `gap` unused indices between them (bases are the
+/// caller's numbering), and the same as (instances, base) for the CPU reference.
+fn numbered<'a>(
+    parts: &[(&'a Buffer, &'a [Instance])],
+    gap: u32,
+) -> (Vec<CullSource<'a>>, Vec<(&'a [Instance], u32)>) {
+    let mut base = 0u32;
+    let mut sources = vec![];
+    let mut cpu = vec![];
+    for (buffer, instances) in parts {
+        let count = instances.len() as u32;
+        sources.push(CullSource {
+            buffer,
+            count,
+            base,
+        });
+        cpu.push((*instances, base));
+        base += count + gap;
+    }
+    (sources, cpu)
+}
+
+/// Retires the test's instance buffers at the newest value and checks the context is clean.
+fn finish(ctx: Context, bufs: Vec<Buffer>, what: &str) {
+    for b in bufs {
+        ctx.retire(b, ctx.timeline().last_submitted()).unwrap();
+    }
+    common::finish(ctx, what);
+}
+
 /// Records copies of `(source, offset in read, bytes)` into `read` and the barrier that makes
 /// them visible to the host.
 ///
@@ -355,18 +385,12 @@ fn band_edges_planes_nans_and_many_sources() {
         .chain(std::iter::once(&nans))
         .chain(many.iter())
         .collect();
-    let mut base = 0u32;
-    let mut sources = vec![];
-    let mut cpu = vec![];
-    for (b, s) in bufs.iter().zip(&scenes) {
-        sources.push(CullSource {
-            buffer: b,
-            count: s.len() as u32,
-            base,
-        });
-        cpu.push((s.as_slice(), base));
-        base += s.len() as u32 + 17; // gaps: bases are the caller's numbering
-    }
+    let parts: Vec<(&Buffer, &[Instance])> = bufs
+        .iter()
+        .zip(&scenes)
+        .map(|(b, s)| (b, s.as_slice()))
+        .collect();
+    let (sources, cpu) = numbered(&parts, 17);
     for compaction in variants(&ctx) {
         let pass = CullPass::new(&ctx, compaction, 50_000, MESHES).unwrap();
         let rb = run(&ctx, &pass, &sources[..1], &view);
@@ -409,10 +433,7 @@ fn band_edges_planes_nans_and_many_sources() {
         check(&rb, &Default::default(), pass.capacity(), "zero instances");
         pass.destroy(&ctx).unwrap();
     }
-    for b in bufs {
-        ctx.retire(b, ctx.timeline().last_submitted()).unwrap();
-    }
-    common::finish(ctx, "edges");
+    finish(ctx, bufs, "edges");
 }
 
 #[test]
@@ -478,15 +499,9 @@ fn records_hold_the_instance_each_list_slot_names() {
     }
     let parts: Vec<&[Instance]> = scene.chunks(10_000).collect();
     let bufs: Vec<Buffer> = parts.iter().map(|p| upload(&ctx, p)).collect();
-    let sources: Vec<CullSource<'_>> = bufs
-        .iter()
-        .enumerate()
-        .map(|(k, b)| CullSource {
-            buffer: b,
-            count: 10_000,
-            base: k as u32 * 10_000,
-        })
-        .collect();
+    let numbering: Vec<(&Buffer, &[Instance])> = bufs.iter().zip(parts.iter().copied()).collect();
+    // No gaps: list indices are indices into `scene`.
+    let (sources, cpu) = numbered(&numbering, 0);
     let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.3, 1.0);
     for compaction in variants(&ctx) {
         let cap = 40_000u32;
@@ -539,14 +554,7 @@ fn records_hold_the_instance_each_list_slot_names() {
         );
         let args: [DrawIndexedIndirect; 3] =
             bytemuck::pod_read_unaligned(&bytes[(record_bytes + list_bytes) as usize..]);
-        let want = cull_cpu(
-            &parts
-                .iter()
-                .enumerate()
-                .map(|(k, p)| (*p, k as u32 * 10_000))
-                .collect::<Vec<_>>(),
-            &view,
-        );
+        let want = cull_cpu(&cpu, &view);
         for l in 0..3 {
             let n = args[l].instance_count as usize;
             assert_eq!(n, want.lists[l].len(), "{compaction:?} LOD {l} count");
@@ -563,10 +571,7 @@ fn records_hold_the_instance_each_list_slot_names() {
         ctx.retire(read, value).unwrap();
         pass.destroy(&ctx).unwrap();
     }
-    for b in bufs {
-        ctx.retire(b, ctx.timeline().last_submitted()).unwrap();
-    }
-    common::finish(ctx, "records");
+    finish(ctx, bufs, "records");
 }
 
 /// One dispatch reads up to `SOURCES_PER_DISPATCH` buffers, each starting at a fresh workgroup:
@@ -588,24 +593,19 @@ fn sources_are_batched_per_dispatch_and_match_the_reference() {
         .map(|(k, &n)| random_scene(n.max(1), 500 + k as u64))
         .collect();
     let bufs: Vec<Buffer> = scenes.iter().map(|s| upload(&ctx, s)).collect();
-    let mut base = 0u32;
-    let mut sources = vec![];
-    let mut cpu = vec![];
-    for (k, &n) in sizes.iter().enumerate() {
-        // Source 30 reads a prefix of buffer 20 again, under its own base.
-        let (b, s) = if k == 30 {
-            (&bufs[20], &scenes[20][..77])
-        } else {
-            (&bufs[k], &scenes[k][..n])
-        };
-        sources.push(CullSource {
-            buffer: b,
-            count: s.len() as u32,
-            base,
-        });
-        cpu.push((s, base));
-        base += s.len() as u32 + 3;
-    }
+    let parts: Vec<(&Buffer, &[Instance])> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            // Source 30 reads a prefix of buffer 20 again, under its own base.
+            if k == 30 {
+                (&bufs[20], &scenes[20][..77])
+            } else {
+                (&bufs[k], &scenes[k][..n])
+            }
+        })
+        .collect();
+    let (sources, cpu) = numbered(&parts, 3);
     assert!(sources.len() > 3 * understory::gpu::cull::SOURCES_PER_DISPATCH);
     let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.4, 1.0);
     let want = cull_cpu(&cpu, &view);
@@ -624,8 +624,5 @@ fn sources_are_batched_per_dispatch_and_match_the_reference() {
         );
         pass.destroy(&ctx).unwrap();
     }
-    for b in bufs {
-        ctx.retire(b, ctx.timeline().last_submitted()).unwrap();
-    }
-    common::finish(ctx, "batched");
+    finish(ctx, bufs, "batched");
 }

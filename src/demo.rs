@@ -25,6 +25,8 @@ use crate::vegetation::{PatchDesc, SpeciesDesc, SpeciesId, Vegetation, Vegetatio
 use crate::world::instance::Instance;
 
 const MIB: f64 = (1u64 << 20) as f64;
+/// Most trees the demo generates: the forest is built on the CPU first.
+pub const MAX_INSTANCES: u64 = 64 << 20;
 const COLOR_FORMAT: vk::Format = vk::Format::R8G8B8A8_UNORM;
 const DEPTH_FORMAT: vk::Format = vk::Format::D32_SFLOAT;
 
@@ -416,6 +418,12 @@ pub fn run(options: &ContextOptions, config: &DemoConfig) -> Result<DemoReport> 
         return Err(Error::InvalidInput(
             "the demo needs instances and frames".into(),
         ));
+    }
+    if config.instances > MAX_INSTANCES {
+        return Err(Error::InvalidInput(format!(
+            "{} trees: the demo generates at most {MAX_INSTANCES} (2 GiB of records on the CPU)",
+            config.instances
+        )));
     }
     if config.width == 0 || config.height == 0 || config.width > 8192 || config.height > 8192 {
         return Err(Error::InvalidInput(format!(

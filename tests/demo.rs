@@ -157,6 +157,10 @@ fn bad_demo_input_is_a_typed_error() {
             png_every: Some(5),
             ..base.clone()
         },
+        DemoConfig {
+            instances: understory::demo::MAX_INSTANCES + 1,
+            ..base.clone()
+        },
     ] {
         match run(&common::options(), &bad) {
             Err(understory::Error::InvalidInput(_)) => {}

@@ -97,7 +97,7 @@ impl Error {
 }
 
 /// `map_err` helper: `unsafe { device.create_x(..) }.map_err(vk_err("vkCreateX"))?`.
-pub(crate) fn vk_err(call: &'static str) -> impl Fn(vk::Result) -> Error {
+pub fn vk_err(call: &'static str) -> impl Fn(vk::Result) -> Error {
     move |result| Error::vk(call, result)
 }
 

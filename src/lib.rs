@@ -20,13 +20,9 @@
 
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
-pub mod demo;
 pub mod error;
 pub mod gpu;
 pub mod policy;
-pub mod report;
-mod rng;
-pub mod soak;
 pub mod vegetation;
 pub mod world;
 

@@ -69,7 +69,7 @@ pub unsafe fn memory_barrier(
 
 /// An image memory barrier over `range` from one (layout, access) to another, no queue
 /// family transfer.
-pub(crate) fn image_barrier<'a>(
+pub fn image_barrier<'a>(
     image: vk::Image,
     range: vk::ImageSubresourceRange,
     from: (vk::ImageLayout, vk::AccessFlags),

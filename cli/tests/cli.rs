@@ -1,5 +1,6 @@
 //! `understory budget` as a user runs it.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;

@@ -2,12 +2,13 @@
 //! GPU, the PNG shows sky, ground and trees, `--lod-tint` shows all three bands, a squeeze makes
 //! the controller give memory back, and nothing leaks.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use understory::demo::{DemoConfig, DemoReport, run};
+use understory_cli::demo::{DemoConfig, DemoReport, run};
 
 fn config(dir: &Path, name: &str) -> DemoConfig {
     DemoConfig {
@@ -158,7 +159,7 @@ fn bad_demo_input_is_a_typed_error() {
             ..base.clone()
         },
         DemoConfig {
-            instances: understory::demo::MAX_INSTANCES + 1,
+            instances: understory_cli::demo::MAX_INSTANCES + 1,
             ..base.clone()
         },
     ] {

@@ -9,15 +9,17 @@ use std::time::Instant;
 
 use glam::{Mat4, Vec2, Vec3};
 
-use crate::error::{Error, Result};
-use crate::gpu::budget::Source;
-use crate::gpu::context::{Context, ContextOptions};
-use crate::gpu::cull::{Compaction, CullPass, CullView};
-use crate::gpu::frame::FrameRing;
-use crate::policy::category::Category;
 use crate::rng::Rng;
-use crate::vegetation::{PatchDesc, PatchId, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig};
-use crate::world::instance::Instance;
+use understory::error::{Error, Result};
+use understory::gpu::budget::Source;
+use understory::gpu::context::{Context, ContextOptions};
+use understory::gpu::cull::{Compaction, CullPass, CullView};
+use understory::gpu::frame::FrameRing;
+use understory::policy::category::Category;
+use understory::vegetation::{
+    PatchDesc, PatchId, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig,
+};
+use understory::world::instance::Instance;
 
 const MIB: f64 = (1u64 << 20) as f64;
 

@@ -3,10 +3,10 @@
 
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::gpu::adapter::{Adapter, DeviceSelector, DeviceType, format_version};
-use crate::gpu::budget::{DriverBudget, HeapBudget, HeapBudgets, Source};
-use crate::gpu::instance::Instance;
+use understory::error::Result;
+use understory::gpu::adapter::{Adapter, DeviceSelector, DeviceType, format_version};
+use understory::gpu::budget::{DriverBudget, HeapBudget, HeapBudgets, Source};
+use understory::gpu::instance::Instance;
 
 /// Identifies the JSON layout; bumped on any incompatible change.
 pub const SCHEMA: &str = "understory.budget/1";
@@ -58,7 +58,7 @@ pub fn budget_report(
                     .position(|a| a.name.to_lowercase().contains(n.as_str())),
             }
             .ok_or_else(|| {
-                crate::Error::InvalidInput(format!(
+                understory::Error::InvalidInput(format!(
                     "no device matches {sel:?}; there are {} device(s)",
                     adapters.len()
                 ))
@@ -67,7 +67,7 @@ pub fn budget_report(
         }
     };
     if adapters.is_empty() {
-        return Err(crate::Error::NoDevice {
+        return Err(understory::Error::NoDevice {
             detail: "the Vulkan loader reports 0 physical devices".into(),
         });
     }

@@ -11,18 +11,18 @@ use std::time::{Duration, Instant};
 use ash::vk;
 use glam::{Mat4, Vec2, Vec3};
 
-use crate::error::{Error, Result};
-use crate::gpu::budget::Source;
-use crate::gpu::context::{Context, ContextOptions};
-use crate::gpu::cull::{COUNTERS, Compaction, CullPass, CullView};
-use crate::gpu::draw::{DrawFrame, DrawPass, tree_billboard};
-use crate::gpu::frame::FrameRing;
-use crate::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
-use crate::policy::category::{Category, PerCategory};
-use crate::policy::lod::LodBands;
 use crate::rng::Rng;
-use crate::vegetation::{PatchDesc, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig};
-use crate::world::instance::Instance;
+use understory::error::{Error, Result};
+use understory::gpu::budget::Source;
+use understory::gpu::context::{Context, ContextOptions};
+use understory::gpu::cull::{COUNTERS, Compaction, CullPass, CullView};
+use understory::gpu::draw::{DrawFrame, DrawPass, tree_billboard};
+use understory::gpu::frame::FrameRing;
+use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
+use understory::policy::category::{Category, PerCategory};
+use understory::policy::lod::LodBands;
+use understory::vegetation::{PatchDesc, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig};
+use understory::world::instance::Instance;
 
 const MIB: f64 = (1u64 << 20) as f64;
 /// Most trees the demo generates: the forest is built on the CPU first.
@@ -311,7 +311,7 @@ impl Target {
                 .subresource_range(range(aspect));
             // SAFETY: a live 2D image of this device, one mip, one layer.
             unsafe { ctx.device().create_image_view(&info, None) }
-                .map_err(crate::error::vk_err("vkCreateImageView"))
+                .map_err(understory::error::vk_err("vkCreateImageView"))
         };
         if let (Some(c), Some(d)) = (&self.color, &self.depth) {
             self.color_view = view(c, vk::ImageAspectFlags::COLOR)?;
@@ -344,7 +344,7 @@ impl Target {
         }
         self.color_view = vk::ImageView::null();
         self.depth_view = vk::ImageView::null();
-        let items: [Option<crate::gpu::memory::Retirable>; 3] = [
+        let items: [Option<understory::gpu::memory::Retirable>; 3] = [
             self.color.take().map(Into::into),
             self.depth.take().map(Into::into),
             self.readback.take().map(Into::into),
@@ -373,7 +373,7 @@ fn image_barrier<'a>(
     from: (vk::ImageLayout, vk::AccessFlags),
     to: (vk::ImageLayout, vk::AccessFlags),
 ) -> vk::ImageMemoryBarrier<'a> {
-    crate::gpu::compute::image_barrier(image, range(aspect), from, to)
+    understory::gpu::compute::image_barrier(image, range(aspect), from, to)
 }
 
 fn slots_of(ctx: &Context) -> u32 {
@@ -527,7 +527,20 @@ struct Passes {
 impl Passes {
     fn destroy(&mut self, ctx: &Context) -> Result<()> {
         // The views and the query pool are destroyed at once: only once the GPU is idle.
-        let idle = crate::gpu::compute::wait_last_submitted(ctx);
+        let last = ctx.timeline().last_submitted();
+        let idle = ctx
+            .timeline()
+            .wait(last, Duration::from_secs(30))
+            .and_then(|done| {
+                if done {
+                    Ok(last)
+                } else {
+                    Err(Error::Vulkan {
+                        call: "vkWaitSemaphores (30 s)",
+                        result: vk::Result::TIMEOUT,
+                    })
+                }
+            });
         let last = ctx.timeline().last_submitted();
         let waited = idle.is_ok();
         let mut first = idle.map(|_| ());
@@ -651,7 +664,7 @@ fn fly_with(
             .query_count(slots_of(ctx) * 3);
         // SAFETY: valid create info.
         passes.queries = unsafe { ctx.device().create_query_pool(&info, None) }
-            .map_err(crate::error::vk_err("vkCreateQueryPool"))?;
+            .map_err(understory::error::vk_err("vkCreateQueryPool"))?;
     }
     let mut cull_ms = Vec::with_capacity(config.frames as usize);
     let mut draw_ms = Vec::with_capacity(config.frames as usize);
@@ -791,7 +804,7 @@ fn fly_with(
                             vk::QueryResultFlags::TYPE_64,
                         )
                     }
-                    .map_err(crate::error::vk_err("vkGetQueryPoolResults"))?;
+                    .map_err(understory::error::vk_err("vkGetQueryPoolResults"))?;
                     let ms = |a: u64, b: u64| {
                         b.saturating_sub(a) as f64 * f64::from(ctx.adapter().timestamp_period_ns)
                             / 1e6
@@ -966,7 +979,7 @@ fn fly_with(
                     }],
                 );
             }
-            crate::gpu::compute::memory_barrier(
+            understory::gpu::compute::memory_barrier(
                 ctx,
                 cmd,
                 (
@@ -1069,7 +1082,7 @@ mod tests {
         let patches = forest(&config, 20_000, 3);
         let total: usize = patches.iter().map(|(_, v)| v.len()).sum();
         assert_eq!(total, 20_000);
-        let q = crate::world::quadtree::Quadtree::new(
+        let q = understory::world::quadtree::Quadtree::new(
             config.world_origin,
             config.world_size_m,
             config.leaf_tile_m,

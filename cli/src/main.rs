@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use understory::gpu::adapter::DeviceSelector;
 use understory::gpu::instance::{Instance, InstanceOptions, Validation};
-use understory::report::budget_report;
+use understory_cli::report::budget_report;
 
 #[derive(Parser)]
 #[command(
@@ -141,7 +141,7 @@ fn run(cli: Cli) -> understory::Result<()> {
             let (width, height) = parse_image_size(&size)?;
             let budget_bytes = budget
                 .as_deref()
-                .map(understory::demo::parse_size)
+                .map(understory_cli::demo::parse_size)
                 .transpose()?;
             let options = understory::gpu::context::ContextOptions {
                 instance: InstanceOptions {
@@ -152,7 +152,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 ..Default::default()
             }
             .with_env()?;
-            let config = understory::demo::DemoConfig {
+            let config = understory_cli::demo::DemoConfig {
                 instances,
                 frames,
                 width,
@@ -166,7 +166,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 progress: !quiet,
                 ..Default::default()
             };
-            let r = understory::demo::run(&options, &config)?;
+            let r = understory_cli::demo::run(&options, &config)?;
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             let p = &r.peak_bytes.0;
             println!(
@@ -242,7 +242,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 ..Default::default()
             }
             .with_env()?;
-            let config = understory::soak::SoakConfig {
+            let config = understory_cli::soak::SoakConfig {
                 frames,
                 max_seconds: seconds,
                 patches,
@@ -253,7 +253,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 seed,
                 ..Default::default()
             };
-            let r = understory::soak::run(&options, &config)?;
+            let r = understory_cli::soak::run(&options, &config)?;
             println!(
                 "soak on {}: {} frames in {:.1} s ({:.0} frames/s); peak held {:.1} MiB; {} evictions, {} uploads, {} deferred frees",
                 r.device,

@@ -1,9 +1,10 @@
 //! A short soak under validation: churn, camera motion, budget squeezes, the GPU cull every
 //! frame; CSV and SVG written; nothing live or leaked afterwards.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
-use understory::soak::{SoakConfig, run};
+use understory_cli::soak::{SoakConfig, run};
 
 #[test]
 fn a_short_soak_returns_every_byte() {

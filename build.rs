@@ -5,6 +5,30 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+/// Variants compiled from a shader's source with textual replacements (each must match):
+/// the cull shaders read one instance buffer through a plain binding where the device allows
+/// no array of storage buffers (`maxPerStageDescriptorStorageBuffers` < 15, or no
+/// `shaderStorageBufferArrayDynamicIndexing`).
+const VARIANTS: &[Variant] = &[
+    ("cull_atomic", "single", SINGLE_SOURCE),
+    ("cull_subgroup", "single", SINGLE_SOURCE),
+];
+
+/// (shader stem, variant suffix, replacements of (from, to)).
+type Variant = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+const SINGLE_SOURCE: &[(&str, &str)] = &[
+    (
+        "var<storage, read> sources: binding_array<InstanceWords, CULL_BATCH>;",
+        "var<storage, read> source0: InstanceWords;",
+    ),
+    ("sources[source]", "source0"),
+];
+
 fn main() {
     let dir = Path::new("shaders");
     println!("cargo:rerun-if-changed=shaders");
@@ -30,27 +54,61 @@ fn main() {
     for path in &entries {
         println!("cargo:rerun-if-changed={}", path.display());
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
-        match compile(path, &common) {
-            Ok((words, entries)) => {
-                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-                let spv = Path::new(&out).join(format!("{stem}.spv"));
-                std::fs::write(&spv, bytes).expect("write SPIR-V");
-                let _ = writeln!(
-                    generated,
-                    "/// SPIR-V of `shaders/{stem}.wgsl` (entry points: {}).\n\
-                     pub const {}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.spv\"));",
-                    entries.join(", "),
-                    stem.to_uppercase()
-                );
-            }
-            Err(msg) => {
-                // cargo shows build-script stderr on failure; one block per shader.
-                eprintln!("{msg}");
-                println!(
-                    "cargo:warning=shader {} failed to compile (details below)",
-                    path.display()
-                );
+        let own = match std::fs::read_to_string(path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
                 failed = true;
+                continue;
+            }
+        };
+        let mut sources = vec![(stem.clone(), own.clone())];
+        for (of, suffix, replacements) in VARIANTS.iter().filter(|v| v.0 == stem) {
+            let mut text = own.clone();
+            for (from, to) in replacements.iter() {
+                if !text.contains(from) {
+                    eprintln!("shaders/{of}.wgsl: variant {suffix}: {from:?} not found");
+                    failed = true;
+                }
+                text = text.replace(from, to);
+            }
+            sources.push((format!("{stem}_{suffix}"), text));
+        }
+        for (name, text) in sources {
+            match compile(&path.display().to_string(), &text, &common) {
+                Ok(modules) => {
+                    for (module_name, words, entries) in modules {
+                        let file = if module_name.is_empty() {
+                            name.clone()
+                        } else {
+                            format!("{name}_{module_name}")
+                        };
+                        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                        let spv = Path::new(&out).join(format!("{file}.spv"));
+                        std::fs::write(&spv, bytes).expect("write SPIR-V");
+                        let _ = writeln!(
+                            generated,
+                            "/// SPIR-V of `shaders/{stem}.wgsl`{} (entry points: {}).\n\
+                             pub const {}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{file}.spv\"));",
+                            if name == stem {
+                                String::new()
+                            } else {
+                                format!(", variant `{}`", &name[stem.len() + 1..])
+                            },
+                            entries.join(", "),
+                            file.to_uppercase()
+                        );
+                    }
+                }
+                Err(msg) => {
+                    // cargo shows build-script stderr on failure; one block per shader.
+                    eprintln!("{msg}");
+                    println!(
+                        "cargo:warning=shader {} ({name}) failed to compile (details below)",
+                        path.display()
+                    );
+                    failed = true;
+                }
             }
         }
     }
@@ -110,13 +168,19 @@ fn layouts(common: &str) -> Result<String, String> {
     Ok(out)
 }
 
-fn compile(path: &Path, common: &str) -> Result<(Vec<u32>, Vec<String>), String> {
-    let name = path.display().to_string();
-    let own = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
+/// Compiles one shader source. A module whose entry points are all compute is one SPIR-V
+/// module (name ""); otherwise each entry point gets a module of its own, named after it
+/// (GPU-assisted validation cannot instrument a module holding several graphics stages).
+#[allow(clippy::type_complexity)]
+fn compile(
+    name: &str,
+    own: &str,
+    common: &str,
+) -> Result<Vec<(String, Vec<u32>, Vec<String>)>, String> {
     // Common declarations go after the shader's own lines so reported line numbers stay true.
     let source = format!("{own}\n{common}");
     let module = naga::front::wgsl::parse_str(&source)
-        .map_err(|e| e.emit_to_string_with_path(&source, &name))?;
+        .map_err(|e| e.emit_to_string_with_path(&source, name))?;
     let mut validator = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::IMMEDIATES
@@ -128,18 +192,37 @@ fn compile(path: &Path, common: &str) -> Result<(Vec<u32>, Vec<String>), String>
     validator.subgroup_operations(naga::valid::SubgroupOperationSet::all());
     let info = validator
         .validate(&module)
-        .map_err(|e| e.emit_to_string_with_path(&source, &name))?;
+        .map_err(|e| e.emit_to_string_with_path(&source, name))?;
     let options = naga::back::spv::Options {
         lang_version: (1, 3),
         flags: naga::back::spv::WriterFlags::empty(),
         ..Default::default()
     };
-    let entries = module
+    let all_compute = module
         .entry_points
         .iter()
-        .map(|e| format!("`{}`", e.name))
-        .collect();
-    naga::back::spv::write_vec(&module, &info, &options, None)
-        .map(|words| (words, entries))
-        .map_err(|e| format!("{name}: SPIR-V output: {e}"))
+        .all(|e| e.stage == naga::ShaderStage::Compute);
+    if all_compute {
+        let entries = module
+            .entry_points
+            .iter()
+            .map(|e| format!("`{}`", e.name))
+            .collect();
+        let words = naga::back::spv::write_vec(&module, &info, &options, None)
+            .map_err(|e| format!("{name}: SPIR-V output: {e}"))?;
+        return Ok(vec![(String::new(), words, entries)]);
+    }
+    module
+        .entry_points
+        .iter()
+        .map(|e| {
+            let pipeline = naga::back::spv::PipelineOptions {
+                shader_stage: e.stage,
+                entry_point: e.name.clone(),
+            };
+            naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
+                .map(|words| (e.name.clone(), words, vec![format!("`{}`", e.name)]))
+                .map_err(|err| format!("{name}: SPIR-V output of {}: {err}", e.name))
+        })
+        .collect()
 }

@@ -28,7 +28,7 @@ fn refresh(c: &mut Criterion) {
     let name = format!(
         "budget_refresh/{} ({})",
         a.name,
-        if ctx.extensions().memory_budget {
+        if ctx.features().memory_budget {
             "ext"
         } else {
             "estimated"

@@ -13,7 +13,7 @@
 use ash::vk;
 use glam::{Mat4, Vec3};
 use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc};
-use understory::gpu::context::{Context, ContextOptions};
+use understory::gpu::context::{Context, ContextOptions, Frame};
 use understory::gpu::cull::{
     Compaction, CullPass, CullSource, CullView, DrawIndexedIndirect, cull_cpu,
 };
@@ -65,22 +65,20 @@ fn view() -> CullView {
 }
 
 fn gpu_buffer(ctx: &Context, name: &str, bytes: u64, usage: vk::BufferUsageFlags) -> Buffer {
-    ctx.memory()
-        .create_buffer(&BufferDesc {
-            name,
-            size: bytes,
-            usage: usage | vk::BufferUsageFlags::TRANSFER_DST,
-            location: MemoryLocation::GpuOnly,
-            category: Category::Instances,
-        })
-        .expect("buffer")
+    ctx.create_buffer(&BufferDesc {
+        name,
+        size: bytes,
+        usage: usage | vk::BufferUsageFlags::TRANSFER_DST,
+        location: MemoryLocation::GpuOnly,
+        category: Category::Instances,
+    })
+    .expect("buffer")
 }
 
 /// Uploads through a 64 MiB staging buffer.
 fn upload(ctx: &Context, dst: &Buffer, data: &[u8]) {
     const CHUNK: usize = 64 << 20;
     let mut staging = ctx
-        .memory()
         .create_buffer(&BufferDesc {
             name: "bench staging",
             size: CHUNK.min(data.len()).max(4) as u64,
@@ -89,43 +87,42 @@ fn upload(ctx: &Context, dst: &Buffer, data: &[u8]) {
             category: Category::Staging,
         })
         .expect("staging");
-    let mut last = 0;
     for (k, chunk) in data.chunks(CHUNK).enumerate() {
         staging.mapped_mut().expect("mapped")[..chunk.len()].copy_from_slice(chunk);
-        last = ctx
-            .submit_and_wait(|cmd| {
-                let region = vk::BufferCopy {
-                    src_offset: 0,
-                    dst_offset: (k * CHUNK) as u64,
-                    size: chunk.len() as u64,
-                };
-                // SAFETY: recording; both buffers live past the wait.
-                unsafe {
-                    ctx.device()
-                        .cmd_copy_buffer(cmd, staging.raw(), dst.raw(), &[region])
-                };
-                Ok(())
-            })
-            .expect("upload");
+        ctx.submit_and_wait(|frame, cmd| {
+            let region = vk::BufferCopy {
+                src_offset: 0,
+                dst_offset: (k * CHUNK) as u64,
+                size: chunk.len() as u64,
+            };
+            staging.used_in(frame)?;
+            dst.used_in(frame)?;
+            // SAFETY: recording for `frame`; both buffers are marked used by it.
+            unsafe {
+                ctx.device()
+                    .cmd_copy_buffer(cmd, staging.raw(), dst.raw(), &[region])
+            };
+            Ok(())
+        })
+        .expect("upload");
     }
-    ctx.retire(staging, last).expect("retire");
 }
 
 /// Records `body` REPEATS times between timestamp pairs, returns the median in microseconds.
-fn time_gpu(ctx: &Context, mut body: impl FnMut(vk::CommandBuffer)) -> f64 {
+fn time_gpu(ctx: &Context, mut body: impl FnMut(&Frame, vk::CommandBuffer)) -> f64 {
     let d = ctx.device();
     let info = vk::QueryPoolCreateInfo::default()
         .query_type(vk::QueryType::TIMESTAMP)
         .query_count(REPEATS * 2);
     // SAFETY: valid create info.
     let pool = unsafe { d.create_query_pool(&info, None) }.expect("query pool");
-    ctx.submit_and_wait(|cmd| {
+    ctx.submit_and_wait(|frame, cmd| {
         // SAFETY: recording; the pool lives until after the wait; queries reset before use.
         unsafe {
             d.cmd_reset_query_pool(cmd, pool, 0, REPEATS * 2);
             for r in 0..REPEATS {
                 d.cmd_write_timestamp(cmd, vk::PipelineStageFlags::TOP_OF_PIPE, pool, r * 2);
-                body(cmd);
+                body(frame, cmd);
                 d.cmd_write_timestamp(cmd, vk::PipelineStageFlags::BOTTOM_OF_PIPE, pool, r * 2 + 1);
             }
         }
@@ -194,12 +191,10 @@ fn main() {
             entry: c"main",
             storage_buffers: 2,
             push_constant_bytes: 16,
-            max_sets: 8,
         },
     )
     .expect("copy pipeline");
-    let mut copy = copy;
-    let mut probe = ComputePipeline::new(
+    let probe = ComputePipeline::new(
         &ctx,
         &ComputePipelineDesc {
             name: "read_probe",
@@ -207,7 +202,6 @@ fn main() {
             entry: c"main",
             storage_buffers: 2,
             push_constant_bytes: 16,
-            max_sets: 8,
         },
     )
     .expect("probe pipeline");
@@ -243,17 +237,22 @@ fn main() {
             bytes.len() as u64,
             vk::BufferUsageFlags::STORAGE_BUFFER,
         );
-        let set = copy.bind_set(&ctx, &[&src, &dst]).expect("copy set");
         let vec4s = (bytes.len() / 16) as u32;
         let groups = vec4s.div_ceil(256);
         let gx = groups.min(65_535);
         let gy = groups.div_ceil(gx);
         let pc: [u32; 4] = [vec4s, 0, 0, gx * 256];
-        let copy_us = time_gpu(&ctx, |cmd| {
-            // SAFETY: recording; the buffers outlive the timed submission.
+        let copy_us = time_gpu(&ctx, |frame, cmd| {
+            // SAFETY: recording for `frame`; the dispatch marks the buffers used by it.
             unsafe {
-                copy.record_dispatch(&ctx, cmd, set, bytemuck::cast_slice(&pc), [gx, gy, 1])
-                    .expect("copy");
+                copy.record_dispatch(
+                    frame,
+                    cmd,
+                    &[&src, &dst],
+                    bytemuck::cast_slice(&pc),
+                    [gx, gy, 1],
+                )
+                .expect("copy");
                 let b = [vk::MemoryBarrier::default()
                     .src_access_mask(vk::AccessFlags::SHADER_WRITE)
                     .dst_access_mask(vk::AccessFlags::SHADER_WRITE)];
@@ -271,9 +270,6 @@ fn main() {
         let copy_gbs = 2.0 * bytes.len() as f64 / (copy_us * 1e3);
         // Read-only yardsticks over the instance buffer: the cull's pattern (first 16 bytes of
         // every 32-byte record) and a dense read of every byte.
-        let probe_set = probe
-            .bind_set(&ctx, &[&instances, &dst])
-            .expect("probe set");
         let mut read_us = [0.0; 2];
         for (k, stride) in [2u32, 1].into_iter().enumerate() {
             let threads = (bytes.len() / 16) as u32 / stride;
@@ -281,14 +277,14 @@ fn main() {
             let gx = groups.min(65_535);
             let gy = groups.div_ceil(gx);
             let pc: [u32; 4] = [threads, stride, 0, gx * 256];
-            read_us[k] = time_gpu(&ctx, |cmd| {
-                // SAFETY: recording; the buffers outlive the timed submission.
+            read_us[k] = time_gpu(&ctx, |frame, cmd| {
+                // SAFETY: recording for `frame`; the dispatch marks the buffers used by it.
                 unsafe {
                     probe
                         .record_dispatch(
-                            &ctx,
+                            frame,
                             cmd,
-                            probe_set,
+                            &[&instances, &dst],
                             bytemuck::cast_slice(&pc),
                             [gx, gy, 1],
                         )
@@ -307,9 +303,9 @@ fn main() {
                 count: n as u32,
                 base: 0,
             }];
-            let us = time_gpu(&ctx, |cmd| {
-                // SAFETY: recording; the instances outlive the timed submission.
-                unsafe { pass.record(&ctx, cmd, &src, &view).expect("record") };
+            let us = time_gpu(&ctx, |frame, cmd| {
+                // SAFETY: recording for `frame`; the pass marks what it reads.
+                unsafe { pass.record(frame, cmd, &src, &view).expect("record") };
             });
             println!(
                 "{:>5}M {:>9} {:>9.1}% {:>12.1} {:>10.0} {:>10.2} {:>12.1} {:>10.1} {:>6.2}",
@@ -323,7 +319,6 @@ fn main() {
                 floor_us,
                 us / floor_us
             );
-            pass.destroy(&ctx).expect("destroy");
         }
         println!(
             "{:>6} vec4 copy of {} MiB: {:.1} us, {:.0} GB/s (read + write); read-only: cull pattern {:.1} us ({:.0} GB/s of records), dense {:.1} us ({:.0} GB/s)",
@@ -336,10 +331,7 @@ fn main() {
             read_us[1],
             bytes.len() as f64 / (read_us[1] * 1e3)
         );
-        let last = ctx.timeline().last_submitted();
-        for b in [instances, src, dst] {
-            ctx.retire(b, last).expect("retire");
-        }
+        drop((instances, src, dst));
         ctx.collect().expect("collect");
     }
     // One source of 1M against 1024 sources of 1024 instances: the price of many allocations.
@@ -384,13 +376,13 @@ fn main() {
                 base: (i * 1024) as u32,
             })
             .collect();
-        let t1 = time_gpu(&ctx, |cmd| {
-            // SAFETY: recording; buffers outlive the submission.
-            unsafe { pass.record(&ctx, cmd, &single, &view).expect("record") };
+        let t1 = time_gpu(&ctx, |frame, cmd| {
+            // SAFETY: recording for `frame`; the pass marks what it reads.
+            unsafe { pass.record(frame, cmd, &single, &view).expect("record") };
         });
-        let t2 = time_gpu(&ctx, |cmd| {
+        let t2 = time_gpu(&ctx, |frame, cmd| {
             // SAFETY: as above.
-            unsafe { pass.record(&ctx, cmd, &spread, &view).expect("record") };
+            unsafe { pass.record(frame, cmd, &spread, &view).expect("record") };
         });
         println!(
             "  {:>9}: one buffer {:.1} us, 1024 buffers {:.1} us ({:.1}x)",
@@ -399,19 +391,8 @@ fn main() {
             t2,
             t2 / t1
         );
-        pass.destroy(&ctx).expect("destroy");
     }
-    let last = ctx.timeline().last_submitted();
-    ctx.retire(one, last).expect("retire");
-    for b in many {
-        ctx.retire(b, last).expect("retire");
-    }
-    // SAFETY: every submission was waited for.
-    unsafe {
-        copy.destroy(&ctx);
-        probe.destroy(&ctx);
-    }
-    let mut ctx = ctx;
-    let report = ctx.shutdown();
+    drop((one, many, copy, probe));
+    let report = ctx.shutdown().expect("shutdown");
     assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
 }

@@ -113,16 +113,10 @@ fn desc(size: u64) -> BufferDesc<'static> {
 /// understory: create all, retire all at value 0, one collect.
 fn understory_round(ctx: &Context, sizes: &[u64], live: &mut Vec<Buffer>) {
     for &size in sizes {
-        live.push(
-            ctx.memory()
-                .create_buffer(&desc(size))
-                .expect("create_buffer"),
-        );
+        live.push(ctx.create_buffer(&desc(size)).expect("create_buffer"));
     }
-    for b in live.drain(..) {
-        // Nothing was submitted: value 0 is complete, so the next collect releases it.
-        ctx.retire(b, 0).expect("retire");
-    }
+    // Never used by a frame: dropped, each waits for nothing, so the next collect frees it.
+    live.clear();
     let freed = ctx.collect().expect("collect");
     assert_eq!(freed, sizes.len());
 }
@@ -232,7 +226,7 @@ fn vk_allocate_round(
 }
 
 fn memory(c: &mut Criterion) {
-    let (mut cached, mut uncached) = match context(true).and_then(|a| Ok((a, context(false)?))) {
+    let (cached, uncached) = match context(true).and_then(|a| Ok((a, context(false)?))) {
         Ok(pair) => pair,
         Err(e) => {
             eprintln!("*** SKIPPED memory bench: {e} ***");
@@ -244,7 +238,7 @@ fn memory(c: &mut Criterion) {
         "memory bench on {} ({}); budget source: {}",
         adapter.name,
         adapter.driver,
-        if cached.extensions().memory_budget {
+        if cached.features().memory_budget {
             "VK_EXT_memory_budget"
         } else {
             "estimated (no VK_EXT_memory_budget)"
@@ -316,18 +310,11 @@ fn memory(c: &mut Criterion) {
             let mut timed = Duration::ZERO;
             for _ in 0..iters {
                 for &size in &small_sizes {
-                    small_live.push(
-                        uncached
-                            .memory()
-                            .create_buffer(&desc(size))
-                            .expect("create_buffer"),
-                    );
+                    small_live.push(uncached.create_buffer(&desc(size)).expect("create_buffer"));
                 }
-                for buffer in small_live.drain(..) {
-                    uncached.retire(buffer, 0).expect("retire");
-                }
+                small_live.clear();
                 let start = Instant::now();
-                let freed = black_box(uncached.memory().collect(0, 0));
+                let freed = black_box(uncached.collect().expect("collect"));
                 timed += start.elapsed();
                 assert_eq!(freed, COLLECT_N);
             }
@@ -336,24 +323,17 @@ fn memory(c: &mut Criterion) {
     });
     // The same collect when released buffers go to the size-class cache (64 MiB for this
     // group, so all 10,000 fit): no Vulkan call on the frame thread.
-    let mut big_cache = context_with_cache(64 << 20).expect("context");
+    let big_cache = context_with_cache(64 << 20).expect("context");
     group.bench_function("understory_cache_on", |b| {
         b.iter_custom(|iters| {
             let mut timed = Duration::ZERO;
             for _ in 0..iters {
                 for &size in &small_sizes {
-                    small_live.push(
-                        big_cache
-                            .memory()
-                            .create_buffer(&desc(size))
-                            .expect("create_buffer"),
-                    );
+                    small_live.push(big_cache.create_buffer(&desc(size)).expect("create_buffer"));
                 }
-                for buffer in small_live.drain(..) {
-                    big_cache.retire(buffer, 0).expect("retire");
-                }
+                small_live.clear();
                 let start = Instant::now();
-                let freed = black_box(big_cache.memory().collect(0, 0));
+                let freed = black_box(big_cache.collect().expect("collect"));
                 timed += start.elapsed();
                 assert_eq!(freed, COLLECT_N);
             }
@@ -361,15 +341,15 @@ fn memory(c: &mut Criterion) {
         })
     });
     group.finish();
-    let report = big_cache.shutdown();
+    let report = big_cache.shutdown().expect("shutdown");
     assert!(
         report.leaks.is_empty(),
         "understory (64 MiB cache) leaked: {:?}",
         report.leaks
     );
 
-    for (label, ctx) in [("cache on", &mut cached), ("cache off", &mut uncached)] {
-        let report = ctx.shutdown();
+    for (label, ctx) in [("cache on", cached), ("cache off", uncached)] {
+        let report = ctx.shutdown().expect("shutdown");
         assert!(
             report.leaks.is_empty(),
             "understory ({label}) leaked: {:?}",

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use glam::{Vec2, Vec3};
-use understory::gpu::context::{Context, ContextOptions};
+use understory::gpu::context::{Context, ContextOptions, Frame};
 use understory::gpu::frame::FrameRing;
 use understory::gpu::instance::{InstanceOptions, Validation};
 use understory::vegetation::{
@@ -76,17 +76,14 @@ fn config() -> VegetationConfig {
     }
 }
 
-fn species(veg: &mut Vegetation, ctx: &Context, name: &str, color: [u8; 4]) -> SpeciesId {
+fn species(veg: &mut Vegetation, name: &str, color: [u8; 4]) -> SpeciesId {
     let px: Vec<u8> = color.iter().copied().cycle().take(16 * 32 * 4).collect();
-    veg.register_species(
-        ctx,
-        &SpeciesDesc {
-            name,
-            width: 16,
-            height: 32,
-            rgba8: &px,
-        },
-    )
+    veg.register_species(&SpeciesDesc {
+        name,
+        width: 16,
+        height: 32,
+        rgba8: &px,
+    })
     .expect("register_species")
 }
 
@@ -146,9 +143,9 @@ impl Frames {
         let t0 = Instant::now();
         let start = ctx.begin_frame().expect("begin_frame");
         let t1 = Instant::now();
-        let report = veg.update(ctx, &start, camera).expect("update");
+        let report = veg.update(&start, camera).expect("update");
         let t2 = Instant::now();
-        self.finish(ctx, veg);
+        self.finish(ctx, veg, start);
         FrameTimes {
             begin: t1 - t0,
             update: t2 - t1,
@@ -156,20 +153,15 @@ impl Frames {
         }
     }
 
-    /// The untimed rest of a frame: record, submit, end_frame, wait for the GPU.
-    fn finish(&mut self, ctx: &Context, veg: &mut Vegetation) {
-        let cmd = self.ring.begin(ctx).expect("ring.begin");
-        // SAFETY: cmd was just begun by the ring (recording, primary, outside a render pass) and
-        // is submitted right below; the value it signals is the one end_frame gets.
-        unsafe { veg.record(ctx, cmd).expect("record") };
-        let value = self.ring.submit(ctx, cmd).expect("submit");
-        veg.end_frame(ctx, value).expect("end_frame");
-        assert!(
-            ctx.timeline()
-                .wait(value, Duration::from_secs(30))
-                .expect("timeline wait"),
-            "frame {value} did not complete in 30 s"
-        );
+    /// The untimed rest of a frame: record, submit, wait for the GPU.
+    fn finish(&mut self, ctx: &Context, veg: &mut Vegetation, frame: Frame) {
+        let cmd = self.ring.begin(&frame).expect("ring.begin");
+        // SAFETY: cmd was just begun by the ring for `frame` (recording, primary, outside a
+        // render pass) and is submitted right below as its submission.
+        unsafe { veg.record(&frame, cmd.raw()).expect("record") };
+        let done = self.ring.submit(frame, cmd).expect("submit");
+        ctx.wait(done.value(), Duration::from_secs(30))
+            .expect("frame completes within 30 s");
         self.count += 1;
     }
 
@@ -201,7 +193,7 @@ fn vegetation(c: &mut Criterion) {
         ..Default::default()
     }
     .with_env();
-    let mut ctx = match options.and_then(|o| Context::new(&o)) {
+    let ctx = match options.and_then(|o| Context::new(&o)) {
         Ok(ctx) => ctx,
         Err(e) => {
             eprintln!("*** SKIPPED vegetation bench: {e} ***");
@@ -218,9 +210,9 @@ fn vegetation(c: &mut Criterion) {
     let built = Instant::now();
     let mut veg = Vegetation::new(&ctx, config()).expect("Vegetation::new");
     let kinds = [
-        species(&mut veg, &ctx, "grass", [60, 170, 60, 255]),
-        species(&mut veg, &ctx, "fern", [30, 120, 50, 255]),
-        species(&mut veg, &ctx, "birch", [200, 200, 180, 255]),
+        species(&mut veg, "grass", [60, 170, 60, 255]),
+        species(&mut veg, "fern", [30, 120, 50, 255]),
+        species(&mut veg, "birch", [200, 200, 180, 255]),
     ];
     let start = block_start(&veg);
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -233,7 +225,7 @@ fn vegetation(c: &mut Criterion) {
             }
         }
     }
-    let s = veg.stats(&ctx);
+    let s = veg.stats();
     assert_eq!(s.tiles, u64::from(BLOCK * BLOCK), "occupied tiles");
     assert_eq!(s.patches, world.len() as u64);
     assert_eq!(s.instances, 1_000_000);
@@ -280,7 +272,7 @@ fn vegetation(c: &mut Criterion) {
     let wall = wall.elapsed();
     let mean = |v: &[Duration]| micros(v.iter().sum::<Duration>()) / v.len() as f64;
     let max = |v: &[Duration]| micros(v.iter().copied().max().unwrap_or_default());
-    let s = veg.stats(&ctx);
+    let s = veg.stats();
     let (res_patches, res_instances) = resident(&veg, &world);
     println!(
         "breakdown over {BREAKDOWN_FRAMES} frames: begin_frame mean {:.1} µs (max {:.1}), update mean {:.1} µs (max {:.1}), sum {:.1} µs/frame; \
@@ -366,7 +358,7 @@ fn vegetation(c: &mut Criterion) {
             }
         })
     });
-    assert_eq!(veg.stats(&ctx).patches, world.len() as u64);
+    assert_eq!(veg.stats().patches, world.len() as u64);
 
     // churn/spawn_update_despawn: the camera parks at the block's west edge; the patches go in
     // a 10 x 10 block of empty leaves just west of it (new tiles, so they are uploaded).
@@ -447,14 +439,13 @@ fn vegetation(c: &mut Criterion) {
     veg.despawn(id).expect("despawn");
     frames.run(&ctx, &mut veg, park);
 
-    let s = veg.stats(&ctx);
+    let s = veg.stats();
     println!(
         "end: {} frames, {} uploads, {} evictions, {} refused uploads, {} deferred frees completed",
         s.frames, s.uploads, s.evictions, s.refused_uploads, s.memory.frees_completed
     );
-    veg.release(&ctx).expect("release");
-    frames.ring.destroy(&ctx).expect("ring.destroy");
-    let report = ctx.shutdown();
+    drop((veg, frames));
+    let report = ctx.shutdown().expect("shutdown");
     assert!(report.leaks.is_empty(), "leaked: {:?}", report.leaks);
 }
 

@@ -20,8 +20,9 @@ fn main(@builtin(local_invocation_index) l: u32) {
         let appended = counters[l];
         let kept = min(appended, capacity);
         args[l].instance_count = kept;
-        // The vertex stage indexes lists[instance_index]: list l starts at l * capacity.
-        args[l].first_instance = l * capacity;
+        // Instance indices start at 0 (drawIndirectFirstInstance is not required): the draw
+        // pass pushes each LOD's list base, l * capacity, as a constant.
+        args[l].first_instance = 0u;
         counters[COUNTER_OVERFLOW + l] = appended - kept;
     }
 }

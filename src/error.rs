@@ -14,8 +14,9 @@ pub const INSTALL_HINT: &str = "on Debian/Ubuntu: apt-get install libvulkan1 mes
                                 vulkan-validationlayers (mesa-vulkan-drivers brings lavapipe, a CPU \
                                 driver; a GPU needs its vendor's Vulkan driver)";
 
-/// Everything that can go wrong in understory.
+/// Everything that can go wrong in understory. New variants may be added in minor releases.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An allocation would push its category over its cap, or its heap over the driver's budget.
     /// Nothing was allocated. Shed load (lower LOD, evict) and try again.
@@ -42,6 +43,20 @@ pub enum Error {
         /// The Vulkan call that failed.
         call: &'static str,
     },
+    /// A wait for the GPU ran out of time. Nothing it guarded was destroyed: those objects stay
+    /// alive (and are reported as leaks at shutdown if the GPU never finishes).
+    #[error("timed out after {waited_ms} ms waiting for {what}")]
+    Timeout {
+        /// What was waited for (a timeline value, a one-shot submission, shutdown).
+        what: String,
+        /// How long the wait lasted.
+        waited_ms: u64,
+    },
+    /// The answer needs GPU progress that understory cannot wait for: a frame whose completion
+    /// the host reports itself ([`FrameSignal::HostReported`](crate::gpu::timeline::FrameSignal))
+    /// has not been reported yet. Report it, then call again.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// The device was lost (`VK_ERROR_DEVICE_LOST`); every object of this context is unusable.
     #[error("device lost in {call}")]
     DeviceLost {
@@ -71,9 +86,15 @@ pub enum Error {
     /// The caller passed something that cannot be honoured.
     #[error("invalid input: {0}")]
     InvalidInput(String),
-    /// gpu-allocator refused a request for a reason other than memory exhaustion.
-    #[error("allocator: {0}")]
-    Allocator(String),
+    /// A call out of order: a frame begun while another is open, a submission after
+    /// [`Context::shutdown`](crate::gpu::context::Context::shutdown), an object of another
+    /// context, a frame value that was never submitted.
+    #[error("lifecycle: {0}")]
+    Lifecycle(String),
+    /// gpu-allocator refused a request for a reason other than memory exhaustion (which is
+    /// [`Error::OutOfDeviceMemory`]) or an unusable request (which is [`Error::InvalidInput`]).
+    #[error("gpu-allocator: {0}")]
+    Allocator(#[source] gpu_allocator::AllocationError),
     /// Any other Vulkan error.
     #[error("{call} failed: {result}")]
     Vulkan {
@@ -103,11 +124,18 @@ pub fn vk_err(call: &'static str) -> impl Fn(vk::Result) -> Error {
 
 impl From<gpu_allocator::AllocationError> for Error {
     fn from(e: gpu_allocator::AllocationError) -> Self {
+        use gpu_allocator::AllocationError as A;
         match e {
-            gpu_allocator::AllocationError::OutOfMemory => Error::OutOfDeviceMemory {
+            A::OutOfMemory => Error::OutOfDeviceMemory {
                 call: "gpu-allocator allocate",
             },
-            other => Error::Allocator(other.to_string()),
+            A::NoCompatibleMemoryTypeFound => {
+                Error::Unsupported("no memory type fits the request".into())
+            }
+            A::InvalidAllocationCreateDesc => {
+                Error::InvalidInput("gpu-allocator: invalid allocation request".into())
+            }
+            other => Error::Allocator(other),
         }
     }
 }

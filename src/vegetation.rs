@@ -1,6 +1,8 @@
-//! The vegetation facade: spawn and despawn patches, `update(camera)` once a frame, `record(cmd)`
-//! into the host's command buffer, `end_frame(value)` with the timeline value of that
-//! submission. Budget, LOD and residency decisions come from the pure policy modules.
+//! The vegetation facade: spawn and despawn patches, `update(frame, camera)` once a frame,
+//! `record(frame, cmd)` into the host's command buffer. Budget, LOD and residency decisions
+//! come from the pure policy modules; what the GPU may still read is kept until the frames that
+//! read it complete (despawned and evicted patches, staging), and the Vulkan calls are in
+//! `gpu::atlas` and [`Vegetation::record`]'s single copy path.
 //!
 //! ```no_run
 //! # use understory::{gpu::context::Context, vegetation::*, world::instance::Instance};
@@ -8,24 +10,24 @@
 //! let ctx = Context::from_env()?;
 //! let mut ring = understory::gpu::frame::FrameRing::new(&ctx)?;
 //! let mut veg = Vegetation::new(&ctx, VegetationConfig::default())?;
-//! let grass = veg.register_species(&ctx, &SpeciesDesc { name: "grass", width: 4, height: 4, rgba8: &[255; 64] })?;
+//! let grass = veg.register_species(&SpeciesDesc { name: "grass", width: 4, height: 4, rgba8: &[255; 64] })?;
 //! let patch = veg.spawn(&PatchDesc { species: grass, instances: &[Instance::at(glam::Vec3::ZERO)] })?;
 //! for _ in 0..3 {
 //!     let frame = ctx.begin_frame()?;
-//!     veg.update(&ctx, &frame, glam::Vec3::new(0.0, 2.0, 0.0))?;
-//!     let cmd = ring.begin(&ctx)?;
-//!     // SAFETY: cmd is recording and submitted below; its value goes to end_frame.
-//!     unsafe { veg.record(&ctx, cmd)? };
-//!     let value = ring.submit(&ctx, cmd)?;
-//!     veg.end_frame(&ctx, value)?;
+//!     veg.update(&frame, glam::Vec3::new(0.0, 2.0, 0.0))?;
+//!     let cmd = ring.begin(&frame)?;
+//!     // SAFETY: cmd is recording, and is submitted below as this frame's submission.
+//!     unsafe { veg.record(&frame, cmd.raw())? };
+//!     ring.submit(frame, cmd)?;
 //! }
-//! veg.despawn(patch)?;
-//! veg.release(&ctx)?;
-//! ring.destroy(&ctx)?;
+//! veg.despawn(patch)?; // retired: freed once the last frame that read it completes
+//! drop((veg, ring));
+//! assert!(ctx.shutdown()?.leaks.is_empty());
 //! # Ok(()) }
 //! ```
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ash::vk;
@@ -34,9 +36,9 @@ use glam::{Vec2, Vec3};
 use crate::error::{Error, Result};
 use crate::gpu::atlas::{self, RegionUpload};
 use crate::gpu::budget::Source;
-use crate::gpu::context::{Context, FrameStart};
+use crate::gpu::context::{Context, Frame, Shared};
 use crate::gpu::cull::CullSource;
-use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, MemoryStats, Retirable};
+use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, MemoryStats};
 use crate::policy::category::Category;
 use crate::policy::controller::{BudgetController, BudgetInput, ControllerConfig, Decision};
 use crate::policy::lod::{FrameTimeQuality, Lod, LodBands};
@@ -134,6 +136,11 @@ pub struct PatchGpu {
     pub node: NodeId,
     /// Bytes of GPU memory held.
     pub bytes: u64,
+    /// Whether the copy of its instances is recorded (in a frame already recorded): only then
+    /// is it a cull source.
+    pub uploaded: bool,
+    /// Which upload this is: a pending copy applies only to the upload it was staged for.
+    upload: u64,
 }
 
 struct Species {
@@ -159,10 +166,25 @@ struct Tile {
     distance: f32,
 }
 
+/// A staged copy of one patch's instances, recorded by the next [`Vegetation::record`].
 struct PendingCopy {
+    /// Index in `Vegetation::staging`.
+    staging: usize,
     src_offset: u64,
-    dst: vk::Buffer,
     bytes: u64,
+    /// The patch slot and the upload it was staged for (skipped if the patch was despawned
+    /// or evicted since).
+    slot: u32,
+    upload: u64,
+}
+
+/// A staged atlas region, recorded by the next [`Vegetation::record`].
+struct PendingRegion {
+    page: u32,
+    /// The page image it is for (skipped if the page was retired since).
+    image: u64,
+    staging: usize,
+    region: RegionUpload,
 }
 
 struct Page {
@@ -242,8 +264,10 @@ pub struct UpdateReport {
     pub uploaded_bytes: u64,
 }
 
-/// The vegetation system of one context.
+/// The vegetation system of one context. Dropping it retires every GPU resource it holds at
+/// the last frame that used it.
 pub struct Vegetation {
+    shared: Arc<Shared>,
     config: VegetationConfig,
     quadtree: Quadtree,
     heap: usize,
@@ -259,11 +283,11 @@ pub struct Vegetation {
     last_decision: Option<Decision>,
     last_held: u64,
     budget_source: Source,
-    // This frame's work.
+    // Uploads staged and not yet recorded.
     staging: Vec<Buffer>,
-    copies: Vec<(usize, PendingCopy)>,
-    atlas_uploads: Vec<(u32, usize, RegionUpload)>,
-    to_retire: Vec<Retirable>,
+    copies: Vec<PendingCopy>,
+    atlas_uploads: Vec<PendingRegion>,
+    next_upload: u64,
     /// Resident tiles with patches spawned since their upload.
     incomplete: std::collections::HashSet<NodeId>,
     // Counters.
@@ -274,7 +298,17 @@ pub struct Vegetation {
     refused_uploads: u64,
     lod_instances: PerLod,
     last_log: Instant,
-    released: bool,
+}
+
+impl std::fmt::Debug for Vegetation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vegetation")
+            .field("patches", &(self.patches.len() - self.free_slots.len()))
+            .field("tiles", &self.tiles.len())
+            .field("instances", &self.live_instances)
+            .field("frames", &self.frames)
+            .finish()
+    }
 }
 
 impl Vegetation {
@@ -296,6 +330,7 @@ impl Vegetation {
         let packer = AtlasPacker::new(config.atlas_page_px, config.atlas_padding_px)?;
         let heap = ctx.memory().device_local_heap();
         Ok(Self {
+            shared: ctx.shared().clone(),
             controller: BudgetController::new(config.controller),
             frame_time: None,
             config,
@@ -314,7 +349,7 @@ impl Vegetation {
             staging: Vec::new(),
             copies: Vec::new(),
             atlas_uploads: Vec::new(),
-            to_retire: Vec::new(),
+            next_upload: 1,
             incomplete: Default::default(),
             frames: 0,
             live_instances: 0,
@@ -323,7 +358,6 @@ impl Vegetation {
             refused_uploads: 0,
             lod_instances: PerLod::default(),
             last_log: Instant::now(),
-            released: false,
         })
     }
 
@@ -353,15 +387,6 @@ impl Vegetation {
         Ok(())
     }
 
-    fn check_live(&self) -> Result<()> {
-        if self.released {
-            return Err(Error::InvalidInput(
-                "this Vegetation was released; create a new one".into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// The world's quadtree.
     pub fn quadtree(&self) -> &Quadtree {
         &self.quadtree
@@ -374,8 +399,7 @@ impl Vegetation {
 
     /// Registers a species: packs its billboard into the atlas and queues the upload (recorded
     /// by the next [`Vegetation::record`]).
-    pub fn register_species(&mut self, ctx: &Context, desc: &SpeciesDesc<'_>) -> Result<SpeciesId> {
-        self.check_live()?;
+    pub fn register_species(&mut self, desc: &SpeciesDesc<'_>) -> Result<SpeciesId> {
         let texels = u64::from(desc.width) * u64::from(desc.height) * 4;
         if desc.rgba8.len() as u64 != texels {
             return Err(Error::InvalidInput(format!(
@@ -390,13 +414,14 @@ impl Vegetation {
         let region = placed.region;
         let page = region.page as usize;
         if placed.new_page {
-            let image = match atlas::create_page(ctx, region.page, self.config.atlas_page_px) {
-                Ok(i) => i,
-                Err(e) => {
-                    let _ = self.packer.free(&region);
-                    return Err(e);
-                }
-            };
+            let image =
+                match atlas::create_page(&self.shared, region.page, self.config.atlas_page_px) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        let _ = self.packer.free(&region);
+                        return Err(e);
+                    }
+                };
             if self.pages.len() <= page {
                 self.pages.resize_with(page + 1, || None);
             }
@@ -405,26 +430,33 @@ impl Vegetation {
                 initialized: false,
             });
         }
-        let staging = match self.staging_buffer(ctx, "species billboard staging", texels) {
+        let filled = self
+            .staging_buffer("species billboard staging", texels)
+            .and_then(|mut staging| {
+                staging.mapped_mut()?[..desc.rgba8.len()].copy_from_slice(desc.rgba8);
+                Ok(staging)
+            });
+        let staging = match filled {
             Ok(s) => s,
             Err(e) => {
                 self.free_region(&region)?;
                 return Err(e);
             }
         };
-        let mut staging = staging;
-        if let Some(m) = staging.mapped_mut() {
-            m[..desc.rgba8.len()].copy_from_slice(desc.rgba8);
-        }
         self.staging.push(staging);
-        self.atlas_uploads.push((
-            region.page,
-            self.staging.len() - 1,
-            RegionUpload {
+        let image = self.pages[page]
+            .as_ref()
+            .map(|p| p.image.id())
+            .ok_or_else(|| Error::InvalidInput(format!("atlas page {page} vanished")))?;
+        self.atlas_uploads.push(PendingRegion {
+            page: region.page,
+            image,
+            staging: self.staging.len() - 1,
+            region: RegionUpload {
                 rect: region.rect,
                 staging_offset: 0,
             },
-        ));
+        });
         let id = match self.species.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
@@ -459,7 +491,7 @@ impl Vegetation {
     }
 
     /// Removes a species no patch uses; its atlas space is returned, and an emptied page is
-    /// retired at the next [`Vegetation::end_frame`].
+    /// retired (freed once the last frame that sampled it completes).
     pub fn unregister_species(&mut self, id: SpeciesId) -> Result<()> {
         let s = self
             .species
@@ -479,15 +511,14 @@ impl Vegetation {
 
     fn free_region(&mut self, region: &AtlasRegion) -> Result<()> {
         if let Some(page) = self.packer.free(region)? {
-            if let Some(p) = self.pages.get_mut(page as usize).and_then(Option::take) {
-                self.to_retire.push(p.image.into());
-            }
+            // Dropping the image retires it at its last use.
+            drop(self.pages.get_mut(page as usize).and_then(Option::take));
         }
         Ok(())
     }
 
-    fn staging_buffer(&self, ctx: &Context, name: &str, bytes: u64) -> Result<Buffer> {
-        ctx.memory().create_buffer(&BufferDesc {
+    fn staging_buffer(&self, name: &str, bytes: u64) -> Result<Buffer> {
+        self.shared.create_buffer(&BufferDesc {
             name,
             size: bytes.max(4),
             usage: vk::BufferUsageFlags::TRANSFER_SRC,
@@ -575,8 +606,8 @@ impl Vegetation {
         Ok(PatchId { slot, generation })
     }
 
-    /// Despawns a patch; its GPU memory is retired at the next [`Vegetation::end_frame`]'s value.
-    /// Unknown or already despawned ids are errors.
+    /// Despawns a patch; its GPU memory is retired (freed once the last frame that read it
+    /// completes). Unknown or already despawned ids are errors.
     pub fn despawn(&mut self, id: PatchId) -> Result<()> {
         let valid = self
             .patches
@@ -593,9 +624,9 @@ impl Vegetation {
             .ok_or_else(|| Error::InvalidInput("patch vanished".into()))?;
         self.generations[id.slot as usize] = self.generations[id.slot as usize].wrapping_add(1);
         self.free_slots.push(id.slot);
-        if let Some(gpu) = patch.gpu {
-            self.to_retire.push(gpu.buffer.into());
-        }
+        // Dropping the buffer retires it at its last use; a copy still pending for it is
+        // skipped by `record` (the patch is gone).
+        drop(patch.gpu);
         if let Some(s) = self.species[patch.species.0 as usize].as_mut() {
             s.patches -= 1;
         }
@@ -622,8 +653,8 @@ impl Vegetation {
         Ok(p.gpu.as_ref())
     }
 
-    fn held_and_pending(&self, ctx: &Context) -> (u64, u64) {
-        let st = ctx.memory().stats();
+    fn held_and_pending(&self) -> (u64, u64) {
+        let st = self.shared.memory.stats();
         let c = &st.categories;
         (
             c[Category::Instances].live_bytes + c[Category::Atlas].live_bytes,
@@ -631,25 +662,20 @@ impl Vegetation {
         )
     }
 
-    /// Once a frame, after [`Context::begin_frame`]: steps the budget controller, evicts and
-    /// uploads tiles, and counts LODs. Uploads are staged here and recorded by
-    /// [`Vegetation::record`].
-    pub fn update(
-        &mut self,
-        ctx: &Context,
-        frame: &FrameStart,
-        camera: Vec3,
-    ) -> Result<UpdateReport> {
-        self.check_live()?;
+    /// Once a frame, after [`Context::begin_frame`]: steps the budget controller with the
+    /// frame's heap budgets, evicts and uploads tiles, and counts LODs. Uploads are staged here
+    /// and recorded by [`Vegetation::record`] (until then they stay staged).
+    pub fn update(&mut self, frame: &Frame, camera: Vec3) -> Result<UpdateReport> {
+        frame.check(&self.shared, "Vegetation::update")?;
         if !camera.is_finite() {
             return Err(Error::InvalidInput(format!("camera at {camera}")));
         }
         let heap = frame
-            .heaps
+            .heaps()
             .get(self.heap)
             .ok_or_else(|| Error::InvalidInput("frame has no heap report".into()))?;
         self.budget_source = heap.budget.source;
-        let (mut held, mut pending) = self.held_and_pending(ctx);
+        let (mut held, mut pending) = self.held_and_pending();
         // Released instance buffers kept for reuse count as held; over the high watermark they
         // are the first thing to give back, before any tile is evicted.
         let high = self.controller.config().high_watermark;
@@ -661,9 +687,9 @@ impl Vegetation {
             pending,
         });
         if held as f64 > budget_now as f64 * high
-            && ctx.memory().flush_cache_of(Category::Instances) > 0
+            && self.shared.memory.flush_cache_of(Category::Instances) > 0
         {
-            (held, pending) = self.held_and_pending(ctx);
+            (held, pending) = self.held_and_pending();
         }
         let mut decision = self.controller.step(&BudgetInput {
             heap_budget: heap.budget.budget,
@@ -724,7 +750,7 @@ impl Vegetation {
                     .filter(|n| self.tiles.get(n).is_some_and(|t| t.resident)),
             );
         }
-        let (uploaded_patches, uploaded_bytes) = self.upload_tiles(ctx, &upload_nodes)?;
+        let (uploaded_patches, uploaded_bytes) = self.upload_tiles(&upload_nodes)?;
         self.frames += 1;
         self.last_held = held;
         self.last_decision = Some(decision);
@@ -759,8 +785,8 @@ impl Vegetation {
         self.evictions += 1;
     }
 
-    /// Retires the instance buffers of a tile's patches (at this frame's end) and marks the tile
-    /// not resident.
+    /// Retires the instance buffers of a tile's patches (each at its last use) and marks the
+    /// tile not resident.
     fn drop_tile_buffers(&mut self, node: NodeId) {
         let Some(tile) = self.tiles.get_mut(&node) else {
             return;
@@ -768,16 +794,14 @@ impl Vegetation {
         tile.resident = false;
         for slot in &tile.patches {
             if let Some(p) = self.patches[*slot as usize].as_mut() {
-                if let Some(gpu) = p.gpu.take() {
-                    self.to_retire.push(gpu.buffer.into());
-                }
+                drop(p.gpu.take());
             }
         }
     }
 
     /// Creates instance buffers for the tiles' patches and stages their data. Stops at the first
     /// refusal (`OverBudget`): refusing uploads is the controller's last resort.
-    fn upload_tiles(&mut self, ctx: &Context, nodes: &[NodeId]) -> Result<(usize, u64)> {
+    fn upload_tiles(&mut self, nodes: &[NodeId]) -> Result<(usize, u64)> {
         if nodes.is_empty() {
             return Ok((0, 0));
         }
@@ -797,7 +821,7 @@ impl Vegetation {
             }
             return Ok((0, 0));
         }
-        let mut staging = match self.staging_buffer(ctx, "instance staging", total) {
+        let mut staging = match self.staging_buffer("instance staging", total) {
             Ok(s) => s,
             Err(Error::OverBudget { .. }) => {
                 self.refused_uploads += nodes.len() as u64;
@@ -822,7 +846,7 @@ impl Vegetation {
                 }
                 let bytes: &[u8] = bytemuck::cast_slice(&p.instances);
                 let len = bytes.len() as u64;
-                let buffer = match ctx.memory().create_buffer(&BufferDesc {
+                let buffer = match self.shared.create_buffer(&BufferDesc {
                     name: "patch instances",
                     size: len,
                     usage: vk::BufferUsageFlags::STORAGE_BUFFER
@@ -834,9 +858,8 @@ impl Vegetation {
                     Ok(b) => b,
                     Err(Error::OverBudget { .. }) => {
                         self.refused_uploads += 1;
-                        // All or nothing per tile: give back what this tile got so far (the
-                        // copies into it are in this frame's commands; retiring at this frame's
-                        // value keeps them valid).
+                        // All or nothing per tile: give back what this tile got so far (their
+                        // pending copies are skipped: the uploads they were staged for are gone).
                         self.drop_tile_buffers(*node);
                         break 'tiles;
                     }
@@ -845,30 +868,30 @@ impl Vegetation {
                         return Err(e);
                     }
                 };
-                if let Some(m) = staging.mapped_mut() {
-                    m[offset as usize..(offset + len) as usize].copy_from_slice(bytes);
-                }
-                self.copies.push((
-                    staging_index,
-                    PendingCopy {
-                        src_offset: offset,
-                        dst: buffer.raw(),
-                        bytes: len,
-                    },
-                ));
-                offset += len;
                 let region = self.species[p.species.0 as usize]
                     .as_ref()
                     .map(|s| s.region)
                     .ok_or_else(|| Error::InvalidInput("patch of an unregistered species".into()));
-                let region = match region {
+                let (region, mapped) = match region.and_then(|r| Ok((r, staging.mapped_mut()?))) {
                     Ok(r) => r,
                     Err(e) => {
-                        self.to_retire.push(buffer.into());
+                        // Nothing recorded the buffer: dropping it frees it at the next collect.
+                        drop(buffer);
                         self.staging.push(staging);
                         return Err(e);
                     }
                 };
+                mapped[offset as usize..(offset + len) as usize].copy_from_slice(bytes);
+                let upload = self.next_upload;
+                self.next_upload += 1;
+                self.copies.push(PendingCopy {
+                    staging: staging_index,
+                    src_offset: offset,
+                    bytes: len,
+                    slot,
+                    upload,
+                });
+                offset += len;
                 let gpu_bytes = buffer.bytes();
                 p.gpu = Some(PatchGpu {
                     buffer,
@@ -876,6 +899,8 @@ impl Vegetation {
                     atlas: region,
                     node: p.node,
                     bytes: gpu_bytes,
+                    uploaded: false,
+                    upload,
                 });
                 patches += 1;
                 self.uploads += 1;
@@ -892,34 +917,49 @@ impl Vegetation {
         Ok((patches, offset))
     }
 
-    /// Records this frame's uploads (instance copies, atlas regions with their mips) and the
-    /// barrier that makes them visible to compute, vertex and fragment shaders.
+    /// Records the uploads staged so far (instance copies, atlas regions with their mips) and
+    /// the barrier that makes them visible to compute, vertex and fragment shaders. Marks the
+    /// staging, the destinations and the atlas pages used by `frame`; the staging is then
+    /// retired (freed once `frame` completes). Uploads staged for a patch or page that is gone
+    /// since are skipped.
     ///
     /// # Safety
-    /// `cmd` must be a primary command buffer of `ctx`'s device, recording, outside a render
-    /// pass, and it must be submitted with the timeline value then passed to
-    /// [`Vegetation::end_frame`].
-    pub unsafe fn record(&mut self, ctx: &Context, cmd: vk::CommandBuffer) -> Result<()> {
-        let d = ctx.device();
-        let mut by_staging: HashMap<usize, Vec<vk::BufferCopy>> = HashMap::new();
-        let mut dsts: Vec<(usize, vk::Buffer)> = Vec::new();
-        for (s, c) in self.copies.drain(..) {
-            by_staging.entry(s).or_default();
-            dsts.push((s, c.dst));
+    /// `cmd` must be a primary command buffer of this context's device, recording, outside a
+    /// render pass, on understory's queue family (atlas mips are blits on a graphics queue), and
+    /// recorded for `frame`: submitted as its submission, or before it on the same queue.
+    pub unsafe fn record(&mut self, frame: &Frame, cmd: vk::CommandBuffer) -> Result<()> {
+        frame.check(&self.shared, "Vegetation::record")?;
+        let value = frame.value();
+        let d = &self.shared.device;
+        let graphics = self.shared.queue_flags.contains(vk::QueueFlags::GRAPHICS);
+        let mut copied = 0usize;
+        for c in std::mem::take(&mut self.copies) {
+            let Some(gpu) = self.patches[c.slot as usize]
+                .as_mut()
+                .and_then(|p| p.gpu.as_mut())
+                .filter(|g| g.upload == c.upload)
+            else {
+                continue;
+            };
+            let Some(staging) = self.staging.get(c.staging) else {
+                continue;
+            };
             // One copy region per destination buffer.
             let region = vk::BufferCopy {
                 src_offset: c.src_offset,
                 dst_offset: 0,
                 size: c.bytes,
             };
-            // SAFETY: cmd is recording (caller); the staging buffer and the destination are
-            // alive until end_frame retires them with this submission's value; the ranges lie
-            // inside both (sized from the same instance bytes).
-            unsafe {
-                d.cmd_copy_buffer(cmd, self.staging[s].raw(), c.dst, &[region]);
-            }
+            staging.touch(value);
+            gpu.buffer.touch(value);
+            gpu.uploaded = true;
+            copied += 1;
+            // SAFETY: cmd is recording (caller); both buffers are live and marked used by
+            // `frame`, so neither is freed before it completes; the ranges lie inside both
+            // (sized from the same instance bytes).
+            unsafe { d.cmd_copy_buffer(cmd, staging.raw(), gpu.buffer.raw(), &[region]) };
         }
-        let mut pages: Vec<u32> = self.atlas_uploads.iter().map(|u| u.0).collect();
+        let mut pages: Vec<u32> = self.atlas_uploads.iter().map(|u| u.page).collect();
         pages.sort_unstable();
         pages.dedup();
         for page in pages {
@@ -928,18 +968,28 @@ impl Vegetation {
             };
             // Uploads of one page, grouped per staging buffer.
             let mut groups: HashMap<usize, Vec<RegionUpload>> = HashMap::new();
-            for (_, s, r) in self.atlas_uploads.iter().filter(|u| u.0 == page) {
-                groups.entry(*s).or_default().push(*r);
+            for u in self
+                .atlas_uploads
+                .iter()
+                .filter(|u| u.page == page && u.image == p.image.id())
+            {
+                groups.entry(u.staging).or_default().push(u.region);
             }
             for (s, regions) in groups {
-                // SAFETY: as above; the page image lives until retired after this submission.
+                let Some(staging) = self.staging.get(s) else {
+                    continue;
+                };
+                staging.touch(value);
+                p.image.touch(value);
+                // SAFETY: as above; the page image and the staging are marked used by `frame`.
                 unsafe {
                     atlas::record_uploads(
-                        ctx,
+                        d,
+                        graphics,
                         cmd,
                         &p.image,
                         !p.initialized,
-                        self.staging[s].raw(),
+                        staging.raw(),
                         &regions,
                     )
                 };
@@ -947,21 +997,27 @@ impl Vegetation {
             }
         }
         self.atlas_uploads.clear();
-        if !dsts.is_empty() {
+        // Every staged upload is recorded or skipped: the staging retires at its last use.
+        self.staging.clear();
+        if copied > 0 {
+            let mut dst_stages = vk::PipelineStageFlags::COMPUTE_SHADER;
+            if graphics {
+                dst_stages |= vk::PipelineStageFlags::VERTEX_INPUT
+                    | vk::PipelineStageFlags::VERTEX_SHADER
+                    | vk::PipelineStageFlags::FRAGMENT_SHADER;
+            }
             let barrier = vk::MemoryBarrier::default()
                 .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
                 .dst_access_mask(
                     vk::AccessFlags::SHADER_READ | vk::AccessFlags::VERTEX_ATTRIBUTE_READ,
                 );
-            // SAFETY: recording; a global barrier from the copies to every later shader read.
+            // SAFETY: recording; a global barrier from the copies to every later shader read,
+            // naming only stages the queue supports.
             unsafe {
                 d.cmd_pipeline_barrier(
                     cmd,
                     vk::PipelineStageFlags::TRANSFER,
-                    vk::PipelineStageFlags::VERTEX_INPUT
-                        | vk::PipelineStageFlags::VERTEX_SHADER
-                        | vk::PipelineStageFlags::COMPUTE_SHADER
-                        | vk::PipelineStageFlags::FRAGMENT_SHADER,
+                    dst_stages,
                     vk::DependencyFlags::empty(),
                     &[barrier],
                     &[],
@@ -972,31 +1028,14 @@ impl Vegetation {
         Ok(())
     }
 
-    /// End of a frame: everything staged, evicted or despawned this frame is retired with
-    /// `value`, the timeline value of the submission that carried [`Vegetation::record`]'s
-    /// commands.
-    pub fn end_frame(&mut self, ctx: &Context, value: u64) -> Result<()> {
-        let mut first_err = None;
-        for s in self.staging.drain(..) {
-            if let Err(e) = ctx.retire(s, value) {
-                first_err.get_or_insert(e);
-            }
-        }
-        for r in self.to_retire.drain(..) {
-            if let Err(e) = ctx.retire(r, value) {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
-    }
-
-    /// The resident patches as sources for the GPU cull pass, numbered consecutively (`base`)
-    /// in patch-slot order, with the instances they hold on the CPU (for references and tests).
+    /// The resident patches whose instances are uploaded (their copy recorded), as sources for
+    /// the GPU cull pass, numbered consecutively (`base`) in patch-slot order, with the
+    /// instances they hold on the CPU (for references and tests).
     pub fn cull_sources(&self) -> Vec<(CullSource<'_>, &[Instance])> {
         let mut base = 0u32;
         let mut out = Vec::new();
         for p in self.patches.iter().flatten() {
-            if let Some(gpu) = &p.gpu {
+            if let Some(gpu) = p.gpu.as_ref().filter(|g| g.uploaded) {
                 let count = p.instances.len() as u32;
                 out.push((
                     CullSource {
@@ -1013,11 +1052,11 @@ impl Vegetation {
     }
 
     /// A stats snapshot.
-    pub fn stats(&self, ctx: &Context) -> Stats {
+    pub fn stats(&self) -> Stats {
         let d = self.last_decision;
         Stats {
             frames: self.frames,
-            memory: ctx.memory().stats(),
+            memory: self.shared.memory.stats(),
             budget: d.map_or(0, |d| d.budget),
             budget_source: self.budget_source,
             held: self.last_held,
@@ -1031,35 +1070,6 @@ impl Vegetation {
             evictions: self.evictions,
             uploads: self.uploads,
             refused_uploads: self.refused_uploads,
-        }
-    }
-
-    /// Retires every GPU resource (at the context's newest submitted value) so that the context
-    /// can shut down with nothing leaked. Final: afterwards `update` and `register_species`
-    /// return errors; the CPU side (patches, species, stats) stays readable.
-    pub fn release(&mut self, ctx: &Context) -> Result<()> {
-        for p in self.patches.iter_mut().flatten() {
-            if let Some(gpu) = p.gpu.take() {
-                self.to_retire.push(gpu.buffer.into());
-            }
-        }
-        for t in self.tiles.values_mut() {
-            t.resident = false;
-        }
-        for p in self.pages.iter_mut().filter_map(Option::take) {
-            self.to_retire.push(p.image.into());
-        }
-        self.copies.clear();
-        self.atlas_uploads.clear();
-        self.released = true;
-        self.end_frame(ctx, ctx.timeline().last_submitted())
-    }
-}
-
-impl Drop for Vegetation {
-    fn drop(&mut self) {
-        if !self.released && !std::thread::panicking() {
-            log::error!("Vegetation dropped without release(): its GPU resources are leaked");
         }
     }
 }

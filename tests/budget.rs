@@ -25,7 +25,7 @@ fn budgets_come_from_the_extension_or_are_labelled_estimates() {
             "heap {}: {h:?}",
             h.index
         );
-        if ctx.extensions().memory_budget {
+        if ctx.features().memory_budget {
             assert_eq!(h.source, Source::Ext);
         } else {
             assert_eq!(h.source, Source::Estimated);
@@ -37,7 +37,7 @@ fn budgets_come_from_the_extension_or_are_labelled_estimates() {
     eprintln!(
         "budget source on {}: {}",
         adapter.name,
-        if ctx.extensions().memory_budget {
+        if ctx.features().memory_budget {
             "VK_EXT_memory_budget"
         } else {
             "estimated"
@@ -98,7 +98,7 @@ fn driver_usage_follows_our_allocations_where_the_extension_exists() {
     let Some(ctx) = common::context("driver_usage_follows_our_allocations") else {
         return;
     };
-    if !ctx.extensions().memory_budget {
+    if !ctx.features().memory_budget {
         common::finish(ctx, "usage follows allocations");
         return common::skip(
             "driver_usage_follows_our_allocations",
@@ -115,7 +115,6 @@ fn driver_usage_follows_our_allocations_where_the_extension_exists() {
     let before = heaps.refresh(&[]).unwrap()[heap].usage;
     let size = 256u64 << 20;
     let buf = ctx
-        .memory()
         .create_buffer(&BufferDesc {
             name: "usage probe",
             size,
@@ -131,6 +130,6 @@ fn driver_usage_follows_our_allocations_where_the_extension_exists() {
         "driver usage rose by {} bytes, expected at least {size}",
         during.saturating_sub(before)
     );
-    ctx.retire(buf, 0).unwrap();
+    drop(buf);
     common::finish(ctx, "usage follows allocations");
 }

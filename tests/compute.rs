@@ -10,15 +10,14 @@ use understory::gpu::scan::{BlockScan, SCAN_BLOCK, block_scan_cpu};
 use understory::policy::category::Category;
 
 fn buffer(ctx: &Context, name: &str, bytes: u64, location: MemoryLocation) -> Buffer {
-    ctx.memory()
-        .create_buffer(&BufferDesc {
-            name,
-            size: bytes.max(4),
-            usage: vk::BufferUsageFlags::STORAGE_BUFFER,
-            location,
-            category: Category::Other,
-        })
-        .expect("buffer")
+    ctx.create_buffer(&BufferDesc {
+        name,
+        size: bytes.max(4),
+        usage: vk::BufferUsageFlags::STORAGE_BUFFER,
+        location,
+        category: Category::Other,
+    })
+    .expect("buffer")
 }
 
 fn read_u32(b: &Buffer, n: usize) -> Vec<u32> {
@@ -38,30 +37,26 @@ fn gpu_scan(ctx: &Context, scan: &BlockScan, input: &[u32]) -> (Vec<u32>, Vec<u3
         MemoryLocation::GpuToCpu,
     );
     inp.mapped_mut().unwrap()[..n * 4].copy_from_slice(bytemuck::cast_slice(input));
-    let set = scan.bind(ctx, &inp, &out, &sums, n as u32).expect("bind");
-    let value = ctx
-        .submit_and_wait(|cmd| {
-            // SAFETY: cmd is recording; the buffers outlive the wait inside submit_and_wait.
-            unsafe { scan.record(ctx, cmd, set, n as u32) }?;
-            // SAFETY: recording; makes the shader writes visible to the host read after the wait.
-            unsafe {
-                memory_barrier(
-                    ctx,
-                    cmd,
-                    (
-                        vk::PipelineStageFlags::COMPUTE_SHADER,
-                        vk::AccessFlags::SHADER_WRITE,
-                    ),
-                    (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
-                )
-            };
-            Ok(())
-        })
-        .expect("submit");
+    ctx.submit_and_wait(|frame, cmd| {
+        // SAFETY: cmd is recording for `frame`; the scan marks the buffers used by it.
+        unsafe { scan.record(frame, cmd, &inp, &out, &sums, n as u32) }?;
+        // SAFETY: recording; makes the shader writes visible to the host read after the wait.
+        unsafe {
+            memory_barrier(
+                ctx.device(),
+                cmd,
+                (
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::AccessFlags::SHADER_WRITE,
+                ),
+                (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
+            )
+        };
+        Ok(())
+    })
+    .expect("submit");
     let result = (read_u32(&out, n), read_u32(&sums, blocks));
-    for b in [inp, out, sums] {
-        ctx.retire(b, value).unwrap();
-    }
+    drop((inp, out, sums));
     ctx.collect().unwrap();
     result
 }
@@ -84,7 +79,7 @@ fn block_scan_matches_cpu_reference() {
     let Some(ctx) = common::context("block_scan_matches_cpu_reference") else {
         return;
     };
-    let mut scan = BlockScan::new(&ctx, 16).expect("pipeline");
+    let scan = BlockScan::new(&ctx).expect("pipeline");
     let cases: Vec<Vec<u32>> = vec![
         vec![7],
         (0..255).collect(),
@@ -103,8 +98,7 @@ fn block_scan_matches_cpu_reference() {
         assert_eq!(gpu_out, cpu_out, "scan of {} elements", input.len());
         assert_eq!(gpu_sums, cpu_sums, "block sums of {} elements", input.len());
     }
-    // SAFETY: every submission was waited for.
-    unsafe { scan.destroy(&ctx) };
+    drop(scan);
     common::finish(ctx, "block_scan_matches_cpu_reference");
 }
 
@@ -113,17 +107,21 @@ fn zero_elements_record_nothing_and_bad_sizes_are_typed_errors() {
     let Some(ctx) = common::context("zero_elements_record_nothing") else {
         return;
     };
-    let mut scan = BlockScan::new(&ctx, 4).expect("pipeline");
+    let scan = BlockScan::new(&ctx).expect("pipeline");
     let small = buffer(&ctx, "small", 16, MemoryLocation::CpuToGpu);
-    let err = scan.bind(&ctx, &small, &small, &small, 1000).unwrap_err();
+    let err = ctx
+        .submit_and_wait(|frame, cmd| {
+            // SAFETY: recording for `frame`; the sizes are checked before anything is recorded.
+            unsafe { scan.record(frame, cmd, &small, &small, &small, 1000) }
+        })
+        .unwrap_err();
     assert!(matches!(err, understory::Error::InvalidInput(_)), "{err}");
-    let set = scan.bind(&ctx, &small, &small, &small, 4).expect("bind");
-    ctx.submit_and_wait(|cmd| {
+    ctx.submit_and_wait(|frame, cmd| {
         // SAFETY: recording; nothing is dispatched for zero elements.
-        unsafe { scan.record(&ctx, cmd, set, 0) }
+        unsafe { scan.record(frame, cmd, &small, &small, &small, 0) }
     })
     .expect("empty submit");
-    let zero = ctx.memory().create_buffer(&BufferDesc {
+    let zero = ctx.create_buffer(&BufferDesc {
         name: "zero",
         size: 0,
         usage: vk::BufferUsageFlags::STORAGE_BUFFER,
@@ -131,8 +129,6 @@ fn zero_elements_record_nothing_and_bad_sizes_are_typed_errors() {
         category: Category::Other,
     });
     assert!(matches!(zero, Err(understory::Error::InvalidInput(_))));
-    ctx.retire(small, ctx.timeline().last_submitted()).unwrap();
-    // SAFETY: idle.
-    unsafe { scan.destroy(&ctx) };
+    drop((small, scan));
     common::finish(ctx, "zero_elements_record_nothing");
 }

@@ -6,10 +6,10 @@ mod common;
 
 use ash::vk;
 use glam::{Mat4, Vec3};
-use understory::gpu::context::Context;
+use understory::gpu::context::{Context, Frame};
 use understory::gpu::cull::{
-    COUNTERS, Compaction, CullPass, CullSource, CullView, DrawIndexedIndirect, LIST_GUARD_WORDS,
-    cull_cpu,
+    COUNTERS, Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect,
+    LIST_GUARD_WORDS, SOURCES_PER_DISPATCH, cull_cpu,
 };
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use understory::policy::category::Category;
@@ -43,7 +43,6 @@ const MESHES: [DrawIndexedIndirect; 3] = [
 fn upload(ctx: &Context, instances: &[Instance]) -> Buffer {
     let bytes: &[u8] = bytemuck::cast_slice(instances);
     let mut b = ctx
-        .memory()
         .create_buffer(&BufferDesc {
             name: "cull test instances",
             size: bytes.len().max(32) as u64,
@@ -85,29 +84,54 @@ fn numbered<'a>(
     (sources, cpu)
 }
 
-/// Retires the test's instance buffers at the newest value and checks the context is clean.
+/// Drops the test's instance buffers and checks the context is clean.
 fn finish(ctx: Context, bufs: Vec<Buffer>, what: &str) {
-    for b in bufs {
-        ctx.retire(b, ctx.timeline().last_submitted()).unwrap();
-    }
+    drop(bufs);
     common::finish(ctx, what);
 }
 
+/// A pass of each compaction the device has, each with the descriptor array of sources and
+/// with one source per dispatch (the variant for devices with few storage-buffer bindings).
+fn passes(ctx: &Context, capacity: u32, records: bool) -> Vec<(String, CullPass)> {
+    let mut out = Vec::new();
+    for compaction in variants(ctx) {
+        for max_sources_per_dispatch in [SOURCES_PER_DISPATCH, 1] {
+            let pass = CullPass::from_desc(
+                ctx,
+                &CullDesc {
+                    compaction,
+                    capacity,
+                    meshes: MESHES,
+                    records,
+                    max_sources_per_dispatch,
+                },
+            )
+            .unwrap();
+            let name = format!("{compaction:?} x{}", pass.sources_per_dispatch());
+            out.push((name, pass));
+        }
+    }
+    out
+}
+
 /// Records copies of `(source, offset in read, bytes)` into `read` and the barrier that makes
-/// them visible to the host.
+/// them visible to the host, marking every buffer used by `frame`.
 ///
 /// # Safety
-/// `cmd` must be recording outside a render pass; every range must fit.
+/// `cmd` must be recording for `frame`, outside a render pass; every range must fit.
 unsafe fn copy_to_host(
     ctx: &Context,
+    frame: &Frame,
     cmd: vk::CommandBuffer,
     read: &Buffer,
     parts: &[(&Buffer, u64, u64)],
 ) {
     let d = ctx.device();
-    // SAFETY: as the caller vouched.
+    read.used_in(frame).unwrap();
+    // SAFETY: as the caller vouched; every buffer is marked used by `frame`.
     unsafe {
         for (src, at, size) in parts {
+            src.used_in(frame).unwrap();
             let region = vk::BufferCopy {
                 src_offset: 0,
                 dst_offset: *at,
@@ -116,7 +140,7 @@ unsafe fn copy_to_host(
             d.cmd_copy_buffer(cmd, src.raw(), read.raw(), &[region]);
         }
         understory::gpu::compute::memory_barrier(
-            ctx,
+            d,
             cmd,
             (
                 vk::PipelineStageFlags::TRANSFER,
@@ -134,7 +158,6 @@ fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullVi
     let counter_bytes = COUNTERS as u64 * 4;
     let args_bytes = size_of::<[DrawIndexedIndirect; 3]>() as u64;
     let read = ctx
-        .memory()
         .create_buffer(&BufferDesc {
             name: "cull readback",
             size: list_bytes + counter_bytes + args_bytes,
@@ -144,41 +167,41 @@ fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullVi
         })
         .unwrap();
     let lists = pass.lists().unwrap();
-    let value = ctx
-        .submit_and_wait(|cmd| {
-            let d = ctx.device();
-            // SAFETY: cmd is recording; the guard words are set before the pass runs.
-            unsafe {
-                d.cmd_fill_buffer(cmd, lists.raw(), 0, vk::WHOLE_SIZE, 0xDEAD_BEEF);
-                let b = [vk::MemoryBarrier::default()
-                    .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
-                    .dst_access_mask(
-                        vk::AccessFlags::TRANSFER_WRITE | vk::AccessFlags::SHADER_WRITE,
-                    )];
-                d.cmd_pipeline_barrier(
-                    cmd,
-                    vk::PipelineStageFlags::TRANSFER,
-                    vk::PipelineStageFlags::TRANSFER | vk::PipelineStageFlags::COMPUTE_SHADER,
-                    vk::DependencyFlags::empty(),
-                    &b,
-                    &[],
-                    &[],
-                );
-                pass.record(ctx, cmd, sources, view)?;
-                copy_to_host(
-                    ctx,
-                    cmd,
-                    &read,
-                    &[
-                        (lists, 0, list_bytes),
-                        (pass.counters()?, list_bytes, counter_bytes),
-                        (pass.args()?, list_bytes + counter_bytes, args_bytes),
-                    ],
-                );
-            }
-            Ok(())
-        })
-        .unwrap();
+    ctx.submit_and_wait(|frame, cmd| {
+        let d = ctx.device();
+        lists.used_in(frame)?;
+        // SAFETY: cmd is recording for `frame`; the guard words are set before the pass
+        // runs.
+        unsafe {
+            d.cmd_fill_buffer(cmd, lists.raw(), 0, vk::WHOLE_SIZE, 0xDEAD_BEEF);
+            let b = [vk::MemoryBarrier::default()
+                .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+                .dst_access_mask(vk::AccessFlags::TRANSFER_WRITE | vk::AccessFlags::SHADER_WRITE)];
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::TRANSFER | vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::DependencyFlags::empty(),
+                &b,
+                &[],
+                &[],
+            );
+            pass.record(frame, cmd, sources, view)?;
+            copy_to_host(
+                ctx,
+                frame,
+                cmd,
+                &read,
+                &[
+                    (lists, 0, list_bytes),
+                    (pass.counters()?, list_bytes, counter_bytes),
+                    (pass.args()?, list_bytes + counter_bytes, args_bytes),
+                ],
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
     let bytes = read.mapped().unwrap();
     let words: &[u32] = bytemuck::cast_slice(&bytes[..list_bytes as usize]);
     let counters: [u32; COUNTERS] = bytemuck::pod_read_unaligned(
@@ -196,7 +219,7 @@ fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullVi
     let guard_intact = words[(cap * 3) as usize..]
         .iter()
         .all(|w| *w == 0xDEAD_BEEF);
-    ctx.retire(read, value).unwrap();
+    drop(read);
     Readback {
         lists: out,
         counters,
@@ -261,7 +284,10 @@ fn check(rb: &Readback, want: &understory::gpu::cull::CullExpectation, cap: u32,
             total.saturating_sub(cap),
             "{what}: LOD {l} overflow"
         );
-        assert_eq!(rb.args[l].first_instance, l as u32 * cap);
+        assert_eq!(
+            rb.args[l].first_instance, 0,
+            "drawIndirectFirstInstance is not needed"
+        );
         assert_eq!(rb.args[l].index_count, mesh.index_count);
         assert_eq!(rb.args[l].first_index, mesh.first_index);
         assert_eq!(rb.args[l].vertex_offset, mesh.vertex_offset);
@@ -289,8 +315,7 @@ fn random_scenes_match_the_cpu_reference() {
     };
     let scene = random_scene(100_000, 7);
     let buf = upload(&ctx, &scene);
-    for compaction in variants(&ctx) {
-        let pass = CullPass::new(&ctx, compaction, 200_000, MESHES).unwrap();
+    for (name, pass) in passes(&ctx, 200_000, false) {
         for (k, (eye, yaw, quality)) in [
             (Vec3::new(0.0, 20.0, 0.0), 0.0, 1.0),
             (Vec3::new(100.0, 5.0, -50.0), 2.0, 0.6),
@@ -315,16 +340,10 @@ fn random_scenes_match_the_cpu_reference() {
                 want.lists.iter().all(|l| !l.is_empty()),
                 "scene {k} exercises every LOD"
             );
-            check(
-                &rb,
-                &want,
-                pass.capacity(),
-                &format!("{compaction:?} scene {k}"),
-            );
+            check(&rb, &want, pass.capacity(), &format!("{name} scene {k}"));
         }
-        pass.destroy(&ctx).unwrap();
     }
-    ctx.retire(buf, ctx.timeline().last_submitted()).unwrap();
+    drop(buf);
     common::finish(ctx, "random scenes");
 }
 
@@ -391,32 +410,21 @@ fn band_edges_planes_nans_and_many_sources() {
         .map(|(b, s)| (b, s.as_slice()))
         .collect();
     let (sources, cpu) = numbered(&parts, 17);
-    for compaction in variants(&ctx) {
-        let pass = CullPass::new(&ctx, compaction, 50_000, MESHES).unwrap();
+    for (name, pass) in passes(&ctx, 50_000, false) {
         let rb = run(&ctx, &pass, &sources[..1], &view);
         let want = cull_cpu(&cpu[..1], &view);
         assert_eq!(want.lists[0].len(), 5, "49 m on five axes");
         assert_eq!(want.lists[1].len() + want.lists[2].len(), 30 + 2);
-        check(
-            &rb,
-            &want,
-            pass.capacity(),
-            &format!("{compaction:?} edges"),
-        );
+        check(&rb, &want, pass.capacity(), &format!("{name} edges"));
 
         let rb = run(&ctx, &pass, &sources[1..2], &view);
         let want = cull_cpu(&cpu[1..2], &view);
         assert_eq!(want.invalid, 750);
-        check(&rb, &want, pass.capacity(), &format!("{compaction:?} nans"));
+        check(&rb, &want, pass.capacity(), &format!("{name} nans"));
 
         let rb = run(&ctx, &pass, &sources, &view);
         let want = cull_cpu(&cpu, &view);
-        check(
-            &rb,
-            &want,
-            pass.capacity(),
-            &format!("{compaction:?} many sources"),
-        );
+        check(&rb, &want, pass.capacity(), &format!("{name} many sources"));
 
         let rb = run(&ctx, &pass, &[], &view);
         check(&rb, &Default::default(), pass.capacity(), "no sources");
@@ -431,7 +439,6 @@ fn band_edges_planes_nans_and_many_sources() {
             &view,
         );
         check(&rb, &Default::default(), pass.capacity(), "zero instances");
-        pass.destroy(&ctx).unwrap();
     }
     finish(ctx, bufs, "edges");
 }
@@ -463,7 +470,6 @@ fn overflow_clamps_and_counts_without_writing_out_of_bounds() {
             "every list overflows: {sizes:?}"
         );
         check(&rb, &want, 16, &format!("{compaction:?} overflow"));
-        pass.destroy(&ctx).unwrap();
     }
     let too_few = CullSource {
         buffer: &buf,
@@ -472,15 +478,21 @@ fn overflow_clamps_and_counts_without_writing_out_of_bounds() {
     };
     let pass = CullPass::new(&ctx, Compaction::Atomic, 10, MESHES).unwrap();
     let err = ctx
-        .submit_and_wait(|cmd| {
+        .submit_and_wait(|frame, cmd| {
             // SAFETY: recording; the call is refused before anything is recorded.
-            unsafe { pass.record(&ctx, cmd, &[too_few], &view) }
+            unsafe { pass.record(frame, cmd, &[too_few], &view) }
         })
         .unwrap_err();
     assert!(matches!(err, understory::Error::InvalidInput(_)), "{err}");
-    pass.destroy(&ctx).unwrap();
+    drop(pass);
     assert!(CullPass::new(&ctx, Compaction::Atomic, 0, MESHES).is_err());
-    ctx.retire(buf, ctx.timeline().last_submitted()).unwrap();
+    let max = CullPass::max_capacity(&ctx, true);
+    let err = CullPass::with_records(&ctx, Compaction::Atomic, max + 1, MESHES).unwrap_err();
+    assert!(
+        matches!(err, understory::Error::InvalidInput(ref m) if m.contains("maxStorageBufferRange")),
+        "capacity past maxStorageBufferRange: {err}"
+    );
+    drop(buf);
     common::finish(ctx, "overflow");
 }
 
@@ -503,23 +515,18 @@ fn records_hold_the_instance_each_list_slot_names() {
     // No gaps: list indices are indices into `scene`.
     let (sources, cpu) = numbered(&numbering, 0);
     let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.3, 1.0);
-    for compaction in variants(&ctx) {
-        let cap = 40_000u32;
-        let pass = CullPass::with_records(&ctx, compaction, cap, MESHES).unwrap();
-        assert!(
-            CullPass::new(&ctx, compaction, 8, MESHES)
-                .and_then(|p| {
-                    let e = p.records().is_err();
-                    p.destroy(&ctx)?;
-                    Ok(e)
-                })
-                .unwrap()
-        );
+    let cap = 40_000u32;
+    assert!(
+        CullPass::new(&ctx, Compaction::Atomic, 8, MESHES)
+            .unwrap()
+            .records()
+            .is_err()
+    );
+    for (name, pass) in passes(&ctx, cap, true) {
         let record_bytes = u64::from(cap) * 3 * 32;
         let list_bytes = u64::from(cap) * 3 * 4;
         let args_bytes = size_of::<[DrawIndexedIndirect; 3]>() as u64;
         let read = ctx
-            .memory()
             .create_buffer(&BufferDesc {
                 name: "records readback",
                 size: record_bytes + list_bytes + args_bytes,
@@ -528,25 +535,26 @@ fn records_hold_the_instance_each_list_slot_names() {
                 category: Category::Other,
             })
             .unwrap();
-        let value = ctx
-            .submit_and_wait(|cmd| {
-                // SAFETY: cmd is recording; the pass ends with a barrier to transfers.
-                unsafe {
-                    pass.record(&ctx, cmd, &sources, &view)?;
-                    copy_to_host(
-                        &ctx,
-                        cmd,
-                        &read,
-                        &[
-                            (pass.records()?, 0, record_bytes),
-                            (pass.lists()?, record_bytes, list_bytes),
-                            (pass.args()?, record_bytes + list_bytes, args_bytes),
-                        ],
-                    );
-                }
-                Ok(())
-            })
-            .unwrap();
+        ctx.submit_and_wait(|frame, cmd| {
+            // SAFETY: cmd is recording for `frame`; the pass ends with a barrier to
+            // transfers.
+            unsafe {
+                pass.record(frame, cmd, &sources, &view)?;
+                copy_to_host(
+                    &ctx,
+                    frame,
+                    cmd,
+                    &read,
+                    &[
+                        (pass.records()?, 0, record_bytes),
+                        (pass.lists()?, record_bytes, list_bytes),
+                        (pass.args()?, record_bytes + list_bytes, args_bytes),
+                    ],
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
         let bytes = read.mapped().unwrap();
         let records: &[Instance] = bytemuck::cast_slice(&bytes[..record_bytes as usize]);
         let lists: &[u32] = bytemuck::cast_slice(
@@ -557,19 +565,18 @@ fn records_hold_the_instance_each_list_slot_names() {
         let want = cull_cpu(&cpu, &view);
         for l in 0..3 {
             let n = args[l].instance_count as usize;
-            assert_eq!(n, want.lists[l].len(), "{compaction:?} LOD {l} count");
+            assert_eq!(n, want.lists[l].len(), "{name} LOD {l} count");
             assert!(n > 0, "the view exercises LOD {l}");
             for s in 0..n {
                 let at = l * cap as usize + s;
                 let i = lists[at] as usize;
                 assert_eq!(
                     records[at], scene[i],
-                    "{compaction:?} LOD {l} slot {s} (instance {i})"
+                    "{name} LOD {l} slot {s} (instance {i})"
                 );
             }
         }
-        ctx.retire(read, value).unwrap();
-        pass.destroy(&ctx).unwrap();
+        drop(read);
     }
     finish(ctx, bufs, "records");
 }
@@ -613,16 +620,9 @@ fn sources_are_batched_per_dispatch_and_match_the_reference() {
         want.lists.iter().all(|l| !l.is_empty()),
         "every LOD exercised"
     );
-    for compaction in variants(&ctx) {
-        let pass = CullPass::new(&ctx, compaction, 100_000, MESHES).unwrap();
+    for (name, pass) in passes(&ctx, 100_000, false) {
         let rb = run(&ctx, &pass, &sources, &view);
-        check(
-            &rb,
-            &want,
-            pass.capacity(),
-            &format!("{compaction:?} batched"),
-        );
-        pass.destroy(&ctx).unwrap();
+        check(&rb, &want, pass.capacity(), &format!("{name} batched"));
     }
     finish(ctx, bufs, "batched");
 }

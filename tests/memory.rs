@@ -3,15 +3,33 @@
 mod common;
 
 use common::{context_with_memory as context_with, no_cache, storage_desc as desc};
-use std::panic::AssertUnwindSafe;
 
 use ash::vk;
 use proptest::prelude::*;
 use understory::Error;
 use understory::gpu::budget::{BudgetSource, DriverNumbers, HeapBudgets, RawHeap};
-use understory::gpu::context::{Context, ContextOptions};
-use understory::gpu::memory::{Buffer, BufferDesc, ImageDesc, MemoryConfig, MemoryLocation};
+use understory::gpu::context::{Context, ContextOptions, Frame, SubmitSync};
+use understory::gpu::frame::FrameRing;
+use understory::gpu::memory::{
+    Buffer, BufferDesc, ImageDesc, MemoryConfig, MemoryLocation, RawObject,
+};
+use understory::gpu::timeline::FrameSignal;
 use understory::policy::category::Category;
+
+/// Ends `frame` with no commands, its completion reported by the host (the test).
+fn submit_reported(ctx: &Context, frame: Frame) -> u64 {
+    // SAFETY: nothing was recorded for the frame; its completion is reported only by
+    // `report`, below, when nothing can be running.
+    unsafe { ctx.frame_submitted(frame, FrameSignal::HostReported) }
+        .unwrap()
+        .value()
+}
+
+/// Reports every host-reported frame up to `value` complete.
+fn report(ctx: &Context, value: u64) {
+    // SAFETY: those frames recorded no commands.
+    unsafe { ctx.frames_completed(value) }.unwrap();
+}
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -22,13 +40,13 @@ fn accounting_follows_allocate_retire_and_collect() {
         return;
     };
     let mem = ctx.memory();
-    let a = mem
+    let a = ctx
         .create_buffer(&desc("a", 100 * KIB, Category::Instances))
         .unwrap();
-    let b = mem
+    let b = ctx
         .create_buffer(&desc("b", 3 * MIB, Category::Instances))
         .unwrap();
-    let s = mem
+    let s = ctx
         .create_buffer(&BufferDesc {
             location: MemoryLocation::CpuToGpu,
             usage: vk::BufferUsageFlags::TRANSFER_SRC,
@@ -54,22 +72,26 @@ fn accounting_follows_allocate_retire_and_collect() {
     );
     for h in &heaps {
         assert_eq!(h.ours.total(), h.ours_total);
-        if !ctx.extensions().memory_budget {
+        if !ctx.features().memory_budget {
             assert_eq!(h.budget.usage, h.ours_total, "estimate: usage is ours");
             assert_eq!(h.foreign, 0);
         }
     }
 
-    // Reserve a value the "GPU" has not reached; retire at it; nothing may be freed yet.
-    let v = ctx.timeline().reserve();
+    // Used by a frame the "GPU" has not finished; dropped; nothing may be freed yet.
+    let frame = ctx.begin_frame().unwrap();
+    let v = frame.value();
+    a.used_in(&frame).unwrap();
+    b.used_in(&frame).unwrap();
     let (a_bytes, b_bytes) = (a.bytes(), b.bytes());
-    ctx.retire(a, v).unwrap();
-    ctx.retire(b, v).unwrap();
+    drop((a, b));
     assert_eq!(
         ctx.collect().unwrap(),
         0,
-        "value {v} not completed: nothing freed"
+        "frame {v} still open: nothing freed"
     );
+    assert_eq!(submit_reported(&ctx, frame), v);
+    assert_eq!(ctx.collect().unwrap(), 0, "frame {v} not reported complete");
     let st = mem.stats().categories[Category::Instances];
     assert_eq!((st.pending_count, st.pending_bytes), (2, a_bytes + b_bytes));
     assert_eq!(
@@ -85,7 +107,7 @@ fn accounting_follows_allocate_retire_and_collect() {
         .sum();
     assert_eq!(pending, a_bytes + b_bytes);
 
-    ctx.timeline().signal(v).unwrap();
+    report(&ctx, v);
     assert_eq!(ctx.collect().unwrap(), 2);
     let st = mem.stats();
     let inst = st.categories[Category::Instances];
@@ -95,7 +117,7 @@ fn accounting_follows_allocate_retire_and_collect() {
     );
     assert_eq!(inst.peak_live_bytes, a_bytes + b_bytes);
     assert_eq!(st.frees_completed, 2);
-    ctx.retire(s, ctx.timeline().last_submitted()).unwrap();
+    drop(s);
     common::finish(ctx, "accounting");
 }
 
@@ -105,23 +127,23 @@ fn released_buffers_are_reused_from_the_cache() {
         return;
     };
     let mem = ctx.memory();
-    let first = mem
+    let first = ctx
         .create_buffer(&desc("first", 200 * KIB, Category::Instances))
         .unwrap();
     let raw = first.raw();
-    ctx.retire(first, 0).unwrap();
+    drop(first);
     ctx.collect().unwrap();
     let st = mem.stats();
     assert!(st.categories[Category::Instances].cached_bytes > 0);
     // Same size class (200 KiB and 210 KiB both round to 224 KiB): reused, no Vulkan call.
-    let again = mem
+    let again = ctx
         .create_buffer(&desc("again", 210 * KIB, Category::Instances))
         .unwrap();
     assert_eq!(again.raw(), raw);
     assert_eq!(again.name(), "again");
     assert_eq!(again.size(), 210 * KIB);
     assert_eq!(mem.stats().cache_hits, 1);
-    ctx.retire(again, 0).unwrap();
+    drop(again);
     ctx.collect().unwrap();
     assert!(mem.flush_cache() > 0);
     assert_eq!(mem.stats().categories[Category::Instances].live_bytes, 0);
@@ -136,11 +158,11 @@ fn category_cap_refuses_with_over_budget_and_allocates_nothing() {
         return;
     };
     let mem = ctx.memory();
-    let a = mem
+    let a = ctx
         .create_buffer(&desc("fits", 768 * KIB, Category::Instances))
         .unwrap();
     let before = mem.stats();
-    let err = mem
+    let err = ctx
         .create_buffer(&desc("too much", 512 * KIB, Category::Instances))
         .unwrap_err();
     match &err {
@@ -161,11 +183,10 @@ fn category_cap_refuses_with_over_budget_and_allocates_nothing() {
     );
     assert_eq!(after.refused_over_budget, 1);
     // Other categories are not affected by the instances cap.
-    let o = mem
+    let o = ctx
         .create_buffer(&desc("other", 2 * MIB, Category::Other))
         .unwrap();
-    ctx.retire(a, 0).unwrap();
-    ctx.retire(o, 0).unwrap();
+    drop((a, o));
     common::finish(ctx, "category cap");
 }
 
@@ -207,17 +228,17 @@ fn heap_budget_refuses_before_the_driver_would_fail() {
     mem.set_budget_source(HeapBudgets::new(Box::new(tight)))
         .unwrap();
     // 8 MiB fits in the 20 MiB headroom (one 16 MiB block).
-    let small = mem
+    let small = ctx
         .create_buffer(&desc("small", 8 * MIB, Category::Other))
         .unwrap();
     // 100 MiB would need a block of its own: refused, nothing allocated.
     let before = mem.stats();
-    let err = mem
+    let err = ctx
         .create_buffer(&desc("big", 100 * MIB, Category::Other))
         .unwrap_err();
     assert!(matches!(err, Error::OverBudget { .. }), "{err}");
     assert_eq!(mem.stats().categories, before.categories);
-    ctx.retire(small, 0).unwrap();
+    drop(small);
     common::finish(ctx, "heap budget");
 }
 
@@ -227,12 +248,12 @@ fn bad_requests_are_typed_errors() {
         return;
     };
     let mem = ctx.memory();
-    let err = mem
+    let err = ctx
         .create_buffer(&desc("zero", 0, Category::Other))
         .unwrap_err();
     assert!(matches!(err, Error::InvalidInput(_)), "{err}");
     let heap = mem.heaps().iter().map(|h| h.size).max().unwrap();
-    let err = mem
+    let err = ctx
         .create_buffer(&desc("huge", heap + 1, Category::Other))
         .unwrap_err();
     assert!(
@@ -254,32 +275,30 @@ fn bad_requests_are_typed_errors() {
         category: Category::Atlas,
     };
     assert!(matches!(
-        mem.create_image(&image(0, 16, 1)),
+        ctx.create_image(&image(0, 16, 1)),
         Err(Error::InvalidInput(_))
     ));
     assert!(matches!(
-        mem.create_image(&image(16, 16, 6)),
+        ctx.create_image(&image(16, 16, 6)),
         Err(Error::InvalidInput(_))
     ));
-    let page = mem
+    let page = ctx
         .create_image(&image(2048, 2048, 12))
         .expect("a 2048² atlas page with mips");
     assert!(page.bytes() >= 2048 * 2048 * 4);
     assert_eq!(mem.stats().categories[Category::Atlas].allocations, 1);
-    ctx.retire(page, 0).unwrap();
+    drop(page);
 
-    // A value that was never submitted: an error, but the buffer is queued safely.
-    let b = mem
-        .create_buffer(&desc("future", KIB, Category::Other))
-        .unwrap();
-    let err = ctx.retire(b, 99).unwrap_err();
-    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
-    assert_eq!(mem.stats().categories[Category::Other].pending_count, 1);
+    // An object retired at a frame that cannot come next: refused.
+    // SAFETY: a null handle; nothing would be destroyed.
+    let err =
+        unsafe { ctx.retire_object(RawObject::Sampler(vk::Sampler::null()), 99) }.unwrap_err();
+    assert!(matches!(err, Error::Lifecycle(_)), "{err}");
     common::finish(ctx, "bad requests");
 }
 
 #[test]
-fn retiring_into_another_context_is_an_error_and_the_owner_frees_it() {
+fn another_contexts_frame_is_a_lifecycle_error() {
     let Some(owner) = context_with("foreign_owner", no_cache()) else {
         return;
     };
@@ -287,15 +306,14 @@ fn retiring_into_another_context_is_an_error_and_the_owner_frees_it() {
         return;
     };
     let b = owner
-        .memory()
         .create_buffer(&desc("mine", KIB, Category::Other))
         .unwrap();
-    let err = other.retire(b, 0).unwrap_err();
-    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
-    assert_eq!(
-        other.memory().stats().categories[Category::Other].pending_count,
-        0
-    );
+    let frame = other.begin_frame().unwrap();
+    let err = b.used_in(&frame).unwrap_err();
+    assert!(matches!(err, Error::Lifecycle(_)), "{err}");
+    assert_eq!(b.last_use(), 0, "not marked");
+    drop(frame);
+    drop(b);
     owner.collect().unwrap();
     let st = owner.memory().stats();
     assert_eq!(
@@ -308,58 +326,64 @@ fn retiring_into_another_context_is_an_error_and_the_owner_frees_it() {
 }
 
 #[test]
-fn dropped_without_retire_is_caught_and_freed_safely() {
-    let Some(ctx) = context_with("dropped_without_retire", no_cache()) else {
+fn a_dropped_buffer_waits_for_its_last_frame_even_an_abandoned_one() {
+    let Some(ctx) = context_with("dropped_waits", no_cache()) else {
         return;
     };
     let b = ctx
-        .memory()
-        .create_buffer(&desc("forgotten", KIB, Category::Instances))
+        .create_buffer(&desc("used", KIB, Category::Instances))
         .unwrap();
-    let dropped = std::panic::catch_unwind(AssertUnwindSafe(|| drop(b)));
-    assert_eq!(
-        dropped.is_err(),
-        cfg!(debug_assertions),
-        "debug builds assert"
-    );
-    // Not freed at drop: it waits for the newest submission, like a retire.
-    assert_eq!(
-        ctx.memory().stats().categories[Category::Instances].allocations,
-        1
-    );
+    let frame = ctx.begin_frame().unwrap();
+    let v = frame.value();
+    b.used_in(&frame).unwrap();
+    drop(b);
+    let allocations =
+        |ctx: &Context| ctx.memory().stats().categories[Category::Instances].allocations;
     ctx.collect().unwrap();
-    let st = ctx.memory().stats();
-    assert_eq!(st.dropped_without_retire, 1);
-    assert_eq!(st.categories[Category::Instances].allocations, 0);
-    common::finish(ctx, "dropped without retire");
+    assert_eq!(allocations(&ctx), 1, "frame {v} is open: not freed");
+    // The frame is dropped unsubmitted: its value goes to the next frame, and the buffer
+    // waits for that one.
+    drop(frame);
+    ctx.collect().unwrap();
+    assert_eq!(allocations(&ctx), 1, "value {v} was never submitted");
+    let next = ctx.begin_frame().unwrap();
+    assert_eq!(next.value(), v, "the value is handed out again");
+    assert!(ctx.begin_frame().is_err(), "one open frame at a time");
+    // SAFETY: no command buffers, no extra semaphores.
+    let done = unsafe { ctx.submit_frame(next, &[], &SubmitSync::default()) }.unwrap();
+    ctx.wait(done.value(), std::time::Duration::from_secs(10))
+        .unwrap();
+    ctx.collect().unwrap();
+    assert_eq!(allocations(&ctx), 0);
+    common::finish(ctx, "dropped waits");
 }
 
 #[test]
 fn shutdown_reports_live_allocations_as_leaks_by_name() {
-    let Some(mut ctx) = context_with("shutdown_leaks", no_cache()) else {
+    let Some(ctx) = context_with("shutdown_leaks", no_cache()) else {
         return;
     };
     let held = ctx
-        .memory()
         .create_buffer(&desc("still held", 4 * KIB, Category::Atlas))
         .unwrap();
     let retired = ctx
-        .memory()
         .create_buffer(&desc("retired", 4 * KIB, Category::Atlas))
         .unwrap();
-    let v = ctx.timeline().reserve();
-    ctx.retire(retired, v).unwrap();
-    ctx.timeline().signal(v).unwrap();
-    let report = ctx.shutdown();
+    let frame = ctx.begin_frame().unwrap();
+    retired.used_in(&frame).unwrap();
+    drop(retired);
+    let v = submit_reported(&ctx, frame);
+    report(&ctx, v);
+    let canary = ctx.canary().clone();
+    let report = ctx.shutdown().unwrap();
     assert_eq!(report.drained, 1, "the retire queue is drained at shutdown");
     assert_eq!(report.leaks.len(), 1);
     assert_eq!(report.leaks[0].name, "still held");
     assert_eq!(report.leaks[0].category, Category::Atlas);
-    let canary = ctx.canary().clone();
-    // The leaked handle is dropped after shutdown: logged, asserted in debug, destroyed with the
-    // context so that no Vulkan object outlives the device.
-    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| drop(held)));
-    drop(ctx);
+    // Still alive: the buffer holds the context's memory; dropping it now frees it and, as
+    // the last holder, destroys the device, with nothing left behind.
+    assert_eq!(held.last_use(), 0);
+    drop(held);
     common::assert_clean(&canary, "shutdown leaks");
 }
 
@@ -376,7 +400,7 @@ fn injected_faults_give_typed_errors_and_leak_nothing() {
     let (mut ok, mut failed) = (0, 0);
     for i in 0..60u64 {
         let r = if i % 5 == 0 {
-            mem.create_image(&ImageDesc {
+            ctx.create_image(&ImageDesc {
                 name: "fault page",
                 extent: vk::Extent2D {
                     width: 64,
@@ -389,7 +413,7 @@ fn injected_faults_give_typed_errors_and_leak_nothing() {
             })
             .map(|img| images.push(img))
         } else {
-            mem.create_buffer(&desc("fault buffer", (i + 1) * KIB, Category::Instances))
+            ctx.create_buffer(&desc("fault buffer", (i + 1) * KIB, Category::Instances))
                 .map(|b| held.push(b))
         };
         match r {
@@ -415,12 +439,7 @@ fn injected_faults_give_typed_errors_and_leak_nothing() {
     }
     assert_eq!(failed, 20, "every third allocation failed");
     assert_eq!(ok, 40);
-    for b in held {
-        ctx.retire(b, 0).unwrap();
-    }
-    for img in images {
-        ctx.retire(img, 0).unwrap();
-    }
+    drop((held, images));
     ctx.collect().unwrap();
     assert_eq!(
         mem.stats()
@@ -439,42 +458,44 @@ fn begin_frame_throttles_collects_and_reports_heaps() {
         return;
     };
     let mem = ctx.memory();
-    for frame in 0..6u64 {
-        let start = ctx.begin_frame().unwrap();
-        assert!(!start.heaps.is_empty());
+    let mut ring = FrameRing::new(&ctx).unwrap();
+    for f in 0..6u64 {
+        let frame = ctx.begin_frame().unwrap();
+        assert!(!frame.heaps().is_empty());
         assert!(
-            ctx.timeline().last_submitted() - start.completed < u64::from(ctx.frames_in_flight())
+            frame.value() - 1 - frame.completed() < u64::from(ctx.frames_in_flight()),
+            "at most frames_in_flight frames ahead"
         );
-        let b = mem
-            .create_buffer(&desc(
-                "per-frame",
-                (frame + 1) * 4 * KIB,
-                Category::Instances,
-            ))
+        let b = ctx
+            .create_buffer(&desc("per-frame", (f + 1) * 4 * KIB, Category::Instances))
             .unwrap();
-        let cmd_value = ctx
-            .submit_and_wait(|cmd| {
-                // SAFETY: recording; the buffer is retired with this submission's value.
-                unsafe {
-                    ctx.device()
-                        .cmd_fill_buffer(cmd, b.raw(), 0, vk::WHOLE_SIZE, frame as u32)
-                };
-                Ok(())
-            })
-            .unwrap();
-        ctx.retire(b, cmd_value).unwrap();
+        let cmd = ring.begin(&frame).unwrap();
+        b.used_in(&frame).unwrap();
+        // SAFETY: recording for `frame`; the buffer is marked used by it.
+        unsafe {
+            ctx.device()
+                .cmd_fill_buffer(cmd.raw(), b.raw(), 0, vk::WHOLE_SIZE, f as u32)
+        };
+        ring.submit(frame, cmd).unwrap();
+        drop(b);
     }
-    let start = ctx.begin_frame().unwrap();
-    assert!(start.freed >= 1);
+    let last = ctx.last_submitted();
+    ctx.wait(last, std::time::Duration::from_secs(10)).unwrap();
+    let frame = ctx.begin_frame().unwrap();
+    assert!(frame.freed() >= 1);
     assert_eq!(mem.stats().frees_completed, 6);
+    drop((frame, ring));
     common::finish(ctx, "begin_frame");
 }
 
 #[derive(Debug, Clone)]
 enum Op {
     Alloc { kib: u64, cat: usize },
-    Retire { pick: usize, ahead: bool },
-    Reserve,
+    Use { pick: usize },
+    Drop { pick: usize },
+    Begin,
+    Abandon,
+    Submit,
     Complete,
     Collect,
 }
@@ -482,8 +503,11 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (1u64..2048, 0usize..4).prop_map(|(kib, cat)| Op::Alloc { kib, cat }),
-        3 => (any::<usize>(), any::<bool>()).prop_map(|(pick, ahead)| Op::Retire { pick, ahead }),
-        2 => Just(Op::Reserve),
+        3 => any::<usize>().prop_map(|pick| Op::Use { pick }),
+        3 => any::<usize>().prop_map(|pick| Op::Drop { pick }),
+        2 => Just(Op::Begin),
+        1 => Just(Op::Abandon),
+        2 => Just(Op::Submit),
         2 => Just(Op::Complete),
         2 => Just(Op::Collect),
     ]
@@ -492,8 +516,10 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
-    /// Random allocate / retire / submit / complete / collect against a model, on the real
-    /// allocator and timeline (values reserved and signalled from the host).
+    /// Random allocate / use in a frame / drop / begin / abandon / submit / complete / collect
+    /// against a model, on the real allocator and frame clock (completion reported by the
+    /// host). Invariant: a buffer is freed exactly when every frame up to its last use is
+    /// reported complete, never before.
     #[test]
     fn memory_matches_a_model(ops in proptest::collection::vec(op(), 1..60)) {
         let Some(ctx) = context_with("memory_matches_a_model", no_cache()) else {
@@ -501,31 +527,54 @@ proptest! {
         };
         let mem = ctx.memory();
         let mut live: Vec<Buffer> = Vec::new();
-        // Model: (bytes, category, retired at value) of everything retired and not freed.
+        // Model: (bytes, category, last use) of everything dropped and not freed.
         let mut pending: Vec<(u64, Category, u64)> = Vec::new();
+        let mut open: Option<Frame> = None;
+        let mut completed = 0u64;
         let mut freed_total = 0u64;
         for op in ops {
             match op {
                 Op::Alloc { kib, cat } => {
                     let c = Category::ALL[cat];
-                    live.push(mem.create_buffer(&desc("prop", kib * KIB, c)).unwrap());
+                    live.push(ctx.create_buffer(&desc("prop", kib * KIB, c)).unwrap());
                 }
-                Op::Retire { pick, ahead } => {
+                Op::Use { pick } => {
+                    if let (Some(f), false) = (&open, live.is_empty()) {
+                        let n = live.len();
+                        live[pick % n].used_in(f).unwrap();
+                    }
+                }
+                Op::Drop { pick } => {
                     if live.is_empty() { continue; }
                     let b = live.swap_remove(pick % live.len());
-                    let last = ctx.timeline().last_submitted();
-                    let value = if ahead { last } else { last.saturating_sub(1) };
-                    pending.push((b.bytes(), b.category(), value));
-                    ctx.retire(b, value).unwrap();
+                    pending.push((b.bytes(), b.category(), b.last_use()));
                 }
-                Op::Reserve => { ctx.timeline().reserve(); }
+                Op::Begin => {
+                    if open.is_none() {
+                        let f = ctx.begin_frame().unwrap();
+                        prop_assert_eq!(f.value(), ctx.last_submitted() + 1);
+                        freed_total += f.freed() as u64;
+                        pending.retain(|p| p.2 > completed);
+                        open = Some(f);
+                    } else {
+                        let err = ctx.begin_frame().unwrap_err();
+                        prop_assert!(matches!(err, Error::Lifecycle(_)));
+                    }
+                }
+                Op::Abandon => { open = None; }
+                Op::Submit => {
+                    if let Some(f) = open.take() { submit_reported(&ctx, f); }
+                }
                 Op::Complete => {
-                    let (done, last) = (ctx.timeline().completed_value().unwrap(), ctx.timeline().last_submitted());
-                    if last > done { ctx.timeline().signal(done + 1).unwrap(); }
+                    let last = ctx.last_submitted();
+                    if completed < last {
+                        completed += 1;
+                        report(&ctx, completed);
+                    }
                 }
                 Op::Collect => {
-                    let completed = ctx.timeline().completed_value().unwrap();
                     let n = ctx.collect().unwrap() as u64;
+                    prop_assert_eq!(ctx.completed_value().unwrap(), completed);
                     let due = pending.iter().filter(|p| p.2 <= completed).count() as u64;
                     prop_assert_eq!(n, due, "exactly the completed ones are freed");
                     pending.retain(|p| p.2 > completed);
@@ -541,14 +590,10 @@ proptest! {
                 prop_assert_eq!(st.categories[c].live_bytes, held + waiting);
             }
         }
-        for b in live.drain(..) {
-            ctx.retire(b, 0).unwrap();
-        }
-        // Complete everything reserved so shutdown's wait returns at once.
-        let last = ctx.timeline().last_submitted();
-        if ctx.timeline().completed_value().unwrap() < last {
-            ctx.timeline().signal(last).unwrap();
-        }
+        drop(live);
+        drop(open);
+        // Report everything submitted so shutdown's wait returns at once.
+        report(&ctx, ctx.last_submitted());
         common::finish(ctx, "memory model");
     }
 }

@@ -48,18 +48,31 @@ fn xorshift(s: &mut u64) -> f32 {
     (*s >> 40) as f32 / (1u64 << 24) as f32
 }
 
-fn species(veg: &mut Vegetation, ctx: &Context, name: &str, color: [u8; 4]) -> SpeciesId {
+fn species(veg: &mut Vegetation, name: &str, color: [u8; 4]) -> SpeciesId {
     let px: Vec<u8> = color.iter().copied().cycle().take(32 * 64 * 4).collect();
-    veg.register_species(
-        ctx,
-        &SpeciesDesc {
-            name,
-            width: 32,
-            height: 64,
-            rgba8: &px,
-        },
-    )
+    veg.register_species(&SpeciesDesc {
+        name,
+        width: 32,
+        height: 64,
+        rgba8: &px,
+    })
     .expect("species")
+}
+
+/// One frame: update, record, submit through the ring.
+fn frame(
+    ctx: &Context,
+    veg: &mut Vegetation,
+    ring: &mut FrameRing,
+    camera: Vec3,
+) -> understory::vegetation::UpdateReport {
+    let frame = ctx.begin_frame().expect("begin_frame");
+    let report = veg.update(&frame, camera).expect("update never fails");
+    let cmd = ring.begin(&frame).unwrap();
+    // SAFETY: cmd is recording for `frame` and is submitted right below as its submission.
+    unsafe { veg.record(&frame, cmd.raw()).unwrap() };
+    ring.submit(frame, cmd).unwrap();
+    report
 }
 
 /// `n` patches of `per` instances, each inside one tile of a `side` m square at the origin.
@@ -100,7 +113,7 @@ fn bad_patches_are_typed_errors_and_allocate_nothing() {
         return;
     };
     let mut veg = Vegetation::new(&ctx, VegetationConfig::default()).unwrap();
-    let grass = species(&mut veg, &ctx, "grass", [40, 160, 40, 255]);
+    let grass = species(&mut veg, "grass", [40, 160, 40, 255]);
     let before = ctx.memory().stats().categories[Category::Instances];
     let ok = Instance::at(Vec3::new(1.0, 0.0, 1.0));
     let cases: Vec<(&str, Vec<Instance>)> = vec![
@@ -143,7 +156,7 @@ fn bad_patches_are_typed_errors_and_allocate_nothing() {
             .unwrap_err();
         assert!(matches!(err, Error::InvalidInput(_)), "{what}: {err}");
     }
-    let gone = species(&mut veg, &ctx, "gone", [1, 2, 3, 4]);
+    let gone = species(&mut veg, "gone", [1, 2, 3, 4]);
     veg.unregister_species(gone).unwrap();
     let err = veg
         .spawn(&PatchDesc {
@@ -156,7 +169,7 @@ fn bad_patches_are_typed_errors_and_allocate_nothing() {
         "unknown species: {err}"
     );
     assert_eq!(ctx.memory().stats().categories[Category::Instances], before);
-    assert_eq!(veg.stats(&ctx).patches, 0);
+    assert_eq!(veg.stats().patches, 0);
 
     let id = veg
         .spawn(&PatchDesc {
@@ -172,15 +185,12 @@ fn bad_patches_are_typed_errors_and_allocate_nothing() {
     assert!(veg.patch_gpu(id).is_err(), "stale id");
     let too_big = vec![0u8; 4096 * 4096 * 4];
     let err = veg
-        .register_species(
-            &ctx,
-            &SpeciesDesc {
-                name: "huge",
-                width: 4096,
-                height: 4096,
-                rgba8: &too_big,
-            },
-        )
+        .register_species(&SpeciesDesc {
+            name: "huge",
+            width: 4096,
+            height: 4096,
+            rgba8: &too_big,
+        })
         .unwrap_err();
     assert!(
         matches!(err, Error::InvalidInput(_)),
@@ -202,25 +212,23 @@ fn bad_patches_are_typed_errors_and_allocate_nothing() {
     );
     veg.despawn(id).unwrap();
     veg.unregister_species(grass).unwrap();
-    veg.release(&ctx).unwrap();
-    let frame = ctx.begin_frame().unwrap();
-    assert!(
-        matches!(
-            veg.update(&ctx, &frame, Vec3::ZERO),
-            Err(Error::InvalidInput(_))
-        ),
-        "released"
-    );
     let nan = ctx.begin_frame().unwrap();
-    let mut fresh = Vegetation::new(&ctx, VegetationConfig::default()).unwrap();
     assert!(
-        matches!(
-            fresh.update(&ctx, &nan, Vec3::NAN),
-            Err(Error::InvalidInput(_))
-        ),
+        matches!(veg.update(&nan, Vec3::NAN), Err(Error::InvalidInput(_))),
         "NaN camera"
     );
-    fresh.release(&ctx).unwrap();
+    drop(nan);
+    // A frame of another context is refused before anything happens.
+    if let Some(other) = common::context("bad_patches other") {
+        let foreign = other.begin_frame().unwrap();
+        assert!(matches!(
+            veg.update(&foreign, Vec3::ZERO),
+            Err(Error::Lifecycle(_))
+        ));
+        drop(foreign);
+        common::finish(other, "bad patches other");
+    }
+    drop(veg);
     common::finish(ctx, "bad patches");
 }
 
@@ -245,9 +253,9 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
     config.residency.max_upload_bytes_per_frame = 8 * MIB;
     let mut veg = Vegetation::new(&ctx, config).unwrap();
     let kinds = [
-        species(&mut veg, &ctx, "grass", [60, 170, 60, 255]),
-        species(&mut veg, &ctx, "fern", [30, 120, 50, 255]),
-        species(&mut veg, &ctx, "birch", [200, 200, 180, 255]),
+        species(&mut veg, "grass", [60, 170, 60, 255]),
+        species(&mut veg, "fern", [30, 120, 50, 255]),
+        species(&mut veg, "birch", [200, 200, 180, 255]),
     ];
     let world = patches(&veg, 10_000, 100, 1024.0, &kinds, 42);
     let mut ids = Vec::with_capacity(world.len());
@@ -260,7 +268,7 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
             .unwrap(),
         );
     }
-    assert_eq!(veg.stats(&ctx).instances, 1_000_000);
+    assert_eq!(veg.stats().instances, 1_000_000);
 
     let mut ring = FrameRing::new(&ctx).unwrap();
     let settle = ctx.frames_in_flight() as usize + 2;
@@ -274,19 +282,11 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
         if f == recover_at {
             heap_size.store(100 * MIB, Ordering::Relaxed);
         }
-        let start = ctx.begin_frame().expect("begin_frame");
         let x = -700.0 + 1400.0 * f as f32 / frames as f32;
         let camera = Vec3::new(x, 30.0, 80.0 * (f as f32 * 0.05).sin());
-        let report = veg
-            .update(&ctx, &start, camera)
-            .expect("update never fails");
-        let cmd = ring.begin(&ctx).unwrap();
-        // SAFETY: cmd is recording and is submitted right below with the value end_frame gets.
-        unsafe { veg.record(&ctx, cmd).unwrap() };
-        let value = ring.submit(&ctx, cmd).unwrap();
-        veg.end_frame(&ctx, value).unwrap();
+        let report = frame(&ctx, &mut veg, &mut ring, camera);
 
-        let stats = veg.stats(&ctx);
+        let stats = veg.stats();
         let c = &stats.memory.categories;
         let held = c[Category::Instances].live_bytes + c[Category::Atlas].live_bytes;
         peak_held = peak_held.max(held);
@@ -325,7 +325,7 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
             );
         }
     }
-    let stats = veg.stats(&ctx);
+    let stats = veg.stats();
     eprintln!(
         "after {} frames: peak held {:.1} MiB, {} evictions, {} uploads, {} refused, {} deferred frees, quality {:.2}",
         stats.frames,
@@ -363,7 +363,6 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
     )
     .unwrap();
     let read = ctx
-        .memory()
         .create_buffer(&understory::gpu::memory::BufferDesc {
             name: "cull counters readback",
             size: 32,
@@ -373,34 +372,35 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
         })
         .unwrap();
     let gpu_sources: Vec<_> = sources.iter().map(|(s, _)| *s).collect();
-    let value = ctx
-        .submit_and_wait(|cmd| {
-            // SAFETY: recording; every source buffer is resident and outlives the wait.
-            unsafe {
-                pass.record(&ctx, cmd, &gpu_sources, &view)?;
-                let region = ash::vk::BufferCopy {
-                    src_offset: 0,
-                    dst_offset: 0,
-                    size: 32,
-                };
-                ctx.device()
-                    .cmd_copy_buffer(cmd, pass.counters()?.raw(), read.raw(), &[region]);
-                let b = [ash::vk::MemoryBarrier::default()
-                    .src_access_mask(ash::vk::AccessFlags::TRANSFER_WRITE)
-                    .dst_access_mask(ash::vk::AccessFlags::HOST_READ)];
-                ctx.device().cmd_pipeline_barrier(
-                    cmd,
-                    ash::vk::PipelineStageFlags::TRANSFER,
-                    ash::vk::PipelineStageFlags::HOST,
-                    ash::vk::DependencyFlags::empty(),
-                    &b,
-                    &[],
-                    &[],
-                );
-            }
-            Ok(())
-        })
-        .unwrap();
+    ctx.submit_and_wait(|frame, cmd| {
+        read.used_in(frame)?;
+        // SAFETY: recording for `frame`; the pass marks its sources and counters used by
+        // it, `read` is marked above.
+        unsafe {
+            pass.record(frame, cmd, &gpu_sources, &view)?;
+            let region = ash::vk::BufferCopy {
+                src_offset: 0,
+                dst_offset: 0,
+                size: 32,
+            };
+            ctx.device()
+                .cmd_copy_buffer(cmd, pass.counters()?.raw(), read.raw(), &[region]);
+            let b = [ash::vk::MemoryBarrier::default()
+                .src_access_mask(ash::vk::AccessFlags::TRANSFER_WRITE)
+                .dst_access_mask(ash::vk::AccessFlags::HOST_READ)];
+            ctx.device().cmd_pipeline_barrier(
+                cmd,
+                ash::vk::PipelineStageFlags::TRANSFER,
+                ash::vk::PipelineStageFlags::HOST,
+                ash::vk::DependencyFlags::empty(),
+                &b,
+                &[],
+                &[],
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
     let counters: [u32; 8] = bytemuck::pod_read_unaligned(read.mapped().unwrap());
     let cpu_sources: Vec<(&[Instance], u32)> = sources.iter().map(|(s, i)| (*i, s.base)).collect();
     let want = understory::gpu::cull::cull_cpu(&cpu_sources, &view);
@@ -413,15 +413,13 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
         );
     }
     drop(sources);
-    ctx.retire(read, value).unwrap();
-    pass.destroy(&ctx).unwrap();
-    // Churn: despawn half, the rest stays; then release everything.
+    drop((read, pass));
+    // Churn: despawn half, the rest stays; then drop everything.
     for id in ids.iter().step_by(2) {
         veg.despawn(*id).unwrap();
     }
-    assert_eq!(veg.stats(&ctx).instances, 500_000);
-    veg.release(&ctx).unwrap();
-    ring.destroy(&ctx).unwrap();
+    assert_eq!(veg.stats().instances, 500_000);
+    drop((veg, ring));
     common::finish(ctx, test);
 }
 
@@ -431,16 +429,10 @@ fn patches_spawned_into_resident_tiles_are_uploaded() {
         return;
     };
     let mut veg = Vegetation::new(&ctx, VegetationConfig::default()).unwrap();
-    let grass = species(&mut veg, &ctx, "grass", [40, 160, 40, 255]);
+    let grass = species(&mut veg, "grass", [40, 160, 40, 255]);
     let mut ring = FrameRing::new(&ctx).unwrap();
     let mut frame = |veg: &mut Vegetation| {
-        let start = ctx.begin_frame().unwrap();
-        veg.update(&ctx, &start, Vec3::new(5.0, 2.0, 5.0)).unwrap();
-        let cmd = ring.begin(&ctx).unwrap();
-        // SAFETY: recording; submitted right below with the value end_frame gets.
-        unsafe { veg.record(&ctx, cmd).unwrap() };
-        let value = ring.submit(&ctx, cmd).unwrap();
-        veg.end_frame(&ctx, value).unwrap();
+        frame(&ctx, veg, &mut ring, Vec3::new(5.0, 2.0, 5.0));
     };
     let a = veg
         .spawn(&PatchDesc {
@@ -467,7 +459,6 @@ fn patches_spawned_into_resident_tiles_are_uploaded() {
         gpu.node,
         veg.quadtree().leaf_at(Vec3::new(2.0, 0.0, 2.0)).unwrap()
     );
-    veg.release(&ctx).unwrap();
-    ring.destroy(&ctx).unwrap();
+    drop((veg, ring));
     common::finish(ctx, "resident tile spawn");
 }

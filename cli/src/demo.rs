@@ -14,14 +14,16 @@ use glam::{Mat4, Vec2, Vec3};
 use crate::rng::Rng;
 use understory::error::{Error, Result};
 use understory::gpu::budget::Source;
-use understory::gpu::context::{Context, ContextOptions};
+use understory::gpu::context::{Context, ContextOptions, Frame};
 use understory::gpu::cull::{COUNTERS, Compaction, CullPass, CullView};
 use understory::gpu::draw::{DrawFrame, DrawPass, tree_billboard};
 use understory::gpu::frame::FrameRing;
-use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
+use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation, RawObject};
 use understory::policy::category::{Category, PerCategory};
 use understory::policy::lod::LodBands;
-use understory::vegetation::{PatchDesc, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig};
+use understory::vegetation::{
+    PatchDesc, SpeciesDesc, SpeciesId, Stats, Vegetation, VegetationConfig,
+};
 use understory::world::instance::Instance;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -254,107 +256,98 @@ fn camera(t: f32, radius: f32) -> (Vec3, Vec3) {
     (eye, eye + ahead * 0.8 + inward * 0.6 - Vec3::Y * 0.22)
 }
 
-/// Offscreen colour + depth targets and the PNG readback buffer.
-struct Target {
-    color: Option<Image>,
-    depth: Option<Image>,
+/// Offscreen colour + depth targets and the PNG readback buffer: the host's own objects. The
+/// images and the buffer are understory's (dropped, they retire at their last frame); the views
+/// are raw handles, retired through `Context::retire_object` at the last frame that drew.
+struct Target<'a> {
+    ctx: &'a Context,
+    color: Image,
+    depth: Image,
     color_view: vk::ImageView,
     depth_view: vk::ImageView,
     readback: Option<Buffer>,
     extent: vk::Extent2D,
 }
 
-impl Target {
-    fn new(ctx: &Context, extent: vk::Extent2D, readback: bool) -> Result<Self> {
-        let mut t = Self {
-            color: None,
-            depth: None,
-            color_view: vk::ImageView::null(),
-            depth_view: vk::ImageView::null(),
-            readback: None,
-            extent,
-        };
-        if let Err(e) = t.build(ctx, readback) {
-            // Nothing was recorded with the views yet.
-            t.destroy(ctx, 0, true);
-            return Err(e);
-        }
-        Ok(t)
-    }
-
-    fn build(&mut self, ctx: &Context, readback: bool) -> Result<()> {
+impl<'a> Target<'a> {
+    fn new(ctx: &'a Context, extent: vk::Extent2D, readback: bool) -> Result<Self> {
         let image = |name, format, usage| {
-            ctx.memory().create_image(&ImageDesc {
+            ctx.create_image(&ImageDesc {
                 name,
-                extent: self.extent,
+                extent,
                 format,
                 mip_levels: 1,
                 usage,
                 category: Category::Other,
             })
         };
-        self.color = Some(image(
+        let color = image(
             "demo colour",
             COLOR_FORMAT,
             vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::TRANSFER_SRC,
-        )?);
-        self.depth = Some(image(
+        )?;
+        let depth = image(
             "demo depth",
             DEPTH_FORMAT,
             vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT,
-        )?);
-        let view = |image: &Image, aspect| {
-            let info = vk::ImageViewCreateInfo::default()
-                .image(image.raw())
-                .view_type(vk::ImageViewType::TYPE_2D)
-                .format(image.format())
-                .subresource_range(range(aspect));
-            // SAFETY: a live 2D image of this device, one mip, one layer.
-            unsafe { ctx.device().create_image_view(&info, None) }
-                .map_err(understory::error::vk_err("vkCreateImageView"))
+        )?;
+        let mut t = Self {
+            ctx,
+            color,
+            depth,
+            color_view: vk::ImageView::null(),
+            depth_view: vk::ImageView::null(),
+            readback: None,
+            extent,
         };
-        if let (Some(c), Some(d)) = (&self.color, &self.depth) {
-            self.color_view = view(c, vk::ImageAspectFlags::COLOR)?;
-            self.depth_view = view(d, vk::ImageAspectFlags::DEPTH)?;
-        }
+        // On error, Drop retires the views made so far.
+        t.color_view = view(ctx, &t.color, vk::ImageAspectFlags::COLOR)?;
+        t.depth_view = view(ctx, &t.depth, vk::ImageAspectFlags::DEPTH)?;
         if readback {
-            self.readback = Some(ctx.memory().create_buffer(&BufferDesc {
+            t.readback = Some(ctx.create_buffer(&BufferDesc {
                 name: "demo png readback",
-                size: u64::from(self.extent.width) * u64::from(self.extent.height) * 4,
+                size: u64::from(extent.width) * u64::from(extent.height) * 4,
                 usage: vk::BufferUsageFlags::TRANSFER_DST,
                 location: MemoryLocation::GpuToCpu,
                 category: Category::Other,
             })?);
         }
-        Ok(())
+        Ok(t)
     }
 
-    /// Retires the images and buffer at `value`, and destroys the views when `idle` (every
-    /// submission that used them has completed); otherwise the views are leaked, not freed
-    /// under the GPU.
-    fn destroy(&mut self, ctx: &Context, value: u64, idle: bool) {
-        if idle {
-            // SAFETY: idle (caller): no submission uses the views; null is ignored.
-            unsafe {
-                ctx.device().destroy_image_view(self.color_view, None);
-                ctx.device().destroy_image_view(self.depth_view, None);
-            }
-        } else {
-            log::error!("demo target: GPU not idle, image views leaked");
+    /// Marks the images and the readback used by `frame` (their views are used with them).
+    fn used_in(&self, frame: &Frame) -> Result<()> {
+        self.color.used_in(frame)?;
+        self.depth.used_in(frame)?;
+        if let Some(r) = &self.readback {
+            r.used_in(frame)?;
         }
-        self.color_view = vk::ImageView::null();
-        self.depth_view = vk::ImageView::null();
-        let items: [Option<understory::gpu::memory::Retirable>; 3] = [
-            self.color.take().map(Into::into),
-            self.depth.take().map(Into::into),
-            self.readback.take().map(Into::into),
-        ];
-        for r in items.into_iter().flatten() {
-            if let Err(e) = ctx.retire(r, value) {
+        Ok(())
+    }
+}
+
+impl Drop for Target<'_> {
+    fn drop(&mut self) {
+        let last = self.color.last_use();
+        for v in [self.color_view, self.depth_view] {
+            // SAFETY: views of this context's device, destroyed by nothing else; every frame
+            // that used them also used `color`, whose last use is `last`.
+            if let Err(e) = unsafe { self.ctx.retire_object(RawObject::ImageView(v), last) } {
                 log::error!("demo target: {e}");
             }
         }
     }
+}
+
+fn view(ctx: &Context, image: &Image, aspect: vk::ImageAspectFlags) -> Result<vk::ImageView> {
+    let info = vk::ImageViewCreateInfo::default()
+        .image(image.raw())
+        .view_type(vk::ImageViewType::TYPE_2D)
+        .format(image.format())
+        .subresource_range(range(aspect));
+    // SAFETY: a live 2D image of this device, one mip, one layer.
+    unsafe { ctx.device().create_image_view(&info, None) }
+        .map_err(understory::error::vk_err("vkCreateImageView"))
 }
 
 fn range(aspect: vk::ImageAspectFlags) -> vk::ImageSubresourceRange {
@@ -374,10 +367,6 @@ fn image_barrier<'a>(
     to: (vk::ImageLayout, vk::AccessFlags),
 ) -> vk::ImageMemoryBarrier<'a> {
     understory::gpu::compute::image_barrier(image, range(aspect), from, to)
-}
-
-fn slots_of(ctx: &Context) -> u32 {
-    ctx.frames_in_flight().max(1)
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -442,18 +431,13 @@ pub fn run(options: &ContextOptions, config: &DemoConfig) -> Result<DemoReport> 
             ));
         }
     }
-    let mut ctx = Context::new(options)?;
+    let ctx = Context::new(options)?;
     let canary = ctx.canary().clone();
+    // Everything the demo made is dropped inside `demo`, so shutdown finds nothing alive.
     let result = demo(&ctx, config);
-    let last = ctx.timeline().last_submitted();
-    let waited = ctx.timeline().wait(last, Duration::from_secs(30));
-    let collected = ctx.collect();
-    let leaks = ctx.shutdown().leaks.len();
-    drop(ctx);
+    let shutdown = ctx.shutdown();
     let mut report = result?;
-    waited?;
-    collected?;
-    report.leaks = leaks;
+    report.leaks = shutdown?.leaks.len();
     report.validation_messages = canary.total();
     Ok(report)
 }
@@ -475,22 +459,17 @@ fn demo(ctx: &Context, config: &DemoConfig) -> Result<DemoReport> {
     if let Some(b) = config.budget_bytes {
         vconfig.controller.cap_bytes = b;
     }
-    let cap = vconfig.controller.cap_bytes;
-    let fog_m = vconfig.lod.billboard_m * 1.15;
     let mut veg = Vegetation::new(ctx, vconfig)?;
     let species: Vec<SpeciesId> = SPECIES
         .iter()
         .enumerate()
         .map(|(k, (name, _))| {
-            veg.register_species(
-                ctx,
-                &SpeciesDesc {
-                    name,
-                    width: 64,
-                    height: 128,
-                    rgba8: &tree_billboard(64, 128, k as u32 + 1),
-                },
-            )
+            veg.register_species(&SpeciesDesc {
+                name,
+                width: 64,
+                height: 128,
+                rgba8: &tree_billboard(64, 128, k as u32 + 1),
+            })
         })
         .collect::<Result<_>>()?;
     let generated = Instant::now();
@@ -507,367 +486,279 @@ fn demo(ctx: &Context, config: &DemoConfig) -> Result<DemoReport> {
         config.instances,
         generated.elapsed().as_secs_f64()
     );
-    let result = fly(ctx, &mut veg, config, cap, fog_m);
-    let released = veg.release(ctx);
-    let mut report = result?;
-    released?;
+    let mut report = fly(ctx, &mut veg, config)?;
     report.patches = patches;
     Ok(report)
 }
 
-struct Passes {
-    ring: Option<FrameRing>,
-    draw: Option<DrawPass>,
-    cull: Option<CullPass>,
-    target: Option<Target>,
+/// Everything the demo draws with: the passes, the target, the command ring, and per frame in
+/// flight a counters readback and three timestamps.
+struct Gpu<'a> {
+    ctx: &'a Context,
+    draw: DrawPass,
+    cull: CullPass,
+    target: Target<'a>,
+    ring: FrameRing,
+    /// Per slot: the LOD counters of the frame that last used it, and that frame's value.
     counters: Vec<(Buffer, u64)>,
-    queries: vk::QueryPool,
+    /// Three timestamps per slot (start, after the cull, after the draw), where the queue has
+    /// timestamps.
+    queries: Option<vk::QueryPool>,
+    capacity: u32,
 }
 
-impl Passes {
-    fn destroy(&mut self, ctx: &Context) -> Result<()> {
-        // The views and the query pool are destroyed at once: only once the GPU is idle.
-        let last = ctx.timeline().last_submitted();
-        let idle = ctx
-            .timeline()
-            .wait(last, Duration::from_secs(30))
-            .and_then(|done| {
-                if done {
-                    Ok(last)
-                } else {
-                    Err(Error::Vulkan {
-                        call: "vkWaitSemaphores (30 s)",
-                        result: vk::Result::TIMEOUT,
-                    })
-                }
-            });
-        let last = ctx.timeline().last_submitted();
-        let waited = idle.is_ok();
-        let mut first = idle.map(|_| ());
-        if let Some(r) = self.ring.take() {
-            first = first.and(r.destroy(ctx));
-        }
-        if let Some(c) = self.cull.take() {
-            first = first.and(c.destroy(ctx));
-        }
-        if let Some(d) = self.draw.take() {
-            first = first.and(d.destroy(ctx));
-        }
-        if let Some(mut t) = self.target.take() {
-            t.destroy(ctx, last, waited);
-        }
-        for (b, _) in self.counters.drain(..) {
-            first = first.and(ctx.retire(b, last));
-        }
-        if waited {
-            // SAFETY: idle (waited above): no submission writes the queries any more.
-            unsafe { ctx.device().destroy_query_pool(self.queries, None) };
+impl<'a> Gpu<'a> {
+    fn new(ctx: &'a Context, veg: &Vegetation, config: &DemoConfig) -> Result<Self> {
+        // Species billboards live on atlas page 0 (the demo's three fit many times over).
+        let page = veg
+            .atlas_page(0)
+            .ok_or_else(|| Error::InvalidInput("no atlas page".into()))?;
+        let draw = DrawPass::new(ctx, COLOR_FORMAT, DEPTH_FORMAT, page, 0)?;
+        let compaction = if ctx.adapter().subgroup_ballot_in_compute {
+            Compaction::Subgroup
         } else {
-            log::error!("demo: GPU not idle, query pool leaked");
+            Compaction::Atomic
+        };
+        let capacity = config
+            .instances
+            .min(16 << 20)
+            .min(u64::from(CullPass::max_capacity(ctx, true))) as u32;
+        let cull = CullPass::with_records(ctx, compaction, capacity, draw.lod_meshes())?;
+        let extent = vk::Extent2D {
+            width: config.width,
+            height: config.height,
+        };
+        let target = Target::new(ctx, extent, config.png.is_some())?;
+        let ring = FrameRing::new(ctx)?;
+        let slots = ctx.frames_in_flight();
+        let counters = (0..slots)
+            .map(|_| {
+                ctx.create_buffer(&BufferDesc {
+                    name: "demo counters readback",
+                    size: COUNTERS as u64 * 4,
+                    usage: vk::BufferUsageFlags::TRANSFER_DST,
+                    location: MemoryLocation::GpuToCpu,
+                    category: Category::Other,
+                })
+                .map(|b| (b, 0))
+            })
+            .collect::<Result<_>>()?;
+        // SAFETY: the physical device belongs to the context's instance.
+        let families = unsafe {
+            ctx.instance()
+                .get_physical_device_queue_family_properties(ctx.adapter().handle)
+        };
+        let timestamps = families
+            .get(ctx.queue_family() as usize)
+            .is_some_and(|f| f.timestamp_valid_bits > 0)
+            && ctx.adapter().timestamp_period_ns > 0.0;
+        let mut gpu = Self {
+            ctx,
+            draw,
+            cull,
+            target,
+            ring,
+            counters,
+            queries: None,
+            capacity,
+        };
+        if timestamps {
+            let info = vk::QueryPoolCreateInfo::default()
+                .query_type(vk::QueryType::TIMESTAMP)
+                .query_count(slots * 3);
+            // SAFETY: valid create info.
+            gpu.queries = Some(
+                unsafe { ctx.device().create_query_pool(&info, None) }
+                    .map_err(understory::error::vk_err("vkCreateQueryPool"))?,
+            );
         }
-        self.queries = vk::QueryPool::null();
-        first
+        Ok(gpu)
     }
-}
 
-fn fly(
-    ctx: &Context,
-    veg: &mut Vegetation,
-    config: &DemoConfig,
-    cap: u64,
-    fog_m: f32,
-) -> Result<DemoReport> {
-    let mut passes = Passes {
-        ring: None,
-        draw: None,
-        cull: None,
-        target: None,
-        counters: Vec::new(),
-        queries: vk::QueryPool::null(),
-    };
-    let result = fly_with(ctx, veg, config, cap, fog_m, &mut passes);
-    let destroyed = passes.destroy(ctx);
-    let report = result?;
-    destroyed?;
-    Ok(report)
-}
-
-fn fly_with(
-    ctx: &Context,
-    veg: &mut Vegetation,
-    config: &DemoConfig,
-    cap: u64,
-    fog_m: f32,
-    passes: &mut Passes,
-) -> Result<DemoReport> {
-    let extent = vk::Extent2D {
-        width: config.width,
-        height: config.height,
-    };
-    // Species billboards live on atlas page 0 (the demo's three fit many times over).
-    let page = veg
-        .atlas_page(0)
-        .ok_or_else(|| Error::InvalidInput("no atlas page".into()))?;
-    passes.draw = Some(DrawPass::new(ctx, COLOR_FORMAT, DEPTH_FORMAT, page, 0)?);
-    let draw = passes
-        .draw
-        .as_ref()
-        .ok_or_else(|| Error::InvalidInput("draw".into()))?;
-    let compaction = if ctx.adapter().subgroup_ballot_in_compute {
-        Compaction::Subgroup
-    } else {
-        Compaction::Atomic
-    };
-    let capacity = config.instances.min(16 << 20) as u32;
-    passes.cull = Some(CullPass::with_records(
-        ctx,
-        compaction,
-        capacity,
-        draw.lod_meshes(),
-    )?);
-    let cull = passes
-        .cull
-        .as_ref()
-        .ok_or_else(|| Error::InvalidInput("cull".into()))?;
-    passes.target = Some(Target::new(ctx, extent, config.png.is_some())?);
-    let target = passes
-        .target
-        .as_ref()
-        .ok_or_else(|| Error::InvalidInput("target".into()))?;
-    passes.ring = Some(FrameRing::new(ctx)?);
-    for _ in 0..slots_of(ctx) {
-        passes.counters.push((
-            ctx.memory().create_buffer(&BufferDesc {
-                name: "demo counters readback",
-                size: COUNTERS as u64 * 4,
-                usage: vk::BufferUsageFlags::TRANSFER_DST,
-                location: MemoryLocation::GpuToCpu,
-                category: Category::Other,
-            })?,
-            0,
-        ));
-    }
-    // Three timestamps per frame slot (start, after the cull, after the draw), where the
-    // queue has timestamps.
-    // SAFETY: the physical device belongs to the context's instance.
-    let families = unsafe {
-        ctx.instance()
-            .get_physical_device_queue_family_properties(ctx.adapter().handle)
-    };
-    let timestamps = families
-        .get(ctx.queue_family() as usize)
-        .is_some_and(|f| f.timestamp_valid_bits > 0)
-        && ctx.adapter().timestamp_period_ns > 0.0;
-    if timestamps {
-        let info = vk::QueryPoolCreateInfo::default()
-            .query_type(vk::QueryType::TIMESTAMP)
-            .query_count(slots_of(ctx) * 3);
-        // SAFETY: valid create info.
-        passes.queries = unsafe { ctx.device().create_query_pool(&info, None) }
-            .map_err(understory::error::vk_err("vkCreateQueryPool"))?;
-    }
-    let mut cull_ms = Vec::with_capacity(config.frames as usize);
-    let mut draw_ms = Vec::with_capacity(config.frames as usize);
-    let ring = passes
-        .ring
-        .as_mut()
-        .ok_or_else(|| Error::InvalidInput("ring".into()))?;
-    let (color, depth) = match (&target.color, &target.depth) {
-        (Some(c), Some(d)) => (c.raw(), d.raw()),
-        _ => return Err(Error::InvalidInput("demo target was destroyed".into())),
-    };
-
-    let bar = if config.progress {
-        indicatif::ProgressBar::new(config.frames)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} frames ({per_sec}, eta {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let say = |line: String| {
-        if bar.is_hidden() {
-            println!("{line}");
-        } else {
-            bar.println(line);
+    /// Reads what the GPU counted in the frame that last used `slot` (waiting for it): the
+    /// instances drawn per LOD, overflow, and the GPU times.
+    fn read_back(&self, slot: usize, acc: &mut Accumulator) -> Result<()> {
+        let (buf, value) = &self.counters[slot];
+        if *value == 0 {
+            return Ok(());
         }
-    };
-
-    let aspect = config.width as f32 / config.height as f32;
-    let world = veg.config().world_origin;
-    let world_size = veg.config().world_size_m;
-    let mut report = DemoReport {
-        device: ctx.adapter().name.clone(),
-        budget_source: Source::Estimated,
-        frames: 0,
-        seconds: 0.0,
-        instances: config.instances,
-        patches: 0,
-        peak_bytes: PerCategory([0; 4]),
-        peak_held: 0,
-        peak_heap_usage: 0,
-        heap_budget: 0,
-        min_quality: f32::INFINITY,
-        evictions: 0,
-        uploads: 0,
-        refused_uploads: 0,
-        deferred_frees: 0,
-        peak_drawn: [0; 3],
-        overflow_frames: 0,
-        gpu_cull_ms: None,
-        gpu_draw_ms: None,
-        pngs: Vec::new(),
-        validation: ctx.validation_enabled(),
-        leaks: 0,
-        validation_messages: 0,
-    };
-    let heap = ctx.memory().device_local_heap();
-    let squeeze_at = config.frames / 4;
-    let release_at = config.frames / 2;
-    let started = Instant::now();
-    let mut last_line = Instant::now();
-    let mut frames_since_line = 0u64;
-    let mut gpu_lod = [0u32; 3];
-    let slots = passes.counters.len();
-    for f in 0..config.frames {
-        if config.squeeze && f == squeeze_at {
-            // Instance memory down to a third; the atlas (not evictable) keeps its share.
-            let stats = veg.stats(ctx);
-            let atlas = stats.memory.categories[Category::Atlas].live_bytes;
-            let squeezed = (atlas + stats.held.saturating_sub(atlas) / 3).max(1 << 20);
-            veg.set_budget_cap(squeezed)?;
-            say(format!(
-                "frame {f}: squeeze: vegetation cap {:.1} MiB -> {:.1} MiB",
-                cap as f64 / MIB,
-                squeezed as f64 / MIB
-            ));
+        self.ctx.wait(*value, Duration::from_secs(30))?;
+        let c: [u32; COUNTERS] = bytemuck::pod_read_unaligned(&buf.mapped()?[..COUNTERS * 4]);
+        acc.gpu_lod = [c[0], c[1], c[2]];
+        for (peak, n) in acc.report.peak_drawn.iter_mut().zip(c) {
+            *peak = (*peak).max(n.min(self.capacity));
         }
-        if config.squeeze && f == release_at {
-            veg.set_budget_cap(cap)?;
-            say(format!(
-                "frame {f}: squeeze over: vegetation cap back to {:.1} MiB",
-                cap as f64 / MIB
-            ));
+        if c[4] + c[5] + c[6] > 0 {
+            acc.report.overflow_frames += 1;
         }
-        let (eye, look) = camera(f as f32 / config.frames as f32, world_size * 0.27);
-        let start = ctx.begin_frame()?;
-        let update = veg.update(ctx, &start, eye)?;
-        if let Some(h) = start.heaps.get(heap) {
-            if h.budget.usage >= report.peak_heap_usage {
-                report.peak_heap_usage = h.budget.usage;
-                report.heap_budget = h.budget.budget;
+        if let Some(pool) = self.queries {
+            let mut t = [0u64; 3];
+            // SAFETY: the three queries of this slot were written by the frame waited for.
+            unsafe {
+                self.ctx.device().get_query_pool_results(
+                    pool,
+                    slot as u32 * 3,
+                    &mut t,
+                    vk::QueryResultFlags::TYPE_64,
+                )
             }
+            .map_err(understory::error::vk_err("vkGetQueryPoolResults"))?;
+            let period = f64::from(self.ctx.adapter().timestamp_period_ns);
+            let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 * period / 1e6;
+            acc.cull_ms.push(ms(t[0], t[1]));
+            acc.draw_ms.push(ms(t[1], t[2]));
         }
-        let quality = update.decision.quality;
-        let mut proj = Mat4::perspective_rh(60f32.to_radians(), aspect, 0.5, fog_m * 1.5);
-        // Vulkan's clip space has y pointing down.
-        proj.y_axis.y = -proj.y_axis.y;
-        let view_proj = proj * Mat4::look_at_rh(eye, look, Vec3::Y);
-        let view = CullView::new(view_proj, eye, draw.radius(), &veg.config().lod, quality)?;
-        let mut frame = DrawFrame::new(
-            view_proj,
-            eye,
-            fog_m * quality.min(1.0),
-            [world.x, world.y, world_size],
-            config.lod_tint,
-        );
-        frame.fog[3] = frame.fog[3].max(1.0);
+        Ok(())
+    }
+
+    /// Records the frame: uploads, cull, draw into the target, the counters copy and (with
+    /// `png`) the colour image's readback.
+    ///
+    /// # Safety
+    /// `cmd` is recording for `frame` and is submitted as its submission.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn record(
+        &self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        slot: usize,
+        veg: &mut Vegetation,
+        view: &CullView,
+        constants: &DrawFrame,
+        png: bool,
+    ) -> Result<()> {
+        let d = self.ctx.device();
+        let q = slot as u32 * 3;
+        let stamp = |stage, at| {
+            if let Some(pool) = self.queries {
+                // SAFETY: recording (caller); the query was reset in this command buffer.
+                unsafe { d.cmd_write_timestamp(cmd, stage, pool, at) };
+            }
+        };
+        if let Some(pool) = self.queries {
+            // SAFETY: recording outside a render pass; the slot's previous frame completed
+            // (the ring waited for it), so its queries are not in use.
+            unsafe { d.cmd_reset_query_pool(cmd, pool, q, 3) };
+        }
+        stamp(vk::PipelineStageFlags::TOP_OF_PIPE, q);
         let species = veg.species_regions();
-        let cmd = ring.begin(ctx)?;
-        let slot = (f as usize) % slots;
-        {
-            let (buf, value) = &passes.counters[slot];
-            if *value > 0 {
-                ctx.timeline().wait(*value, Duration::from_secs(30))?;
-                if let Some(m) = buf.mapped() {
-                    let c: [u32; COUNTERS] = bytemuck::pod_read_unaligned(&m[..COUNTERS * 4]);
-                    gpu_lod = [c[0], c[1], c[2]];
-                    for (peak, n) in report.peak_drawn.iter_mut().zip(c) {
-                        *peak = (*peak).max(n.min(capacity));
-                    }
-                    if c[4] + c[5] + c[6] > 0 {
-                        report.overflow_frames += 1;
-                    }
-                }
-                if timestamps {
-                    let mut t = [0u64; 3];
-                    // SAFETY: the three queries of this slot were written by the submission
-                    // waited for above.
-                    unsafe {
-                        ctx.device().get_query_pool_results(
-                            passes.queries,
-                            slot as u32 * 3,
-                            &mut t,
-                            vk::QueryResultFlags::TYPE_64,
-                        )
-                    }
-                    .map_err(understory::error::vk_err("vkGetQueryPoolResults"))?;
-                    let ms = |a: u64, b: u64| {
-                        b.saturating_sub(a) as f64 * f64::from(ctx.adapter().timestamp_period_ns)
-                            / 1e6
-                    };
-                    cull_ms.push(ms(t[0], t[1]));
-                    draw_ms.push(ms(t[1], t[2]));
-                }
-            }
-        }
-        let png_now = config.png.is_some()
-            && match config.png_every {
-                Some(n) => f % n == 0 || f + 1 == config.frames,
-                None => f + 1 == config.frames,
-            };
-        let d = ctx.device();
-        // SAFETY (whole block): cmd is recording (ring.begin) and is submitted below with the
-        // value end_frame receives; every buffer and image used is alive until retired with
-        // that value or later; layouts and barriers follow the order documented per command.
+        // SAFETY (whole block): cmd is recording for `frame` (caller); understory's recording
+        // functions mark what they use; the host's own images and buffers are marked below.
         unsafe {
-            let q = slot as u32 * 3;
-            if timestamps {
-                d.cmd_reset_query_pool(cmd, passes.queries, q, 3);
-                d.cmd_write_timestamp(cmd, vk::PipelineStageFlags::TOP_OF_PIPE, passes.queries, q);
-            }
-            veg.record(ctx, cmd)?;
+            veg.record(frame, cmd)?;
             let sources: Vec<_> = veg.cull_sources().into_iter().map(|(s, _)| s).collect();
-            cull.record(ctx, cmd, &sources, &view)?;
-            if timestamps {
-                d.cmd_write_timestamp(
-                    cmd,
-                    vk::PipelineStageFlags::BOTTOM_OF_PIPE,
-                    passes.queries,
-                    q + 1,
-                );
+            self.cull.record(frame, cmd, &sources, view)?;
+            stamp(vk::PipelineStageFlags::BOTTOM_OF_PIPE, q + 1);
+            self.draw
+                .prepare(frame, cmd, &self.cull, constants, &species)?;
+            self.target.used_in(frame)?;
+            self.render(frame, cmd, veg, constants)?;
+            stamp(vk::PipelineStageFlags::BOTTOM_OF_PIPE, q + 2);
+            let (counters, _) = &self.counters[slot];
+            counters.used_in(frame)?;
+            let src = self.cull.counters()?;
+            src.used_in(frame)?;
+            d.cmd_copy_buffer(
+                cmd,
+                src.raw(),
+                counters.raw(),
+                &[vk::BufferCopy {
+                    src_offset: 0,
+                    dst_offset: 0,
+                    size: COUNTERS as u64 * 4,
+                }],
+            );
+            if png {
+                self.copy_color(cmd)?;
             }
-            draw.prepare(ctx, cmd, cull, &frame, &species)?;
-            // Previous frame's colour/transfer and depth uses before this frame's clears.
-            let to_attachment = [
-                image_barrier(
-                    color,
-                    vk::ImageAspectFlags::COLOR,
-                    (vk::ImageLayout::UNDEFINED, vk::AccessFlags::empty()),
-                    (
-                        vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
-                        vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
-                    ),
+            understory::gpu::compute::memory_barrier(
+                d,
+                cmd,
+                (
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::AccessFlags::TRANSFER_WRITE,
                 ),
-                image_barrier(
-                    depth,
-                    vk::ImageAspectFlags::DEPTH,
-                    (
-                        vk::ImageLayout::UNDEFINED,
-                        vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_WRITE,
-                    ),
-                    (
-                        vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL,
-                        vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_READ
-                            | vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_WRITE,
-                    ),
+                (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The rendering scope: clear to the sky, ground and trees.
+    ///
+    /// # Safety
+    /// As [`Gpu::record`].
+    unsafe fn render(
+        &self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        veg: &Vegetation,
+        constants: &DrawFrame,
+    ) -> Result<()> {
+        let d = self.ctx.device();
+        let t = &self.target;
+        // Previous frame's colour/transfer and depth uses before this frame's clears.
+        let to_attachment = [
+            image_barrier(
+                t.color.raw(),
+                vk::ImageAspectFlags::COLOR,
+                (vk::ImageLayout::UNDEFINED, vk::AccessFlags::empty()),
+                (
+                    vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
+                    vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
                 ),
-            ];
-            let fragment_tests = vk::PipelineStageFlags::EARLY_FRAGMENT_TESTS
-                | vk::PipelineStageFlags::LATE_FRAGMENT_TESTS;
+            ),
+            image_barrier(
+                t.depth.raw(),
+                vk::ImageAspectFlags::DEPTH,
+                (
+                    vk::ImageLayout::UNDEFINED,
+                    vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_WRITE,
+                ),
+                (
+                    vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL,
+                    vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_READ
+                        | vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_WRITE,
+                ),
+            ),
+        ];
+        let fragment_tests = vk::PipelineStageFlags::EARLY_FRAGMENT_TESTS
+            | vk::PipelineStageFlags::LATE_FRAGMENT_TESTS;
+        let color_att = [vk::RenderingAttachmentInfo::default()
+            .image_view(t.color_view)
+            .image_layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)
+            .load_op(vk::AttachmentLoadOp::CLEAR)
+            .store_op(vk::AttachmentStoreOp::STORE)
+            .clear_value(vk::ClearValue {
+                color: vk::ClearColorValue {
+                    float32: constants.sky(),
+                },
+            })];
+        let depth_att = vk::RenderingAttachmentInfo::default()
+            .image_view(t.depth_view)
+            .image_layout(vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL)
+            .load_op(vk::AttachmentLoadOp::CLEAR)
+            .store_op(vk::AttachmentStoreOp::DONT_CARE)
+            .clear_value(vk::ClearValue {
+                depth_stencil: vk::ClearDepthStencilValue {
+                    depth: 1.0,
+                    stencil: 0,
+                },
+            });
+        let rendering = vk::RenderingInfo::default()
+            .render_area(vk::Rect2D {
+                offset: vk::Offset2D::default(),
+                extent: t.extent,
+            })
+            .layer_count(1)
+            .color_attachments(&color_att)
+            .depth_attachment(&depth_att);
+        let page = veg
+            .atlas_page(0)
+            .ok_or_else(|| Error::InvalidInput("no atlas page".into()))?;
+        // SAFETY: cmd is recording for `frame` (caller), outside a render pass; the target's
+        // images are marked used by `frame`; the layouts follow the barriers.
+        unsafe {
             d.cmd_pipeline_barrier(
                 cmd,
                 vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT
@@ -879,180 +770,318 @@ fn fly_with(
                 &[],
                 &to_attachment,
             );
-            let color_att = [vk::RenderingAttachmentInfo::default()
-                .image_view(target.color_view)
-                .image_layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)
-                .load_op(vk::AttachmentLoadOp::CLEAR)
-                .store_op(vk::AttachmentStoreOp::STORE)
-                .clear_value(vk::ClearValue {
-                    color: vk::ClearColorValue {
-                        float32: frame.sky(),
-                    },
-                })];
-            let depth_att = vk::RenderingAttachmentInfo::default()
-                .image_view(target.depth_view)
-                .image_layout(vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL)
-                .load_op(vk::AttachmentLoadOp::CLEAR)
-                .store_op(vk::AttachmentStoreOp::DONT_CARE)
-                .clear_value(vk::ClearValue {
-                    depth_stencil: vk::ClearDepthStencilValue {
-                        depth: 1.0,
-                        stencil: 0,
-                    },
-                });
-            let rendering = vk::RenderingInfo::default()
-                .render_area(vk::Rect2D {
-                    offset: vk::Offset2D::default(),
-                    extent,
-                })
-                .layer_count(1)
-                .color_attachments(&color_att)
-                .depth_attachment(&depth_att);
             d.cmd_begin_rendering(cmd, &rendering);
-            draw.record(ctx, cmd, cull, extent)?;
+            let drawn = self.draw.record(frame, cmd, &self.cull, page, t.extent);
             d.cmd_end_rendering(cmd);
-            if timestamps {
-                d.cmd_write_timestamp(
-                    cmd,
-                    vk::PipelineStageFlags::BOTTOM_OF_PIPE,
-                    passes.queries,
-                    q + 2,
-                );
-            }
-            // GPU LOD counts for the stats line (read when this slot comes round again).
-            d.cmd_copy_buffer(
+            drawn
+        }
+    }
+
+    /// Copies the colour image into the PNG readback buffer.
+    ///
+    /// # Safety
+    /// As [`Gpu::record`]; after [`Gpu::render`].
+    unsafe fn copy_color(&self, cmd: vk::CommandBuffer) -> Result<()> {
+        let d = self.ctx.device();
+        let t = &self.target;
+        let readback = t
+            .readback
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("no readback buffer".into()))?;
+        // SAFETY: as the caller vouched; the readback is marked with the target.
+        unsafe {
+            d.cmd_pipeline_barrier(
                 cmd,
-                cull.counters()?.raw(),
-                passes.counters[slot].0.raw(),
-                &[vk::BufferCopy {
-                    src_offset: 0,
-                    dst_offset: 0,
-                    size: COUNTERS as u64 * 4,
+                vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &[image_barrier(
+                    t.color.raw(),
+                    vk::ImageAspectFlags::COLOR,
+                    (
+                        vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
+                        vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
+                    ),
+                    (
+                        vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                        vk::AccessFlags::TRANSFER_READ,
+                    ),
+                )],
+            );
+            d.cmd_copy_image_to_buffer(
+                cmd,
+                t.color.raw(),
+                vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                readback.raw(),
+                &[vk::BufferImageCopy {
+                    buffer_offset: 0,
+                    buffer_row_length: 0,
+                    buffer_image_height: 0,
+                    image_subresource: vk::ImageSubresourceLayers {
+                        aspect_mask: vk::ImageAspectFlags::COLOR,
+                        mip_level: 0,
+                        base_array_layer: 0,
+                        layer_count: 1,
+                    },
+                    image_offset: vk::Offset3D::default(),
+                    image_extent: vk::Extent3D {
+                        width: t.extent.width,
+                        height: t.extent.height,
+                        depth: 1,
+                    },
                 }],
             );
-            if png_now {
-                let readback = target
-                    .readback
-                    .as_ref()
-                    .ok_or_else(|| Error::InvalidInput("no readback buffer".into()))?;
-                d.cmd_pipeline_barrier(
-                    cmd,
-                    vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT,
-                    vk::PipelineStageFlags::TRANSFER,
-                    vk::DependencyFlags::empty(),
-                    &[],
-                    &[],
-                    &[image_barrier(
-                        color,
-                        vk::ImageAspectFlags::COLOR,
-                        (
-                            vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
-                            vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
-                        ),
-                        (
-                            vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
-                            vk::AccessFlags::TRANSFER_READ,
-                        ),
-                    )],
-                );
-                d.cmd_copy_image_to_buffer(
-                    cmd,
-                    color,
-                    vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
-                    readback.raw(),
-                    &[vk::BufferImageCopy {
-                        buffer_offset: 0,
-                        buffer_row_length: 0,
-                        buffer_image_height: 0,
-                        image_subresource: vk::ImageSubresourceLayers {
-                            aspect_mask: vk::ImageAspectFlags::COLOR,
-                            mip_level: 0,
-                            base_array_layer: 0,
-                            layer_count: 1,
-                        },
-                        image_offset: vk::Offset3D::default(),
-                        image_extent: vk::Extent3D {
-                            width: extent.width,
-                            height: extent.height,
-                            depth: 1,
-                        },
-                    }],
-                );
-            }
-            understory::gpu::compute::memory_barrier(
-                ctx,
-                cmd,
-                (
-                    vk::PipelineStageFlags::TRANSFER,
-                    vk::AccessFlags::TRANSFER_WRITE,
-                ),
-                (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
-            );
         }
-        let value = ring.submit(ctx, cmd)?;
-        passes.counters[slot].1 = value;
-        veg.end_frame(ctx, value)?;
-        if png_now {
-            ctx.timeline().wait(value, Duration::from_secs(30))?;
+        Ok(())
+    }
+}
+
+impl Drop for Gpu<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.queries.take() {
+            let last = self.counters.iter().map(|(_, v)| *v).max().unwrap_or(0);
+            // SAFETY: a query pool of this device that only the frames up to `last` used.
+            if let Err(e) = unsafe { self.ctx.retire_object(RawObject::QueryPool(pool), last) } {
+                log::error!("demo: {e}");
+            }
+        }
+    }
+}
+
+/// What the frames add up to: the report, GPU times, the progress bar and the stats lines.
+struct Accumulator {
+    report: DemoReport,
+    cull_ms: Vec<f64>,
+    draw_ms: Vec<f64>,
+    gpu_lod: [u32; 3],
+    bar: indicatif::ProgressBar,
+    last_line: Instant,
+    frames_since_line: u64,
+}
+
+impl Accumulator {
+    fn new(ctx: &Context, config: &DemoConfig) -> Self {
+        let bar = if config.progress {
+            indicatif::ProgressBar::new(config.frames)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} frames ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Self {
+            report: DemoReport {
+                device: ctx.adapter().name.clone(),
+                budget_source: Source::Estimated,
+                frames: 0,
+                seconds: 0.0,
+                instances: config.instances,
+                patches: 0,
+                peak_bytes: PerCategory([0; 4]),
+                peak_held: 0,
+                peak_heap_usage: 0,
+                heap_budget: 0,
+                min_quality: f32::INFINITY,
+                evictions: 0,
+                uploads: 0,
+                refused_uploads: 0,
+                deferred_frees: 0,
+                peak_drawn: [0; 3],
+                overflow_frames: 0,
+                gpu_cull_ms: None,
+                gpu_draw_ms: None,
+                pngs: Vec::new(),
+                validation: ctx.validation_enabled(),
+                leaks: 0,
+                validation_messages: 0,
+            },
+            cull_ms: Vec::with_capacity(config.frames as usize),
+            draw_ms: Vec::with_capacity(config.frames as usize),
+            gpu_lod: [0; 3],
+            bar,
+            last_line: Instant::now(),
+            frames_since_line: 0,
+        }
+    }
+
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    /// After frame `f`: peaks, progress, and a stats line every `interval`.
+    fn frame(&mut self, f: u64, stats: &Stats, interval: Duration) {
+        let mem = &stats.memory.categories;
+        for (c, peak) in self.report.peak_bytes.0.iter_mut().enumerate() {
+            *peak = (*peak).max(mem.0[c].live_bytes);
+        }
+        let r = &mut self.report;
+        r.peak_held = r.peak_held.max(stats.held);
+        r.min_quality = r.min_quality.min(stats.quality);
+        r.budget_source = stats.budget_source;
+        r.frames = f + 1;
+        self.bar.inc(1);
+        self.frames_since_line += 1;
+        if interval.is_zero() || self.last_line.elapsed() < interval {
+            return;
+        }
+        let fps = self.frames_since_line as f64 / self.last_line.elapsed().as_secs_f64();
+        self.last_line = Instant::now();
+        self.frames_since_line = 0;
+        let gpu = match (self.cull_ms.last(), self.draw_ms.last()) {
+            (Some(c), Some(d)) => format!(" | GPU cull {c:.2} ms draw {d:.2} ms"),
+            _ => String::new(),
+        };
+        let [full, medium, billboard] = self.gpu_lod;
+        self.say(format!(
+            "frame {f}: {fps:.0} fps{gpu} | held {:.1}/{:.1} MiB ({}) | quality {:.2} | tiles {}/{} | GPU drew full {full} medium {medium} billboard {billboard} | evictions {} | pending frees {}",
+            stats.held as f64 / MIB,
+            stats.budget as f64 / MIB,
+            stats.budget_source,
+            stats.quality,
+            stats.resident_tiles,
+            stats.tiles,
+            stats.evictions,
+            mem.0.iter().map(|c| c.pending_count).sum::<u64>(),
+        ));
+    }
+
+    fn finish(mut self, started: Instant, stats: &Stats) -> DemoReport {
+        self.bar.finish_and_clear();
+        let r = &mut self.report;
+        r.seconds = started.elapsed().as_secs_f64();
+        r.gpu_cull_ms = median(&mut self.cull_ms);
+        r.gpu_draw_ms = median(&mut self.draw_ms);
+        r.evictions = stats.evictions;
+        r.uploads = stats.uploads;
+        r.refused_uploads = stats.refused_uploads;
+        r.deferred_frees = stats.memory.frees_completed;
+        self.report
+    }
+}
+
+/// `--squeeze`: at a quarter of the run the cap drops to a third of what instances hold (the
+/// atlas, not evictable, keeps its share); at half the run it is restored.
+fn squeeze(veg: &mut Vegetation, config: &DemoConfig, f: u64, acc: &Accumulator) -> Result<()> {
+    if !config.squeeze {
+        return Ok(());
+    }
+    let cap = veg.config().controller.cap_bytes;
+    if f == config.frames / 4 {
+        let stats = veg.stats();
+        let atlas = stats.memory.categories[Category::Atlas].live_bytes;
+        let squeezed = (atlas + stats.held.saturating_sub(atlas) / 3).max(1 << 20);
+        veg.set_budget_cap(squeezed)?;
+        acc.say(format!(
+            "frame {f}: squeeze: vegetation cap {:.1} MiB -> {:.1} MiB",
+            cap as f64 / MIB,
+            squeezed as f64 / MIB
+        ));
+    }
+    if f == config.frames / 2 {
+        veg.set_budget_cap(cap)?;
+        acc.say(format!(
+            "frame {f}: squeeze over: vegetation cap back to {:.1} MiB",
+            cap as f64 / MIB
+        ));
+    }
+    Ok(())
+}
+
+/// The camera for frame `f`, the cull view and the draw constants at `quality`.
+fn view_of(
+    veg: &Vegetation,
+    config: &DemoConfig,
+    f: u64,
+    quality: f32,
+    radius: f32,
+) -> Result<(CullView, DrawFrame)> {
+    let c = veg.config();
+    let fog_m = c.lod.billboard_m * 1.15;
+    let (eye, look) = camera(f as f32 / config.frames as f32, c.world_size_m * 0.27);
+    let aspect = config.width as f32 / config.height as f32;
+    let mut proj = Mat4::perspective_rh(60f32.to_radians(), aspect, 0.5, fog_m * 1.5);
+    // Vulkan's clip space has y pointing down.
+    proj.y_axis.y = -proj.y_axis.y;
+    let view_proj = proj * Mat4::look_at_rh(eye, look, Vec3::Y);
+    let view = CullView::new(view_proj, eye, radius, &c.lod, quality)?;
+    let mut constants = DrawFrame::new(
+        view_proj,
+        eye,
+        fog_m * quality.min(1.0),
+        [c.world_origin.x, c.world_origin.y, c.world_size_m],
+        config.lod_tint,
+    );
+    constants.fog[3] = constants.fog[3].max(1.0);
+    Ok((view, constants))
+}
+
+/// The frame loop: stream (budget, update), read back the slot's last frame, record, submit,
+/// report.
+fn fly(ctx: &Context, veg: &mut Vegetation, config: &DemoConfig) -> Result<DemoReport> {
+    let mut gpu = Gpu::new(ctx, veg, config)?;
+    let mut acc = Accumulator::new(ctx, config);
+    let heap = ctx.memory().device_local_heap();
+    let slots = gpu.counters.len();
+    let started = Instant::now();
+    for f in 0..config.frames {
+        // Stream: the budget schedule, the frame, the controller and residency.
+        squeeze(veg, config, f, &acc)?;
+        let frame = ctx.begin_frame()?;
+        let (eye, _) = camera(
+            f as f32 / config.frames as f32,
+            veg.config().world_size_m * 0.27,
+        );
+        let update = veg.update(&frame, eye)?;
+        if let Some(h) = frame.heaps().get(heap) {
+            if h.budget.usage >= acc.report.peak_heap_usage {
+                acc.report.peak_heap_usage = h.budget.usage;
+                acc.report.heap_budget = h.budget.budget;
+            }
+        }
+        let (view, constants) =
+            view_of(veg, config, f, update.decision.quality, gpu.draw.radius())?;
+        // Read back what this slot's previous frame counted.
+        let slot = (f as usize) % slots;
+        gpu.read_back(slot, &mut acc)?;
+        // Record and submit.
+        let png = config.png.is_some()
+            && match config.png_every {
+                Some(n) => f % n == 0 || f + 1 == config.frames,
+                None => f + 1 == config.frames,
+            };
+        let cmd = gpu.ring.begin(&frame)?;
+        // SAFETY: cmd is recording for `frame` and is submitted right below as its submission.
+        unsafe { gpu.record(&frame, cmd.raw(), slot, veg, &view, &constants, png)? };
+        let done = gpu.ring.submit(frame, cmd)?;
+        gpu.counters[slot].1 = done.value();
+        // Report.
+        if png {
+            ctx.wait(done.value(), Duration::from_secs(30))?;
             let pattern = config
                 .png
                 .as_ref()
                 .ok_or_else(|| Error::InvalidInput("no png path".into()))?;
             let path = png_path(pattern, f);
-            let bytes = target
+            let readback = gpu
+                .target
                 .readback
                 .as_ref()
-                .and_then(Buffer::mapped)
-                .ok_or_else(|| Error::InvalidInput("readback not mapped".into()))?;
-            write_png(&path, extent.width, extent.height, bytes)?;
-            report.pngs.push(path);
+                .ok_or_else(|| Error::InvalidInput("no readback buffer".into()))?;
+            write_png(&path, config.width, config.height, readback.mapped()?)?;
+            acc.report.pngs.push(path);
         }
-
-        let stats = veg.stats(ctx);
-        let mem = &stats.memory.categories;
-        for (c, peak) in report.peak_bytes.0.iter_mut().enumerate() {
-            *peak = (*peak).max(mem.0[c].live_bytes);
-        }
-        report.peak_held = report.peak_held.max(stats.held);
-        report.min_quality = report.min_quality.min(stats.quality);
-        report.budget_source = stats.budget_source;
-        report.frames = f + 1;
-        bar.inc(1);
-        frames_since_line += 1;
-        if !config.stats_interval.is_zero() && last_line.elapsed() >= config.stats_interval {
-            let fps = frames_since_line as f64 / last_line.elapsed().as_secs_f64();
-            last_line = Instant::now();
-            frames_since_line = 0;
-            let gpu = match (cull_ms.last(), draw_ms.last()) {
-                (Some(c), Some(d)) => format!(" | GPU cull {c:.2} ms draw {d:.2} ms"),
-                _ => String::new(),
-            };
-            say(format!(
-                "frame {f}: {fps:.0} fps{gpu} | held {:.1}/{:.1} MiB ({}) | quality {:.2} | tiles {}/{} | GPU drew full {} medium {} billboard {} | evictions {} | pending frees {}",
-                stats.held as f64 / MIB,
-                stats.budget as f64 / MIB,
-                stats.budget_source,
-                stats.quality,
-                stats.resident_tiles,
-                stats.tiles,
-                gpu_lod[0],
-                gpu_lod[1],
-                gpu_lod[2],
-                stats.evictions,
-                mem.0.iter().map(|c| c.pending_count).sum::<u64>(),
-            ));
-        }
+        acc.frame(f, &veg.stats(), config.stats_interval);
     }
-    bar.finish_and_clear();
-    report.seconds = started.elapsed().as_secs_f64();
-    report.gpu_cull_ms = median(&mut cull_ms);
-    report.gpu_draw_ms = median(&mut draw_ms);
-    let stats = veg.stats(ctx);
-    report.evictions = stats.evictions;
-    report.uploads = stats.uploads;
-    report.refused_uploads = stats.refused_uploads;
-    report.deferred_frees = stats.memory.frees_completed;
-    Ok(report)
+    Ok(acc.finish(started, &veg.stats()))
 }
 
 #[cfg(test)]

@@ -148,6 +148,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                     app_name: "understory demo".into(),
                     validation: Validation::IfAvailable,
                     sync_validation: false,
+                    gpu_assisted: false,
                 },
                 ..Default::default()
             }
@@ -301,6 +302,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 app_name: "understory budget".into(),
                 validation: Validation::Off,
                 sync_validation: false,
+                gpu_assisted: false,
             }
             .with_env()?;
             let instance = Instance::new(&options)?;

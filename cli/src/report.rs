@@ -76,7 +76,7 @@ pub fn budget_report(
         // SAFETY: the adapter comes from this instance, which outlives the source (dropped at
         // the end of this iteration).
         let source = unsafe {
-            DriverBudget::new(instance.raw().clone(), a.handle, a.extensions.memory_budget)
+            DriverBudget::new(instance.raw().clone(), a.handle, a.supported.memory_budget)
         };
         let mut hb = HeapBudgets::new(Box::new(source));
         let heaps = hb.refresh(&[])?.to_vec();
@@ -86,7 +86,7 @@ pub fn budget_report(
             device_type: a.device_type,
             api_version: format_version(a.api_version),
             driver: a.driver.clone(),
-            memory_budget_ext: a.extensions.memory_budget,
+            memory_budget_ext: a.supported.memory_budget,
             heaps,
         });
     }

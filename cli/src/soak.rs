@@ -147,7 +147,7 @@ pub fn run(options: &ContextOptions, config: &SoakConfig) -> Result<SoakReport> 
             "soak needs frames, patches and instances".into(),
         ));
     }
-    let mut ctx = Context::new(options)?;
+    let ctx = Context::new(options)?;
     let canary = ctx.canary().clone();
     let heap = ctx.memory().device_local_heap();
     let baseline_usage = ctx.memory().refresh_budget()?[heap].budget.usage;
@@ -155,23 +155,22 @@ pub fn run(options: &ContextOptions, config: &SoakConfig) -> Result<SoakReport> 
     let mut report = match result {
         Ok(r) => r,
         Err(e) => {
-            ctx.shutdown();
+            if let Err(s) = ctx.shutdown() {
+                log::error!("soak: shutdown after {e}: {s}");
+            }
             return Err(e);
         }
     };
     report.baseline_usage = baseline_usage;
-    // Everything was retired; wait for the GPU, free, give blocks back, and read the driver.
-    let last = ctx.timeline().last_submitted();
-    ctx.timeline()
-        .wait(last, std::time::Duration::from_secs(30))?;
+    // Everything was dropped; wait for the GPU, free, give blocks back, and read the driver.
+    ctx.wait(ctx.last_submitted(), std::time::Duration::from_secs(30))?;
     ctx.collect()?;
     ctx.memory().flush_cache();
     ctx.memory().release_empty_blocks()?;
     let stats = ctx.memory().stats();
     report.live_allocations_after = stats.categories.iter().map(|(_, c)| c.allocations).sum();
     report.final_usage = ctx.memory().refresh_budget()?[heap].budget.usage;
-    report.leaks = ctx.shutdown().leaks.len();
-    drop(ctx);
+    report.leaks = ctx.shutdown()?.leaks.len();
     report.validation_messages = canary.total();
     Ok(report)
 }
@@ -195,15 +194,12 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
     let species: Vec<SpeciesId> = ["grass", "fern", "pine"]
         .iter()
         .map(|name| {
-            veg.register_species(
-                ctx,
-                &SpeciesDesc {
-                    name,
-                    width: 32,
-                    height: 64,
-                    rgba8: &texels,
-                },
-            )
+            veg.register_species(&SpeciesDesc {
+                name,
+                width: 32,
+                height: 64,
+                rgba8: &texels,
+            })
         })
         .collect::<Result<_>>()?;
     let mut live: Vec<PatchId> = Vec::with_capacity(config.patches);
@@ -215,8 +211,7 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
         })?);
     }
     let mut ring = FrameRing::new(ctx)?;
-    let ext = ctx.extensions();
-    let cull = if ext.push_descriptor && ext.storage_buffer_array_dynamic_indexing {
+    let cull = if ctx.features().push_descriptor {
         let compaction = if ctx.adapter().subgroup_ballot_in_compute {
             Compaction::Subgroup
         } else {
@@ -225,13 +220,11 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
         Some(CullPass::new(
             ctx,
             compaction,
-            1 << 20,
+            (1 << 20).min(CullPass::max_capacity(ctx, false)),
             [Default::default(); 3],
         )?)
     } else {
-        log::warn!(
-            "no VK_KHR_push_descriptor or storage-buffer array indexing: the soak runs without the GPU cull pass"
-        );
+        log::warn!("no VK_KHR_push_descriptor: the soak runs without the GPU cull pass");
         None
     };
     let mut rows = Vec::with_capacity(config.frames as usize);
@@ -272,11 +265,11 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
             let t = f as f32 * 0.004;
             let eye = Vec3::new(400.0 * (t * 1.3).sin(), 40.0, 400.0 * (t * 0.7).cos());
             let look = eye + Vec3::new((t * 2.0).cos(), -0.2, (t * 2.0).sin());
-            let start = ctx.begin_frame()?;
-            let report = veg.update(ctx, &start, eye)?;
-            let cmd = ring.begin(ctx)?;
-            // SAFETY: cmd is recording and is submitted below with the value end_frame gets.
-            unsafe { veg.record(ctx, cmd)? };
+            let frame = ctx.begin_frame()?;
+            let report = veg.update(&frame, eye)?;
+            let cmd = ring.begin(&frame)?;
+            // SAFETY: cmd is recording for `frame` and is submitted below as its submission.
+            unsafe { veg.record(&frame, cmd.raw())? };
             if let Some(pass) = &cull {
                 let view = CullView::new(
                     Mat4::perspective_rh(1.2, 16.0 / 9.0, 0.5, 2000.0)
@@ -287,20 +280,19 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
                     report.decision.quality,
                 )?;
                 let sources: Vec<_> = veg.cull_sources().into_iter().map(|(s, _)| s).collect();
-                // SAFETY: recording; the resident buffers stay alive until retired with this
-                // frame's value or later.
-                unsafe { pass.record(ctx, cmd, &sources, &view)? };
+                // SAFETY: recording for `frame`, after the uploads; the pass marks the
+                // sources used by it.
+                unsafe { pass.record(&frame, cmd.raw(), &sources, &view)? };
             }
-            let value = ring.submit(ctx, cmd)?;
-            veg.end_frame(ctx, value)?;
-            let stats = veg.stats(ctx);
+            let h = frame.heaps()[heap].clone();
+            ring.submit(frame, cmd)?;
+            let stats = veg.stats();
             let c = &stats.memory.categories;
             let held = c[Category::Instances].live_bytes + c[Category::Atlas].live_bytes;
             peak = peak.max(held);
             if f >= last_change + settle && held > report.decision.budget {
                 over += 1;
             }
-            let h = &start.heaps[heap];
             let l = stats.lod_instances;
             rows.push(Row {
                 frame: f,
@@ -322,12 +314,8 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
         }
         Ok(())
     })();
-    let stats = veg.stats(ctx);
-    veg.release(ctx)?;
-    if let Some(pass) = cull {
-        pass.destroy(ctx)?;
-    }
-    ring.destroy(ctx)?;
+    let stats = veg.stats();
+    drop((veg, cull, ring));
     outcome?;
     if let Some(path) = &config.csv {
         write_csv(path, &rows)?;

@@ -182,7 +182,7 @@ fn a_species_on_another_atlas_page_is_refused() {
     let Some(ctx) = common::context("a_species_on_another_atlas_page") else {
         return;
     };
-    if !(ctx.extensions().dynamic_rendering && ctx.extensions().push_descriptor) {
+    if !(ctx.features().dynamic_rendering && ctx.features().push_descriptor) {
         common::skip("a_species_on_another_atlas_page", "no dynamic rendering");
         common::finish(ctx, "atlas page");
         return;
@@ -197,15 +197,12 @@ fn a_species_on_another_atlas_page_is_refused() {
     .unwrap();
     let texels = understory::gpu::draw::tree_billboard(32, 48, 1);
     for name in ["a", "b"] {
-        veg.register_species(
-            &ctx,
-            &SpeciesDesc {
-                name,
-                width: 32,
-                height: 48,
-                rgba8: &texels,
-            },
-        )
+        veg.register_species(&SpeciesDesc {
+            name,
+            width: 32,
+            height: 48,
+            rgba8: &texels,
+        })
         .unwrap();
     }
     let regions = veg.species_regions();
@@ -223,26 +220,24 @@ fn a_species_on_another_atlas_page_is_refused() {
     )
     .unwrap();
     let cull = CullPass::with_records(&ctx, Compaction::Atomic, 64, draw.lod_meshes()).unwrap();
-    let frame = DrawFrame::new(
+    let constants = DrawFrame::new(
         glam::Mat4::IDENTITY,
         glam::Vec3::ZERO,
         100.0,
         [0.0; 3],
         false,
     );
-    ctx.submit_and_wait(|cmd| {
-        // SAFETY: cmd is recording, outside any rendering scope.
-        let both = unsafe { draw.prepare(&ctx, cmd, &cull, &frame, &regions) };
+    ctx.submit_and_wait(|frame, cmd| {
+        // SAFETY: cmd is recording for `frame`, outside any rendering scope.
+        let both = unsafe { draw.prepare(frame, cmd, &cull, &constants, &regions) };
         assert!(
             matches!(both, Err(understory::Error::Unsupported(_))),
             "{both:?}"
         );
         // SAFETY: as above.
-        unsafe { draw.prepare(&ctx, cmd, &cull, &frame, &regions[..1]) }
+        unsafe { draw.prepare(frame, cmd, &cull, &constants, &regions[..1]) }
     })
     .unwrap();
-    draw.destroy(&ctx).unwrap();
-    cull.destroy(&ctx).unwrap();
-    veg.release(&ctx).unwrap();
+    drop((draw, cull, veg));
     common::finish(ctx, "atlas page");
 }

@@ -34,29 +34,33 @@ impl DeviceType {
     }
 }
 
-/// Optional device extensions understory uses when present.
+/// The device extensions and features understory uses: what a device supports
+/// ([`Adapter::supported`]) or what is enabled on a context's device
+/// ([`Context::features`](crate::gpu::context::Context::features)). Which capability needs which
+/// is [`DeviceRequirements`](crate::gpu::requirements::DeviceRequirements)' business.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct OptionalExtensions {
-    /// `VK_EXT_memory_budget`: real per-heap budget and usage.
+pub struct DeviceFeatures {
+    /// `VK_EXT_memory_budget`: real per-heap budget and usage (without it, a labelled estimate).
     pub memory_budget: bool,
-    /// `VK_EXT_memory_priority`: per-allocation priority for the driver's paging.
+    /// `VK_EXT_memory_priority` with its `memoryPriority` feature: per-allocation priority for
+    /// the driver's paging.
     pub memory_priority: bool,
-    /// `VK_EXT_pageable_device_local_memory`: lets the driver page device-local memory out.
+    /// `VK_EXT_pageable_device_local_memory` with its `pageableDeviceLocalMemory` feature: lets
+    /// the driver page device-local memory out (needs `memory_priority`).
     pub pageable_device_local_memory: bool,
-    /// `VK_KHR_push_descriptor`: the cull pass binds each instance source without a pool.
+    /// `VK_KHR_push_descriptor`: the cull and draw passes bind their buffers without pools.
     pub push_descriptor: bool,
-    /// Vulkan 1.3 `dynamicRendering` (a core feature, not an extension name): the draw pass
-    /// records inside the host's `vkCmdBeginRendering` scope.
+    /// Vulkan 1.3 `dynamicRendering`: the draw pass records inside the host's
+    /// `vkCmdBeginRendering` scope.
     pub dynamic_rendering: bool,
-    /// The core feature `shaderStorageBufferArrayDynamicIndexing`: the cull pass reads up to
-    /// [`SOURCES_PER_DISPATCH`](crate::gpu::cull::SOURCES_PER_DISPATCH) instance buffers per
-    /// dispatch through an array of storage buffers.
+    /// The core feature `shaderStorageBufferArrayDynamicIndexing`: the cull pass reads several
+    /// instance buffers per dispatch through an array of storage buffers.
     pub storage_buffer_array_dynamic_indexing: bool,
 }
 
-impl OptionalExtensions {
+impl DeviceFeatures {
     /// The extension names, for `ppEnabledExtensionNames`.
-    pub fn names(&self) -> Vec<&'static CStr> {
+    pub fn extension_names(&self) -> Vec<&'static CStr> {
         let mut v = Vec::new();
         if self.memory_budget {
             v.push(ash::ext::memory_budget::NAME);
@@ -72,6 +76,77 @@ impl OptionalExtensions {
         }
         v
     }
+
+    /// Each field set here and not in `other`, by its Vulkan name.
+    pub fn missing_from(&self, other: &DeviceFeatures) -> Vec<&'static str> {
+        let pairs = [
+            (
+                self.memory_budget,
+                other.memory_budget,
+                "VK_EXT_memory_budget",
+            ),
+            (
+                self.memory_priority,
+                other.memory_priority,
+                "VK_EXT_memory_priority (memoryPriority)",
+            ),
+            (
+                self.pageable_device_local_memory,
+                other.pageable_device_local_memory,
+                "VK_EXT_pageable_device_local_memory (pageableDeviceLocalMemory)",
+            ),
+            (
+                self.push_descriptor,
+                other.push_descriptor,
+                "VK_KHR_push_descriptor",
+            ),
+            (
+                self.dynamic_rendering,
+                other.dynamic_rendering,
+                "dynamicRendering (Vulkan 1.3)",
+            ),
+            (
+                self.storage_buffer_array_dynamic_indexing,
+                other.storage_buffer_array_dynamic_indexing,
+                "shaderStorageBufferArrayDynamicIndexing",
+            ),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(want, have, _)| *want && !*have)
+            .map(|(_, _, name)| name)
+            .collect()
+    }
+
+    /// The fields set in both.
+    pub fn intersect(&self, other: &DeviceFeatures) -> DeviceFeatures {
+        DeviceFeatures {
+            memory_budget: self.memory_budget && other.memory_budget,
+            memory_priority: self.memory_priority && other.memory_priority,
+            pageable_device_local_memory: self.pageable_device_local_memory
+                && other.pageable_device_local_memory,
+            push_descriptor: self.push_descriptor && other.push_descriptor,
+            dynamic_rendering: self.dynamic_rendering && other.dynamic_rendering,
+            storage_buffer_array_dynamic_indexing: self.storage_buffer_array_dynamic_indexing
+                && other.storage_buffer_array_dynamic_indexing,
+        }
+    }
+}
+
+/// The device limits understory sizes its work by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceLimits {
+    /// `maxPerStageDescriptorStorageBuffers` (at least 4): bounds how many instance buffers
+    /// one cull dispatch reads.
+    pub max_per_stage_storage_buffers: u32,
+    /// `maxPerStageResources`.
+    pub max_per_stage_resources: u32,
+    /// `maxStorageBufferRange` (at least 128 MiB): the most bytes one storage binding covers.
+    pub max_storage_buffer_range: u32,
+    /// `maxPushDescriptors` of `VK_KHR_push_descriptor` (0 without it).
+    pub max_push_descriptors: u32,
+    /// `maxComputeWorkGroupCount`.
+    pub max_compute_work_group_count: [u32; 3],
 }
 
 /// One memory heap as the physical device describes it.
@@ -102,8 +177,10 @@ pub struct Adapter {
     pub vendor_id: u32,
     /// PCI device id.
     pub device_id: u32,
-    /// Which optional extensions it supports.
-    pub extensions: OptionalExtensions,
+    /// Which of understory's extensions and features it supports.
+    pub supported: DeviceFeatures,
+    /// The limits understory sizes its work by.
+    pub limits: DeviceLimits,
     /// `timelineSemaphore` feature (required).
     pub timeline_semaphore: bool,
     /// `memoryPriority` feature of `VK_EXT_memory_priority`.
@@ -112,12 +189,12 @@ pub struct Adapter {
     pub pageable_feature: bool,
     /// The queue family we would use: graphics+compute if any, else compute-only.
     pub queue_family: Option<u32>,
+    /// Flags of every queue family, by index.
+    pub queue_families: Vec<vk::QueueFlags>,
     /// Memory heaps.
     pub heaps: Vec<HeapInfo>,
     /// `timestampPeriod` in nanoseconds per tick.
     pub timestamp_period_ns: f32,
-    /// `maxComputeWorkGroupCount`.
-    pub max_compute_work_group_count: [u32; 3],
     /// Subgroup ballot is supported in compute shaders.
     pub subgroup_ballot_in_compute: bool,
     /// Subgroup size.
@@ -158,7 +235,7 @@ impl Adapter {
         let exts = unsafe { instance.enumerate_device_extension_properties(handle) }
             .map_err(vk_err("vkEnumerateDeviceExtensionProperties"))?;
         let has = |n: &CStr| exts.iter().any(|e| e.extension_name_as_c_str() == Ok(n));
-        let extensions = OptionalExtensions {
+        let extensions = DeviceFeatures {
             memory_budget: has(ash::ext::memory_budget::NAME),
             memory_priority: has(ash::ext::memory_priority::NAME),
             pageable_device_local_memory: has(ash::ext::pageable_device_local_memory::NAME)
@@ -174,6 +251,7 @@ impl Adapter {
         let mut driver = format!("driver {:#x}", props.driver_version);
         let mut subgroup_size = 0;
         let mut subgroup_ballot = false;
+        let mut max_push_descriptors = 0;
         let mut extensions = extensions;
         if props.api_version >= vk::API_VERSION_1_2 {
             let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
@@ -204,11 +282,17 @@ impl Adapter {
 
             let mut drv = vk::PhysicalDeviceDriverProperties::default();
             let mut sg = vk::PhysicalDeviceSubgroupProperties::default();
+            let mut pd = vk::PhysicalDevicePushDescriptorPropertiesKHR::default();
             let mut p2 = vk::PhysicalDeviceProperties2::default()
                 .push_next(&mut drv)
                 .push_next(&mut sg);
-            // SAFETY: VkPhysicalDeviceDriverProperties is core in 1.2.
+            if extensions.push_descriptor {
+                p2 = p2.push_next(&mut pd);
+            }
+            // SAFETY: VkPhysicalDeviceDriverProperties is core in 1.2; the push-descriptor
+            // properties are chained only when the device supports the extension.
             unsafe { instance.get_physical_device_properties2(handle, &mut p2) };
+            max_push_descriptors = pd.max_push_descriptors;
             let dname = drv.driver_name_as_c_str().map(|s| s.to_string_lossy());
             let dinfo = drv.driver_info_as_c_str().map(|s| s.to_string_lossy());
             if let (Ok(n), Ok(i)) = (dname, dinfo) {
@@ -225,6 +309,7 @@ impl Adapter {
         // SAFETY: as above.
         let families = unsafe { instance.get_physical_device_queue_family_properties(handle) };
         let queue_family = pick_queue_family(&families);
+        let queue_families = families.iter().map(|f| f.queue_flags).collect();
         // SAFETY: as above.
         let mem = unsafe { instance.get_physical_device_memory_properties(handle) };
         let heaps = mem
@@ -244,14 +329,23 @@ impl Adapter {
             driver,
             vendor_id: props.vendor_id,
             device_id: props.device_id,
-            extensions,
+            supported: extensions,
+            limits: DeviceLimits {
+                max_per_stage_storage_buffers: props
+                    .limits
+                    .max_per_stage_descriptor_storage_buffers,
+                max_per_stage_resources: props.limits.max_per_stage_resources,
+                max_storage_buffer_range: props.limits.max_storage_buffer_range,
+                max_push_descriptors,
+                max_compute_work_group_count: props.limits.max_compute_work_group_count,
+            },
             timeline_semaphore: timeline,
             memory_priority_feature: priority,
             pageable_feature: pageable,
             queue_family,
+            queue_families,
             heaps,
             timestamp_period_ns: props.limits.timestamp_period,
-            max_compute_work_group_count: props.limits.max_compute_work_group_count,
             subgroup_ballot_in_compute: subgroup_ballot,
             subgroup_size,
         })
@@ -378,14 +472,15 @@ mod tests {
             driver: String::new(),
             vendor_id: 0,
             device_id: 0,
-            extensions: OptionalExtensions::default(),
+            supported: DeviceFeatures::default(),
+            limits: DeviceLimits::default(),
             timeline_semaphore: true,
             memory_priority_feature: false,
             pageable_feature: false,
             queue_family: Some(0),
+            queue_families: vec![vk::QueueFlags::COMPUTE],
             heaps: vec![],
             timestamp_period_ns: 1.0,
-            max_compute_work_group_count: [65535; 3],
             subgroup_ballot_in_compute: false,
             subgroup_size: 0,
         }

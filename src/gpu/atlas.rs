@@ -1,10 +1,12 @@
 //! Atlas pages on the GPU: RGBA8 images with a full mip chain; regions arrive through staging.
 
+use std::sync::Arc;
+
 use ash::vk;
 
 use crate::error::Result;
 use crate::gpu::compute::image_barrier;
-use crate::gpu::context::Context;
+use crate::gpu::context::Shared;
 use crate::gpu::memory::{Image, ImageDesc};
 use crate::policy::category::Category;
 
@@ -16,16 +18,18 @@ pub fn mip_levels(side: u32) -> u32 {
     32 - side.max(1).leading_zeros()
 }
 
-/// Creates one page image (atlas category).
-pub fn create_page(ctx: &Context, index: u32, side: u32) -> Result<Image> {
-    ctx.memory().create_image(&ImageDesc {
+/// Creates one page image (atlas category): a full mip chain where the queue has graphics
+/// (mips are generated with blits), one level otherwise.
+pub(crate) fn create_page(shared: &Arc<Shared>, index: u32, side: u32) -> Result<Image> {
+    let graphics = shared.queue_flags.contains(vk::QueueFlags::GRAPHICS);
+    shared.create_image(&ImageDesc {
         name: &format!("atlas page {index}"),
         extent: vk::Extent2D {
             width: side,
             height: side,
         },
         format: ATLAS_FORMAT,
-        mip_levels: mip_levels(side),
+        mip_levels: if graphics { mip_levels(side) } else { 1 },
         usage: vk::ImageUsageFlags::SAMPLED
             | vk::ImageUsageFlags::TRANSFER_DST
             | vk::ImageUsageFlags::TRANSFER_SRC,
@@ -64,19 +68,21 @@ fn barrier<'a>(
 /// fragment shaders.
 ///
 /// # Safety
-/// `cmd` must be recording on `ctx`'s queue family, outside a render pass; `page` and `staging`
-/// must stay alive until the submission completes (retire them with its value); the regions must
-/// lie inside the page and their texels inside `staging`. `first_use` must be true exactly for
-/// the first upload to the page (its layout is then undefined).
-pub unsafe fn record_uploads(
-    ctx: &Context,
+/// `cmd` must be recording on the device's queue family, outside a render pass; `page` and
+/// `staging` must stay alive until the submission completes (mark them used by its frame); the
+/// regions must lie inside the page and their texels inside `staging`. `first_use` must be
+/// true exactly for the first upload to the page (its layout is then undefined). A page with
+/// more than one mip level needs a graphics queue (blits); `graphics` says whether the queue
+/// has it (it picks the shader stages the barriers name).
+pub(crate) unsafe fn record_uploads(
+    d: &ash::Device,
+    graphics: bool,
     cmd: vk::CommandBuffer,
     page: &Image,
     first_use: bool,
     staging: vk::Buffer,
     regions: &[RegionUpload],
 ) {
-    let d = ctx.device();
     let image = page.raw();
     let mips = page.mip_levels();
     let side = page.extent().width as i32;
@@ -92,7 +98,11 @@ pub unsafe fn record_uploads(
         vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
         vk::AccessFlags::TRANSFER_READ,
     );
-    let shaders = vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::FRAGMENT_SHADER;
+    let shaders = if graphics {
+        vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::FRAGMENT_SHADER
+    } else {
+        vk::PipelineStageFlags::COMPUTE_SHADER
+    };
     let before = if first_use {
         (vk::ImageLayout::UNDEFINED, vk::AccessFlags::empty())
     } else {

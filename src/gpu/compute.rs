@@ -1,24 +1,27 @@
 //! Compute pipelines over storage buffers, recorded into the caller's command buffers.
 
 use std::ffi::CStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ash::vk;
 
 use crate::error::{Error, Result, vk_err};
-use crate::gpu::context::Context;
-use crate::gpu::memory::Buffer;
+use crate::gpu::context::{Context, Frame, Shared};
+use crate::gpu::memory::{Buffer, RawObject};
 
 /// A compute pipeline whose set 0 holds `storage_buffers` storage buffers at bindings
-/// `0..storage_buffers`, with an optional push-constant block.
+/// `0..storage_buffers` (bound per dispatch with push descriptors), with an optional
+/// push-constant block. Dropping it retires its objects at the last frame that dispatched it.
 pub struct ComputePipeline {
+    shared: Arc<Shared>,
     name: String,
     set_layout: vk::DescriptorSetLayout,
     layout: vk::PipelineLayout,
     pipeline: vk::Pipeline,
-    pool: vk::DescriptorPool,
     storage_buffers: u32,
     push_constant_bytes: u32,
-    destroyed: bool,
+    last_use: AtomicU64,
 }
 
 /// What a [`ComputePipeline`] is made of.
@@ -34,17 +37,14 @@ pub struct ComputePipelineDesc<'a> {
     pub storage_buffers: u32,
     /// Size of the push-constant block (multiple of 4, ≤ 128).
     pub push_constant_bytes: u32,
-    /// How many descriptor sets [`ComputePipeline::bind_set`] may hand out in total.
-    pub max_sets: u32,
 }
 
 /// Records one global memory barrier: everything `src` wrote becomes visible to `dst`.
 ///
 /// # Safety
-/// `cmd` must be a command buffer of `ctx`'s device in the recording state, outside a render
-/// pass.
+/// `cmd` must be a command buffer of `device` in the recording state, outside a render pass.
 pub unsafe fn memory_barrier(
-    ctx: &Context,
+    device: &ash::Device,
     cmd: vk::CommandBuffer,
     src: (vk::PipelineStageFlags, vk::AccessFlags),
     dst: (vk::PipelineStageFlags, vk::AccessFlags),
@@ -55,7 +55,7 @@ pub unsafe fn memory_barrier(
     // SAFETY: cmd is recording outside a render pass (caller); a global memory barrier needs
     // nothing else.
     unsafe {
-        ctx.device().cmd_pipeline_barrier(
+        device.cmd_pipeline_barrier(
             cmd,
             src.0,
             dst.0,
@@ -86,63 +86,55 @@ pub fn image_barrier<'a>(
         .subresource_range(range)
 }
 
-/// Destroys a pipeline, its layout and its set layout, and nulls the three handles.
-///
-/// # Safety
-/// The GPU must have finished every submission that used them.
-pub(crate) unsafe fn destroy_pipeline_objects(
-    ctx: &Context,
+/// Retires a pipeline, its layout and its set layout at frame `last_use`, and nulls the handles.
+pub(crate) fn retire_pipeline_objects(
+    shared: &Shared,
+    last_use: u64,
     pipeline: &mut vk::Pipeline,
     layout: &mut vk::PipelineLayout,
     set_layout: &mut vk::DescriptorSetLayout,
 ) {
-    let d = ctx.device();
-    // SAFETY: idle (caller); null handles are ignored by vkDestroy*.
-    unsafe {
-        d.destroy_pipeline(std::mem::take(pipeline), None);
-        d.destroy_pipeline_layout(std::mem::take(layout), None);
-        d.destroy_descriptor_set_layout(std::mem::take(set_layout), None);
-    }
+    shared.retire_object(RawObject::Pipeline(std::mem::take(pipeline)), last_use);
+    shared.retire_object(RawObject::PipelineLayout(std::mem::take(layout)), last_use);
+    shared.retire_object(
+        RawObject::DescriptorSetLayout(std::mem::take(set_layout)),
+        last_use,
+    );
 }
 
-/// Waits (up to 30 s) for the context's newest submission and returns its timeline value: what
-/// a pass's `destroy` does before destroying objects the GPU may still use.
-pub(crate) fn wait_last_submitted(ctx: &Context) -> Result<u64> {
-    let last = ctx.timeline().last_submitted();
-    ctx.timeline()
-        .wait(last, std::time::Duration::from_secs(30))?;
-    Ok(last)
+/// A whole-buffer storage-buffer descriptor.
+pub(crate) fn whole(b: &Buffer) -> [vk::DescriptorBufferInfo; 1] {
+    [vk::DescriptorBufferInfo::default()
+        .buffer(b.raw())
+        .range(vk::WHOLE_SIZE)]
 }
 
-/// Retires every buffer at `value`; a failure is logged with `owner` (the buffers are then
-/// handed back to their own context, see [`Context::retire`]).
-pub(crate) fn retire_all(
-    ctx: &Context,
-    buffers: impl IntoIterator<Item = Option<Buffer>>,
-    value: u64,
-    owner: &str,
-) {
-    for b in buffers.into_iter().flatten() {
-        if let Err(e) = ctx.retire(b, value) {
-            log::error!("{owner}: {e}");
-        }
-    }
+/// One descriptor write of `info` at `binding`.
+pub(crate) fn write<'a>(
+    binding: u32,
+    ty: vk::DescriptorType,
+    info: &'a [vk::DescriptorBufferInfo],
+) -> vk::WriteDescriptorSet<'a> {
+    vk::WriteDescriptorSet::default()
+        .dst_binding(binding)
+        .descriptor_type(ty)
+        .buffer_info(info)
 }
 
 /// A descriptor set layout for compute, binding `i` of type `types[i]`; with `push`, for
 /// `vkCmdPushDescriptorSetKHR`.
 pub(crate) fn set_layout(
-    ctx: &Context,
+    device: &ash::Device,
     types: &[vk::DescriptorType],
     push: bool,
 ) -> Result<vk::DescriptorSetLayout> {
     let counted: Vec<_> = types.iter().map(|t| (*t, 1)).collect();
-    set_layout_with_counts(ctx, &counted, push)
+    set_layout_with_counts(device, &counted, push)
 }
 
 /// As [`set_layout`], binding `i` an array of `types[i].1` descriptors of type `types[i].0`.
 pub(crate) fn set_layout_with_counts(
-    ctx: &Context,
+    device: &ash::Device,
     types: &[(vk::DescriptorType, u32)],
     push: bool,
 ) -> Result<vk::DescriptorSetLayout> {
@@ -162,13 +154,13 @@ pub(crate) fn set_layout_with_counts(
         info = info.flags(vk::DescriptorSetLayoutCreateFlags::PUSH_DESCRIPTOR_KHR);
     }
     // SAFETY: valid info (push only when the caller checked VK_KHR_push_descriptor is enabled).
-    unsafe { ctx.device().create_descriptor_set_layout(&info, None) }
+    unsafe { device.create_descriptor_set_layout(&info, None) }
         .map_err(vk_err("vkCreateDescriptorSetLayout"))
 }
 
 /// A pipeline layout of one set plus a compute push-constant range of `push_bytes`.
 pub(crate) fn pipeline_layout(
-    ctx: &Context,
+    device: &ash::Device,
     set: vk::DescriptorSetLayout,
     push_bytes: u32,
 ) -> Result<vk::PipelineLayout> {
@@ -181,29 +173,26 @@ pub(crate) fn pipeline_layout(
         info = info.push_constant_ranges(&ranges);
     }
     // SAFETY: valid info referencing a live set layout.
-    unsafe { ctx.device().create_pipeline_layout(&info, None) }
-        .map_err(vk_err("vkCreatePipelineLayout"))
+    unsafe { device.create_pipeline_layout(&info, None) }.map_err(vk_err("vkCreatePipelineLayout"))
 }
 
 /// A shader module from embedded SPIR-V ([`crate::gpu::shaders`]); the caller destroys it.
-pub(crate) fn shader_module(ctx: &Context, spirv: &[u8]) -> Result<vk::ShaderModule> {
+pub(crate) fn shader_module(device: &ash::Device, spirv: &[u8]) -> Result<vk::ShaderModule> {
     let code = ash::util::read_spv(&mut std::io::Cursor::new(spirv))
         .map_err(|e| Error::InvalidInput(format!("not SPIR-V: {e}")))?;
     let info = vk::ShaderModuleCreateInfo::default().code(&code);
     // SAFETY: code is SPIR-V validated by naga at build time.
-    unsafe { ctx.device().create_shader_module(&info, None) }
-        .map_err(vk_err("vkCreateShaderModule"))
+    unsafe { device.create_shader_module(&info, None) }.map_err(vk_err("vkCreateShaderModule"))
 }
 
 /// A compute pipeline from embedded SPIR-V.
 pub(crate) fn compute_pipeline(
-    ctx: &Context,
+    device: &ash::Device,
     spirv: &[u8],
     entry: &CStr,
     layout: vk::PipelineLayout,
 ) -> Result<vk::Pipeline> {
-    let device = ctx.device();
-    let module = shader_module(ctx, spirv)?;
+    let module = shader_module(device, spirv)?;
     let stage = vk::PipelineShaderStageCreateInfo::default()
         .stage(vk::ShaderStageFlags::COMPUTE)
         .module(module)
@@ -219,65 +208,75 @@ pub(crate) fn compute_pipeline(
     Ok(pipelines.map_err(|(_, e)| Error::vk("vkCreateComputePipelines", e))?[0])
 }
 
-/// A descriptor set of a [`ComputePipeline`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BindingSet(vk::DescriptorSet);
-
 impl ComputePipeline {
-    /// Builds the shader module, layouts, pipeline and a descriptor pool.
+    /// Builds the shader module, layouts and pipeline. Needs `VK_KHR_push_descriptor`.
     pub fn new(ctx: &Context, desc: &ComputePipelineDesc<'_>) -> Result<Self> {
+        let shared = ctx.shared();
+        shared.require(
+            desc.name,
+            &crate::gpu::adapter::DeviceFeatures {
+                push_descriptor: true,
+                ..Default::default()
+            },
+            vk::QueueFlags::COMPUTE,
+        )?;
         if !desc.push_constant_bytes.is_multiple_of(4) || desc.push_constant_bytes > 128 {
             return Err(Error::InvalidInput(format!(
                 "{}: push constants of {} bytes (must be a multiple of 4, at most 128)",
                 desc.name, desc.push_constant_bytes
             )));
         }
-        if desc.max_sets == 0 || desc.storage_buffers == 0 {
+        let limits = ctx.adapter().limits;
+        if desc.storage_buffers == 0
+            || desc.storage_buffers > limits.max_per_stage_storage_buffers
+            || desc.storage_buffers > limits.max_push_descriptors
+        {
             return Err(Error::InvalidInput(format!(
-                "{}: needs at least one set and one binding",
-                desc.name
+                "{}: {} storage buffers (1..={} on this device: maxPerStageDescriptorStorageBuffers {}, maxPushDescriptors {})",
+                desc.name,
+                desc.storage_buffers,
+                limits
+                    .max_per_stage_storage_buffers
+                    .min(limits.max_push_descriptors),
+                limits.max_per_stage_storage_buffers,
+                limits.max_push_descriptors
             )));
         }
         let device = ctx.device();
         let mut this = Self {
+            shared: shared.clone(),
             name: desc.name.to_owned(),
             set_layout: vk::DescriptorSetLayout::null(),
             layout: vk::PipelineLayout::null(),
             pipeline: vk::Pipeline::null(),
-            pool: vk::DescriptorPool::null(),
             storage_buffers: desc.storage_buffers,
             push_constant_bytes: desc.push_constant_bytes,
-            destroyed: false,
+            last_use: AtomicU64::new(0),
         };
-        // Build step by step; on error, destroy what exists (null handles are ignored).
-        let built = (|| {
-            let types = vec![vk::DescriptorType::STORAGE_BUFFER; desc.storage_buffers as usize];
-            this.set_layout = set_layout(ctx, &types, false)?;
-            this.layout = pipeline_layout(ctx, this.set_layout, desc.push_constant_bytes)?;
-            this.pipeline = compute_pipeline(ctx, desc.spirv, desc.entry, this.layout)?;
-            let sizes = [vk::DescriptorPoolSize::default()
-                .ty(vk::DescriptorType::STORAGE_BUFFER)
-                .descriptor_count(desc.storage_buffers * desc.max_sets)];
-            let info = vk::DescriptorPoolCreateInfo::default()
-                .max_sets(desc.max_sets)
-                .pool_sizes(&sizes);
-            // SAFETY: valid info.
-            this.pool = unsafe { device.create_descriptor_pool(&info, None) }
-                .map_err(vk_err("vkCreateDescriptorPool"))?;
-            Ok(())
-        })();
-        match built {
-            Ok(()) => Ok(this),
-            Err(e) => {
-                // SAFETY: nothing was submitted; every non-null handle is ours.
-                unsafe { this.destroy(ctx) };
-                Err(e)
-            }
-        }
+        // Build step by step; on error, Drop retires what exists (null handles are ignored).
+        let types = vec![vk::DescriptorType::STORAGE_BUFFER; desc.storage_buffers as usize];
+        this.set_layout = set_layout(device, &types, true)?;
+        this.layout = pipeline_layout(device, this.set_layout, desc.push_constant_bytes)?;
+        this.pipeline = compute_pipeline(device, desc.spirv, desc.entry, this.layout)?;
+        Ok(this)
     }
 
-    /// Allocates a descriptor set pointing binding `i` at `buffers[i]` (whole buffer).
-    pub fn bind_set(&self, ctx: &Context, buffers: &[&Buffer]) -> Result<BindingSet> {
+    /// Records: bind, push `buffers` (binding `i` is `buffers[i]`, whole), push constants,
+    /// dispatch. Marks the buffers and the pipeline used by `frame`.
+    ///
+    /// # Safety
+    /// `cmd` must be a command buffer of this context's device in the recording state, outside
+    /// a render pass, recorded for `frame` (submitted as its submission or before it on the
+    /// same queue). The caller records the barriers around the dispatch.
+    pub unsafe fn record_dispatch(
+        &self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        buffers: &[&Buffer],
+        push_constants: &[u8],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        frame.check(&self.shared, &self.name)?;
         if buffers.len() != self.storage_buffers as usize {
             return Err(Error::InvalidInput(format!(
                 "{}: {} buffers for {} bindings",
@@ -286,51 +285,13 @@ impl ComputePipeline {
                 self.storage_buffers
             )));
         }
-        let layouts = [self.set_layout];
-        let info = vk::DescriptorSetAllocateInfo::default()
-            .descriptor_pool(self.pool)
-            .set_layouts(&layouts);
-        // SAFETY: pool and layout are live. Running out of sets is a caller error reported as
-        // VK_ERROR_OUT_OF_POOL_MEMORY.
-        let set = unsafe { ctx.device().allocate_descriptor_sets(&info) }
-            .map_err(vk_err("vkAllocateDescriptorSets"))?[0];
-        let infos: Vec<_> = buffers
-            .iter()
-            .map(|b| {
-                [vk::DescriptorBufferInfo::default()
-                    .buffer(b.raw())
-                    .range(vk::WHOLE_SIZE)]
-            })
-            .collect();
-        let writes: Vec<_> = infos
-            .iter()
-            .enumerate()
-            .map(|(i, info)| {
-                vk::WriteDescriptorSet::default()
-                    .dst_set(set)
-                    .dst_binding(i as u32)
-                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
-                    .buffer_info(info)
-            })
-            .collect();
-        // SAFETY: the set was just allocated and is not in use; the buffers are live.
-        unsafe { ctx.device().update_descriptor_sets(&writes, &[]) };
-        Ok(BindingSet(set))
-    }
-
-    /// Records bind + push constants + dispatch into `cmd`.
-    ///
-    /// # Safety
-    /// `cmd` must be a command buffer of `ctx`'s device in the recording state, outside a render
-    /// pass; the buffers of `set` must stay alive until the submission completes.
-    pub unsafe fn record_dispatch(
-        &self,
-        ctx: &Context,
-        cmd: vk::CommandBuffer,
-        set: BindingSet,
-        push_constants: &[u8],
-        groups: [u32; 3],
-    ) -> Result<()> {
+        if let Some(b) = buffers.iter().find(|b| !b.belongs_to(&self.shared)) {
+            return Err(Error::Lifecycle(format!(
+                "{}: buffer {:?} is of another context",
+                self.name,
+                b.name()
+            )));
+        }
         if push_constants.len() != self.push_constant_bytes as usize {
             return Err(Error::InvalidInput(format!(
                 "{}: {} push-constant bytes, pipeline takes {}",
@@ -339,25 +300,37 @@ impl ComputePipeline {
                 self.push_constant_bytes
             )));
         }
-        let limits = ctx.adapter().max_compute_work_group_count;
+        let limits = self.shared.adapter.limits.max_compute_work_group_count;
         if groups.iter().zip(limits).any(|(g, l)| *g > l) {
             return Err(Error::InvalidInput(format!(
                 "{}: dispatch {groups:?} exceeds maxComputeWorkGroupCount {limits:?}",
                 self.name
             )));
         }
-        let d = ctx.device();
-        // SAFETY: the caller guarantees cmd is recording; pipeline, layout and set are live and
-        // compatible (same layout); push range matches the layout's.
+        let push = self.shared.push_descriptor(&self.name)?;
+        let infos: Vec<_> = buffers.iter().map(|b| whole(b)).collect();
+        let writes: Vec<_> = infos
+            .iter()
+            .enumerate()
+            .map(|(i, info)| write(i as u32, vk::DescriptorType::STORAGE_BUFFER, info))
+            .collect();
+        for b in buffers {
+            b.touch(frame.value());
+        }
+        self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
+        let d = &self.shared.device;
+        // SAFETY: the caller guarantees cmd is recording outside a render pass; pipeline and
+        // layout are live (retired only when self drops, at its last frame); every binding of
+        // the push-descriptor set layout is written with a live buffer of this device
+        // (VUID-vkCmdDispatch-None-02697); the push range matches the layout's.
         unsafe {
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.pipeline);
-            d.cmd_bind_descriptor_sets(
+            push.cmd_push_descriptor_set(
                 cmd,
                 vk::PipelineBindPoint::COMPUTE,
                 self.layout,
                 0,
-                &[set.0],
-                &[],
+                &writes,
             );
             if !push_constants.is_empty() {
                 d.cmd_push_constants(
@@ -372,37 +345,26 @@ impl ComputePipeline {
         }
         Ok(())
     }
+}
 
-    /// Destroys the pipeline, its layouts and its descriptor pool.
-    ///
-    /// # Safety
-    /// The GPU must have finished every submission that used this pipeline.
-    pub unsafe fn destroy(&mut self, ctx: &Context) {
-        // SAFETY: idle (caller); null handles are ignored by vkDestroy*.
-        unsafe {
-            ctx.device()
-                .destroy_descriptor_pool(std::mem::take(&mut self.pool), None);
-            destroy_pipeline_objects(
-                ctx,
-                &mut self.pipeline,
-                &mut self.layout,
-                &mut self.set_layout,
-            );
-        }
-        self.destroyed = true;
+impl std::fmt::Debug for ComputePipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComputePipeline")
+            .field("name", &self.name)
+            .field("storage_buffers", &self.storage_buffers)
+            .field("last_use", &self.last_use.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
 impl Drop for ComputePipeline {
     fn drop(&mut self) {
-        if !self.destroyed {
-            log::error!(
-                "leak: compute pipeline {:?} dropped without destroy()",
-                self.name
-            );
-            if !std::thread::panicking() {
-                debug_assert!(false, "compute pipeline {:?} leaked", self.name);
-            }
-        }
+        retire_pipeline_objects(
+            &self.shared,
+            *self.last_use.get_mut(),
+            &mut self.pipeline,
+            &mut self.layout,
+            &mut self.set_layout,
+        );
     }
 }

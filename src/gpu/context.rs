@@ -1,32 +1,68 @@
 //! The device context: either created by understory, or wrapped around a host engine's own
 //! instance, device and queue.
+//!
+//! # The host contract
+//! - **Frames.** [`Context::begin_frame`] opens a frame and hands out its value. Everything
+//!   recorded for the frame (understory's recording functions take `&Frame`) is kept alive
+//!   until the GPU has completed that frame. The frame ends with a submission: understory's
+//!   ([`Context::submit_frame`], [`FrameRing::submit`](crate::gpu::frame::FrameRing::submit),
+//!   [`Context::submit_and_wait`]) or the host's own, announced with
+//!   [`Context::frame_submitted`] and a [`FrameSignal`]: understory's timeline semaphore, the
+//!   host's timeline semaphore, or completion the host reports with
+//!   [`Context::frames_completed`]. One frame is open at a time, and understory signals its
+//!   semaphore only in a frame's own submission, so a value handed out is never overtaken.
+//! - **Freeing.** Dropping a resource or a pass retires it at the last frame that used it; it
+//!   is freed by a later [`Context::collect`] (or `begin_frame`) once that frame completed.
+//! - **Waiting.** understory waits only for its own frames, on their semaphores, never with
+//!   `vkDeviceWaitIdle` or `vkQueueWaitIdle`. A wait that runs out of time is
+//!   [`Error::Timeout`], and nothing it guarded is destroyed.
+//! - **Shutdown.** [`Context::shutdown`] takes the context: no frame can begin after it. It
+//!   waits for the last frame, frees everything retired, and reports what is still alive.
+//!   Objects still alive keep the shared state (and the device) alive until they are dropped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ash::vk;
 
 use crate::error::{Error, Result, vk_err};
-use crate::gpu::adapter::{self, Adapter, DeviceSelector, OptionalExtensions};
+use crate::gpu::adapter::{self, Adapter, DeviceFeatures, DeviceSelector};
 use crate::gpu::budget::{DriverBudget, HeapBudgets};
 use crate::gpu::debug::Canary;
 use crate::gpu::instance::{Instance, InstanceOptions};
-use crate::gpu::memory::{HeapReport, Memory, MemoryConfig, Retirable, ShutdownReport};
-use crate::gpu::timeline::Timeline;
+use crate::gpu::memory::{
+    Buffer, BufferDesc, HeapReport, Image, ImageDesc, Memory, MemoryConfig, RawObject,
+    ShutdownReport,
+};
+use crate::gpu::requirements::{Capabilities, DeviceRequirements};
+use crate::gpu::timeline::{Clock, FrameSignal, Submitted};
 
 /// Most frames the CPU may record ahead of the GPU.
 pub const MAX_FRAMES_IN_FLIGHT: u32 = 4;
 
+/// How long `begin_frame` waits for the GPU before giving up with [`Error::Timeout`].
+pub const THROTTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Context::shutdown`] waits for the last frame.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long [`Context::submit_and_wait`] waits for its submission.
+pub const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How to build a [`Context`].
 #[derive(Clone, Debug)]
 pub struct ContextOptions {
-    /// Instance and validation settings (standalone only).
+    /// Instance and validation settings (used by [`Context::new`] only; a host's instance is its
+    /// own).
     pub instance: InstanceOptions,
-    /// Which device; `None` picks the best (discrete > integrated > virtual > CPU).
+    /// Which device ([`Context::new`] only); `None` picks the best (discrete > integrated >
+    /// virtual > CPU).
     pub device: Option<DeviceSelector>,
     /// Memory caps, block sizes, priorities.
     pub memory: MemoryConfig,
-    /// Frames the CPU may run ahead of the GPU, 1..=4 (default 2).
+    /// Frames the CPU may run ahead of the GPU, 1..=4 (default 2): `begin_frame` waits for the
+    /// GPU beyond that (only for frames it can wait on; see [`FrameSignal::HostReported`]).
     pub frames_in_flight: u32,
 }
 
@@ -39,17 +75,6 @@ impl Default for ContextOptions {
             frames_in_flight: 2,
         }
     }
-}
-
-/// What [`Context::begin_frame`] found.
-#[derive(Clone, Debug)]
-pub struct FrameStart {
-    /// Timeline value the GPU has completed.
-    pub completed: u64,
-    /// Resources freed by the retire queue this frame.
-    pub freed: usize,
-    /// Every heap's budget, usage and our share.
-    pub heaps: Vec<HeapReport>,
 }
 
 impl ContextOptions {
@@ -69,7 +94,8 @@ pub struct HostHandles {
     pub entry: ash::Entry,
     /// The host's instance.
     pub instance: ash::Instance,
-    /// `VkApplicationInfo::apiVersion` the instance was created with (>= 1.2).
+    /// `VkApplicationInfo::apiVersion` the instance was created with (>= 1.2; the draw pass
+    /// needs 1.3).
     pub instance_api_version: u32,
     /// Whether `VK_EXT_debug_utils` is enabled on the instance. If so, understory attaches its
     /// own messenger, and its canary counts validation messages.
@@ -78,42 +104,284 @@ pub struct HostHandles {
     pub physical_device: vk::PhysicalDevice,
     /// The host's device.
     pub device: ash::Device,
-    /// Family of `queue`; must support compute.
+    /// Family of `queue`.
     pub queue_family_index: u32,
-    /// A queue understory submits its own work to (uploads, one-shot jobs).
+    /// The queue understory submits to when it submits (one-shot work, [`FrameRing`]
+    /// submissions); the host's frame submissions may use any queue of the device.
+    ///
+    /// [`FrameRing`]: crate::gpu::frame::FrameRing
     pub queue: vk::Queue,
-    /// Which of understory's optional extensions the host enabled on the device.
-    pub enabled_extensions: OptionalExtensions,
+    /// Which of understory's extensions and features the host enabled on the device (see
+    /// [`DeviceRequirements`]).
+    pub enabled: DeviceFeatures,
+    /// What the host will ask understory to do: `from_raw` returns [`Error::Unsupported`]
+    /// naming everything these need that `enabled`, the API versions or the queue lack.
+    pub capabilities: Capabilities,
 }
 
-/// The device half of a context under construction.
-struct DeviceParts {
-    device: ash::Device,
-    queue: vk::Queue,
-    queue_family: u32,
-    extensions: OptionalExtensions,
+/// Everything the context's objects share. Each buffer, image, pass and frame holds it, so the
+/// device, the allocators and the retire queue outlive every object made from them.
+pub(crate) struct Shared {
+    pub(crate) device: ash::Device,
+    pub(crate) push_descriptor: Option<ash::khr::push_descriptor::Device>,
+    pub(crate) adapter: Adapter,
+    pub(crate) features: DeviceFeatures,
+    pub(crate) queue: Mutex<vk::Queue>,
+    pub(crate) queue_family: u32,
+    pub(crate) queue_flags: vk::QueueFlags,
+    pub(crate) frames_in_flight: u32,
+    pub(crate) memory: Memory,
+    pub(crate) clock: Clock,
+    one_shot_pool: Mutex<vk::CommandPool>,
+    /// A wait timed out (or could not be made) at shutdown: leak rather than destroy.
+    stuck: AtomicBool,
     owns_device: bool,
+    /// Dropped last: the messenger and (if ours) the instance go after the device.
+    pub(crate) instance: Instance,
 }
 
-/// A Vulkan device ready for understory: instance, device, one queue, timeline, allocator.
+impl Shared {
+    /// The context's id (the same as its memory's).
+    pub(crate) fn id(&self) -> u64 {
+        self.memory.id
+    }
+
+    /// Creates a buffer of this context.
+    pub(crate) fn create_buffer(self: &Arc<Self>, desc: &BufferDesc<'_>) -> Result<Buffer> {
+        self.memory.create_buffer(self, desc)
+    }
+
+    /// Creates an image of this context.
+    pub(crate) fn create_image(self: &Arc<Self>, desc: &ImageDesc<'_>) -> Result<Image> {
+        self.memory.create_image(self, desc)
+    }
+
+    /// The push-descriptor functions, or `Unsupported` naming who needs them.
+    pub(crate) fn push_descriptor(&self, who: &str) -> Result<&ash::khr::push_descriptor::Device> {
+        self.push_descriptor.as_ref().ok_or_else(|| {
+            Error::Unsupported(format!("{who} needs VK_KHR_push_descriptor enabled"))
+        })
+    }
+
+    /// `Unsupported` naming every feature of `needed` that is not enabled, and the queue flags.
+    pub(crate) fn require(
+        &self,
+        who: &str,
+        needed: &DeviceFeatures,
+        queue: vk::QueueFlags,
+    ) -> Result<()> {
+        let mut missing: Vec<String> = needed
+            .missing_from(&self.features)
+            .into_iter()
+            .map(String::from)
+            .collect();
+        if !self.queue_flags.contains(queue) {
+            missing.push(format!(
+                "a {queue:?} queue (understory's queue family {} has {:?})",
+                self.queue_family, self.queue_flags
+            ));
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "{who} needs {}",
+                missing.join(", ")
+            )))
+        }
+    }
+
+    /// Retires a Vulkan object at frame `last_use`.
+    pub(crate) fn retire_object(&self, object: RawObject, last_use: u64) {
+        self.memory.retire_object(object, last_use);
+    }
+
+    fn lock_queue(&self) -> MutexGuard<'_, vk::Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Submits `command_buffers` for the open `frame`, signalling understory's timeline at its
+    /// value, plus the host's extra waits and signals.
+    ///
+    /// # Safety
+    /// As [`Context::submit_frame`].
+    pub(crate) unsafe fn submit_frame(
+        &self,
+        mut frame: Frame,
+        command_buffers: &[vk::CommandBuffer],
+        sync: &SubmitSync<'_>,
+    ) -> Result<Submitted> {
+        frame.check(self, "submit_frame")?;
+        if sync.wait_semaphores.len() != sync.wait_values.len()
+            || sync.wait_semaphores.len() != sync.wait_stages.len()
+            || sync.signal_semaphores.len() != sync.signal_values.len()
+        {
+            return Err(Error::InvalidInput(
+                "SubmitSync: every wait needs a value and a stage, every signal a value".into(),
+            ));
+        }
+        let queue = self.lock_queue();
+        self.clock.check_open(frame.value)?;
+        let mut signals = vec![self.clock.semaphore()];
+        signals.extend_from_slice(sync.signal_semaphores);
+        let mut signal_values = vec![frame.value];
+        signal_values.extend_from_slice(sync.signal_values);
+        let mut tl = vk::TimelineSemaphoreSubmitInfo::default()
+            .signal_semaphore_values(&signal_values)
+            .wait_semaphore_values(sync.wait_values);
+        let submit = vk::SubmitInfo::default()
+            .command_buffers(command_buffers)
+            .wait_semaphores(sync.wait_semaphores)
+            .wait_dst_stage_mask(sync.wait_stages)
+            .signal_semaphores(&signals)
+            .push_next(&mut tl);
+        // SAFETY: the queue is locked (external synchronization, VUID-vkQueueSubmit-queue-00893
+        // for understory's own submissions; the host takes the same lock); the caller vouches
+        // for the command buffers and the extra semaphores; the frame's value is above every
+        // value signalled before (one open frame, values handed out in order:
+        // VUID-VkSubmitInfo-pSignalSemaphores-03242).
+        unsafe { self.device.queue_submit(*queue, &[submit], sync.fence) }
+            .map_err(vk_err("vkQueueSubmit"))?;
+        let submitted = self.clock.submitted(frame.value, FrameSignal::Timeline)?;
+        frame.done = true;
+        Ok(submitted)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Every object made from the context is gone. Free what remains if the GPU is known to
+        // be done with it; otherwise leak everything rather than destroy it in use.
+        let last = self.clock.last_submitted();
+        let idle =
+            !self.stuck.load(Ordering::Acquire) && self.clock.completed().is_ok_and(|c| c >= last);
+        if idle {
+            // SAFETY: every frame completed; no Buffer or Image exists (each holds this
+            // shared state); nothing else uses the pool or the semaphore.
+            unsafe {
+                self.memory.teardown();
+                let pool = self
+                    .one_shot_pool
+                    .get_mut()
+                    .unwrap_or_else(|p| p.into_inner());
+                self.device.destroy_command_pool(*pool, None);
+                self.clock.destroy();
+            }
+            if self.owns_device {
+                // SAFETY: idle, and every child object understory created is destroyed.
+                unsafe { self.device.destroy_device(None) };
+            }
+        } else {
+            self.memory.leak_everything();
+            log::error!(
+                "context dropped while the GPU may still run frame {last}: its memory, semaphore, pools{} are leaked",
+                if self.owns_device { " and device" } else { "" }
+            );
+        }
+    }
+}
+
+/// A Vulkan device ready for understory: instance, device, one queue, frame clock, allocator.
+///
+/// `Context` is the one handle to the context's shared state; buffers, images, passes and
+/// frames hold that state too (so an engine can keep them side by side in one struct), and
+/// [`Context::shutdown`] consumes the handle.
 pub struct Context {
-    device: ash::Device,
-    adapter: Adapter,
-    queue: Mutex<vk::Queue>,
-    queue_family: u32,
-    extensions: OptionalExtensions,
-    owns_device: bool,
-    memory: Memory,
-    timeline: Timeline,
-    command_pool: Mutex<vk::CommandPool>,
-    frames_in_flight: u32,
-    shutdown_report: Option<ShutdownReport>,
-    // Dropped last: destroys the messenger and (if ours) the instance after the device.
-    instance: Instance,
+    shared: Arc<Shared>,
+    shut_down: bool,
+}
+
+/// Options that shape `vkQueueSubmit` besides the frame's own signal: the swapchain's acquire
+/// semaphore, the host's render-finished semaphore, a fence. Binary semaphores take value 0.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SubmitSync<'a> {
+    /// Semaphores to wait on.
+    pub wait_semaphores: &'a [vk::Semaphore],
+    /// Their values (0 for binary semaphores).
+    pub wait_values: &'a [u64],
+    /// The stages that wait.
+    pub wait_stages: &'a [vk::PipelineStageFlags],
+    /// Extra semaphores to signal (understory's timeline is always signalled).
+    pub signal_semaphores: &'a [vk::Semaphore],
+    /// Their values (0 for binary semaphores).
+    pub signal_values: &'a [u64],
+    /// A fence to signal, or null.
+    pub fence: vk::Fence,
+}
+
+/// An open frame: its value, and what [`Context::begin_frame`] found. Recording functions take
+/// `&Frame`; a submission consumes it. Dropped unsubmitted, it gives its value back.
+///
+/// One frame is open at a time:
+///
+/// ```no_run
+/// # fn f(ctx: &understory::gpu::context::Context) -> understory::Result<()> {
+/// let a = ctx.begin_frame()?;
+/// assert!(ctx.begin_frame().is_err()); // Error::Lifecycle: frame a is open
+/// drop(a);
+/// let b = ctx.begin_frame()?; // gets a's value
+/// # Ok(()) }
+/// ```
+#[must_use = "a frame is submitted or dropped"]
+pub struct Frame {
+    shared: Arc<Shared>,
+    value: u64,
+    completed: u64,
+    freed: usize,
+    heaps: Vec<HeapReport>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("value", &self.value)
+            .field("completed", &self.completed)
+            .field("freed", &self.freed)
+            .finish()
+    }
+}
+
+impl Frame {
+    /// The frame's value: what its submission signals on understory's timeline.
+    pub fn value(&self) -> u64 {
+        self.value
+    }
+    /// The value up to which the GPU had completed every frame when this one began.
+    pub fn completed(&self) -> u64 {
+        self.completed
+    }
+    /// Resources freed by the retire queue when this frame began.
+    pub fn freed(&self) -> usize {
+        self.freed
+    }
+    /// Every heap's budget, usage and understory's share, read when this frame began.
+    pub fn heaps(&self) -> &[HeapReport] {
+        &self.heaps
+    }
+    /// `Lifecycle` unless this frame is of `shared`'s context and still open.
+    pub(crate) fn check(&self, shared: &Shared, what: &str) -> Result<()> {
+        if self.shared.id() != shared.id() {
+            return Err(Error::Lifecycle(format!(
+                "{what}: frame {} is of another context",
+                self.value
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.clock.abandon(self.value);
+        }
+    }
 }
 
 impl Context {
-    /// Creates an instance and device of understory's own.
+    /// Creates an instance and device of understory's own, with every extension and feature of
+    /// [`DeviceRequirements`] the device supports.
     pub fn new(options: &ContextOptions) -> Result<Self> {
         let instance = Instance::new(&options.instance)?;
         let adapters = instance.adapters()?;
@@ -123,39 +391,46 @@ impl Context {
             .queue_family
             .ok_or_else(|| Error::Unsupported("no compute queue".into()))?;
 
-        let mut extensions = adapter.extensions;
-        extensions.memory_priority &= adapter.memory_priority_feature;
-        extensions.pageable_device_local_memory &=
-            extensions.memory_priority && adapter.pageable_feature;
+        let mut features = adapter.supported;
+        features.memory_priority &= adapter.memory_priority_feature;
+        features.pageable_device_local_memory &=
+            features.memory_priority && adapter.pageable_feature;
         // Core 1.3 functionality is usable only when the instance asked for 1.3 as well.
-        extensions.dynamic_rendering &= instance.api_version() >= vk::API_VERSION_1_3;
-        let ext_names: Vec<_> = extensions.names().iter().map(|n| n.as_ptr()).collect();
+        features.dynamic_rendering &= instance.api_version() >= vk::API_VERSION_1_3;
+        let ext_names: Vec<_> = features
+            .extension_names()
+            .iter()
+            .map(|n| n.as_ptr())
+            .collect();
 
         let priorities = [1.0f32];
         let queue_info = [vk::DeviceQueueCreateInfo::default()
             .queue_family_index(family)
             .queue_priorities(&priorities)];
-        let mut v12 = vk::PhysicalDeviceVulkan12Features::default().timeline_semaphore(true);
-        let mut v13 = vk::PhysicalDeviceVulkan13Features::default().dynamic_rendering(true);
+        let mut core = vk::PhysicalDeviceFeatures::default();
+        let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
+        let mut v13 = vk::PhysicalDeviceVulkan13Features::default();
+        let wanted = DeviceRequirements::for_capabilities(Capabilities {
+            cull: features.storage_buffer_array_dynamic_indexing,
+            draw: features.dynamic_rendering,
+            ..Capabilities::BUDGET
+        });
+        wanted.features.enable(&mut core, &mut v12, &mut v13);
         let mut prio = vk::PhysicalDeviceMemoryPriorityFeaturesEXT::default().memory_priority(true);
         let mut page = vk::PhysicalDevicePageableDeviceLocalMemoryFeaturesEXT::default()
             .pageable_device_local_memory(true);
-        let features = vk::PhysicalDeviceFeatures::default()
-            .shader_storage_buffer_array_dynamic_indexing(
-                extensions.storage_buffer_array_dynamic_indexing,
-            );
         let mut info = vk::DeviceCreateInfo::default()
             .queue_create_infos(&queue_info)
             .enabled_extension_names(&ext_names)
-            .enabled_features(&features)
+            .enabled_features(&core)
             .push_next(&mut v12);
-        if extensions.memory_priority {
+        if features.memory_priority {
             info = info.push_next(&mut prio);
         }
-        if extensions.pageable_device_local_memory {
+        if features.pageable_device_local_memory {
             info = info.push_next(&mut page);
         }
-        if extensions.dynamic_rendering {
+        if features.dynamic_rendering {
             info = info.push_next(&mut v13);
         }
         // SAFETY: the adapter is suitable (1.2, timeline feature, compute family); every feature
@@ -171,9 +446,9 @@ impl Context {
             adapter.device_type,
             adapter::format_version(adapter.api_version),
             adapter.driver,
-            extensions.memory_budget,
-            extensions.memory_priority,
-            extensions.pageable_device_local_memory
+            features.memory_budget,
+            features.memory_priority,
+            features.pageable_device_local_memory
         );
         // SAFETY: device was just created with what finish() needs and is owned by us.
         unsafe {
@@ -184,7 +459,7 @@ impl Context {
                     device,
                     queue,
                     queue_family: family,
-                    extensions,
+                    features,
                     owns_device: true,
                 },
                 options,
@@ -197,24 +472,34 @@ impl Context {
         Self::new(&ContextOptions::default().with_env()?)
     }
 
+    /// What to enable on a device for `capabilities`, before creating it: see
+    /// [`DeviceRequirements`].
+    pub fn requirements(capabilities: Capabilities) -> DeviceRequirements {
+        DeviceRequirements::for_capabilities(capabilities)
+    }
+
     /// Wraps a host engine's own Vulkan objects. understory never destroys what it did not
-    /// create: dropping the context waits for the device to be idle, frees understory's memory,
-    /// destroys its own semaphore, pool and messenger, and leaves the rest to the host.
+    /// create, and never waits on the host's device or queue as a whole.
+    ///
+    /// Checks what it can: the API versions, that the physical device belongs to the instance
+    /// and supports everything `enabled` claims, that the queue family exists, and that
+    /// `enabled` and the queue cover `capabilities` ([`Error::Unsupported`] names each missing
+    /// extension, feature or queue flag).
     ///
     /// # Safety
     /// The caller must guarantee that:
-    /// - `instance` was created from `entry` with `apiVersion >= 1.2`
-    ///   (`instance_api_version` says which), and `VK_EXT_debug_utils` is enabled on it if
-    ///   `debug_utils_enabled` is true;
+    /// - `instance` was created from `entry` with `apiVersion = instance_api_version` (>= 1.2),
+    ///   and `VK_EXT_debug_utils` is enabled on it if `debug_utils_enabled` is true;
     /// - `device` was created from `physical_device` of `instance` with the Vulkan 1.2 feature
-    ///   `timelineSemaphore` enabled;
-    /// - every extension in `enabled_extensions` was enabled on the device, and with
-    ///   `memory_priority` also the `memoryPriority` feature (and `pageableDeviceLocalMemory` with
-    ///   `pageable_device_local_memory`);
-    /// - `queue` was obtained from `device` in family `queue_family_index`, which supports compute;
-    /// - while the context is alive the host does not submit to `queue` at the same time as
-    ///   understory does (take [`Context::queue`]'s lock around host submissions to the same queue);
-    /// - all these objects outlive the context.
+    ///   `timelineSemaphore` enabled, and with every extension and feature `enabled` names
+    ///   (with `memory_priority` the `memoryPriority` feature, with
+    ///   `pageable_device_local_memory` the `pageableDeviceLocalMemory` feature);
+    /// - `queue` was obtained from `device` in family `queue_family_index`;
+    /// - the host never submits to `queue` while understory may: it holds [`Context::queue`]'s
+    ///   lock around its own submissions to that queue (external synchronization);
+    /// - the instance, the device and the queue outlive the context **and every object made
+    ///   through it** (buffers, images, passes, frames, rings, vegetation): drop those first
+    ///   ([`Context::shutdown`]'s report lists allocations still alive).
     pub unsafe fn from_raw(host: HostHandles, options: &ContextOptions) -> Result<Self> {
         if host.instance_api_version < vk::API_VERSION_1_2 {
             return Err(Error::Unsupported(format!(
@@ -244,23 +529,58 @@ impl Context {
                 adapter.name
             )));
         }
-        // SAFETY: as above.
-        let families = unsafe {
-            instance
-                .raw
-                .get_physical_device_queue_family_properties(adapter.handle)
-        };
-        let family_ok = families
+        if adapter
+            .queue_families
             .get(host.queue_family_index as usize)
-            .is_some_and(|f| f.queue_flags.contains(vk::QueueFlags::COMPUTE));
-        if !family_ok {
+            .is_none()
+        {
             return Err(Error::InvalidInput(format!(
-                "queue family {} does not exist or lacks compute",
-                host.queue_family_index
+                "queue family {} does not exist (the device has {})",
+                host.queue_family_index,
+                adapter.queue_families.len()
             )));
         }
-        let mut extensions = host.enabled_extensions;
-        extensions.memory_budget &= adapter.extensions.memory_budget;
+        let claimed_unsupported = host.enabled.missing_from(&adapter.supported);
+        if !claimed_unsupported.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "HostHandles::enabled names {} but {} does not support {}",
+                claimed_unsupported.join(", "),
+                adapter.name,
+                if claimed_unsupported.len() == 1 {
+                    "it"
+                } else {
+                    "them"
+                }
+            )));
+        }
+        if host.enabled.dynamic_rendering && host.instance_api_version < vk::API_VERSION_1_3 {
+            return Err(Error::InvalidInput(
+                "dynamicRendering is core 1.3 functionality: the instance must be created with apiVersion 1.3".into(),
+            ));
+        }
+        let req = DeviceRequirements::for_capabilities(host.capabilities);
+        let mut missing = req.unsupported_by_adapter(&adapter, Some(host.queue_family_index));
+        missing.extend(
+            req.device_features
+                .missing_from(&host.enabled)
+                .into_iter()
+                .map(|m| format!("{m} (not enabled)")),
+        );
+        if host.instance_api_version < req.api_version {
+            missing.push(format!(
+                "an instance of Vulkan {}",
+                adapter::format_version(req.api_version)
+            ));
+        }
+        missing.dedup();
+        if !missing.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "{} for {:?}: missing {}",
+                adapter.name,
+                host.capabilities,
+                missing.join(", ")
+            )));
+        }
         // SAFETY: the caller guarantees the device contract above; we do not own the device.
         unsafe {
             Self::finish(
@@ -270,7 +590,7 @@ impl Context {
                     device: host.device,
                     queue: host.queue,
                     queue_family: host.queue_family_index,
-                    extensions,
+                    features: host.enabled,
                     owns_device: false,
                 },
                 options,
@@ -291,27 +611,24 @@ impl Context {
             device,
             queue,
             queue_family,
-            extensions,
+            features,
             owns_device,
         } = parts;
-        if !(1..=MAX_FRAMES_IN_FLIGHT).contains(&options.frames_in_flight) {
-            if owns_device {
-                // SAFETY: nothing was created from it yet.
-                unsafe { device.destroy_device(None) };
-            }
-            return Err(Error::InvalidInput(format!(
-                "frames_in_flight {} (1..={MAX_FRAMES_IN_FLIGHT})",
-                options.frames_in_flight
-            )));
-        }
         let destroy_device = |device: &ash::Device| {
             if owns_device {
                 // SAFETY: nothing else was created from it that is still alive.
                 unsafe { device.destroy_device(None) };
             }
         };
+        if !(1..=MAX_FRAMES_IN_FLIGHT).contains(&options.frames_in_flight) {
+            destroy_device(&device);
+            return Err(Error::InvalidInput(format!(
+                "frames_in_flight {} (1..={MAX_FRAMES_IN_FLIGHT})",
+                options.frames_in_flight
+            )));
+        }
         // SAFETY: device has timeline semaphores (contract).
-        let mut timeline = match unsafe { Timeline::new(&device) } {
+        let mut clock = match unsafe { Clock::new(&device) } {
             Ok(t) => t,
             Err(e) => {
                 destroy_device(&device);
@@ -326,18 +643,14 @@ impl Context {
             Ok(p) => p,
             Err(e) => {
                 // SAFETY: never used.
-                unsafe { timeline.destroy() };
+                unsafe { clock.destroy() };
                 destroy_device(&device);
                 return Err(Error::vk("vkCreateCommandPool", e));
             }
         };
         // SAFETY: the physical device belongs to the instance, which outlives the source.
         let source = unsafe {
-            DriverBudget::new(
-                instance.raw.clone(),
-                adapter.handle,
-                extensions.memory_budget,
-            )
+            DriverBudget::new(instance.raw.clone(), adapter.handle, features.memory_budget)
         };
         // SAFETY: the handles are live and related; pageable is only set when enabled.
         let memory = match unsafe {
@@ -347,7 +660,7 @@ impl Context {
                 adapter.handle,
                 options.memory.clone(),
                 HeapBudgets::new(Box::new(source)),
-                extensions.pageable_device_local_memory,
+                features.pageable_device_local_memory,
             )
         } {
             Ok(m) => m,
@@ -355,88 +668,121 @@ impl Context {
                 // SAFETY: never used.
                 unsafe {
                     device.destroy_command_pool(pool, None);
-                    timeline.destroy();
+                    clock.destroy();
                 }
                 destroy_device(&device);
                 return Err(e);
             }
         };
+        let queue_flags = adapter
+            .queue_families
+            .get(queue_family as usize)
+            .copied()
+            .unwrap_or_default();
+        let push_descriptor = features
+            .push_descriptor
+            .then(|| ash::khr::push_descriptor::Device::new(&instance.raw, &device));
         Ok(Self {
-            device,
-            adapter,
-            queue: Mutex::new(queue),
-            queue_family,
-            extensions,
-            owns_device,
-            memory,
-            timeline,
-            command_pool: Mutex::new(pool),
-            frames_in_flight: options.frames_in_flight,
-            shutdown_report: None,
-            instance,
+            shared: Arc::new(Shared {
+                device,
+                push_descriptor,
+                adapter,
+                features,
+                queue: Mutex::new(queue),
+                queue_family,
+                queue_flags,
+                frames_in_flight: options.frames_in_flight,
+                memory,
+                clock,
+                one_shot_pool: Mutex::new(pool),
+                stuck: AtomicBool::new(false),
+                owns_device,
+                instance,
+            }),
+            shut_down: false,
         })
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The ash device.
     pub fn device(&self) -> &ash::Device {
-        &self.device
+        &self.shared.device
     }
 
     /// The ash instance.
     pub fn instance(&self) -> &ash::Instance {
-        self.instance.raw()
+        self.shared.instance.raw()
     }
 
     /// The physical device and what it offers.
     pub fn adapter(&self) -> &Adapter {
-        &self.adapter
+        &self.shared.adapter
     }
 
-    /// The optional extensions that are enabled on the device.
-    pub fn extensions(&self) -> OptionalExtensions {
-        self.extensions
+    /// The extensions and features enabled on the device that understory uses.
+    pub fn features(&self) -> DeviceFeatures {
+        self.shared.features
     }
 
     /// Whether validation messages reach [`Context::canary`].
     pub fn validation_enabled(&self) -> bool {
-        self.instance.validation_enabled()
+        self.shared.instance.validation_enabled()
     }
 
     /// Counts validation warnings and errors (empty when validation is off).
     pub fn canary(&self) -> &Arc<Canary> {
-        self.instance.canary()
+        self.shared.instance.canary()
     }
 
     /// The queue, locked. Hold the guard while submitting to it from outside understory.
     pub fn queue(&self) -> MutexGuard<'_, vk::Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock_queue()
     }
 
     /// The queue family index.
     pub fn queue_family(&self) -> u32 {
-        self.queue_family
+        self.shared.queue_family
     }
 
-    /// The queue's timeline.
-    pub fn timeline(&self) -> &Timeline {
-        &self.timeline
+    /// The queue family's flags.
+    pub fn queue_flags(&self) -> vk::QueueFlags {
+        self.shared.queue_flags
     }
 
-    /// The allocator.
+    /// understory's timeline semaphore: a host submission of frame `f` signals it with
+    /// `f.value()` ([`FrameSignal::Timeline`]). Signal it in no other way.
+    pub fn timeline_semaphore(&self) -> vk::Semaphore {
+        self.shared.clock.semaphore()
+    }
+
+    /// The allocator: statistics, budgets, caches.
     pub fn memory(&self) -> &Memory {
-        &self.memory
+        &self.shared.memory
+    }
+
+    /// Creates a buffer bound to a sub-allocation (see [`Memory`] for caps and budgets).
+    pub fn create_buffer(&self, desc: &BufferDesc<'_>) -> Result<Buffer> {
+        self.shared.create_buffer(desc)
+    }
+
+    /// Creates a 2D optimal-tiling image in device-local memory.
+    pub fn create_image(&self, desc: &ImageDesc<'_>) -> Result<Image> {
+        self.shared.create_image(desc)
     }
 
     /// A budget source reading this device's heaps.
     pub fn budget_source(&self) -> DriverBudget {
         // SAFETY: the physical device belongs to our instance, which outlives any use the caller
         // can make of the source while the context lives; memory_budget is only set when
-        // supported.
+        // enabled.
         unsafe {
             DriverBudget::new(
-                self.instance.raw.clone(),
-                self.adapter.handle,
-                self.extensions.memory_budget,
+                self.shared.instance.raw.clone(),
+                self.shared.adapter.handle,
+                self.shared.features.memory_budget,
             )
         }
     }
@@ -446,162 +792,274 @@ impl Context {
         HeapBudgets::new(Box::new(self.budget_source()))
     }
 
-    /// Records with `record` into a fresh primary command buffer, submits it on the timeline and
-    /// waits for it. For set-up and tests; the frame loop records into the host's buffers.
+    /// Frames the CPU may run ahead of the GPU.
+    pub fn frames_in_flight(&self) -> u32 {
+        self.shared.frames_in_flight
+    }
+
+    /// The highest frame value submitted.
+    pub fn last_submitted(&self) -> u64 {
+        self.shared.clock.last_submitted()
+    }
+
+    /// The value up to which the GPU has completed every frame. Never blocks.
+    pub fn completed_value(&self) -> Result<u64> {
+        self.shared.clock.completed()
+    }
+
+    /// Waits until the GPU has completed every frame up to `value`: [`Error::Timeout`] when
+    /// `timeout` runs out, [`Error::NotReady`] for a host-reported frame not yet reported,
+    /// [`Error::Lifecycle`] for a value never submitted.
+    pub fn wait(&self, value: u64, timeout: Duration) -> Result<()> {
+        self.shared.clock.wait(value, timeout)
+    }
+
+    /// Frees what the GPU has finished with. Never blocks. Returns how many were freed.
+    pub fn collect(&self) -> Result<usize> {
+        let completed = self.shared.clock.completed()?;
+        Ok(self.shared.memory.collect(completed))
+    }
+
+    /// Opens the next frame: waits only if the CPU is more than `frames_in_flight` frames
+    /// ahead (and only on frames it can wait on), frees what the GPU has finished with, and
+    /// reads the budget once. [`Error::Lifecycle`] while another frame is open or after
+    /// shutdown.
+    pub fn begin_frame(&self) -> Result<Frame> {
+        let value = self.shared.clock.open()?;
+        let mut frame = Frame {
+            shared: self.shared.clone(),
+            value,
+            completed: 0,
+            freed: 0,
+            heaps: Vec::new(),
+            done: false,
+        };
+        let clock = &self.shared.clock;
+        let must_have = value.saturating_sub(u64::from(self.shared.frames_in_flight));
+        if must_have > 0 && clock.completed()? < must_have && clock.waitable(must_have) {
+            clock.wait(must_have, THROTTLE_TIMEOUT)?;
+        }
+        frame.completed = clock.completed()?;
+        frame.freed = self.shared.memory.collect(frame.completed);
+        frame.heaps = self.shared.memory.refresh_budget()?;
+        Ok(frame)
+    }
+
+    /// Submits the host's command buffers as `frame`'s submission on understory's queue,
+    /// signalling understory's timeline at the frame's value, plus `sync`'s extra waits,
+    /// signals and fence.
+    ///
+    /// # Safety
+    /// - the command buffers are of this device, executable, recorded for `frame` (every
+    ///   command in them that uses understory's objects was recorded for `frame` or marked
+    ///   with `used_in(&frame)`), and may be submitted to understory's queue family;
+    /// - `sync`'s semaphores and fence are of this device and valid to wait on or signal as
+    ///   the Vulkan rules for `vkQueueSubmit` require.
+    pub unsafe fn submit_frame(
+        &self,
+        frame: Frame,
+        command_buffers: &[vk::CommandBuffer],
+        sync: &SubmitSync<'_>,
+    ) -> Result<Submitted> {
+        // SAFETY: forwarded contract.
+        unsafe { self.shared.submit_frame(frame, command_buffers, sync) }
+    }
+
+    /// Announces that the host submitted `frame` itself, with `signal` telling how its
+    /// completion shows.
+    ///
+    /// # Safety
+    /// - every command recorded for `frame` was submitted before this call, and the signal
+    ///   operation `signal` names happens after all of them complete (same batch, or a later
+    ///   batch on the same queue);
+    /// - [`FrameSignal::Timeline`]: that submission signals [`Context::timeline_semaphore`]
+    ///   with `frame.value()`;
+    /// - [`FrameSignal::HostTimeline`]: `semaphore` is a timeline semaphore of this device that
+    ///   the submission signals with `value`, and it stays alive until
+    ///   [`Context::completed_value`] reaches the frame's value (or the context is shut down);
+    /// - [`FrameSignal::HostReported`]: the host will call [`Context::frames_completed`] only
+    ///   once the GPU finished the frame.
+    pub unsafe fn frame_submitted(
+        &self,
+        mut frame: Frame,
+        signal: FrameSignal,
+    ) -> Result<Submitted> {
+        frame.check(&self.shared, "frame_submitted")?;
+        let s = self.shared.clock.submitted(frame.value, signal)?;
+        frame.done = true;
+        Ok(s)
+    }
+
+    /// Reports that the GPU finished every frame up to `value` that was submitted with
+    /// [`FrameSignal::HostReported`] (e.g. after the host waited on its fence).
+    ///
+    /// # Safety
+    /// The GPU must really have finished them: understory then frees what they used.
+    pub unsafe fn frames_completed(&self, value: u64) -> Result<()> {
+        self.shared.clock.report(value)
+    }
+
+    /// Records with `record` into a fresh primary command buffer as a frame of its own,
+    /// submits it on understory's timeline and waits for it (up to [`ONE_SHOT_TIMEOUT`]). For
+    /// set-up and tests; the frame loop records into the host's buffers. [`Error::Lifecycle`]
+    /// while another frame is open. On [`Error::Timeout`] the command buffer and everything the
+    /// frame used stay alive.
     pub fn submit_and_wait(
         &self,
-        record: impl FnOnce(vk::CommandBuffer) -> Result<()>,
-    ) -> Result<u64> {
-        let pool = self.command_pool.lock().unwrap_or_else(|p| p.into_inner());
+        record: impl FnOnce(&Frame, vk::CommandBuffer) -> Result<()>,
+    ) -> Result<Submitted> {
+        let frame = self.begin_frame()?;
+        let pool = self
+            .shared
+            .one_shot_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let alloc = vk::CommandBufferAllocateInfo::default()
             .command_pool(*pool)
             .level(vk::CommandBufferLevel::PRIMARY)
             .command_buffer_count(1);
         // SAFETY: the pool is ours and locked.
-        let cmd = unsafe { self.device.allocate_command_buffers(&alloc) }
+        let cmd = unsafe { self.device().allocate_command_buffers(&alloc) }
             .map_err(vk_err("vkAllocateCommandBuffers"))?[0];
-        let result = (|| {
+        let free = || {
+            // SAFETY: cmd is not pending (never submitted, or its submission completed); the
+            // pool is locked.
+            unsafe { self.device().free_command_buffers(*pool, &[cmd]) }
+        };
+        let recorded = (|| {
             let begin = vk::CommandBufferBeginInfo::default()
                 .flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT);
             // SAFETY: a fresh command buffer in the initial state.
-            unsafe { self.device.begin_command_buffer(cmd, &begin) }
+            unsafe { self.device().begin_command_buffer(cmd, &begin) }
                 .map_err(vk_err("vkBeginCommandBuffer"))?;
-            record(cmd)?;
+            record(&frame, cmd)?;
             // SAFETY: recording.
-            unsafe { self.device.end_command_buffer(cmd) }.map_err(vk_err("vkEndCommandBuffer"))?;
-            let queue = self.queue();
-            // SAFETY: queue locked; cmd executable; the closure's resources are the caller's to
-            // keep alive, and we wait for completion before returning.
-            let value = unsafe { self.timeline.submit(*queue, &[cmd]) }?;
-            drop(queue);
-            if !self.timeline.wait(value, Duration::from_secs(60))? {
-                return Err(Error::Vulkan {
-                    call: "vkWaitSemaphores (60 s)",
-                    result: vk::Result::TIMEOUT,
-                });
-            }
-            Ok(value)
+            unsafe { self.device().end_command_buffer(cmd) }.map_err(vk_err("vkEndCommandBuffer"))
         })();
-        if result.is_ok() {
-            // SAFETY: the submission completed; the pool is locked.
-            unsafe { self.device.free_command_buffers(*pool, &[cmd]) };
-        } else {
-            // Not known to be idle: wait before freeing.
-            // SAFETY: waiting on our own device.
-            let _ = unsafe { self.device.device_wait_idle() };
-            // SAFETY: idle now; the pool is locked.
-            unsafe { self.device.free_command_buffers(*pool, &[cmd]) };
+        if let Err(e) = recorded {
+            free();
+            return Err(e);
         }
-        result
+        // SAFETY: cmd is executable, of this device and family, and recorded for `frame`.
+        let submitted = match unsafe {
+            self.shared
+                .submit_frame(frame, &[cmd], &SubmitSync::default())
+        } {
+            Ok(s) => s,
+            Err(e) => {
+                free();
+                return Err(e);
+            }
+        };
+        match self.wait(submitted.value(), ONE_SHOT_TIMEOUT) {
+            Ok(()) => {
+                free();
+                Ok(submitted)
+            }
+            Err(e) => {
+                log::error!(
+                    "submit_and_wait: frame {}: {e}; its command buffer is kept",
+                    submitted.value()
+                );
+                Err(e)
+            }
+        }
     }
 
-    /// Frames the CPU may run ahead of the GPU.
-    pub fn frames_in_flight(&self) -> u32 {
-        self.frames_in_flight
-    }
-
-    /// Submits command buffers to the queue, signalling the next timeline value (returned).
+    /// Queues a Vulkan object the host made on this device to be destroyed once the GPU has
+    /// completed frame `last_use` (e.g. an image view used by its draws). Null handles are
+    /// ignored.
     ///
     /// # Safety
-    /// The command buffers must be executable, from this device, and everything they use must
-    /// stay alive until the returned value completes (retire it with that value).
-    pub unsafe fn submit(&self, command_buffers: &[vk::CommandBuffer]) -> Result<u64> {
-        let queue = self.queue();
-        // SAFETY: queue locked; the rest is the caller's contract.
-        unsafe { self.timeline.submit(*queue, command_buffers) }
+    /// The object is of this device, nothing else destroys it, and no command recorded for a
+    /// frame after `last_use` (or outside frames) uses it.
+    pub unsafe fn retire_object(&self, object: RawObject, last_use: u64) -> Result<()> {
+        let limit = self.last_submitted() + 1;
+        if last_use > limit {
+            return Err(Error::Lifecycle(format!(
+                "retire at frame {last_use}, but the next frame is {limit}"
+            )));
+        }
+        self.shared.retire_object(object, last_use);
+        Ok(())
     }
 
-    /// Queues a buffer or image to be freed once the GPU completes `last_used`.
-    /// See [`Memory::retire`] for the errors.
+    /// Ends the context: no frame begins after it. Waits (up to [`SHUTDOWN_TIMEOUT`]) for the
+    /// last frame, frees everything retired, and reports allocations still alive as leaks (a
+    /// clean shutdown has none: drop passes, rings, vegetation and buffers first).
     ///
-    /// Retiring takes the resource by value, so retiring it twice does not compile:
+    /// [`Error::Timeout`] (or [`Error::NotReady`] for a host-reported frame not reported) when
+    /// the GPU is not known to be done: then nothing is freed, and the memory, semaphore and
+    /// (if understory's) device are leaked rather than destroyed in use.
     ///
     /// ```compile_fail,E0382
-    /// # fn f(ctx: &understory::gpu::context::Context, b: understory::gpu::memory::Buffer) {
-    /// ctx.retire(b, 1).unwrap();
-    /// ctx.retire(b, 2).unwrap(); // use of moved value
+    /// # fn f(ctx: understory::gpu::context::Context) {
+    /// let report = ctx.shutdown();
+    /// let _ = ctx.begin_frame(); // use of moved value
     /// # }
     /// ```
-    pub fn retire(&self, resource: impl Into<Retirable>, last_used: u64) -> Result<()> {
-        self.memory
-            .retire(resource, last_used, self.timeline.last_submitted())
+    pub fn shutdown(mut self) -> Result<ShutdownReport> {
+        self.shut_down = true;
+        self.shared.shutdown()
     }
+}
 
-    /// Frees what the GPU has finished with. Never blocks. Returns how many were freed.
-    pub fn collect(&self) -> Result<usize> {
-        let completed = self.timeline.completed_value()?;
-        Ok(self
-            .memory
-            .collect(completed, self.timeline.last_submitted()))
-    }
-
-    /// Start of a frame: waits only if the CPU is more than `frames_in_flight` submissions
-    /// ahead, frees what the GPU has finished with, and reads the budget once.
-    pub fn begin_frame(&self) -> Result<FrameStart> {
-        let last = self.timeline.last_submitted();
-        let must_have = (last + 1).saturating_sub(u64::from(self.frames_in_flight));
-        if must_have > 0
-            && self.timeline.completed_value()? < must_have
-            && !self.timeline.wait(must_have, Duration::from_secs(10))?
-        {
-            return Err(Error::Vulkan {
-                call: "begin_frame: frame throttle wait (10 s)",
-                result: vk::Result::TIMEOUT,
-            });
-        }
-        let completed = self.timeline.completed_value()?;
-        let freed = self.memory.collect(completed, last);
-        let heaps = self.memory.refresh_budget()?;
-        Ok(FrameStart {
-            completed,
-            freed,
-            heaps,
-        })
-    }
-
-    /// Waits for the last submission, drains the retire queue, frees everything, and reports
-    /// leaks (logged with name and category). Idempotent; also runs on drop.
-    pub fn shutdown(&mut self) -> ShutdownReport {
-        if let Some(r) = &self.shutdown_report {
-            return r.clone();
-        }
-        let last = self.timeline.last_submitted();
-        match self.timeline.wait(last, Duration::from_secs(30)) {
-            Ok(true) => {}
-            Ok(false) => log::error!("shutdown: timeline value {last} not reached in 30 s"),
-            Err(e) => log::error!("shutdown: waiting for timeline value {last}: {e}"),
-        }
-        let _q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: waiting for our device; the queue lock keeps our own submissions out.
-        if let Err(e) = unsafe { self.device.device_wait_idle() } {
-            log::error!("vkDeviceWaitIdle at shutdown: {e}");
-        }
-        // SAFETY: the device is idle.
-        let report = unsafe { self.memory.shutdown() };
-        let mut pool = self.command_pool.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: idle; every command buffer from the pool is done.
-        unsafe { self.device.destroy_command_pool(*pool, None) };
-        *pool = vk::CommandPool::null();
-        // SAFETY: idle.
-        unsafe { self.timeline.destroy() };
-        if report.leaks.is_empty() {
-            log::debug!("shutdown: {} drained, no leaks", report.drained);
+impl Shared {
+    fn shutdown(&self) -> Result<ShutdownReport> {
+        self.clock.close();
+        let last = self.clock.last_submitted();
+        let waited = if self.clock.waitable(last) {
+            self.clock.wait(last, SHUTDOWN_TIMEOUT)
         } else {
-            log::error!("shutdown: {} leaked allocation(s)", report.leaks.len());
+            Err(Error::NotReady(format!(
+                "shutdown: frames up to {last} were submitted with FrameSignal::HostReported and not all were reported complete"
+            )))
+        };
+        if let Err(e) = waited {
+            self.stuck.store(true, Ordering::Release);
+            log::error!("shutdown: {e}; nothing is freed");
+            return Err(e);
         }
-        self.shutdown_report = Some(report.clone());
-        report
+        // SAFETY: every submitted frame completed, and no frame can be submitted any more: what
+        // is queued at a higher value was recorded for a frame that never will be.
+        let drained = unsafe { self.memory.drain() };
+        if let Err(e) = self.memory.release_empty_blocks() {
+            log::warn!("shutdown: releasing empty blocks: {e}");
+        }
+        let leaks = self.memory.live_allocations();
+        if leaks.is_empty() {
+            log::debug!("shutdown: {drained} drained, nothing alive");
+        } else {
+            log::warn!(
+                "shutdown: {} allocation(s) still alive ({}); they are freed when dropped",
+                leaks.len(),
+                leaks
+                    .iter()
+                    .take(8)
+                    .map(|l| format!("{:?}", l.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(ShutdownReport { drained, leaks })
     }
 }
 
 impl Drop for Context {
     fn drop(&mut self) {
-        self.shutdown();
-        // SAFETY: shutdown made the device idle and shut memory down.
-        unsafe { self.memory.destroy_late_orphans() };
-        if self.owns_device {
-            // SAFETY: idle, and every child object understory created is destroyed.
-            unsafe { self.device.destroy_device(None) };
+        if !self.shut_down {
+            if let Err(e) = self.shared.shutdown() {
+                log::error!("context dropped: {e}");
+            }
         }
     }
+}
+
+/// The device half of a context under construction.
+struct DeviceParts {
+    device: ash::Device,
+    queue: vk::Queue,
+    queue_family: u32,
+    features: DeviceFeatures,
+    owns_device: bool,
 }

@@ -2,15 +2,19 @@
 //! visible instances to per-LOD lists and produces `VkDrawIndexedIndirectCommand`s, all recorded
 //! into the caller's command buffer. [`classify_cpu`] is the CPU reference of the same rule.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use ash::vk;
 use glam::{Mat4, Vec3, Vec4};
 
 use crate::error::{Error, Result};
+use crate::gpu::adapter::DeviceFeatures;
 use crate::gpu::compute::{
-    compute_pipeline, destroy_pipeline_objects, memory_barrier, pipeline_layout, retire_all,
-    set_layout, set_layout_with_counts, wait_last_submitted,
+    compute_pipeline, memory_barrier, pipeline_layout, retire_pipeline_objects, set_layout,
+    set_layout_with_counts, whole, write,
 };
-use crate::gpu::context::Context;
+use crate::gpu::context::{Context, Frame, Shared};
 use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use crate::gpu::shaders;
 use crate::policy::category::Category;
@@ -201,13 +205,20 @@ pub struct DrawIndexedIndirect {
     pub first_index: u32,
     /// Vertex offset of the LOD's mesh.
     pub vertex_offset: i32,
-    /// Start of the LOD's list (`lod * capacity`): the vertex stage reads `lists[instance_index]`.
+    /// Always 0, so `drawIndirectFirstInstance` is not needed: the draw pass pushes each LOD's
+    /// list base (`lod * capacity`) as a constant.
     pub first_instance: u32,
 }
 
-/// Instance sources one cull dispatch reads (`CULL_BATCH` in `shaders/common/cull.wgsl`): the
-/// binding array at binding 0 has this many entries.
+/// Most instance sources one cull dispatch reads (`CULL_BATCH` in `shaders/common/cull.wgsl`):
+/// the binding array at binding 0 has this many entries. Devices with fewer storage-buffer
+/// bindings per stage than this plus 3 (the guaranteed minimum is 4), or without
+/// `shaderStorageBufferArrayDynamicIndexing`, get a variant that reads one source per
+/// dispatch ([`CullPass::sources_per_dispatch`]).
 pub const SOURCES_PER_DISPATCH: usize = 12;
+
+/// Storage buffers of the cull stage besides the sources: lists, counters, records.
+const OTHER_STORAGE_BUFFERS: u32 = 3;
 
 /// The cull dispatches' push constants (`CullPush` in `shaders/common/cull.wgsl`).
 #[repr(C)]
@@ -228,8 +239,28 @@ const _: () = assert!(PUSH_BYTES <= 128, "the guaranteed push-constant space");
 /// Counter words: appended per list (0..3), invalid (3), overflow per list (4..7).
 pub const COUNTERS: usize = 8;
 
-/// The pass and its output buffers.
+/// Everything a [`CullPass`] is built from.
+#[derive(Clone, Copy, Debug)]
+pub struct CullDesc {
+    /// How visible instances are appended.
+    pub compaction: Compaction,
+    /// Entries per LOD list.
+    pub capacity: u32,
+    /// Each LOD's index count, first index and vertex offset.
+    pub meshes: [DrawIndexedIndirect; 3],
+    /// Also copy each visible instance's record to [`CullPass::records`].
+    pub records: bool,
+    /// At most this many instance buffers per dispatch: [`SOURCES_PER_DISPATCH`] (the
+    /// default, used where the device allows it) or 1 (one plain binding, no descriptor array).
+    pub max_sources_per_dispatch: usize,
+}
+
+/// The pass and its output buffers. Dropping it retires everything at the last frame that
+/// recorded it.
 pub struct CullPass {
+    shared: Arc<Shared>,
+    last_use: AtomicU64,
+    batch: usize,
     compaction: Compaction,
     capacity: u32,
     meshes: [DrawIndexedIndirect; 3],
@@ -239,7 +270,6 @@ pub struct CullPass {
     fin_set_layout: vk::DescriptorSetLayout,
     fin_layout: vk::PipelineLayout,
     fin_pipeline: vk::Pipeline,
-    push: ash::khr::push_descriptor::Device,
     lists: Option<Buffer>,
     counters: Option<Buffer>,
     args: Option<Buffer>,
@@ -251,18 +281,28 @@ pub struct CullPass {
 impl CullPass {
     /// Builds the pass with lists of `capacity` entries per LOD. `meshes` gives each LOD's
     /// index count, first index and vertex offset (instance fields are filled by the pass).
-    /// Needs `VK_KHR_push_descriptor`; the subgroup variant needs ballot in compute shaders.
+    /// Needs `VK_KHR_push_descriptor` and a compute queue; the subgroup variant needs ballot in
+    /// compute shaders.
     pub fn new(
         ctx: &Context,
         compaction: Compaction,
         capacity: u32,
         meshes: [DrawIndexedIndirect; 3],
     ) -> Result<Self> {
-        Self::build_pass(ctx, compaction, capacity, meshes, false)
+        Self::build_pass(
+            ctx,
+            &CullDesc {
+                compaction,
+                capacity,
+                meshes,
+                records: false,
+                max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+            },
+        )
     }
 
     /// As [`CullPass::new`], and the pass also copies every visible instance's record to
-    /// [`CullPass::records`] at its list slot, so a vertex stage reads `records[instance_index]`
+    /// [`CullPass::records`] at its list slot, so a vertex stage reads `records[slot]`
     /// directly whatever buffer the instance lives in (what [`crate::gpu::draw::DrawPass`]
     /// draws from). Costs `3 * capacity * 32` bytes (category `Other`) and 32 bytes written
     /// per visible instance.
@@ -272,31 +312,66 @@ impl CullPass {
         capacity: u32,
         meshes: [DrawIndexedIndirect; 3],
     ) -> Result<Self> {
-        Self::build_pass(ctx, compaction, capacity, meshes, true)
+        Self::build_pass(
+            ctx,
+            &CullDesc {
+                compaction,
+                capacity,
+                meshes,
+                records: true,
+                max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+            },
+        )
     }
 
-    fn build_pass(
-        ctx: &Context,
-        compaction: Compaction,
-        capacity: u32,
-        meshes: [DrawIndexedIndirect; 3],
-        with_records: bool,
-    ) -> Result<Self> {
-        if !ctx.extensions().push_descriptor {
-            return Err(Error::Unsupported(
-                "the cull pass needs VK_KHR_push_descriptor".into(),
-            ));
-        }
-        if !ctx.extensions().storage_buffer_array_dynamic_indexing {
-            return Err(Error::Unsupported(
-                "the cull pass needs the shaderStorageBufferArrayDynamicIndexing feature".into(),
-            ));
-        }
-        // Records are addressed in vec4s: 2 per slot.
-        let words_per_slot = if with_records { 6 } else { 3 };
-        if capacity == 0 || u64::from(capacity) * words_per_slot > u64::from(u32::MAX) {
+    /// Builds the pass from a full description.
+    pub fn from_desc(ctx: &Context, desc: &CullDesc) -> Result<Self> {
+        Self::build_pass(ctx, desc)
+    }
+
+    /// The largest capacity whose lists and records fit one storage binding
+    /// (`maxStorageBufferRange`) on this context's device.
+    pub fn max_capacity(ctx: &Context, with_records: bool) -> u32 {
+        let range = u64::from(ctx.adapter().limits.max_storage_buffer_range);
+        let per_slot = if with_records {
+            3 * size_of::<Instance>() as u64
+        } else {
+            3 * 4
+        };
+        let by_lists = range / 4 / 3;
+        let by_records = range / per_slot;
+        (by_lists.min(by_records).saturating_sub(LIST_GUARD_WORDS)).min(u64::from(u32::MAX / 6))
+            as u32
+    }
+
+    fn build_pass(ctx: &Context, desc: &CullDesc) -> Result<Self> {
+        let CullDesc {
+            compaction,
+            capacity,
+            meshes,
+            records: with_records,
+            max_sources_per_dispatch,
+        } = *desc;
+        if !(1..=SOURCES_PER_DISPATCH).contains(&max_sources_per_dispatch) {
             return Err(Error::InvalidInput(format!(
-                "cull list capacity {capacity}"
+                "max_sources_per_dispatch {max_sources_per_dispatch} (1..={SOURCES_PER_DISPATCH})"
+            )));
+        }
+        let shared = ctx.shared();
+        shared.require(
+            "the cull pass",
+            &DeviceFeatures {
+                push_descriptor: true,
+                ..Default::default()
+            },
+            vk::QueueFlags::COMPUTE,
+        )?;
+        let max = Self::max_capacity(ctx, with_records);
+        if capacity == 0 || capacity > max {
+            return Err(Error::InvalidInput(format!(
+                "cull list capacity {capacity}: 1..={max} on this device (lists{} of 3 × capacity fit maxStorageBufferRange, {} bytes)",
+                if with_records { " and records" } else { "" },
+                ctx.adapter().limits.max_storage_buffer_range
             )));
         }
         if compaction == Compaction::Subgroup && !ctx.adapter().subgroup_ballot_in_compute {
@@ -304,7 +379,21 @@ impl CullPass {
                 "subgroup compaction needs subgroup ballot in compute shaders".into(),
             ));
         }
+        let limits = ctx.adapter().limits;
+        let batch = if max_sources_per_dispatch == SOURCES_PER_DISPATCH
+            && ctx.features().storage_buffer_array_dynamic_indexing
+            && limits.max_per_stage_storage_buffers
+                >= SOURCES_PER_DISPATCH as u32 + OTHER_STORAGE_BUFFERS
+            && limits.max_push_descriptors > SOURCES_PER_DISPATCH as u32 + OTHER_STORAGE_BUFFERS
+        {
+            SOURCES_PER_DISPATCH
+        } else {
+            1
+        };
         let mut this = Self {
+            shared: shared.clone(),
+            last_use: AtomicU64::new(0),
+            batch,
             compaction,
             capacity,
             meshes,
@@ -314,7 +403,6 @@ impl CullPass {
             fin_set_layout: vk::DescriptorSetLayout::null(),
             fin_layout: vk::PipelineLayout::null(),
             fin_pipeline: vk::Pipeline::null(),
-            push: ash::khr::push_descriptor::Device::new(ctx.instance(), ctx.device()),
             lists: None,
             counters: None,
             args: None,
@@ -322,23 +410,18 @@ impl CullPass {
             records: None,
             with_records,
         };
-        match this.build(ctx) {
-            Ok(()) => Ok(this),
-            Err(e) => {
-                // SAFETY: nothing was recorded with the pass yet.
-                unsafe { this.destroy_objects(ctx) };
-                this.retire_buffers(ctx, 0);
-                Err(e)
-            }
-        }
+        // On error, Drop retires whatever was built (nothing was recorded with it).
+        this.build(ctx)?;
+        Ok(this)
     }
 
     fn build(&mut self, ctx: &Context) -> Result<()> {
         use vk::DescriptorType as T;
+        let d = ctx.device();
         self.set_layout = set_layout_with_counts(
-            ctx,
+            d,
             &[
-                (T::STORAGE_BUFFER, SOURCES_PER_DISPATCH as u32),
+                (T::STORAGE_BUFFER, self.batch as u32),
                 (T::STORAGE_BUFFER, 1),
                 (T::STORAGE_BUFFER, 1),
                 (T::UNIFORM_BUFFER, 1),
@@ -346,18 +429,19 @@ impl CullPass {
             ],
             true,
         )?;
-        self.layout = pipeline_layout(ctx, self.set_layout, PUSH_BYTES)?;
-        let spirv = match self.compaction {
-            Compaction::Atomic => shaders::CULL_ATOMIC,
-            Compaction::Subgroup => shaders::CULL_SUBGROUP,
+        self.layout = pipeline_layout(d, self.set_layout, PUSH_BYTES)?;
+        let spirv = match (self.compaction, self.batch == 1) {
+            (Compaction::Atomic, false) => shaders::CULL_ATOMIC,
+            (Compaction::Subgroup, false) => shaders::CULL_SUBGROUP,
+            (Compaction::Atomic, true) => shaders::CULL_ATOMIC_SINGLE,
+            (Compaction::Subgroup, true) => shaders::CULL_SUBGROUP_SINGLE,
         };
-        self.pipeline = compute_pipeline(ctx, spirv, c"main", self.layout)?;
-        self.fin_set_layout = set_layout(ctx, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER], true)?;
-        self.fin_layout = pipeline_layout(ctx, self.fin_set_layout, 4)?;
-        self.fin_pipeline =
-            compute_pipeline(ctx, shaders::CULL_FINALIZE, c"main", self.fin_layout)?;
+        self.pipeline = compute_pipeline(d, spirv, c"main", self.layout)?;
+        self.fin_set_layout = set_layout(d, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER], true)?;
+        self.fin_layout = pipeline_layout(d, self.fin_set_layout, 4)?;
+        self.fin_pipeline = compute_pipeline(d, shaders::CULL_FINALIZE, c"main", self.fin_layout)?;
         let buffer = |name, size, usage| {
-            ctx.memory().create_buffer(&BufferDesc {
+            ctx.create_buffer(&BufferDesc {
                 name,
                 size,
                 usage: usage
@@ -398,6 +482,12 @@ impl CullPass {
         Ok(())
     }
 
+    /// Instance sources one dispatch reads on this device: [`SOURCES_PER_DISPATCH`], or 1
+    /// where the device's limits or features do not allow the array.
+    pub fn sources_per_dispatch(&self) -> usize {
+        self.batch
+    }
+
     /// Entries per LOD list.
     pub fn capacity(&self) -> u32 {
         self.capacity
@@ -436,29 +526,41 @@ impl CullPass {
         Self::get(&self.args)
     }
 
-    /// Records the whole pass: reset (fill + update), one dispatch per [`SOURCES_PER_DISPATCH`]
-    /// sources (each source starts at a fresh workgroup), finalize, and the
-    /// barrier that makes lists and arguments visible to indirect draws, vertex, fragment and
-    /// compute shaders and transfers. Zero sources or zero instances record a valid, empty pass.
+    /// Records the whole pass for `frame`: reset (fill + update), one dispatch per
+    /// [`CullPass::sources_per_dispatch`] sources (each source starts at a fresh workgroup),
+    /// finalize, and the barrier that makes lists and arguments visible to indirect draws,
+    /// vertex, fragment and compute shaders and transfers. Zero sources or zero instances
+    /// record a valid, empty pass. Marks the pass and every source used by `frame`.
     ///
     /// # Safety
-    /// `cmd` must be a command buffer of `ctx`'s device, recording, outside a render pass; the
-    /// source buffers must hold `count` instances and stay alive until the submission completes.
+    /// `cmd` must be a command buffer of this context's device, recording, outside a render
+    /// pass, on a queue family with compute, and recorded for `frame` (submitted as its
+    /// submission, or before it on the same queue). The sources' instance data must have been
+    /// written (uploads recorded earlier in submission order).
     pub unsafe fn record(
         &self,
-        ctx: &Context,
+        frame: &Frame,
         cmd: vk::CommandBuffer,
         sources: &[CullSource<'_>],
         view: &CullView,
     ) -> Result<()> {
+        frame.check(&self.shared, "CullPass::record")?;
         let (lists, counters, args, view_buf) = (
             self.lists()?,
             self.counters()?,
             self.args()?,
             Self::get(&self.view)?,
         );
+        let range = u64::from(self.shared.adapter.limits.max_storage_buffer_range);
         for s in sources {
-            if s.buffer.size() < u64::from(s.count) * size_of::<Instance>() as u64 {
+            if !s.buffer.belongs_to(&self.shared) {
+                return Err(Error::Lifecycle(format!(
+                    "cull source {:?} is of another context",
+                    s.buffer.name()
+                )));
+            }
+            let bytes = u64::from(s.count) * size_of::<Instance>() as u64;
+            if s.buffer.size() < bytes {
                 return Err(Error::InvalidInput(format!(
                     "cull source {:?} of {} bytes holds fewer than {} instances",
                     s.buffer.name(),
@@ -466,8 +568,24 @@ impl CullPass {
                     s.count
                 )));
             }
+            if s.buffer.size() > range {
+                return Err(Error::InvalidInput(format!(
+                    "cull source {:?} of {} bytes is larger than maxStorageBufferRange ({range})",
+                    s.buffer.name(),
+                    s.buffer.size()
+                )));
+            }
         }
-        let d = ctx.device();
+        let push = self.shared.push_descriptor("the cull pass")?;
+        self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
+        for b in [lists, counters, args, view_buf]
+            .into_iter()
+            .chain(self.records.as_ref())
+            .chain(sources.iter().map(|s| s.buffer))
+        {
+            b.touch(frame.value());
+        }
+        let d = &self.shared.device;
         let all_reads = vk::AccessFlags::SHADER_READ
             | vk::AccessFlags::SHADER_WRITE
             | vk::AccessFlags::INDIRECT_COMMAND_READ
@@ -479,33 +597,26 @@ impl CullPass {
             | vk::PipelineStageFlags::FRAGMENT_SHADER
             | vk::PipelineStageFlags::TRANSFER;
         let mut meshes = self.meshes;
-        for (l, m) in meshes.iter_mut().enumerate() {
+        for m in meshes.iter_mut() {
             m.instance_count = 0;
-            m.first_instance = l as u32 * self.capacity;
+            m.first_instance = 0;
         }
         let barrier = |src_access, dst_access| {
             [vk::MemoryBarrier::default()
                 .src_access_mask(src_access)
                 .dst_access_mask(dst_access)]
         };
-        let storage = |b: &Buffer| {
-            [vk::DescriptorBufferInfo::default()
-                .buffer(b.raw())
-                .range(vk::WHOLE_SIZE)]
-        };
-        let (lists_i, counters_i, args_i, view_i) = (
-            storage(lists),
-            storage(counters),
-            storage(args),
-            storage(view_buf),
-        );
+        let (lists_i, counters_i, args_i, view_i) =
+            (whole(lists), whole(counters), whole(args), whole(view_buf));
         // Without records the binding still needs a buffer; the shader never touches it then.
-        let records_i = storage(self.records.as_ref().unwrap_or(lists));
+        let records_i = whole(self.records.as_ref().unwrap_or(lists));
         // SAFETY (whole body): cmd is recording outside a render pass (caller); every buffer is
-        // live and large enough (created here, or checked above); push descriptors are enabled
-        // (checked in new); the barriers order the reset before the dispatches, the dispatches
-        // before finalize, and finalize before every consumer, including the previous frame's
-        // readers before this frame's reset (write-after-read).
+        // live and large enough (created here, or checked above) and marked used by `frame`,
+        // so none is freed before the frame completes; push descriptors are enabled (checked
+        // above); every binding, each array element included, is written before each dispatch
+        // (VUID-vkCmdDispatch-None-02697); the barriers order the reset before the dispatches,
+        // the dispatches before finalize, and finalize before every consumer, including the
+        // previous frame's readers before this frame's reset (write-after-read).
         unsafe {
             d.cmd_pipeline_barrier(
                 cmd,
@@ -534,7 +645,7 @@ impl CullPass {
                 &[],
             );
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.pipeline);
-            let max_x = ctx.adapter().max_compute_work_group_count[0].min(65_535);
+            let max_x = self.shared.adapter.limits.max_compute_work_group_count[0].min(65_535);
             let compute_write = (
                 vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::AccessFlags::SHADER_WRITE,
@@ -545,14 +656,14 @@ impl CullPass {
             );
             let live: Vec<&CullSource<'_>> = sources.iter().filter(|s| s.count > 0).collect();
             let per_group = self.compaction.per_group();
-            for (k, batch) in live.chunks(SOURCES_PER_DISPATCH).enumerate() {
+            for (k, batch) in live.chunks(self.batch).enumerate() {
                 if k > 0 {
                     // Dispatches append to the same lists and counters.
-                    memory_barrier(ctx, cmd, compute_write, compute_rw);
+                    memory_barrier(d, cmd, compute_write, compute_rw);
                 }
                 // Every entry of the binding array must be valid: unused ones repeat the first.
-                let inst_i: Vec<vk::DescriptorBufferInfo> = (0..SOURCES_PER_DISPATCH)
-                    .map(|j| storage(batch.get(j).unwrap_or(&batch[0]).buffer)[0])
+                let inst_i: Vec<vk::DescriptorBufferInfo> = (0..self.batch)
+                    .map(|j| whole(batch.get(j).unwrap_or(&batch[0]).buffer)[0])
                     .collect();
                 let writes = [
                     vk::WriteDescriptorSet::default()
@@ -564,7 +675,7 @@ impl CullPass {
                     write(3, vk::DescriptorType::UNIFORM_BUFFER, &view_i),
                     write(4, vk::DescriptorType::STORAGE_BUFFER, &records_i),
                 ];
-                self.push.cmd_push_descriptor_set(
+                push.cmd_push_descriptor_set(
                     cmd,
                     vk::PipelineBindPoint::COMPUTE,
                     self.layout,
@@ -595,13 +706,13 @@ impl CullPass {
                 );
                 d.cmd_dispatch(cmd, gx, gy, 1);
             }
-            memory_barrier(ctx, cmd, compute_write, compute_rw);
+            memory_barrier(d, cmd, compute_write, compute_rw);
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.fin_pipeline);
             let writes = [
                 write(0, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
                 write(1, vk::DescriptorType::STORAGE_BUFFER, &args_i),
             ];
-            self.push.cmd_push_descriptor_set(
+            push.cmd_push_descriptor_set(
                 cmd,
                 vk::PipelineBindPoint::COMPUTE,
                 self.fin_layout,
@@ -628,64 +739,38 @@ impl CullPass {
         }
         Ok(())
     }
-
-    /// # Safety
-    /// The GPU must have finished every submission that used the pass.
-    unsafe fn destroy_objects(&mut self, ctx: &Context) {
-        // SAFETY: idle (caller).
-        unsafe {
-            destroy_pipeline_objects(
-                ctx,
-                &mut self.pipeline,
-                &mut self.layout,
-                &mut self.set_layout,
-            );
-            destroy_pipeline_objects(
-                ctx,
-                &mut self.fin_pipeline,
-                &mut self.fin_layout,
-                &mut self.fin_set_layout,
-            );
-        }
-    }
-
-    fn retire_buffers(&mut self, ctx: &Context, value: u64) {
-        let buffers = [
-            self.lists.take(),
-            self.counters.take(),
-            self.args.take(),
-            self.view.take(),
-            self.records.take(),
-        ];
-        retire_all(ctx, buffers, value, "cull pass");
-    }
-
-    /// Waits for the context's last submission, destroys the pipelines and retires the buffers.
-    pub fn destroy(mut self, ctx: &Context) -> Result<()> {
-        let last = wait_last_submitted(ctx)?;
-        // SAFETY: every submission so far has completed.
-        unsafe { self.destroy_objects(ctx) };
-        self.retire_buffers(ctx, last);
-        Ok(())
-    }
 }
 
-fn write<'a>(
-    binding: u32,
-    ty: vk::DescriptorType,
-    info: &'a [vk::DescriptorBufferInfo; 1],
-) -> vk::WriteDescriptorSet<'a> {
-    vk::WriteDescriptorSet::default()
-        .dst_binding(binding)
-        .descriptor_type(ty)
-        .buffer_info(info)
+impl std::fmt::Debug for CullPass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CullPass")
+            .field("compaction", &self.compaction)
+            .field("capacity", &self.capacity)
+            .field("records", &self.with_records)
+            .field("sources_per_dispatch", &self.batch)
+            .field("last_use", &self.last_use.load(Ordering::Relaxed))
+            .finish()
+    }
 }
 
 impl Drop for CullPass {
     fn drop(&mut self) {
-        if self.pipeline != vk::Pipeline::null() && !std::thread::panicking() {
-            log::error!("leak: CullPass dropped without destroy()");
-        }
+        let last = *self.last_use.get_mut();
+        retire_pipeline_objects(
+            &self.shared,
+            last,
+            &mut self.pipeline,
+            &mut self.layout,
+            &mut self.set_layout,
+        );
+        retire_pipeline_objects(
+            &self.shared,
+            last,
+            &mut self.fin_pipeline,
+            &mut self.fin_layout,
+            &mut self.fin_set_layout,
+        );
+        // The buffers retire themselves at their own last use when dropped with the pass.
     }
 }
 

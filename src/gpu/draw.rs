@@ -8,17 +8,18 @@
 //! species table, by `vkCmdUpdateBuffer`), then [`DrawPass::record`] inside it.
 
 use std::f32::consts::TAU;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ash::vk;
 use glam::{Mat4, Vec3};
 
 use crate::error::{Error, Result, vk_err};
-use crate::gpu::compute::{
-    destroy_pipeline_objects, retire_all, shader_module, wait_last_submitted,
-};
-use crate::gpu::context::Context;
+use crate::gpu::adapter::DeviceFeatures;
+use crate::gpu::compute::{retire_pipeline_objects, shader_module};
+use crate::gpu::context::{Context, Frame, Shared};
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
-use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
+use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, RawObject};
 use crate::gpu::shaders;
 use crate::policy::category::Category;
 use crate::world::atlas::AtlasRegion;
@@ -306,15 +307,29 @@ impl DrawFrame {
     }
 }
 
-/// The pipeline and the buffers it reads besides the cull pass's.
+/// The draw pass's push constants (`DrawPush` in `shaders/draw.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct DrawPush {
+    /// 0: instances of `lod`; 1: the ground.
+    mode: u32,
+    /// The LOD whose list this draw reads (its base is `lod * capacity`).
+    lod: u32,
+}
+
+/// The pipeline and the buffers it reads besides the cull pass's. Dropping it retires
+/// everything at the last frame that recorded it.
 pub struct DrawPass {
+    shared: Arc<Shared>,
+    last_use: AtomicU64,
     set_layout: vk::DescriptorSetLayout,
     layout: vk::PipelineLayout,
     pipeline: vk::Pipeline,
     sampler: vk::Sampler,
     atlas_view: vk::ImageView,
+    /// The image the view is of ([`Image::id`]), checked at every record.
+    atlas_image: u64,
     atlas_page: u32,
-    push: ash::khr::push_descriptor::Device,
     lods: [DrawIndexedIndirect; 3],
     ground: DrawIndexedIndirect,
     radius: f32,
@@ -327,8 +342,9 @@ pub struct DrawPass {
 impl DrawPass {
     /// Builds the pipeline for colour and depth attachments of these formats, the meshes of
     /// [`Meshes::trees`], and a view of atlas page number `page_index`, `atlas_page` (the
-    /// billboards' page: every drawn species must be on it; a page that is replaced needs a new
-    /// pass). Needs dynamic rendering and `VK_KHR_push_descriptor`.
+    /// billboards' page: every drawn species must be on it; [`DrawPass::record`] takes the same
+    /// image every frame, and a page that is replaced needs a new pass). Needs a graphics
+    /// queue, dynamic rendering and `VK_KHR_push_descriptor`.
     pub fn new(
         ctx: &Context,
         color_format: vk::Format,
@@ -336,22 +352,33 @@ impl DrawPass {
         atlas_page: &Image,
         page_index: u32,
     ) -> Result<Self> {
-        let ext = ctx.extensions();
-        if !(ext.dynamic_rendering && ext.push_descriptor) {
-            return Err(Error::Unsupported(
-                "the draw pass needs dynamic rendering (Vulkan 1.3) and VK_KHR_push_descriptor"
-                    .into(),
-            ));
+        let shared = ctx.shared();
+        shared.require(
+            "the draw pass",
+            &DeviceFeatures {
+                push_descriptor: true,
+                dynamic_rendering: true,
+                ..Default::default()
+            },
+            vk::QueueFlags::GRAPHICS,
+        )?;
+        if !atlas_page.belongs_to(shared) {
+            return Err(Error::Lifecycle(format!(
+                "atlas page {:?} is of another context",
+                atlas_page.name()
+            )));
         }
         let meshes = Meshes::trees();
         let mut this = Self {
+            shared: shared.clone(),
+            last_use: AtomicU64::new(0),
             set_layout: vk::DescriptorSetLayout::null(),
             layout: vk::PipelineLayout::null(),
             pipeline: vk::Pipeline::null(),
             sampler: vk::Sampler::null(),
             atlas_view: vk::ImageView::null(),
+            atlas_image: atlas_page.id(),
             atlas_page: page_index,
-            push: ash::khr::push_descriptor::Device::new(ctx.instance(), ctx.device()),
             lods: meshes.lods,
             ground: meshes.ground,
             radius: meshes.radius(),
@@ -360,15 +387,9 @@ impl DrawPass {
             frame: None,
             species: None,
         };
-        match this.build(ctx, color_format, depth_format, atlas_page, &meshes) {
-            Ok(()) => Ok(this),
-            Err(e) => {
-                // SAFETY: nothing was recorded with the pass yet.
-                unsafe { this.destroy_objects(ctx) };
-                this.retire_buffers(ctx, 0);
-                Err(e)
-            }
-        }
+        // On error, Drop retires whatever was built (nothing was recorded with it).
+        this.build(ctx, color_format, depth_format, atlas_page, &meshes)?;
+        Ok(this)
     }
 
     /// Index count, first index and vertex offset of each LOD's mesh, for
@@ -392,17 +413,14 @@ impl DrawPass {
     ) -> Result<()> {
         let d = ctx.device();
         let host_buffer = |name, bytes: &[u8], usage| -> Result<Buffer> {
-            let mut b = ctx.memory().create_buffer(&BufferDesc {
+            let mut b = ctx.create_buffer(&BufferDesc {
                 name,
                 size: bytes.len() as u64,
                 usage,
                 location: MemoryLocation::CpuToGpu,
                 category: Category::Other,
             })?;
-            let m = b
-                .mapped_mut()
-                .ok_or_else(|| Error::Unsupported(format!("{name}: not host-visible")))?;
-            m[..bytes.len()].copy_from_slice(bytes);
+            b.mapped_mut()?[..bytes.len()].copy_from_slice(bytes);
             Ok(b)
         };
         self.vertices = Some(host_buffer(
@@ -416,7 +434,7 @@ impl DrawPass {
             vk::BufferUsageFlags::INDEX_BUFFER,
         )?);
         let gpu_buffer = |name, size, usage| {
-            ctx.memory().create_buffer(&BufferDesc {
+            ctx.create_buffer(&BufferDesc {
                 name,
                 size,
                 usage: usage | vk::BufferUsageFlags::TRANSFER_DST,
@@ -484,7 +502,7 @@ impl DrawPass {
             .map_err(vk_err("vkCreateDescriptorSetLayout"))?;
         let ranges = [vk::PushConstantRange::default()
             .stage_flags(vk::ShaderStageFlags::VERTEX)
-            .size(4)];
+            .size(size_of::<DrawPush>() as u32)];
         let sets = [self.set_layout];
         let info = vk::PipelineLayoutCreateInfo::default()
             .set_layouts(&sets)
@@ -493,15 +511,25 @@ impl DrawPass {
         self.layout = unsafe { d.create_pipeline_layout(&info, None) }
             .map_err(vk_err("vkCreatePipelineLayout"))?;
 
-        let module = shader_module(ctx, shaders::DRAW)?;
+        // One module per stage: GPU-assisted validation cannot instrument a module that holds
+        // both ("Mixed stage shader module not supported").
+        let vs = shader_module(d, shaders::DRAW_VS_MAIN)?;
+        let fs = match shader_module(d, shaders::DRAW_FS_MAIN) {
+            Ok(m) => m,
+            Err(e) => {
+                // SAFETY: just created, used by nothing.
+                unsafe { d.destroy_shader_module(vs, None) };
+                return Err(e);
+            }
+        };
         let stage_infos = [
             vk::PipelineShaderStageCreateInfo::default()
                 .stage(vk::ShaderStageFlags::VERTEX)
-                .module(module)
+                .module(vs)
                 .name(c"vs_main"),
             vk::PipelineShaderStageCreateInfo::default()
                 .stage(vk::ShaderStageFlags::FRAGMENT)
-                .module(module)
+                .module(fs)
                 .name(c"fs_main"),
         ];
         let vb = [vk::VertexInputBindingDescription {
@@ -582,8 +610,11 @@ impl DrawPass {
         // live; dynamic rendering is enabled (checked in new).
         let pipelines =
             unsafe { d.create_graphics_pipelines(vk::PipelineCache::null(), &info, None) };
-        // SAFETY: the module is no longer needed once the pipeline exists (or failed).
-        unsafe { d.destroy_shader_module(module, None) };
+        // SAFETY: the modules are no longer needed once the pipeline exists (or failed).
+        unsafe {
+            d.destroy_shader_module(vs, None);
+            d.destroy_shader_module(fs, None);
+        }
         self.pipeline = pipelines
             .map_err(|(_, e)| e)
             .map_err(vk_err("vkCreateGraphicsPipelines"))?[0];
@@ -601,15 +632,17 @@ impl DrawPass {
     /// x and z are filled in here. A species on another atlas page than the pass's is an error.
     ///
     /// # Safety
-    /// `cmd` must be recording on `ctx`'s device, outside any rendering scope.
+    /// `cmd` must be recording on this context's device, outside any rendering scope, and be
+    /// recorded for `frame` (submitted as its submission, or before it on the same queue).
     pub unsafe fn prepare(
         &self,
-        ctx: &Context,
+        frame: &Frame,
         cmd: vk::CommandBuffer,
         cull: &CullPass,
-        frame: &DrawFrame,
+        constants: &DrawFrame,
         species: &[Option<AtlasRegion>],
     ) -> Result<()> {
+        frame.check(&self.shared, "DrawPass::prepare")?;
         if species.len() > MAX_SPECIES {
             return Err(Error::InvalidInput(format!(
                 "{} species, the draw pass holds {MAX_SPECIES}",
@@ -629,11 +662,14 @@ impl DrawPass {
                 None => [0.0; 4],
             });
         }
-        let mut f = *frame;
+        let mut f = *constants;
         f.params[0] = cull.capacity();
         f.params[2] = species_uv.len() as u32;
         let (fb, sb) = (Self::get(&self.frame)?, Self::get(&self.species)?);
-        let d = ctx.device();
+        fb.touch(frame.value());
+        sb.touch(frame.value());
+        self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
+        let d = &self.shared.device;
         let readers =
             vk::PipelineStageFlags::VERTEX_SHADER | vk::PipelineStageFlags::FRAGMENT_SHADER;
         let reads = vk::AccessFlags::UNIFORM_READ | vk::AccessFlags::SHADER_READ;
@@ -672,21 +708,30 @@ impl DrawPass {
     }
 
     /// Records the ground and the three indirect draws (full, medium, billboard) over the whole
-    /// `extent`.
+    /// `extent`, sampling `atlas_page` (the image the pass was built with). Marks the pass, the
+    /// page and the cull pass's records and arguments used by `frame`.
     ///
     /// # Safety
-    /// `cmd` must be recording inside a dynamic-rendering scope whose attachments have the
-    /// formats given to [`DrawPass::new`]; [`CullPass::record`] (with records) and
-    /// [`DrawPass::prepare`] must have been recorded before it in submission order; the atlas
-    /// page must be in `SHADER_READ_ONLY_OPTIMAL` layout (as `Vegetation::record` leaves it).
+    /// `cmd` must be recording on this context's device inside a dynamic-rendering scope whose
+    /// attachments have the formats given to [`DrawPass::new`], recorded for `frame`;
+    /// [`CullPass::record`] (with records) and [`DrawPass::prepare`] must have been recorded
+    /// before it in submission order; the atlas page must be in `SHADER_READ_ONLY_OPTIMAL`
+    /// layout (as `Vegetation::record` leaves it).
     pub unsafe fn record(
         &self,
-        ctx: &Context,
+        frame: &Frame,
         cmd: vk::CommandBuffer,
         cull: &CullPass,
+        atlas_page: &Image,
         extent: vk::Extent2D,
     ) -> Result<()> {
-        let d = ctx.device();
+        frame.check(&self.shared, "DrawPass::record")?;
+        if atlas_page.id() != self.atlas_image {
+            return Err(Error::InvalidInput(format!(
+                "DrawPass::record: atlas page {:?} is not the image the pass was built with",
+                atlas_page.name()
+            )));
+        }
         let (vb, ib, fb, sb) = (
             Self::get(&self.vertices)?,
             Self::get(&self.indices)?,
@@ -694,6 +739,19 @@ impl DrawPass {
             Self::get(&self.species)?,
         );
         let (records, args) = (cull.records()?, cull.args()?);
+        if !records.belongs_to(&self.shared) {
+            return Err(Error::Lifecycle(
+                "DrawPass::record: the cull pass is of another context".into(),
+            ));
+        }
+        let push = self.shared.push_descriptor("the draw pass")?;
+        let value = frame.value();
+        for b in [vb, ib, fb, sb, records, args] {
+            b.touch(value);
+        }
+        atlas_page.touch(value);
+        self.last_use.fetch_max(value, Ordering::AcqRel);
+        let d = &self.shared.device;
         let buf = |b: &Buffer| {
             [vk::DescriptorBufferInfo::default()
                 .buffer(b.raw())
@@ -728,9 +786,11 @@ impl DrawPass {
         ];
         let stride = size_of::<DrawIndexedIndirect>() as u64;
         // SAFETY (whole body): cmd is recording inside a compatible rendering scope (caller);
-        // every buffer, view and sampler is live; the indirect arguments were finalized by the
-        // cull pass, whose closing barrier covers DRAW_INDIRECT and the vertex stage; each draw
-        // reads `records` only within its LOD's list (instance counts are clamped to capacity).
+        // every buffer, view and sampler is live and marked used by `frame` (the view's image
+        // is `atlas_page`, checked by id); the indirect arguments were finalized by the cull
+        // pass, whose closing barrier covers DRAW_INDIRECT and the vertex stage; each draw
+        // reads `records` only within its LOD's list (instance counts are clamped to capacity)
+        // and has firstInstance 0 (VUID-VkDrawIndexedIndirectCommand-firstInstance-00554).
         unsafe {
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::GRAPHICS, self.pipeline);
             d.cmd_set_viewport(
@@ -753,7 +813,7 @@ impl DrawPass {
                     extent,
                 }],
             );
-            self.push.cmd_push_descriptor_set(
+            push.cmd_push_descriptor_set(
                 cmd,
                 vk::PipelineBindPoint::GRAPHICS,
                 self.layout,
@@ -762,72 +822,60 @@ impl DrawPass {
             );
             d.cmd_bind_vertex_buffers(cmd, 0, &[vb.raw()], &[0]);
             d.cmd_bind_index_buffer(cmd, ib.raw(), 0, vk::IndexType::UINT32);
-            d.cmd_push_constants(
-                cmd,
-                self.layout,
-                vk::ShaderStageFlags::VERTEX,
-                0,
-                &1u32.to_le_bytes(),
-            );
+            let constants = |p: DrawPush| {
+                d.cmd_push_constants(
+                    cmd,
+                    self.layout,
+                    vk::ShaderStageFlags::VERTEX,
+                    0,
+                    bytemuck::bytes_of(&p),
+                )
+            };
+            constants(DrawPush { mode: 1, lod: 0 });
             let g = self.ground;
             d.cmd_draw_indexed(cmd, g.index_count, 1, g.first_index, g.vertex_offset, 0);
-            d.cmd_push_constants(
-                cmd,
-                self.layout,
-                vk::ShaderStageFlags::VERTEX,
-                0,
-                &0u32.to_le_bytes(),
-            );
-            for l in 0..3u64 {
-                d.cmd_draw_indexed_indirect(cmd, args.raw(), l * stride, 1, stride as u32);
+            for l in 0..3u32 {
+                constants(DrawPush { mode: 0, lod: l });
+                d.cmd_draw_indexed_indirect(
+                    cmd,
+                    args.raw(),
+                    u64::from(l) * stride,
+                    1,
+                    stride as u32,
+                );
             }
         }
         Ok(())
     }
+}
 
-    /// # Safety
-    /// The GPU must have finished every submission that used the pass.
-    unsafe fn destroy_objects(&mut self, ctx: &Context) {
-        let d = ctx.device();
-        // SAFETY: idle (caller); null handles are ignored.
-        unsafe {
-            destroy_pipeline_objects(
-                ctx,
-                &mut self.pipeline,
-                &mut self.layout,
-                &mut self.set_layout,
-            );
-            d.destroy_sampler(std::mem::take(&mut self.sampler), None);
-            d.destroy_image_view(std::mem::take(&mut self.atlas_view), None);
-        }
-    }
-
-    fn retire_buffers(&mut self, ctx: &Context, value: u64) {
-        let buffers = [
-            self.vertices.take(),
-            self.indices.take(),
-            self.frame.take(),
-            self.species.take(),
-        ];
-        retire_all(ctx, buffers, value, "draw pass");
-    }
-
-    /// Waits for the context's last submission, destroys the pipeline, view and sampler, and
-    /// retires the buffers.
-    pub fn destroy(mut self, ctx: &Context) -> Result<()> {
-        let last = wait_last_submitted(ctx)?;
-        // SAFETY: every submission so far has completed.
-        unsafe { self.destroy_objects(ctx) };
-        self.retire_buffers(ctx, last);
-        Ok(())
+impl std::fmt::Debug for DrawPass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrawPass")
+            .field("atlas_page", &self.atlas_page)
+            .field("radius", &self.radius)
+            .field("last_use", &self.last_use.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
 impl Drop for DrawPass {
     fn drop(&mut self) {
-        if self.pipeline != vk::Pipeline::null() && !std::thread::panicking() {
-            log::error!("leak: DrawPass dropped without destroy()");
-        }
+        let last = *self.last_use.get_mut();
+        retire_pipeline_objects(
+            &self.shared,
+            last,
+            &mut self.pipeline,
+            &mut self.layout,
+            &mut self.set_layout,
+        );
+        self.shared
+            .retire_object(RawObject::Sampler(std::mem::take(&mut self.sampler)), last);
+        self.shared.retire_object(
+            RawObject::ImageView(std::mem::take(&mut self.atlas_view)),
+            last,
+        );
+        // The buffers retire themselves at their own last use when dropped with the pass.
     }
 }
 

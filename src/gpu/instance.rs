@@ -24,14 +24,22 @@ pub enum Validation {
 }
 
 impl Validation {
-    /// Parses `UNDERSTORY_VALIDATION`'s value: `0`/`off`, `1`/`on`, `required`.
+    /// Parses `UNDERSTORY_VALIDATION`'s value: `0`/`off`, `1`/`on`, `required`, or
+    /// `gpu-assisted` (required, with GPU-assisted validation: see
+    /// [`Validation::parse_env`]).
     pub fn parse(s: &str) -> Result<Self> {
+        Self::parse_env(s).map(|(v, _)| v)
+    }
+
+    /// As [`Validation::parse`], and whether the value asks for GPU-assisted validation.
+    pub fn parse_env(s: &str) -> Result<(Self, bool)> {
         match s.trim().to_ascii_lowercase().as_str() {
-            "0" | "off" | "false" | "no" => Ok(Self::Off),
-            "1" | "on" | "true" | "yes" => Ok(Self::IfAvailable),
-            "required" | "require" | "2" => Ok(Self::Required),
+            "0" | "off" | "false" | "no" => Ok((Self::Off, false)),
+            "1" | "on" | "true" | "yes" => Ok((Self::IfAvailable, false)),
+            "required" | "require" | "2" => Ok((Self::Required, false)),
+            "gpu-assisted" | "gpu_assisted" | "gpuav" => Ok((Self::Required, true)),
             other => Err(Error::InvalidInput(format!(
-                "UNDERSTORY_VALIDATION={other:?}: expected 0, 1 or required"
+                "UNDERSTORY_VALIDATION={other:?}: expected 0, 1, required or gpu-assisted"
             ))),
         }
     }
@@ -46,6 +54,10 @@ pub struct InstanceOptions {
     pub validation: Validation,
     /// Also enable synchronization validation (needs the layer; slower).
     pub sync_validation: bool,
+    /// Also enable GPU-assisted validation (`VK_VALIDATION_FEATURE_ENABLE_GPU_ASSISTED_EXT`):
+    /// the layer instruments shaders to check what the GPU itself reads, such as indirect
+    /// arguments and descriptor indices (needs the layer; much slower).
+    pub gpu_assisted: bool,
 }
 
 impl Default for InstanceOptions {
@@ -58,16 +70,20 @@ impl Default for InstanceOptions {
                 Validation::Off
             },
             sync_validation: false,
+            gpu_assisted: false,
         }
     }
 }
 
 impl InstanceOptions {
-    /// Applies `UNDERSTORY_VALIDATION=0|1|required` and `UNDERSTORY_SYNC_VALIDATION=0|1`, which
-    /// override what the code asked for. A malformed value is an error, not ignored.
+    /// Applies `UNDERSTORY_VALIDATION=0|1|required|gpu-assisted` and
+    /// `UNDERSTORY_SYNC_VALIDATION=0|1`, which override what the code asked for. A malformed
+    /// value is an error, not ignored.
     pub fn with_env(mut self) -> Result<Self> {
         if let Ok(v) = std::env::var("UNDERSTORY_VALIDATION") {
-            self.validation = Validation::parse(&v)?;
+            let (validation, gpu_assisted) = Validation::parse_env(&v)?;
+            self.validation = validation;
+            self.gpu_assisted |= gpu_assisted;
         }
         if let Ok(v) = std::env::var("UNDERSTORY_SYNC_VALIDATION") {
             self.sync_validation = match v.trim() {
@@ -166,10 +182,17 @@ impl Instance {
         }
         let canary = Canary::new();
         let mut dbg = messenger_create_info(&canary);
-        let enables = [vk::ValidationFeatureEnableEXT::SYNCHRONIZATION_VALIDATION];
+        let mut enables = Vec::new();
+        if options.sync_validation {
+            enables.push(vk::ValidationFeatureEnableEXT::SYNCHRONIZATION_VALIDATION);
+        }
+        if options.gpu_assisted {
+            enables.push(vk::ValidationFeatureEnableEXT::GPU_ASSISTED);
+        }
         let mut features =
             vk::ValidationFeaturesEXT::default().enabled_validation_features(&enables);
-        if validation && options.sync_validation {
+        let features_on = validation && !enables.is_empty();
+        if features_on {
             // VK_EXT_validation_features is provided by the layer itself.
             ext_names.push(ash::ext::validation_features::NAME.as_ptr());
         }
@@ -180,7 +203,7 @@ impl Instance {
         if debug_utils {
             info = info.push_next(&mut dbg);
         }
-        if validation && options.sync_validation {
+        if features_on {
             info = info.push_next(&mut features);
         }
         // SAFETY: every pointer in `info` refers to locals alive for the call; the messenger
@@ -206,10 +229,11 @@ impl Instance {
             None
         };
         log::debug!(
-            "Vulkan instance {} (validation {}, sync validation {})",
+            "Vulkan instance {} (validation {}, sync validation {}, GPU-assisted {})",
             crate::gpu::adapter::format_version(api_version),
             validation,
-            validation && options.sync_validation
+            validation && options.sync_validation,
+            validation && options.gpu_assisted
         );
         Ok(Self {
             entry,

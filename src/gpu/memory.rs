@@ -18,16 +18,23 @@
 //!   are flushed when headroom falls below [`MemoryConfig::release_below_headroom_fraction`].
 //!
 //! # Freeing
-//! Nothing is freed when a handle is dropped. [`Memory::retire`] queues a resource with the
-//! timeline value of the last submission that used it, and [`Memory::collect`] frees it once the
-//! GPU has passed that value. A [`Buffer`] or [`Image`] dropped without being retired is a bug:
-//! it is logged, trips a debug assertion, and is retired conservatively (at the newest submitted
-//! value) at the next collect, never freed at once.
+//! Every [`Buffer`] and [`Image`] knows the last frame that used it: understory's recording
+//! functions mark what they record, and a host that records a resource's raw handle itself
+//! marks it with [`Buffer::used_in`] / [`Image::used_in`]. Dropping a resource never frees it:
+//! it joins the retire queue at its last frame's value and is freed by a later
+//! [`Context::collect`](crate::gpu::context::Context::collect) (or `begin_frame`) once the GPU has completed that frame. A resource
+//! last used by the open frame waits for that frame's submission; if the frame is dropped
+//! unsubmitted, its value goes to the next frame, so it waits for that one.
+//!
+//! Resources hold the context's shared state alive: their memory blocks (and mappings) and
+//! the device cannot go away while any of them exists.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::gpu::context::{Frame, Shared};
 
 use ash::vk;
 use gpu_allocator::vulkan::{
@@ -161,11 +168,19 @@ struct Meta {
     owner: u64,
 }
 
-/// Resources dropped without being retired, waiting to be retired conservatively.
-type Orphans = Mutex<Vec<Resource>>;
-
-/// A buffer bound to a sub-allocation. It owns the allocation; only [`Memory::retire`] gives it
-/// back.
+/// A buffer bound to a sub-allocation, made by
+/// [`Context::create_buffer`](crate::gpu::context::Context::create_buffer). Dropping it retires
+/// it: it is freed once the GPU has completed the last frame that used it.
+///
+/// A buffer keeps its context's shared state alive, so its memory (and mapping) can never be
+/// freed under it, even after [`Context::shutdown`](crate::gpu::context::Context::shutdown):
+///
+/// ```compile_fail,E0382
+/// # fn f(ctx: understory::gpu::context::Context, b: &understory::gpu::memory::Buffer) {
+/// let report = ctx.shutdown();
+/// ctx.collect(); // use of moved value: shutdown takes the context
+/// # }
+/// ```
 pub struct Buffer {
     raw: vk::Buffer,
     allocation: Option<Allocation>,
@@ -173,10 +188,14 @@ pub struct Buffer {
     usage: vk::BufferUsageFlags,
     location: MemoryLocation,
     meta: Meta,
-    orphans: Arc<Orphans>,
+    id: u64,
+    last_use: AtomicU64,
+    shared: Arc<Shared>,
 }
 
-/// A 2D image bound to a sub-allocation.
+/// A 2D image bound to a sub-allocation, made by
+/// [`Context::create_image`](crate::gpu::context::Context::create_image). Dropping it retires it
+/// like a [`Buffer`].
 pub struct Image {
     raw: vk::Image,
     allocation: Option<Allocation>,
@@ -184,7 +203,19 @@ pub struct Image {
     format: vk::Format,
     mip_levels: u32,
     meta: Meta,
-    orphans: Arc<Orphans>,
+    id: u64,
+    last_use: AtomicU64,
+    shared: Arc<Shared>,
+}
+
+/// Ids of buffers and images: unique in the process (Vulkan handles may be reused).
+static NEXT_RESOURCE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Marks `last_use` with `frame`'s value, after checking the frame is of `shared`'s context.
+fn mark(last_use: &AtomicU64, shared: &Shared, frame: &Frame, what: &str) -> Result<()> {
+    frame.check(shared, what)?;
+    last_use.fetch_max(frame.value(), Ordering::AcqRel);
+    Ok(())
 }
 
 impl Buffer {
@@ -212,16 +243,62 @@ impl Buffer {
     pub fn heap(&self) -> usize {
         self.meta.heap
     }
-    /// The mapped bytes (`size()` of them), for host-visible buffers.
-    pub fn mapped(&self) -> Option<&[u8]> {
-        let a = self.allocation.as_ref()?;
-        a.mapped_slice().map(|s| &s[..self.size as usize])
+    /// An id unique among the process's buffers and images (Vulkan handles may be reused).
+    pub fn id(&self) -> u64 {
+        self.id
     }
-    /// The mapped bytes, writable.
-    pub fn mapped_mut(&mut self) -> Option<&mut [u8]> {
+    /// Records that commands of `frame` use this buffer: it is not freed before the GPU has
+    /// completed that frame. understory's recording functions do this for what they record; a
+    /// host that records [`Buffer::raw`] into its own commands must do it too (for the frame
+    /// whose submission carries those commands), or keep the buffer alive until they completed.
+    pub fn used_in(&self, frame: &Frame) -> Result<()> {
+        mark(&self.last_use, &self.shared, frame, &self.meta.name)
+    }
+    /// The value of the last frame that used it (0: none).
+    pub fn last_use(&self) -> u64 {
+        self.last_use.load(Ordering::Acquire)
+    }
+    /// Marks a use without checking the frame (callers checked it).
+    pub(crate) fn touch(&self, value: u64) {
+        self.last_use.fetch_max(value, Ordering::AcqRel);
+    }
+    /// Whether `shared` is this buffer's context.
+    pub(crate) fn belongs_to(&self, shared: &Shared) -> bool {
+        self.meta.owner == shared.memory.id
+    }
+    fn check_idle(&self) -> Result<()> {
+        let last = self.last_use();
+        if last > 0 && self.shared.clock.completed()? < last {
+            return Err(Error::NotReady(format!(
+                "buffer {:?} is used by frame {last}, which the GPU has not completed",
+                self.meta.name
+            )));
+        }
+        Ok(())
+    }
+    /// The mapped bytes (`size()` of them) of a host-visible buffer. Only while no frame that
+    /// the GPU has not completed uses it ([`Error::NotReady`] otherwise: wait for its
+    /// [`last_use`](Buffer::last_use) first); not host-visible is [`Error::InvalidInput`].
+    pub fn mapped(&self) -> Result<&[u8]> {
+        self.check_idle()?;
+        self.allocation
+            .as_ref()
+            .and_then(Allocation::mapped_slice)
+            .map(|s| &s[..self.size as usize])
+            .ok_or_else(|| {
+                Error::InvalidInput(format!("buffer {:?} is not mapped", self.meta.name))
+            })
+    }
+    /// The mapped bytes, writable; as [`Buffer::mapped`].
+    pub fn mapped_mut(&mut self) -> Result<&mut [u8]> {
+        self.check_idle()?;
         let size = self.size as usize;
-        let a = self.allocation.as_mut()?;
-        a.mapped_slice_mut().map(|s| &mut s[..size])
+        let name = self.meta.name.clone();
+        self.allocation
+            .as_mut()
+            .and_then(Allocation::mapped_slice_mut)
+            .map(|s| &mut s[..size])
+            .ok_or_else(|| Error::InvalidInput(format!("buffer {name:?} is not mapped")))
     }
 }
 
@@ -242,6 +319,10 @@ impl Image {
     pub fn mip_levels(&self) -> u32 {
         self.mip_levels
     }
+    /// An id unique among the process's buffers and images (Vulkan handles may be reused).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
     /// Bytes of memory it holds.
     pub fn bytes(&self) -> u64 {
         self.meta.bytes
@@ -253,6 +334,22 @@ impl Image {
     /// Category.
     pub fn category(&self) -> Category {
         self.meta.category
+    }
+    /// As [`Buffer::used_in`].
+    pub fn used_in(&self, frame: &Frame) -> Result<()> {
+        mark(&self.last_use, &self.shared, frame, &self.meta.name)
+    }
+    /// The value of the last frame that used it (0: none).
+    pub fn last_use(&self) -> u64 {
+        self.last_use.load(Ordering::Acquire)
+    }
+    /// Marks a use without checking the frame (callers checked it).
+    pub(crate) fn touch(&self, value: u64) {
+        self.last_use.fetch_max(value, Ordering::AcqRel);
+    }
+    /// Whether `shared` is this image's context.
+    pub(crate) fn belongs_to(&self, shared: &Shared) -> bool {
+        self.meta.owner == shared.memory.id
     }
 }
 
@@ -280,26 +377,6 @@ impl std::fmt::Debug for Image {
     }
 }
 
-fn orphan(orphans: &Orphans, what: &str, meta: &Meta, resource: Resource) {
-    log::error!(
-        "leak: {what} {:?} ({}, {} bytes) dropped without Memory::retire; it will be freed after the newest submission",
-        meta.name,
-        meta.category,
-        meta.bytes
-    );
-    orphans
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(resource);
-    if !std::thread::panicking() {
-        debug_assert!(
-            false,
-            "{what} {:?} dropped without being retired",
-            meta.name
-        );
-    }
-}
-
 impl Drop for Buffer {
     fn drop(&mut self) {
         if let Some(allocation) = self.allocation.take() {
@@ -307,9 +384,15 @@ impl Drop for Buffer {
                 raw: self.raw,
                 allocation,
                 meta: self.meta.clone(),
-                key: None,
+                key: Some(CacheKey {
+                    usage: self.usage,
+                    location: location_id(self.location),
+                    class_bytes: size_class(self.size),
+                }),
             };
-            orphan(&self.orphans, "buffer", &self.meta, resource);
+            self.shared
+                .memory
+                .retire_resource(resource, *self.last_use.get_mut());
         }
     }
 }
@@ -322,42 +405,67 @@ impl Drop for Image {
                 allocation,
                 meta: self.meta.clone(),
             };
-            orphan(&self.orphans, "image", &self.meta, resource);
+            self.shared
+                .memory
+                .retire_resource(resource, *self.last_use.get_mut());
         }
     }
 }
 
-/// A [`Buffer`] or [`Image`] on its way to the retire queue (`.into()` makes one).
-pub struct Retirable {
-    resource: Option<Resource>,
-    /// The owner's orphan list: where a resource retired into the wrong `Memory` goes.
-    orphans: Arc<Orphans>,
+/// A Vulkan object of the context's device that holds no memory of understory's, for
+/// [`Context::retire_object`](crate::gpu::context::Context::retire_object): destroyed by the
+/// retire queue once the GPU has completed its last frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RawObject {
+    /// `vkDestroyPipeline`.
+    Pipeline(vk::Pipeline),
+    /// `vkDestroyPipelineLayout`.
+    PipelineLayout(vk::PipelineLayout),
+    /// `vkDestroyDescriptorSetLayout`.
+    DescriptorSetLayout(vk::DescriptorSetLayout),
+    /// `vkDestroyDescriptorPool`.
+    DescriptorPool(vk::DescriptorPool),
+    /// `vkDestroyImageView`.
+    ImageView(vk::ImageView),
+    /// `vkDestroySampler`.
+    Sampler(vk::Sampler),
+    /// `vkDestroyQueryPool`.
+    QueryPool(vk::QueryPool),
+    /// `vkDestroyCommandPool` (frees its command buffers).
+    CommandPool(vk::CommandPool),
 }
 
-impl From<Buffer> for Retirable {
-    fn from(mut b: Buffer) -> Self {
-        let key = CacheKey::of(&b);
-        Retirable {
-            resource: b.allocation.take().map(|allocation| Resource::Buffer {
-                raw: b.raw,
-                allocation,
-                meta: b.meta.clone(),
-                key: Some(key),
-            }),
-            orphans: b.orphans.clone(),
+impl RawObject {
+    fn is_null(&self) -> bool {
+        use ash::vk::Handle;
+        match *self {
+            RawObject::Pipeline(h) => h.is_null(),
+            RawObject::PipelineLayout(h) => h.is_null(),
+            RawObject::DescriptorSetLayout(h) => h.is_null(),
+            RawObject::DescriptorPool(h) => h.is_null(),
+            RawObject::ImageView(h) => h.is_null(),
+            RawObject::Sampler(h) => h.is_null(),
+            RawObject::QueryPool(h) => h.is_null(),
+            RawObject::CommandPool(h) => h.is_null(),
         }
     }
-}
 
-impl From<Image> for Retirable {
-    fn from(mut i: Image) -> Self {
-        Retirable {
-            resource: i.allocation.take().map(|allocation| Resource::Image {
-                raw: i.raw,
-                allocation,
-                meta: i.meta.clone(),
-            }),
-            orphans: i.orphans.clone(),
+    /// # Safety
+    /// The object belongs to `device`, and no pending command uses it.
+    unsafe fn destroy(self, device: &ash::Device) {
+        // SAFETY: forwarded contract; each handle is destroyed with its own call, once.
+        unsafe {
+            match self {
+                RawObject::Pipeline(h) => device.destroy_pipeline(h, None),
+                RawObject::PipelineLayout(h) => device.destroy_pipeline_layout(h, None),
+                RawObject::DescriptorSetLayout(h) => device.destroy_descriptor_set_layout(h, None),
+                RawObject::DescriptorPool(h) => device.destroy_descriptor_pool(h, None),
+                RawObject::ImageView(h) => device.destroy_image_view(h, None),
+                RawObject::Sampler(h) => device.destroy_sampler(h, None),
+                RawObject::QueryPool(h) => device.destroy_query_pool(h, None),
+                RawObject::CommandPool(h) => device.destroy_command_pool(h, None),
+            }
         }
     }
 }
@@ -375,19 +483,29 @@ enum Resource {
         allocation: Allocation,
         meta: Meta,
     },
+    Object(RawObject),
 }
 
 impl Resource {
-    fn meta(&self) -> &Meta {
+    fn meta(&self) -> Option<&Meta> {
         match self {
-            Resource::Buffer { meta, .. } | Resource::Image { meta, .. } => meta,
+            Resource::Buffer { meta, .. } | Resource::Image { meta, .. } => Some(meta),
+            Resource::Object(_) => None,
         }
+    }
+    /// (heap, bytes, category) for the accounting; objects hold nothing.
+    fn held(&self) -> (usize, u64, Category) {
+        self.meta()
+            .map_or((0, 0, Category::Other), |m| (m.heap, m.bytes, m.category))
     }
 }
 
 impl std::fmt::Debug for Resource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Resource({:?})", self.meta().name)
+        match self {
+            Resource::Object(o) => write!(f, "Resource({o:?})"),
+            r => write!(f, "Resource({:?})", r.meta().map(|m| &m.name)),
+        }
     }
 }
 
@@ -397,16 +515,6 @@ struct CacheKey {
     usage: vk::BufferUsageFlags,
     location: u8,
     class_bytes: u64,
-}
-
-impl CacheKey {
-    fn of(b: &Buffer) -> Self {
-        Self {
-            usage: b.usage,
-            location: location_id(b.location),
-            class_bytes: size_class(b.size),
-        }
-    }
 }
 
 fn location_id(l: MemoryLocation) -> u8 {
@@ -462,8 +570,8 @@ pub struct MemoryStats {
     pub cache_hits: u64,
     /// Resources freed by the retire queue since creation.
     pub frees_completed: u64,
-    /// Resources dropped without being retired (bugs; each was also logged).
-    pub dropped_without_retire: u64,
+    /// Resources and objects that joined the retire queue since creation.
+    pub retired_total: u64,
     /// Requests refused with `OverBudget`.
     pub refused_over_budget: u64,
     /// Times empty blocks were released to the driver.
@@ -489,9 +597,11 @@ pub struct HeapReport {
 /// What a shutdown found.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ShutdownReport {
-    /// Resources freed from the retire queue (and dropped-without-retire list) at shutdown.
+    /// Resources and objects freed from the retire queue at shutdown.
     pub drained: u64,
-    /// Allocations still live after draining: leaks, with name, category and bytes.
+    /// Allocations still alive after draining, with name, category and bytes: held by objects
+    /// not yet dropped (they are freed when dropped, and keep the device alive until then), or
+    /// forgotten. A clean shutdown has none.
     pub leaks: Vec<Leak>,
 }
 
@@ -537,7 +647,7 @@ struct HeapLimit {
 
 /// The device's memory: allocators, accounting, budgets, retire queue.
 pub struct Memory {
-    id: u64,
+    pub(crate) id: u64,
     device: ash::Device,
     instance: ash::Instance,
     physical_device: vk::PhysicalDevice,
@@ -547,14 +657,13 @@ pub struct Memory {
     categories: [Mutex<CategoryState>; 4],
     reserved_total_by_heap: Vec<AtomicU64>,
     retire: Mutex<(RetireQueue<Resource>, Vec<u64>)>,
-    orphans: Arc<Orphans>,
     budget: Mutex<BudgetState>,
     limits: Vec<HeapLimit>,
     pageable: Option<ash::ext::pageable_device_local_memory::Device>,
     alloc_calls: AtomicU64,
     allocations_total: AtomicU64,
     cache_hits: AtomicU64,
-    dropped_without_retire: AtomicU64,
+    retired_total: AtomicU64,
     refused: AtomicU64,
     block_releases: AtomicU64,
 }
@@ -594,9 +703,8 @@ impl Memory {
             .map(|t| (t.property_flags, t.heap_index as usize))
             .collect();
         let n = heaps.len();
-        let mut categories = Vec::new();
-        for _ in Category::ALL {
-            categories.push(Mutex::new(CategoryState {
+        let categories: [Mutex<CategoryState>; 4] = std::array::from_fn(|_| {
+            Mutex::new(CategoryState {
                 allocator: None,
                 live_bytes: 0,
                 peak_live_bytes: 0,
@@ -606,11 +714,8 @@ impl Memory {
                 prioritized: HashSet::new(),
                 cache: HashMap::new(),
                 cached_bytes: 0,
-            }));
-        }
-        let categories: [Mutex<CategoryState>; 4] = categories
-            .try_into()
-            .map_err(|_| Error::Allocator("category count".into()))?;
+            })
+        });
         let this = Self {
             id: NEXT_MEMORY_ID.fetch_add(1, Ordering::Relaxed),
             device: device.clone(),
@@ -622,7 +727,6 @@ impl Memory {
             categories,
             reserved_total_by_heap: (0..n).map(|_| AtomicU64::new(0)).collect(),
             retire: Mutex::new((RetireQueue::new(), vec![0; n])),
-            orphans: Arc::new(Mutex::new(Vec::new())),
             budget: Mutex::new(BudgetState {
                 heaps: budgets,
                 last: Vec::new(),
@@ -640,7 +744,7 @@ impl Memory {
             alloc_calls: AtomicU64::new(0),
             allocations_total: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
-            dropped_without_retire: AtomicU64::new(0),
+            retired_total: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             block_releases: AtomicU64::new(0),
         };
@@ -939,7 +1043,11 @@ impl Memory {
 
     /// Creates a buffer bound to a sub-allocation (or reuses a cached one of the same size class).
     /// Typed errors: zero size, size over the heap, [`Error::OverBudget`], out of memory.
-    pub fn create_buffer(&self, desc: &BufferDesc<'_>) -> Result<Buffer> {
+    pub(crate) fn create_buffer(
+        &self,
+        shared: &Arc<Shared>,
+        desc: &BufferDesc<'_>,
+    ) -> Result<Buffer> {
         if desc.size == 0 {
             return Err(Error::InvalidInput(format!(
                 "buffer {:?}: size 0",
@@ -963,7 +1071,7 @@ impl Memory {
             location: location_id(desc.location),
             class_bytes: class,
         };
-        if let Some(b) = self.take_cached(desc, key) {
+        if let Some(b) = self.take_cached(shared, desc, key) {
             return Ok(b);
         }
         let info = vk::BufferCreateInfo::default()
@@ -994,11 +1102,18 @@ impl Memory {
             usage: desc.usage,
             location: desc.location,
             meta,
-            orphans: self.orphans.clone(),
+            id: NEXT_RESOURCE_ID.fetch_add(1, Ordering::Relaxed),
+            last_use: AtomicU64::new(0),
+            shared: shared.clone(),
         })
     }
 
-    fn take_cached(&self, desc: &BufferDesc<'_>, key: CacheKey) -> Option<Buffer> {
+    fn take_cached(
+        &self,
+        shared: &Arc<Shared>,
+        desc: &BufferDesc<'_>,
+        key: CacheKey,
+    ) -> Option<Buffer> {
         if self.config.cache_bytes[desc.category] == 0 {
             return None;
         }
@@ -1020,12 +1135,14 @@ impl Memory {
             usage: desc.usage,
             location: desc.location,
             meta,
-            orphans: self.orphans.clone(),
+            id: NEXT_RESOURCE_ID.fetch_add(1, Ordering::Relaxed),
+            last_use: AtomicU64::new(0),
+            shared: shared.clone(),
         })
     }
 
     /// Creates a 2D optimal-tiling image in device-local memory.
-    pub fn create_image(&self, desc: &ImageDesc<'_>) -> Result<Image> {
+    pub(crate) fn create_image(&self, shared: &Arc<Shared>, desc: &ImageDesc<'_>) -> Result<Image> {
         if desc.extent.width == 0 || desc.extent.height == 0 || desc.mip_levels == 0 {
             return Err(Error::InvalidInput(format!(
                 "image {:?}: extent {}x{} with {} mips",
@@ -1077,73 +1194,36 @@ impl Memory {
             format: desc.format,
             mip_levels: desc.mip_levels,
             meta,
-            orphans: self.orphans.clone(),
+            id: NEXT_RESOURCE_ID.fetch_add(1, Ordering::Relaxed),
+            last_use: AtomicU64::new(0),
+            shared: shared.clone(),
         })
     }
 
-    /// Queues `resource` to be freed once the GPU completes `last_used` (the timeline value of
-    /// the last submission that used it). `last_submitted` is the newest value handed out.
-    ///
-    /// Errors: a resource of another `Memory` ([`Error::InvalidInput`]; it stays allocated in
-    /// its owner and is reported there as a leak), or `last_used > last_submitted` (the value was
-    /// never submitted; the resource is still queued safely and freed once that value completes,
-    /// or at shutdown).
-    pub fn retire(
-        &self,
-        resource: impl Into<Retirable>,
-        last_used: u64,
-        last_submitted: u64,
-    ) -> Result<()> {
-        let Retirable { resource, orphans } = resource.into();
-        let Some(resource) = resource else {
-            return Ok(());
-        };
-        let meta = resource.meta();
-        let (owner, heap, bytes, category) = (meta.owner, meta.heap, meta.bytes, meta.category);
-        let name = meta.name.clone();
-        if owner != self.id {
-            log::error!(
-                "retire: {:?} belongs to another context; handed back to its owner, which frees it after its newest submission",
-                name
-            );
-            lock(&orphans).push(resource);
-            return Err(Error::InvalidInput(format!(
-                "{:?} was allocated by another context",
-                name
-            )));
-        }
+    /// Queues a resource to be freed once the GPU has completed frame `last_used`.
+    fn retire_resource(&self, resource: Resource, last_used: u64) {
+        let (heap, bytes, category) = resource.held();
         let mut q = lock(&self.retire);
         q.1[heap] += bytes;
         q.0.retire(resource, last_used, bytes, category);
-        drop(q);
-        if last_used > last_submitted {
-            return Err(Error::InvalidInput(format!(
-                "{:?} retired at timeline value {last_used}, but only {last_submitted} was submitted; queued until that value completes",
-                name
-            )));
-        }
-        Ok(())
+        self.retired_total.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Frees everything whose value the GPU has completed; orphans (dropped without retire) are
-    /// first queued at `last_submitted`. Returns how many resources were freed.
-    pub fn collect(&self, completed: u64, last_submitted: u64) -> usize {
-        let orphans = std::mem::take(&mut *lock(&self.orphans));
-        if !orphans.is_empty() {
-            self.dropped_without_retire
-                .fetch_add(orphans.len() as u64, Ordering::Relaxed);
-            let mut q = lock(&self.retire);
-            for r in orphans {
-                let m = r.meta().clone();
-                q.1[m.heap] += m.bytes;
-                q.0.retire(r, last_submitted, m.bytes, m.category);
-            }
+    /// Queues a Vulkan object (null handles are ignored).
+    pub(crate) fn retire_object(&self, object: RawObject, last_used: u64) {
+        if !object.is_null() {
+            self.retire_resource(Resource::Object(object), last_used);
         }
+    }
+
+    /// Frees everything whose frame the GPU has completed. Returns how many were freed.
+    pub(crate) fn collect(&self, completed: u64) -> usize {
         let freed = {
             let mut q = lock(&self.retire);
             let freed = q.0.collect(completed);
             for r in &freed {
-                q.1[r.resource.meta().heap] -= r.bytes;
+                let (heap, bytes, _) = r.resource.held();
+                q.1[heap] -= bytes;
             }
             freed
         };
@@ -1164,7 +1244,7 @@ impl Memory {
         let mut guards: Vec<MutexGuard<'_, CategoryState>> =
             self.categories.iter().map(lock).collect();
         for r in resources {
-            let c = r.resource.meta().category as usize;
+            let c = r.resource.held().2 as usize;
             self.free_one(&mut guards[c], r.resource, may_cache);
         }
     }
@@ -1205,6 +1285,9 @@ impl Memory {
                 Self::release_live(st, meta.heap, meta.bytes);
                 self.free_locked(st, meta.heap, allocation);
             }
+            // SAFETY: as above; objects in the queue belong to this device (the constructors
+            // and `Context::retire_object` see to it).
+            Resource::Object(o) => unsafe { o.destroy(&self.device) },
         }
     }
 
@@ -1352,62 +1435,68 @@ impl Memory {
             allocations_total: self.allocations_total.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             frees_completed,
-            dropped_without_retire: self.dropped_without_retire.load(Ordering::Relaxed),
+            retired_total: self.retired_total.load(Ordering::Relaxed),
             refused_over_budget: self.refused.load(Ordering::Relaxed),
             block_releases: self.block_releases.load(Ordering::Relaxed),
         }
     }
 
-    /// After [`Memory::shutdown`]: destroys the handles of resources dropped since (their memory
-    /// went with the allocators), so that no Vulkan object outlives the device. Returns how many.
-    ///
-    /// # Safety
-    /// The GPU must be idle and `shutdown` must have run.
-    pub(crate) unsafe fn destroy_late_orphans(&self) -> usize {
-        let late = std::mem::take(&mut *lock(&self.orphans));
-        for r in &late {
-            log::error!("leak: {:?} dropped after shutdown", r.meta().name);
-            match r {
-                // SAFETY: the device is idle (caller) and nothing else holds the handle.
-                Resource::Buffer { raw, .. } => unsafe { self.device.destroy_buffer(*raw, None) },
-                // SAFETY: as above.
-                Resource::Image { raw, .. } => unsafe { self.device.destroy_image(*raw, None) },
+    /// The allocations still alive, as leaks (name, category, bytes).
+    pub(crate) fn live_allocations(&self) -> Vec<Leak> {
+        let mut leaks = Vec::new();
+        for c in Category::ALL {
+            let st = lock(&self.categories[c as usize]);
+            if let Some(a) = st.allocator.as_ref() {
+                leaks.extend(
+                    a.generate_report()
+                        .allocations
+                        .into_iter()
+                        .map(|alloc| Leak {
+                            name: alloc.name,
+                            category: c,
+                            bytes: alloc.size,
+                        }),
+                );
             }
         }
-        late.len()
+        leaks
     }
 
-    /// Shutdown, after the GPU is idle: frees orphans and the retire queue, flushes the cache,
-    /// reports what is still live as leaks, and drops the allocators (every block goes back).
+    /// Frees everything in the retire queue, whatever its value, and every cached buffer.
+    /// Returns how many were freed.
     ///
     /// # Safety
-    /// The GPU must have completed every submission.
-    pub(crate) unsafe fn shutdown(&self) -> ShutdownReport {
-        let mut report = ShutdownReport::default();
-        let collected = self.collect(u64::MAX, u64::MAX) as u64;
+    /// The GPU must have completed every submission that used them.
+    pub(crate) unsafe fn drain(&self) -> u64 {
         let drained = {
             let mut q = lock(&self.retire);
             let all = q.0.drain();
             q.1.iter_mut().for_each(|p| *p = 0);
             all
         };
-        report.drained = collected + drained.len() as u64;
+        let n = drained.len() as u64;
         self.free_resources(drained, false);
         self.flush_cache();
+        n
+    }
+
+    /// The end: frees what remains and drops the allocators (every block goes back).
+    ///
+    /// # Safety
+    /// The GPU must be idle and no [`Buffer`] or [`Image`] of this memory may exist (they keep
+    /// the shared state, and so this memory, alive).
+    pub(crate) unsafe fn teardown(&self) {
+        // SAFETY: forwarded contract.
+        unsafe { self.drain() };
         for c in Category::ALL {
             let mut st = lock(&self.categories[c as usize]);
             if let Some(a) = st.allocator.take() {
                 for alloc in a.generate_report().allocations {
                     log::error!(
-                        "leak: {:?} ({c}, {} bytes) still allocated at shutdown",
+                        "leak: {:?} ({c}, {} bytes) still allocated at teardown",
                         alloc.name,
                         alloc.size
                     );
-                    report.leaks.push(Leak {
-                        name: alloc.name,
-                        category: c,
-                        bytes: alloc.size,
-                    });
                 }
             }
             for (h, r) in st.reserved_by_heap.iter_mut().enumerate() {
@@ -1415,7 +1504,27 @@ impl Memory {
                 *r = 0;
             }
         }
-        report
+    }
+
+    /// The GPU may still use everything: keeps every block and handle (leaked on purpose)
+    /// rather than free memory in use.
+    pub(crate) fn leak_everything(&self) {
+        let queued = {
+            let mut q = lock(&self.retire);
+            q.0.drain()
+        };
+        log::error!(
+            "GPU not known idle: {} queued resources and every memory block are leaked, not freed in use",
+            queued.len()
+        );
+        std::mem::forget(queued);
+        for c in &self.categories {
+            let mut st = lock(c);
+            std::mem::forget(std::mem::take(&mut st.cache));
+            if let Some(a) = st.allocator.take() {
+                std::mem::forget(a);
+            }
+        }
     }
 }
 

@@ -5,8 +5,8 @@
 use ash::vk;
 
 use crate::error::{Error, Result};
-use crate::gpu::compute::{BindingSet, ComputePipeline, ComputePipelineDesc};
-use crate::gpu::context::Context;
+use crate::gpu::compute::{ComputePipeline, ComputePipelineDesc};
+use crate::gpu::context::{Context, Frame};
 use crate::gpu::memory::Buffer;
 use crate::gpu::shaders;
 
@@ -14,13 +14,14 @@ use crate::gpu::shaders;
 pub const SCAN_BLOCK: u32 = 256;
 
 /// The pipeline.
+#[derive(Debug)]
 pub struct BlockScan {
     pipeline: ComputePipeline,
 }
 
 impl BlockScan {
-    /// Builds the pipeline; `max_sets` bounds how many [`BlockScan::bind`] calls it serves.
-    pub fn new(ctx: &Context, max_sets: u32) -> Result<Self> {
+    /// Builds the pipeline.
+    pub fn new(ctx: &Context) -> Result<Self> {
         Ok(Self {
             pipeline: ComputePipeline::new(
                 ctx,
@@ -30,22 +31,27 @@ impl BlockScan {
                     entry: c"main",
                     storage_buffers: 3,
                     push_constant_bytes: 4,
-                    max_sets,
                 },
             )?,
         })
     }
 
-    /// Binds `input` (`count` u32s), `output` (`count` u32s) and `block_sums`
-    /// (`ceil(count / 256)` u32s), checking their sizes.
-    pub fn bind(
+    /// Records the dispatch for `count` elements of `input` into `output` (`count` u32s each)
+    /// and `block_sums` (`ceil(count / 256)` u32s), checking their sizes. Zero elements record
+    /// nothing.
+    ///
+    /// # Safety
+    /// As [`ComputePipeline::record_dispatch`]. The caller adds the barriers that order the
+    /// input writes before, and the output reads after, this dispatch.
+    pub unsafe fn record(
         &self,
-        ctx: &Context,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
         input: &Buffer,
         output: &Buffer,
         block_sums: &Buffer,
         count: u32,
-    ) -> Result<BindingSet> {
+    ) -> Result<()> {
         let need = u64::from(count) * 4;
         let blocks = u64::from(count.div_ceil(SCAN_BLOCK)) * 4;
         if input.size() < need || output.size() < need || block_sums.size() < blocks {
@@ -56,40 +62,20 @@ impl BlockScan {
                 block_sums.size()
             )));
         }
-        self.pipeline.bind_set(ctx, &[input, output, block_sums])
-    }
-
-    /// Records the dispatch for `count` elements. Zero elements records nothing.
-    ///
-    /// # Safety
-    /// As [`ComputePipeline::record_dispatch`]; `set` must come from [`BlockScan::bind`] with the
-    /// same `count` or larger buffers. The caller adds the barriers that order the input writes
-    /// before, and the output reads after, this dispatch.
-    pub unsafe fn record(
-        &self,
-        ctx: &Context,
-        cmd: vk::CommandBuffer,
-        set: BindingSet,
-        count: u32,
-    ) -> Result<()> {
         if count == 0 {
             return Ok(());
         }
         let groups = [count.div_ceil(SCAN_BLOCK), 1, 1];
         // SAFETY: forwarded contract.
         unsafe {
-            self.pipeline
-                .record_dispatch(ctx, cmd, set, &count.to_le_bytes(), groups)
+            self.pipeline.record_dispatch(
+                frame,
+                cmd,
+                &[input, output, block_sums],
+                &count.to_le_bytes(),
+                groups,
+            )
         }
-    }
-
-    /// Destroys the pipeline.
-    ///
-    /// # Safety
-    /// The GPU must have finished every submission that used it.
-    pub unsafe fn destroy(&mut self, ctx: &Context) {
-        // SAFETY: forwarded contract.
-        unsafe { self.pipeline.destroy(ctx) };
     }
 }
 

@@ -1,103 +1,311 @@
-//! A timeline semaphore: every submission signals the next value; the GPU's progress is one
-//! number that can be read without blocking.
+//! The frame clock: every frame gets the next value of one sequence (1, 2, 3, …), and the GPU's
+//! progress is the highest value below which every frame is known complete.
+//!
+//! A frame's submission is tracked by the signal the host chose for it ([`FrameSignal`]):
+//! understory's timeline semaphore at the frame's value, the host's own timeline semaphore at a
+//! value of the host's, or completion the host reports itself. Frames may mix these; a frame
+//! counts as complete only once it and every frame before it are observed complete.
+//!
+//! At most one frame is open (begun, not yet submitted) at a time, and understory signals its
+//! semaphore only for that frame's own submission, so a value handed to the host can never be
+//! overtaken. A frame dropped without being submitted gives its value back: the next frame
+//! gets it, so everything recorded against it is freed only after a real submission of that
+//! value completes.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ash::vk;
 
 use crate::error::{Error, Result, vk_err};
 
-/// The timeline of one queue.
-pub struct Timeline {
-    device: ash::Device,
-    semaphore: vk::Semaphore,
-    /// Last value handed out to a submission; written under `order`, read without a lock.
-    last_submitted: AtomicU64,
-    /// Serializes handing out values with the submissions that signal them.
-    order: Mutex<()>,
+/// How a frame's submission lets understory see that the GPU finished it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameSignal {
+    /// The submission signals understory's timeline semaphore
+    /// ([`Context::timeline_semaphore`](crate::gpu::context::Context::timeline_semaphore)) with
+    /// the frame's value. understory reads and waits on it.
+    Timeline,
+    /// The submission signals the host's own timeline semaphore with `value`. understory reads
+    /// it to learn what completed and may wait on it for this frame's value (never for others).
+    HostTimeline {
+        /// A timeline semaphore of the context's device.
+        semaphore: vk::Semaphore,
+        /// The value the submission signals.
+        value: u64,
+    },
+    /// The host reports completion itself with
+    /// [`Context::frames_completed`](crate::gpu::context::Context::frames_completed), e.g. after
+    /// waiting on its own fence. understory never waits for such a frame: where it would have
+    /// to, it returns [`Error::NotReady`].
+    HostReported,
 }
 
-impl Timeline {
+/// Proof that a frame was submitted: returned only by the calls that submit one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    value: u64,
+}
+
+impl Submitted {
+    /// The frame's value; [`Context::wait`](crate::gpu::context::Context::wait) takes it.
+    pub fn value(&self) -> u64 {
+        self.value
+    }
+}
+
+#[derive(Default)]
+struct ClockState {
+    /// Highest value submitted.
+    last_submitted: u64,
+    /// Whether a frame (value `last_submitted + 1`) is open.
+    open: bool,
+    /// Submitted frames not yet observed complete, oldest first.
+    in_flight: VecDeque<(u64, FrameSignal)>,
+    /// Highest value the host reported complete (`HostReported` frames).
+    reported: u64,
+    /// No more frames: the context was shut down.
+    closed: bool,
+}
+
+/// The frame clock of one context. Owns understory's timeline semaphore.
+pub(crate) struct Clock {
+    device: ash::Device,
+    semaphore: vk::Semaphore,
+    state: Mutex<ClockState>,
+    /// Highest value every frame up to which is known complete (a cache of `poll`).
+    completed: AtomicU64,
+}
+
+/// One thing to wait on for a frame: a semaphore and a value, or nothing to wait on.
+enum WaitOn {
+    Semaphore(vk::Semaphore, u64),
+    Reported(u64),
+}
+
+impl Clock {
     /// # Safety
-    /// `device` must be live with `timelineSemaphore` enabled, and outlive this object, which must
-    /// be destroyed with [`Timeline::destroy`].
+    /// `device` must be live with `timelineSemaphore` enabled, and outlive this object, which
+    /// must be destroyed with [`Clock::destroy`].
     pub(crate) unsafe fn new(device: &ash::Device) -> Result<Self> {
         let mut ty = vk::SemaphoreTypeCreateInfo::default()
             .semaphore_type(vk::SemaphoreType::TIMELINE)
             .initial_value(0);
         let info = vk::SemaphoreCreateInfo::default().push_next(&mut ty);
-        // SAFETY: timelineSemaphore is enabled (caller); the info is valid.
+        // SAFETY: timelineSemaphore is enabled (caller); the info is valid
+        // (VUID-VkSemaphoreTypeCreateInfo-timelineSemaphore-03252).
         let semaphore =
             unsafe { device.create_semaphore(&info, None) }.map_err(vk_err("vkCreateSemaphore"))?;
         Ok(Self {
             device: device.clone(),
             semaphore,
-            last_submitted: AtomicU64::new(0),
-            order: Mutex::new(()),
+            state: Mutex::new(ClockState::default()),
+            completed: AtomicU64::new(0),
         })
     }
 
-    /// The semaphore, for hosts that signal it in their own submissions (see
-    /// [`Timeline::reserve`]).
-    pub fn semaphore(&self) -> vk::Semaphore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClockState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// understory's timeline semaphore.
+    pub(crate) fn semaphore(&self) -> vk::Semaphore {
         self.semaphore
     }
 
-    /// The highest value the GPU has signalled. Never blocks.
-    pub fn completed_value(&self) -> Result<u64> {
-        // SAFETY: the semaphore is a live timeline semaphore of this device.
-        unsafe { self.device.get_semaphore_counter_value(self.semaphore) }
+    /// Highest value submitted.
+    pub(crate) fn last_submitted(&self) -> u64 {
+        self.lock().last_submitted
+    }
+
+    /// Opens the next frame and returns its value.
+    pub(crate) fn open(&self) -> Result<u64> {
+        let mut s = self.lock();
+        if s.closed {
+            return Err(Error::Lifecycle(
+                "the context was shut down: no more frames".into(),
+            ));
+        }
+        if s.open {
+            return Err(Error::Lifecycle(format!(
+                "frame {} is still open: submit it or drop it before beginning another",
+                s.last_submitted + 1
+            )));
+        }
+        s.open = true;
+        Ok(s.last_submitted + 1)
+    }
+
+    /// The open frame was dropped without being submitted: its value goes to the next frame.
+    pub(crate) fn abandon(&self, value: u64) {
+        let mut s = self.lock();
+        if s.open && s.last_submitted + 1 == value {
+            s.open = false;
+        }
+    }
+
+    /// Checks that `value` is the open frame (before a submission that signals it).
+    pub(crate) fn check_open(&self, value: u64) -> Result<()> {
+        let s = self.lock();
+        if s.closed {
+            return Err(Error::Lifecycle(
+                "the context was shut down: no more submissions".into(),
+            ));
+        }
+        if !(s.open && s.last_submitted + 1 == value) {
+            return Err(Error::Lifecycle(format!(
+                "frame {value} is not the open frame"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records that the open frame `value` was submitted with `signal`.
+    pub(crate) fn submitted(&self, value: u64, signal: FrameSignal) -> Result<Submitted> {
+        let mut s = self.lock();
+        if !(s.open && s.last_submitted + 1 == value) {
+            return Err(Error::Lifecycle(format!(
+                "frame {value} is not the open frame"
+            )));
+        }
+        if let FrameSignal::HostTimeline { semaphore, .. } = signal {
+            if semaphore == vk::Semaphore::null() || semaphore == self.semaphore {
+                return Err(Error::InvalidInput(
+                    "FrameSignal::HostTimeline needs the host's own timeline semaphore".into(),
+                ));
+            }
+        }
+        s.open = false;
+        s.last_submitted = value;
+        s.in_flight.push_back((value, signal));
+        Ok(Submitted { value })
+    }
+
+    /// The host reports every `HostReported` frame up to `value` complete.
+    pub(crate) fn report(&self, value: u64) -> Result<()> {
+        let mut s = self.lock();
+        if value > s.last_submitted {
+            return Err(Error::Lifecycle(format!(
+                "frames up to {value} reported complete, but only {} were submitted",
+                s.last_submitted
+            )));
+        }
+        s.reported = s.reported.max(value);
+        Ok(())
+    }
+
+    /// No more frames or submissions.
+    pub(crate) fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        s.open = false;
+    }
+
+    fn counter(&self, semaphore: vk::Semaphore) -> Result<u64> {
+        // SAFETY: a live timeline semaphore of this device: ours, or one the host vouched for
+        // in `Context::frame_submitted` until the frame that names it is observed complete.
+        unsafe { self.device.get_semaphore_counter_value(semaphore) }
             .map_err(vk_err("vkGetSemaphoreCounterValue"))
     }
 
-    /// The last value handed to a submission.
-    pub fn last_submitted(&self) -> u64 {
-        self.last_submitted.load(Ordering::Acquire)
-    }
-
-    /// Hands out the next value for a submission the caller makes itself; that submission must
-    /// signal this semaphore with exactly this value, in reservation order.
-    pub fn reserve(&self) -> u64 {
-        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        self.last_submitted.fetch_add(1, Ordering::AcqRel) + 1
-    }
-
-    /// Signals `value` from the host: for values handed out by [`Timeline::reserve`] that the
-    /// host completes itself (and for tests). `value` must be reserved and above the current one.
-    pub fn signal(&self, value: u64) -> Result<()> {
-        let current = self.completed_value()?;
-        if value <= current || value > self.last_submitted() {
-            return Err(Error::InvalidInput(format!(
-                "signal {value}: must be above the completed value {current} and at most the last reserved {}",
-                self.last_submitted()
-            )));
+    /// Reads the GPU's progress without blocking: the highest value up to which every submitted
+    /// frame is complete.
+    pub(crate) fn completed(&self) -> Result<u64> {
+        let mut s = self.lock();
+        let mut own = None;
+        while let Some(&(value, signal)) = s.in_flight.front() {
+            let done = match signal {
+                FrameSignal::Timeline => {
+                    let v = match own {
+                        Some(v) => v,
+                        None => *own.insert(self.counter(self.semaphore)?),
+                    };
+                    v >= value
+                }
+                FrameSignal::HostTimeline {
+                    semaphore,
+                    value: v,
+                } => self.counter(semaphore)? >= v,
+                FrameSignal::HostReported => s.reported >= value,
+            };
+            if !done {
+                break;
+            }
+            s.in_flight.pop_front();
+            self.completed.store(value, Ordering::Release);
         }
-        let info = vk::SemaphoreSignalInfo::default()
-            .semaphore(self.semaphore)
-            .value(value);
-        // SAFETY: a live timeline semaphore; value is greater than its current value
-        // (VUID-VkSemaphoreSignalInfo-value-03258).
-        unsafe { self.device.signal_semaphore(&info) }.map_err(vk_err("vkSignalSemaphore"))
+        if s.in_flight.is_empty() {
+            self.completed.store(s.last_submitted, Ordering::Release);
+        }
+        Ok(self.completed.load(Ordering::Acquire))
     }
 
-    /// Waits until the GPU reaches `value`. Returns `Ok(false)` on timeout. Waiting for a value
-    /// never handed out is an error (it would never complete).
-    pub fn wait(&self, value: u64, timeout: Duration) -> Result<bool> {
-        if value > self.last_submitted() {
-            return Err(Error::InvalidInput(format!(
-                "wait for timeline value {value}, but only {} was submitted",
-                self.last_submitted()
-            )));
+    /// Waits until every frame up to `value` is complete. A value never submitted is a
+    /// [`Error::Lifecycle`]; a frame the host reports itself and has not reported is
+    /// [`Error::NotReady`]; running out of time is [`Error::Timeout`].
+    pub(crate) fn wait(&self, value: u64, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        let waits: Vec<WaitOn> = {
+            let s = self.lock();
+            if value > s.last_submitted {
+                return Err(Error::Lifecycle(format!(
+                    "wait for frame {value}, but only {} were submitted",
+                    s.last_submitted
+                )));
+            }
+            s.in_flight
+                .iter()
+                .take_while(|(v, _)| *v <= value)
+                .map(|&(v, signal)| match signal {
+                    FrameSignal::Timeline => WaitOn::Semaphore(self.semaphore, v),
+                    FrameSignal::HostTimeline { semaphore, value } => {
+                        WaitOn::Semaphore(semaphore, value)
+                    }
+                    FrameSignal::HostReported => WaitOn::Reported(v),
+                })
+                .collect()
+        };
+        for w in waits {
+            match w {
+                WaitOn::Semaphore(semaphore, v) => {
+                    let left = timeout.saturating_sub(started.elapsed());
+                    if !self.wait_semaphore(semaphore, v, left)? {
+                        return Err(Error::Timeout {
+                            what: format!("frame {value}"),
+                            waited_ms: started.elapsed().as_millis() as u64,
+                        });
+                    }
+                }
+                WaitOn::Reported(v) => {
+                    if self.lock().reported < v {
+                        return Err(Error::NotReady(format!(
+                            "frame {v} signals completion through the host (FrameSignal::HostReported) and has not been reported complete"
+                        )));
+                    }
+                }
+            }
         }
-        let semaphores = [self.semaphore];
+        self.completed()?;
+        Ok(())
+    }
+
+    /// Whether `value` of `semaphore` was reached within `timeout`.
+    fn wait_semaphore(
+        &self,
+        semaphore: vk::Semaphore,
+        value: u64,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let semaphores = [semaphore];
         let values = [value];
         let info = vk::SemaphoreWaitInfo::default()
             .semaphores(&semaphores)
             .values(&values);
         let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        // SAFETY: a live timeline semaphore of this device.
+        // SAFETY: a live timeline semaphore of this device (see `counter`); waiting on it is
+        // not a device- or queue-wide wait.
         match unsafe { self.device.wait_semaphores(&info, nanos) } {
             Ok(()) => Ok(true),
             Err(vk::Result::TIMEOUT) => Ok(false),
@@ -105,37 +313,13 @@ impl Timeline {
         }
     }
 
-    /// Submits `command_buffers` to `queue`, signalling the next value, which is returned.
-    ///
-    /// # Safety
-    /// `queue` must belong to this device and be externally synchronized by the caller; the
-    /// command buffers must be executable and everything they reference alive until the value
-    /// completes.
-    pub(crate) unsafe fn submit(
-        &self,
-        queue: vk::Queue,
-        command_buffers: &[vk::CommandBuffer],
-    ) -> Result<u64> {
-        // Hold the order lock across the submit so values reach the queue in order.
-        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        let value = self.last_submitted.load(Ordering::Acquire) + 1;
-        let signal_values = [value];
-        let signals = [self.semaphore];
-        let mut tl =
-            vk::TimelineSemaphoreSubmitInfo::default().signal_semaphore_values(&signal_values);
-        let submit = vk::SubmitInfo::default()
-            .command_buffers(command_buffers)
-            .signal_semaphores(&signals)
-            .push_next(&mut tl);
-        // SAFETY: the caller owns queue synchronization and the command buffers' validity; the
-        // signal value is strictly greater than any earlier one (VUID-VkSubmitInfo-pSignalSemaphores-03242).
-        unsafe {
-            self.device
-                .queue_submit(queue, &[submit], vk::Fence::null())
-        }
-        .map_err(vk_err("vkQueueSubmit"))?;
-        self.last_submitted.store(value, Ordering::Release);
-        Ok(value)
+    /// Whether a wait for `value` could block only on semaphores (no frame the host reports).
+    pub(crate) fn waitable(&self, value: u64) -> bool {
+        let s = self.lock();
+        s.in_flight
+            .iter()
+            .take_while(|(v, _)| *v <= value)
+            .all(|(v, signal)| *signal != FrameSignal::HostReported || s.reported >= *v)
     }
 
     /// # Safety

@@ -28,9 +28,14 @@ pub fn skip(test: &str, reason: &str) {
 }
 
 /// Options for a validated test context: validation required, synchronization validation on
-/// unless `UNDERSTORY_SYNC_VALIDATION=0`; `UNDERSTORY_DEVICE` respected.
+/// unless `UNDERSTORY_SYNC_VALIDATION=0`, GPU-assisted validation with
+/// `UNDERSTORY_VALIDATION=gpu-assisted`; `UNDERSTORY_DEVICE` respected.
 pub fn options() -> ContextOptions {
     let sync = std::env::var("UNDERSTORY_SYNC_VALIDATION").map_or(true, |v| v != "0");
+    let gpu_assisted = std::env::var("UNDERSTORY_VALIDATION")
+        .ok()
+        .and_then(|v| Validation::parse_env(&v).ok())
+        .is_some_and(|(_, g)| g);
     let device = std::env::var("UNDERSTORY_DEVICE")
         .ok()
         .map(|v| understory::gpu::adapter::DeviceSelector::parse(&v).expect("UNDERSTORY_DEVICE"));
@@ -39,6 +44,7 @@ pub fn options() -> ContextOptions {
             app_name: "understory tests".into(),
             validation: Validation::Required,
             sync_validation: sync,
+            gpu_assisted,
         },
         device,
         ..Default::default()
@@ -128,10 +134,9 @@ pub fn assert_clean(canary: &Arc<Canary>, what: &str) {
 
 /// Tears the context down (wait, free, destroy) and checks: no leaks, no validation messages,
 /// including those raised during teardown.
-pub fn finish(mut ctx: Context, what: &str) {
+pub fn finish(ctx: Context, what: &str) {
     let canary = ctx.canary().clone();
-    let report = ctx.shutdown();
-    drop(ctx);
+    let report = ctx.shutdown().expect("shutdown");
     assert!(report.leaks.is_empty(), "{what}: leaked {:?}", report.leaks);
     assert_clean(&canary, what);
 }

@@ -28,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU8;
 use std::time::{Duration, Instant};
 
 use ash::vk;
@@ -36,7 +37,7 @@ use glam::{Vec2, Vec3};
 use crate::error::{Error, Result};
 use crate::gpu::atlas::{self, RegionUpload};
 use crate::gpu::budget::Source;
-use crate::gpu::context::{Context, Frame, Shared};
+use crate::gpu::context::{Context, Frame, FrameFate, Shared};
 use crate::gpu::cull::CullSource;
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, MemoryStats};
 use crate::policy::category::Category;
@@ -136,11 +137,44 @@ pub struct PatchGpu {
     pub node: NodeId,
     /// Bytes of GPU memory held.
     pub bytes: u64,
-    /// Whether the copy of its instances is recorded (in a frame already recorded): only then
-    /// is it a cull source.
-    pub uploaded: bool,
     /// Which upload this is: a pending copy applies only to the upload it was staged for.
     upload: u64,
+    state: UploadState,
+}
+
+impl PatchGpu {
+    /// Whether its instances are on the GPU, or will be by the time the open frame's commands
+    /// after [`Vegetation::record`] run: only then is it a cull source.
+    pub fn uploaded(&self) -> bool {
+        match &self.state {
+            UploadState::Staged => false,
+            UploadState::Recorded(fate) => FrameFate::of(fate) != FrameFate::Dropped,
+            UploadState::Uploaded => true,
+        }
+    }
+}
+
+/// Where a patch's upload is.
+#[derive(Debug)]
+enum UploadState {
+    /// Staged, not recorded yet.
+    Staged,
+    /// Recorded into a frame whose submission is not known yet.
+    Recorded(Arc<AtomicU8>),
+    /// Recorded into a submitted frame.
+    Uploaded,
+}
+
+/// Uploads recorded into a frame whose submission is not known yet: confirmed once it is
+/// submitted; staged again if it is dropped unsubmitted (its commands never run).
+struct RecordedUploads {
+    fate: Arc<AtomicU8>,
+    staging: Vec<Buffer>,
+    copies: Vec<PendingCopy>,
+    regions: Vec<PendingRegion>,
+    /// Pages (index, image id) this batch uploaded to first: their layout is undefined again
+    /// if it never runs.
+    first_uses: Vec<(u32, u64)>,
 }
 
 struct Species {
@@ -287,6 +321,7 @@ pub struct Vegetation {
     staging: Vec<Buffer>,
     copies: Vec<PendingCopy>,
     atlas_uploads: Vec<PendingRegion>,
+    recorded: Vec<RecordedUploads>,
     next_upload: u64,
     /// Resident tiles with patches spawned since their upload.
     incomplete: std::collections::HashSet<NodeId>,
@@ -349,6 +384,7 @@ impl Vegetation {
             staging: Vec::new(),
             copies: Vec::new(),
             atlas_uploads: Vec::new(),
+            recorded: Vec::new(),
             next_upload: 1,
             incomplete: Default::default(),
             frames: 0,
@@ -667,6 +703,7 @@ impl Vegetation {
     /// and recorded by [`Vegetation::record`] (until then they stay staged).
     pub fn update(&mut self, frame: &Frame, camera: Vec3) -> Result<UpdateReport> {
         frame.check(&self.shared, "Vegetation::update")?;
+        self.settle_recorded();
         if !camera.is_finite() {
             return Err(Error::InvalidInput(format!("camera at {camera}")));
         }
@@ -851,7 +888,8 @@ impl Vegetation {
                     size: len,
                     usage: vk::BufferUsageFlags::STORAGE_BUFFER
                         | vk::BufferUsageFlags::VERTEX_BUFFER
-                        | vk::BufferUsageFlags::TRANSFER_DST,
+                        | vk::BufferUsageFlags::TRANSFER_DST
+                        | vk::BufferUsageFlags::TRANSFER_SRC,
                     location: MemoryLocation::GpuOnly,
                     category: Category::Instances,
                 }) {
@@ -899,8 +937,8 @@ impl Vegetation {
                     atlas: region,
                     node: p.node,
                     bytes: gpu_bytes,
-                    uploaded: false,
                     upload,
+                    state: UploadState::Staged,
                 });
                 patches += 1;
                 self.uploads += 1;
@@ -929,10 +967,18 @@ impl Vegetation {
     /// recorded for `frame`: submitted as its submission, or before it on the same queue.
     pub unsafe fn record(&mut self, frame: &Frame, cmd: vk::CommandBuffer) -> Result<()> {
         frame.check(&self.shared, "Vegetation::record")?;
+        self.settle_recorded();
         let value = frame.value();
+        let fate = frame.fate();
         let d = &self.shared.device;
         let graphics = self.shared.queue_flags.contains(vk::QueueFlags::GRAPHICS);
-        let mut copied = 0usize;
+        let mut batch = RecordedUploads {
+            fate: fate.clone(),
+            staging: std::mem::take(&mut self.staging),
+            copies: Vec::new(),
+            regions: Vec::new(),
+            first_uses: Vec::new(),
+        };
         for c in std::mem::take(&mut self.copies) {
             let Some(gpu) = self.patches[c.slot as usize]
                 .as_mut()
@@ -941,7 +987,7 @@ impl Vegetation {
             else {
                 continue;
             };
-            let Some(staging) = self.staging.get(c.staging) else {
+            let Some(staging) = batch.staging.get(c.staging) else {
                 continue;
             };
             // One copy region per destination buffer.
@@ -952,35 +998,39 @@ impl Vegetation {
             };
             staging.touch(value);
             gpu.buffer.touch(value);
-            gpu.uploaded = true;
-            copied += 1;
+            gpu.state = UploadState::Recorded(fate.clone());
             // SAFETY: cmd is recording (caller); both buffers are live and marked used by
             // `frame`, so neither is freed before it completes; the ranges lie inside both
             // (sized from the same instance bytes).
             unsafe { d.cmd_copy_buffer(cmd, staging.raw(), gpu.buffer.raw(), &[region]) };
+            batch.copies.push(c);
         }
+        let copied = !batch.copies.is_empty();
         let mut pages: Vec<u32> = self.atlas_uploads.iter().map(|u| u.page).collect();
         pages.sort_unstable();
         pages.dedup();
+        let regions = std::mem::take(&mut self.atlas_uploads);
         for page in pages {
             let Some(p) = self.pages.get_mut(page as usize).and_then(Option::as_mut) else {
                 continue;
             };
             // Uploads of one page, grouped per staging buffer.
             let mut groups: HashMap<usize, Vec<RegionUpload>> = HashMap::new();
-            for u in self
-                .atlas_uploads
+            for u in regions
                 .iter()
                 .filter(|u| u.page == page && u.image == p.image.id())
             {
                 groups.entry(u.staging).or_default().push(u.region);
             }
-            for (s, regions) in groups {
-                let Some(staging) = self.staging.get(s) else {
+            for (s, group) in groups {
+                let Some(staging) = batch.staging.get(s) else {
                     continue;
                 };
                 staging.touch(value);
                 p.image.touch(value);
+                if !p.initialized {
+                    batch.first_uses.push((page, p.image.id()));
+                }
                 // SAFETY: as above; the page image and the staging are marked used by `frame`.
                 unsafe {
                     atlas::record_uploads(
@@ -990,16 +1040,17 @@ impl Vegetation {
                         &p.image,
                         !p.initialized,
                         staging.raw(),
-                        &regions,
+                        &group,
                     )
                 };
                 p.initialized = true;
             }
         }
-        self.atlas_uploads.clear();
-        // Every staged upload is recorded or skipped: the staging retires at its last use.
-        self.staging.clear();
-        if copied > 0 {
+        batch.regions = regions;
+        if !batch.staging.is_empty() {
+            self.recorded.push(batch);
+        }
+        if copied {
             let mut dst_stages = vk::PipelineStageFlags::COMPUTE_SHADER;
             if graphics {
                 dst_stages |= vk::PipelineStageFlags::VERTEX_INPUT
@@ -1028,14 +1079,79 @@ impl Vegetation {
         Ok(())
     }
 
-    /// The resident patches whose instances are uploaded (their copy recorded), as sources for
-    /// the GPU cull pass, numbered consecutively (`base`) in patch-slot order, with the
-    /// instances they hold on the CPU (for references and tests).
+    /// Settles uploads recorded into frames that were submitted (confirmed, their staging
+    /// retired) or dropped (staged again, to be recorded by the next `record`).
+    fn settle_recorded(&mut self) {
+        let mut open = Vec::new();
+        for batch in std::mem::take(&mut self.recorded) {
+            match FrameFate::of(&batch.fate) {
+                FrameFate::Open => open.push(batch),
+                FrameFate::Submitted => {
+                    for c in &batch.copies {
+                        if let Some(gpu) = self.patches[c.slot as usize]
+                            .as_mut()
+                            .and_then(|p| p.gpu.as_mut())
+                            .filter(|g| g.upload == c.upload)
+                        {
+                            gpu.state = UploadState::Uploaded;
+                        }
+                    }
+                    // The staging drops here, retiring at the frame that used it.
+                }
+                FrameFate::Dropped => self.restage(batch),
+            }
+        }
+        self.recorded = open;
+    }
+
+    /// Puts a dropped frame's uploads back in front of what is staged now.
+    fn restage(&mut self, batch: RecordedUploads) {
+        let shift = batch.staging.len();
+        for c in &mut self.copies {
+            c.staging += shift;
+        }
+        for r in &mut self.atlas_uploads {
+            r.staging += shift;
+        }
+        for c in &batch.copies {
+            if let Some(gpu) = self.patches[c.slot as usize]
+                .as_mut()
+                .and_then(|p| p.gpu.as_mut())
+                .filter(|g| g.upload == c.upload)
+            {
+                gpu.state = UploadState::Staged;
+            }
+        }
+        for (page, image) in &batch.first_uses {
+            if let Some(p) = self
+                .pages
+                .get_mut(*page as usize)
+                .and_then(Option::as_mut)
+                .filter(|p| p.image.id() == *image)
+            {
+                p.initialized = false;
+            }
+        }
+        let mut staging = batch.staging;
+        staging.append(&mut self.staging);
+        self.staging = staging;
+        let mut copies = batch.copies;
+        copies.append(&mut self.copies);
+        self.copies = copies;
+        let mut regions = batch.regions;
+        regions.append(&mut self.atlas_uploads);
+        self.atlas_uploads = regions;
+    }
+
+    /// The resident patches whose instances are uploaded ([`PatchGpu::uploaded`]: their copy
+    /// recorded into a submitted frame, or into the open frame by [`Vegetation::record`]), as
+    /// sources for the GPU cull pass, numbered consecutively (`base`) in patch-slot order, with
+    /// the instances they hold on the CPU (for references and tests).
     pub fn cull_sources(&self) -> Vec<(CullSource<'_>, &[Instance])> {
         let mut base = 0u32;
         let mut out = Vec::new();
         for p in self.patches.iter().flatten() {
-            if let Some(gpu) = p.gpu.as_ref().filter(|g| g.uploaded) {
+            if let Some(gpu) = p.gpu.as_ref().filter(|g| g.uploaded()) {
                 let count = p.instances.len() as u32;
                 out.push((
                     CullSource {

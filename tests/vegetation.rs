@@ -462,3 +462,107 @@ fn patches_spawned_into_resident_tiles_are_uploaded() {
     drop((veg, ring));
     common::finish(ctx, "resident tile spawn");
 }
+
+/// Uploads are never lost and never copy from freed staging: staged and not recorded for a few
+/// frames, then recorded into a frame that is dropped unsubmitted (its commands never run), the
+/// instances still reach the GPU with the next recorded and submitted frame, byte for byte.
+#[test]
+fn uploads_survive_frames_that_skip_record_or_are_dropped() {
+    let Some(ctx) = common::context("uploads_survive_dropped_frames") else {
+        return;
+    };
+    let mut veg = Vegetation::new(&ctx, VegetationConfig::default()).unwrap();
+    let grass = species(&mut veg, "grass", [40, 160, 40, 255]);
+    let instances: Vec<Instance> = (0..100)
+        .map(|i| Instance::at(Vec3::new(1.0 + i as f32 * 0.1, 0.0, 2.0)))
+        .collect();
+    let id = veg
+        .spawn(&PatchDesc {
+            species: grass,
+            instances: &instances,
+        })
+        .unwrap();
+    let camera = Vec3::new(5.0, 2.0, 5.0);
+    // Two frames that update (staging the upload) but record nothing and submit nothing.
+    for _ in 0..2 {
+        let frame = ctx.begin_frame().unwrap();
+        veg.update(&frame, camera).unwrap();
+        drop(frame);
+    }
+    let gpu = veg.patch_gpu(id).unwrap().expect("resident");
+    assert!(!gpu.uploaded(), "staged, not recorded");
+    // Recorded into a frame that is then dropped: the commands never run.
+    let mut ring = FrameRing::new(&ctx).unwrap();
+    {
+        let frame = ctx.begin_frame().unwrap();
+        veg.update(&frame, camera).unwrap();
+        let cmd = ring.begin(&frame).unwrap();
+        // SAFETY: recording for `frame`; the frame is dropped unsubmitted, so nothing runs.
+        unsafe { veg.record(&frame, cmd.raw()).unwrap() };
+        assert!(
+            veg.patch_gpu(id).unwrap().unwrap().uploaded(),
+            "in this frame"
+        );
+        drop(cmd);
+        drop(frame);
+    }
+    assert!(
+        !veg.patch_gpu(id).unwrap().unwrap().uploaded(),
+        "its frame was dropped"
+    );
+    // The next frame records and submits it: the buffer holds the instances.
+    frame(&ctx, &mut veg, &mut ring, camera);
+    let gpu = veg.patch_gpu(id).unwrap().expect("resident");
+    assert!(gpu.uploaded());
+    let bytes = gpu.instance_bytes;
+    let read = ctx
+        .create_buffer(&understory::gpu::memory::BufferDesc {
+            name: "patch readback",
+            size: bytes,
+            usage: ash::vk::BufferUsageFlags::TRANSFER_DST,
+            location: understory::gpu::memory::MemoryLocation::GpuToCpu,
+            category: Category::Other,
+        })
+        .unwrap();
+    let src = &veg.patch_gpu(id).unwrap().unwrap().buffer;
+    ctx.submit_and_wait(|frame, cmd| {
+        src.used_in(frame)?;
+        read.used_in(frame)?;
+        // SAFETY: recording for `frame`; both buffers are marked used by it; the copy follows
+        // the upload's frame on the same queue (and its closing barrier).
+        unsafe {
+            ctx.device().cmd_copy_buffer(
+                cmd,
+                src.raw(),
+                read.raw(),
+                &[ash::vk::BufferCopy {
+                    src_offset: 0,
+                    dst_offset: 0,
+                    size: bytes,
+                }],
+            );
+            understory::gpu::compute::memory_barrier(
+                ctx.device(),
+                cmd,
+                (
+                    ash::vk::PipelineStageFlags::TRANSFER,
+                    ash::vk::AccessFlags::TRANSFER_WRITE,
+                ),
+                (
+                    ash::vk::PipelineStageFlags::HOST,
+                    ash::vk::AccessFlags::HOST_READ,
+                ),
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
+    let got: &[Instance] = bytemuck::cast_slice(read.mapped().unwrap());
+    for (g, want) in got.iter().zip(&instances) {
+        assert_eq!(g.position, want.position);
+        assert_eq!(g.scale, want.scale);
+    }
+    assert_eq!(got.len(), instances.len());
+    drop((read, veg, ring));
+    common::finish(ctx, "uploads survive dropped frames");
+}

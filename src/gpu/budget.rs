@@ -189,6 +189,8 @@ pub struct DriverBudget {
     instance: ash::Instance,
     physical_device: vk::PhysicalDevice,
     has_ext: bool,
+    /// Keeps whatever owns `instance` alive (a context's shared state), if anything.
+    _keep: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl DriverBudget {
@@ -206,7 +208,18 @@ impl DriverBudget {
             instance,
             physical_device,
             has_ext,
+            _keep: None,
         }
+    }
+
+    /// The same source, holding `owner` (what keeps the instance alive) for as long as it
+    /// lives.
+    pub(crate) fn keeping(
+        mut self,
+        owner: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        self._keep = Some(owner);
+        self
     }
 }
 

@@ -20,7 +20,7 @@
 //!   waits for the last frame, frees everything retired, and reports what is still alive.
 //!   Objects still alive keep the shared state (and the device) alive until they are dropped.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -136,8 +136,9 @@ pub(crate) struct Shared {
     /// A wait timed out (or could not be made) at shutdown: leak rather than destroy.
     stuck: AtomicBool,
     owns_device: bool,
-    /// Dropped last: the messenger and (if ours) the instance go after the device.
-    pub(crate) instance: Instance,
+    /// Dropped last: the messenger and (if ours) the instance go after the device. Shared with
+    /// budget sources handed out, which may outlive the rest.
+    pub(crate) instance: Arc<Instance>,
 }
 
 impl Shared {
@@ -243,7 +244,7 @@ impl Shared {
         unsafe { self.device.queue_submit(*queue, &[submit], sync.fence) }
             .map_err(vk_err("vkQueueSubmit"))?;
         let submitted = self.clock.submitted(frame.value, FrameSignal::Timeline)?;
-        frame.done = true;
+        frame.end(FrameFate::Submitted);
         Ok(submitted)
     }
 }
@@ -326,6 +327,8 @@ pub struct SubmitSync<'a> {
 pub struct Frame {
     shared: Arc<Shared>,
     value: u64,
+    /// What became of the frame: [`FrameFate`] as u8, shared with whoever recorded into it.
+    fate: Arc<AtomicU8>,
     completed: u64,
     freed: usize,
     heaps: Vec<HeapReport>,
@@ -359,7 +362,16 @@ impl Frame {
     pub fn heaps(&self) -> &[HeapReport] {
         &self.heaps
     }
-    /// `Lifecycle` unless this frame is of `shared`'s context and still open.
+    /// What becomes of this frame (open, then submitted or dropped): recorders that keep
+    /// work until its submission is known hold it.
+    pub(crate) fn fate(&self) -> Arc<AtomicU8> {
+        self.fate.clone()
+    }
+    fn end(&mut self, fate: FrameFate) {
+        self.done = true;
+        self.fate.store(fate as u8, Ordering::Release);
+    }
+    /// `Lifecycle` unless this frame is of `shared`'s context.
     pub(crate) fn check(&self, shared: &Shared, what: &str) -> Result<()> {
         if self.shared.id() != shared.id() {
             return Err(Error::Lifecycle(format!(
@@ -374,7 +386,27 @@ impl Frame {
 impl Drop for Frame {
     fn drop(&mut self) {
         if !self.done {
+            self.end(FrameFate::Dropped);
             self.shared.clock.abandon(self.value);
+        }
+    }
+}
+
+/// What became of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum FrameFate {
+    Open = 0,
+    Submitted = 1,
+    Dropped = 2,
+}
+
+impl FrameFate {
+    pub(crate) fn of(fate: &AtomicU8) -> Self {
+        match fate.load(Ordering::Acquire) {
+            0 => FrameFate::Open,
+            1 => FrameFate::Submitted,
+            _ => FrameFate::Dropped,
         }
     }
 }
@@ -697,7 +729,7 @@ impl Context {
                 one_shot_pool: Mutex::new(pool),
                 stuck: AtomicBool::new(false),
                 owns_device,
-                instance,
+                instance: Arc::new(instance),
             }),
             shut_down: false,
         })
@@ -773,18 +805,19 @@ impl Context {
         self.shared.create_image(desc)
     }
 
-    /// A budget source reading this device's heaps.
+    /// A budget source reading this device's heaps. It keeps the context's instance (not the
+    /// device) alive for as long as it lives.
     pub fn budget_source(&self) -> DriverBudget {
-        // SAFETY: the physical device belongs to our instance, which outlives any use the caller
-        // can make of the source while the context lives; memory_budget is only set when
-        // enabled.
-        unsafe {
+        // SAFETY: the physical device belongs to our instance, which the source keeps alive;
+        // memory_budget is only set when enabled.
+        let source = unsafe {
             DriverBudget::new(
                 self.shared.instance.raw.clone(),
                 self.shared.adapter.handle,
                 self.shared.features.memory_budget,
             )
-        }
+        };
+        source.keeping(self.shared.instance.clone())
     }
 
     /// A refreshable per-heap budget for this device.
@@ -829,6 +862,7 @@ impl Context {
         let mut frame = Frame {
             shared: self.shared.clone(),
             value,
+            fate: Arc::new(AtomicU8::new(FrameFate::Open as u8)),
             completed: 0,
             freed: 0,
             heaps: Vec::new(),
@@ -886,7 +920,7 @@ impl Context {
     ) -> Result<Submitted> {
         frame.check(&self.shared, "frame_submitted")?;
         let s = self.shared.clock.submitted(frame.value, signal)?;
-        frame.done = true;
+        frame.end(FrameFate::Submitted);
         Ok(s)
     }
 

@@ -11,7 +11,6 @@
 
 #![allow(clippy::too_many_lines)]
 
-use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -210,24 +209,19 @@ impl Engine {
             }
         }
         let (physical_device, family) = chosen.ok_or("no device has what understory needs")?;
-        // SAFETY: pd belongs to instance.
-        let supported = unsafe { instance.enumerate_device_extension_properties(physical_device)? };
-        let has = |n: &CStr| {
-            supported
-                .iter()
-                .any(|e| e.extension_name_as_c_str() == Ok(n))
-        };
-        let mut names: Vec<*const std::ffi::c_char> =
-            req.extensions.iter().map(|n| n.as_ptr()).collect();
-        let memory_budget = has(ash::ext::memory_budget::NAME);
-        if memory_budget {
-            names.push(ash::ext::memory_budget::NAME.as_ptr());
-        }
+        // What to enable on this device: understory's required extensions and features, and
+        // the optional ones it supports (the real memory budget, faster culling).
+        // SAFETY: physical_device comes from instance.
+        let adapter =
+            unsafe { understory::gpu::adapter::Adapter::query(&instance, 0, physical_device)? };
+        let plan = req.plan(&adapter);
+        let names: Vec<*const std::ffi::c_char> =
+            plan.extensions.iter().map(|n| n.as_ptr()).collect();
         // The engine's own features, then understory's on top.
         let mut core = vk::PhysicalDeviceFeatures::default();
         let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
         let mut v13 = vk::PhysicalDeviceVulkan13Features::default().synchronization2(false);
-        req.features.enable(&mut core, &mut v12, &mut v13);
+        plan.features.enable(&mut core, &mut v12, &mut v13);
         let priorities = [1.0f32];
         let queues = [vk::DeviceQueueCreateInfo::default()
             .queue_family_index(family)
@@ -242,10 +236,7 @@ impl Engine {
         let device = unsafe { instance.create_device(physical_device, &info, None)? };
         // SAFETY: family/index 0 was requested.
         let queue = unsafe { device.get_device_queue(family, 0) };
-        let enabled = understory::gpu::adapter::DeviceFeatures {
-            memory_budget,
-            ..req.device_features
-        };
+        let enabled = plan.enabled;
 
         let pool_info = vk::CommandPoolCreateInfo::default()
             .queue_family_index(family)

@@ -211,22 +211,17 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
         })?);
     }
     let mut ring = FrameRing::new(ctx)?;
-    let cull = if ctx.features().push_descriptor {
-        let compaction = if ctx.adapter().subgroup_ballot_in_compute {
-            Compaction::Subgroup
-        } else {
-            Compaction::Atomic
-        };
-        Some(CullPass::new(
-            ctx,
-            compaction,
-            (1 << 20).min(CullPass::max_capacity(ctx, false)),
-            [Default::default(); 3],
-        )?)
+    let compaction = if ctx.adapter().subgroup_ballot_in_compute {
+        Compaction::Subgroup
     } else {
-        log::warn!("no VK_KHR_push_descriptor: the soak runs without the GPU cull pass");
-        None
+        Compaction::Atomic
     };
+    let cull = Some(CullPass::new(
+        ctx,
+        compaction,
+        (1 << 20).min(CullPass::max_capacity(ctx, false)),
+        [Default::default(); 3],
+    )?);
     let mut rows = Vec::with_capacity(config.frames as usize);
     let settle = u64::from(ctx.frames_in_flight()) + 2;
     let mut last_change = 0;

@@ -182,7 +182,7 @@ fn a_species_on_another_atlas_page_is_refused() {
     let Some(ctx) = common::context("a_species_on_another_atlas_page") else {
         return;
     };
-    if !(ctx.features().dynamic_rendering && ctx.features().push_descriptor) {
+    if !ctx.features().dynamic_rendering {
         common::skip("a_species_on_another_atlas_page", "no dynamic rendering");
         common::finish(ctx, "atlas page");
         return;

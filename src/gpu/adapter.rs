@@ -48,8 +48,6 @@ pub struct DeviceFeatures {
     /// `VK_EXT_pageable_device_local_memory` with its `pageableDeviceLocalMemory` feature: lets
     /// the driver page device-local memory out (needs `memory_priority`).
     pub pageable_device_local_memory: bool,
-    /// `VK_KHR_push_descriptor`: the cull and draw passes bind their buffers without pools.
-    pub push_descriptor: bool,
     /// Vulkan 1.3 `dynamicRendering`: the draw pass records inside the host's
     /// `vkCmdBeginRendering` scope.
     pub dynamic_rendering: bool,
@@ -71,9 +69,6 @@ impl DeviceFeatures {
         if self.pageable_device_local_memory {
             v.push(ash::ext::pageable_device_local_memory::NAME);
         }
-        if self.push_descriptor {
-            v.push(ash::khr::push_descriptor::NAME);
-        }
         v
     }
 
@@ -94,11 +89,6 @@ impl DeviceFeatures {
                 self.pageable_device_local_memory,
                 other.pageable_device_local_memory,
                 "VK_EXT_pageable_device_local_memory (pageableDeviceLocalMemory)",
-            ),
-            (
-                self.push_descriptor,
-                other.push_descriptor,
-                "VK_KHR_push_descriptor",
             ),
             (
                 self.dynamic_rendering,
@@ -125,7 +115,6 @@ impl DeviceFeatures {
             memory_priority: self.memory_priority && other.memory_priority,
             pageable_device_local_memory: self.pageable_device_local_memory
                 && other.pageable_device_local_memory,
-            push_descriptor: self.push_descriptor && other.push_descriptor,
             dynamic_rendering: self.dynamic_rendering && other.dynamic_rendering,
             storage_buffer_array_dynamic_indexing: self.storage_buffer_array_dynamic_indexing
                 && other.storage_buffer_array_dynamic_indexing,
@@ -143,8 +132,6 @@ pub struct DeviceLimits {
     pub max_per_stage_resources: u32,
     /// `maxStorageBufferRange` (at least 128 MiB): the most bytes one storage binding covers.
     pub max_storage_buffer_range: u32,
-    /// `maxPushDescriptors` of `VK_KHR_push_descriptor` (0 without it).
-    pub max_push_descriptors: u32,
     /// `maxComputeWorkGroupCount`.
     pub max_compute_work_group_count: [u32; 3],
 }
@@ -216,11 +203,11 @@ impl Adapter {
         None
     }
 
-    /// Reads everything about `handle`.
+    /// Reads everything about `handle` (`index` is only recorded).
     ///
     /// # Safety
-    /// `handle` must come from `instance`, which must be at Vulkan >= 1.1.
-    pub(crate) unsafe fn query(
+    /// `handle` must come from `instance`, which must be live and at Vulkan >= 1.1.
+    pub unsafe fn query(
         instance: &ash::Instance,
         index: usize,
         handle: vk::PhysicalDevice,
@@ -240,7 +227,6 @@ impl Adapter {
             memory_priority: has(ash::ext::memory_priority::NAME),
             pageable_device_local_memory: has(ash::ext::pageable_device_local_memory::NAME)
                 && has(ash::ext::memory_priority::NAME),
-            push_descriptor: has(ash::khr::push_descriptor::NAME),
             dynamic_rendering: false,
             storage_buffer_array_dynamic_indexing: false,
         };
@@ -251,7 +237,6 @@ impl Adapter {
         let mut driver = format!("driver {:#x}", props.driver_version);
         let mut subgroup_size = 0;
         let mut subgroup_ballot = false;
-        let mut max_push_descriptors = 0;
         let mut extensions = extensions;
         if props.api_version >= vk::API_VERSION_1_2 {
             let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
@@ -282,17 +267,12 @@ impl Adapter {
 
             let mut drv = vk::PhysicalDeviceDriverProperties::default();
             let mut sg = vk::PhysicalDeviceSubgroupProperties::default();
-            let mut pd = vk::PhysicalDevicePushDescriptorPropertiesKHR::default();
             let mut p2 = vk::PhysicalDeviceProperties2::default()
                 .push_next(&mut drv)
                 .push_next(&mut sg);
-            if extensions.push_descriptor {
-                p2 = p2.push_next(&mut pd);
-            }
-            // SAFETY: VkPhysicalDeviceDriverProperties is core in 1.2; the push-descriptor
-            // properties are chained only when the device supports the extension.
+            // SAFETY: VkPhysicalDeviceDriverProperties and the subgroup properties are core in
+            // 1.2.
             unsafe { instance.get_physical_device_properties2(handle, &mut p2) };
-            max_push_descriptors = pd.max_push_descriptors;
             let dname = drv.driver_name_as_c_str().map(|s| s.to_string_lossy());
             let dinfo = drv.driver_info_as_c_str().map(|s| s.to_string_lossy());
             if let (Ok(n), Ok(i)) = (dname, dinfo) {
@@ -336,7 +316,6 @@ impl Adapter {
                     .max_per_stage_descriptor_storage_buffers,
                 max_per_stage_resources: props.limits.max_per_stage_resources,
                 max_storage_buffer_range: props.limits.max_storage_buffer_range,
-                max_push_descriptors,
                 max_compute_work_group_count: props.limits.max_compute_work_group_count,
             },
             timeline_semaphore: timeline,

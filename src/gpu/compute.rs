@@ -1,8 +1,8 @@
 //! Compute pipelines over storage buffers, recorded into the caller's command buffers.
 
 use std::ffi::CStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ash::vk;
 
@@ -11,17 +11,143 @@ use crate::gpu::context::{Context, Frame, Shared};
 use crate::gpu::memory::{Buffer, RawObject};
 
 /// A compute pipeline whose set 0 holds `storage_buffers` storage buffers at bindings
-/// `0..storage_buffers` (bound per dispatch with push descriptors), with an optional
-/// push-constant block. Dropping it retires its objects at the last frame that dispatched it.
+/// `0..storage_buffers` (a fresh descriptor set per dispatch), with an optional push-constant
+/// block. Dropping it retires its objects at the last frame that dispatched it.
 pub struct ComputePipeline {
     shared: Arc<Shared>,
     name: String,
     set_layout: vk::DescriptorSetLayout,
     layout: vk::PipelineLayout,
     pipeline: vk::Pipeline,
+    sets: Mutex<DescriptorArena>,
     storage_buffers: u32,
     push_constant_bytes: u32,
     last_use: AtomicU64,
+}
+
+/// Descriptor sets of one layout, handed out per frame from pools that are reset once every
+/// frame that used them has completed. (Sets rather than push descriptors: GPU-assisted
+/// validation in layer 1.3.239 does not track `vkCmdPushDescriptorSetKHR` and reads such
+/// buffers as empty, KhronosGroup/Vulkan-ValidationLayers#5321, fixed in 1.3.249; and hosts
+/// need not enable `VK_KHR_push_descriptor`.)
+pub(crate) struct DescriptorArena {
+    sizes: Vec<vk::DescriptorPoolSize>,
+    sets_per_pool: u32,
+    pools: Vec<ArenaPool>,
+}
+
+struct ArenaPool {
+    pool: vk::DescriptorPool,
+    /// The last frame that used a set of it.
+    last_use: u64,
+    /// Sets allocated since its last reset.
+    used: u32,
+}
+
+impl DescriptorArena {
+    /// An arena for sets holding `per_set` descriptors of each type, `sets_per_pool` to a pool.
+    pub(crate) fn new(per_set: &[(vk::DescriptorType, u32)], sets_per_pool: u32) -> Self {
+        Self {
+            sizes: per_set
+                .iter()
+                .map(|(ty, n)| {
+                    vk::DescriptorPoolSize::default()
+                        .ty(*ty)
+                        .descriptor_count(n * sets_per_pool)
+                })
+                .collect(),
+            sets_per_pool,
+            pools: Vec::new(),
+        }
+    }
+
+    /// A set of `layout` for frame `value`: from a pool already serving that frame, else from
+    /// one whose frames have all completed (reset first), else from a new pool.
+    pub(crate) fn allocate(
+        &mut self,
+        shared: &Shared,
+        value: u64,
+        layout: vk::DescriptorSetLayout,
+    ) -> Result<vk::DescriptorSet> {
+        let d = &shared.device;
+        let per_pool = self.sets_per_pool;
+        let mut pick = self
+            .pools
+            .iter()
+            .position(|p| p.last_use == value && p.used < per_pool);
+        if pick.is_none() {
+            let completed = shared.clock.completed()?;
+            if let Some(i) = self.pools.iter().position(|p| p.last_use <= completed) {
+                // SAFETY: every frame that used a set of this pool has completed (its last
+                // use is at or below the completed value), so none is in use
+                // (VUID-vkResetDescriptorPool-descriptorPool-00313); the arena's lock
+                // synchronizes the pool.
+                unsafe {
+                    d.reset_descriptor_pool(
+                        self.pools[i].pool,
+                        vk::DescriptorPoolResetFlags::empty(),
+                    )
+                }
+                .map_err(vk_err("vkResetDescriptorPool"))?;
+                self.pools[i].used = 0;
+                pick = Some(i);
+            }
+        }
+        let i = match pick {
+            Some(i) => i,
+            None => {
+                let info = vk::DescriptorPoolCreateInfo::default()
+                    .max_sets(per_pool)
+                    .pool_sizes(&self.sizes);
+                // SAFETY: valid create info.
+                let pool = unsafe { d.create_descriptor_pool(&info, None) }
+                    .map_err(vk_err("vkCreateDescriptorPool"))?;
+                self.pools.push(ArenaPool {
+                    pool,
+                    last_use: value,
+                    used: 0,
+                });
+                self.pools.len() - 1
+            }
+        };
+        let p = &mut self.pools[i];
+        let layouts = [layout];
+        let info = vk::DescriptorSetAllocateInfo::default()
+            .descriptor_pool(p.pool)
+            .set_layouts(&layouts);
+        // SAFETY: the pool has room for one more set of this layout (sized per set, counted
+        // in `used`); the layout is live.
+        let set = unsafe { d.allocate_descriptor_sets(&info) }
+            .map_err(vk_err("vkAllocateDescriptorSets"))?[0];
+        p.used += 1;
+        p.last_use = p.last_use.max(value);
+        Ok(set)
+    }
+
+    /// Retires every pool at the last frame that used it.
+    pub(crate) fn retire(&mut self, shared: &Shared) {
+        for p in self.pools.drain(..) {
+            shared.retire_object(RawObject::DescriptorPool(p.pool), p.last_use);
+        }
+    }
+}
+
+/// Writes whole-buffer descriptors `(binding, type, infos)` into `set`.
+///
+/// # Safety
+/// `set` was just allocated (no command buffer uses it yet); the buffers are live buffers of
+/// `device` matching the set layout's bindings.
+pub(crate) unsafe fn write_set(
+    device: &ash::Device,
+    set: vk::DescriptorSet,
+    bindings: &[(u32, vk::DescriptorType, &[vk::DescriptorBufferInfo])],
+) {
+    let writes: Vec<_> = bindings
+        .iter()
+        .map(|(b, ty, info)| write(*b, *ty, info).dst_set(set))
+        .collect();
+    // SAFETY: forwarded contract.
+    unsafe { device.update_descriptor_sets(&writes, &[]) };
 }
 
 /// What a [`ComputePipeline`] is made of.
@@ -86,6 +212,10 @@ pub fn image_barrier<'a>(
         .subresource_range(range)
 }
 
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Retires a pipeline, its layout and its set layout at frame `last_use`, and nulls the handles.
 pub(crate) fn retire_pipeline_objects(
     shared: &Shared,
@@ -121,22 +251,19 @@ pub(crate) fn write<'a>(
         .buffer_info(info)
 }
 
-/// A descriptor set layout for compute, binding `i` of type `types[i]`; with `push`, for
-/// `vkCmdPushDescriptorSetKHR`.
+/// A descriptor set layout for compute, binding `i` of type `types[i]`.
 pub(crate) fn set_layout(
     device: &ash::Device,
     types: &[vk::DescriptorType],
-    push: bool,
 ) -> Result<vk::DescriptorSetLayout> {
     let counted: Vec<_> = types.iter().map(|t| (*t, 1)).collect();
-    set_layout_with_counts(device, &counted, push)
+    set_layout_with_counts(device, &counted)
 }
 
 /// As [`set_layout`], binding `i` an array of `types[i].1` descriptors of type `types[i].0`.
 pub(crate) fn set_layout_with_counts(
     device: &ash::Device,
     types: &[(vk::DescriptorType, u32)],
-    push: bool,
 ) -> Result<vk::DescriptorSetLayout> {
     let bindings: Vec<_> = types
         .iter()
@@ -149,11 +276,8 @@ pub(crate) fn set_layout_with_counts(
                 .stage_flags(vk::ShaderStageFlags::COMPUTE)
         })
         .collect();
-    let mut info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
-    if push {
-        info = info.flags(vk::DescriptorSetLayoutCreateFlags::PUSH_DESCRIPTOR_KHR);
-    }
-    // SAFETY: valid info (push only when the caller checked VK_KHR_push_descriptor is enabled).
+    let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
+    // SAFETY: valid info.
     unsafe { device.create_descriptor_set_layout(&info, None) }
         .map_err(vk_err("vkCreateDescriptorSetLayout"))
 }
@@ -209,15 +333,12 @@ pub(crate) fn compute_pipeline(
 }
 
 impl ComputePipeline {
-    /// Builds the shader module, layouts and pipeline. Needs `VK_KHR_push_descriptor`.
+    /// Builds the shader module, layouts and pipeline. Needs a compute queue.
     pub fn new(ctx: &Context, desc: &ComputePipelineDesc<'_>) -> Result<Self> {
         let shared = ctx.shared();
         shared.require(
             desc.name,
-            &crate::gpu::adapter::DeviceFeatures {
-                push_descriptor: true,
-                ..Default::default()
-            },
+            &crate::gpu::adapter::DeviceFeatures::default(),
             vk::QueueFlags::COMPUTE,
         )?;
         if !desc.push_constant_bytes.is_multiple_of(4) || desc.push_constant_bytes > 128 {
@@ -227,19 +348,11 @@ impl ComputePipeline {
             )));
         }
         let limits = ctx.adapter().limits;
-        if desc.storage_buffers == 0
-            || desc.storage_buffers > limits.max_per_stage_storage_buffers
-            || desc.storage_buffers > limits.max_push_descriptors
+        if desc.storage_buffers == 0 || desc.storage_buffers > limits.max_per_stage_storage_buffers
         {
             return Err(Error::InvalidInput(format!(
-                "{}: {} storage buffers (1..={} on this device: maxPerStageDescriptorStorageBuffers {}, maxPushDescriptors {})",
-                desc.name,
-                desc.storage_buffers,
-                limits
-                    .max_per_stage_storage_buffers
-                    .min(limits.max_push_descriptors),
-                limits.max_per_stage_storage_buffers,
-                limits.max_push_descriptors
+                "{}: {} storage buffers (1..={} on this device: maxPerStageDescriptorStorageBuffers)",
+                desc.name, desc.storage_buffers, limits.max_per_stage_storage_buffers
             )));
         }
         let device = ctx.device();
@@ -249,13 +362,17 @@ impl ComputePipeline {
             set_layout: vk::DescriptorSetLayout::null(),
             layout: vk::PipelineLayout::null(),
             pipeline: vk::Pipeline::null(),
+            sets: Mutex::new(DescriptorArena::new(
+                &[(vk::DescriptorType::STORAGE_BUFFER, desc.storage_buffers)],
+                16,
+            )),
             storage_buffers: desc.storage_buffers,
             push_constant_bytes: desc.push_constant_bytes,
             last_use: AtomicU64::new(0),
         };
         // Build step by step; on error, Drop retires what exists (null handles are ignored).
         let types = vec![vk::DescriptorType::STORAGE_BUFFER; desc.storage_buffers as usize];
-        this.set_layout = set_layout(device, &types, true)?;
+        this.set_layout = set_layout(device, &types)?;
         this.layout = pipeline_layout(device, this.set_layout, desc.push_constant_bytes)?;
         this.pipeline = compute_pipeline(device, desc.spirv, desc.entry, this.layout)?;
         Ok(this)
@@ -307,30 +424,32 @@ impl ComputePipeline {
                 self.name
             )));
         }
-        let push = self.shared.push_descriptor(&self.name)?;
+        let set = lock(&self.sets).allocate(&self.shared, frame.value(), self.set_layout)?;
         let infos: Vec<_> = buffers.iter().map(|b| whole(b)).collect();
-        let writes: Vec<_> = infos
+        let bindings: Vec<_> = infos
             .iter()
             .enumerate()
-            .map(|(i, info)| write(i as u32, vk::DescriptorType::STORAGE_BUFFER, info))
+            .map(|(i, info)| (i as u32, vk::DescriptorType::STORAGE_BUFFER, &info[..]))
             .collect();
         for b in buffers {
             b.touch(frame.value());
         }
         self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
         let d = &self.shared.device;
-        // SAFETY: the caller guarantees cmd is recording outside a render pass; pipeline and
-        // layout are live (retired only when self drops, at its last frame); every binding of
-        // the push-descriptor set layout is written with a live buffer of this device
-        // (VUID-vkCmdDispatch-None-02697); the push range matches the layout's.
+        // SAFETY: the caller guarantees cmd is recording outside a render pass; pipeline,
+        // layout and set are live (retired only when self drops, at its last frame); the fresh
+        // set gets every binding written with a live buffer of this device, each marked used by
+        // `frame` (VUID-vkCmdDispatch-None-02697); the push range matches the layout's.
         unsafe {
+            write_set(d, set, &bindings);
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.pipeline);
-            push.cmd_push_descriptor_set(
+            d.cmd_bind_descriptor_sets(
                 cmd,
                 vk::PipelineBindPoint::COMPUTE,
                 self.layout,
                 0,
-                &writes,
+                &[set],
+                &[],
             );
             if !push_constants.is_empty() {
                 d.cmd_push_constants(
@@ -359,6 +478,7 @@ impl std::fmt::Debug for ComputePipeline {
 
 impl Drop for ComputePipeline {
     fn drop(&mut self) {
+        lock(&self.sets).retire(&self.shared);
         retire_pipeline_objects(
             &self.shared,
             *self.last_use.get_mut(),

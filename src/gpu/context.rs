@@ -123,7 +123,6 @@ pub struct HostHandles {
 /// device, the allocators and the retire queue outlive every object made from them.
 pub(crate) struct Shared {
     pub(crate) device: ash::Device,
-    pub(crate) push_descriptor: Option<ash::khr::push_descriptor::Device>,
     pub(crate) adapter: Adapter,
     pub(crate) features: DeviceFeatures,
     pub(crate) queue: Mutex<vk::Queue>,
@@ -155,13 +154,6 @@ impl Shared {
     /// Creates an image of this context.
     pub(crate) fn create_image(self: &Arc<Self>, desc: &ImageDesc<'_>) -> Result<Image> {
         self.memory.create_image(self, desc)
-    }
-
-    /// The push-descriptor functions, or `Unsupported` naming who needs them.
-    pub(crate) fn push_descriptor(&self, who: &str) -> Result<&ash::khr::push_descriptor::Device> {
-        self.push_descriptor.as_ref().ok_or_else(|| {
-            Error::Unsupported(format!("{who} needs VK_KHR_push_descriptor enabled"))
-        })
     }
 
     /// `Unsupported` naming every feature of `needed` that is not enabled, and the queue flags.
@@ -711,13 +703,9 @@ impl Context {
             .get(queue_family as usize)
             .copied()
             .unwrap_or_default();
-        let push_descriptor = features
-            .push_descriptor
-            .then(|| ash::khr::push_descriptor::Device::new(&instance.raw, &device));
         Ok(Self {
             shared: Arc::new(Shared {
                 device,
-                push_descriptor,
                 adapter,
                 features,
                 queue: Mutex::new(queue),

@@ -2,8 +2,8 @@
 //! visible instances to per-LOD lists and produces `VkDrawIndexedIndirectCommand`s, all recorded
 //! into the caller's command buffer. [`classify_cpu`] is the CPU reference of the same rule.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ash::vk;
 use glam::{Mat4, Vec3, Vec4};
@@ -11,8 +11,8 @@ use glam::{Mat4, Vec3, Vec4};
 use crate::error::{Error, Result};
 use crate::gpu::adapter::DeviceFeatures;
 use crate::gpu::compute::{
-    compute_pipeline, memory_barrier, pipeline_layout, retire_pipeline_objects, set_layout,
-    set_layout_with_counts, whole, write,
+    DescriptorArena, compute_pipeline, lock, memory_barrier, pipeline_layout,
+    retire_pipeline_objects, set_layout, set_layout_with_counts, whole, write_set,
 };
 use crate::gpu::context::{Context, Frame, Shared};
 use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
@@ -270,6 +270,8 @@ pub struct CullPass {
     fin_set_layout: vk::DescriptorSetLayout,
     fin_layout: vk::PipelineLayout,
     fin_pipeline: vk::Pipeline,
+    sets: Mutex<DescriptorArena>,
+    fin_sets: Mutex<DescriptorArena>,
     lists: Option<Buffer>,
     counters: Option<Buffer>,
     args: Option<Buffer>,
@@ -281,7 +283,7 @@ pub struct CullPass {
 impl CullPass {
     /// Builds the pass with lists of `capacity` entries per LOD. `meshes` gives each LOD's
     /// index count, first index and vertex offset (instance fields are filled by the pass).
-    /// Needs `VK_KHR_push_descriptor` and a compute queue; the subgroup variant needs ballot in
+    /// Needs a compute queue; the subgroup variant needs ballot in
     /// compute shaders.
     pub fn new(
         ctx: &Context,
@@ -360,10 +362,7 @@ impl CullPass {
         let shared = ctx.shared();
         shared.require(
             "the cull pass",
-            &DeviceFeatures {
-                push_descriptor: true,
-                ..Default::default()
-            },
+            &DeviceFeatures::default(),
             vk::QueueFlags::COMPUTE,
         )?;
         let max = Self::max_capacity(ctx, with_records);
@@ -384,7 +383,6 @@ impl CullPass {
             && ctx.features().storage_buffer_array_dynamic_indexing
             && limits.max_per_stage_storage_buffers
                 >= SOURCES_PER_DISPATCH as u32 + OTHER_STORAGE_BUFFERS
-            && limits.max_push_descriptors > SOURCES_PER_DISPATCH as u32 + OTHER_STORAGE_BUFFERS
         {
             SOURCES_PER_DISPATCH
         } else {
@@ -403,6 +401,20 @@ impl CullPass {
             fin_set_layout: vk::DescriptorSetLayout::null(),
             fin_layout: vk::PipelineLayout::null(),
             fin_pipeline: vk::Pipeline::null(),
+            sets: Mutex::new(DescriptorArena::new(
+                &[
+                    (
+                        vk::DescriptorType::STORAGE_BUFFER,
+                        batch as u32 + OTHER_STORAGE_BUFFERS,
+                    ),
+                    (vk::DescriptorType::UNIFORM_BUFFER, 1),
+                ],
+                64,
+            )),
+            fin_sets: Mutex::new(DescriptorArena::new(
+                &[(vk::DescriptorType::STORAGE_BUFFER, 2)],
+                8,
+            )),
             lists: None,
             counters: None,
             args: None,
@@ -427,7 +439,6 @@ impl CullPass {
                 (T::UNIFORM_BUFFER, 1),
                 (T::STORAGE_BUFFER, 1),
             ],
-            true,
         )?;
         self.layout = pipeline_layout(d, self.set_layout, PUSH_BYTES)?;
         let spirv = match (self.compaction, self.batch == 1) {
@@ -437,7 +448,7 @@ impl CullPass {
             (Compaction::Subgroup, true) => shaders::CULL_SUBGROUP_SINGLE,
         };
         self.pipeline = compute_pipeline(d, spirv, c"main", self.layout)?;
-        self.fin_set_layout = set_layout(d, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER], true)?;
+        self.fin_set_layout = set_layout(d, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER])?;
         self.fin_layout = pipeline_layout(d, self.fin_set_layout, 4)?;
         self.fin_pipeline = compute_pipeline(d, shaders::CULL_FINALIZE, c"main", self.fin_layout)?;
         let buffer = |name, size, usage| {
@@ -576,7 +587,18 @@ impl CullPass {
                 )));
             }
         }
-        let push = self.shared.push_descriptor("the cull pass")?;
+        // Sets first: a failure leaves nothing recorded.
+        let live: Vec<&CullSource<'_>> = sources.iter().filter(|s| s.count > 0).collect();
+        let batches: Vec<&[&CullSource<'_>]> = live.chunks(self.batch).collect();
+        let sets = {
+            let mut arena = lock(&self.sets);
+            batches
+                .iter()
+                .map(|_| arena.allocate(&self.shared, frame.value(), self.set_layout))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let fin_set =
+            lock(&self.fin_sets).allocate(&self.shared, frame.value(), self.fin_set_layout)?;
         self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
         for b in [lists, counters, args, view_buf]
             .into_iter()
@@ -612,9 +634,9 @@ impl CullPass {
         let records_i = whole(self.records.as_ref().unwrap_or(lists));
         // SAFETY (whole body): cmd is recording outside a render pass (caller); every buffer is
         // live and large enough (created here, or checked above) and marked used by `frame`,
-        // so none is freed before the frame completes; push descriptors are enabled (checked
-        // above); every binding, each array element included, is written before each dispatch
-        // (VUID-vkCmdDispatch-None-02697); the barriers order the reset before the dispatches,
+        // so none is freed before the frame completes; each dispatch binds a fresh set (from
+        // the arena, not used by any pending command) whose every binding, each array element
+        // included, is written first (VUID-vkCmdDispatch-None-02697); the barriers order the reset before the dispatches,
         // the dispatches before finalize, and finalize before every consumer, including the
         // previous frame's readers before this frame's reset (write-after-read).
         unsafe {
@@ -654,9 +676,8 @@ impl CullPass {
                 vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
             );
-            let live: Vec<&CullSource<'_>> = sources.iter().filter(|s| s.count > 0).collect();
             let per_group = self.compaction.per_group();
-            for (k, batch) in live.chunks(self.batch).enumerate() {
+            for (k, (&batch, set)) in batches.iter().zip(&sets).enumerate() {
                 if k > 0 {
                     // Dispatches append to the same lists and counters.
                     memory_barrier(d, cmd, compute_write, compute_rw);
@@ -665,22 +686,24 @@ impl CullPass {
                 let inst_i: Vec<vk::DescriptorBufferInfo> = (0..self.batch)
                     .map(|j| whole(batch.get(j).unwrap_or(&batch[0]).buffer)[0])
                     .collect();
-                let writes = [
-                    vk::WriteDescriptorSet::default()
-                        .dst_binding(0)
-                        .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
-                        .buffer_info(&inst_i),
-                    write(1, vk::DescriptorType::STORAGE_BUFFER, &lists_i),
-                    write(2, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
-                    write(3, vk::DescriptorType::UNIFORM_BUFFER, &view_i),
-                    write(4, vk::DescriptorType::STORAGE_BUFFER, &records_i),
-                ];
-                push.cmd_push_descriptor_set(
+                write_set(
+                    d,
+                    *set,
+                    &[
+                        (0, vk::DescriptorType::STORAGE_BUFFER, &inst_i),
+                        (1, vk::DescriptorType::STORAGE_BUFFER, &lists_i),
+                        (2, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
+                        (3, vk::DescriptorType::UNIFORM_BUFFER, &view_i),
+                        (4, vk::DescriptorType::STORAGE_BUFFER, &records_i),
+                    ],
+                );
+                d.cmd_bind_descriptor_sets(
                     cmd,
                     vk::PipelineBindPoint::COMPUTE,
                     self.layout,
                     0,
-                    &writes,
+                    &[*set],
+                    &[],
                 );
                 // Each source starts at a fresh workgroup (the shader finds its source by
                 // walking these counts), so a workgroup never straddles two buffers.
@@ -708,16 +731,21 @@ impl CullPass {
             }
             memory_barrier(d, cmd, compute_write, compute_rw);
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.fin_pipeline);
-            let writes = [
-                write(0, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
-                write(1, vk::DescriptorType::STORAGE_BUFFER, &args_i),
-            ];
-            push.cmd_push_descriptor_set(
+            write_set(
+                d,
+                fin_set,
+                &[
+                    (0, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
+                    (1, vk::DescriptorType::STORAGE_BUFFER, &args_i),
+                ],
+            );
+            d.cmd_bind_descriptor_sets(
                 cmd,
                 vk::PipelineBindPoint::COMPUTE,
                 self.fin_layout,
                 0,
-                &writes,
+                &[fin_set],
+                &[],
             );
             d.cmd_push_constants(
                 cmd,
@@ -755,6 +783,8 @@ impl std::fmt::Debug for CullPass {
 
 impl Drop for CullPass {
     fn drop(&mut self) {
+        lock(&self.sets).retire(&self.shared);
+        lock(&self.fin_sets).retire(&self.shared);
         let last = *self.last_use.get_mut();
         retire_pipeline_objects(
             &self.shared,

@@ -8,15 +8,15 @@
 //! species table, by `vkCmdUpdateBuffer`), then [`DrawPass::record`] inside it.
 
 use std::f32::consts::TAU;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ash::vk;
 use glam::{Mat4, Vec3};
 
 use crate::error::{Error, Result, vk_err};
 use crate::gpu::adapter::DeviceFeatures;
-use crate::gpu::compute::{retire_pipeline_objects, shader_module};
+use crate::gpu::compute::{DescriptorArena, lock, retire_pipeline_objects, shader_module};
 use crate::gpu::context::{Context, Frame, Shared};
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, RawObject};
@@ -325,6 +325,7 @@ pub struct DrawPass {
     set_layout: vk::DescriptorSetLayout,
     layout: vk::PipelineLayout,
     pipeline: vk::Pipeline,
+    sets: Mutex<DescriptorArena>,
     sampler: vk::Sampler,
     atlas_view: vk::ImageView,
     /// The image the view is of ([`Image::id`]), checked at every record.
@@ -344,7 +345,7 @@ impl DrawPass {
     /// [`Meshes::trees`], and a view of atlas page number `page_index`, `atlas_page` (the
     /// billboards' page: every drawn species must be on it; [`DrawPass::record`] takes the same
     /// image every frame, and a page that is replaced needs a new pass). Needs a graphics
-    /// queue, dynamic rendering and `VK_KHR_push_descriptor`.
+    /// queue and dynamic rendering.
     pub fn new(
         ctx: &Context,
         color_format: vk::Format,
@@ -356,7 +357,6 @@ impl DrawPass {
         shared.require(
             "the draw pass",
             &DeviceFeatures {
-                push_descriptor: true,
                 dynamic_rendering: true,
                 ..Default::default()
             },
@@ -375,6 +375,15 @@ impl DrawPass {
             set_layout: vk::DescriptorSetLayout::null(),
             layout: vk::PipelineLayout::null(),
             pipeline: vk::Pipeline::null(),
+            sets: Mutex::new(DescriptorArena::new(
+                &[
+                    (vk::DescriptorType::UNIFORM_BUFFER, 1),
+                    (vk::DescriptorType::STORAGE_BUFFER, 2),
+                    (vk::DescriptorType::SAMPLED_IMAGE, 1),
+                    (vk::DescriptorType::SAMPLER, 1),
+                ],
+                8,
+            )),
             sampler: vk::Sampler::null(),
             atlas_view: vk::ImageView::null(),
             atlas_image: atlas_page.id(),
@@ -494,10 +503,8 @@ impl DrawPass {
             binding(3, vk::DescriptorType::SAMPLED_IMAGE),
             binding(4, vk::DescriptorType::SAMPLER),
         ];
-        let info = vk::DescriptorSetLayoutCreateInfo::default()
-            .bindings(&bindings)
-            .flags(vk::DescriptorSetLayoutCreateFlags::PUSH_DESCRIPTOR_KHR);
-        // SAFETY: valid info; push descriptors are enabled (checked in new).
+        let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
+        // SAFETY: valid info.
         self.set_layout = unsafe { d.create_descriptor_set_layout(&info, None) }
             .map_err(vk_err("vkCreateDescriptorSetLayout"))?;
         let ranges = [vk::PushConstantRange::default()
@@ -744,8 +751,8 @@ impl DrawPass {
                 "DrawPass::record: the cull pass is of another context".into(),
             ));
         }
-        let push = self.shared.push_descriptor("the draw pass")?;
         let value = frame.value();
+        let set = lock(&self.sets).allocate(&self.shared, value, self.set_layout)?;
         for b in [vb, ib, fb, sb, records, args] {
             b.touch(value);
         }
@@ -764,22 +771,27 @@ impl DrawPass {
         let sampler = [vk::DescriptorImageInfo::default().sampler(self.sampler)];
         let writes = [
             vk::WriteDescriptorSet::default()
+                .dst_set(set)
                 .dst_binding(0)
                 .descriptor_type(vk::DescriptorType::UNIFORM_BUFFER)
                 .buffer_info(&fi),
             vk::WriteDescriptorSet::default()
+                .dst_set(set)
                 .dst_binding(1)
                 .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
                 .buffer_info(&ri),
             vk::WriteDescriptorSet::default()
+                .dst_set(set)
                 .dst_binding(2)
                 .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
                 .buffer_info(&si),
             vk::WriteDescriptorSet::default()
+                .dst_set(set)
                 .dst_binding(3)
                 .descriptor_type(vk::DescriptorType::SAMPLED_IMAGE)
                 .image_info(&image),
             vk::WriteDescriptorSet::default()
+                .dst_set(set)
                 .dst_binding(4)
                 .descriptor_type(vk::DescriptorType::SAMPLER)
                 .image_info(&sampler),
@@ -787,7 +799,8 @@ impl DrawPass {
         let stride = size_of::<DrawIndexedIndirect>() as u64;
         // SAFETY (whole body): cmd is recording inside a compatible rendering scope (caller);
         // every buffer, view and sampler is live and marked used by `frame` (the view's image
-        // is `atlas_page`, checked by id); the indirect arguments were finalized by the cull
+        // is `atlas_page`, checked by id); the set is fresh from the arena (no pending command
+        // uses it) and fully written before it is bound; the indirect arguments were finalized by the cull
         // pass, whose closing barrier covers DRAW_INDIRECT and the vertex stage; each draw
         // reads `records` only within its LOD's list (instance counts are clamped to capacity)
         // and has firstInstance 0 (VUID-VkDrawIndexedIndirectCommand-firstInstance-00554).
@@ -813,12 +826,14 @@ impl DrawPass {
                     extent,
                 }],
             );
-            push.cmd_push_descriptor_set(
+            d.update_descriptor_sets(&writes, &[]);
+            d.cmd_bind_descriptor_sets(
                 cmd,
                 vk::PipelineBindPoint::GRAPHICS,
                 self.layout,
                 0,
-                &writes,
+                &[set],
+                &[],
             );
             d.cmd_bind_vertex_buffers(cmd, 0, &[vb.raw()], &[0]);
             d.cmd_bind_index_buffer(cmd, ib.raw(), 0, vk::IndexType::UINT32);
@@ -861,6 +876,7 @@ impl std::fmt::Debug for DrawPass {
 
 impl Drop for DrawPass {
     fn drop(&mut self) {
+        lock(&self.sets).retire(&self.shared);
         let last = *self.last_use.get_mut();
         retire_pipeline_objects(
             &self.shared,

@@ -7,12 +7,16 @@
 //! use understory::gpu::requirements::{Capabilities, DeviceRequirements};
 //! # fn f(instance: &ash::Instance, pd: ash::vk::PhysicalDevice) -> understory::Result<()> {
 //! let req = DeviceRequirements::for_capabilities(Capabilities::ALL);
+//! // SAFETY: pd comes from the live instance.
 //! let missing = unsafe { req.unsupported_by(instance, pd) }?; // empty: this device will do
 //! assert!(missing.is_empty(), "{missing:?}");
+//! // SAFETY: as above.
+//! let adapter = unsafe { understory::gpu::adapter::Adapter::query(instance, 0, pd) }?;
+//! let plan = req.plan(&adapter);
 //! let mut names: Vec<*const std::ffi::c_char> = Vec::new(); // the engine's own, then ours:
-//! names.extend(req.extensions.iter().map(|n| n.as_ptr()));
-//! // ... and `req.features.enable(&mut core, &mut v12, &mut v13)` on the feature structs the
-//! // engine chains into its VkDeviceCreateInfo.
+//! names.extend(plan.extensions.iter().map(|n| n.as_ptr()));
+//! // ... `plan.features.enable(&mut core, &mut v12, &mut v13)` on the feature structs the
+//! // engine chains into its VkDeviceCreateInfo, and `plan.enabled` in `HostHandles::enabled`.
 //! # Ok(()) }
 //! ```
 
@@ -89,6 +93,17 @@ impl CoreFeatures {
     }
 }
 
+/// What to enable on one device ([`DeviceRequirements::plan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevicePlan {
+    /// Device extensions to enable.
+    pub extensions: Vec<&'static CStr>,
+    /// Core features to enable ([`CoreFeatures::enable`]).
+    pub features: CoreFeatures,
+    /// The same, as `HostHandles::enabled` wants it.
+    pub enabled: DeviceFeatures,
+}
+
 /// What a set of [`Capabilities`] needs of the instance, the device and the queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceRequirements {
@@ -105,6 +120,11 @@ pub struct DeviceRequirements {
     pub optional_extensions: Vec<&'static CStr>,
     /// Core features that must be enabled.
     pub features: CoreFeatures,
+    /// Core features understory uses when enabled (faster paths); enable each the device
+    /// supports: `shaderStorageBufferArrayDynamicIndexing` lets the cull pass read up to
+    /// [`SOURCES_PER_DISPATCH`](crate::gpu::cull::SOURCES_PER_DISPATCH) instance buffers per
+    /// dispatch instead of one.
+    pub optional_features: CoreFeatures,
     /// Flags the queue handed to understory must have.
     pub queue_flags: vk::QueueFlags,
     /// The same as a [`DeviceFeatures`], for comparing with what a host enabled.
@@ -131,15 +151,17 @@ impl DeviceRequirements {
             queue_flags = vk::QueueFlags::COMPUTE;
         }
         let device_features = DeviceFeatures {
-            push_descriptor: c.cull || c.draw,
             dynamic_rendering: c.draw,
-            storage_buffer_array_dynamic_indexing: c.cull,
             ..Default::default()
         };
         let features = CoreFeatures {
             timeline_semaphore: true,
-            shader_storage_buffer_array_dynamic_indexing: c.cull,
             dynamic_rendering: c.draw,
+            ..Default::default()
+        };
+        let optional_features = CoreFeatures {
+            shader_storage_buffer_array_dynamic_indexing: c.cull,
+            ..Default::default()
         };
         Self {
             capabilities: c,
@@ -155,8 +177,35 @@ impl DeviceRequirements {
                 ash::ext::pageable_device_local_memory::NAME,
             ],
             features,
+            optional_features,
             queue_flags,
             device_features,
+        }
+    }
+
+    /// What to enable on `adapter`: the required extensions and features, and each optional
+    /// one it supports that needs no extra feature struct (`VK_EXT_memory_budget`, the
+    /// storage-buffer array indexing). `memoryPriority` and `pageableDeviceLocalMemory` are
+    /// left to hosts that chain their feature structs.
+    pub fn plan(&self, adapter: &Adapter) -> DevicePlan {
+        let s = &adapter.supported;
+        let enabled = DeviceFeatures {
+            memory_budget: s.memory_budget,
+            storage_buffer_array_dynamic_indexing: self
+                .optional_features
+                .shader_storage_buffer_array_dynamic_indexing
+                && s.storage_buffer_array_dynamic_indexing,
+            ..self.device_features
+        };
+        let features = CoreFeatures {
+            shader_storage_buffer_array_dynamic_indexing: enabled
+                .storage_buffer_array_dynamic_indexing,
+            ..self.features
+        };
+        DevicePlan {
+            extensions: enabled.extension_names(),
+            features,
+            enabled,
         }
     }
 
@@ -222,13 +271,21 @@ mod tests {
     fn each_capability_adds_what_it_needs() {
         let b = DeviceRequirements::for_capabilities(Capabilities::BUDGET);
         assert!(b.extensions.is_empty());
+        assert!(!b.features.shader_storage_buffer_array_dynamic_indexing);
         assert!(b.features.timeline_semaphore);
         assert_eq!(b.api_version, vk::API_VERSION_1_2);
         let all = DeviceRequirements::for_capabilities(Capabilities::ALL);
         assert_eq!(all.api_version, vk::API_VERSION_1_3);
-        assert!(all.extensions.contains(&ash::khr::push_descriptor::NAME));
+        assert!(all.extensions.is_empty(), "no device extension is required");
         assert!(all.features.dynamic_rendering);
-        assert!(all.features.shader_storage_buffer_array_dynamic_indexing);
+        assert!(
+            !all.features.shader_storage_buffer_array_dynamic_indexing,
+            "optional"
+        );
+        assert!(
+            all.optional_features
+                .shader_storage_buffer_array_dynamic_indexing
+        );
         assert!(
             all.queue_flags
                 .contains(vk::QueueFlags::GRAPHICS | vk::QueueFlags::COMPUTE)
@@ -244,7 +301,11 @@ mod tests {
         };
         let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
         let mut v13 = vk::PhysicalDeviceVulkan13Features::default();
-        all.features.enable(&mut core, &mut v12, &mut v13);
+        let with_optional = CoreFeatures {
+            shader_storage_buffer_array_dynamic_indexing: true,
+            ..all.features
+        };
+        with_optional.enable(&mut core, &mut v12, &mut v13);
         assert_eq!(core.sampler_anisotropy, vk::TRUE);
         assert_eq!(core.shader_storage_buffer_array_dynamic_indexing, vk::TRUE);
         assert_eq!(v12.timeline_semaphore, vk::TRUE);

@@ -16,7 +16,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! See `ARCHITECTURE.md` in the project docs for the layers and the frame flow.
+//! The README's "Using it as a library" walks through the host contract (frames, submission,
+//! freeing, shutdown) with the real signatures, and `examples/host_engine.rs` is the whole flow
+//! for an engine that owns its device; [`gpu::context`] states the contract in full.
 
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
@@ -27,3 +29,24 @@ pub mod vegetation;
 pub mod world;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod thread_safety {
+    fn send_sync<T: Send + Sync>() {}
+
+    /// Engines move these between threads (a render thread, Bevy's render world) and share the
+    /// context: each must be `Send`, and the ones used through `&` from several threads `Sync`.
+    #[test]
+    fn public_handles_are_send_and_sync() {
+        send_sync::<crate::gpu::context::Context>();
+        send_sync::<crate::gpu::context::Frame>();
+        send_sync::<crate::gpu::memory::Buffer>();
+        send_sync::<crate::gpu::memory::Image>();
+        send_sync::<crate::gpu::cull::CullPass>();
+        send_sync::<crate::gpu::draw::DrawPass>();
+        send_sync::<crate::gpu::compute::ComputePipeline>();
+        send_sync::<crate::gpu::frame::FrameRing>();
+        send_sync::<crate::vegetation::Vegetation>();
+        send_sync::<crate::gpu::budget::DriverBudget>();
+    }
+}

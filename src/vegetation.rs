@@ -40,6 +40,7 @@ use crate::gpu::budget::Source;
 use crate::gpu::context::{Context, Frame, FrameFate, Shared};
 use crate::gpu::cull::CullSource;
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, MemoryStats};
+use crate::gpu::upload;
 use crate::policy::category::Category;
 use crate::policy::controller::{BudgetController, BudgetInput, ControllerConfig, Decision};
 use crate::policy::lod::{FrameTimeQuality, Lod, LodBands};
@@ -961,6 +962,15 @@ impl Vegetation {
     /// retired (freed once `frame` completes). Uploads staged for a patch or page that is gone
     /// since are skipped.
     ///
+    /// Recording into a raw command buffer is the caller's promise, so it takes `unsafe`:
+    ///
+    /// ```compile_fail,E0133
+    /// # fn f(veg: &mut understory::vegetation::Vegetation, frame: &understory::gpu::context::Frame,
+    /// #      cmd: ash::vk::CommandBuffer) -> understory::Result<()> {
+    /// veg.record(frame, cmd)?; // call to unsafe function
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Safety
     /// `cmd` must be a primary command buffer of this context's device, recording, outside a
     /// render pass, on understory's queue family (atlas mips are blits on a graphics queue), and
@@ -972,6 +982,7 @@ impl Vegetation {
         let fate = frame.fate();
         let d = &self.shared.device;
         let graphics = self.shared.queue_flags.contains(vk::QueueFlags::GRAPHICS);
+        let mut copies = Vec::with_capacity(self.copies.len());
         let mut batch = RecordedUploads {
             fate: fate.clone(),
             staging: std::mem::take(&mut self.staging),
@@ -999,13 +1010,14 @@ impl Vegetation {
             staging.touch(value);
             gpu.buffer.touch(value);
             gpu.state = UploadState::Recorded(fate.clone());
-            // SAFETY: cmd is recording (caller); both buffers are live and marked used by
-            // `frame`, so neither is freed before it completes; the ranges lie inside both
-            // (sized from the same instance bytes).
-            unsafe { d.cmd_copy_buffer(cmd, staging.raw(), gpu.buffer.raw(), &[region]) };
+            copies.push((staging.raw(), gpu.buffer.raw(), region));
             batch.copies.push(c);
         }
-        let copied = !batch.copies.is_empty();
+        // SAFETY: cmd is recording outside a render pass on understory's queue (caller); both
+        // buffers of each copy are live and marked used by `frame`, so neither is freed before
+        // it completes; each range lies inside both (sized from the same instance bytes);
+        // staging is TRANSFER_SRC and instance buffers TRANSFER_DST.
+        unsafe { upload::record_copies(d, cmd, graphics, &copies) };
         let mut pages: Vec<u32> = self.atlas_uploads.iter().map(|u| u.page).collect();
         pages.sort_unstable();
         pages.dedup();
@@ -1049,32 +1061,6 @@ impl Vegetation {
         batch.regions = regions;
         if !batch.staging.is_empty() {
             self.recorded.push(batch);
-        }
-        if copied {
-            let mut dst_stages = vk::PipelineStageFlags::COMPUTE_SHADER;
-            if graphics {
-                dst_stages |= vk::PipelineStageFlags::VERTEX_INPUT
-                    | vk::PipelineStageFlags::VERTEX_SHADER
-                    | vk::PipelineStageFlags::FRAGMENT_SHADER;
-            }
-            let barrier = vk::MemoryBarrier::default()
-                .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
-                .dst_access_mask(
-                    vk::AccessFlags::SHADER_READ | vk::AccessFlags::VERTEX_ATTRIBUTE_READ,
-                );
-            // SAFETY: recording; a global barrier from the copies to every later shader read,
-            // naming only stages the queue supports.
-            unsafe {
-                d.cmd_pipeline_barrier(
-                    cmd,
-                    vk::PipelineStageFlags::TRANSFER,
-                    dst_stages,
-                    vk::DependencyFlags::empty(),
-                    &[barrier],
-                    &[],
-                    &[],
-                );
-            }
         }
         Ok(())
     }

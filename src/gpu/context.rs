@@ -305,6 +305,26 @@ pub struct SubmitSync<'a> {
 /// An open frame: its value, and what [`Context::begin_frame`] found. Recording functions take
 /// `&Frame`; a submission consumes it. Dropped unsubmitted, it gives its value back.
 ///
+/// A frame cannot be copied, so a submission consumes the only one, and nothing can be recorded
+/// for a frame after its submission:
+///
+/// ```compile_fail,E0382
+/// # fn f(ctx: &understory::gpu::context::Context, ring: &mut understory::gpu::frame::FrameRing,
+/// #      buffer: &understory::gpu::memory::Buffer) -> understory::Result<()> {
+/// let frame = ctx.begin_frame()?;
+/// let cmd = ring.begin(&frame)?;
+/// ring.submit(frame, cmd)?;
+/// buffer.used_in(&frame)?; // use of moved value: the frame was submitted
+/// # Ok(()) }
+/// ```
+///
+/// ```compile_fail,E0599
+/// # fn f(ctx: &understory::gpu::context::Context) -> understory::Result<()> {
+/// let frame = ctx.begin_frame()?;
+/// let again = frame.clone(); // no Clone: one frame, one submission
+/// # Ok(()) }
+/// ```
+///
 /// One frame is open at a time:
 ///
 /// ```no_run

@@ -23,7 +23,18 @@ pub struct FrameRing {
 }
 
 /// A ring's command buffer, begun for one frame: record into [`RingCommand::raw`], then hand it
-/// to [`FrameRing::submit`] with that frame.
+/// to [`FrameRing::submit`] with that frame. Submitting consumes it:
+///
+/// ```compile_fail,E0382
+/// # fn f(ctx: &understory::gpu::context::Context, ring: &mut understory::gpu::frame::FrameRing)
+/// #     -> understory::Result<()> {
+/// let frame = ctx.begin_frame()?;
+/// let cmd = ring.begin(&frame)?;
+/// ring.submit(frame, cmd)?;
+/// let next = ctx.begin_frame()?;
+/// ring.submit(next, cmd)?; // use of moved value: a command buffer is submitted once
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 #[must_use = "a begun command buffer is submitted with its frame"]
 pub struct RingCommand {

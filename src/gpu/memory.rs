@@ -172,14 +172,18 @@ struct Meta {
 /// [`Context::create_buffer`](crate::gpu::context::Context::create_buffer). Dropping it retires
 /// it: it is freed once the GPU has completed the last frame that used it.
 ///
-/// A buffer keeps its context's shared state alive, so its memory (and mapping) can never be
-/// freed under it, even after [`Context::shutdown`](crate::gpu::context::Context::shutdown):
+/// A buffer keeps its context's shared state alive, so its memory can never be freed under it,
+/// even after [`Context::shutdown`](crate::gpu::context::Context::shutdown); and a mapping
+/// borrows the buffer, so it cannot outlive it:
 ///
-/// ```compile_fail,E0382
-/// # fn f(ctx: understory::gpu::context::Context, b: &understory::gpu::memory::Buffer) {
-/// let report = ctx.shutdown();
-/// ctx.collect(); // use of moved value: shutdown takes the context
-/// # }
+/// ```compile_fail,E0597
+/// # fn f(ctx: &understory::gpu::context::Context, desc: &understory::gpu::memory::BufferDesc)
+/// #     -> understory::Result<()> {
+/// let bytes = {
+///     let staging = ctx.create_buffer(desc)?;
+///     staging.mapped()? // `staging` does not live long enough
+/// };
+/// # Ok(()) }
 /// ```
 pub struct Buffer {
     raw: vk::Buffer,

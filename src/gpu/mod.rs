@@ -16,3 +16,4 @@ pub mod requirements;
 pub mod scan;
 pub mod shaders;
 pub mod timeline;
+pub(crate) mod upload;

@@ -43,7 +43,12 @@ pub enum FrameSignal {
     HostReported,
 }
 
-/// Proof that a frame was submitted: returned only by the calls that submit one.
+/// Proof that a frame was submitted: returned only by the calls that submit one, and not
+/// made any other way:
+///
+/// ```compile_fail,E0451
+/// let forged = understory::gpu::timeline::Submitted { value: 7 };
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Submitted {
     value: u64,

@@ -1,7 +1,7 @@
-//! understory: `Memory::create_buffer` (category instances, `MemoryLocation::CpuToGpu`, default
-//! block sizes and size-class cache), `Context::retire` at the timeline value of the submission
-//! that used the buffer, and `Context::begin_frame` (throttle to 2 frames in flight, collect,
-//! budget refresh) every frame.
+//! understory: `Context::create_buffer` (category instances, `MemoryLocation::CpuToGpu`,
+//! default block sizes and size-class cache), marked used by the frame that reads it and
+//! dropped (retired at that frame), and `Context::begin_frame` (throttle to 2 frames in flight,
+//! collect, budget refresh) every frame.
 //!
 //! Budget: the instances category is capped at B (`MemoryConfig::cap_bytes`); past it
 //! `create_buffer` returns `Error::OverBudget` and allocates nothing.
@@ -74,7 +74,7 @@ fn memory_type(ctx: &Context) -> String {
 
 pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnResult> {
     let base = Baseline::new(probe);
-    let mut ctx = context(
+    let ctx = context(
         name,
         MemoryConfig {
             cap_bytes: PerCategory([u64::MAX; 4]),
@@ -92,8 +92,8 @@ pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnRes
     }
     let mut ring = FrameRing::new(&ctx).map_err(|e| anyhow!("FrameRing: {e}"))?;
     let fif = u64::from(ctx.frames_in_flight());
-    // Each buffer with the timeline value of the submission that used it.
-    let mut live: VecDeque<(Buffer, u64)> = VecDeque::new();
+    // Each buffer remembers the frame that used it.
+    let mut live: VecDeque<Buffer> = VecDeque::new();
     let mut timings = Timings::default();
     let mut peaks = Peaks::default();
 
@@ -102,40 +102,34 @@ pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnRes
             let slot = f % FRAMES_IN_FLIGHT;
             let t0 = Instant::now();
             // The throttle begin_frame would do, outside the allocator timing.
-            let last = ctx.timeline().last_submitted();
-            let must_have = (last + 1).saturating_sub(fif);
-            if must_have > 0 && !ctx.timeline().wait(must_have, Duration::from_secs(10))? {
-                return Err(anyhow!("frame throttle: timeline wait timed out"));
+            let next = ctx.last_submitted() + 1;
+            let must_have = next.saturating_sub(fif);
+            if must_have > 0 {
+                ctx.wait(must_have, Duration::from_secs(10))?;
             }
             let wait_t = t0.elapsed();
             let mut alloc_t = Duration::ZERO;
             let a = Instant::now();
-            ctx.begin_frame()?;
+            let frame = ctx.begin_frame()?;
             alloc_t += a.elapsed();
-            let cmd = ring.begin(&ctx)?;
-            let first_new = live.len();
+            let cmd = ring.begin(&frame)?;
             for (i, &size) in w.frame_sizes(f).iter().enumerate() {
                 let a = Instant::now();
-                let mut b = ctx.memory().create_buffer(&desc(size))?;
+                let mut b = ctx.create_buffer(&desc(size))?;
                 alloc_t += a.elapsed();
-                let mapped = b
-                    .mapped_mut()
-                    .ok_or_else(|| anyhow!("CpuToGpu buffer is not mapped"))?;
-                mapped.copy_from_slice(&w.fill[..size as usize]);
-                // SAFETY: cmd is recording; both buffers are live and from this device; b is
-                // at least 256 bytes.
-                unsafe { record_use(ctx.device(), cmd, b.raw(), sinks[slot].buffer, i) };
-                live.push_back((b, 0));
+                b.mapped_mut()?.copy_from_slice(&w.fill[..size as usize]);
+                b.used_in(&frame)?;
+                // SAFETY: cmd is recording for `frame`; both buffers are live and from this
+                // device (b marked used by the frame, the sink waited before it is destroyed);
+                // b is at least 256 bytes.
+                unsafe { record_use(ctx.device(), cmd.raw(), b.raw(), sinks[slot].buffer, i) };
+                live.push_back(b);
             }
-            let value = ring.submit(&ctx, cmd)?;
-            for entry in live.iter_mut().skip(first_new) {
-                entry.1 = value;
-            }
+            ring.submit(frame, cmd)?;
             let a = Instant::now();
             for _ in 0..w.to_release(live.len()) {
-                if let Some((b, used)) = live.pop_front() {
-                    ctx.retire(b, used)?;
-                }
+                // Dropped: retired at the frame that used it.
+                drop(live.pop_front());
             }
             alloc_t += a.elapsed();
             timings.push(w, f, t0.elapsed(), wait_t, alloc_t);
@@ -144,21 +138,11 @@ pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnRes
         Ok(())
     })();
 
-    // Leak check (and the error path's cleanup): retire the rest, wait, collect.
-    let last = ctx.timeline().last_submitted();
-    let mut cleanup: Result<()> = Ok(());
-    for (b, used) in live {
-        // Buffers of a frame that failed before its submission carry 0: never used.
-        if let Err(e) = ctx.retire(b, used.min(last)) {
-            cleanup = Err(e.into());
-        }
-    }
+    // Leak check (and the error path's cleanup): drop the rest, wait, collect.
+    drop(live);
     let idle = ctx
-        .timeline()
-        .wait(last, Duration::from_secs(30))
-        .map_err(anyhow::Error::from)
-        // SAFETY: waiting for our own device (nothing else submits to it here).
-        .and_then(|_| unsafe { ctx.device().device_wait_idle() }.context("vkDeviceWaitIdle"));
+        .wait(ctx.last_submitted(), Duration::from_secs(30))
+        .context("waiting for the last frame");
     ctx.collect()?;
     let reserved_after_release = reserved(&ctx);
     let driver_delta_after_release = base.delta();
@@ -166,18 +150,16 @@ pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnRes
     ctx.memory().release_empty_blocks()?;
     let reserved_after_trim = reserved(&ctx);
     let memory = memory_type(&ctx);
+    drop(ring);
     if idle.is_ok() {
-        ring.destroy(&ctx)?;
         for s in sinks {
-            // SAFETY: the device is idle.
+            // SAFETY: every frame that used the sinks completed (waited above).
             unsafe { s.destroy(ctx.device()) };
         }
     }
-    let report = ctx.shutdown();
-    drop(ctx);
+    let report = ctx.shutdown()?;
     run?;
     idle?;
-    cleanup?;
     Ok(ChurnResult {
         samples: timings,
         peak_reserved: Some(peaks.reserved),
@@ -189,8 +171,7 @@ pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnRes
         leaked_objects: Some(report.leaks.len() as u64),
         memory,
         notes: vec![
-            "frees: Context::retire at the submission's timeline value; begin_frame collects"
-                .into(),
+            "frees: each buffer marked used by its frame and dropped; begin_frame collects".into(),
             "reserved after release includes the size-class cache (16 MiB for instances by default) and the block gpu-allocator keeps; 'after trim' is after flush_cache + release_empty_blocks".into(),
         ],
         ..Default::default()
@@ -204,12 +185,12 @@ pub fn budget(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<BudgetR
         ..Default::default()
     };
     memory.cap_bytes[Category::Instances] = w.budget;
-    let mut ctx = context(name, memory)?;
+    let ctx = context(name, memory)?;
     let mut held = Vec::new();
     let mut allocated = 0;
     let mut failure = None;
     while allocated < w.hard_stop() {
-        match ctx.memory().create_buffer(&desc(w.budget_step)) {
+        match ctx.create_buffer(&desc(w.budget_step)) {
             Ok(b) => {
                 allocated += b.bytes();
                 held.push(b);
@@ -222,13 +203,10 @@ pub fn budget(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<BudgetR
     }
     let reserved = reserved(&ctx);
     let driver_delta = base.delta();
-    for b in held {
-        // Nothing was submitted: value 0 is complete.
-        ctx.retire(b, 0)?;
-    }
+    // Never used by a frame: freed by the next collect.
+    drop(held);
     ctx.collect()?;
-    let report = ctx.shutdown();
-    drop(ctx);
+    let report = ctx.shutdown()?;
     if !report.leaks.is_empty() {
         return Err(anyhow!("understory leaked {} objects", report.leaks.len()));
     }

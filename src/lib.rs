@@ -30,6 +30,11 @@ pub mod world;
 
 pub use error::{Error, Result};
 
+/// The README's Rust examples, compiled as doctests so they keep the real signatures.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 #[cfg(test)]
 mod thread_safety {
     fn send_sync<T: Send + Sync>() {}

@@ -46,13 +46,18 @@ fn budgets_come_from_the_extension_or_are_labelled_estimates() {
     common::finish(ctx, "budget sources");
 }
 
-/// Wraps the driver and corrupts its numbers the way buggy drivers do.
+/// Wraps the driver and corrupts its numbers the way buggy drivers do: budgets of 0 or three
+/// heaps, and (odd heaps) a usage larger than the heap.
 struct Corrupt<S>(S);
 impl<S: BudgetSource> BudgetSource for Corrupt<S> {
     fn query(&mut self) -> understory::Result<Vec<RawHeap>> {
         let mut heaps = self.0.query()?;
         for (i, h) in heaps.iter_mut().enumerate() {
-            let usage = h.driver.map_or(0, |d| d.usage);
+            let usage = if i % 2 == 0 {
+                h.driver.map_or(0, |d| d.usage)
+            } else {
+                u64::MAX - 7
+            };
             h.driver = Some(understory::gpu::budget::DriverNumbers {
                 budget: if i % 2 == 0 {
                     0
@@ -67,7 +72,7 @@ impl<S: BudgetSource> BudgetSource for Corrupt<S> {
 }
 
 #[test]
-fn bad_driver_numbers_are_clamped_to_the_heap_size() {
+fn bad_driver_numbers_fall_back_to_the_labelled_estimate() {
     let Some(ctx) = common::context("bad_driver_numbers_are_clamped") else {
         return;
     };
@@ -76,19 +81,23 @@ fn bad_driver_numbers_are_clamped_to_the_heap_size() {
     for _ in 0..3 {
         let snapshot = heaps.refresh(&[]).expect("refresh").to_vec();
         for h in &snapshot {
-            assert_eq!(h.budget, h.size, "{h:?}");
+            assert_eq!(h.budget, estimated_budget(h.size), "{h:?}");
             let want = if h.index % 2 == 0 {
                 Clamp::Zero
             } else {
                 Clamp::OverSize
             };
             assert_eq!(h.clamped, Some(want));
+            assert_eq!(h.usage_estimated, h.index % 2 == 1, "{h:?}");
+            if h.usage_estimated {
+                assert!(h.usage <= h.size, "usage replaced by our own bytes: {h:?}");
+            }
         }
     }
     assert_eq!(
         heaps.clamp_warnings_logged(),
-        ctx.adapter().heaps.len(),
-        "each bad heap is logged once, not once per refresh"
+        ctx.adapter().heaps.len() + ctx.adapter().heaps.len() / 2,
+        "each bad number is logged once per heap, not once per refresh"
     );
     common::finish(ctx, "clamping");
 }

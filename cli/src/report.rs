@@ -134,9 +134,13 @@ impl BudgetReport {
                 "heap", "flags", "size", "budget", "usage", "headroom", "source"
             );
             for h in &d.heaps {
-                let source = match (h.source, h.clamped) {
-                    (Source::Ext, Some(c)) => format!("ext (clamped: {c:?})"),
-                    (src, _) => src.to_string(),
+                let source = match (h.source, h.clamped, h.usage_estimated) {
+                    (Source::Ext, Some(c), u) => format!(
+                        "ext (budget {c:?}: estimated{})",
+                        if u { ", usage estimated" } else { "" }
+                    ),
+                    (Source::Ext, None, true) => "ext (usage over size: estimated)".into(),
+                    (src, _, _) => src.to_string(),
                 };
                 let _ = writeln!(
                     s,

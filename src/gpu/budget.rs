@@ -31,7 +31,7 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// Why a driver budget was replaced by the heap size.
+/// Why a driver budget was replaced by the labelled estimate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Clamp {
@@ -74,8 +74,13 @@ pub struct HeapBudget {
     pub usage: u64,
     /// Where `budget` and `usage` came from.
     pub source: Source,
-    /// Set when the driver's budget was unusable and replaced by `size`.
+    /// Set when the driver's budget was unusable (0, or more than the heap) and replaced by
+    /// the estimate ([`estimated_budget`], the same as without the extension).
     pub clamped: Option<Clamp>,
+    /// Set when the driver's usage was impossible (more than the heap) and replaced by the
+    /// bytes understory holds in the heap (the estimate's usage; foreign usage is then
+    /// unknown and counts as 0).
+    pub usage_estimated: bool,
 }
 
 impl HeapBudget {
@@ -89,28 +94,43 @@ impl HeapBudget {
 pub trait BudgetSource: Send {
     /// Reads the heaps now. Called once a frame; must be cheap.
     fn query(&mut self) -> Result<Vec<RawHeap>>;
+
+    /// Told, right before each [`BudgetSource::query`], the bytes understory holds per heap
+    /// now. A real driver counts them itself; a simulated one (a test playing another
+    /// process's pressure) adds them to its `heapUsage` the same way. The default ignores
+    /// them.
+    fn observe_ours(&mut self, ours: &[u64]) {
+        let _ = ours;
+    }
 }
 
 /// Pure: raw numbers plus the bytes we hold per heap (`ours`, missing entries count as 0) into
-/// budgets. Driver budgets of 0 or above the heap size are clamped to the size.
+/// budgets. A driver budget of 0 or above the heap size falls back to the estimate (80% of
+/// the heap, never more optimistic than the estimate a driver without the extension gets); a
+/// driver usage above the heap size falls back to `ours`. Both are labelled.
 pub fn resolve(raw: &[RawHeap], ours: &[u64]) -> Vec<HeapBudget> {
     raw.iter()
         .enumerate()
         .map(|(i, h)| {
             let size = h.info.size;
             let ours = ours.get(i).copied().unwrap_or(0);
-            let (budget, usage, source, clamped) = match h.driver {
+            let (budget, usage, source, clamped, usage_estimated) = match h.driver {
                 Some(d) => {
                     let (budget, clamped) = if d.budget == 0 {
-                        (size, Some(Clamp::Zero))
+                        (estimated_budget(size), Some(Clamp::Zero))
                     } else if d.budget > size {
-                        (size, Some(Clamp::OverSize))
+                        (estimated_budget(size), Some(Clamp::OverSize))
                     } else {
                         (d.budget, None)
                     };
-                    (budget, d.usage, Source::Ext, clamped)
+                    let (usage, usage_estimated) = if d.usage > size {
+                        (ours, true)
+                    } else {
+                        (d.usage, false)
+                    };
+                    (budget, usage, Source::Ext, clamped, usage_estimated)
                 }
-                None => (estimated_budget(size), ours, Source::Estimated, None),
+                None => (estimated_budget(size), ours, Source::Estimated, None, false),
             };
             HeapBudget {
                 index: i as u32,
@@ -120,6 +140,7 @@ pub fn resolve(raw: &[RawHeap], ours: &[u64]) -> Vec<HeapBudget> {
                 usage,
                 source,
                 clamped,
+                usage_estimated,
             }
         })
         .collect()
@@ -133,7 +154,7 @@ pub fn estimated_budget(size: u64) -> u64 {
 /// The heaps of one device, refreshed once a frame. Logs each kind of clamp once per heap.
 pub struct HeapBudgets {
     source: Box<dyn BudgetSource>,
-    logged: Vec<[bool; 2]>,
+    logged: Vec<[bool; 3]>,
     last: Vec<HeapBudget>,
 }
 
@@ -149,23 +170,39 @@ impl HeapBudgets {
 
     /// Reads the source and resolves. `ours[i]` is what understory holds in heap `i`.
     pub fn refresh(&mut self, ours: &[u64]) -> Result<&[HeapBudget]> {
+        self.source.observe_ours(ours);
         let raw = self.source.query()?;
         let heaps = resolve(&raw, ours);
         if self.logged.len() < heaps.len() {
-            self.logged.resize(heaps.len(), [false; 2]);
+            self.logged.resize(heaps.len(), [false; 3]);
         }
         for (h, r) in heaps.iter().zip(&raw) {
-            let Some(clamp) = h.clamped else { continue };
-            let slot = &mut self.logged[h.index as usize][clamp as usize];
-            if !*slot {
-                *slot = true;
-                log::warn!(
-                    "heap {}: driver reported budget {} bytes for a heap of {} bytes ({:?}); using the heap size",
-                    h.index,
-                    r.driver.map_or(0, |d| d.budget),
-                    h.size,
-                    clamp
-                );
+            if let Some(clamp) = h.clamped {
+                let slot = &mut self.logged[h.index as usize][clamp as usize];
+                if !*slot {
+                    *slot = true;
+                    log::warn!(
+                        "heap {}: driver reported budget {} bytes for a heap of {} bytes ({:?}); using the estimate, {} bytes",
+                        h.index,
+                        r.driver.map_or(0, |d| d.budget),
+                        h.size,
+                        clamp,
+                        h.budget
+                    );
+                }
+            }
+            if h.usage_estimated {
+                let slot = &mut self.logged[h.index as usize][2];
+                if !*slot {
+                    *slot = true;
+                    log::warn!(
+                        "heap {}: driver reported usage {} bytes for a heap of {} bytes; using understory's own bytes, {}",
+                        h.index,
+                        r.driver.map_or(0, |d| d.usage),
+                        h.size,
+                        h.usage
+                    );
+                }
             }
         }
         self.last = heaps;
@@ -177,7 +214,8 @@ impl HeapBudgets {
         &self.last
     }
 
-    /// How many clamp warnings have been logged so far (each kind once per heap).
+    /// How many clamp warnings have been logged so far (each kind, budget 0, budget over the
+    /// size and usage over the size, once per heap).
     pub fn clamp_warnings_logged(&self) -> usize {
         self.logged.iter().flatten().filter(|b| **b).count()
     }
@@ -295,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_and_oversized_budgets_are_clamped_to_the_heap() {
+    fn zero_and_oversized_budgets_fall_back_to_the_estimate() {
         let b = resolve(
             &[
                 heap(4 * GIB, Some((0, 10))),
@@ -303,13 +341,25 @@ mod tests {
             ],
             &[],
         );
-        assert_eq!((b[0].budget, b[0].clamped), (4 * GIB, Some(Clamp::Zero)));
+        let estimate = estimated_budget(4 * GIB);
+        assert_eq!((b[0].budget, b[0].clamped), (estimate, Some(Clamp::Zero)));
         assert_eq!(
             (b[1].budget, b[1].clamped),
-            (4 * GIB, Some(Clamp::OverSize))
+            (estimate, Some(Clamp::OverSize))
         );
+        assert_eq!(b[0].usage, 10, "a good usage stays");
         let exact = resolve(&[heap(4 * GIB, Some((4 * GIB, 0)))], &[]);
         assert_eq!(exact[0].clamped, None, "budget == size is legal");
+    }
+
+    #[test]
+    fn impossible_usage_falls_back_to_ours() {
+        let b = resolve(&[heap(4 * GIB, Some((3 * GIB, u64::MAX)))], &[5 << 20]);
+        assert_eq!(b[0].usage, 5 << 20);
+        assert!(b[0].usage_estimated);
+        assert_eq!(b[0].budget, 3 * GIB, "the budget is still the driver's");
+        let fine = resolve(&[heap(4 * GIB, Some((3 * GIB, 4 * GIB)))], &[0]);
+        assert!(!fine[0].usage_estimated, "usage == size is possible");
     }
 
     #[test]

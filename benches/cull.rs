@@ -15,12 +15,13 @@ use glam::{Mat4, Vec3};
 use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc};
 use understory::gpu::context::{Context, ContextOptions, Frame};
 use understory::gpu::cull::{
-    Compaction, CullPass, CullSource, CullView, DrawIndexedIndirect, cull_cpu,
+    Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect,
+    SOURCES_PER_DISPATCH, cull_cpu,
 };
 use understory::gpu::instance::{InstanceOptions, Validation};
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryConfig, MemoryLocation};
 use understory::gpu::shaders;
-use understory::policy::category::{Category, PerCategory};
+use understory::policy::category::{CATEGORIES, Category, PerCategory};
 use understory::policy::lod::LodBands;
 use understory::world::instance::Instance;
 
@@ -160,7 +161,7 @@ fn main() {
             ..Default::default()
         },
         memory: MemoryConfig {
-            cap_bytes: PerCategory([u64::MAX; 4]),
+            cap_bytes: PerCategory([u64::MAX; CATEGORIES]),
             ..Default::default()
         },
         ..Default::default()
@@ -297,7 +298,20 @@ fn main() {
         let cull_bytes = bytes.len() as f64 + visible as f64 * 4.0;
         let floor_us = cull_bytes / (copy_gbs * 1e3);
         for &variant in &variants {
-            let pass = CullPass::new(&ctx, variant, n as u32, MESHES).expect("cull pass");
+            // Fixed lists: one submission holds all the timed repeats, so there is no read-back
+            // in between to size them from.
+            let mut pass = CullPass::from_desc(
+                &ctx,
+                &CullDesc {
+                    compaction: variant,
+                    capacity: n as u32,
+                    meshes: MESHES,
+                    records: false,
+                    adaptive: false,
+                    max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+                },
+            )
+            .expect("cull pass");
             let src = [CullSource {
                 buffer: &instances,
                 count: n as u32,
@@ -361,7 +375,18 @@ fn main() {
         understory::gpu::cull::SOURCES_PER_DISPATCH
     );
     for &variant in &variants {
-        let pass = CullPass::new(&ctx, variant, 1 << 20, MESHES).expect("pass");
+        let mut pass = CullPass::from_desc(
+            &ctx,
+            &CullDesc {
+                compaction: variant,
+                capacity: 1 << 20,
+                meshes: MESHES,
+                records: false,
+                adaptive: false,
+                max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+            },
+        )
+        .expect("pass");
         let single = [CullSource {
             buffer: &one,
             count: 1 << 20,

@@ -37,7 +37,7 @@ use gpu_allocator::{AllocationSizes, AllocatorDebugSettings};
 use understory::gpu::context::{Context, ContextOptions};
 use understory::gpu::instance::{InstanceOptions, Validation};
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryConfig, MemoryLocation};
-use understory::policy::category::{Category, PerCategory};
+use understory::policy::category::{CATEGORIES, Category, PerCategory};
 
 /// Buffers per iteration of `create_bind_free_1000`.
 const N: usize = 1000;
@@ -68,10 +68,10 @@ fn context(cache: bool) -> understory::Result<Context> {
     let cache_bytes = if cache {
         defaults.cache_bytes
     } else {
-        PerCategory([0; 4])
+        PerCategory([0; CATEGORIES])
     };
     context_from(MemoryConfig {
-        cap_bytes: PerCategory([u64::MAX; 4]),
+        cap_bytes: PerCategory([u64::MAX; CATEGORIES]),
         cache_bytes,
         ..defaults
     })
@@ -79,7 +79,7 @@ fn context(cache: bool) -> understory::Result<Context> {
 
 fn context_with_cache(instances_cache_bytes: u64) -> understory::Result<Context> {
     let mut memory = MemoryConfig {
-        cap_bytes: PerCategory([u64::MAX; 4]),
+        cap_bytes: PerCategory([u64::MAX; CATEGORIES]),
         ..Default::default()
     };
     memory.cache_bytes[Category::Instances] = instances_cache_bytes;

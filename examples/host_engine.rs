@@ -22,7 +22,9 @@ use understory::gpu::debug::{Canary, messenger_create_info};
 use understory::gpu::draw::{DrawFrame, DrawPass, tree_billboard};
 use understory::gpu::requirements::{Capabilities, DeviceRequirements};
 use understory::gpu::timeline::FrameSignal;
-use understory::vegetation::{PatchDesc, PatchId, SpeciesDesc, Vegetation, VegetationConfig};
+use understory::vegetation::{
+    PatchDesc, PatchId, SpeciesDesc, Vegetation, VegetationConfig, Viewer,
+};
 use understory::world::instance::Instance;
 
 type BoxError = Box<dyn std::error::Error>;
@@ -672,7 +674,7 @@ fn frames(
     } else {
         Compaction::Atomic
     };
-    let cull = CullPass::with_records(ctx, compaction, 65_536, draw.lod_meshes())?;
+    let mut cull = CullPass::with_records(ctx, compaction, 65_536, draw.lod_meshes())?;
     let mut slot_frames = [0u64; IN_FLIGHT];
     let (squeeze_from, squeeze_to) = (options.frames / 3, 2 * options.frames / 3);
     let settle = 8;
@@ -711,7 +713,7 @@ fn frames(
         let t = f as f32 / options.frames as f32 * std::f32::consts::TAU;
         let eye = Vec3::new(120.0 * t.cos(), 25.0, 120.0 * t.sin());
         let look = Vec3::new(0.0, 5.0, 0.0);
-        let update = veg.update(&frame, eye)?;
+        let update = veg.update(&frame, Viewer::looking(eye, look - eye))?;
         let q = update.decision.quality;
         if f > squeeze_from + settle && f < squeeze_to {
             let held = veg.stats().held;

@@ -9,7 +9,8 @@ struct DrawIndexedIndirect {
     first_instance: u32,
 }
 
-var<immediate> capacity: u32;
+// xyz: capacity of each LOD's list.
+var<immediate> caps: vec4<u32>;
 
 @group(0) @binding(0) var<storage, read_write> counters: array<u32, 8>;
 @group(0) @binding(1) var<storage, read_write> args: array<DrawIndexedIndirect, 3>;
@@ -18,10 +19,10 @@ var<immediate> capacity: u32;
 fn main(@builtin(local_invocation_index) l: u32) {
     if l < 3u {
         let appended = counters[l];
-        let kept = min(appended, capacity);
+        let kept = min(appended, caps[l]);
         args[l].instance_count = kept;
         // Instance indices start at 0 (drawIndirectFirstInstance is not required): the draw
-        // pass pushes each LOD's list base, l * capacity, as a constant.
+        // pass pushes each LOD's list base as a constant.
         args[l].first_instance = 0u;
         counters[COUNTER_OVERFLOW + l] = appended - kept;
     }

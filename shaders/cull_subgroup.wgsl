@@ -16,7 +16,7 @@ struct InstanceWords {
 @group(0) @binding(1) var<storage, read_write> lists: array<u32>;
 @group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, 8>;
 @group(0) @binding(3) var<uniform> view: CullView;
-// Visible instances' records, laid out like `lists` (2 vec4s per slot); written when pc.records.
+// Visible instances' records, laid out like `lists` (2 vec4s per slot); written when pc.caps.w.
 @group(0) @binding(4) var<storage, read_write> drawn: array<vec4<f32>>;
 
 fn lanes_below(lane: u32) -> vec4<u32> {
@@ -104,11 +104,11 @@ fn main(
         let lod = lods[k];
         if lod < LOD_CULLED {
             let slot = wg_base[lod] + slots[k];
-            if slot < pc.capacity {
-                let dst = lod * pc.capacity + slot;
+            if slot < pc.caps[lod] {
+                let dst = list_base(pc.caps, lod) + slot;
                 let j = first + k * 256u;
                 lists[dst] = src.y + j;
-                if pc.records != 0u {
+                if pc.caps.w != 0u {
                     drawn[2u * dst] = sources[source].v[2u * j];
                     drawn[2u * dst + 1u] = sources[source].v[2u * j + 1u];
                 }

@@ -1,13 +1,15 @@
 // The draw pass: procedural tree meshes at full and medium detail and camera-facing billboards
 // that sample the atlas, one indexed indirect draw per LOD from the cull pass's arguments.
-// The vertex stage reads the visible instance's record at `pc.lod * capacity + instance_index`:
-// each LOD is its own draw with its list's base pushed as a constant, so firstInstance stays 0
+// The vertex stage reads the visible instance's record at `pc.base + instance_index`: each LOD
+// is its own draw with its list's base pushed as a constant, so firstInstance stays 0
 // (drawIndirectFirstInstance is not required).
 // `pc.mode` 1 draws the ground quad instead (a plain indexed draw of its own mesh).
 
 struct DrawPush {
     mode: u32,
     lod: u32,
+    base: u32,
+    pad: u32,
 }
 var<immediate> pc: DrawPush;
 
@@ -61,7 +63,7 @@ fn vs_main(
         return out;
     }
     let lod = min(pc.lod, 2u);
-    let inst = drawn[lod * frame.params.x + ii];
+    let inst = drawn[pc.base + ii];
     var world: vec3<f32>;
     var n: vec3<f32>;
     if lod == 2u {

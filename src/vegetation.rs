@@ -39,10 +39,14 @@ use crate::gpu::atlas::{self, RegionUpload};
 use crate::gpu::budget::Source;
 use crate::gpu::context::{Context, Frame, FrameFate, Shared};
 use crate::gpu::cull::CullSource;
-use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, MemoryStats};
+use crate::gpu::memory::{
+    Buffer, BufferDesc, HeapReport, Image, MemoryLocation, MemoryStats, Placement,
+};
 use crate::gpu::upload;
 use crate::policy::category::Category;
-use crate::policy::controller::{BudgetController, BudgetInput, ControllerConfig, Decision};
+use crate::policy::controller::{
+    BudgetController, BudgetInput, ControllerConfig, Decision, Demand,
+};
 use crate::policy::lod::{FrameTimeQuality, Lod, LodBands};
 use crate::policy::residency::{self, ResidencyConfig, TileView};
 use crate::world::atlas::{AtlasPacker, AtlasRegion};
@@ -199,6 +203,41 @@ struct Tile {
     resident: bool,
     culled_frames: u32,
     distance: f32,
+    rank: f32,
+}
+
+/// Where the camera is, and (optionally) where it looks: what [`Vegetation::update`] ranks
+/// tiles by. A `Vec3` converts into a viewer without a direction.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Viewer {
+    /// The camera position, world space.
+    pub position: Vec3,
+    /// The view direction (any length but 0). With it, tiles behind the camera rank as if
+    /// [`BEHIND_RANK_FACTOR`] times farther: under a tight budget the memory goes to what is in
+    /// front, and a tile behind is still kept while nothing in front needs its bytes.
+    pub forward: Option<Vec3>,
+}
+
+/// How much farther a tile wholly behind the camera ranks ([`Viewer::forward`]).
+pub const BEHIND_RANK_FACTOR: f32 = 4.0;
+
+impl From<Vec3> for Viewer {
+    fn from(position: Vec3) -> Self {
+        Self {
+            position,
+            forward: None,
+        }
+    }
+}
+
+impl Viewer {
+    /// A viewer at `position` looking along `forward`.
+    pub fn looking(position: Vec3, forward: Vec3) -> Self {
+        Self {
+            position,
+            forward: Some(forward),
+        }
+    }
 }
 
 /// A staged copy of one patch's instances, recorded by the next [`Vegetation::record`].
@@ -262,8 +301,13 @@ pub struct Stats {
     pub budget: u64,
     /// Where the heap budget came from.
     pub budget_source: Source,
-    /// Vegetation bytes held (instances + atlas, pending frees included).
+    /// Vegetation bytes held now: blocks of instances, atlas and outputs, pending frees
+    /// included.
     pub held: u64,
+    /// The least the picture needs: the nearest tile within the draw distance (its instances),
+    /// the atlas and the cull and draw outputs, as of the last update. While the budget is at
+    /// least this, that tile stays drawn.
+    pub min_footprint: u64,
     /// Held ÷ budget.
     pub pressure: f64,
     /// LOD distance scale.
@@ -280,10 +324,16 @@ pub struct Stats {
     pub lod_instances: PerLod,
     /// Tile evictions since creation.
     pub evictions: u64,
+    /// Tiles whose patches moved out of blocks too big for the budget (to allocations of
+    /// their own) since creation.
+    pub relocations: u64,
     /// Patch uploads since creation.
     pub uploads: u64,
     /// Uploads refused (budget or `OverBudget`) since creation.
     pub refused_uploads: u64,
+    /// Times the driver refused memory (`VK_ERROR_OUT_OF_DEVICE_MEMORY`): each made the budget
+    /// stay below what was held then, for a while.
+    pub out_of_memory: u64,
 }
 
 /// What one `update` did.
@@ -316,7 +366,6 @@ pub struct Vegetation {
     controller: BudgetController,
     frame_time: Option<FrameTimeQuality>,
     last_decision: Option<Decision>,
-    last_held: u64,
     budget_source: Source,
     // Uploads staged and not yet recorded.
     staging: Vec<Buffer>,
@@ -324,14 +373,15 @@ pub struct Vegetation {
     atlas_uploads: Vec<PendingRegion>,
     recorded: Vec<RecordedUploads>,
     next_upload: u64,
-    /// Resident tiles with patches spawned since their upload.
-    incomplete: std::collections::HashSet<NodeId>,
     // Counters.
     frames: u64,
     live_instances: u64,
     evictions: u64,
+    relocations: u64,
+    min_footprint: u64,
     uploads: u64,
     refused_uploads: u64,
+    out_of_memory: u64,
     lod_instances: PerLod,
     last_log: Instant,
 }
@@ -380,19 +430,20 @@ impl Vegetation {
             packer,
             pages: Vec::new(),
             last_decision: None,
-            last_held: 0,
             budget_source: Source::Estimated,
             staging: Vec::new(),
             copies: Vec::new(),
             atlas_uploads: Vec::new(),
             recorded: Vec::new(),
             next_upload: 1,
-            incomplete: Default::default(),
             frames: 0,
             live_instances: 0,
             evictions: 0,
+            relocations: 0,
+            min_footprint: 0,
             uploads: 0,
             refused_uploads: 0,
+            out_of_memory: 0,
             lod_instances: PerLod::default(),
             last_log: Instant::now(),
         })
@@ -554,12 +605,15 @@ impl Vegetation {
         Ok(())
     }
 
+    /// Upload staging in host memory (`GpuToCpu` picks host-visible, coherent, cached memory:
+    /// system RAM on a discrete GPU, so staging never competes with vegetation for VRAM or the
+    /// BAR window).
     fn staging_buffer(&self, name: &str, bytes: u64) -> Result<Buffer> {
         self.shared.create_buffer(&BufferDesc {
             name,
             size: bytes.max(4),
             usage: vk::BufferUsageFlags::TRANSFER_SRC,
-            location: MemoryLocation::CpuToGpu,
+            location: MemoryLocation::GpuToCpu,
             category: Category::Staging,
         })
     }
@@ -625,11 +679,9 @@ impl Vegetation {
         if let Some(s) = self.species[desc.species.0 as usize].as_mut() {
             s.patches += 1;
         }
+        // A patch spawned into a resident tile is uploaded by a later update, counted against
+        // the budget first (the tile's missing bytes).
         let tile = self.tiles.entry(node).or_default();
-        if tile.resident {
-            // Resident tiles get new patches uploaded by the next update, budget permitting.
-            self.incomplete.insert(node);
-        }
         tile.patches.push(slot);
         tile.instances += n as u64;
         self.live_instances += n as u64;
@@ -690,80 +742,121 @@ impl Vegetation {
         Ok(p.gpu.as_ref())
     }
 
-    fn held_and_pending(&self) -> (u64, u64) {
-        let st = self.shared.memory.stats();
-        let c = &st.categories;
-        (
-            c[Category::Instances].live_bytes + c[Category::Atlas].live_bytes,
-            c[Category::Instances].pending_bytes + c[Category::Atlas].pending_bytes,
-        )
-    }
-
     /// Once a frame, after [`Context::begin_frame`]: steps the budget controller with the
     /// frame's heap budgets, evicts and uploads tiles, and counts LODs. Uploads are staged here
     /// and recorded by [`Vegetation::record`] (until then they stay staged).
-    pub fn update(&mut self, frame: &Frame, camera: Vec3) -> Result<UpdateReport> {
+    pub fn update(&mut self, frame: &Frame, viewer: impl Into<Viewer>) -> Result<UpdateReport> {
         frame.check(&self.shared, "Vegetation::update")?;
         self.settle_recorded();
+        let viewer = viewer.into();
+        let camera = viewer.position;
         if !camera.is_finite() {
             return Err(Error::InvalidInput(format!("camera at {camera}")));
         }
+        let forward = match viewer.forward {
+            None => None,
+            Some(f) if f.is_finite() && f.length_squared() > 0.0 => {
+                Some(Vec2::new(f.x, f.z).normalize_or_zero())
+            }
+            Some(f) => return Err(Error::InvalidInput(format!("view direction {f}"))),
+        };
         let heap = frame
             .heaps()
             .get(self.heap)
-            .ok_or_else(|| Error::InvalidInput("frame has no heap report".into()))?;
+            .ok_or_else(|| Error::InvalidInput("frame has no heap report".into()))?
+            .clone();
         self.budget_source = heap.budget.source;
-        let (mut held, mut pending) = self.held_and_pending();
-        // Released instance buffers kept for reuse count as held; over the high watermark they
-        // are the first thing to give back, before any tile is evicted.
-        let high = self.controller.config().high_watermark;
-        let budget_now = self.controller.budget_for(&BudgetInput {
-            heap_budget: heap.budget.budget,
-            heap_usage: heap.budget.usage,
-            ours: heap.ours_total,
-            held,
-            pending,
-        });
-        if held as f64 > budget_now as f64 * high
-            && self.shared.memory.flush_cache_of(Category::Instances) > 0
-        {
-            (held, pending) = self.held_and_pending();
-        }
-        let mut decision = self.controller.step(&BudgetInput {
-            heap_budget: heap.budget.budget,
-            heap_usage: heap.budget.usage,
-            ours: heap.ours_total,
-            held,
-            pending,
-        });
-        // The optional second input: frame time scales quality further (never up past the
-        // budget's choice).
-        if let Some(ft) = &self.frame_time {
-            decision.quality *= ft.scale;
-        }
-        // Tile views: distances and culled-frame counts.
-        let draw = self.config.lod.draw_distance(decision.quality);
+        // Tile views: distances, culled-frame counts, bytes held and still missing.
+        let draw = self
+            .config
+            .lod
+            .draw_distance(self.controller.quality() * self.frame_time_scale());
         let mut views = Vec::with_capacity(self.tiles.len());
-        let mut lod = PerLod::default();
+        let mut resident_bytes = 0;
         for (node, tile) in self.tiles.iter_mut() {
             tile.distance = self.quadtree.distance(*node, camera);
-            let tile_lod = self.config.lod.select(tile.distance, decision.quality);
+            // Wholly behind the camera (every corner behind its plane): ranks farther.
+            let behind = forward.is_some_and(|f| {
+                f != Vec2::ZERO && {
+                    let (min, max) = self.quadtree.bounds(*node);
+                    let c = Vec2::new(camera.x, camera.z);
+                    [min, max, Vec2::new(min.x, max.y), Vec2::new(max.x, min.y)]
+                        .iter()
+                        .all(|p| (*p - c).dot(f) < 0.0)
+                }
+            });
+            tile.rank = if behind {
+                tile.distance * BEHIND_RANK_FACTOR + self.quadtree.leaf_m()
+            } else {
+                tile.distance
+            };
             if tile.distance >= draw {
                 tile.culled_frames = tile.culled_frames.saturating_add(1);
             } else {
                 tile.culled_frames = 0;
             }
+            let (mut held, mut missing) = (0, 0);
+            for slot in &tile.patches {
+                if let Some(p) = self.patches[*slot as usize].as_ref() {
+                    match &p.gpu {
+                        Some(g) => held += g.bytes,
+                        None => {
+                            missing += self.shared.memory.predicted_bytes(
+                                Category::Instances,
+                                std::mem::size_of_val(p.instances.as_slice()) as u64,
+                            )
+                        }
+                    }
+                }
+            }
+            if tile.resident {
+                resident_bytes += held;
+            }
+            views.push(TileView {
+                id: node.packed(),
+                distance: tile.distance,
+                rank: tile.rank,
+                bytes: held + missing,
+                resident: tile.resident,
+                missing: if tile.resident { missing } else { 0 },
+                culled_frames: tile.culled_frames,
+            });
+        }
+        let demand = Demand::new(views.iter().map(|v| (v.distance, v.bytes)));
+        let full = self.config.lod.draw_distance(1.0);
+        let nearest = views
+            .iter()
+            .filter(|v| v.distance < full && v.bytes > 0)
+            .min_by(|a, b| a.rank.total_cmp(&b.rank))
+            .map_or(0, |v| v.bytes);
+        let (mut input, mut budget_now) = self.budget_input(&heap, resident_bytes);
+        {
+            let c = &self.shared.memory.stats().categories;
+            self.min_footprint =
+                nearest + c[Category::Atlas].reserved_bytes + c[Category::Outputs].reserved_bytes;
+        }
+        // Released instance buffers kept for reuse count as held; past the target they are the
+        // first thing to give back, before any tile is evicted or an upload refused.
+        let target = self.controller.config().target;
+        if input.held as f64 > budget_now as f64 * target
+            && self.shared.memory.flush_cache_of(Category::Instances) > 0
+        {
+            (input, budget_now) = self.budget_input(&heap, resident_bytes);
+        }
+        let _ = budget_now;
+        let mut decision = self.controller.step(&input, &demand, &self.config.lod);
+        // The optional second input: frame time scales quality further (never up past the
+        // budget's choice).
+        decision.quality *= self.frame_time_scale();
+        // Nothing of the vegetation categories is reserved past the budget.
+        self.shared.memory.set_vegetation_limit(decision.budget);
+        let mut lod = PerLod::default();
+        for tile in self.tiles.values() {
+            let tile_lod = self.config.lod.select(tile.distance, decision.quality);
             lod.add(
                 if tile.resident { tile_lod } else { Lod::Culled },
                 tile.instances,
             );
-            views.push(TileView {
-                id: node.packed(),
-                distance: tile.distance,
-                bytes: tile.instances * std::mem::size_of::<Instance>() as u64,
-                resident: tile.resident,
-                culled_frames: tile.culled_frames,
-            });
         }
         self.lod_instances = lod;
         let plan = residency::plan(&views, &self.config.lod, &decision, &self.config.residency);
@@ -776,21 +869,22 @@ impl Vegetation {
                 evicted += 1;
             }
         }
-        let mut upload_nodes: Vec<NodeId> = plan
+        let upload_nodes: Vec<NodeId> = plan
             .upload
             .iter()
             .map(|p| NodeId::from_packed(*p))
             .collect();
-        if plan.evict.is_empty() && decision.upload_bytes > plan.upload_bytes {
-            upload_nodes.extend(
-                self.incomplete
-                    .drain()
-                    .filter(|n| self.tiles.get(n).is_some_and(|t| t.resident)),
-            );
-        }
-        let (uploaded_patches, uploaded_bytes) = self.upload_tiles(&upload_nodes)?;
+        let (mut uploaded_patches, mut uploaded_bytes) =
+            self.upload_tiles(&upload_nodes, input.held, Placement::Auto)?;
+        let room = self
+            .config
+            .residency
+            .max_upload_bytes_per_frame
+            .saturating_sub(uploaded_bytes);
+        let (p, b) = self.relocate(decision.budget, room, input.held)?;
+        uploaded_patches += p;
+        uploaded_bytes += b;
         self.frames += 1;
-        self.last_held = held;
         self.last_decision = Some(decision);
         if self.last_log.elapsed() >= self.config.stats_log_interval {
             self.last_log = Instant::now();
@@ -800,7 +894,7 @@ impl Vegetation {
                 self.live_instances,
                 self.tiles.values().filter(|t| t.resident).count(),
                 self.tiles.len(),
-                held as f64 / (1 << 20) as f64,
+                input.held as f64 / (1 << 20) as f64,
                 decision.budget as f64 / (1 << 20) as f64,
                 self.budget_source,
                 decision.quality,
@@ -813,6 +907,50 @@ impl Vegetation {
             uploaded_patches,
             uploaded_bytes,
         })
+    }
+
+    fn frame_time_scale(&self) -> f32 {
+        self.frame_time.as_ref().map_or(1.0, |ft| ft.scale)
+    }
+
+    /// The controller's input from the heap report and what vegetation holds: every block of
+    /// the vegetation categories (instances, atlas, outputs), pending frees included.
+    fn budget_input(&self, heap: &HeapReport, resident: u64) -> (BudgetInput, u64) {
+        let m = &self.shared.memory;
+        let st = m.stats();
+        let c = &st.categories;
+        let pending: u64 = Category::VEGETATION
+            .iter()
+            .map(|k| c[*k].pending_bytes)
+            .sum();
+        let input = BudgetInput {
+            heap_budget: heap.budget.budget,
+            heap_usage: heap.budget.usage,
+            ours: heap.ours_total,
+            held: m.vegetation_reserved(),
+            pending,
+            outputs: c[Category::Outputs].reserved_bytes,
+            resident,
+            // Block slack goes back by relocation only while allocations of their own may
+            // still be made; otherwise evictions have to empty the blocks.
+            slack: if m.dedicated_room() > 0 {
+                m.block_slack(Category::Instances)
+            } else {
+                0
+            } + c[Category::Instances].cached_bytes,
+        };
+        let budget = self.controller.budget_for(&input);
+        (input, budget)
+    }
+
+    /// The driver refused memory: pressure, not an error.
+    fn out_of_memory(&mut self, held: u64) {
+        self.out_of_memory += 1;
+        self.controller.out_of_memory(held);
+        log::warn!(
+            "vegetation: the driver is out of device memory; the budget stays below {} bytes for a while",
+            held
+        );
     }
 
     fn evict_tile(&mut self, node: NodeId) {
@@ -837,9 +975,80 @@ impl Vegetation {
         }
     }
 
+    /// Over the budget with blocks bigger than it allows (the budget fell after they were
+    /// made), the evictions free sub-allocations but not the blocks around the tiles that stay.
+    /// Those tiles' patches move, nearest first and within `room` bytes a frame, to
+    /// allocations of their own: a new copy is uploaded in this frame (drawn from it at once)
+    /// and the old buffer retires at its last use, so the blocks empty and go back to the
+    /// driver without a tile leaving the screen. Once the budget has room for blocks again,
+    /// patches move back into them (a quarter of `room` a frame), so allocations of their own
+    /// stay few.
+    fn relocate(&mut self, budget: u64, room: u64, held: u64) -> Result<(usize, u64)> {
+        let m = &self.shared.memory;
+        let out = m.vegetation_reserved() > budget && m.blocks_too_big();
+        let back = !out && m.blocks_fit_again();
+        if !out && !back {
+            return Ok((0, 0));
+        }
+        let (mut count_room, room, placement) = if out {
+            m.release_empty_blocks()?;
+            if m.block_bytes(Category::Instances) == 0 {
+                return Ok((0, 0));
+            }
+            (m.dedicated_room(), room, Placement::Relocate)
+        } else {
+            (u64::MAX, room / 4, Placement::Shared)
+        };
+        let mut nodes: Vec<(f32, NodeId)> = self
+            .tiles
+            .iter()
+            .filter(|(_, t)| t.resident)
+            .map(|(n, t)| (t.rank, *n))
+            .collect();
+        nodes.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut moving = Vec::new();
+        let mut bytes = 0u64;
+        'tiles: for (_, node) in nodes {
+            let tile = &self.tiles[&node];
+            for slot in &tile.patches {
+                let Some(p) = self.patches[*slot as usize].as_mut() else {
+                    continue;
+                };
+                let movable = p
+                    .gpu
+                    .as_ref()
+                    .is_some_and(|g| g.buffer.is_dedicated() != out);
+                if !movable {
+                    continue;
+                }
+                let len = std::mem::size_of_val(p.instances.as_slice()) as u64;
+                if bytes + len > room || count_room == 0 {
+                    break 'tiles;
+                }
+                bytes += len;
+                count_room -= 1;
+                // Retired at its last use; the new copy below is recorded in this frame.
+                drop(p.gpu.take());
+                if moving.last() != Some(&node) {
+                    moving.push(node);
+                }
+            }
+        }
+        if moving.is_empty() {
+            return Ok((0, 0));
+        }
+        self.relocations += moving.len() as u64;
+        self.upload_tiles(&moving, held, placement)
+    }
+
     /// Creates instance buffers for the tiles' patches and stages their data. Stops at the first
     /// refusal (`OverBudget`): refusing uploads is the controller's last resort.
-    fn upload_tiles(&mut self, nodes: &[NodeId]) -> Result<(usize, u64)> {
+    fn upload_tiles(
+        &mut self,
+        nodes: &[NodeId],
+        held: u64,
+        placement: Placement,
+    ) -> Result<(usize, u64)> {
         if nodes.is_empty() {
             return Ok((0, 0));
         }
@@ -865,6 +1074,12 @@ impl Vegetation {
                 self.refused_uploads += nodes.len() as u64;
                 return Ok((0, 0));
             }
+            Err(Error::OutOfDeviceMemory { .. } | Error::OutOfHostMemory { .. }) => {
+                // Driver out-of-memory is pressure, never an error out of update.
+                self.out_of_memory(held);
+                self.refused_uploads += nodes.len() as u64;
+                return Ok((0, 0));
+            }
             Err(e) => return Err(e),
         };
         let staging_index = self.staging.len();
@@ -874,6 +1089,7 @@ impl Vegetation {
             let Some(tile) = self.tiles.get(node) else {
                 continue;
             };
+            let was_resident = tile.resident;
             let slots = tile.patches.clone();
             for slot in slots {
                 let Some(p) = self.patches[slot as usize].as_mut() else {
@@ -884,7 +1100,7 @@ impl Vegetation {
                 }
                 let bytes: &[u8] = bytemuck::cast_slice(&p.instances);
                 let len = bytes.len() as u64;
-                let buffer = match self.shared.create_buffer(&BufferDesc {
+                let desc = BufferDesc {
                     name: "patch instances",
                     size: len,
                     usage: vk::BufferUsageFlags::STORAGE_BUFFER
@@ -893,13 +1109,31 @@ impl Vegetation {
                         | vk::BufferUsageFlags::TRANSFER_SRC,
                     location: MemoryLocation::GpuOnly,
                     category: Category::Instances,
-                }) {
+                };
+                let memory = &self.shared.memory;
+                let mut created = memory.create_buffer_placed(&self.shared, &desc, placement);
+                if matches!(created, Err(Error::OverBudget { .. }))
+                    && memory.flush_cache_of(Category::Instances) > 0
+                {
+                    // Released buffers kept for reuse go back before an upload is refused.
+                    created = memory.create_buffer_placed(&self.shared, &desc, placement);
+                }
+                let buffer = match created {
                     Ok(b) => b,
-                    Err(Error::OverBudget { .. }) => {
+                    Err(e @ (Error::OverBudget { .. } | Error::OutOfDeviceMemory { .. })) => {
+                        if matches!(e, Error::OutOfDeviceMemory { .. }) {
+                            // Driver out-of-memory is pressure: counted, quality steps down,
+                            // the upload is retried later.
+                            self.out_of_memory(held);
+                        }
                         self.refused_uploads += 1;
-                        // All or nothing per tile: give back what this tile got so far (their
-                        // pending copies are skipped: the uploads they were staged for are gone).
-                        self.drop_tile_buffers(*node);
+                        // All or nothing for a tile that was not resident: give back what it
+                        // got so far (their pending copies are skipped: the uploads they were
+                        // staged for are gone). A resident tile keeps what it has; the rest of
+                        // its new patches come later.
+                        if !was_resident {
+                            self.drop_tile_buffers(*node);
+                        }
                         break 'tiles;
                     }
                     Err(e) => {
@@ -945,11 +1179,7 @@ impl Vegetation {
                 self.uploads += 1;
             }
             if let Some(t) = self.tiles.get_mut(node) {
-                t.resident = t.patches.iter().all(|s| {
-                    self.patches[*s as usize]
-                        .as_ref()
-                        .is_some_and(|p| p.gpu.is_some())
-                });
+                t.resident = true;
             }
         }
         self.staging.push(staging);
@@ -1161,7 +1391,8 @@ impl Vegetation {
             memory: self.shared.memory.stats(),
             budget: d.map_or(0, |d| d.budget),
             budget_source: self.budget_source,
-            held: self.last_held,
+            held: self.shared.memory.vegetation_reserved(),
+            min_footprint: self.min_footprint,
             pressure: d.map_or(0.0, |d| d.pressure),
             quality: self.last_decision.map_or(1.0, |d| d.quality),
             patches: (self.patches.len() - self.free_slots.len()) as u64,
@@ -1170,8 +1401,10 @@ impl Vegetation {
             resident_tiles: self.tiles.values().filter(|t| t.resident).count() as u64,
             lod_instances: self.lod_instances,
             evictions: self.evictions,
+            relocations: self.relocations,
             uploads: self.uploads,
             refused_uploads: self.refused_uploads,
+            out_of_memory: self.out_of_memory,
         }
     }
 }

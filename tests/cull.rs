@@ -56,6 +56,7 @@ fn upload(ctx: &Context, instances: &[Instance]) -> Buffer {
 }
 
 struct Readback {
+    caps: [u32; 3],
     lists: [Vec<u32>; 3],
     counters: [u32; COUNTERS],
     args: [DrawIndexedIndirect; 3],
@@ -84,6 +85,22 @@ fn numbered<'a>(
     (sources, cpu)
 }
 
+/// A pass whose lists keep `capacity` entries each.
+fn fixed(ctx: &Context, compaction: Compaction, capacity: u32, records: bool) -> CullPass {
+    CullPass::from_desc(
+        ctx,
+        &CullDesc {
+            compaction,
+            capacity,
+            meshes: MESHES,
+            records,
+            adaptive: false,
+            max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+        },
+    )
+    .unwrap()
+}
+
 /// Drops the test's instance buffers and checks the context is clean.
 fn finish(ctx: Context, bufs: Vec<Buffer>, what: &str) {
     drop(bufs);
@@ -103,6 +120,7 @@ fn passes(ctx: &Context, capacity: u32, records: bool) -> Vec<(String, CullPass)
                     capacity,
                     meshes: MESHES,
                     records,
+                    adaptive: false,
                     max_sources_per_dispatch,
                 },
             )
@@ -152,9 +170,16 @@ unsafe fn copy_to_host(
 }
 
 /// Runs the pass over `sources` and reads everything back.
-fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullView) -> Readback {
-    let cap = pass.capacity() as u64;
-    let list_bytes = (cap * 3 + LIST_GUARD_WORDS) * 4;
+fn run(
+    ctx: &Context,
+    pass: &mut CullPass,
+    sources: &[CullSource<'_>],
+    view: &CullView,
+) -> Readback {
+    let caps = pass.capacities();
+    let bases = pass.list_bases();
+    let entries: u64 = caps.iter().map(|c| u64::from(*c)).sum();
+    let list_bytes = (entries + LIST_GUARD_WORDS) * 4;
     let counter_bytes = COUNTERS as u64 * 4;
     let args_bytes = size_of::<[DrawIndexedIndirect; 3]>() as u64;
     let read = ctx
@@ -166,14 +191,14 @@ fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullVi
             category: Category::Other,
         })
         .unwrap();
-    let lists = pass.lists().unwrap();
+    let lists = pass.lists().unwrap().raw();
     ctx.submit_and_wait(|frame, cmd| {
         let d = ctx.device();
-        lists.used_in(frame)?;
+        pass.lists()?.used_in(frame)?;
         // SAFETY: cmd is recording for `frame`; the guard words are set before the pass
         // runs.
         unsafe {
-            d.cmd_fill_buffer(cmd, lists.raw(), 0, vk::WHOLE_SIZE, 0xDEAD_BEEF);
+            d.cmd_fill_buffer(cmd, lists, 0, vk::WHOLE_SIZE, 0xDEAD_BEEF);
             let b = [vk::MemoryBarrier::default()
                 .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
                 .dst_access_mask(vk::AccessFlags::TRANSFER_WRITE | vk::AccessFlags::SHADER_WRITE)];
@@ -193,7 +218,7 @@ fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullVi
                 cmd,
                 &read,
                 &[
-                    (lists, 0, list_bytes),
+                    (pass.lists()?, 0, list_bytes),
                     (pass.counters()?, list_bytes, counter_bytes),
                     (pass.args()?, list_bytes + counter_bytes, args_bytes),
                 ],
@@ -212,19 +237,18 @@ fn run(ctx: &Context, pass: &CullPass, sources: &[CullSource<'_>], view: &CullVi
     let mut out: [Vec<u32>; 3] = Default::default();
     for (l, list) in out.iter_mut().enumerate() {
         let n = args[l].instance_count as usize;
-        let start = l * cap as usize;
+        let start = bases[l] as usize;
         *list = words[start..start + n].to_vec();
         list.sort_unstable();
     }
-    let guard_intact = words[(cap * 3) as usize..]
-        .iter()
-        .all(|w| *w == 0xDEAD_BEEF);
+    let guard_intact = words[entries as usize..].iter().all(|w| *w == 0xDEAD_BEEF);
     drop(read);
     Readback {
         lists: out,
         counters,
         args,
         guard_intact,
+        caps,
     }
 }
 
@@ -269,9 +293,10 @@ fn variants(ctx: &Context) -> Vec<Compaction> {
     v
 }
 
-fn check(rb: &Readback, want: &understory::gpu::cull::CullExpectation, cap: u32, what: &str) {
+fn check(rb: &Readback, want: &understory::gpu::cull::CullExpectation, what: &str) {
     assert!(rb.guard_intact, "{what}: wrote past the lists");
     for (l, mesh) in MESHES.iter().enumerate() {
+        let cap = rb.caps[l];
         let total = want.lists[l].len() as u32;
         assert_eq!(rb.counters[l], total, "{what}: LOD {l} appended");
         assert_eq!(
@@ -315,7 +340,7 @@ fn random_scenes_match_the_cpu_reference() {
     };
     let scene = random_scene(100_000, 7);
     let buf = upload(&ctx, &scene);
-    for (name, pass) in passes(&ctx, 200_000, false) {
+    for (name, mut pass) in passes(&ctx, 200_000, false) {
         for (k, (eye, yaw, quality)) in [
             (Vec3::new(0.0, 20.0, 0.0), 0.0, 1.0),
             (Vec3::new(100.0, 5.0, -50.0), 2.0, 0.6),
@@ -327,7 +352,7 @@ fn random_scenes_match_the_cpu_reference() {
             let view = perspective(eye, yaw, quality);
             let rb = run(
                 &ctx,
-                &pass,
+                &mut pass,
                 &[CullSource {
                     buffer: &buf,
                     count: scene.len() as u32,
@@ -340,7 +365,7 @@ fn random_scenes_match_the_cpu_reference() {
                 want.lists.iter().all(|l| !l.is_empty()),
                 "scene {k} exercises every LOD"
             );
-            check(&rb, &want, pass.capacity(), &format!("{name} scene {k}"));
+            check(&rb, &want, &format!("{name} scene {k}"));
         }
     }
     drop(buf);
@@ -410,27 +435,27 @@ fn band_edges_planes_nans_and_many_sources() {
         .map(|(b, s)| (b, s.as_slice()))
         .collect();
     let (sources, cpu) = numbered(&parts, 17);
-    for (name, pass) in passes(&ctx, 50_000, false) {
-        let rb = run(&ctx, &pass, &sources[..1], &view);
+    for (name, mut pass) in passes(&ctx, 50_000, false) {
+        let rb = run(&ctx, &mut pass, &sources[..1], &view);
         let want = cull_cpu(&cpu[..1], &view);
         assert_eq!(want.lists[0].len(), 5, "49 m on five axes");
         assert_eq!(want.lists[1].len() + want.lists[2].len(), 30 + 2);
-        check(&rb, &want, pass.capacity(), &format!("{name} edges"));
+        check(&rb, &want, &format!("{name} edges"));
 
-        let rb = run(&ctx, &pass, &sources[1..2], &view);
+        let rb = run(&ctx, &mut pass, &sources[1..2], &view);
         let want = cull_cpu(&cpu[1..2], &view);
         assert_eq!(want.invalid, 750);
-        check(&rb, &want, pass.capacity(), &format!("{name} nans"));
+        check(&rb, &want, &format!("{name} nans"));
 
-        let rb = run(&ctx, &pass, &sources, &view);
+        let rb = run(&ctx, &mut pass, &sources, &view);
         let want = cull_cpu(&cpu, &view);
-        check(&rb, &want, pass.capacity(), &format!("{name} many sources"));
+        check(&rb, &want, &format!("{name} many sources"));
 
-        let rb = run(&ctx, &pass, &[], &view);
-        check(&rb, &Default::default(), pass.capacity(), "no sources");
+        let rb = run(&ctx, &mut pass, &[], &view);
+        check(&rb, &Default::default(), "no sources");
         let rb = run(
             &ctx,
-            &pass,
+            &mut pass,
             &[CullSource {
                 buffer: &bufs[0],
                 count: 0,
@@ -438,7 +463,7 @@ fn band_edges_planes_nans_and_many_sources() {
             }],
             &view,
         );
-        check(&rb, &Default::default(), pass.capacity(), "zero instances");
+        check(&rb, &Default::default(), "zero instances");
     }
     finish(ctx, bufs, "edges");
 }
@@ -453,10 +478,10 @@ fn overflow_clamps_and_counts_without_writing_out_of_bounds() {
     let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.5, 1.0);
     let want = cull_cpu(&[(&scene, 0)], &view);
     for compaction in variants(&ctx) {
-        let pass = CullPass::new(&ctx, compaction, 16, MESHES).unwrap();
+        let mut pass = fixed(&ctx, compaction, 16, false);
         let rb = run(
             &ctx,
-            &pass,
+            &mut pass,
             &[CullSource {
                 buffer: &buf,
                 count: scene.len() as u32,
@@ -469,14 +494,14 @@ fn overflow_clamps_and_counts_without_writing_out_of_bounds() {
             sizes.iter().all(|n| *n > 16),
             "every list overflows: {sizes:?}"
         );
-        check(&rb, &want, 16, &format!("{compaction:?} overflow"));
+        check(&rb, &want, &format!("{compaction:?} overflow"));
     }
     let too_few = CullSource {
         buffer: &buf,
         count: scene.len() as u32 + 1,
         base: 0,
     };
-    let pass = CullPass::new(&ctx, Compaction::Atomic, 10, MESHES).unwrap();
+    let mut pass = fixed(&ctx, Compaction::Atomic, 10, false);
     let err = ctx
         .submit_and_wait(|frame, cmd| {
             // SAFETY: recording; the call is refused before anything is recorded.
@@ -522,7 +547,8 @@ fn records_hold_the_instance_each_list_slot_names() {
             .records()
             .is_err()
     );
-    for (name, pass) in passes(&ctx, cap, true) {
+    for (name, mut pass) in passes(&ctx, cap, true) {
+        let bases = pass.list_bases();
         let record_bytes = u64::from(cap) * 3 * 32;
         let list_bytes = u64::from(cap) * 3 * 4;
         let args_bytes = size_of::<[DrawIndexedIndirect; 3]>() as u64;
@@ -568,7 +594,7 @@ fn records_hold_the_instance_each_list_slot_names() {
             assert_eq!(n, want.lists[l].len(), "{name} LOD {l} count");
             assert!(n > 0, "the view exercises LOD {l}");
             for s in 0..n {
-                let at = l * cap as usize + s;
+                let at = bases[l] as usize + s;
                 let i = lists[at] as usize;
                 assert_eq!(
                     records[at], scene[i],
@@ -620,9 +646,9 @@ fn sources_are_batched_per_dispatch_and_match_the_reference() {
         want.lists.iter().all(|l| !l.is_empty()),
         "every LOD exercised"
     );
-    for (name, pass) in passes(&ctx, 100_000, false) {
-        let rb = run(&ctx, &pass, &sources, &view);
-        check(&rb, &want, pass.capacity(), &format!("{name} batched"));
+    for (name, mut pass) in passes(&ctx, 100_000, false) {
+        let rb = run(&ctx, &mut pass, &sources, &view);
+        check(&rb, &want, &format!("{name} batched"));
     }
     finish(ctx, bufs, "batched");
 }

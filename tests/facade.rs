@@ -192,7 +192,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             rgba8: &[200; 8 * 8 * 4],
         })
         .unwrap();
-    let cull = CullPass::new(&ctx, Compaction::Atomic, 4096, [Default::default(); 3]).unwrap();
+    let mut cull = CullPass::new(&ctx, Compaction::Atomic, 4096, [Default::default(); 3]).unwrap();
     let mut live: Vec<PatchId> = Vec::new();
     let mut open: Option<Open> = None;
     let mut seed = 1u64;

@@ -355,7 +355,7 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
     .unwrap();
     let sources = veg.cull_sources();
     assert!(sources.len() > 100, "{} resident patches", sources.len());
-    let pass = understory::gpu::cull::CullPass::new(
+    let mut pass = understory::gpu::cull::CullPass::new(
         &ctx,
         understory::gpu::cull::Compaction::Atomic,
         1 << 20,

@@ -19,10 +19,10 @@ use understory::gpu::cull::{COUNTERS, Compaction, CullPass, CullView};
 use understory::gpu::draw::{DrawFrame, DrawPass, tree_billboard};
 use understory::gpu::frame::FrameRing;
 use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation, RawObject};
-use understory::policy::category::{Category, PerCategory};
+use understory::policy::category::{CATEGORIES, Category, PerCategory};
 use understory::policy::lod::LodBands;
 use understory::vegetation::{
-    PatchDesc, SpeciesDesc, SpeciesId, Stats, Vegetation, VegetationConfig,
+    PatchDesc, SpeciesDesc, SpeciesId, Stats, Vegetation, VegetationConfig, Viewer,
 };
 use understory::world::instance::Instance;
 
@@ -97,10 +97,24 @@ pub struct DemoReport {
     pub instances: u64,
     /// Patches.
     pub patches: u64,
-    /// Highest bytes in live allocations per category (instances, atlas, staging, other).
+    /// Highest bytes in live allocations per category (instances, atlas, outputs, staging,
+    /// other).
     pub peak_bytes: PerCategory<u64>,
-    /// Highest vegetation bytes held (instances + atlas).
+    /// Highest vegetation bytes held: blocks of instances, atlas and cull and draw outputs
+    /// (everything understory holds on the GPU for vegetation), retired-but-unfreed included.
     pub peak_held: u64,
+    /// The vegetation budget in the frame of `peak_held`.
+    pub peak_held_budget: u64,
+    /// Frames whose held bytes passed the budget, not counting the [`SETTLE_FRAMES`] after the
+    /// budget fell (the GPU's latency, then the frees).
+    pub over_budget_frames: u64,
+    /// Frames after the first [`BLANK_GRACE_FRAMES`] in which the GPU drew no instance while
+    /// the budget held at least the nearest tile's minimum footprint
+    /// ([`understory::vegetation::Stats::min_footprint`]).
+    pub blank_frames: u64,
+    /// Frames from the end of the last squeeze (the cap restored) to quality 1.00 (0 if it
+    /// never dropped; `None` if it did not come back before the run ended).
+    pub recovery_frames: Option<u64>,
     /// Highest heap usage of the device-local heap: the driver's with `VK_EXT_memory_budget`,
     /// understory's own otherwise (see `budget_source`).
     pub peak_heap_usage: u64,
@@ -135,10 +149,31 @@ pub struct DemoReport {
     pub validation_messages: u64,
 }
 
+/// Frames after the budget falls before held bytes must be inside it again.
+pub const SETTLE_FRAMES: u64 = 8;
+/// Frames at the start that cannot be blank (uploads and the first lists are on their way).
+pub const BLANK_GRACE_FRAMES: u64 = 10;
+
 impl DemoReport {
     /// Nothing leaked and no validation message.
     pub fn passed(&self) -> bool {
         self.leaks == 0 && self.validation_messages == 0
+    }
+
+    /// The budget line of the summary.
+    pub fn budget_line(&self) -> String {
+        let mib = |b: u64| b as f64 / MIB;
+        let recovery = match self.recovery_frames {
+            Some(n) => format!("{n} frames"),
+            None => "never (below 1.00 when the run ended)".into(),
+        };
+        format!(
+            "budget: peak device bytes {:.1} MiB of {:.1} MiB (everything understory holds); frames over budget after settling {}; blank frames {}; recovery to quality 1.00 in {recovery}",
+            mib(self.peak_held),
+            mib(self.peak_held_budget),
+            self.over_budget_frames,
+            self.blank_frames,
+        )
     }
 }
 
@@ -504,7 +539,6 @@ struct Gpu<'a> {
     /// Three timestamps per slot (start, after the cull, after the draw), where the queue has
     /// timestamps.
     queries: Option<vk::QueryPool>,
-    capacity: u32,
 }
 
 impl<'a> Gpu<'a> {
@@ -560,7 +594,6 @@ impl<'a> Gpu<'a> {
             ring,
             counters,
             queries: None,
-            capacity,
         };
         if timestamps {
             let info = vk::QueryPoolCreateInfo::default()
@@ -584,9 +617,16 @@ impl<'a> Gpu<'a> {
         }
         self.ctx.wait(*value, Duration::from_secs(30))?;
         let c: [u32; COUNTERS] = bytemuck::pod_read_unaligned(&buf.mapped()?[..COUNTERS * 4]);
-        acc.gpu_lod = [c[0], c[1], c[2]];
-        for (peak, n) in acc.report.peak_drawn.iter_mut().zip(c) {
-            *peak = (*peak).max(n.min(self.capacity));
+        // Appended minus what did not fit the list: what was drawn.
+        let drawn = [c[0] - c[4], c[1] - c[5], c[2] - c[6]];
+        acc.gpu_lod = drawn;
+        let (counted, could_draw) = acc.slot_frames[slot];
+        if counted >= BLANK_GRACE_FRAMES && could_draw && drawn.iter().all(|n| *n == 0) {
+            acc.report.blank_frames += 1;
+            log::warn!("frame {counted}: the GPU drew no tree");
+        }
+        for (peak, n) in acc.report.peak_drawn.iter_mut().zip(drawn) {
+            *peak = (*peak).max(n);
         }
         if c[4] + c[5] + c[6] > 0 {
             acc.report.overflow_frames += 1;
@@ -618,7 +658,7 @@ impl<'a> Gpu<'a> {
     /// `cmd` is recording for `frame` and is submitted as its submission.
     #[allow(clippy::too_many_arguments)]
     unsafe fn record(
-        &self,
+        &mut self,
         frame: &Frame,
         cmd: vk::CommandBuffer,
         slot: usize,
@@ -856,6 +896,13 @@ struct Accumulator {
     cull_ms: Vec<f64>,
     draw_ms: Vec<f64>,
     gpu_lod: [u32; 3],
+    /// Per counters slot: the frame it counted, and whether that frame could be blank (its
+    /// budget held the nearest tile's minimum footprint).
+    slot_frames: Vec<(u64, bool)>,
+    last_budget: u64,
+    settled_from: u64,
+    /// The frame the last squeeze ended, and whether quality has been 1.00 since.
+    squeeze_ended: Option<u64>,
     bar: indicatif::ProgressBar,
     last_line: Instant,
     frames_since_line: u64,
@@ -882,8 +929,12 @@ impl Accumulator {
                 seconds: 0.0,
                 instances: config.instances,
                 patches: 0,
-                peak_bytes: PerCategory([0; 4]),
+                peak_bytes: PerCategory([0; CATEGORIES]),
                 peak_held: 0,
+                peak_held_budget: 0,
+                over_budget_frames: 0,
+                blank_frames: 0,
+                recovery_frames: Some(0),
                 peak_heap_usage: 0,
                 heap_budget: 0,
                 min_quality: f32::INFINITY,
@@ -903,6 +954,10 @@ impl Accumulator {
             cull_ms: Vec::with_capacity(config.frames as usize),
             draw_ms: Vec::with_capacity(config.frames as usize),
             gpu_lod: [0; 3],
+            slot_frames: vec![(0, false); ctx.frames_in_flight() as usize],
+            last_budget: 0,
+            settled_from: 0,
+            squeeze_ended: None,
             bar,
             last_line: Instant::now(),
             frames_since_line: 0,
@@ -924,9 +979,38 @@ impl Accumulator {
             *peak = (*peak).max(mem.0[c].live_bytes);
         }
         let r = &mut self.report;
-        r.peak_held = r.peak_held.max(stats.held);
+        if stats.held >= r.peak_held {
+            r.peak_held = stats.held;
+            r.peak_held_budget = stats.budget;
+        }
+        // Held within the budget once the GPU had time to give back what a fall asks for.
+        if stats.budget < self.last_budget {
+            self.settled_from = f + SETTLE_FRAMES;
+        }
+        self.last_budget = stats.budget;
+        if f >= self.settled_from && stats.held > stats.budget {
+            r.over_budget_frames += 1;
+        }
+        if let Some(end) = self.squeeze_ended {
+            if stats.quality >= 1.0 {
+                r.recovery_frames = Some(f - end);
+                self.squeeze_ended = None;
+            }
+        }
         r.min_quality = r.min_quality.min(stats.quality);
         r.budget_source = stats.budget_source;
+        log::debug!(
+            "frame {f}: held {} budget {} min footprint {} quality {:.2} tiles {}/{} relocations {} GPU drew {:?} (frame {})",
+            stats.held,
+            stats.budget,
+            stats.min_footprint,
+            stats.quality,
+            stats.resident_tiles,
+            stats.tiles,
+            stats.relocations,
+            self.gpu_lod,
+            f.saturating_sub(self.slot_frames.len() as u64),
+        );
         r.frames = f + 1;
         self.bar.inc(1);
         self.frames_since_line += 1;
@@ -957,6 +1041,9 @@ impl Accumulator {
     fn finish(mut self, started: Instant, stats: &Stats) -> DemoReport {
         self.bar.finish_and_clear();
         let r = &mut self.report;
+        if self.squeeze_ended.is_some() || stats.quality < 1.0 {
+            r.recovery_frames = None;
+        }
         r.seconds = started.elapsed().as_secs_f64();
         r.gpu_cull_ms = median(&mut self.cull_ms);
         r.gpu_draw_ms = median(&mut self.draw_ms);
@@ -968,17 +1055,18 @@ impl Accumulator {
     }
 }
 
-/// `--squeeze`: at a quarter of the run the cap drops to a third of what instances hold (the
-/// atlas, not evictable, keeps its share); at half the run it is restored.
-fn squeeze(veg: &mut Vegetation, config: &DemoConfig, f: u64, acc: &Accumulator) -> Result<()> {
+/// `--squeeze`: at a quarter of the run the cap drops to a third of what instances use (the
+/// atlas and the outputs keep their share); at half the run it is restored.
+fn squeeze(veg: &mut Vegetation, config: &DemoConfig, f: u64, acc: &mut Accumulator) -> Result<()> {
     if !config.squeeze {
         return Ok(());
     }
     let cap = veg.config().controller.cap_bytes;
     if f == config.frames / 4 {
-        let stats = veg.stats();
-        let atlas = stats.memory.categories[Category::Atlas].live_bytes;
-        let squeezed = (atlas + stats.held.saturating_sub(atlas) / 3).max(1 << 20);
+        let c = veg.stats().memory.categories;
+        let fixed = c[Category::Atlas].reserved_bytes + c[Category::Outputs].reserved_bytes;
+        let instances = c[Category::Instances].live_bytes - c[Category::Instances].cached_bytes;
+        let squeezed = (fixed + instances / 3).max(1 << 20);
         veg.set_budget_cap(squeezed)?;
         acc.say(format!(
             "frame {f}: squeeze: vegetation cap {:.1} MiB -> {:.1} MiB",
@@ -988,6 +1076,7 @@ fn squeeze(veg: &mut Vegetation, config: &DemoConfig, f: u64, acc: &Accumulator)
     }
     if f == config.frames / 2 {
         veg.set_budget_cap(cap)?;
+        acc.squeeze_ended = Some(f);
         acc.say(format!(
             "frame {f}: squeeze over: vegetation cap back to {:.1} MiB",
             cap as f64 / MIB
@@ -1034,13 +1123,13 @@ fn fly(ctx: &Context, veg: &mut Vegetation, config: &DemoConfig) -> Result<DemoR
     let started = Instant::now();
     for f in 0..config.frames {
         // Stream: the budget schedule, the frame, the controller and residency.
-        squeeze(veg, config, f, &acc)?;
+        squeeze(veg, config, f, &mut acc)?;
         let frame = ctx.begin_frame()?;
-        let (eye, _) = camera(
+        let (eye, look) = camera(
             f as f32 / config.frames as f32,
             veg.config().world_size_m * 0.27,
         );
-        let update = veg.update(&frame, eye)?;
+        let update = veg.update(&frame, Viewer::looking(eye, look - eye))?;
         if let Some(h) = frame.heaps().get(heap) {
             if h.budget.usage >= acc.report.peak_heap_usage {
                 acc.report.peak_heap_usage = h.budget.usage;
@@ -1052,6 +1141,8 @@ fn fly(ctx: &Context, veg: &mut Vegetation, config: &DemoConfig) -> Result<DemoR
         // Read back what this slot's previous frame counted.
         let slot = (f as usize) % slots;
         gpu.read_back(slot, &mut acc)?;
+        let stats = veg.stats();
+        acc.slot_frames[slot] = (f, stats.budget >= stats.min_footprint);
         // Record and submit.
         let png = config.png.is_some()
             && match config.png_every {

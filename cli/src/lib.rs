@@ -6,6 +6,7 @@
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
 pub mod demo;
+pub mod pressure;
 pub mod report;
 mod rng;
 pub mod soak;

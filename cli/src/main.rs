@@ -99,7 +99,15 @@ enum Command {
         /// Seed of the world and the churn.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Outside pressure instead of cap squeezes: another process (this binary, started as
+        /// a child) takes VRAM in steps until the driver's heapBudget leaves vegetation less
+        /// than it holds, then gives it back. Needs VK_EXT_memory_budget.
+        #[arg(long)]
+        pressure: bool,
     },
+    /// The other process of `soak --pressure`: holds device-local VRAM as its stdin asks.
+    #[command(hide = true)]
+    PressureChild,
 }
 
 fn main() -> ExitCode {
@@ -180,15 +188,16 @@ fn run(cli: Cli) -> understory::Result<()> {
                 r.patches
             );
             println!(
-                "peak memory (budget: {}): instances {:.1} MiB, atlas {:.1} MiB, staging {:.1} MiB, other {:.1} MiB; vegetation held {:.1} MiB; lowest quality {:.2}",
+                "peak live memory (budget: {}): instances {:.1} MiB, atlas {:.1} MiB, cull and draw outputs {:.1} MiB, staging (host) {:.1} MiB, other {:.1} MiB; lowest quality {:.2}",
                 r.budget_source,
                 mib(p[0]),
                 mib(p[1]),
                 mib(p[2]),
                 mib(p[3]),
-                mib(r.peak_held),
+                mib(p[4]),
                 r.min_quality
             );
+            println!("{}", r.budget_line());
             println!(
                 "device-local heap usage peak {:.1} MiB of a {:.1} MiB budget ({})",
                 mib(r.peak_heap_usage),
@@ -234,6 +243,7 @@ fn run(cli: Cli) -> understory::Result<()> {
             csv,
             svg,
             seed,
+            pressure,
         } => {
             let options = understory::gpu::context::ContextOptions {
                 instance: InstanceOptions {
@@ -252,6 +262,13 @@ fn run(cli: Cli) -> understory::Result<()> {
                 csv: Some(csv.clone()),
                 svg: Some(svg.clone()),
                 seed,
+                pressure: if pressure {
+                    Some(std::env::current_exe().map_err(|e| {
+                        understory::Error::InvalidInput(format!("this binary's path: {e}"))
+                    })?)
+                } else {
+                    None
+                },
                 ..Default::default()
             };
             let r = understory_cli::soak::run(&options, &config)?;
@@ -276,6 +293,26 @@ fn run(cli: Cli) -> understory::Result<()> {
                 r.validation_messages,
                 r.over_budget_frames
             );
+            println!(
+                "budget: peak held {:.1} MiB, lowest budget {:.1} MiB{}; frames over budget after settling {}; blank frames {}; lowest quality {:.2}; recovery to quality 1.00 in {}",
+                r.peak_held as f64 / (1u64 << 20) as f64,
+                r.lowest_budget as f64 / (1u64 << 20) as f64,
+                if pressure {
+                    format!(
+                        " (the other process held up to {:.1} GiB)",
+                        r.pressure_peak as f64 / (1u64 << 30) as f64
+                    )
+                } else {
+                    String::new()
+                },
+                r.over_budget_frames,
+                r.blank_frames,
+                r.min_quality,
+                r.recovery_frames
+                    .map_or("never (below 1.00 at the end)".into(), |n| format!(
+                        "{n} frames"
+                    ))
+            );
             println!("wrote {} and {}", csv.display(), svg.display());
             if !r.passed() {
                 return Err(understory::Error::Unsupported(
@@ -283,6 +320,27 @@ fn run(cli: Cli) -> understory::Result<()> {
                 ));
             }
             Ok(())
+        }
+        Command::PressureChild => {
+            let options = understory::gpu::context::ContextOptions {
+                instance: InstanceOptions {
+                    app_name: "understory pressure child".into(),
+                    validation: Validation::Off,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .with_env()?;
+            // The child only allocates: no layer (its device is not what the soak checks).
+            let options = understory::gpu::context::ContextOptions {
+                instance: InstanceOptions {
+                    validation: Validation::Off,
+                    gpu_assisted: false,
+                    ..options.instance
+                },
+                ..options
+            };
+            understory_cli::pressure::child_main(&options)
         }
         Command::Budget {
             json,

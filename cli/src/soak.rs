@@ -2,6 +2,10 @@
 //! with the GPU cull every frame. Writes one CSV row per frame, plots VRAM against the budget
 //! (SVG), and checks at the end that live allocations return to 0 and, where
 //! `VK_EXT_memory_budget` exists, that the driver's heap usage returns to its baseline.
+//!
+//! The budget changes come from the vegetation cap (squeezed to a quarter and back), or with
+//! `pressure` from outside: another process takes VRAM in steps until the driver's
+//! `heapBudget` leaves vegetation less than it holds, then gives it back.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -9,6 +13,7 @@ use std::time::Instant;
 
 use glam::{Mat4, Vec2, Vec3};
 
+use crate::pressure::PressureChild;
 use crate::rng::Rng;
 use understory::error::{Error, Result};
 use understory::gpu::budget::Source;
@@ -17,7 +22,7 @@ use understory::gpu::cull::{Compaction, CullPass, CullView};
 use understory::gpu::frame::FrameRing;
 use understory::policy::category::Category;
 use understory::vegetation::{
-    PatchDesc, PatchId, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig,
+    PatchDesc, PatchId, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig, Viewer,
 };
 use understory::world::instance::Instance;
 
@@ -47,6 +52,9 @@ pub struct SoakConfig {
     pub csv: Option<PathBuf>,
     /// Where to write the SVG plot.
     pub svg: Option<PathBuf>,
+    /// Outside pressure instead of cap squeezes: the binary to start as the other process
+    /// (`understory`, which has the `pressure-child` command). Needs `VK_EXT_memory_budget`.
+    pub pressure: Option<PathBuf>,
 }
 
 impl Default for SoakConfig {
@@ -62,6 +70,7 @@ impl Default for SoakConfig {
             cap_bytes: 16 << 20,
             csv: None,
             svg: None,
+            pressure: None,
         }
     }
 }
@@ -77,10 +86,24 @@ pub struct SoakReport {
     pub device: String,
     /// Where budgets came from.
     pub budget_source: Source,
-    /// Highest vegetation bytes held.
+    /// Highest vegetation bytes held (instances, atlas, cull outputs: blocks, pending frees
+    /// included).
     pub peak_held: u64,
-    /// Frames, past the settle time after a budget change, whose held bytes exceeded the budget.
+    /// Frames, past the settle time after the budget fell, whose held bytes exceeded it.
     pub over_budget_frames: u64,
+    /// Frames past the first 10 with nothing resident to draw while the budget held the
+    /// nearest tile's minimum footprint.
+    pub blank_frames: u64,
+    /// Lowest quality.
+    pub min_quality: f32,
+    /// Frames from the last time the budget rose back (the end of a squeeze or of the outside
+    /// pressure) to quality 1.00; `None` if it did not come back.
+    pub recovery_frames: Option<u64>,
+    /// With `pressure`: the most VRAM the other process held, and the lowest vegetation
+    /// budget it caused.
+    pub pressure_peak: u64,
+    /// Lowest vegetation budget.
+    pub lowest_budget: u64,
     /// Tile evictions.
     pub evictions: u64,
     /// Patch uploads.
@@ -114,6 +137,7 @@ impl SoakReport {
             && self.leaks == 0
             && self.validation_messages == 0
             && self.over_budget_frames == 0
+            && self.blank_frames == 0
             && (self.budget_source != Source::Ext
                 || self.final_usage
                     <= self.baseline_usage
@@ -144,15 +168,34 @@ fn patch(veg: &Vegetation, rng: &mut Rng, n: usize) -> Vec<Instance> {
 /// One CSV row.
 struct Row {
     frame: u64,
-    ours: [u64; 4],
+    ours: [u64; 5],
+    ours_total: u64,
     pending: u64,
     usage: u64,
     heap_budget: u64,
+    foreign: u64,
+    pressure: u64,
     budget: u64,
     held: u64,
+    min_footprint: u64,
+    over_budget: bool,
     quality: f32,
     lod: [u64; 4],
 }
+
+/// Frames after the budget falls before held must be inside it.
+const SETTLE_FRAMES: u64 = 8;
+
+/// The outside pressure's steps: (share of the run, vegetation budget the other process leaves,
+/// as a multiple of what vegetation held before it started; `None`: it gives everything back).
+const PRESSURE_STEPS: [(f64, Option<f64>); 6] = [
+    (0.2, Some(1.5)),
+    (0.3, Some(1.0)),
+    (0.4, Some(0.6)),
+    (0.5, Some(0.35)),
+    (0.65, Some(1.0)),
+    (0.75, None),
+];
 
 /// Runs a soak on a context of its own, shuts it down, and reports.
 pub fn run(options: &ContextOptions, config: &SoakConfig) -> Result<SoakReport> {
@@ -231,17 +274,36 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
     } else {
         Compaction::Atomic
     };
-    let cull = Some(CullPass::new(
+    let mut cull = Some(CullPass::new(
         ctx,
         compaction,
         (1 << 20).min(CullPass::max_capacity(ctx, false)),
         [Default::default(); 3],
     )?);
-    let mut rows = Vec::with_capacity(config.frames as usize);
-    let settle = u64::from(ctx.frames_in_flight()) + 2;
-    let mut last_change = 0;
+    let mut pressure = match &config.pressure {
+        Some(exe) => {
+            if !ctx.features().memory_budget {
+                return Err(Error::Unsupported(
+                    "soak --pressure follows the driver's heapBudget: it needs VK_EXT_memory_budget"
+                        .into(),
+                ));
+            }
+            Some(PressureChild::spawn(exe)?)
+        }
+        None => None,
+    };
+    let mut rows: Vec<Row> = Vec::with_capacity(config.frames as usize);
+    let mut settled_from = 0;
+    let mut last_budget = 0u64;
+    let mut rise_at: Option<u64> = None;
+    let mut recovery = Some(0);
     let mut over = 0;
+    let mut blank = 0;
     let mut peak = 0;
+    let mut held_ref = 0;
+    let mut pressure_peak = 0;
+    let mut lowest_budget = u64::MAX;
+    let mut min_quality: f32 = 1.0;
     let started = Instant::now();
     let mut frames = 0;
     let outcome = (|| -> Result<()> {
@@ -252,16 +314,38 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
             {
                 break;
             }
-            let squeezed = (f / config.squeeze_period_frames) % 2 == 1;
+            let squeezed = pressure.is_none() && (f / config.squeeze_period_frames) % 2 == 1;
             let cap = if squeezed {
                 config.cap_bytes / 4
             } else {
                 config.cap_bytes
             };
-            if f > 0 && f % config.squeeze_period_frames == 0 {
-                last_change = f;
-            }
             veg.set_budget_cap(cap)?;
+            if let (Some(child), Some(last)) = (pressure.as_mut(), rows.last()) {
+                if f as f64 <= config.frames as f64 * PRESSURE_STEPS[0].0 {
+                    held_ref = held_ref.max(last.held);
+                }
+                for (share, leave) in PRESSURE_STEPS {
+                    if f != (config.frames as f64 * share) as u64 {
+                        continue;
+                    }
+                    // Vegetation's budget is half of what heapBudget leaves after the rest of
+                    // this process: to leave it `leave` × what it held, the other process
+                    // takes the difference.
+                    let target = leave.map_or(0, |m| {
+                        let room = last.heap_budget.saturating_sub(last.foreign);
+                        let want = (2.0 * m * held_ref as f64) as u64;
+                        (child.held() + room).saturating_sub(want)
+                    });
+                    let got = child.hold(target)?;
+                    pressure_peak = pressure_peak.max(got);
+                    log::info!(
+                        "frame {f}: the other process holds {:.1} MiB (asked {:.1} MiB)",
+                        got as f64 / MIB,
+                        target as f64 / MIB
+                    );
+                }
+            }
             for _ in 0..config.churn_per_frame.min(live.len()) {
                 let k = (rng.f() * live.len() as f32) as usize % live.len();
                 veg.despawn(live.swap_remove(k))?;
@@ -276,11 +360,11 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
             let eye = Vec3::new(400.0 * (t * 1.3).sin(), 40.0, 400.0 * (t * 0.7).cos());
             let look = eye + Vec3::new((t * 2.0).cos(), -0.2, (t * 2.0).sin());
             let frame = ctx.begin_frame()?;
-            let report = veg.update(&frame, eye)?;
+            let report = veg.update(&frame, Viewer::looking(eye, look - eye))?;
             let cmd = ring.begin(&frame)?;
             // SAFETY: cmd is recording for `frame` and is submitted below as its submission.
             unsafe { veg.record(&frame, cmd.raw())? };
-            if let Some(pass) = &cull {
+            if let Some(pass) = cull.as_mut() {
                 let view = CullView::new(
                     Mat4::perspective_rh(1.2, 16.0 / 9.0, 0.5, 2000.0)
                         * Mat4::look_at_rh(eye, look, Vec3::Y),
@@ -297,26 +381,57 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
             let h = frame.heaps()[heap].clone();
             ring.submit(frame, cmd)?;
             let stats = veg.stats();
-            let c = &stats.memory.categories;
-            let held = c[Category::Instances].live_bytes + c[Category::Atlas].live_bytes;
+            let held = stats.held;
+            let budget = report.decision.budget;
             peak = peak.max(held);
-            if f >= last_change + settle && held > report.decision.budget {
-                over += 1;
+            lowest_budget = lowest_budget.min(budget);
+            min_quality = min_quality.min(report.decision.quality);
+            // Held inside the budget once the GPU had time to give back what a fall asks for.
+            if budget < last_budget {
+                settled_from = f + SETTLE_FRAMES;
             }
+            // Recovery: from the last time the budget rose back by a tenth or more.
+            if budget as f64 > last_budget as f64 * 1.1 && f > 0 {
+                rise_at = Some(f);
+                recovery = None;
+            }
+            last_budget = budget;
+            if let Some(r) = rise_at {
+                if recovery.is_none() && report.decision.quality >= 1.0 {
+                    recovery = Some(f - r);
+                }
+            }
+            let over_budget = f >= settled_from && held > budget;
+            over += u64::from(over_budget);
             let l = stats.lod_instances;
+            // Blank: nothing resident within the draw distance while the budget held the
+            // nearest tile's minimum footprint.
+            if f >= 10
+                && budget >= stats.min_footprint
+                && l.full + l.medium + l.billboard == 0
+                && stats.patches > 0
+            {
+                blank += 1;
+            }
             rows.push(Row {
                 frame: f,
                 ours: [
                     h.ours[Category::Instances],
                     h.ours[Category::Atlas],
+                    h.ours[Category::Outputs],
                     h.ours[Category::Staging],
                     h.ours[Category::Other],
                 ],
+                ours_total: h.ours_total,
                 pending: h.pending,
                 usage: h.budget.usage,
                 heap_budget: h.budget.budget,
-                budget: report.decision.budget,
+                foreign: h.foreign,
+                pressure: pressure.as_ref().map_or(0, PressureChild::held),
+                budget,
                 held,
+                min_footprint: stats.min_footprint,
+                over_budget,
                 quality: report.decision.quality,
                 lod: [l.full, l.medium, l.billboard, l.culled],
             });
@@ -326,7 +441,9 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
     })();
     let stats = veg.stats();
     drop((veg, cull, ring));
+    let released = pressure.take().map(PressureChild::finish);
     outcome?;
+    released.transpose()?;
     if let Some(path) = &config.csv {
         write_csv(path, &rows)?;
     }
@@ -340,6 +457,11 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
         budget_source: stats.budget_source,
         peak_held: peak,
         over_budget_frames: over,
+        blank_frames: blank,
+        min_quality,
+        recovery_frames: recovery,
+        pressure_peak,
+        lowest_budget,
         evictions: stats.evictions,
         uploads: stats.uploads,
         frees_completed: ctx.memory().stats().frees_completed,
@@ -359,22 +481,28 @@ fn io(path: &std::path::Path, e: std::io::Error) -> Error {
 fn write_csv(path: &std::path::Path, rows: &[Row]) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| io(path, e))?;
     let mut w = std::io::BufWriter::new(file);
-    let header = "frame,ours_instances,ours_atlas,ours_staging,ours_other,pending,driver_usage,heap_budget,vegetation_budget,vegetation_held,quality,lod_full,lod_medium,lod_billboard,lod_culled";
+    let header = "frame,ours_instances,ours_atlas,ours_outputs,ours_staging,ours_other,ours_total,pending,driver_usage,heap_budget,foreign,other_process,vegetation_budget,vegetation_held,min_footprint,over_budget,quality,lod_full,lod_medium,lod_billboard,lod_culled";
     writeln!(w, "{header}").map_err(|e| io(path, e))?;
     for r in rows {
         writeln!(
             w,
-            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{}",
             r.frame,
             r.ours[0],
             r.ours[1],
             r.ours[2],
             r.ours[3],
+            r.ours[4],
+            r.ours_total,
             r.pending,
             r.usage,
             r.heap_budget,
+            r.foreign,
+            r.pressure,
             r.budget,
             r.held,
+            r.min_footprint,
+            u8::from(r.over_budget),
             r.quality,
             r.lod[0],
             r.lod[1],
@@ -390,49 +518,71 @@ fn plot(path: &std::path::Path, rows: &[Row], device: &str, source: Source) -> R
     use plotters::prelude::*;
     let err =
         |e: &dyn std::fmt::Display| Error::InvalidInput(format!("{}: plot: {e}", path.display()));
-    let root = SVGBackend::new(path, (1200, 600)).into_drawing_area();
+    let root = SVGBackend::new(path, (1200, 800)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (top, bottom) = root.split_vertically(560);
+    let mib = |b: u64| (b as f64 / MIB).max(0.01);
     let max_y = rows
         .iter()
-        .map(|r| r.budget.max(r.held).max(r.ours.iter().sum()) as f64 / MIB)
+        .map(|r| {
+            mib(r
+                .heap_budget
+                .max(r.usage)
+                .max(r.pressure)
+                .max(r.budget)
+                .max(r.held))
+        })
         .fold(1.0, f64::max)
-        * 1.1;
+        * 2.0;
+    let min_y = rows
+        .iter()
+        .map(|r| mib(r.held.min(r.budget)))
+        .fold(max_y, f64::min)
+        .max(0.01)
+        / 2.0;
     let n = rows.len().max(2) as u64;
-    let mut chart = ChartBuilder::on(&root)
+    // Log scale: the heap (tens of GiB on a real GPU) and vegetation (MiB) on one plot.
+    let mut chart = ChartBuilder::on(&top)
         .caption(
             format!("understory soak on {device} (budget: {source})"),
             ("sans-serif", 22),
         )
         .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0u64..n, 0f64..max_y)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0u64..n, (min_y..max_y).log_scale())
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
-        .x_desc("frame")
-        .y_desc("MiB")
+        .y_desc("MiB (log)")
         .draw()
         .map_err(|e| err(&e))?;
-    type Series = (&'static str, RGBColor, fn(&Row) -> f64);
-    let series: [Series; 4] = [
+    type Series = (&'static str, RGBColor, fn(&Row) -> u64);
+    let series: [Series; 6] = [
         (
-            "heap usage (driver's, or ours when estimated)",
+            "driver heapBudget (estimated without the extension)",
             BLACK,
-            |r| r.usage as f64 / MIB,
+            |r| r.heap_budget,
         ),
-        ("vegetation budget", RED, |r| r.budget as f64 / MIB),
-        ("vegetation held (instances + atlas)", BLUE, |r| {
-            r.held as f64 / MIB
+        ("other process's VRAM (--pressure)", MAGENTA, |r| r.pressure),
+        ("understory, all its blocks in the heap", GREEN, |r| {
+            r.ours_total
         }),
-        ("understory blocks, all categories", GREEN, |r| {
-            r.ours.iter().sum::<u64>() as f64 / MIB
+        ("vegetation budget", RED, |r| r.budget),
+        ("vegetation held (instances, atlas, outputs)", BLUE, |r| {
+            r.held
+        }),
+        ("nearest tile's minimum footprint", CYAN, |r| {
+            r.min_footprint
         }),
     ];
     for (label, color, f) in series {
+        if rows.iter().all(|r| f(r) == 0) {
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(
-                rows.iter().map(|r| (r.frame, f(r))),
+                rows.iter().map(|r| (r.frame, mib(f(r)))),
                 color.stroke_width(2),
             ))
             .map_err(|e| err(&e))?
@@ -441,6 +591,39 @@ fn plot(path: &std::path::Path, rows: &[Row], device: &str, source: Source) -> R
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    let mut q = ChartBuilder::on(&bottom)
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0u64..n, 0f64..1.05)
+        .map_err(|e| err(&e))?;
+    q.configure_mesh()
+        .x_desc("frame")
+        .y_desc("quality")
+        .draw()
+        .map_err(|e| err(&e))?;
+    q.draw_series(LineSeries::new(
+        rows.iter().map(|r| (r.frame, f64::from(r.quality))),
+        BLUE.stroke_width(2),
+    ))
+    .map_err(|e| err(&e))?
+    .label("LOD quality (1.00: full draw distance)")
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    q.draw_series(
+        rows.iter()
+            .filter(|r| r.over_budget)
+            .map(|r| Circle::new((r.frame, 0.02), 3, RED.filled())),
+    )
+    .map_err(|e| err(&e))?
+    .label("held over budget after settling")
+    .legend(|(x, y)| Circle::new((x + 10, y), 3, RED.filled()));
+    q.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()

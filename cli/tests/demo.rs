@@ -48,6 +48,8 @@ fn check_clean(r: &DemoReport) {
     assert_eq!(r.validation_messages, 0, "validation messages");
     assert!(r.validation, "validation was on");
     assert!(r.passed());
+    assert_eq!(r.blank_frames, 0, "{}", r.budget_line());
+    assert_eq!(r.over_budget_frames, 0, "{}", r.budget_line());
 }
 
 fn share(px: &[[u8; 4]], f: impl Fn(&[u8; 4]) -> bool) -> f64 {
@@ -136,8 +138,15 @@ fn a_squeeze_makes_the_controller_give_memory_back() {
     .expect("demo");
     eprintln!("{r:?}");
     check_clean(&r);
+    eprintln!("{}", r.budget_line());
     assert!(r.min_quality < 1.0, "quality dropped: {}", r.min_quality);
     assert!(r.evictions > 0, "tiles were evicted");
+    // Degrade, never blank: held inside the budget once settled, trees on screen every frame,
+    // full quality soon after the cap comes back.
+    assert_eq!(r.over_budget_frames, 0, "{}", r.budget_line());
+    assert_eq!(r.blank_frames, 0, "{}", r.budget_line());
+    let recovery = r.recovery_frames.expect("quality back at 1.00");
+    assert!(recovery <= 60, "{}", r.budget_line());
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -72,18 +72,24 @@ const CULL_BATCH: u32 = 12u;
 // Push constants of the cull dispatches: one dispatch per batch of up to CULL_BATCH sources.
 // Each source starts at a fresh workgroup, so the source a workgroup reads is uniform across it.
 struct CullPush {
-    // Capacity of each LOD list.
-    capacity: u32,
-    // Non-zero: also copy each visible instance's 32-byte record to `drawn` at its list slot
-    // (what the draw pass's vertex stage reads); zero: `drawn` is not touched.
-    records: u32,
+    // xyz: capacity of each LOD's list (they follow one another in `lists`, each sized from
+    // what was visible lately); w: non-zero to also copy each visible instance's 32-byte record
+    // to `drawn` at its list slot (what the draw pass's vertex stage reads).
+    caps: vec4<u32>,
     // Sources in this dispatch (1..=CULL_BATCH).
     sources: u32,
     // Workgroups per row of the 2D dispatch.
     row_groups: u32,
+    pad0: u32,
+    pad1: u32,
     // Per source (count, base): source k in xy of src[k / 2] when k is even, zw when odd. `base`
     // is the index the source's first instance has in the lists.
     src: array<vec4<u32>, 6>,
+}
+
+// Where LOD `lod`'s list starts in `lists` (and `drawn`).
+fn list_base(caps: vec4<u32>, lod: u32) -> u32 {
+    return select(0u, caps.x, lod >= 1u) + select(0u, caps.y, lod >= 2u);
 }
 
 // (count, base) of source k of this dispatch.

@@ -19,6 +19,7 @@ use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use crate::gpu::shaders;
 use crate::policy::category::Category;
 use crate::policy::lod::{Lod, LodBands};
+use crate::policy::outputs::{ListSizer, ListSizing};
 use crate::world::instance::Instance;
 
 /// Threads per cull workgroup.
@@ -199,14 +200,14 @@ pub struct CullSource<'a> {
 pub struct DrawIndexedIndirect {
     /// Indices per instance (the LOD's mesh).
     pub index_count: u32,
-    /// Visible instances (clamped to the list capacity).
+    /// Visible instances (clamped to the list's capacity).
     pub instance_count: u32,
     /// First index of the LOD's mesh.
     pub first_index: u32,
     /// Vertex offset of the LOD's mesh.
     pub vertex_offset: i32,
     /// Always 0, so `drawIndirectFirstInstance` is not needed: the draw pass pushes each LOD's
-    /// list base (`lod * capacity`) as a constant.
+    /// list base ([`CullPass::list_bases`]) as a constant.
     pub first_instance: u32,
 }
 
@@ -224,10 +225,11 @@ const OTHER_STORAGE_BUFFERS: u32 = 3;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct CullPush {
-    capacity: u32,
-    records: u32,
+    /// Capacity of each LOD's list; w: non-zero to write records.
+    caps: [u32; 4],
     sources: u32,
     row_groups: u32,
+    pad: [u32; 2],
     /// (count, base) per source.
     src: [[u32; 2]; SOURCES_PER_DISPATCH],
 }
@@ -239,13 +241,24 @@ const _: () = assert!(PUSH_BYTES <= 128, "the guaranteed push-constant space");
 /// Counter words: appended per list (0..3), invalid (3), overflow per list (4..7).
 pub const COUNTERS: usize = 8;
 
+/// Fewest entries an adaptive list keeps.
+const MIN_LIST: u32 = 256;
+/// Entries each adaptive list starts with, before the first counts are read back (a frame or
+/// two; what overflows until then is counted, and the lists grow at once to the demand).
+const INITIAL_LIST: u32 = 4096;
+
 /// Everything a [`CullPass`] is built from.
 #[derive(Clone, Copy, Debug)]
 pub struct CullDesc {
     /// How visible instances are appended.
     pub compaction: Compaction,
-    /// Entries per LOD list.
+    /// Most entries per LOD list. With `adaptive`, each list starts smaller and follows what
+    /// was visible lately (the GPU's counts, read back a frame or two later): the lists and
+    /// records then cost what the budget lets be visible, not what exists.
     pub capacity: u32,
+    /// Size the lists from what is visible (`true`, the default of [`CullPass::new`]), or keep
+    /// `capacity` entries per list.
+    pub adaptive: bool,
     /// Each LOD's index count, first index and vertex offset.
     pub meshes: [DrawIndexedIndirect; 3],
     /// Also copy each visible instance's record to [`CullPass::records`].
@@ -270,6 +283,15 @@ pub struct CullPass {
     fin_set_layout: vk::DescriptorSetLayout,
     fin_layout: vk::PipelineLayout,
     fin_pipeline: vk::Pipeline,
+    /// Entries of each LOD's list now.
+    caps: [u32; 3],
+    /// With adaptive sizing: follows the read-back counts.
+    sizer: Option<ListSizer>,
+    /// Host copies of the counters: (buffer, frame that wrote it, consumed).
+    readbacks: Vec<(Buffer, u64, bool)>,
+    /// Times the lists were resized, and times a resize was refused by the budget.
+    resizes: u64,
+    refused_resizes: u64,
     sets: Mutex<DescriptorArena>,
     fin_sets: Mutex<DescriptorArena>,
     lists: Option<Buffer>,
@@ -281,8 +303,9 @@ pub struct CullPass {
 }
 
 impl CullPass {
-    /// Builds the pass with lists of `capacity` entries per LOD. `meshes` gives each LOD's
-    /// index count, first index and vertex offset (instance fields are filled by the pass).
+    /// Builds the pass with lists of at most `capacity` entries per LOD, sized from what is
+    /// visible ([`CullDesc::adaptive`]). `meshes` gives each LOD's index count, first index and
+    /// vertex offset (instance fields are filled by the pass).
     /// Needs a compute queue; the subgroup variant needs ballot in
     /// compute shaders.
     pub fn new(
@@ -298,6 +321,7 @@ impl CullPass {
                 capacity,
                 meshes,
                 records: false,
+                adaptive: true,
                 max_sources_per_dispatch: SOURCES_PER_DISPATCH,
             },
         )
@@ -306,8 +330,8 @@ impl CullPass {
     /// As [`CullPass::new`], and the pass also copies every visible instance's record to
     /// [`CullPass::records`] at its list slot, so a vertex stage reads `records[slot]`
     /// directly whatever buffer the instance lives in (what [`crate::gpu::draw::DrawPass`]
-    /// draws from). Costs `3 * capacity * 32` bytes (category `Other`) and 32 bytes written
-    /// per visible instance.
+    /// draws from). Costs 36 bytes per list entry (category `Outputs`, in the vegetation
+    /// budget) and 32 bytes written per visible instance.
     pub fn with_records(
         ctx: &Context,
         compaction: Compaction,
@@ -321,6 +345,7 @@ impl CullPass {
                 capacity,
                 meshes,
                 records: true,
+                adaptive: true,
                 max_sources_per_dispatch: SOURCES_PER_DISPATCH,
             },
         )
@@ -352,6 +377,7 @@ impl CullPass {
             capacity,
             meshes,
             records: with_records,
+            adaptive,
             max_sources_per_dispatch,
         } = *desc;
         if !(1..=SOURCES_PER_DISPATCH).contains(&max_sources_per_dispatch) {
@@ -395,6 +421,11 @@ impl CullPass {
             compaction,
             capacity,
             meshes,
+            caps: [0; 3],
+            sizer: None,
+            readbacks: Vec::new(),
+            resizes: 0,
+            refused_resizes: 0,
             set_layout: vk::DescriptorSetLayout::null(),
             layout: vk::PipelineLayout::null(),
             pipeline: vk::Pipeline::null(),
@@ -422,8 +453,17 @@ impl CullPass {
             records: None,
             with_records,
         };
+        let initial = if adaptive {
+            let sizer = ListSizer::new(ListSizing::new(MIN_LIST, capacity), INITIAL_LIST);
+            let caps = sizer.caps();
+            this.sizer = Some(sizer);
+            caps
+        } else {
+            [capacity; 3]
+        };
         // On error, Drop retires whatever was built (nothing was recorded with it).
         this.build(ctx)?;
+        this.resize(initial)?;
         Ok(this)
     }
 
@@ -449,7 +489,7 @@ impl CullPass {
         };
         self.pipeline = compute_pipeline(d, spirv, c"main", self.layout)?;
         self.fin_set_layout = set_layout(d, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER])?;
-        self.fin_layout = pipeline_layout(d, self.fin_set_layout, 4)?;
+        self.fin_layout = pipeline_layout(d, self.fin_set_layout, 16)?;
         self.fin_pipeline = compute_pipeline(d, shaders::CULL_FINALIZE, c"main", self.fin_layout)?;
         let buffer = |name, size, usage| {
             ctx.create_buffer(&BufferDesc {
@@ -459,15 +499,9 @@ impl CullPass {
                     | vk::BufferUsageFlags::TRANSFER_DST
                     | vk::BufferUsageFlags::TRANSFER_SRC,
                 location: MemoryLocation::GpuOnly,
-                category: Category::Other,
+                category: Category::Outputs,
             })
         };
-        let list_words = u64::from(self.capacity) * 3 + LIST_GUARD_WORDS;
-        self.lists = Some(buffer(
-            "cull lists",
-            list_words * 4,
-            vk::BufferUsageFlags::STORAGE_BUFFER,
-        )?);
         self.counters = Some(buffer(
             "cull counters",
             COUNTERS as u64 * 4,
@@ -483,14 +517,92 @@ impl CullPass {
             size_of::<CullView>() as u64,
             vk::BufferUsageFlags::UNIFORM_BUFFER,
         )?);
-        if self.with_records {
-            self.records = Some(buffer(
+        Ok(())
+    }
+
+    /// New lists (and records) for these capacities; the old ones retire at their last use.
+    /// On an error (the budget refuses them) nothing changes.
+    fn resize(&mut self, caps: [u32; 3]) -> Result<()> {
+        let entries: u64 = caps.iter().map(|c| u64::from(*c)).sum();
+        let buffer = |name, size| {
+            self.shared.create_buffer(&BufferDesc {
+                name,
+                size,
+                usage: vk::BufferUsageFlags::STORAGE_BUFFER
+                    | vk::BufferUsageFlags::TRANSFER_DST
+                    | vk::BufferUsageFlags::TRANSFER_SRC,
+                location: MemoryLocation::GpuOnly,
+                category: Category::Outputs,
+            })
+        };
+        let lists = buffer("cull lists", (entries + LIST_GUARD_WORDS) * 4)?;
+        let records = if self.with_records {
+            Some(buffer(
                 "cull records",
-                u64::from(self.capacity) * 3 * size_of::<Instance>() as u64,
-                vk::BufferUsageFlags::STORAGE_BUFFER,
-            )?);
+                entries * size_of::<Instance>() as u64,
+            )?)
+        } else {
+            None
+        };
+        self.lists = Some(lists);
+        self.records = records;
+        self.caps = caps;
+        Ok(())
+    }
+
+    /// Reads the counters of frames the GPU has completed and lets the sizer resize the lists.
+    fn follow_demand(&mut self) -> Result<()> {
+        if self.sizer.is_none() {
+            return Ok(());
+        }
+        let completed = self.shared.clock.completed()?;
+        let mut demands = Vec::new();
+        for (buf, frame, consumed) in &mut self.readbacks {
+            if !*consumed && *frame <= completed {
+                let c: [u32; COUNTERS] =
+                    bytemuck::pod_read_unaligned(&buf.mapped()?[..COUNTERS * 4]);
+                demands.push((*frame, [c[0], c[1], c[2]]));
+                *consumed = true;
+            }
+        }
+        demands.sort_unstable_by_key(|d| d.0);
+        // Over the vegetation budget: the lists follow quality down within a few frames.
+        let m = &self.shared.memory;
+        let pressure = m.vegetation_reserved() > m.vegetation_limit();
+        for (_, appended) in demands {
+            let next = self
+                .sizer
+                .as_mut()
+                .and_then(|s| s.observe(appended, pressure));
+            if let Some(caps) = next {
+                match self.resize(caps) {
+                    Ok(()) => self.resizes += 1,
+                    Err(Error::OverBudget { .. } | Error::OutOfDeviceMemory { .. }) => {
+                        // The budget (or the driver) has no room: keep the lists; overflow
+                        // is counted, and the controller lowers quality.
+                        self.refused_resizes += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         Ok(())
+    }
+
+    /// A host-visible buffer for this frame's counters: one whose frame was read, or a new one.
+    fn readback_slot(&mut self) -> Result<usize> {
+        if let Some(i) = self.readbacks.iter().position(|r| r.2) {
+            return Ok(i);
+        }
+        let buf = self.shared.create_buffer(&BufferDesc {
+            name: "cull counters readback",
+            size: COUNTERS as u64 * 4,
+            usage: vk::BufferUsageFlags::TRANSFER_DST,
+            location: MemoryLocation::GpuToCpu,
+            category: Category::Staging,
+        })?;
+        self.readbacks.push((buf, 0, true));
+        Ok(self.readbacks.len() - 1)
     }
 
     /// Instance sources one dispatch reads on this device: [`SOURCES_PER_DISPATCH`], or 1
@@ -499,9 +611,24 @@ impl CullPass {
         self.batch
     }
 
-    /// Entries per LOD list.
+    /// Most entries of any LOD list ([`CullDesc::capacity`]).
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// Entries of each LOD's list now (they follow what is visible with adaptive sizing).
+    pub fn capacities(&self) -> [u32; 3] {
+        self.caps
+    }
+
+    /// Where each LOD's list starts in [`CullPass::lists`] and [`CullPass::records`].
+    pub fn list_bases(&self) -> [u32; 3] {
+        [0, self.caps[0], self.caps[0] + self.caps[1]]
+    }
+
+    /// Times the lists were resized, and times the budget refused a resize.
+    pub fn resizes(&self) -> (u64, u64) {
+        (self.resizes, self.refused_resizes)
     }
 
     /// The compaction variant.
@@ -514,7 +641,9 @@ impl CullPass {
             .ok_or_else(|| Error::InvalidInput("cull pass was destroyed".into()))
     }
 
-    /// The lists: `3 * capacity` u32 (LOD `l` at `l * capacity`), then [`LIST_GUARD_WORDS`].
+    /// The lists: each LOD's [`CullPass::capacities`] u32 in turn (LOD `l` at
+    /// `list_bases()[l]`), then [`LIST_GUARD_WORDS`]. Replaced when the lists are resized (the
+    /// old one retires).
     pub fn lists(&self) -> Result<&Buffer> {
         Self::get(&self.lists)
     }
@@ -524,8 +653,8 @@ impl CullPass {
         Self::get(&self.counters)
     }
 
-    /// The visible instances' records, `3 * capacity` [`Instance`]s laid out like the lists
-    /// (passes built with [`CullPass::with_records`]; an error otherwise).
+    /// The visible instances' records, [`Instance`]s laid out like the lists (passes built with
+    /// [`CullPass::with_records`]; an error otherwise).
     pub fn records(&self) -> Result<&Buffer> {
         self.records
             .as_ref()
@@ -549,13 +678,18 @@ impl CullPass {
     /// submission, or before it on the same queue). The sources' instance data must have been
     /// written (uploads recorded earlier in submission order).
     pub unsafe fn record(
-        &self,
+        &mut self,
         frame: &Frame,
         cmd: vk::CommandBuffer,
         sources: &[CullSource<'_>],
         view: &CullView,
     ) -> Result<()> {
         frame.check(&self.shared, "CullPass::record")?;
+        // Resizes first (the lists of this frame are the new ones), then this frame's readback.
+        self.follow_demand()?;
+        let rb = self.readback_slot()?;
+        let readback = self.readbacks[rb].0.raw();
+        self.readbacks[rb].0.touch(frame.value());
         let (lists, counters, args, view_buf) = (
             self.lists()?,
             self.counters()?,
@@ -613,11 +747,19 @@ impl CullPass {
             | vk::AccessFlags::INDIRECT_COMMAND_READ
             | vk::AccessFlags::UNIFORM_READ
             | vk::AccessFlags::TRANSFER_READ;
-        let users = vk::PipelineStageFlags::COMPUTE_SHADER
-            | vk::PipelineStageFlags::DRAW_INDIRECT
-            | vk::PipelineStageFlags::VERTEX_SHADER
-            | vk::PipelineStageFlags::FRAGMENT_SHADER
-            | vk::PipelineStageFlags::TRANSFER;
+        let mut users = vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER;
+        if self.shared.queue_flags.contains(vk::QueueFlags::GRAPHICS) {
+            // Only stages the queue has may be named (VUID-vkCmdPipelineBarrier-srcStageMask-06461).
+            users |= vk::PipelineStageFlags::DRAW_INDIRECT
+                | vk::PipelineStageFlags::VERTEX_SHADER
+                | vk::PipelineStageFlags::FRAGMENT_SHADER;
+        }
+        let caps = [
+            self.caps[0],
+            self.caps[1],
+            self.caps[2],
+            u32::from(self.records.is_some()),
+        ];
         let mut meshes = self.meshes;
         for m in meshes.iter_mut() {
             m.instance_count = 0;
@@ -711,8 +853,7 @@ impl CullPass {
                 let gx = groups.min(max_x);
                 let gy = groups.div_ceil(gx);
                 let mut pc = CullPush {
-                    capacity: self.capacity,
-                    records: u32::from(self.records.is_some()),
+                    caps,
                     sources: batch.len() as u32,
                     row_groups: gx,
                     ..Default::default()
@@ -752,7 +893,7 @@ impl CullPass {
                 self.fin_layout,
                 vk::ShaderStageFlags::COMPUTE,
                 0,
-                &self.capacity.to_le_bytes(),
+                bytemuck::bytes_of(&caps),
             );
             d.cmd_dispatch(cmd, 1, 1, 1);
             d.cmd_pipeline_barrier(
@@ -764,7 +905,29 @@ impl CullPass {
                 &[],
                 &[],
             );
+            // This frame's counts, for sizing the lists once the frame completes.
+            d.cmd_copy_buffer(
+                cmd,
+                counters.raw(),
+                readback,
+                &[vk::BufferCopy {
+                    src_offset: 0,
+                    dst_offset: 0,
+                    size: COUNTERS as u64 * 4,
+                }],
+            );
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::HOST,
+                vk::DependencyFlags::empty(),
+                &barrier(vk::AccessFlags::TRANSFER_WRITE, vk::AccessFlags::HOST_READ),
+                &[],
+                &[],
+            );
         }
+        self.readbacks[rb].1 = frame.value();
+        self.readbacks[rb].2 = false;
         Ok(())
     }
 }
@@ -774,6 +937,7 @@ impl std::fmt::Debug for CullPass {
         f.debug_struct("CullPass")
             .field("compaction", &self.compaction)
             .field("capacity", &self.capacity)
+            .field("capacities", &self.caps)
             .field("records", &self.with_records)
             .field("sources_per_dispatch", &self.batch)
             .field("last_use", &self.last_use.load(Ordering::Relaxed))

@@ -265,8 +265,8 @@ pub struct DrawFrame {
     pub fog: [f32; 4],
     /// Ground rectangle: lowest x, lowest z, side in metres.
     pub ground: [f32; 4],
-    /// x: the cull pass's list capacity (set by [`DrawPass::prepare`]); y: flags
-    /// ([`DrawFrame::LOD_TINT`]); z: species in the table (set by `prepare`).
+    /// x: unused; y: flags ([`DrawFrame::LOD_TINT`]); z: species in the table (set by
+    /// [`DrawPass::prepare`]).
     pub params: [u32; 4],
 }
 
@@ -313,8 +313,11 @@ impl DrawFrame {
 struct DrawPush {
     /// 0: instances of `lod`; 1: the ground.
     mode: u32,
-    /// The LOD whose list this draw reads (its base is `lod * capacity`).
+    /// The LOD whose list this draw reads.
     lod: u32,
+    /// Where that list starts in the cull pass's records.
+    base: u32,
+    pad: u32,
 }
 
 /// The pipeline and the buffers it reads besides the cull pass's. Dropping it retires
@@ -427,7 +430,7 @@ impl DrawPass {
                 size: bytes.len() as u64,
                 usage,
                 location: MemoryLocation::CpuToGpu,
-                category: Category::Other,
+                category: Category::Outputs,
             })?;
             b.mapped_mut()?[..bytes.len()].copy_from_slice(bytes);
             Ok(b)
@@ -448,7 +451,7 @@ impl DrawPass {
                 size,
                 usage: usage | vk::BufferUsageFlags::TRANSFER_DST,
                 location: MemoryLocation::GpuOnly,
-                category: Category::Other,
+                category: Category::Outputs,
             })
         };
         self.frame = Some(gpu_buffer(
@@ -670,8 +673,13 @@ impl DrawPass {
             });
         }
         let mut f = *constants;
-        f.params[0] = cull.capacity();
+        f.params[0] = 0;
         f.params[2] = species_uv.len() as u32;
+        if !cull.args()?.belongs_to(&self.shared) {
+            return Err(Error::Lifecycle(
+                "DrawPass::prepare: the cull pass is of another context".into(),
+            ));
+        }
         let (fb, sb) = (Self::get(&self.frame)?, Self::get(&self.species)?);
         fb.touch(frame.value());
         sb.touch(frame.value());
@@ -746,6 +754,7 @@ impl DrawPass {
             Self::get(&self.species)?,
         );
         let (records, args) = (cull.records()?, cull.args()?);
+        let bases = cull.list_bases();
         if !records.belongs_to(&self.shared) {
             return Err(Error::Lifecycle(
                 "DrawPass::record: the cull pass is of another context".into(),
@@ -846,11 +855,19 @@ impl DrawPass {
                     bytemuck::bytes_of(&p),
                 )
             };
-            constants(DrawPush { mode: 1, lod: 0 });
+            constants(DrawPush {
+                mode: 1,
+                ..Default::default()
+            });
             let g = self.ground;
             d.cmd_draw_indexed(cmd, g.index_count, 1, g.first_index, g.vertex_offset, 0);
             for l in 0..3u32 {
-                constants(DrawPush { mode: 0, lod: l });
+                constants(DrawPush {
+                    mode: 0,
+                    lod: l,
+                    base: bases[l as usize],
+                    pad: 0,
+                });
                 d.cmd_draw_indexed_indirect(
                     cmd,
                     args.raw(),

@@ -47,7 +47,7 @@ pub use gpu_allocator::MemoryLocation;
 use crate::error::{Error, Result, vk_err};
 use crate::gpu::adapter::HeapInfo;
 use crate::gpu::budget::{HeapBudget, HeapBudgets, Source};
-use crate::policy::category::{Category, PerCategory};
+use crate::policy::category::{CATEGORIES, Category, PerCategory};
 use crate::policy::retire::{RetireQueue, Retired};
 
 const MIB: u64 = 1 << 20;
@@ -81,13 +81,15 @@ pub struct MemoryConfig {
 impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
-            cap_bytes: PerCategory([352 * MIB, 128 * MIB, 32 * MIB, u64::MAX]),
+            // The vegetation categories have no cap of their own: the vegetation budget
+            // (`Memory::set_vegetation_limit`, driven by the controller) is their one limit.
+            cap_bytes: PerCategory([u64::MAX, u64::MAX, u64::MAX, 64 * MIB, u64::MAX]),
             device_block_min_bytes: 16 * MIB,
             device_block_max_bytes: 64 * MIB,
             host_block_min_bytes: 8 * MIB,
             host_block_max_bytes: 32 * MIB,
-            priority: PerCategory([0.3, 0.2, 0.1, 0.5]),
-            cache_bytes: PerCategory([16 * MIB, 0, 8 * MIB, 4 * MIB]),
+            priority: PerCategory([0.3, 0.2, 0.35, 0.1, 0.5]),
+            cache_bytes: PerCategory([16 * MIB, 0, 0, 8 * MIB, 4 * MIB]),
             release_below_headroom_fraction: 0.10,
             fail_every_nth_allocation: None,
         }
@@ -246,6 +248,12 @@ impl Buffer {
     /// Index of the memory heap it lives in.
     pub fn heap(&self) -> usize {
         self.meta.heap
+    }
+    /// Whether it has a `VkDeviceMemory` of its own (not a sub-allocation of a shared block).
+    pub fn is_dedicated(&self) -> bool {
+        self.allocation
+            .as_ref()
+            .is_some_and(Allocation::is_dedicated)
     }
     /// An id unique among the process's buffers and images (Vulkan handles may be reused).
     pub fn id(&self) -> u64 {
@@ -474,6 +482,42 @@ impl RawObject {
     }
 }
 
+/// The handle an allocation is for, for a dedicated (exactly sized) allocation near the
+/// vegetation limit.
+#[derive(Clone, Copy, Debug)]
+enum Dedicated {
+    Buffer(vk::Buffer),
+    Image(vk::Image),
+}
+
+/// Where an allocation goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// A shared block, or a dedicated allocation where the category always uses one (atlas,
+    /// outputs) or a new block would pass the vegetation limit.
+    Auto,
+    /// A dedicated allocation that may pass the vegetation limit (never the heap's budget):
+    /// moving a resident patch out of a block too big for the budget, its old buffer retired
+    /// right after.
+    Relocate,
+    /// A shared block, never a dedicated allocation (moving a patch back into blocks once the
+    /// budget has room for them again).
+    Shared,
+}
+
+/// Dedicated allocations of categories that may also use blocks: at most half the device's
+/// `maxMemoryAllocationCount` (the host needs its share), within these bounds.
+const OPTIONAL_DEDICATED_RANGE: (u64, u64) = (256, 16_384);
+
+impl Dedicated {
+    fn scheme(self) -> AllocationScheme {
+        match self {
+            Dedicated::Buffer(b) => AllocationScheme::DedicatedBuffer(b),
+            Dedicated::Image(i) => AllocationScheme::DedicatedImage(i),
+        }
+    }
+}
+
 /// A resource without its handle wrapper: what the retire queue and the cache hold.
 enum Resource {
     Buffer {
@@ -580,6 +624,8 @@ pub struct MemoryStats {
     pub refused_over_budget: u64,
     /// Times empty blocks were released to the driver.
     pub block_releases: u64,
+    /// Allocations that got a block of their own size near the vegetation limit.
+    pub dedicated_allocations: u64,
 }
 
 /// One heap as understory sees it.
@@ -594,7 +640,10 @@ pub struct HeapReport {
     pub ours_total: u64,
     /// Of `ours`, bytes waiting in the retire queue (reclaimable within frames in flight).
     pub pending: u64,
-    /// `usage - ours`: the host engine, swapchains, other processes (0 when estimated).
+    /// `usage - ours`: what the rest of this process holds in the heap (the host engine, its
+    /// swapchain and render targets, other libraries). `heapUsage` is per process, so other
+    /// processes are not in it: they show up as a lower `budget` instead. 0 when the usage
+    /// is estimated (no extension, or the driver's usage was impossible).
     pub foreign: u64,
 }
 
@@ -621,7 +670,18 @@ pub struct Leak {
 }
 
 struct CategoryState {
-    allocator: Option<Allocator>,
+    category: Category,
+    /// Sub-allocations from shared blocks.
+    general: Option<Allocator>,
+    /// Allocations of their own `VkDeviceMemory` (kept apart so that the general allocator
+    /// can give back the empty block gpu-allocator keeps once nothing is sub-allocated).
+    dedicated: Option<Allocator>,
+    /// Allocations in `general` (cached buffers included).
+    general_allocations: u64,
+    /// Block bytes of `general` per heap (the rest of `reserved_by_heap` is dedicated).
+    general_reserved: Vec<u64>,
+    /// Bytes sub-allocated from `general` per heap.
+    general_live: Vec<u64>,
     live_bytes: u64,
     peak_live_bytes: u64,
     allocations: u64,
@@ -658,8 +718,16 @@ pub struct Memory {
     config: MemoryConfig,
     heaps: Vec<HeapInfo>,
     type_flags: Vec<(vk::MemoryPropertyFlags, usize)>,
-    categories: [Mutex<CategoryState>; 4],
+    categories: [Mutex<CategoryState>; CATEGORIES],
     reserved_total_by_heap: Vec<AtomicU64>,
+    /// Reserved (block) bytes per category, readable without its lock.
+    reserved_by_category: [AtomicU64; CATEGORIES],
+    /// The vegetation limit: most bytes of blocks the vegetation categories may reserve
+    /// together (`u64::MAX`: none).
+    vegetation_limit: AtomicU64,
+    /// Serializes allocations in the vegetation categories, so that two cannot both pass the
+    /// limit's check.
+    vegetation_group: Mutex<()>,
     retire: Mutex<(RetireQueue<Resource>, Vec<u64>)>,
     budget: Mutex<BudgetState>,
     limits: Vec<HeapLimit>,
@@ -670,6 +738,11 @@ pub struct Memory {
     retired_total: AtomicU64,
     refused: AtomicU64,
     block_releases: AtomicU64,
+    dedicated: AtomicU64,
+    /// Dedicated allocations alive now.
+    dedicated_live: AtomicU64,
+    /// Most dedicated allocations where blocks would do ([`OPTIONAL_DEDICATED_RANGE`]).
+    max_optional_dedicated: u64,
 }
 
 static NEXT_MEMORY_ID: AtomicU64 = AtomicU64::new(1);
@@ -693,6 +766,12 @@ impl Memory {
         config.validate()?;
         // SAFETY: physical_device belongs to instance.
         let props = unsafe { instance.get_physical_device_memory_properties(physical_device) };
+        // SAFETY: as above.
+        let max_allocations = unsafe { instance.get_physical_device_properties(physical_device) }
+            .limits
+            .max_memory_allocation_count;
+        let max_optional_dedicated = (u64::from(max_allocations) / 2)
+            .clamp(OPTIONAL_DEDICATED_RANGE.0, OPTIONAL_DEDICATED_RANGE.1);
         let heaps: Vec<HeapInfo> = props
             .memory_heaps_as_slice()
             .iter()
@@ -707,9 +786,14 @@ impl Memory {
             .map(|t| (t.property_flags, t.heap_index as usize))
             .collect();
         let n = heaps.len();
-        let categories: [Mutex<CategoryState>; 4] = std::array::from_fn(|_| {
+        let categories: [Mutex<CategoryState>; CATEGORIES] = std::array::from_fn(|i| {
             Mutex::new(CategoryState {
-                allocator: None,
+                category: Category::ALL[i],
+                general: None,
+                dedicated: None,
+                general_allocations: 0,
+                general_reserved: vec![0; n],
+                general_live: vec![0; n],
                 live_bytes: 0,
                 peak_live_bytes: 0,
                 allocations: 0,
@@ -730,6 +814,9 @@ impl Memory {
             type_flags,
             categories,
             reserved_total_by_heap: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            reserved_by_category: std::array::from_fn(|_| AtomicU64::new(0)),
+            vegetation_limit: AtomicU64::new(u64::MAX),
+            vegetation_group: Mutex::new(()),
             retire: Mutex::new((RetireQueue::new(), vec![0; n])),
             budget: Mutex::new(BudgetState {
                 heaps: budgets,
@@ -751,10 +838,14 @@ impl Memory {
             retired_total: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             block_releases: AtomicU64::new(0),
+            dedicated: AtomicU64::new(0),
+            dedicated_live: AtomicU64::new(0),
+            max_optional_dedicated,
         };
         for c in &this.categories {
             let mut st = lock(c);
-            st.allocator = Some(this.new_allocator()?);
+            st.general = Some(this.new_allocator()?);
+            st.dedicated = Some(this.new_allocator()?);
         }
         this.refresh_budget()?;
         Ok(this)
@@ -790,10 +881,20 @@ impl Memory {
         &self.heaps
     }
 
-    /// The heap vegetation lives in: the first device-local one (heap 0 if the driver marks
-    /// none device-local, which conforming drivers never do).
+    /// The heap vegetation lives in: the largest device-local one (the VRAM, not a small
+    /// device-local carve-out such as the 256 MiB BAR window some drivers list as a heap of
+    /// its own); the largest heap if the driver marks none device-local, which conforming
+    /// drivers never do.
     pub fn device_local_heap(&self) -> usize {
-        self.heaps.iter().position(|h| h.device_local).unwrap_or(0)
+        let largest = |device_local: bool| {
+            self.heaps
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.device_local || !device_local)
+                .max_by_key(|(i, h)| (h.size, std::cmp::Reverse(*i)))
+                .map(|(i, _)| i)
+        };
+        largest(true).or_else(|| largest(false)).unwrap_or(0)
     }
 
     /// Replaces where budgets come from (tests inject budgets that shrink and grow on cue), and
@@ -802,13 +903,12 @@ impl Memory {
         lock(&self.budget).heaps = heaps;
         self.refresh_budget()
     }
-
-    /// The heap gpu-allocator will pick for these requirements (its own selection rule).
-    fn predict_heap(
+    /// The memory type gpu-allocator will pick (its flags and heap).
+    fn predict_type(
         &self,
-        req: &vk::MemoryRequirements,
+        type_bits: u32,
         location: MemoryLocation,
-    ) -> Option<usize> {
+    ) -> Option<(vk::MemoryPropertyFlags, usize)> {
         use vk::MemoryPropertyFlags as F;
         let (preferred, required) = match location {
             MemoryLocation::GpuOnly => (F::DEVICE_LOCAL, F::DEVICE_LOCAL),
@@ -826,8 +926,8 @@ impl Memory {
             self.type_flags
                 .iter()
                 .enumerate()
-                .find(|(i, (f, _))| req.memory_type_bits & (1 << i) != 0 && f.contains(want))
-                .map(|(_, (_, heap))| *heap)
+                .find(|(i, (f, _))| type_bits & (1 << i) != 0 && f.contains(want))
+                .map(|(_, t)| *t)
         };
         find(preferred).or_else(|| find(required))
     }
@@ -857,24 +957,30 @@ impl Memory {
         }
     }
 
-    fn block_min(&self, heap: usize) -> u64 {
-        if self.heaps[heap].device_local {
-            self.config.device_block_min_bytes
+    /// gpu-allocator's (first, largest) block sizes for memory of these flags: host-visible
+    /// types get the host sizes.
+    fn block_sizes(&self, flags: vk::MemoryPropertyFlags) -> (u64, u64) {
+        if flags.contains(vk::MemoryPropertyFlags::HOST_VISIBLE) {
+            (
+                self.config.host_block_min_bytes,
+                self.config.host_block_max_bytes,
+            )
         } else {
-            self.config.host_block_min_bytes
+            (
+                self.config.device_block_min_bytes,
+                self.config.device_block_max_bytes,
+            )
         }
     }
 
-    fn block_max(&self, heap: usize) -> u64 {
-        if self.heaps[heap].device_local {
-            self.config.device_block_max_bytes
-        } else {
-            self.config.host_block_max_bytes
-        }
-    }
-
-    /// Sub-allocates, enforcing the category cap and the heap budget. Nothing is left allocated
-    /// on error.
+    /// Sub-allocates, enforcing the category cap, the vegetation limit (reserved bytes) and the
+    /// heap budget. Nothing is left allocated on error.
+    ///
+    /// The atlas and the cull and draw outputs always get allocations of their own (few,
+    /// large, long-lived): what they reserve is what they use, and no block of theirs stays
+    /// behind when the budget falls. Instances share blocks, except near the vegetation limit,
+    /// where an allocation that would need a new block gets one of exactly its size.
+    #[allow(clippy::too_many_arguments)]
     fn allocate(
         &self,
         category: Category,
@@ -882,6 +988,8 @@ impl Memory {
         req: vk::MemoryRequirements,
         location: MemoryLocation,
         linear: bool,
+        handle: Dedicated,
+        placement: Placement,
     ) -> Result<(Allocation, usize)> {
         let n = self.alloc_calls.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(k) = self.config.fail_every_nth_allocation {
@@ -892,101 +1000,284 @@ impl Memory {
             }
         }
         let size = req.size;
-        let heap = self.predict_heap(&req, location).ok_or_else(|| {
-            Error::Unsupported(format!("{name}: no memory type for {location:?}"))
-        })?;
+        let (flags, heap) = self
+            .predict_type(req.memory_type_bits, location)
+            .ok_or_else(|| {
+                Error::Unsupported(format!("{name}: no memory type for {location:?}"))
+            })?;
+        let (block_min, block_max) = self.block_sizes(flags);
         if size > self.heaps[heap].size {
             return Err(Error::InvalidInput(format!(
                 "{name}: {size} bytes is larger than heap {heap} ({} bytes)",
                 self.heaps[heap].size
             )));
         }
+        let refuse = |what: String, available: u64| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Err(Error::OverBudget {
+                what,
+                requested: size,
+                available,
+            })
+        };
+        let _group = category
+            .is_vegetation()
+            .then(|| lock(&self.vegetation_group));
         let mut st = lock(&self.categories[category as usize]);
         let cap = self.config.cap_bytes[category];
         if st.live_bytes.saturating_add(size) > cap {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::OverBudget {
-                what: format!("{name} ({category} cap)"),
-                requested: size,
-                available: cap.saturating_sub(st.live_bytes),
-            });
+            return refuse(
+                format!("{name} ({category} cap)"),
+                cap.saturating_sub(st.live_bytes),
+            );
         }
-        let (budget, usage) = self.heap_usage_now(heap);
-        let free_in_blocks = st.reserved_by_heap[heap].saturating_sub(st.live_by_heap[heap]);
+        let always_dedicated = matches!(category, Category::Atlas | Category::Outputs);
+        let limit = self.vegetation_limit.load(Ordering::Relaxed);
+        let limited = category.is_vegetation() && limit != u64::MAX;
+        let relocate = placement == Placement::Relocate && category.is_vegetation();
+        if relocate && self.dedicated_room() == 0 {
+            return refuse(
+                format!("{name} (relocation: too many dedicated allocations)"),
+                0,
+            );
+        }
+        let reserved_before = self.vegetation_reserved();
+        let free_in_blocks = st.general_reserved[heap].saturating_sub(st.general_live[heap]);
+        // gpu-allocator's blocks double from the first size up to the largest.
+        let next_block = st.general_reserved[heap].clamp(block_min, block_max);
+        let optional_room = self.dedicated_room() > 0;
+        // The vegetation limit counts blocks, not sub-allocations: near it, an allocation that
+        // would need a new block gets a dedicated one of exactly its size, so a small limit
+        // still works and nothing is reserved past it.
+        let shared_only = placement == Placement::Shared && !always_dedicated;
+        let mut dedicated = always_dedicated
+            || (relocate && optional_room)
+            || (limited
+                && !shared_only
+                && optional_room
+                && free_in_blocks < size
+                && reserved_before.saturating_add(size.max(next_block)) > limit);
+        // Over the limit, vegetation sheds: nothing new, not even into the free room of a block
+        // (the blocks have to drain for their memory to go back), except relocations.
+        if limited && !relocate && reserved_before > limit {
+            return refuse(format!("{name} (vegetation over its budget)"), 0);
+        }
+        let needs_new = dedicated || free_in_blocks < size;
+        if limited && !relocate && needs_new && reserved_before.saturating_add(size) > limit {
+            return refuse(
+                format!("{name} (vegetation budget)"),
+                limit.saturating_sub(reserved_before),
+            );
+        }
         // A new block is at least the minimum size (it doubles with the block count; a block
         // larger than estimated is caught after the allocation, below).
-        let growth = if size > self.block_max(heap) {
+        let growth = if dedicated || size > block_max {
             size
-        } else if free_in_blocks >= size {
+        } else if !needs_new {
             0
         } else {
-            size.max(self.block_min(heap))
+            size.max(next_block)
         };
+        let (budget, usage) = self.heap_usage_now(heap);
         if usage.saturating_add(growth) > budget {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::OverBudget {
-                what: format!("{name} (heap {heap} budget)"),
-                requested: size,
-                available: budget.saturating_sub(usage),
-            });
+            return refuse(
+                format!("{name} (heap {heap} budget)"),
+                budget.saturating_sub(usage),
+            );
         }
         let st = &mut *st;
-        let allocator = st
-            .allocator
-            .as_mut()
-            .ok_or_else(|| Error::InvalidInput("memory was shut down".into()))?;
-        let before = allocator.capacity();
-        let allocation = allocator.allocate(&AllocationCreateDesc {
-            name,
-            requirements: req,
-            location,
-            linear,
-            allocation_scheme: AllocationScheme::GpuAllocatorManaged,
-        })?;
-        let heap = self.heap_of(&req, &allocation);
-        let grown = allocator.capacity().saturating_sub(before);
+        loop {
+            let allocator = if dedicated {
+                st.dedicated.as_mut()
+            } else {
+                st.general.as_mut()
+            }
+            .ok_or_else(|| Error::Lifecycle("memory was shut down".into()))?;
+            let before = allocator.capacity();
+            let allocation = allocator.allocate(&AllocationCreateDesc {
+                name,
+                requirements: req,
+                location,
+                linear,
+                allocation_scheme: if dedicated {
+                    handle.scheme()
+                } else {
+                    AllocationScheme::GpuAllocatorManaged
+                },
+            })?;
+            let grown = allocator.capacity().saturating_sub(before);
+            let heap = self.heap_of(&req, &allocation);
+            self.add_reserved(st, heap, grown);
+            if dedicated {
+                self.dedicated_live.fetch_add(1, Ordering::Relaxed);
+            } else {
+                st.general_allocations += 1;
+                st.general_reserved[heap] += grown;
+                st.general_live[heap] += allocation.size();
+            }
+            if grown > 0 {
+                let (budget, usage) = self.heap_usage_now(heap);
+                if usage > budget {
+                    self.free_locked(st, heap, allocation);
+                    return refuse(format!("{name} (new block in heap {heap})"), 0);
+                }
+                if limited && !relocate && self.vegetation_reserved() > limit {
+                    // A block bigger than the room (fragmentation, or the doubling block
+                    // size): give it back, and try once more with a block of its own size.
+                    self.free_locked(st, heap, allocation);
+                    if !dedicated
+                        && !shared_only
+                        && optional_room
+                        && reserved_before.saturating_add(size) <= limit
+                    {
+                        dedicated = true;
+                        continue;
+                    }
+                    return refuse(
+                        format!("{name} (vegetation budget)"),
+                        limit.saturating_sub(reserved_before),
+                    );
+                }
+            }
+            let bytes = allocation.size();
+            st.live_bytes += bytes;
+            st.live_by_heap[heap] += bytes;
+            st.allocations += 1;
+            st.peak_live_bytes = st.peak_live_bytes.max(st.live_bytes);
+            self.allocations_total.fetch_add(1, Ordering::Relaxed);
+            if dedicated && !always_dedicated {
+                self.dedicated.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(pageable) = &self.pageable {
+                // SAFETY: reading the handle of a live allocation.
+                let memory = unsafe { allocation.memory() };
+                if grown > 0 || !st.prioritized.contains(&memory) {
+                    // SAFETY: memory is a live VkDeviceMemory of this device; the extension
+                    // and its feature are enabled (constructor contract); priority is in 0..=1
+                    // (validated).
+                    unsafe {
+                        (pageable.fp().set_device_memory_priority_ext)(
+                            self.device.handle(),
+                            memory,
+                            self.config.priority[category],
+                        )
+                    };
+                    st.prioritized.insert(memory);
+                }
+            }
+            return Ok((allocation, heap));
+        }
+    }
+
+    /// The bytes a buffer of `size` bytes in `category` will hold: its size class where the
+    /// category caches released buffers, rounded to 256 bytes (the usual alignment). For
+    /// planning; the real number is [`Buffer::bytes`].
+    pub fn predicted_bytes(&self, category: Category, size: u64) -> u64 {
+        let class = if self.config.cache_bytes[category] > 0 {
+            size_class(size)
+        } else {
+            size
+        };
+        class.div_ceil(256) * 256
+    }
+
+    /// Whether the instances' shared blocks are too big for the vegetation limit: a new block
+    /// would pass it, so new allocations are dedicated, and what still lives in blocks should
+    /// move out for the blocks to go back (see `Vegetation`'s relocation).
+    pub(crate) fn blocks_too_big(&self) -> bool {
+        let limit = self.vegetation_limit.load(Ordering::Relaxed);
+        let Some((flags, _)) = self.predict_type(u32::MAX, MemoryLocation::GpuOnly) else {
+            return false;
+        };
+        limit != u64::MAX
+            && self
+                .vegetation_reserved()
+                .saturating_add(self.block_sizes(flags).0)
+                > limit
+    }
+
+    /// Dedicated allocations that may still be made where blocks would do (relocations).
+    pub(crate) fn dedicated_room(&self) -> u64 {
+        self.max_optional_dedicated
+            .saturating_sub(self.dedicated_live.load(Ordering::Relaxed))
+    }
+
+    /// Whether new instance allocations would go to blocks again with room to spare (the
+    /// budget has room for two more of the first block size): patches moved to allocations of
+    /// their own under a small budget may move back.
+    pub(crate) fn blocks_fit_again(&self) -> bool {
+        let limit = self.vegetation_limit.load(Ordering::Relaxed);
+        let Some((flags, _)) = self.predict_type(u32::MAX, MemoryLocation::GpuOnly) else {
+            return false;
+        };
+        self.vegetation_reserved()
+            .saturating_add(2 * self.block_sizes(flags).0)
+            <= limit
+    }
+
+    /// Bytes of shared blocks the category holds (the rest of its reserved bytes are
+    /// dedicated allocations).
+    pub(crate) fn block_bytes(&self, category: Category) -> u64 {
+        lock(&self.categories[category as usize])
+            .general_reserved
+            .iter()
+            .sum()
+    }
+
+    /// Bytes of the category's shared blocks that no allocation uses: what moving the rest
+    /// out (relocation) would give back.
+    pub(crate) fn block_slack(&self, category: Category) -> u64 {
+        let st = lock(&self.categories[category as usize]);
+        let reserved: u64 = st.general_reserved.iter().sum();
+        let live: u64 = st.general_live.iter().sum();
+        reserved.saturating_sub(live)
+    }
+
+    /// Bytes of blocks the vegetation categories hold together.
+    pub fn vegetation_reserved(&self) -> u64 {
+        Category::VEGETATION
+            .iter()
+            .map(|c| self.reserved_by_category[*c as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The vegetation limit: the most bytes of blocks the vegetation categories (instances,
+    /// atlas, outputs) may reserve together. Allocations past it are `OverBudget`; near it,
+    /// new allocations get blocks of their own size. `u64::MAX` lifts it. `Vegetation` sets it
+    /// to its budget every frame.
+    pub fn set_vegetation_limit(&self, bytes: u64) {
+        self.vegetation_limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The vegetation limit now.
+    pub fn vegetation_limit(&self) -> u64 {
+        self.vegetation_limit.load(Ordering::Relaxed)
+    }
+
+    /// Accounts `grown` bytes of new blocks of `st`'s category in `heap`.
+    fn add_reserved(&self, st: &mut CategoryState, heap: usize, grown: u64) {
         st.reserved_by_heap[heap] += grown;
         self.reserved_total_by_heap[heap].fetch_add(grown, Ordering::Relaxed);
-        if grown > 0 {
-            let (budget, usage) = self.heap_usage_now(heap);
-            if usage > budget {
-                self.free_locked(st, heap, allocation);
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::OverBudget {
-                    what: format!("{name} (new block in heap {heap})"),
-                    requested: size,
-                    available: 0,
-                });
-            }
-        }
-        let bytes = allocation.size();
-        st.live_bytes += bytes;
-        st.live_by_heap[heap] += bytes;
-        st.allocations += 1;
-        st.peak_live_bytes = st.peak_live_bytes.max(st.live_bytes);
-        self.allocations_total.fetch_add(1, Ordering::Relaxed);
-        if let Some(pageable) = &self.pageable {
-            // SAFETY: reading the handle of a live allocation.
-            let memory = unsafe { allocation.memory() };
-            if grown > 0 || !st.prioritized.contains(&memory) {
-                // SAFETY: memory is a live VkDeviceMemory of this device; the extension and its
-                // feature are enabled (constructor contract); priority is in 0..=1 (validated).
-                unsafe {
-                    (pageable.fp().set_device_memory_priority_ext)(
-                        self.device.handle(),
-                        memory,
-                        self.config.priority[category],
-                    )
-                };
-                st.prioritized.insert(memory);
-            }
-        }
-        Ok((allocation, heap))
+        self.reserved_by_category[st.category as usize].fetch_add(grown, Ordering::Relaxed);
+    }
+
+    /// Accounts `shrunk` bytes of blocks of `st`'s category in `heap` given back.
+    fn sub_reserved(&self, st: &mut CategoryState, heap: usize, shrunk: u64) {
+        let shrunk = shrunk.min(st.reserved_by_heap[heap]);
+        st.reserved_by_heap[heap] -= shrunk;
+        self.reserved_total_by_heap[heap].fetch_sub(shrunk, Ordering::Relaxed);
+        self.reserved_by_category[st.category as usize].fetch_sub(shrunk, Ordering::Relaxed);
     }
 
     /// Frees an allocation under its category's lock, keeping the accounting exact.
     fn free_locked(&self, st: &mut CategoryState, heap: usize, allocation: Allocation) {
-        let Some(allocator) = st.allocator.as_mut() else {
+        let dedicated = allocation.is_dedicated();
+        let bytes = allocation.size();
+        let Some(allocator) = (if dedicated {
+            st.dedicated.as_mut()
+        } else {
+            st.general.as_mut()
+        }) else {
             return;
         };
         let before = allocator.capacity();
@@ -994,9 +1285,15 @@ impl Memory {
             log::error!("gpu-allocator free failed: {e}");
         }
         let shrunk = before.saturating_sub(allocator.capacity());
+        if dedicated {
+            self.dedicated_live.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            st.general_allocations = st.general_allocations.saturating_sub(1);
+            st.general_reserved[heap] = st.general_reserved[heap].saturating_sub(shrunk);
+            st.general_live[heap] = st.general_live[heap].saturating_sub(bytes);
+        }
         if shrunk > 0 {
-            st.reserved_by_heap[heap] = st.reserved_by_heap[heap].saturating_sub(shrunk);
-            self.reserved_total_by_heap[heap].fetch_sub(shrunk, Ordering::Relaxed);
+            self.sub_reserved(st, heap, shrunk);
             // A destroyed block's handle may be reused by the driver for a new block.
             st.prioritized.clear();
         }
@@ -1016,18 +1313,19 @@ impl Memory {
         category: Category,
         name: &str,
         req: vk::MemoryRequirements,
-        (location, linear): (MemoryLocation, bool),
+        (location, linear, handle, placement): (MemoryLocation, bool, Dedicated, Placement),
         bind_call: &'static str,
         bind: impl FnOnce(&Allocation) -> std::result::Result<(), vk::Result>,
         destroy: impl FnOnce(),
     ) -> Result<(Allocation, Meta)> {
-        let (allocation, heap) = match self.allocate(category, name, req, location, linear) {
-            Ok(a) => a,
-            Err(e) => {
-                destroy();
-                return Err(e);
-            }
-        };
+        let (allocation, heap) =
+            match self.allocate(category, name, req, location, linear, handle, placement) {
+                Ok(a) => a,
+                Err(e) => {
+                    destroy();
+                    return Err(e);
+                }
+            };
         let meta = Meta {
             name: name.into(),
             category,
@@ -1052,6 +1350,16 @@ impl Memory {
         shared: &Arc<Shared>,
         desc: &BufferDesc<'_>,
     ) -> Result<Buffer> {
+        self.create_buffer_placed(shared, desc, Placement::Auto)
+    }
+
+    /// As [`Memory::create_buffer`], placed as asked (a relocation never comes from the cache).
+    pub(crate) fn create_buffer_placed(
+        &self,
+        shared: &Arc<Shared>,
+        desc: &BufferDesc<'_>,
+        placement: Placement,
+    ) -> Result<Buffer> {
         if desc.size == 0 {
             return Err(Error::InvalidInput(format!(
                 "buffer {:?}: size 0",
@@ -1075,8 +1383,10 @@ impl Memory {
             location: location_id(desc.location),
             class_bytes: class,
         };
-        if let Some(b) = self.take_cached(shared, desc, key) {
-            return Ok(b);
+        if placement == Placement::Auto {
+            if let Some(b) = self.take_cached(shared, desc, key) {
+                return Ok(b);
+            }
         }
         let info = vk::BufferCreateInfo::default()
             .size(class)
@@ -1091,7 +1401,7 @@ impl Memory {
             desc.category,
             desc.name,
             req,
-            (desc.location, true),
+            (desc.location, true, Dedicated::Buffer(raw), placement),
             "vkBindBufferMemory",
             // SAFETY: the allocation satisfies the buffer's requirements and is unbound
             // (VUID-vkBindBufferMemory-memory-01035, -memoryOffset-01036).
@@ -1125,7 +1435,12 @@ impl Memory {
         let (raw, mut allocation, mut meta) = st.cache.get_mut(&key)?.pop()?;
         st.cached_bytes -= meta.bytes;
         // Leak reports name the new owner.
-        if let Some(a) = st.allocator.as_mut() {
+        let allocator = if allocation.is_dedicated() {
+            st.dedicated.as_mut()
+        } else {
+            st.general.as_mut()
+        };
+        if let Some(a) = allocator {
             let _ = a.rename_allocation(&mut allocation, desc.name);
         }
         drop(st);
@@ -1184,7 +1499,12 @@ impl Memory {
             desc.category,
             desc.name,
             req,
-            (MemoryLocation::GpuOnly, false),
+            (
+                MemoryLocation::GpuOnly,
+                false,
+                Dedicated::Image(raw),
+                Placement::Auto,
+            ),
             "vkBindImageMemory",
             // SAFETY: the allocation satisfies the image's requirements and is unbound.
             |a| unsafe { self.device.bind_image_memory(raw, a.memory(), a.offset()) },
@@ -1326,21 +1646,22 @@ impl Memory {
         freed
     }
 
-    /// Returns the block gpu-allocator keeps, for every category that holds no allocation, by
-    /// dropping and recreating its allocator. Returns bytes given back to the driver.
+    /// Returns the block gpu-allocator keeps empty, for every category with no sub-allocation
+    /// in a shared block, by dropping and recreating its general allocator (its dedicated
+    /// allocations are in another one and stay). Returns bytes given back to the driver.
     pub fn release_empty_blocks(&self) -> Result<u64> {
         let mut released = 0;
         for c in &self.categories {
             let mut st = lock(c);
-            let reserved: u64 = st.reserved_by_heap.iter().sum();
-            if st.allocations > 0 || reserved == 0 {
+            let reserved: u64 = st.general_reserved.iter().sum();
+            if st.general_allocations > 0 || reserved == 0 {
                 continue;
             }
             let fresh = self.new_allocator()?;
-            drop(st.allocator.replace(fresh));
-            for (h, r) in st.reserved_by_heap.iter_mut().enumerate() {
-                self.reserved_total_by_heap[h].fetch_sub(*r, Ordering::Relaxed);
-                *r = 0;
+            drop(st.general.replace(fresh));
+            for h in 0..st.general_reserved.len() {
+                let r = std::mem::take(&mut st.general_reserved[h]);
+                self.sub_reserved(&mut st, h, r);
             }
             st.prioritized.clear();
             released += reserved;
@@ -1396,8 +1717,10 @@ impl Memory {
                 let ours_total = ours.get(h).copied().unwrap_or(0);
                 HeapReport {
                     foreign: match budget.source {
-                        Source::Ext => budget.usage.saturating_sub(ours_total),
-                        Source::Estimated => 0,
+                        Source::Ext if !budget.usage_estimated => {
+                            budget.usage.saturating_sub(ours_total)
+                        }
+                        _ => 0,
                     },
                     budget,
                     ours: per,
@@ -1442,6 +1765,7 @@ impl Memory {
             retired_total: self.retired_total.load(Ordering::Relaxed),
             refused_over_budget: self.refused.load(Ordering::Relaxed),
             block_releases: self.block_releases.load(Ordering::Relaxed),
+            dedicated_allocations: self.dedicated.load(Ordering::Relaxed),
         }
     }
 
@@ -1450,7 +1774,7 @@ impl Memory {
         let mut leaks = Vec::new();
         for c in Category::ALL {
             let st = lock(&self.categories[c as usize]);
-            if let Some(a) = st.allocator.as_ref() {
+            for a in [&st.general, &st.dedicated].into_iter().flatten() {
                 leaks.extend(
                     a.generate_report()
                         .allocations
@@ -1494,7 +1818,10 @@ impl Memory {
         unsafe { self.drain() };
         for c in Category::ALL {
             let mut st = lock(&self.categories[c as usize]);
-            if let Some(a) = st.allocator.take() {
+            for a in [st.general.take(), st.dedicated.take()]
+                .into_iter()
+                .flatten()
+            {
                 for alloc in a.generate_report().allocations {
                     log::error!(
                         "leak: {:?} ({c}, {} bytes) still allocated at teardown",
@@ -1503,9 +1830,9 @@ impl Memory {
                     );
                 }
             }
-            for (h, r) in st.reserved_by_heap.iter_mut().enumerate() {
-                self.reserved_total_by_heap[h].fetch_sub(*r, Ordering::Relaxed);
-                *r = 0;
+            for h in 0..st.reserved_by_heap.len() {
+                let r = st.reserved_by_heap[h];
+                self.sub_reserved(&mut st, h, r);
             }
         }
     }
@@ -1525,7 +1852,10 @@ impl Memory {
         for c in &self.categories {
             let mut st = lock(c);
             std::mem::forget(std::mem::take(&mut st.cache));
-            if let Some(a) = st.allocator.take() {
+            for a in [st.general.take(), st.dedicated.take()]
+                .into_iter()
+                .flatten()
+            {
                 std::mem::forget(a);
             }
         }
@@ -1561,7 +1891,7 @@ mod tests {
         };
         assert!(matches!(bad.validate(), Err(Error::InvalidInput(_))));
         let bad = MemoryConfig {
-            priority: PerCategory([2.0, 0.0, 0.0, 0.0]),
+            priority: PerCategory([2.0, 0.0, 0.0, 0.0, 0.0]),
             ..Default::default()
         };
         assert!(bad.validate().is_err());

@@ -10,29 +10,46 @@ pub enum Category {
     Instances,
     /// Billboard texture atlas pages.
     Atlas,
-    /// Upload staging.
+    /// What the cull and draw passes write and read each frame: LOD lists, visible records,
+    /// indirect arguments, counters, meshes, frame constants.
+    Outputs,
+    /// Upload staging (host memory).
     Staging,
-    /// Everything else (cull outputs, scratch, tests).
+    /// Everything else (the host's own buffers, scratch, tests).
     Other,
 }
 
+/// How many categories there are.
+pub const CATEGORIES: usize = 5;
+
 impl Category {
     /// Every category, in index order.
-    pub const ALL: [Category; 4] = [
+    pub const ALL: [Category; CATEGORIES] = [
         Category::Instances,
         Category::Atlas,
+        Category::Outputs,
         Category::Staging,
         Category::Other,
     ];
+
+    /// The categories the vegetation budget covers: everything understory holds on the GPU for
+    /// vegetation (staging lives in host memory and is capped per frame instead).
+    pub const VEGETATION: [Category; 3] = [Category::Instances, Category::Atlas, Category::Outputs];
 
     /// Lower-case name.
     pub fn name(self) -> &'static str {
         match self {
             Category::Instances => "instances",
             Category::Atlas => "atlas",
+            Category::Outputs => "outputs",
             Category::Staging => "staging",
             Category::Other => "other",
         }
+    }
+
+    /// Whether the vegetation budget covers it.
+    pub fn is_vegetation(self) -> bool {
+        Category::VEGETATION.contains(&self)
     }
 }
 
@@ -44,7 +61,7 @@ impl std::fmt::Display for Category {
 
 /// One value per [`Category`], indexable by it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PerCategory<T>(pub [T; 4]);
+pub struct PerCategory<T>(pub [T; CATEGORIES]);
 
 impl<T> PerCategory<T> {
     /// `(category, value)` pairs in index order.
@@ -76,7 +93,7 @@ impl<T> IndexMut<Category> for PerCategory<T> {
 impl<T: serde::Serialize> serde::Serialize for PerCategory<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(4))?;
+        let mut m = s.serialize_map(Some(CATEGORIES))?;
         for (c, v) in self.iter() {
             m.serialize_entry(c.name(), v)?;
         }

@@ -3,5 +3,6 @@
 pub mod category;
 pub mod controller;
 pub mod lod;
+pub mod outputs;
 pub mod residency;
 pub mod retire;

@@ -170,7 +170,9 @@ pub fn storage_desc(
 /// allocator).
 pub fn no_cache() -> understory::gpu::memory::MemoryConfig {
     understory::gpu::memory::MemoryConfig {
-        cache_bytes: understory::policy::category::PerCategory([0; 4]),
+        cache_bytes: understory::policy::category::PerCategory(
+            [0; understory::policy::category::CATEGORIES],
+        ),
         ..Default::default()
     }
 }

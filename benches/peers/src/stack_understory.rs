@@ -16,7 +16,7 @@ use understory::gpu::context::{Context, ContextOptions};
 use understory::gpu::frame::FrameRing;
 use understory::gpu::instance::{InstanceOptions, Validation};
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryConfig, MemoryLocation};
-use understory::policy::category::{Category, PerCategory};
+use understory::policy::category::{CATEGORIES, Category, PerCategory};
 
 use crate::common::{
     Baseline, BudgetResult, ChurnResult, FRAMES_IN_FLIGHT, Peaks, Probe, Timings, Workload,
@@ -77,7 +77,7 @@ pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnRes
     let ctx = context(
         name,
         MemoryConfig {
-            cap_bytes: PerCategory([u64::MAX; 4]),
+            cap_bytes: PerCategory([u64::MAX; CATEGORIES]),
             ..Default::default()
         },
     )?;
@@ -181,7 +181,7 @@ pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnRes
 pub fn budget(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<BudgetResult> {
     let base = Baseline::new(probe);
     let mut memory = MemoryConfig {
-        cap_bytes: PerCategory([u64::MAX; 4]),
+        cap_bytes: PerCategory([u64::MAX; CATEGORIES]),
         ..Default::default()
     };
     memory.cap_bytes[Category::Instances] = w.budget;

@@ -44,9 +44,11 @@ pub struct Placed {
 
 impl AtlasPacker {
     /// Pages of `page_px`² texels; every region gets `padding_px` of border so that mips and
-    /// filtering do not bleed between neighbours.
+    /// filtering do not bleed between neighbours. [`Error::InvalidInput`] unless
+    /// `1 <= page_px <= 16384` and `2 * padding_px < page_px`.
     pub fn new(page_px: u32, padding_px: u32) -> Result<Self> {
-        if page_px == 0 || page_px > 16384 || padding_px * 2 >= page_px {
+        let both_sides = padding_px.checked_mul(2);
+        if page_px == 0 || page_px > 16384 || both_sides.is_none_or(|p| p >= page_px) {
             return Err(Error::InvalidInput(format!(
                 "atlas page {page_px} px with {padding_px} px padding"
             )));
@@ -72,9 +74,11 @@ impl AtlasPacker {
     /// than a page (with padding) is an error.
     pub fn allocate(&mut self, width: u32, height: u32) -> Result<Placed> {
         let pad = self.padding_px;
+        // `new` keeps 2 * pad below page_px; saturating all the same.
+        let both_sides = pad.saturating_mul(2);
         let (w, h) = (
-            width.saturating_add(2 * pad),
-            height.saturating_add(2 * pad),
+            width.saturating_add(both_sides),
+            height.saturating_add(both_sides),
         );
         if width == 0 || height == 0 || w > self.page_px || h > self.page_px {
             return Err(Error::InvalidInput(format!(
@@ -186,5 +190,26 @@ mod tests {
         assert!(matches!(p.allocate(0, 10), Err(Error::InvalidInput(_))));
         assert!(p.allocate(252, 252).is_ok());
         assert!(AtlasPacker::new(4, 2).is_err());
+    }
+
+    #[test]
+    fn huge_padding_or_regions_are_errors_not_overflows() {
+        assert!(matches!(
+            AtlasPacker::new(64, 0x8000_0000),
+            Err(Error::InvalidInput(_))
+        ));
+        assert!(matches!(
+            AtlasPacker::new(16384, u32::MAX),
+            Err(Error::InvalidInput(_))
+        ));
+        let mut p = AtlasPacker::new(64, 4).unwrap();
+        assert!(matches!(
+            p.allocate(u32::MAX, 1),
+            Err(Error::InvalidInput(_))
+        ));
+        assert!(matches!(
+            p.allocate(u32::MAX, u32::MAX),
+            Err(Error::InvalidInput(_))
+        ));
     }
 }

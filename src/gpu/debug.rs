@@ -48,6 +48,19 @@ const KEPT_MESSAGES: usize = 256;
 
 /// Counts every validation warning and error since it was created, and keeps the first few for
 /// inspection. Shared (`Arc`) between the messenger callback and whoever checks it.
+///
+/// Only a debug-utils messenger feeds it (understory's, or a host's made with
+/// [`messenger_create_info`]); messages cannot be forged:
+///
+/// ```compile_fail,E0624
+/// use understory::gpu::debug::{Canary, Severity, ValidationMessage};
+/// let canary = Canary::new();
+/// canary.record(ValidationMessage { // method `record` is private
+///     severity: Severity::Error,
+///     id: "forged".into(),
+///     text: String::new(),
+/// });
+/// ```
 #[derive(Debug, Default)]
 pub struct Canary {
     errors: AtomicU64,
@@ -81,9 +94,10 @@ impl Canary {
         std::mem::take(&mut *self.messages.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Records one message; called by the messenger, public so hosts with their own messenger
-    /// can forward into the same canary.
-    pub fn record(&self, message: ValidationMessage) {
+    /// Records one message; called by the messenger. Not public, so that only a messenger
+    /// (understory's own, or one a host creates from [`messenger_create_info`]) feeds it: a
+    /// count of zero means the layer said nothing.
+    pub(crate) fn record(&self, message: ValidationMessage) {
         match message.severity {
             Severity::Error => self.errors.fetch_add(1, Ordering::Relaxed),
             Severity::Warning => self.warnings.fetch_add(1, Ordering::Relaxed),

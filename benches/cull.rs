@@ -184,27 +184,36 @@ fn main() {
         .map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect())
         .unwrap_or_else(|| if cpu { vec![1] } else { vec![1, 4, 16] });
     let view = view();
-    let copy = ComputePipeline::new(
-        &ctx,
-        &ComputePipelineDesc {
-            name: "copy_vec4",
-            spirv: shaders::COPY_VEC4,
-            entry: c"main",
-            storage_buffers: 2,
-            push_constant_bytes: 16,
-        },
-    )
+    // SAFETY: understory's own shaders (naga-validated at build time), entry point `main`,
+    // set 0 bindings 0..2 storage buffers and a 16-byte push-constant block (ProbePush), as
+    // shaders/copy_vec4.wgsl and shaders/read_probe.wgsl declare; the dispatches below keep
+    // `count` (and `base * count`) within the buffers bound.
+    let copy = unsafe {
+        ComputePipeline::new(
+            &ctx,
+            &ComputePipelineDesc {
+                name: "copy_vec4",
+                spirv: shaders::COPY_VEC4,
+                entry: c"main",
+                storage_buffers: 2,
+                push_constant_bytes: 16,
+            },
+        )
+    }
     .expect("copy pipeline");
-    let probe = ComputePipeline::new(
-        &ctx,
-        &ComputePipelineDesc {
-            name: "read_probe",
-            spirv: shaders::READ_PROBE,
-            entry: c"main",
-            storage_buffers: 2,
-            push_constant_bytes: 16,
-        },
-    )
+    // SAFETY: as above.
+    let probe = unsafe {
+        ComputePipeline::new(
+            &ctx,
+            &ComputePipelineDesc {
+                name: "read_probe",
+                spirv: shaders::READ_PROBE,
+                entry: c"main",
+                storage_buffers: 2,
+                push_constant_bytes: 16,
+            },
+        )
+    }
     .expect("probe pipeline");
     let mut variants = vec![Compaction::Atomic];
     if a.subgroup_ballot_in_compute {

@@ -5,7 +5,165 @@
 
 mod common;
 
+use std::sync::Arc;
+
+use ash::vk;
 use understory::Error;
+use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc, memory_barrier};
+use understory::gpu::context::Context;
+use understory::gpu::debug::Canary;
+use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
+use understory::gpu::scan::BlockScan;
+use understory::policy::category::Category;
+
+/// The GPU tests of this file run one at a time: the two races below measure timing, and a
+/// 2-core machine running several lavapipe contexts at once blurs it.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drains the canary, printing what it held; returns how many messages there were.
+fn messages(canary: &Arc<Canary>, what: &str) -> usize {
+    let msgs = canary.drain();
+    for m in &msgs {
+        eprintln!("[{what}] VALIDATION: {m}");
+    }
+    msgs.len()
+}
+
+fn buffer(ctx: &Context, name: &str, size: u64, usage: vk::BufferUsageFlags) -> Buffer {
+    ctx.create_buffer(&BufferDesc {
+        name,
+        size,
+        usage,
+        location: MemoryLocation::GpuOnly,
+        category: Category::Other,
+    })
+    .expect("buffer")
+}
+
+// ---- 2. ComputePipeline::new is unsafe (compile-fail doctest); the crate's own use -------
+
+/// The crate's own pipeline (through the unsafe constructor, with its true interface) builds
+/// and runs with no validation message, and a hand-made one with the same interface too.
+#[test]
+fn compute_pipelines_with_their_true_interface_are_clean() {
+    let _serial = serial();
+    let Some(ctx) = common::context("compute_pipelines_clean") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let scan = BlockScan::new(&ctx).unwrap();
+    // SAFETY: BLOCK_SCAN is the crate's naga-validated shader; entry `main`; set 0 bindings
+    // 0..3 storage buffers and a 4-byte push constant, as shaders/block_scan.wgsl declares.
+    let raw = unsafe {
+        ComputePipeline::new(
+            &ctx,
+            &ComputePipelineDesc {
+                name: "block scan by hand",
+                spirv: understory::gpu::shaders::BLOCK_SCAN,
+                entry: c"main",
+                storage_buffers: 3,
+                push_constant_bytes: 4,
+            },
+        )
+    }
+    .unwrap();
+    let b = |name| buffer(&ctx, name, 1024, vk::BufferUsageFlags::STORAGE_BUFFER);
+    let (input, out, sums) = (b("in"), b("out"), b("sums"));
+    ctx.submit_and_wait(|frame, cmd| {
+        // SAFETY: submit_and_wait's recording command buffer for `frame`; the sizes cover the
+        // 256 elements the shader touches.
+        unsafe {
+            scan.record(frame, cmd, &input, &out, &sums, 256)?;
+            memory_barrier(
+                ctx.device(),
+                cmd,
+                (
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::AccessFlags::SHADER_WRITE,
+                ),
+                (
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
+                ),
+            );
+            raw.record_dispatch(
+                frame,
+                cmd,
+                &[&input, &out, &sums],
+                &256u32.to_le_bytes(),
+                [1, 1, 1],
+            )
+        }
+    })
+    .unwrap();
+    drop((scan, raw, input, out, sums));
+    assert_eq!(messages(&canary, "compute"), 0);
+    common::finish(ctx, "compute_pipelines_clean");
+}
+
+// ---- 7. buffers bound as storage need STORAGE_BUFFER usage ---------------------------------
+
+#[test]
+fn storage_bindings_need_storage_usage() {
+    let _serial = serial();
+    let Some(ctx) = common::context("storage_usage") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let scan = BlockScan::new(&ctx).unwrap();
+    // SAFETY: as in compute_pipelines_with_their_true_interface_are_clean.
+    let raw = unsafe {
+        ComputePipeline::new(
+            &ctx,
+            &ComputePipelineDesc {
+                name: "scan by hand",
+                spirv: understory::gpu::shaders::BLOCK_SCAN,
+                entry: c"main",
+                storage_buffers: 3,
+                push_constant_bytes: 4,
+            },
+        )
+    }
+    .unwrap();
+    let vertex = buffer(
+        &ctx,
+        "vertex only",
+        1024,
+        vk::BufferUsageFlags::VERTEX_BUFFER,
+    );
+    let storage = |name| buffer(&ctx, name, 1024, vk::BufferUsageFlags::STORAGE_BUFFER);
+    let (out, sums) = (storage("out"), storage("sums"));
+    let mut refused = Vec::new();
+    ctx.submit_and_wait(|frame, cmd| {
+        // SAFETY: submit_and_wait's recording command buffer for `frame`; both calls refuse
+        // before recording anything, so the submission is empty.
+        unsafe {
+            refused.push(scan.record(frame, cmd, &vertex, &out, &sums, 256));
+            refused.push(raw.record_dispatch(
+                frame,
+                cmd,
+                &[&out, &vertex, &sums],
+                &256u32.to_le_bytes(),
+                [1, 1, 1],
+            ));
+        }
+        Ok(())
+    })
+    .unwrap();
+    eprintln!("scan.record, record_dispatch with a VERTEX_BUFFER buffer -> {refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|r| matches!(r, Err(Error::InvalidInput(_))))
+    );
+    drop((scan, raw, vertex, out, sums));
+    ctx.collect().unwrap();
+    assert_eq!(messages(&canary, "storage usage"), 0);
+    common::finish(ctx, "storage_usage");
+}
 
 // ---- 8. atlas arithmetic ------------------------------------------------------------------
 

@@ -300,16 +300,20 @@ pub(crate) fn pipeline_layout(
     unsafe { device.create_pipeline_layout(&info, None) }.map_err(vk_err("vkCreatePipelineLayout"))
 }
 
-/// A shader module from embedded SPIR-V ([`crate::gpu::shaders`]); the caller destroys it.
+/// A shader module from embedded SPIR-V ([`crate::gpu::shaders`]), or SPIR-V a caller of
+/// [`ComputePipeline::new`] vouched for; the caller destroys it.
 pub(crate) fn shader_module(device: &ash::Device, spirv: &[u8]) -> Result<vk::ShaderModule> {
     let code = ash::util::read_spv(&mut std::io::Cursor::new(spirv))
         .map_err(|e| Error::InvalidInput(format!("not SPIR-V: {e}")))?;
     let info = vk::ShaderModuleCreateInfo::default().code(&code);
-    // SAFETY: code is SPIR-V validated by naga at build time.
+    // SAFETY: code is SPIR-V validated by naga at build time (understory's own shaders) or
+    // vouched for by the caller of the unsafe `ComputePipeline::new`
+    // (VUID-VkShaderModuleCreateInfo-pCode-08737).
     unsafe { device.create_shader_module(&info, None) }.map_err(vk_err("vkCreateShaderModule"))
 }
 
-/// A compute pipeline from embedded SPIR-V.
+/// A compute pipeline from embedded SPIR-V (or SPIR-V vouched for, as [`shader_module`]), whose
+/// entry point `entry` has an interface that `layout` matches.
 pub(crate) fn compute_pipeline(
     device: &ash::Device,
     spirv: &[u8],
@@ -334,7 +338,42 @@ pub(crate) fn compute_pipeline(
 
 impl ComputePipeline {
     /// Builds the shader module, layouts and pipeline. Needs a compute queue.
-    pub fn new(ctx: &Context, desc: &ComputePipelineDesc<'_>) -> Result<Self> {
+    ///
+    /// Checks what it can: the push-constant size, the number of bindings against the device,
+    /// that `spirv` is a whole number of words with SPIR-V's magic number. The shader itself
+    /// is the caller's to vouch for, so this is `unsafe`:
+    ///
+    /// ```compile_fail,E0133
+    /// # fn f(ctx: &understory::gpu::context::Context, bytes: &[u8]) {
+    /// use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc};
+    /// let desc = ComputePipelineDesc {
+    ///     name: "mine", spirv: bytes, entry: c"main", storage_buffers: 1, push_constant_bytes: 0,
+    /// };
+    /// let p = ComputePipeline::new(ctx, &desc); // call to unsafe function
+    /// # }
+    /// ```
+    ///
+    /// # Safety
+    /// - `desc.spirv` is a valid SPIR-V module for Vulkan on this device: it passes
+    ///   `spirv-val` for the device's Vulkan environment and uses only capabilities, extensions
+    ///   and features the device has enabled (`VUID-VkShaderModuleCreateInfo-pCode-08737`,
+    ///   `-08740`, `-08742`), within the device's compute limits (workgroup size and
+    ///   invocations, shared memory: `VUID-RuntimeSpirv-x-06429` and its neighbours,
+    ///   `VUID-RuntimeSpirv-Workgroup-06530`);
+    /// - `desc.entry` names an `OpEntryPoint` of it with the `GLCompute` execution model
+    ///   (`VUID-VkPipelineShaderStageCreateInfo-pName-00707`, `-stage-00706`);
+    /// - its resource interface matches the layout built here
+    ///   (`VUID-VkComputePipelineCreateInfo-layout-07987`, `-07988`, `-07990`, `-07991`): it
+    ///   uses only descriptor set 0, whose bindings `0..storage_buffers` it may declare as
+    ///   storage buffers (no other binding, set or descriptor type), and a push-constant block
+    ///   of at most `push_constant_bytes` bytes (none if 0);
+    /// - every dispatch of it reads and writes only within the buffers bound to it (as
+    ///   [`ComputePipeline::record_dispatch`] requires again per dispatch).
+    ///
+    /// understory's own shaders ([`crate::gpu::shaders`]) are validated by naga at build time;
+    /// their bindings are what their users ([`crate::gpu::scan::BlockScan`], the cull pass)
+    /// pass here.
+    pub unsafe fn new(ctx: &Context, desc: &ComputePipelineDesc<'_>) -> Result<Self> {
         let shared = ctx.shared();
         shared.require(
             desc.name,
@@ -374,17 +413,24 @@ impl ComputePipeline {
         let types = vec![vk::DescriptorType::STORAGE_BUFFER; desc.storage_buffers as usize];
         this.set_layout = set_layout(device, &types)?;
         this.layout = pipeline_layout(device, this.set_layout, desc.push_constant_bytes)?;
+        // The caller vouches for the module, its entry point and its interface (the contract).
         this.pipeline = compute_pipeline(device, desc.spirv, desc.entry, this.layout)?;
         Ok(this)
     }
 
-    /// Records: bind, push `buffers` (binding `i` is `buffers[i]`, whole), push constants,
-    /// dispatch. Marks the buffers and the pipeline used by `frame`.
+    /// Records: bind, push `buffers` (binding `i` is `buffers[i]`, its `size()` bytes), push
+    /// constants, dispatch. Marks the buffers and the pipeline used by `frame`.
+    ///
+    /// [`Error::InvalidInput`] for a buffer without `STORAGE_BUFFER` usage or larger than
+    /// `maxStorageBufferRange`, a wrong number of buffers or push-constant bytes, or a dispatch
+    /// beyond `maxComputeWorkGroupCount`.
     ///
     /// # Safety
     /// `cmd` must be a command buffer of this context's device in the recording state, outside
     /// a render pass, recorded for `frame` (submitted as its submission or before it on the
-    /// same queue). The caller records the barriers around the dispatch.
+    /// same queue). The caller records the barriers around the dispatch. The shader, given
+    /// these buffers, push constants and group counts, reads and writes only within the bound
+    /// buffers.
     pub unsafe fn record_dispatch(
         &self,
         frame: &Frame,
@@ -409,6 +455,29 @@ impl ComputePipeline {
                 b.name()
             )));
         }
+        // VUID-VkWriteDescriptorSet-descriptorType-00331: a storage descriptor needs a
+        // STORAGE_BUFFER buffer.
+        if let Some(b) = buffers
+            .iter()
+            .find(|b| !b.usage().contains(vk::BufferUsageFlags::STORAGE_BUFFER))
+        {
+            return Err(Error::InvalidInput(format!(
+                "{}: buffer {:?} (usage {:?}) is bound as a storage buffer but lacks STORAGE_BUFFER usage",
+                self.name,
+                b.name(),
+                b.usage()
+            )));
+        }
+        // VUID-VkWriteDescriptorSet-descriptorType-00333: the range fits maxStorageBufferRange.
+        let max_range = u64::from(self.shared.adapter.limits.max_storage_buffer_range);
+        if let Some(b) = buffers.iter().find(|b| b.size() > max_range) {
+            return Err(Error::InvalidInput(format!(
+                "{}: buffer {:?} of {} bytes is over maxStorageBufferRange ({max_range})",
+                self.name,
+                b.name(),
+                b.size()
+            )));
+        }
         if push_constants.len() != self.push_constant_bytes as usize {
             return Err(Error::InvalidInput(format!(
                 "{}: {} push-constant bytes, pipeline takes {}",
@@ -425,7 +494,15 @@ impl ComputePipeline {
             )));
         }
         let set = lock(&self.sets).allocate(&self.shared, frame.value(), self.set_layout)?;
-        let infos: Vec<_> = buffers.iter().map(|b| whole(b)).collect();
+        // The requested size, not WHOLE_SIZE: the buffer may be a larger size class.
+        let infos: Vec<_> = buffers
+            .iter()
+            .map(|b| {
+                [vk::DescriptorBufferInfo::default()
+                    .buffer(b.raw())
+                    .range(b.size())]
+            })
+            .collect();
         let bindings: Vec<_> = infos
             .iter()
             .enumerate()
@@ -438,8 +515,10 @@ impl ComputePipeline {
         let d = &self.shared.device;
         // SAFETY: the caller guarantees cmd is recording outside a render pass; pipeline,
         // layout and set are live (retired only when self drops, at its last frame); the fresh
-        // set gets every binding written with a live buffer of this device, each marked used by
-        // `frame` (VUID-vkCmdDispatch-None-02697); the push range matches the layout's.
+        // set gets every binding written with a live STORAGE_BUFFER buffer of this device
+        // (VUID-VkWriteDescriptorSet-descriptorType-00331), its range within
+        // maxStorageBufferRange (-00333) and its size, each marked used by `frame`
+        // (VUID-vkCmdDispatch-None-02697); the push range matches the layout's.
         unsafe {
             write_set(d, set, &bindings);
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.pipeline);

@@ -259,6 +259,10 @@ impl Buffer {
     pub fn id(&self) -> u64 {
         self.id
     }
+    /// The usage flags it was created with.
+    pub fn usage(&self) -> vk::BufferUsageFlags {
+        self.usage
+    }
     /// Records that commands of `frame` use this buffer: it is not freed before the GPU has
     /// completed that frame. understory's recording functions do this for what they record; a
     /// host that records [`Buffer::raw`] into its own commands must do it too (for the frame

@@ -22,8 +22,14 @@ pub struct BlockScan {
 impl BlockScan {
     /// Builds the pipeline.
     pub fn new(ctx: &Context) -> Result<Self> {
-        Ok(Self {
-            pipeline: ComputePipeline::new(
+        // SAFETY: BLOCK_SCAN is understory's own shader, validated by naga at build time
+        // (VUID-VkShaderModuleCreateInfo-pCode-08737), with a compute entry point `main`
+        // (VUID-VkPipelineShaderStageCreateInfo-pName-00707) whose interface is set 0,
+        // bindings 0..3 storage buffers, and a 4-byte push-constant block (the count)
+        // (VUID-VkComputePipelineCreateInfo-layout-07988); `record` keeps its accesses inside
+        // the buffers by checking their sizes against the count.
+        let pipeline = unsafe {
+            ComputePipeline::new(
                 ctx,
                 &ComputePipelineDesc {
                     name: "block_scan",
@@ -32,13 +38,14 @@ impl BlockScan {
                     storage_buffers: 3,
                     push_constant_bytes: 4,
                 },
-            )?,
-        })
+            )
+        }?;
+        Ok(Self { pipeline })
     }
 
     /// Records the dispatch for `count` elements of `input` into `output` (`count` u32s each)
-    /// and `block_sums` (`ceil(count / 256)` u32s), checking their sizes. Zero elements record
-    /// nothing.
+    /// and `block_sums` (`ceil(count / 256)` u32s), checking their sizes and that each has
+    /// `STORAGE_BUFFER` usage ([`Error::InvalidInput`] otherwise). Zero elements record nothing.
     ///
     /// # Safety
     /// As [`ComputePipeline::record_dispatch`]. The caller adds the barriers that order the
@@ -60,6 +67,16 @@ impl BlockScan {
                 input.size(),
                 output.size(),
                 block_sums.size()
+            )));
+        }
+        if let Some(b) = [input, output, block_sums]
+            .into_iter()
+            .find(|b| !b.usage().contains(vk::BufferUsageFlags::STORAGE_BUFFER))
+        {
+            return Err(Error::InvalidInput(format!(
+                "block_scan: buffer {:?} (usage {:?}) lacks STORAGE_BUFFER usage",
+                b.name(),
+                b.usage()
             )));
         }
         if count == 0 {

@@ -6,12 +6,14 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ash::vk;
 use understory::Error;
 use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc, memory_barrier};
 use understory::gpu::context::Context;
 use understory::gpu::debug::Canary;
+use understory::gpu::frame::FrameRing;
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use understory::gpu::scan::BlockScan;
 use understory::policy::category::Category;
@@ -102,6 +104,42 @@ fn compute_pipelines_with_their_true_interface_are_clean() {
     drop((scan, raw, input, out, sums));
     assert_eq!(messages(&canary, "compute"), 0);
     common::finish(ctx, "compute_pipelines_clean");
+}
+
+// ---- 3. a RingCommand cannot outlive its ring (compile-fail doctest); runtime rules ------
+
+/// One command buffer of a ring is out at a time; a command of one ring is refused by
+/// another; dropping an unsubmitted command and then its ring frees the pool with no
+/// validation message.
+#[test]
+fn ring_commands_are_one_at_a_time_and_stay_with_their_ring() {
+    let _serial = serial();
+    let Some(ctx) = common::context("ring_commands") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let a = FrameRing::new(&ctx).unwrap();
+    let b = FrameRing::new(&ctx).unwrap();
+    let frame = ctx.begin_frame().unwrap();
+    let cmd = a.begin(&frame).unwrap();
+    let again = a.begin(&frame);
+    assert!(matches!(again, Err(Error::Lifecycle(_))), "{again:?}");
+    drop(again);
+    // Another ring's command is refused (and goes back to its ring).
+    let r = b.submit(frame, cmd);
+    assert!(matches!(r, Err(Error::Lifecycle(_))), "{r:?}");
+    let frame = ctx.begin_frame().unwrap();
+    // Dropped unsubmitted: the ring hands out its next command buffer.
+    let cmd = a.begin(&frame).unwrap();
+    drop(cmd);
+    drop(a);
+    assert!(ctx.collect().unwrap() >= 1, "ring a's pool is freed");
+    let cmd = b.begin(&frame).unwrap();
+    let s = b.submit(frame, cmd).unwrap();
+    ctx.wait(s.value(), Duration::from_secs(10)).unwrap();
+    drop(b);
+    assert_eq!(messages(&canary, "rings"), 0);
+    common::finish(ctx, "ring_commands");
 }
 
 // ---- 7. buffers bound as storage need STORAGE_BUFFER usage ---------------------------------

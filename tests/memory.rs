@@ -458,7 +458,7 @@ fn begin_frame_throttles_collects_and_reports_heaps() {
         return;
     };
     let mem = ctx.memory();
-    let mut ring = FrameRing::new(&ctx).unwrap();
+    let ring = FrameRing::new(&ctx).unwrap();
     for f in 0..6u64 {
         let frame = ctx.begin_frame().unwrap();
         assert!(!frame.heaps().is_empty());

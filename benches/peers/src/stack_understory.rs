@@ -90,7 +90,7 @@ pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnRes
     for _ in 0..FRAMES_IN_FLIGHT {
         sinks.push(Sink::new(ctx.device(), &props, w.sink_bytes())?);
     }
-    let mut ring = FrameRing::new(&ctx).map_err(|e| anyhow!("FrameRing: {e}"))?;
+    let ring = FrameRing::new(&ctx).map_err(|e| anyhow!("FrameRing: {e}"))?;
     let fif = u64::from(ctx.frames_in_flight());
     // Each buffer remembers the frame that used it.
     let mut live: VecDeque<Buffer> = VecDeque::new();

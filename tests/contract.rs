@@ -14,7 +14,7 @@ use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc, memory_barr
 use understory::gpu::context::Context;
 use understory::gpu::debug::Canary;
 use understory::gpu::frame::FrameRing;
-use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
+use understory::gpu::memory::{Buffer, BufferDesc, ImageDesc, MemoryLocation};
 use understory::gpu::scan::BlockScan;
 use understory::policy::category::Category;
 
@@ -140,6 +140,154 @@ fn ring_commands_are_one_at_a_time_and_stay_with_their_ring() {
     drop(b);
     assert_eq!(messages(&canary, "rings"), 0);
     common::finish(ctx, "ring_commands");
+}
+
+// ---- 5. create_image / create_buffer validate their descriptions --------------------------
+
+#[test]
+fn invalid_image_and_buffer_descriptions_are_typed_errors() {
+    let _serial = serial();
+    let Some(ctx) = common::context("invalid_descriptions") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let max_2d = {
+        // SAFETY: the context's physical device of its live instance.
+        let p = unsafe {
+            ctx.instance()
+                .get_physical_device_properties(ctx.adapter().handle)
+        };
+        p.limits.max_image_dimension2_d
+    };
+    let image = |name, width, height, format, mips, usage| {
+        ctx.create_image(&ImageDesc {
+            name,
+            extent: vk::Extent2D { width, height },
+            format,
+            mip_levels: mips,
+            usage,
+            category: Category::Other,
+        })
+    };
+    let rgba = vk::Format::R8G8B8A8_UNORM;
+    let sampled = vk::ImageUsageFlags::SAMPLED;
+    let invalid: [(&str, Result<_, Error>); 7] = [
+        (
+            "format UNDEFINED",
+            image("a", 64, 64, vk::Format::UNDEFINED, 1, sampled),
+        ),
+        (
+            "no usage",
+            image("b", 64, 64, rgba, 1, vk::ImageUsageFlags::empty()),
+        ),
+        (
+            "beyond maxImageDimension2D",
+            image("c", max_2d + 1, 1, rgba, 1, sampled),
+        ),
+        ("zero extent", image("d", 0, 64, rgba, 1, sampled)),
+        ("zero mips", image("e", 64, 64, rgba, 0, sampled)),
+        (
+            "more mips than the chain",
+            image("f", 64, 64, rgba, 8, sampled),
+        ),
+        (
+            "transient with a sampled usage",
+            image(
+                "t",
+                64,
+                64,
+                rgba,
+                1,
+                sampled | vk::ImageUsageFlags::TRANSIENT_ATTACHMENT,
+            ),
+        ),
+    ];
+    for (what, r) in invalid {
+        eprintln!("create_image {what} -> {:?}", r.as_ref().map(|_| ()));
+        assert!(matches!(r, Err(Error::InvalidInput(_))), "{what}");
+        assert_eq!(messages(&canary, what), 0, "{what}");
+    }
+    let unsupported = [
+        (
+            "depth format as a colour attachment",
+            image(
+                "g",
+                64,
+                64,
+                vk::Format::D32_SFLOAT,
+                1,
+                vk::ImageUsageFlags::COLOR_ATTACHMENT,
+            ),
+        ),
+        (
+            "compressed format",
+            image("h", 64, 64, vk::Format::BC1_RGBA_UNORM_BLOCK, 1, sampled),
+        ),
+        (
+            "format from an extension",
+            image("i", 64, 64, vk::Format::A4R4G4B4_UNORM_PACK16, 1, sampled),
+        ),
+        (
+            "usage from an extension",
+            image(
+                "j",
+                64,
+                64,
+                rgba,
+                1,
+                sampled | vk::ImageUsageFlags::FRAGMENT_SHADING_RATE_ATTACHMENT_KHR,
+            ),
+        ),
+    ];
+    for (what, r) in unsupported {
+        eprintln!("create_image {what} -> {:?}", r.as_ref().map(|_| ()));
+        assert!(matches!(r, Err(Error::Unsupported(_))), "{what}");
+        assert_eq!(messages(&canary, what), 0, "{what}");
+    }
+    let buf = |name, size, usage| {
+        ctx.create_buffer(&BufferDesc {
+            name,
+            size,
+            usage,
+            location: MemoryLocation::GpuOnly,
+            category: Category::Other,
+        })
+    };
+    let storage = vk::BufferUsageFlags::STORAGE_BUFFER;
+    for (what, r) in [
+        ("size 0", buf("k", 0, storage)),
+        ("no usage", buf("l", 256, vk::BufferUsageFlags::empty())),
+        ("larger than every heap", buf("m", u64::MAX, storage)),
+    ] {
+        eprintln!("create_buffer {what} -> {:?}", r.as_ref().map(|_| ()));
+        assert!(matches!(r, Err(Error::InvalidInput(_))), "{what}");
+        assert_eq!(messages(&canary, what), 0, "{what}");
+    }
+    let r = buf(
+        "device address",
+        256,
+        vk::BufferUsageFlags::SHADER_DEVICE_ADDRESS | storage,
+    );
+    eprintln!(
+        "create_buffer SHADER_DEVICE_ADDRESS -> {:?}",
+        r.as_ref().map(|_| ())
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))));
+    // What is valid still works.
+    let ok = image(
+        "n",
+        64,
+        32,
+        rgba,
+        7,
+        sampled | vk::ImageUsageFlags::TRANSFER_DST,
+    )
+    .unwrap();
+    let ok_buf = buf("o", 256, storage).unwrap();
+    drop((ok, ok_buf));
+    ctx.collect().unwrap();
+    assert_eq!(messages(&canary, "valid"), 0);
+    common::finish(ctx, "invalid_descriptions");
 }
 
 // ---- 7. buffers bound as storage need STORAGE_BUFFER usage ---------------------------------

@@ -38,6 +38,38 @@ use crate::gpu::memory::{
 use crate::gpu::requirements::{Capabilities, DeviceRequirements};
 use crate::gpu::timeline::{Clock, FrameSignal, Submitted};
 
+/// Buffer usage bits of core Vulkan 1.0; the others need extensions or features understory
+/// does not enable.
+const CORE_BUFFER_USAGE: vk::BufferUsageFlags = vk::BufferUsageFlags::from_raw(
+    vk::BufferUsageFlags::TRANSFER_SRC.as_raw()
+        | vk::BufferUsageFlags::TRANSFER_DST.as_raw()
+        | vk::BufferUsageFlags::UNIFORM_TEXEL_BUFFER.as_raw()
+        | vk::BufferUsageFlags::STORAGE_TEXEL_BUFFER.as_raw()
+        | vk::BufferUsageFlags::UNIFORM_BUFFER.as_raw()
+        | vk::BufferUsageFlags::STORAGE_BUFFER.as_raw()
+        | vk::BufferUsageFlags::INDEX_BUFFER.as_raw()
+        | vk::BufferUsageFlags::VERTEX_BUFFER.as_raw()
+        | vk::BufferUsageFlags::INDIRECT_BUFFER.as_raw(),
+);
+
+/// Image usage bits of core Vulkan 1.0.
+const CORE_IMAGE_USAGE: vk::ImageUsageFlags = vk::ImageUsageFlags::from_raw(
+    vk::ImageUsageFlags::TRANSFER_SRC.as_raw()
+        | vk::ImageUsageFlags::TRANSFER_DST.as_raw()
+        | vk::ImageUsageFlags::SAMPLED.as_raw()
+        | vk::ImageUsageFlags::STORAGE.as_raw()
+        | vk::ImageUsageFlags::COLOR_ATTACHMENT.as_raw()
+        | vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT.as_raw()
+        | vk::ImageUsageFlags::TRANSIENT_ATTACHMENT.as_raw()
+        | vk::ImageUsageFlags::INPUT_ATTACHMENT.as_raw(),
+);
+
+/// Core Vulkan 1.0's formats up to the last uncompressed one (`R4G4_UNORM_PACK8` ..=
+/// `D32_SFLOAT_S8_UINT`): compressed formats need texture-compression features understory does
+/// not enable, and later formats need extensions or newer versions.
+const CORE_UNCOMPRESSED_FORMATS: std::ops::RangeInclusive<i32> =
+    vk::Format::R4G4_UNORM_PACK8.as_raw()..=vk::Format::D32_SFLOAT_S8_UINT.as_raw();
+
 /// Most frames the CPU may record ahead of the GPU.
 pub const MAX_FRAMES_IN_FLIGHT: u32 = 4;
 
@@ -129,6 +161,8 @@ pub(crate) struct Shared {
     pub(crate) queue_family: u32,
     pub(crate) queue_flags: vk::QueueFlags,
     pub(crate) frames_in_flight: u32,
+    /// The physical device's limits (images are checked against them).
+    limits: vk::PhysicalDeviceLimits,
     pub(crate) memory: Memory,
     pub(crate) clock: Clock,
     one_shot_pool: Mutex<vk::CommandPool>,
@@ -723,6 +757,8 @@ impl Context {
             .get(queue_family as usize)
             .copied()
             .unwrap_or_default();
+        // SAFETY: the physical device belongs to the live instance.
+        let limits = unsafe { instance.raw.get_physical_device_properties(adapter.handle) }.limits;
         Ok(Self {
             shared: Arc::new(Shared {
                 device,
@@ -732,6 +768,7 @@ impl Context {
                 queue_family,
                 queue_flags,
                 frames_in_flight: options.frames_in_flight,
+                limits,
                 memory,
                 clock,
                 one_shot_pool: Mutex::new(pool),
@@ -804,13 +841,167 @@ impl Context {
     }
 
     /// Creates a buffer bound to a sub-allocation (see [`Memory`] for caps and budgets).
+    ///
+    /// [`Error::InvalidInput`] for size 0, a size larger than every memory heap, or no usage;
+    /// [`Error::Unsupported`] for a usage bit beyond core Vulkan 1.0's (e.g.
+    /// `SHADER_DEVICE_ADDRESS`: those need extensions or features understory does not enable).
     pub fn create_buffer(&self, desc: &BufferDesc<'_>) -> Result<Buffer> {
+        self.check_buffer_desc(desc)?;
         self.shared.create_buffer(desc)
     }
 
     /// Creates a 2D optimal-tiling image in device-local memory.
+    ///
+    /// [`Error::InvalidInput`] for a zero extent or mip count, format `UNDEFINED`, no usage, or
+    /// an extent or mip count beyond what the device allows for this format and usage
+    /// (`vkGetPhysicalDeviceImageFormatProperties`, `maxImageDimension2D`,
+    /// `maxFramebufferWidth`/`Height` for attachments); [`Error::Unsupported`] for a format
+    /// beyond core Vulkan 1.0's uncompressed formats, a usage bit beyond core 1.0's, or a
+    /// format the device does not support with that usage.
     pub fn create_image(&self, desc: &ImageDesc<'_>) -> Result<Image> {
+        self.check_image_desc(desc)?;
         self.shared.create_image(desc)
+    }
+
+    fn check_buffer_desc(&self, desc: &BufferDesc<'_>) -> Result<()> {
+        let name = desc.name;
+        if desc.size == 0 {
+            return Err(Error::InvalidInput(format!("buffer {name:?}: size 0")));
+        }
+        let largest_heap = self.shared.memory.heaps().iter().map(|h| h.size).max();
+        if largest_heap.is_some_and(|h| desc.size > h) {
+            return Err(Error::InvalidInput(format!(
+                "buffer {name:?}: {} bytes, larger than every memory heap",
+                desc.size
+            )));
+        }
+        if desc.usage.is_empty() {
+            // VUID-VkBufferCreateInfo-usage-requiredbitmask
+            return Err(Error::InvalidInput(format!(
+                "buffer {name:?}: no usage flags"
+            )));
+        }
+        let beyond = desc.usage & !CORE_BUFFER_USAGE;
+        if !beyond.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "buffer {name:?}: usage {beyond:?} needs an extension or feature understory does not enable"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_image_desc(&self, desc: &ImageDesc<'_>) -> Result<()> {
+        let name = desc.name;
+        let vk::Extent2D { width, height } = desc.extent;
+        if width == 0 || height == 0 || desc.mip_levels == 0 {
+            // VUID-VkImageCreateInfo-extent-00944, -00945, VUID-VkImageCreateInfo-mipLevels-00947
+            return Err(Error::InvalidInput(format!(
+                "image {name:?}: extent {width}x{height} with {} mips",
+                desc.mip_levels
+            )));
+        }
+        if desc.format == vk::Format::UNDEFINED {
+            // VUID-VkImageCreateInfo-format-00943
+            return Err(Error::InvalidInput(format!(
+                "image {name:?}: format UNDEFINED"
+            )));
+        }
+        if !CORE_UNCOMPRESSED_FORMATS.contains(&desc.format.as_raw()) {
+            return Err(Error::Unsupported(format!(
+                "image {name:?}: format {:?} (understory creates images of core Vulkan 1.0 uncompressed formats)",
+                desc.format
+            )));
+        }
+        if desc.usage.is_empty() {
+            // VUID-VkImageCreateInfo-usage-requiredbitmask
+            return Err(Error::InvalidInput(format!(
+                "image {name:?}: no usage flags"
+            )));
+        }
+        let beyond = desc.usage & !CORE_IMAGE_USAGE;
+        if !beyond.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "image {name:?}: usage {beyond:?} needs an extension or feature understory does not enable"
+            )));
+        }
+        let attachment = vk::ImageUsageFlags::COLOR_ATTACHMENT
+            | vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT
+            | vk::ImageUsageFlags::INPUT_ATTACHMENT;
+        if desc
+            .usage
+            .contains(vk::ImageUsageFlags::TRANSIENT_ATTACHMENT)
+            && (!desc.usage.intersects(attachment)
+                || desc
+                    .usage
+                    .intersects(!(attachment | vk::ImageUsageFlags::TRANSIENT_ATTACHMENT)))
+        {
+            // VUID-VkImageCreateInfo-usage-00963, -00966
+            return Err(Error::InvalidInput(format!(
+                "image {name:?}: TRANSIENT_ATTACHMENT goes with attachment usages only, and with at least one ({:?})",
+                desc.usage
+            )));
+        }
+        // SAFETY: the physical device belongs to the live instance; format is a core 1.0
+        // value, usage non-empty core 1.0 bits, tiling, type and flags valid
+        // (VUID-vkGetPhysicalDeviceImageFormatProperties-*-parameter, -usage-requiredbitmask).
+        let props = match unsafe {
+            self.shared
+                .instance
+                .raw
+                .get_physical_device_image_format_properties(
+                    self.shared.adapter.handle,
+                    desc.format,
+                    vk::ImageType::TYPE_2D,
+                    vk::ImageTiling::OPTIMAL,
+                    desc.usage,
+                    vk::ImageCreateFlags::empty(),
+                )
+        } {
+            Ok(p) => p,
+            Err(vk::Result::ERROR_FORMAT_NOT_SUPPORTED) => {
+                return Err(Error::Unsupported(format!(
+                    "image {name:?}: {:?} with usage {:?} is not supported by {}",
+                    desc.format, desc.usage, self.shared.adapter.name
+                )));
+            }
+            Err(e) => return Err(Error::vk("vkGetPhysicalDeviceImageFormatProperties", e)),
+        };
+        let limits = &self.shared.limits;
+        // VUID-VkImageCreateInfo-extent-02252, -02253, VUID-VkImageCreateInfo-imageType-00956
+        let mut max_w = props.max_extent.width.min(limits.max_image_dimension2_d);
+        let mut max_h = props.max_extent.height.min(limits.max_image_dimension2_d);
+        if desc
+            .usage
+            .intersects(attachment | vk::ImageUsageFlags::TRANSIENT_ATTACHMENT)
+        {
+            // VUID-VkImageCreateInfo-usage-00964, -00965
+            max_w = max_w.min(limits.max_framebuffer_width);
+            max_h = max_h.min(limits.max_framebuffer_height);
+        }
+        if width > max_w || height > max_h {
+            return Err(Error::InvalidInput(format!(
+                "image {name:?}: {width}x{height}, at most {max_w}x{max_h} for {:?} with usage {:?} on {}",
+                desc.format, desc.usage, self.shared.adapter.name
+            )));
+        }
+        // VUID-VkImageCreateInfo-mipLevels-00958, -02255
+        let chain = 32 - width.max(height).leading_zeros();
+        let max_mips = chain.min(props.max_mip_levels);
+        if desc.mip_levels > max_mips {
+            return Err(Error::InvalidInput(format!(
+                "image {name:?}: {} mips, at most {max_mips} for {width}x{height} {:?}",
+                desc.mip_levels, desc.format
+            )));
+        }
+        // One layer, one sample (VUID-VkImageCreateInfo-arrayLayers-02256, -samples-02258).
+        if props.max_array_layers < 1 || !props.sample_counts.contains(vk::SampleCountFlags::TYPE_1)
+        {
+            return Err(Error::Unsupported(format!(
+                "image {name:?}: {:?} with usage {:?}: no single-layer, single-sample images on {}",
+                desc.format, desc.usage, self.shared.adapter.name
+            )));
+        }
+        Ok(())
     }
 
     /// A budget source reading this device's heaps. It keeps the context's instance (not the

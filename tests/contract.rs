@@ -6,14 +6,15 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use ash::vk;
 use understory::Error;
 use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc, memory_barrier};
-use understory::gpu::context::Context;
+use understory::gpu::context::{Context, Frame};
 use understory::gpu::debug::Canary;
-use understory::gpu::frame::FrameRing;
+use understory::gpu::frame::{FrameRing, RingCommand};
 use understory::gpu::memory::{Buffer, BufferDesc, ImageDesc, MemoryLocation};
 use understory::gpu::scan::BlockScan;
 use understory::policy::category::Category;
@@ -43,6 +44,119 @@ fn buffer(ctx: &Context, name: &str, size: u64, usage: vk::BufferUsageFlags) -> 
         category: Category::Other,
     })
     .expect("buffer")
+}
+
+// ---- 1. shutdown racing a submission on another thread ------------------------------------
+
+const RACE_DISPATCHES: usize = 1500;
+
+/// Records a heavy frame into `ring` and drops what it used (retired at the frame).
+fn heavy_frame<'r>(ctx: &Context, ring: &'r FrameRing) -> (Frame, RingCommand<'r>) {
+    let scan = BlockScan::new(ctx).unwrap();
+    let b = |name| buffer(ctx, name, 1024, vk::BufferUsageFlags::STORAGE_BUFFER);
+    let (input, out, sums) = (b("in"), b("out"), b("sums"));
+    let frame = ctx.begin_frame().unwrap();
+    let cmd = ring.begin(&frame).unwrap();
+    for _ in 0..RACE_DISPATCHES {
+        // SAFETY: the ring's recording command buffer for `frame`, offered as its submission;
+        // the barrier orders each dispatch's writes before the next one.
+        unsafe {
+            scan.record(&frame, cmd.raw(), &input, &out, &sums, 256)
+                .unwrap();
+            memory_barrier(
+                ctx.device(),
+                cmd.raw(),
+                (
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::AccessFlags::SHADER_WRITE,
+                ),
+                (
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
+                ),
+            );
+        }
+    }
+    drop((scan, input, out, sums));
+    (frame, cmd)
+}
+
+/// `shutdown` on one thread while another is inside `FrameRing::submit`: the submission is
+/// either made and waited for, or refused; never made after shutdown freed what it uses.
+#[test]
+fn shutdown_never_frees_what_a_racing_submission_uses() {
+    let _serial = serial();
+    let Some(ctx) = common::context("shutdown race calibrate") else {
+        return;
+    };
+    let ring = FrameRing::new(&ctx).unwrap();
+    let (frame, cmd) = heavy_frame(&ctx, &ring);
+    let t = Instant::now();
+    let s = ring.submit(frame, cmd).unwrap();
+    let submit_time = t.elapsed();
+    ctx.wait(s.value(), Duration::from_secs(60)).unwrap();
+    drop(ring);
+    common::finish(ctx, "shutdown race calibrate");
+
+    let trials = 16u32;
+    for trial in 0..trials {
+        let ctx = common::context("shutdown race").unwrap();
+        let canary = ctx.canary().clone();
+        let ring = FrameRing::new(&ctx).unwrap();
+        let (frame, cmd) = heavy_frame(&ctx, &ring);
+        let delay = submit_time.mul_f64(0.05 + 0.9 * f64::from(trial) / f64::from(trials));
+        let (submitted, report) = std::thread::scope(|s| {
+            let (go_tx, go_rx) = mpsc::channel();
+            let ring = &ring;
+            let submitter = s.spawn(move || {
+                go_tx.send(()).unwrap();
+                ring.submit(frame, cmd).map(|s| s.value())
+            });
+            go_rx.recv().unwrap();
+            let t = Instant::now();
+            while t.elapsed() < delay {
+                std::hint::spin_loop();
+            }
+            let report = ctx.shutdown();
+            (submitter.join().unwrap(), report)
+        });
+        drop(ring);
+        eprintln!(
+            "trial {trial}: delay {delay:?}: submit -> {submitted:?}, shutdown -> {:?}",
+            report.as_ref().map(|r| (r.drained, r.leaks.len()))
+        );
+        let report = report.expect("shutdown waits for a submission that went out");
+        match &submitted {
+            // Submitted before the close: waited for and freed.
+            Ok(_) => assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks),
+            // Refused: the frame was open at shutdown, so what it used is freed only once the
+            // ring (the last holder of the context) goes, below.
+            Err(e) => assert!(
+                matches!(e, Error::Lifecycle(_)),
+                "refused as Lifecycle: {e}"
+            ),
+        }
+        assert_eq!(messages(&canary, "shutdown race"), 0, "trial {trial}");
+    }
+}
+
+/// After shutdown, a ring refuses to submit (the frame it was begun for can never complete).
+#[test]
+fn ring_submit_after_shutdown_is_refused() {
+    let _serial = serial();
+    let Some(ctx) = common::context("ring_submit_after_shutdown") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let ring = FrameRing::new(&ctx).unwrap();
+    let frame = ctx.begin_frame().unwrap();
+    let cmd = ring.begin(&frame).unwrap();
+    let report = ctx.shutdown().unwrap();
+    assert!(report.leaks.is_empty());
+    let r = ring.submit(frame, cmd);
+    assert!(matches!(r, Err(Error::Lifecycle(_))), "{r:?}");
+    drop(ring);
+    assert_eq!(messages(&canary, "ring after shutdown"), 0);
 }
 
 // ---- 2. ComputePipeline::new is unsafe (compile-fail doctest); the crate's own use -------
@@ -363,4 +477,77 @@ fn atlas_padding_overflow_is_an_error_not_a_panic() {
         p.allocate(u32::MAX, 1).map(|_| ())
     });
     assert!(matches!(r, Ok(Err(Error::InvalidInput(_)))), "{r:?}");
+}
+
+// ---- 9. submitting while this thread holds the queue guard ---------------------------------
+
+/// Every call that submits, made on the thread that holds `ctx.queue()`, returns `Lifecycle`
+/// instead of deadlocking; another thread simply waits for the guard.
+#[test]
+fn submitting_under_the_queue_guard_is_an_error_not_a_deadlock() {
+    let _serial = serial();
+    let Some(ctx) = common::context("queue_guard") else {
+        return;
+    };
+    let ctx = Arc::new(ctx);
+    let (tx, rx) = mpsc::channel();
+    let worker = {
+        let ctx = ctx.clone();
+        std::thread::spawn(move || {
+            let ring = FrameRing::new(&ctx).unwrap();
+            let guard = ctx.queue();
+            let frame = ctx.begin_frame().unwrap();
+            let cmd = ring.begin(&frame).unwrap();
+            let ring_submit = ring.submit(frame, cmd).map(|_| ());
+            let one_shot = ctx.submit_and_wait(|_, _| Ok(())).map(|_| ());
+            let frame = ctx.begin_frame().unwrap();
+            // SAFETY: no command buffers, no extra semaphores.
+            let submit_frame =
+                unsafe { ctx.submit_frame(frame, &[], &Default::default()) }.map(|_| ());
+            drop(guard);
+            // Without the guard, the same calls go through.
+            let frame = ctx.begin_frame().unwrap();
+            let cmd = ring.begin(&frame).unwrap();
+            let after = ring.submit(frame, cmd).map(|s| s.value());
+            let _ = tx.send((ring_submit, one_shot, submit_frame, after));
+            ring
+        })
+    };
+    let got = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("deadlock: a submission under the queue guard never returned");
+    eprintln!("under the guard: {got:?}");
+    let (ring_submit, one_shot, submit_frame, after) = got;
+    assert!(matches!(ring_submit, Err(Error::Lifecycle(_))));
+    assert!(matches!(one_shot, Err(Error::Lifecycle(_))));
+    assert!(matches!(submit_frame, Err(Error::Lifecycle(_))));
+    let value = after.expect("submits once the guard is dropped");
+    ctx.wait(value, Duration::from_secs(10)).unwrap();
+    drop(worker.join().unwrap());
+
+    // Another thread holding the guard only makes this one wait.
+    let ring = FrameRing::new(&ctx).unwrap();
+    let frame = ctx.begin_frame().unwrap();
+    let cmd = ring.begin(&frame).unwrap();
+    let (locked_tx, locked_rx) = mpsc::channel();
+    let holder = {
+        let ctx = ctx.clone();
+        std::thread::spawn(move || {
+            let guard = ctx.queue();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            drop(guard);
+        })
+    };
+    locked_rx.recv().unwrap();
+    let t = Instant::now();
+    let s = ring
+        .submit(frame, cmd)
+        .expect("waits for the other thread's guard");
+    assert!(t.elapsed() >= Duration::from_millis(100), "it waited");
+    ctx.wait(s.value(), Duration::from_secs(10)).unwrap();
+    holder.join().unwrap();
+    drop(ring);
+    let ctx = Arc::into_inner(ctx).unwrap();
+    common::finish(ctx, "queue_guard");
 }

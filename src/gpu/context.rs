@@ -20,7 +20,7 @@
 //!   waits for the last frame, frees everything retired, and reports what is still alive.
 //!   Objects still alive keep the shared state (and the device) alive until they are dropped.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -158,6 +158,9 @@ pub(crate) struct Shared {
     pub(crate) adapter: Adapter,
     pub(crate) features: DeviceFeatures,
     pub(crate) queue: Mutex<vk::Queue>,
+    /// The [`thread_token`] of the thread holding `queue`'s lock through a [`QueueGuard`]
+    /// (0: none), so that a submission on that thread fails instead of deadlocking.
+    queue_owner: AtomicU64,
     pub(crate) queue_family: u32,
     pub(crate) queue_flags: vk::QueueFlags,
     pub(crate) frames_in_flight: u32,
@@ -223,8 +226,28 @@ impl Shared {
         self.memory.retire_object(object, last_use);
     }
 
-    fn lock_queue(&self) -> MutexGuard<'_, vk::Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    /// Locks the queue. [`Error::Lifecycle`] if this thread already holds the lock through
+    /// [`Context::queue`] (waiting would never end).
+    pub(crate) fn lock_queue(&self) -> Result<QueueGuard<'_>> {
+        let me = thread_token();
+        if self.queue_owner.load(Ordering::Relaxed) == me {
+            return Err(Error::Lifecycle(
+                "this thread holds Context::queue()'s guard: drop it before calling anything that submits (it would deadlock)".into(),
+            ));
+        }
+        Ok(self.lock_queue_blocking())
+    }
+
+    /// Locks the queue, blocking even if this thread holds it already (a deadlock).
+    fn lock_queue_blocking(&self) -> QueueGuard<'_> {
+        let guard = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the thread that holds the lock writes its own token, so a thread that reads
+        // its own token in `lock_queue` is the one holding it.
+        self.queue_owner.store(thread_token(), Ordering::Relaxed);
+        QueueGuard {
+            queue: guard,
+            owner: &self.queue_owner,
+        }
     }
 
     /// Submits `command_buffers` for the open `frame`, signalling understory's timeline at its
@@ -234,9 +257,26 @@ impl Shared {
     /// As [`Context::submit_frame`].
     pub(crate) unsafe fn submit_frame(
         &self,
+        frame: Frame,
+        command_buffers: &[vk::CommandBuffer],
+        sync: &SubmitSync<'_>,
+    ) -> Result<Submitted> {
+        // SAFETY: forwarded contract.
+        unsafe { self.submit_frame_then(frame, command_buffers, sync, || Ok(())) }
+    }
+
+    /// As [`Shared::submit_frame`], running `prepare` (ending the command buffers, say) once
+    /// the frame is known to be submittable, in the same critical section as the submission:
+    /// after shutdown, what the frame recorded may be destroyed, and `prepare` does not run.
+    ///
+    /// # Safety
+    /// As [`Context::submit_frame`], for the command buffers as `prepare` leaves them.
+    pub(crate) unsafe fn submit_frame_then(
+        &self,
         mut frame: Frame,
         command_buffers: &[vk::CommandBuffer],
         sync: &SubmitSync<'_>,
+        prepare: impl FnOnce() -> Result<()>,
     ) -> Result<Submitted> {
         frame.check(self, "submit_frame")?;
         if sync.wait_semaphores.len() != sync.wait_values.len()
@@ -247,8 +287,13 @@ impl Shared {
                 "SubmitSync: every wait needs a value and a stage, every signal a value".into(),
             ));
         }
-        let queue = self.lock_queue();
-        self.clock.check_open(frame.value)?;
+        // One critical section with `shutdown`'s close (made under the same lock): the frame
+        // is checked open, submitted and recorded, or refused; never submitted after shutdown
+        // waited for the last frame.
+        let queue = self.lock_queue()?;
+        self.clock
+            .check_submission(frame.value, FrameSignal::Timeline)?;
+        prepare()?;
         let mut signals = vec![self.clock.semaphore()];
         signals.extend_from_slice(sync.signal_semaphores);
         let mut signal_values = vec![frame.value];
@@ -269,7 +314,11 @@ impl Shared {
         // VUID-VkSubmitInfo-pSignalSemaphores-03242).
         unsafe { self.device.queue_submit(*queue, &[submit], sync.fence) }
             .map_err(vk_err("vkQueueSubmit"))?;
-        let submitted = self.clock.submitted(frame.value, FrameSignal::Timeline)?;
+        // Infallible: once submitted, the frame is tracked (and waited for at shutdown).
+        let submitted = self
+            .clock
+            .record_submitted(frame.value, FrameSignal::Timeline);
+        drop(queue);
         frame.end(FrameFate::Submitted);
         Ok(submitted)
     }
@@ -316,6 +365,52 @@ impl Drop for Shared {
 pub struct Context {
     shared: Arc<Shared>,
     shut_down: bool,
+}
+
+/// The context's queue, locked: [`Context::queue`]. Dereferences to the `vk::Queue`; the lock
+/// is released when it is dropped. It stays on the thread that locked it (which is how
+/// understory knows that a submission on that thread would deadlock):
+///
+/// ```compile_fail,E0277
+/// # fn f(ctx: &understory::gpu::context::Context) {
+/// let guard = ctx.queue();
+/// std::thread::scope(|s| {
+///     s.spawn(move || drop(guard)); // `MutexGuard<'_, ash::vk::Queue>` cannot be sent
+/// });
+/// # }
+/// ```
+pub struct QueueGuard<'a> {
+    queue: MutexGuard<'a, vk::Queue>,
+    owner: &'a AtomicU64,
+}
+
+impl std::ops::Deref for QueueGuard<'_> {
+    type Target = vk::Queue;
+    fn deref(&self) -> &vk::Queue {
+        &self.queue
+    }
+}
+
+impl std::fmt::Debug for QueueGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("QueueGuard").field(&*self.queue).finish()
+    }
+}
+
+impl Drop for QueueGuard<'_> {
+    fn drop(&mut self) {
+        // Before the mutex guard (a field) unlocks.
+        self.owner.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A number for the calling thread, unique in the process and never 0.
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TOKEN.with(|t| *t)
 }
 
 /// Options that shape `vkQueueSubmit` besides the frame's own signal: the swapchain's acquire
@@ -765,6 +860,7 @@ impl Context {
                 adapter,
                 features,
                 queue: Mutex::new(queue),
+                queue_owner: AtomicU64::new(0),
                 queue_family,
                 queue_flags,
                 frames_in_flight: options.frames_in_flight,
@@ -814,9 +910,17 @@ impl Context {
         self.shared.instance.canary()
     }
 
-    /// The queue, locked. Hold the guard while submitting to it from outside understory.
-    pub fn queue(&self) -> MutexGuard<'_, vk::Queue> {
-        self.shared.lock_queue()
+    /// The context's queue, locked. Hold the guard while submitting to it from outside
+    /// understory.
+    ///
+    /// Drop the guard before calling anything of understory's that submits
+    /// ([`FrameRing::submit`](crate::gpu::frame::FrameRing::submit),
+    /// [`Context::submit_frame`], [`Context::submit_and_wait`], ...): on the thread holding the
+    /// guard those return [`Error::Lifecycle`] instead of waiting for a lock that thread holds
+    /// (they would deadlock). Calling `queue()` again on the same thread while holding the guard
+    /// deadlocks, as with any `Mutex`.
+    pub fn queue(&self) -> QueueGuard<'_> {
+        self.shared.lock_queue_blocking()
     }
 
     /// The queue family index.
@@ -1217,9 +1321,13 @@ impl Context {
         Ok(())
     }
 
-    /// Ends the context: no frame begins after it. Waits (up to [`SHUTDOWN_TIMEOUT`]) for the
-    /// last frame, frees everything retired, and reports allocations still alive as leaks (a
-    /// clean shutdown has none: drop passes, rings, vegetation and buffers first).
+    /// Ends the context: no frame begins after it, and no submission (a ring's on another
+    /// thread, say) goes out after it. Waits (up to [`SHUTDOWN_TIMEOUT`]) for the last frame,
+    /// frees everything retired, and reports allocations still alive as leaks (a clean shutdown
+    /// has none: drop passes, rings, vegetation and buffers first, and submit or drop the open
+    /// frame). If a frame is still open, what was retired at its value may be in a command
+    /// buffer still being recorded: it is freed (and listed in `leaks` until then) once the
+    /// last object holding the context is dropped.
     ///
     /// [`Error::Timeout`] (or [`Error::NotReady`] for a host-reported frame not reported) when
     /// the GPU is not known to be done: then nothing is freed, and the memory, semaphore and
@@ -1239,7 +1347,14 @@ impl Context {
 
 impl Shared {
     fn shutdown(&self) -> Result<ShutdownReport> {
-        self.clock.close();
+        let frame_open = {
+            // Under the queue lock: a submission on another thread (a ring holds the shared
+            // state, not the context) is either checked, submitted and recorded before this, or
+            // refused after it. Never re-entrant: the context is being consumed, so no
+            // `QueueGuard` of it is alive.
+            let _queue = self.lock_queue_blocking();
+            self.clock.close()
+        };
         let last = self.clock.last_submitted();
         let waited = if self.clock.waitable(last) {
             self.clock.wait(last, SHUTDOWN_TIMEOUT)
@@ -1253,9 +1368,20 @@ impl Shared {
             log::error!("shutdown: {e}; nothing is freed");
             return Err(e);
         }
-        // SAFETY: every submitted frame completed, and no frame can be submitted any more: what
-        // is queued at a higher value was recorded for a frame that never will be.
-        let drained = unsafe { self.memory.drain() };
+        let drained = if frame_open {
+            // A frame was open: another thread may still be recording it (a ring holds the
+            // shared state), and what was retired at its value may be in that recording.
+            // Destroying it would invalidate the command buffer under the recorder; it is freed
+            // with the rest when the last object holding the context goes.
+            let freed = self.memory.collect(last) as u64;
+            self.memory.flush_cache();
+            freed
+        } else {
+            // SAFETY: every submitted frame completed, and no frame can be submitted any
+            // more: what is queued at a higher value was recorded for a frame that was
+            // dropped, and nothing records for it.
+            unsafe { self.memory.drain() }
+        };
         if let Err(e) = self.memory.release_empty_blocks() {
             log::warn!("shutdown: releasing empty blocks: {e}");
         }

@@ -206,12 +206,18 @@ impl FrameRing {
             )));
         }
         let d = &self.shared.device;
-        // SAFETY: begun by `begin` and recorded by the caller; the only command buffer of the
-        // pool that is out, and `cmd` is consumed here (pool host synchronization).
-        unsafe { d.end_command_buffer(cmd.cmd) }.map_err(vk_err("vkEndCommandBuffer"))?;
-        // SAFETY: executable, of this device and queue family; recorded for `frame` (the
-        // recording functions it went through checked their frame); `sync` is the caller's.
-        let submitted = unsafe { self.shared.submit_frame(frame, &[cmd.cmd], sync) }?;
+        let end = || {
+            // SAFETY: begun by `begin` and recorded by the caller; the frame is still open and
+            // the context not shut down (checked under the queue lock just before, which
+            // shutdown's close also takes), so nothing it recorded was destroyed and it is still
+            // recording (VUID-vkEndCommandBuffer-commandBuffer-00059); the only command buffer
+            // of the pool that is out, and `cmd` is consumed here (pool host synchronization).
+            unsafe { d.end_command_buffer(cmd.cmd) }.map_err(vk_err("vkEndCommandBuffer"))
+        };
+        // SAFETY: executable once `end` ran, of this device and queue family; recorded for
+        // `frame` (the recording functions it went through checked their frame); `sync` is the
+        // caller's.
+        let submitted = unsafe { self.shared.submit_frame_then(frame, &[cmd.cmd], sync, end) }?;
         let mut st = self.lock();
         st.buffers[cmd.slot].1 = submitted.value();
         st.last_use = submitted.value();

@@ -151,25 +151,13 @@ impl Clock {
         }
     }
 
-    /// Checks that `value` is the open frame (before a submission that signals it).
-    pub(crate) fn check_open(&self, value: u64) -> Result<()> {
-        let s = self.lock();
+    /// Why frame `value` cannot be submitted with `signal` now, if it cannot.
+    fn refuse(&self, s: &ClockState, value: u64, signal: FrameSignal) -> Result<()> {
         if s.closed {
             return Err(Error::Lifecycle(
                 "the context was shut down: no more submissions".into(),
             ));
         }
-        if !(s.open && s.last_submitted + 1 == value) {
-            return Err(Error::Lifecycle(format!(
-                "frame {value} is not the open frame"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Records that the open frame `value` was submitted with `signal`.
-    pub(crate) fn submitted(&self, value: u64, signal: FrameSignal) -> Result<Submitted> {
-        let mut s = self.lock();
         if !(s.open && s.last_submitted + 1 == value) {
             return Err(Error::Lifecycle(format!(
                 "frame {value} is not the open frame"
@@ -182,10 +170,42 @@ impl Clock {
                 ));
             }
         }
-        s.open = false;
-        s.last_submitted = value;
+        Ok(())
+    }
+
+    fn record(s: &mut ClockState, value: u64, signal: FrameSignal) -> Submitted {
+        if s.last_submitted < value {
+            s.open = false;
+            s.last_submitted = value;
+        }
         s.in_flight.push_back((value, signal));
-        Ok(Submitted { value })
+        Submitted { value }
+    }
+
+    /// Checks that `value` is the open frame and `signal` usable for it, before a submission
+    /// that signals it. The caller holds the queue lock from here to
+    /// [`Clock::record_submitted`], and [`Clock::close`] is called under the same lock, so the
+    /// frame is still open when it is recorded.
+    pub(crate) fn check_submission(&self, value: u64, signal: FrameSignal) -> Result<()> {
+        self.refuse(&self.lock(), value, signal)
+    }
+
+    /// Records that frame `value` was submitted with `signal`. Never fails: a submission that
+    /// went out is tracked (and waited for at shutdown) whatever the state says.
+    pub(crate) fn record_submitted(&self, value: u64, signal: FrameSignal) -> Submitted {
+        let mut s = self.lock();
+        if let Err(e) = self.refuse(&s, value, signal) {
+            log::error!("frame {value} was submitted, but {e}; it is tracked anyway");
+        }
+        Self::record(&mut s, value, signal)
+    }
+
+    /// Records that the open frame `value` was submitted with `signal` (the host submitted it).
+    /// On error nothing is recorded and the frame is still open.
+    pub(crate) fn submitted(&self, value: u64, signal: FrameSignal) -> Result<Submitted> {
+        let mut s = self.lock();
+        self.refuse(&s, value, signal)?;
+        Ok(Self::record(&mut s, value, signal))
     }
 
     /// The host reports every `HostReported` frame up to `value` complete.
@@ -201,11 +221,15 @@ impl Clock {
         Ok(())
     }
 
-    /// No more frames or submissions.
-    pub(crate) fn close(&self) {
+    /// No more frames or submissions. The caller holds the queue lock, so no submission is
+    /// between its check and its record. Returns whether a frame was open (it may still be
+    /// being recorded, and will never be submitted).
+    pub(crate) fn close(&self) -> bool {
         let mut s = self.lock();
+        let was_open = s.open && !s.closed;
         s.closed = true;
         s.open = false;
+        was_open
     }
 
     fn counter(&self, semaphore: vk::Semaphore) -> Result<u64> {

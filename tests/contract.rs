@@ -17,6 +17,7 @@ use understory::gpu::debug::Canary;
 use understory::gpu::frame::{FrameRing, RingCommand};
 use understory::gpu::memory::{Buffer, BufferDesc, ImageDesc, MemoryLocation};
 use understory::gpu::scan::BlockScan;
+use understory::gpu::timeline::FrameSignal;
 use understory::policy::category::Category;
 
 /// The GPU tests of this file run one at a time: the two races below measure timing, and a
@@ -44,6 +45,15 @@ fn buffer(ctx: &Context, name: &str, size: u64, usage: vk::BufferUsageFlags) -> 
         category: Category::Other,
     })
     .expect("buffer")
+}
+
+fn timeline_semaphore(d: &ash::Device) -> vk::Semaphore {
+    let mut ty = vk::SemaphoreTypeCreateInfo::default()
+        .semaphore_type(vk::SemaphoreType::TIMELINE)
+        .initial_value(0);
+    let info = vk::SemaphoreCreateInfo::default().push_next(&mut ty);
+    // SAFETY: the context's device has timelineSemaphore enabled.
+    unsafe { d.create_semaphore(&info, None) }.expect("semaphore")
 }
 
 // ---- 1. shutdown racing a submission on another thread ------------------------------------
@@ -550,4 +560,120 @@ fn submitting_under_the_queue_guard_is_an_error_not_a_deadlock() {
     drop(ring);
     let ctx = Arc::into_inner(ctx).unwrap();
     common::finish(ctx, "queue_guard");
+}
+
+// ---- 11. a HostTimeline semaphore is not used after the frame is reported complete --------
+
+/// Frames B and C, each completed through a host timeline semaphore: B's after a chain of
+/// dispatches (the GPU signals it), C's with no commands (the host signals it at once). A
+/// thread waits for C in `Context::wait`, which waits on B's semaphore and then on C's. As soon
+/// as `completed_value()` reaches C, the host destroys both semaphores, as the contract allows.
+/// Before the fix, the frames were reported complete as soon as B finished, and the waiter then
+/// called `vkWaitSemaphores` on C's destroyed semaphore (the layer reports the handle); after
+/// it, C is held back until the wait is done with its semaphore.
+#[test]
+fn host_semaphore_is_not_used_after_its_frame_is_reported_complete() {
+    let _serial = serial();
+    let Some(ctx) = common::context("host_timeline_race") else {
+        return;
+    };
+    let ctx = Arc::new(ctx);
+    let canary = ctx.canary().clone();
+    let d = ctx.device().clone();
+    let scan = BlockScan::new(&ctx).unwrap();
+    let b = |name| buffer(&ctx, name, 1 << 16, vk::BufferUsageFlags::STORAGE_BUFFER);
+    let (input, out, sums) = (b("in"), b("out"), b("sums"));
+    let pool_info = vk::CommandPoolCreateInfo::default()
+        .queue_family_index(ctx.queue_family())
+        .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
+    // SAFETY: valid create info for the context's device.
+    let pool = unsafe { d.create_command_pool(&pool_info, None) }.unwrap();
+    let alloc = vk::CommandBufferAllocateInfo::default()
+        .command_pool(pool)
+        .level(vk::CommandBufferLevel::PRIMARY)
+        .command_buffer_count(1);
+    // SAFETY: the pool is the test's own.
+    let cmd = unsafe { d.allocate_command_buffers(&alloc) }.unwrap()[0];
+    for trial in 0..10 {
+        let (sem_b, sem_c) = (timeline_semaphore(&d), timeline_semaphore(&d));
+        let frame_b = ctx.begin_frame().unwrap();
+        // SAFETY: the test's command buffer, idle (the previous trial's frames completed); the
+        // buffers hold the 16384 elements; barriers order the dispatches.
+        unsafe {
+            d.reset_command_buffer(cmd, vk::CommandBufferResetFlags::empty())
+                .unwrap();
+            d.begin_command_buffer(cmd, &vk::CommandBufferBeginInfo::default())
+                .unwrap();
+            for _ in 0..20 {
+                scan.record(&frame_b, cmd, &input, &out, &sums, 1 << 14)
+                    .unwrap();
+                memory_barrier(
+                    &d,
+                    cmd,
+                    (
+                        vk::PipelineStageFlags::COMPUTE_SHADER,
+                        vk::AccessFlags::SHADER_WRITE,
+                    ),
+                    (
+                        vk::PipelineStageFlags::COMPUTE_SHADER,
+                        vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
+                    ),
+                );
+            }
+            d.end_command_buffer(cmd).unwrap();
+        }
+        {
+            let cmds = [cmd];
+            let signals = [sem_b];
+            let signal_values = [1u64];
+            let mut tl =
+                vk::TimelineSemaphoreSubmitInfo::default().signal_semaphore_values(&signal_values);
+            let submit = vk::SubmitInfo::default()
+                .command_buffers(&cmds)
+                .signal_semaphores(&signals)
+                .push_next(&mut tl);
+            let q = ctx.queue();
+            // SAFETY: the context's queue, locked; an executable command buffer recorded for
+            // frame B; a fresh timeline semaphore signalled with 1.
+            unsafe { d.queue_submit(*q, &[submit], vk::Fence::null()) }.unwrap();
+        }
+        let host_timeline = |semaphore| FrameSignal::HostTimeline {
+            semaphore,
+            value: 1,
+        };
+        // SAFETY: the submission above (on the context's queue) carries every command of B
+        // and signals sem_b with 1 after them; C has no commands and sem_c is signalled by the
+        // host below. Both semaphores live until their frames are reported complete.
+        unsafe { ctx.frame_submitted(frame_b, host_timeline(sem_b)) }.unwrap();
+        let frame_c = ctx.begin_frame().unwrap();
+        let c = frame_c.value();
+        // SAFETY: as above.
+        unsafe { ctx.frame_submitted(frame_c, host_timeline(sem_c)) }.unwrap();
+        let waiter = {
+            let ctx = ctx.clone();
+            std::thread::spawn(move || ctx.wait(c, Duration::from_secs(10)))
+        };
+        std::thread::sleep(Duration::from_millis(5)); // the waiter waits on B's semaphore
+        let info = vk::SemaphoreSignalInfo::default().semaphore(sem_c).value(1);
+        // SAFETY: a host signal of a live timeline semaphore to a higher value (C completes).
+        unsafe { d.signal_semaphore(&info) }.unwrap();
+        let t = Instant::now();
+        while ctx.completed_value().unwrap() < c {
+            assert!(t.elapsed() < Duration::from_secs(10));
+        }
+        // Allowed by frame_submitted's contract: both frames were reported complete.
+        // SAFETY: no pending batch uses them any more (the frames completed).
+        unsafe {
+            d.destroy_semaphore(sem_c, None);
+            d.destroy_semaphore(sem_b, None);
+        }
+        let r = waiter.join().unwrap();
+        assert!(r.is_ok(), "trial {trial}: wait -> {r:?}");
+        assert_eq!(messages(&canary, "host timeline"), 0, "trial {trial}");
+    }
+    // SAFETY: the last submission that used the pool completed.
+    unsafe { d.destroy_command_pool(pool, None) };
+    drop((scan, input, out, sums));
+    let ctx = Arc::into_inner(ctx).unwrap();
+    common::finish(ctx, "host_timeline_race");
 }

@@ -1145,7 +1145,10 @@ impl Context {
 
     /// Waits until the GPU has completed every frame up to `value`: [`Error::Timeout`] when
     /// `timeout` runs out, [`Error::NotReady`] for a host-reported frame not yet reported,
-    /// [`Error::Lifecycle`] for a value never submitted.
+    /// [`Error::Lifecycle`] for a value never submitted. While it waits on a host's semaphore
+    /// ([`FrameSignal::HostTimeline`]), that frame is not reported complete (by
+    /// [`Context::completed_value`] or anything else) on any thread: the host may destroy the
+    /// semaphore as soon as it is.
     pub fn wait(&self, value: u64, timeout: Duration) -> Result<()> {
         self.shared.clock.wait(value, timeout)
     }
@@ -1212,8 +1215,12 @@ impl Context {
     /// - [`FrameSignal::Timeline`]: that submission signals [`Context::timeline_semaphore`]
     ///   with `frame.value()`;
     /// - [`FrameSignal::HostTimeline`]: `semaphore` is a timeline semaphore of this device that
-    ///   the submission signals with `value`, and it stays alive until
-    ///   [`Context::completed_value`] reaches the frame's value (or the context is shut down);
+    ///   the submission signals with `value`, and it stays alive until understory reports the
+    ///   frame complete: [`Context::completed_value`] (or a later frame's
+    ///   [`Frame::completed`]) returns at least the frame's value, or [`Context::shutdown`]
+    ///   returns `Ok` (if shutdown fails: until every object made through the context is
+    ///   dropped). A [`Context::wait`] running on another thread does not break this: while it
+    ///   waits on the semaphore, the frame is not reported complete;
     /// - [`FrameSignal::HostReported`]: the host will call [`Context::frames_completed`] only
     ///   once the GPU finished the frame.
     pub unsafe fn frame_submitted(
@@ -1356,8 +1363,21 @@ impl Shared {
             self.clock.close()
         };
         let last = self.clock.last_submitted();
+        let started = std::time::Instant::now();
         let waited = if self.clock.waitable(last) {
-            self.clock.wait(last, SHUTDOWN_TIMEOUT)
+            self.clock.wait(last, SHUTDOWN_TIMEOUT).and_then(|()| {
+                // Forget every frame (a wait on another thread may still be using a host's
+                // semaphore for a moment): after shutdown, understory reads none of them.
+                let left = SHUTDOWN_TIMEOUT.saturating_sub(started.elapsed());
+                if self.clock.settle(left)? {
+                    Ok(())
+                } else {
+                    Err(Error::Timeout {
+                        what: "waits on host semaphores to end".into(),
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    })
+                }
+            })
         } else {
             Err(Error::NotReady(format!(
                 "shutdown: frames up to {last} were submitted with FrameSignal::HostReported and not all were reported complete"

@@ -30,6 +30,14 @@ pub enum FrameSignal {
     Timeline,
     /// The submission signals the host's own timeline semaphore with `value`. understory reads
     /// it to learn what completed and may wait on it for this frame's value (never for others).
+    ///
+    /// understory stops using the semaphore once it reports the frame complete:
+    /// [`Context::completed_value`](crate::gpu::context::Context::completed_value) (or a later
+    /// frame's [`Frame::completed`](crate::gpu::context::Frame::completed)) at or above the
+    /// frame's value, or [`Context::shutdown`](crate::gpu::context::Context::shutdown) returning
+    /// `Ok`. A [`Context::wait`](crate::gpu::context::Context::wait) that is waiting on the
+    /// semaphore holds the frame back (it is not reported complete until that wait is done), so
+    /// the semaphore can be destroyed as soon as the frame is reported complete.
     HostTimeline {
         /// A timeline semaphore of the context's device.
         semaphore: vk::Semaphore,
@@ -61,6 +69,16 @@ impl Submitted {
     }
 }
 
+/// A submitted frame not yet observed complete.
+struct InFlight {
+    value: u64,
+    signal: FrameSignal,
+    /// Waits now using the host's semaphore of a [`FrameSignal::HostTimeline`] frame: while any
+    /// is running, the frame is not reported complete (the host may destroy the semaphore once
+    /// it is).
+    waiters: u32,
+}
+
 #[derive(Default)]
 struct ClockState {
     /// Highest value submitted.
@@ -68,7 +86,7 @@ struct ClockState {
     /// Whether a frame (value `last_submitted + 1`) is open.
     open: bool,
     /// Submitted frames not yet observed complete, oldest first.
-    in_flight: VecDeque<(u64, FrameSignal)>,
+    in_flight: VecDeque<InFlight>,
     /// Highest value the host reported complete (`HostReported` frames).
     reported: u64,
     /// No more frames: the context was shut down.
@@ -84,10 +102,45 @@ pub(crate) struct Clock {
     completed: AtomicU64,
 }
 
-/// One thing to wait on for a frame: a semaphore and a value, or nothing to wait on.
+/// One thing to wait on for a frame: a semaphore and a value (and, for a host's semaphore, the
+/// frame it holds back), or nothing to wait on.
 enum WaitOn {
-    Semaphore(vk::Semaphore, u64),
+    Semaphore(vk::Semaphore, u64, Option<u64>),
     Reported(u64),
+}
+
+/// The `HostTimeline` frames whose semaphores a wait has yet to finish with: each is held back
+/// (not reported complete) until released; dropping this releases the rest.
+struct HeldFrames<'a> {
+    clock: &'a Clock,
+    values: Vec<u64>,
+}
+
+impl HeldFrames<'_> {
+    /// The wait is done with frame `value`'s semaphore: release it, and (in the same critical
+    /// section) pop what completed, so the host sees it complete only once nothing uses it.
+    fn release(&mut self, value: u64) -> Result<()> {
+        self.values.retain(|v| *v != value);
+        let mut s = self.clock.lock();
+        if let Some(f) = s.in_flight.iter_mut().find(|f| f.value == value) {
+            f.waiters = f.waiters.saturating_sub(1);
+        }
+        self.clock.poll(&mut s).map(drop)
+    }
+}
+
+impl Drop for HeldFrames<'_> {
+    fn drop(&mut self) {
+        if self.values.is_empty() {
+            return;
+        }
+        let mut s = self.clock.lock();
+        for f in s.in_flight.iter_mut() {
+            if self.values.contains(&f.value) {
+                f.waiters = f.waiters.saturating_sub(1);
+            }
+        }
+    }
 }
 
 impl Clock {
@@ -178,7 +231,11 @@ impl Clock {
             s.open = false;
             s.last_submitted = value;
         }
-        s.in_flight.push_back((value, signal));
+        s.in_flight.push_back(InFlight {
+            value,
+            signal,
+            waiters: 0,
+        });
         Submitted { value }
     }
 
@@ -234,18 +291,22 @@ impl Clock {
 
     fn counter(&self, semaphore: vk::Semaphore) -> Result<u64> {
         // SAFETY: a live timeline semaphore of this device: ours, or one the host vouched for
-        // in `Context::frame_submitted` until the frame that names it is observed complete.
+        // in `Context::frame_submitted` until understory reports the frame that names it
+        // complete, which it does only under the state lock after its last read of it.
         unsafe { self.device.get_semaphore_counter_value(semaphore) }
             .map_err(vk_err("vkGetSemaphoreCounterValue"))
     }
 
-    /// Reads the GPU's progress without blocking: the highest value up to which every submitted
-    /// frame is complete.
-    pub(crate) fn completed(&self) -> Result<u64> {
-        let mut s = self.lock();
+    /// Pops the frames observed complete, oldest first; stops at a frame whose host semaphore
+    /// a wait is using.
+    fn poll(&self, s: &mut ClockState) -> Result<u64> {
         let mut own = None;
-        while let Some(&(value, signal)) = s.in_flight.front() {
-            let done = match signal {
+        while let Some(front) = s.in_flight.front() {
+            if front.waiters > 0 {
+                break;
+            }
+            let value = front.value;
+            let done = match front.signal {
                 FrameSignal::Timeline => {
                     let v = match own {
                         Some(v) => v,
@@ -271,40 +332,59 @@ impl Clock {
         Ok(self.completed.load(Ordering::Acquire))
     }
 
+    /// Reads the GPU's progress without blocking: the highest value up to which every submitted
+    /// frame is complete.
+    pub(crate) fn completed(&self) -> Result<u64> {
+        self.poll(&mut self.lock())
+    }
+
     /// Waits until every frame up to `value` is complete. A value never submitted is a
     /// [`Error::Lifecycle`]; a frame the host reports itself and has not reported is
     /// [`Error::NotReady`]; running out of time is [`Error::Timeout`].
+    ///
+    /// While it waits on a host's semaphore, that frame is not reported complete (see
+    /// [`FrameSignal::HostTimeline`]): the host may destroy the semaphore once it is.
     pub(crate) fn wait(&self, value: u64, timeout: Duration) -> Result<()> {
         let started = Instant::now();
-        let waits: Vec<WaitOn> = {
-            let s = self.lock();
+        let (waits, held) = {
+            let mut s = self.lock();
             if value > s.last_submitted {
                 return Err(Error::Lifecycle(format!(
                     "wait for frame {value}, but only {} were submitted",
                     s.last_submitted
                 )));
             }
-            s.in_flight
-                .iter()
-                .take_while(|(v, _)| *v <= value)
-                .map(|&(v, signal)| match signal {
-                    FrameSignal::Timeline => WaitOn::Semaphore(self.semaphore, v),
+            let mut waits = Vec::new();
+            let mut held = Vec::new();
+            for f in s.in_flight.iter_mut().take_while(|f| f.value <= value) {
+                waits.push(match f.signal {
+                    FrameSignal::Timeline => WaitOn::Semaphore(self.semaphore, f.value, None),
                     FrameSignal::HostTimeline { semaphore, value } => {
-                        WaitOn::Semaphore(semaphore, value)
+                        f.waiters += 1;
+                        held.push(f.value);
+                        WaitOn::Semaphore(semaphore, value, Some(f.value))
                     }
-                    FrameSignal::HostReported => WaitOn::Reported(v),
-                })
-                .collect()
+                    FrameSignal::HostReported => WaitOn::Reported(f.value),
+                });
+            }
+            (waits, held)
+        };
+        let mut held = HeldFrames {
+            clock: self,
+            values: held,
         };
         for w in waits {
             match w {
-                WaitOn::Semaphore(semaphore, v) => {
+                WaitOn::Semaphore(semaphore, v, frame) => {
                     let left = timeout.saturating_sub(started.elapsed());
                     if !self.wait_semaphore(semaphore, v, left)? {
                         return Err(Error::Timeout {
                             what: format!("frame {value}"),
                             waited_ms: started.elapsed().as_millis() as u64,
                         });
+                    }
+                    if let Some(frame) = frame {
+                        held.release(frame)?;
                     }
                 }
                 WaitOn::Reported(v) => {
@@ -316,8 +396,29 @@ impl Clock {
                 }
             }
         }
+        drop(held);
         self.completed()?;
         Ok(())
+    }
+
+    /// After a successful wait for every submitted frame (shutdown): forgets every frame once
+    /// no wait uses a host's semaphore any more, so that understory never reads one again.
+    /// False if a wait still held one after `timeout`.
+    pub(crate) fn settle(&self, timeout: Duration) -> Result<bool> {
+        let started = Instant::now();
+        loop {
+            {
+                let mut s = self.lock();
+                self.poll(&mut s)?;
+                if s.in_flight.is_empty() {
+                    return Ok(true);
+                }
+            }
+            if started.elapsed() >= timeout {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Whether `value` of `semaphore` was reached within `timeout`.
@@ -347,8 +448,8 @@ impl Clock {
         let s = self.lock();
         s.in_flight
             .iter()
-            .take_while(|(v, _)| *v <= value)
-            .all(|(v, signal)| *signal != FrameSignal::HostReported || s.reported >= *v)
+            .take_while(|f| f.value <= value)
+            .all(|f| f.signal != FrameSignal::HostReported || s.reported >= f.value)
     }
 
     /// # Safety

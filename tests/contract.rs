@@ -677,3 +677,80 @@ fn host_semaphore_is_not_used_after_its_frame_is_reported_complete() {
     let ctx = Arc::into_inner(ctx).unwrap();
     common::finish(ctx, "host_timeline_race");
 }
+
+// ---- 12. a refused frame_submitted gives the frame back ------------------------------------
+
+#[test]
+fn refused_frame_submitted_gives_the_frame_back() {
+    let _serial = serial();
+    let Some(ctx) = common::context("frame_submitted_refused") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let frame = ctx.begin_frame().unwrap();
+    let value = frame.value();
+    // SAFETY: nothing was recorded for the frame; the signals are refused before anything is
+    // recorded (and HostReported below is reported only once nothing can run).
+    let rejected = unsafe {
+        ctx.frame_submitted(
+            frame,
+            FrameSignal::HostTimeline {
+                semaphore: vk::Semaphore::null(),
+                value: 1,
+            },
+        )
+    }
+    .expect_err("a null semaphore is refused");
+    assert!(matches!(rejected.error(), Error::InvalidInput(_)));
+    let frame = rejected.into_frame();
+    assert_eq!(frame.value(), value, "the same frame, still open");
+    assert!(ctx.begin_frame().is_err(), "still open");
+    // SAFETY: as above.
+    let rejected = unsafe {
+        ctx.frame_submitted(
+            frame,
+            FrameSignal::HostTimeline {
+                semaphore: ctx.timeline_semaphore(),
+                value: 1,
+            },
+        )
+    }
+    .expect_err("understory's own semaphore is refused");
+    let (frame, error) = rejected.into_parts();
+    assert!(matches!(error, Error::InvalidInput(_)));
+    // A frame of another context is refused and comes back too.
+    let other = common::context("frame_submitted_refused other").unwrap();
+    // SAFETY: as above.
+    let rejected = unsafe { other.frame_submitted(frame, FrameSignal::HostReported) }
+        .expect_err("a frame of another context is refused");
+    assert!(matches!(rejected.error(), Error::Lifecycle(_)));
+    common::finish(other, "frame_submitted_refused other");
+    // SAFETY: nothing recorded; reported complete below.
+    let done =
+        unsafe { ctx.frame_submitted(rejected.into_frame(), FrameSignal::HostReported) }.unwrap();
+    assert_eq!(done.value(), value);
+    // SAFETY: the frame recorded no commands.
+    unsafe { ctx.frames_completed(value) }.unwrap();
+    let next = ctx.begin_frame().unwrap();
+    assert_eq!(next.value(), value + 1, "the value was used once");
+    drop(next);
+    // Converting into an Error (with `?`) is still possible.
+    let e: Error = {
+        let frame = ctx.begin_frame().unwrap();
+        // SAFETY: refused before anything is recorded.
+        unsafe {
+            ctx.frame_submitted(
+                frame,
+                FrameSignal::HostTimeline {
+                    semaphore: vk::Semaphore::null(),
+                    value: 1,
+                },
+            )
+        }
+        .unwrap_err()
+        .into()
+    };
+    assert!(matches!(e, Error::InvalidInput(_)));
+    assert_eq!(messages(&canary, "frame_submitted refused"), 0);
+    common::finish(ctx, "frame_submitted_refused");
+}

@@ -11,6 +11,14 @@
 //!   host's timeline semaphore, or completion the host reports with
 //!   [`Context::frames_completed`]. One frame is open at a time, and understory signals its
 //!   semaphore only in a frame's own submission, so a value handed out is never overtaken.
+//! - **One queue.** Every frame's submission goes to the context's queue
+//!   ([`HostHandles::queue`]), made while holding [`Context::queue`]'s lock, before the next
+//!   frame begins: so frames reach the GPU in value order, their signals of understory's
+//!   timeline execute in increasing order (`VUID-VkSubmitInfo-pSignalSemaphores-03242`), and
+//!   work recorded for one frame is ordered after the frames before it (understory's barriers
+//!   assume that order, and its resources are `VK_SHARING_MODE_EXCLUSIVE` to the queue's
+//!   family). The host's other work may use other queues, as long as it does not touch
+//!   understory's resources.
 //! - **Freeing.** Dropping a resource or a pass retires it at the last frame that used it; it
 //!   is freed by a later [`Context::collect`] (or `begin_frame`) once that frame completed.
 //! - **Waiting.** understory waits only for its own frames, on their semaphores, never with
@@ -138,8 +146,11 @@ pub struct HostHandles {
     pub device: ash::Device,
     /// Family of `queue`.
     pub queue_family_index: u32,
-    /// The queue understory submits to when it submits (one-shot work, [`FrameRing`]
-    /// submissions); the host's frame submissions may use any queue of the device.
+    /// The context's queue: understory submits to it (one-shot work, [`FrameRing`]
+    /// submissions, [`Context::submit_frame`]), and the host submits every frame it announces
+    /// with [`Context::frame_submitted`] to it as well, holding [`Context::queue`]'s lock (see
+    /// the module's host contract: one queue, frames in value order). The host's other work may
+    /// use other queues.
     ///
     /// [`FrameRing`]: crate::gpu::frame::FrameRing
     pub queue: vk::Queue,
@@ -533,6 +544,59 @@ impl Drop for Frame {
     }
 }
 
+/// A frame that [`Context::frame_submitted`] refused, handed back still open with the reason.
+/// Nothing was recorded: announce the frame again with a correct call. Dropping the frame gives
+/// its value to the next one, so do that only if no submission signals understory's timeline
+/// with it; converting this into an [`Error`] (`?`) drops it.
+#[must_use = "the frame is still open: announce it again, or drop it only if nothing signals its value"]
+pub struct Rejected {
+    frame: Frame,
+    error: Error,
+}
+
+impl Rejected {
+    /// Why it was refused.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+    /// The frame, still open, and why it was refused.
+    pub fn into_parts(self) -> (Frame, Error) {
+        (self.frame, self.error)
+    }
+    /// The frame, still open.
+    pub fn into_frame(self) -> Frame {
+        self.frame
+    }
+}
+
+impl std::fmt::Debug for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rejected")
+            .field("frame", &self.frame.value)
+            .field("error", &self.error)
+            .finish()
+    }
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "frame {} refused: {}", self.frame.value, self.error)
+    }
+}
+
+impl std::error::Error for Rejected {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<Rejected> for Error {
+    /// The error; the frame is dropped (its value goes to the next frame).
+    fn from(r: Rejected) -> Self {
+        r.error
+    }
+}
+
 /// What became of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -669,7 +733,9 @@ impl Context {
     ///   `pageable_device_local_memory` the `pageableDeviceLocalMemory` feature);
     /// - `queue` was obtained from `device` in family `queue_family_index`;
     /// - the host never submits to `queue` while understory may: it holds [`Context::queue`]'s
-    ///   lock around its own submissions to that queue (external synchronization);
+    ///   lock around its own submissions to that queue (external synchronization), and submits
+    ///   every frame it announces with [`Context::frame_submitted`] to that queue (see the
+    ///   module's host contract);
     /// - the instance, the device and the queue outlive the context **and every object made
     ///   through it** (buffers, images, passes, frames, rings, vegetation): drop those first
     ///   ([`Context::shutdown`]'s report lists allocations still alive).
@@ -911,7 +977,8 @@ impl Context {
     }
 
     /// The context's queue, locked. Hold the guard while submitting to it from outside
-    /// understory.
+    /// understory (every frame the host submits goes to this queue: see the module's host
+    /// contract).
     ///
     /// Drop the guard before calling anything of understory's that submits
     /// ([`FrameRing::submit`](crate::gpu::frame::FrameRing::submit),
@@ -1208,10 +1275,18 @@ impl Context {
     /// Announces that the host submitted `frame` itself, with `signal` telling how its
     /// completion shows.
     ///
+    /// On error (a frame of another context: [`Error::Lifecycle`]; a `HostTimeline` signal
+    /// naming a null semaphore or understory's own: [`Error::InvalidInput`]) nothing is
+    /// recorded and the frame comes back, still open, in the [`Rejected`] error: announce it
+    /// again correctly. Dropping it gives its value to the next frame, so drop it only if no
+    /// submission signals understory's timeline with that value (converting the error into
+    /// [`Error`], e.g. with `?`, drops it).
+    ///
     /// # Safety
-    /// - every command recorded for `frame` was submitted before this call, and the signal
-    ///   operation `signal` names happens after all of them complete (same batch, or a later
-    ///   batch on the same queue);
+    /// - every command recorded for `frame` was submitted, to the context's queue
+    ///   ([`HostHandles::queue`], under [`Context::queue`]'s lock), before this call, and the
+    ///   signal operation `signal` names happens after all of them complete (same batch, or a
+    ///   later batch on the same queue);
     /// - [`FrameSignal::Timeline`]: that submission signals [`Context::timeline_semaphore`]
     ///   with `frame.value()`;
     /// - [`FrameSignal::HostTimeline`]: `semaphore` is a timeline semaphore of this device that
@@ -1227,11 +1302,17 @@ impl Context {
         &self,
         mut frame: Frame,
         signal: FrameSignal,
-    ) -> Result<Submitted> {
-        frame.check(&self.shared, "frame_submitted")?;
-        let s = self.shared.clock.submitted(frame.value, signal)?;
-        frame.end(FrameFate::Submitted);
-        Ok(s)
+    ) -> Result<Submitted, Rejected> {
+        if let Err(error) = frame.check(&self.shared, "frame_submitted") {
+            return Err(Rejected { frame, error });
+        }
+        match self.shared.clock.submitted(frame.value, signal) {
+            Ok(s) => {
+                frame.end(FrameFate::Submitted);
+                Ok(s)
+            }
+            Err(error) => Err(Rejected { frame, error }),
+        }
     }
 
     /// Reports that the GPU finished every frame up to `value` that was submitted with

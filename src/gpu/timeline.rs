@@ -8,7 +8,8 @@
 //!
 //! At most one frame is open (begun, not yet submitted) at a time, and understory signals its
 //! semaphore only for that frame's own submission, so a value handed to the host can never be
-//! overtaken. A frame dropped without being submitted gives its value back: the next frame
+//! overtaken. Every frame's submission goes to the context's one queue, so the frames' signals
+//! of understory's semaphore execute in value order. A frame dropped without being submitted gives its value back: the next frame
 //! gets it, so everything recorded against it is freed only after a real submission of that
 //! value completes.
 

@@ -8,7 +8,7 @@
 //! # use understory::{gpu::context::Context, vegetation::*, world::instance::Instance};
 //! # fn main() -> understory::Result<()> {
 //! let ctx = Context::from_env()?;
-//! let mut ring = understory::gpu::frame::FrameRing::new(&ctx)?;
+//! let ring = understory::gpu::frame::FrameRing::new(&ctx)?;
 //! let mut veg = Vegetation::new(&ctx, VegetationConfig::default())?;
 //! let grass = veg.register_species(&SpeciesDesc { name: "grass", width: 4, height: 4, rgba8: &[255; 64] })?;
 //! let patch = veg.spawn(&PatchDesc { species: grass, instances: &[Instance::at(glam::Vec3::ZERO)] })?;

@@ -526,14 +526,14 @@ fn demo(ctx: &Context, config: &DemoConfig) -> Result<DemoReport> {
     Ok(report)
 }
 
-/// Everything the demo draws with: the passes, the target, the command ring, and per frame in
-/// flight a counters readback and three timestamps.
+/// Everything the demo draws with: the passes, the target, and per frame in flight a counters
+/// readback and three timestamps (the command ring is apart: its commands borrow it while they
+/// are recorded).
 struct Gpu<'a> {
     ctx: &'a Context,
     draw: DrawPass,
     cull: CullPass,
     target: Target<'a>,
-    ring: FrameRing,
     /// Per slot: the LOD counters of the frame that last used it, and that frame's value.
     counters: Vec<(Buffer, u64)>,
     /// Three timestamps per slot (start, after the cull, after the draw), where the queue has
@@ -563,7 +563,6 @@ impl<'a> Gpu<'a> {
             height: config.height,
         };
         let target = Target::new(ctx, extent, config.png.is_some())?;
-        let ring = FrameRing::new(ctx)?;
         let slots = ctx.frames_in_flight();
         let counters = (0..slots)
             .map(|_| {
@@ -591,7 +590,6 @@ impl<'a> Gpu<'a> {
             draw,
             cull,
             target,
-            ring,
             counters,
             queries: None,
         };
@@ -1117,6 +1115,7 @@ fn view_of(
 /// report.
 fn fly(ctx: &Context, veg: &mut Vegetation, config: &DemoConfig) -> Result<DemoReport> {
     let mut gpu = Gpu::new(ctx, veg, config)?;
+    let ring = FrameRing::new(ctx)?;
     let mut acc = Accumulator::new(ctx, config);
     let heap = ctx.memory().device_local_heap();
     let slots = gpu.counters.len();
@@ -1149,10 +1148,10 @@ fn fly(ctx: &Context, veg: &mut Vegetation, config: &DemoConfig) -> Result<DemoR
                 Some(n) => f % n == 0 || f + 1 == config.frames,
                 None => f + 1 == config.frames,
             };
-        let cmd = gpu.ring.begin(&frame)?;
+        let cmd = ring.begin(&frame)?;
         // SAFETY: cmd is recording for `frame` and is submitted right below as its submission.
         unsafe { gpu.record(&frame, cmd.raw(), slot, veg, &view, &constants, png)? };
-        let done = gpu.ring.submit(frame, cmd)?;
+        let done = ring.submit(frame, cmd)?;
         gpu.counters[slot].1 = done.value();
         // Report.
         if png {

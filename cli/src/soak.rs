@@ -268,7 +268,7 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
             instances: &inst,
         })?);
     }
-    let mut ring = FrameRing::new(ctx)?;
+    let ring = FrameRing::new(ctx)?;
     let compaction = if ctx.adapter().subgroup_ballot_in_compute {
         Compaction::Subgroup
     } else {

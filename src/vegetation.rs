@@ -40,7 +40,8 @@ use crate::gpu::budget::Source;
 use crate::gpu::context::{Context, Frame, FrameFate, Shared};
 use crate::gpu::cull::CullSource;
 use crate::gpu::memory::{
-    Buffer, BufferDesc, HeapReport, Image, MemoryLocation, MemoryStats, Placement,
+    Buffer, BufferDesc, HeapReport, Image, MemoryLocation, MemoryStats, Placement, Pool,
+    SMALL_BLOCK,
 };
 use crate::gpu::upload;
 use crate::policy::category::Category;
@@ -216,7 +217,17 @@ pub struct Viewer {
     /// [`BEHIND_RANK_FACTOR`] times farther: under a tight budget the memory goes to what is in
     /// front, and a tile behind is still kept while nothing in front needs its bytes.
     pub forward: Option<Vec3>,
+    /// The view-projection matrix (Vulkan clip space). With it, tiles outside the view
+    /// frustum (their box up to [`TILE_HEIGHT_M`]) rank as if [`BEHIND_RANK_FACTOR`] times
+    /// farther, which also covers those behind.
+    pub view_proj: Option<glam::Mat4>,
 }
+
+/// The height of a tile's box for [`Viewer::view_proj`] (trees stand within it).
+pub const TILE_HEIGHT_M: f32 = 60.0;
+
+/// How far outside the frustum a sampled tree may stand and still count as seen (its crown).
+const SAMPLE_RADIUS_M: f32 = 10.0;
 
 /// How much farther a tile wholly behind the camera ranks ([`Viewer::forward`]).
 pub const BEHIND_RANK_FACTOR: f32 = 4.0;
@@ -226,6 +237,7 @@ impl From<Vec3> for Viewer {
         Self {
             position,
             forward: None,
+            view_proj: None,
         }
     }
 }
@@ -236,6 +248,16 @@ impl Viewer {
         Self {
             position,
             forward: Some(forward),
+            view_proj: None,
+        }
+    }
+
+    /// A viewer at `position` seeing through `view_proj`.
+    pub fn with_view(position: Vec3, view_proj: glam::Mat4) -> Self {
+        Self {
+            position,
+            forward: None,
+            view_proj: Some(view_proj),
         }
     }
 }
@@ -760,6 +782,21 @@ impl Vegetation {
             }
             Some(f) => return Err(Error::InvalidInput(format!("view direction {f}"))),
         };
+        // The frustum's side planes (normals inside), from the view-projection matrix.
+        let planes = match viewer.view_proj {
+            None => None,
+            Some(m) if m.is_finite() => Some(
+                [
+                    m.row(3) + m.row(0),
+                    m.row(3) - m.row(0),
+                    m.row(3) + m.row(1),
+                    m.row(3) - m.row(1),
+                    m.row(2),
+                ]
+                .map(|p| p / p.truncate().length().max(f32::MIN_POSITIVE)),
+            ),
+            Some(_) => return Err(Error::InvalidInput("view-projection not finite".into())),
+        };
         let heap = frame
             .heaps()
             .get(self.heap)
@@ -772,7 +809,10 @@ impl Vegetation {
             .lod
             .draw_distance(self.controller.quality() * self.frame_time_scale());
         let mut views = Vec::with_capacity(self.tiles.len());
+        let mut least = Vec::with_capacity(self.tiles.len());
         let mut resident_bytes = 0;
+        let m = &self.shared.memory;
+        let own_memory = m.blocks_too_big();
         for (node, tile) in self.tiles.iter_mut() {
             tile.distance = self.quadtree.distance(*node, camera);
             // Wholly behind the camera (every corner behind its plane): ranks farther.
@@ -785,7 +825,44 @@ impl Vegetation {
                         .all(|p| (*p - c).dot(f) < 0.0)
                 }
             });
-            tile.rank = if behind {
+            // Outside the frustum: some side plane has the whole box behind it, or none of a
+            // sample of its trees (up to 32, spread over its patches) is inside (the camera's
+            // own tile may hold only trees behind it).
+            let outside = planes.is_some_and(|planes| {
+                let (min, max) = self.quadtree.bounds(*node);
+                let box_out = planes.iter().any(|p| {
+                    let far = Vec3::new(
+                        if p.x >= 0.0 { max.x } else { min.x },
+                        if p.y >= 0.0 { TILE_HEIGHT_M } else { 0.0 },
+                        if p.z >= 0.0 { max.y } else { min.y },
+                    );
+                    p.truncate().dot(far) + p.w < 0.0
+                });
+                box_out || {
+                    let inside = |pos: Vec3| {
+                        planes
+                            .iter()
+                            .all(|p| p.truncate().dot(pos) + p.w >= -SAMPLE_RADIUS_M)
+                    };
+                    let per = (32 / tile.patches.len().max(1)).max(1);
+                    let mut sampled = 0;
+                    let mut seen = false;
+                    for slot in &tile.patches {
+                        if let Some(p) = self.patches[*slot as usize].as_ref() {
+                            let step = (p.instances.len() / per).max(1);
+                            for i in p.instances.iter().step_by(step).take(per) {
+                                sampled += 1;
+                                seen |= inside(Vec3::from(i.position));
+                            }
+                        }
+                        if seen {
+                            break;
+                        }
+                    }
+                    sampled > 0 && !seen
+                }
+            });
+            tile.rank = if behind || outside {
                 tile.distance * BEHIND_RANK_FACTOR + self.quadtree.leaf_m()
             } else {
                 tile.distance
@@ -796,19 +873,25 @@ impl Vegetation {
                 tile.culled_frames = 0;
             }
             let (mut held, mut missing) = (0, 0);
+            let (mut own, mut plain) = (0u64, 0u64);
             for slot in &tile.patches {
                 if let Some(p) = self.patches[*slot as usize].as_ref() {
+                    let size = std::mem::size_of_val(p.instances.as_slice()) as u64;
+                    let footprint = m.dedicated_footprint(size);
+                    own += footprint;
+                    plain += size;
                     match &p.gpu {
                         Some(g) => held += g.bytes,
-                        None => {
-                            missing += self.shared.memory.predicted_bytes(
-                                Category::Instances,
-                                std::mem::size_of_val(p.instances.as_slice()) as u64,
-                            )
-                        }
+                        // What it will reserve: memory of its own while blocks are too big
+                        // for the budget, its size class in a block otherwise.
+                        None if own_memory => missing += footprint,
+                        None => missing += m.predicted_bytes(Category::Instances, size),
                     }
                 }
             }
+            // The least the tile can cost alone: memory of its own per patch, or one small
+            // block.
+            least.push(own.min(plain.max(SMALL_BLOCK)));
             if tile.resident {
                 resident_bytes += held;
             }
@@ -826,9 +909,10 @@ impl Vegetation {
         let full = self.config.lod.draw_distance(1.0);
         let nearest = views
             .iter()
-            .filter(|v| v.distance < full && v.bytes > 0)
-            .min_by(|a, b| a.rank.total_cmp(&b.rank))
-            .map_or(0, |v| v.bytes);
+            .zip(&least)
+            .filter(|(v, _)| v.distance < full && v.bytes > 0)
+            .min_by(|a, b| a.0.rank.total_cmp(&b.0.rank))
+            .map_or(0, |(_, l)| *l);
         let (mut input, mut budget_now) = self.budget_input(&heap, resident_bytes);
         {
             let c = &self.shared.memory.stats().categories;
@@ -985,17 +1069,25 @@ impl Vegetation {
     /// stay few.
     fn relocate(&mut self, budget: u64, room: u64, held: u64) -> Result<(usize, u64)> {
         let m = &self.shared.memory;
-        let out = m.vegetation_reserved() > budget && m.blocks_too_big();
+        let out = m.vegetation_reserved() > budget && m.block_slack(Category::Instances) > 0;
         let back = !out && m.blocks_fit_again();
         if !out && !back {
             return Ok((0, 0));
         }
         let (mut count_room, room, placement) = if out {
             m.release_empty_blocks()?;
-            if m.block_bytes(Category::Instances) == 0 {
+            let in_blocks = m.block_bytes(Category::Instances);
+            if in_blocks == 0 {
                 return Ok((0, 0));
             }
-            (m.dedicated_room(), room, Placement::Relocate)
+            // Only what the budget can keep moves: the nearest tiles, up to what the budget
+            // leaves beside what is outside blocks already (the rest is evicted).
+            let outside = m.vegetation_reserved().saturating_sub(in_blocks);
+            (
+                m.dedicated_room(),
+                room.min(budget.saturating_sub(outside)),
+                Placement::Relocate,
+            )
         } else {
             (u64::MAX, room / 4, Placement::Shared)
         };
@@ -1007,32 +1099,56 @@ impl Vegetation {
             .collect();
         nodes.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut moving = Vec::new();
+        let mut evict = Vec::new();
         let mut bytes = 0u64;
-        'tiles: for (_, node) in nodes {
+        let mut full = false;
+        for (_, node) in nodes {
             let tile = &self.tiles[&node];
+            let mut moved_any = false;
+            let mut stuck = false;
             for slot in &tile.patches {
                 let Some(p) = self.patches[*slot as usize].as_mut() else {
                     continue;
                 };
+                // Out of blocks, or back from memory of its own.
                 let movable = p
                     .gpu
                     .as_ref()
-                    .is_some_and(|g| g.buffer.is_dedicated() != out);
+                    .is_some_and(|g| (g.buffer.pool() == Pool::Dedicated) != out);
                 if !movable {
                     continue;
                 }
-                let len = std::mem::size_of_val(p.instances.as_slice()) as u64;
-                if bytes + len > room || count_room == 0 {
-                    break 'tiles;
+                let size = std::mem::size_of_val(p.instances.as_slice()) as u64;
+                // What the move costs: memory of its own out of blocks, its size into them.
+                let len = if out {
+                    m.dedicated_footprint(size)
+                } else {
+                    size
+                };
+                if full || bytes + len > room || count_room == 0 {
+                    full = true;
+                    stuck = true;
+                    break;
                 }
                 bytes += len;
                 count_room -= 1;
+                moved_any = true;
                 // Retired at its last use; the new copy below is recorded in this frame.
                 drop(p.gpu.take());
-                if moving.last() != Some(&node) {
-                    moving.push(node);
-                }
             }
+            if stuck && out {
+                // The budget has no room for it beside the nearer tiles: it leaves, so that
+                // its blocks drain (it comes back when there is room).
+                evict.push(node);
+            } else if moved_any {
+                moving.push(node);
+            }
+            if full && !out {
+                break;
+            }
+        }
+        for node in evict {
+            self.evict_tile(node);
         }
         if moving.is_empty() {
             return Ok((0, 0));
@@ -1165,7 +1281,12 @@ impl Vegetation {
                     upload,
                 });
                 offset += len;
-                let gpu_bytes = buffer.bytes();
+                // Memory of its own costs what the driver reserves for it.
+                let gpu_bytes = if buffer.pool() == Pool::Dedicated {
+                    memory.dedicated_footprint(buffer.bytes())
+                } else {
+                    buffer.bytes()
+                };
                 p.gpu = Some(PatchGpu {
                     buffer,
                     instance_bytes: len,

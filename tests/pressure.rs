@@ -190,6 +190,27 @@ fn vegetation_follows_the_drivers_budget_down_and_up() {
             "frame {f}: the driver's heapBudget"
         );
         let b = report.decision.budget;
+        if std::env::var_os("DBG").is_some() {
+            eprintln!(
+                "f{f} budget {} held {} q {:.2} res {} reloc {} ev {} refused {} inst {:?} up {}",
+                b >> 10,
+                stats.held >> 10,
+                stats.quality,
+                stats.resident_tiles,
+                stats.relocations,
+                stats.evictions,
+                stats.refused_uploads,
+                (
+                    stats.memory.categories[understory::policy::category::Category::Instances]
+                        .reserved_bytes
+                        >> 10,
+                    stats.memory.categories[understory::policy::category::Category::Instances]
+                        .live_bytes
+                        >> 10
+                ),
+                report.uploaded_patches
+            );
+        }
         // The budget is the driver's: half of what its heapBudget leaves after the rest of the
         // process (heapUsage - ours: the engine's bytes), at most the cap.
         assert_eq!(heap.foreign, FOREIGN, "frame {f}");

@@ -168,6 +168,53 @@ struct Meta {
     /// Bytes of the sub-allocation.
     bytes: u64,
     owner: u64,
+    /// Which allocator it came from.
+    pool: Pool,
+}
+
+/// Where an allocation lives: a block of the category's allocator, a small block (4 MiB, for
+/// instances under a budget too small for the configured blocks), or memory of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pool {
+    Blocks = 0,
+    Small = 1,
+    Dedicated = 2,
+}
+
+impl Buffer {
+    /// Which allocator it came from (relocation moves patches between them).
+    pub(crate) fn pool(&self) -> Pool {
+        self.meta.pool
+    }
+}
+
+/// The block size of [`Pool::Small`]: gpu-allocator's smallest.
+pub(crate) const SMALL_BLOCK: u64 = 4 << 20;
+
+/// The driver's allocation granularity assumed where it cannot be measured (no
+/// `VK_EXT_memory_budget`): a dedicated allocation is counted as at least this much.
+pub const ASSUMED_ALLOCATION_GRANULARITY: u64 = 64 << 10;
+
+/// One block allocator of a category and what it holds.
+struct BlockPool {
+    allocator: Option<Allocator>,
+    /// Allocations in it (cached buffers included).
+    allocations: u64,
+    /// Block bytes per heap.
+    reserved: Vec<u64>,
+    /// Bytes sub-allocated per heap.
+    live: Vec<u64>,
+}
+
+impl BlockPool {
+    fn new(heaps: usize) -> Self {
+        Self {
+            allocator: None,
+            allocations: 0,
+            reserved: vec![0; heaps],
+            live: vec![0; heaps],
+        }
+    }
 }
 
 /// A buffer bound to a sub-allocation, made by
@@ -675,17 +722,11 @@ pub struct Leak {
 
 struct CategoryState {
     category: Category,
-    /// Sub-allocations from shared blocks.
-    general: Option<Allocator>,
-    /// Allocations of their own `VkDeviceMemory` (kept apart so that the general allocator
-    /// can give back the empty block gpu-allocator keeps once nothing is sub-allocated).
+    /// Sub-allocations from shared blocks: the configured block sizes, and 4 MiB blocks.
+    pools: [BlockPool; 2],
+    /// Allocations of their own `VkDeviceMemory` (kept apart so that a block allocator can
+    /// give back the empty block gpu-allocator keeps once nothing is sub-allocated).
     dedicated: Option<Allocator>,
-    /// Allocations in `general` (cached buffers included).
-    general_allocations: u64,
-    /// Block bytes of `general` per heap (the rest of `reserved_by_heap` is dedicated).
-    general_reserved: Vec<u64>,
-    /// Bytes sub-allocated from `general` per heap.
-    general_live: Vec<u64>,
     live_bytes: u64,
     peak_live_bytes: u64,
     allocations: u64,
@@ -745,6 +786,9 @@ pub struct Memory {
     dedicated: AtomicU64,
     /// Dedicated allocations alive now.
     dedicated_live: AtomicU64,
+    /// The driver's allocation granularity ([`Memory::dedicated_footprint`]).
+    granularity: u64,
+    granularity_measured: bool,
     /// Most dedicated allocations where blocks would do ([`OPTIONAL_DEDICATED_RANGE`]).
     max_optional_dedicated: u64,
 }
@@ -793,11 +837,8 @@ impl Memory {
         let categories: [Mutex<CategoryState>; CATEGORIES] = std::array::from_fn(|i| {
             Mutex::new(CategoryState {
                 category: Category::ALL[i],
-                general: None,
+                pools: [BlockPool::new(n), BlockPool::new(n)],
                 dedicated: None,
-                general_allocations: 0,
-                general_reserved: vec![0; n],
-                general_live: vec![0; n],
                 live_bytes: 0,
                 peak_live_bytes: 0,
                 allocations: 0,
@@ -808,7 +849,7 @@ impl Memory {
                 cached_bytes: 0,
             })
         });
-        let this = Self {
+        let mut this = Self {
             id: NEXT_MEMORY_ID.fetch_add(1, Ordering::Relaxed),
             device: device.clone(),
             instance: instance.clone(),
@@ -844,24 +885,95 @@ impl Memory {
             block_releases: AtomicU64::new(0),
             dedicated: AtomicU64::new(0),
             dedicated_live: AtomicU64::new(0),
+            granularity: ASSUMED_ALLOCATION_GRANULARITY,
+            granularity_measured: false,
             max_optional_dedicated,
         };
         for c in &this.categories {
             let mut st = lock(c);
-            st.general = Some(this.new_allocator()?);
+            st.pools[Pool::Blocks as usize].allocator = Some(this.new_allocator()?);
+            st.pools[Pool::Small as usize].allocator = Some(this.small_allocator()?);
             st.dedicated = Some(this.new_allocator()?);
         }
         this.refresh_budget()?;
+        this.measure_granularity()?;
         Ok(this)
     }
 
+    /// With `VK_EXT_memory_budget`: the driver's heapUsage around one 4 KiB allocation of the
+    /// memory instances live in tells what a small allocation of its own really costs (64 KiB
+    /// on an H200 with driver 580). Without the extension, or with an implausible answer,
+    /// [`ASSUMED_ALLOCATION_GRANULARITY`] stays, labelled as not measured.
+    fn measure_granularity(&mut self) -> Result<()> {
+        let Some((flags, heap)) = self.predict_type(u32::MAX, MemoryLocation::GpuOnly) else {
+            return Ok(());
+        };
+        let Some(type_index) = self
+            .type_flags
+            .iter()
+            .position(|(f, h)| *h == heap && f.contains(flags))
+        else {
+            return Ok(());
+        };
+        let usable = |r: &[HeapReport]| {
+            r.get(heap)
+                .filter(|h| h.budget.source == Source::Ext && !h.budget.usage_estimated)
+                .map(|h| h.budget.usage)
+        };
+        let Some(before) = usable(&self.refresh_budget()?) else {
+            return Ok(());
+        };
+        let info = vk::MemoryAllocateInfo::default()
+            .allocation_size(4096)
+            .memory_type_index(type_index as u32);
+        // SAFETY: a memory type of this device and a non-zero size
+        // (VUID-vkAllocateMemory-pAllocateInfo-01714); freed right below, never bound.
+        let Ok(memory) = (unsafe { self.device.allocate_memory(&info, None) }) else {
+            return Ok(());
+        };
+        let after = self.refresh_budget().map(|r| usable(&r));
+        // SAFETY: allocated above, never bound or mapped (VUID-vkFreeMemory-memory-00677).
+        unsafe { self.device.free_memory(memory, None) };
+        if let Some(after) = after? {
+            let delta = after.saturating_sub(before);
+            if (4096..=(64 << 20)).contains(&delta) {
+                self.granularity = delta;
+                self.granularity_measured = true;
+            }
+        }
+        log::debug!(
+            "allocation granularity {} bytes ({})",
+            self.granularity,
+            if self.granularity_measured {
+                "measured"
+            } else {
+                "assumed"
+            }
+        );
+        Ok(())
+    }
+
     fn new_allocator(&self) -> Result<Allocator> {
-        let sizes = AllocationSizes::new(
-            self.config.device_block_min_bytes,
-            self.config.host_block_min_bytes,
+        self.allocator_with(
+            AllocationSizes::new(
+                self.config.device_block_min_bytes,
+                self.config.host_block_min_bytes,
+            )
+            .with_max_device_memblock_size(self.config.device_block_max_bytes)
+            .with_max_host_memblock_size(self.config.host_block_max_bytes),
         )
-        .with_max_device_memblock_size(self.config.device_block_max_bytes)
-        .with_max_host_memblock_size(self.config.host_block_max_bytes);
+    }
+
+    /// An allocator of 4 MiB blocks only ([`Pool::Small`]).
+    fn small_allocator(&self) -> Result<Allocator> {
+        self.allocator_with(
+            AllocationSizes::new(SMALL_BLOCK, SMALL_BLOCK)
+                .with_max_device_memblock_size(SMALL_BLOCK)
+                .with_max_host_memblock_size(SMALL_BLOCK),
+        )
+    }
+
+    fn allocator_with(&self, sizes: AllocationSizes) -> Result<Allocator> {
         let mut debug_settings = AllocatorDebugSettings::default();
         // understory reports leaks itself, by name and category.
         debug_settings.log_leaks_on_shutdown = false;
@@ -978,12 +1090,15 @@ impl Memory {
     }
 
     /// Sub-allocates, enforcing the category cap, the vegetation limit (reserved bytes) and the
-    /// heap budget. Nothing is left allocated on error.
+    /// heap budget. Nothing is left allocated on error. Returns the allocation, its heap and
+    /// its pool.
     ///
     /// The atlas and the cull and draw outputs always get allocations of their own (few,
     /// large, long-lived): what they reserve is what they use, and no block of theirs stays
-    /// behind when the budget falls. Instances share blocks, except near the vegetation limit,
-    /// where an allocation that would need a new block gets one of exactly its size.
+    /// behind when the budget falls. Instances share blocks: the configured ones, or 4 MiB
+    /// blocks while the vegetation limit is under eight of the configured first blocks; near
+    /// the limit, an allocation that would need a new block gets memory of its own, counted at
+    /// the driver's allocation granularity.
     #[allow(clippy::too_many_arguments)]
     fn allocate(
         &self,
@@ -994,7 +1109,7 @@ impl Memory {
         linear: bool,
         handle: Dedicated,
         placement: Placement,
-    ) -> Result<(Allocation, usize)> {
+    ) -> Result<(Allocation, usize, Pool)> {
         let n = self.alloc_calls.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(k) = self.config.fail_every_nth_allocation {
             if n.is_multiple_of(k.get()) {
@@ -1039,49 +1154,59 @@ impl Memory {
         let limit = self.vegetation_limit.load(Ordering::Relaxed);
         let limited = category.is_vegetation() && limit != u64::MAX;
         let relocate = placement == Placement::Relocate && category.is_vegetation();
-        if relocate && self.dedicated_room() == 0 {
-            return refuse(
-                format!("{name} (relocation: too many dedicated allocations)"),
-                0,
-            );
-        }
         let reserved_before = self.vegetation_reserved();
-        let free_in_blocks = st.general_reserved[heap].saturating_sub(st.general_live[heap]);
-        // gpu-allocator's blocks double from the first size up to the largest.
-        let next_block = st.general_reserved[heap].clamp(block_min, block_max);
-        let optional_room = self.dedicated_room() > 0;
-        // The vegetation limit counts blocks, not sub-allocations: near it, an allocation that
-        // would need a new block gets a dedicated one of exactly its size, so a small limit
-        // still works and nothing is reserved past it.
-        let shared_only = placement == Placement::Shared && !always_dedicated;
-        let mut dedicated = always_dedicated
-            || (relocate && optional_room)
-            || (limited
-                && !shared_only
-                && optional_room
-                && free_in_blocks < size
-                && reserved_before.saturating_add(size.max(next_block)) > limit);
         // Over the limit, vegetation sheds: nothing new, not even into the free room of a block
         // (the blocks have to drain for their memory to go back), except relocations.
         if limited && !relocate && reserved_before > limit {
             return refuse(format!("{name} (vegetation over its budget)"), 0);
         }
+        let footprint = self.dedicated_footprint(size);
+        let optional_room = self.dedicated_room() > 0;
+        // Which blocks: 4 MiB ones for instances under a limit too small for the configured
+        // blocks, the configured ones otherwise.
+        let small = category == Category::Instances && limited && limit < 8 * block_min;
+        if relocate && !optional_room {
+            return refuse(
+                format!("{name} (relocation: no more allocations of its own)"),
+                0,
+            );
+        }
+        let pool_ix = if small { Pool::Small } else { Pool::Blocks } as usize;
+        let (pool_min, pool_max) = if small {
+            (SMALL_BLOCK, SMALL_BLOCK)
+        } else {
+            (block_min, block_max)
+        };
+        let bp = &st.pools[pool_ix];
+        let free_in_blocks = bp.reserved[heap].saturating_sub(bp.live[heap]);
+        // gpu-allocator's blocks double from the first size up to the largest.
+        let next_block = bp.reserved[heap].clamp(pool_min, pool_max);
+        // The vegetation limit counts blocks, not sub-allocations: near it, an allocation that
+        // would need a new block gets memory of its own (counted at the driver's granularity),
+        // so a small limit still works and nothing is reserved past it.
+        let shared_only = placement == Placement::Shared && !always_dedicated;
+        // A relocation always gets memory of its own (moving out of blocks to let them drain).
+        let mut dedicated = always_dedicated
+            || relocate
+            || size > pool_max
+            || (limited
+                && !shared_only
+                && optional_room
+                && free_in_blocks < size
+                && reserved_before.saturating_add(size.max(next_block)) > limit);
         let needs_new = dedicated || free_in_blocks < size;
-        if limited && !relocate && needs_new && reserved_before.saturating_add(size) > limit {
+        let cost = if dedicated {
+            footprint
+        } else {
+            size.max(next_block)
+        };
+        if limited && !relocate && needs_new && reserved_before.saturating_add(cost) > limit {
             return refuse(
                 format!("{name} (vegetation budget)"),
                 limit.saturating_sub(reserved_before),
             );
         }
-        // A new block is at least the minimum size (it doubles with the block count; a block
-        // larger than estimated is caught after the allocation, below).
-        let growth = if dedicated || size > block_max {
-            size
-        } else if !needs_new {
-            0
-        } else {
-            size.max(next_block)
-        };
+        let growth = if needs_new { cost } else { 0 };
         let (budget, usage) = self.heap_usage_now(heap);
         if usage.saturating_add(growth) > budget {
             return refuse(
@@ -1091,10 +1216,16 @@ impl Memory {
         }
         let st = &mut *st;
         loop {
-            let allocator = if dedicated {
-                st.dedicated.as_mut()
+            let pool = if dedicated {
+                Pool::Dedicated
+            } else if small {
+                Pool::Small
             } else {
-                st.general.as_mut()
+                Pool::Blocks
+            };
+            let allocator = match pool {
+                Pool::Dedicated => st.dedicated.as_mut(),
+                p => st.pools[p as usize].allocator.as_mut(),
             }
             .ok_or_else(|| Error::Lifecycle("memory was shut down".into()))?;
             let before = allocator.capacity();
@@ -1111,28 +1242,31 @@ impl Memory {
             })?;
             let grown = allocator.capacity().saturating_sub(before);
             let heap = self.heap_of(&req, &allocation);
-            self.add_reserved(st, heap, grown);
             if dedicated {
                 self.dedicated_live.fetch_add(1, Ordering::Relaxed);
+                // What the driver reserves for it: at least its allocation granularity.
+                self.add_reserved(st, heap, self.dedicated_footprint(grown));
             } else {
-                st.general_allocations += 1;
-                st.general_reserved[heap] += grown;
-                st.general_live[heap] += allocation.size();
+                self.add_reserved(st, heap, grown);
+                let bp = &mut st.pools[pool as usize];
+                bp.allocations += 1;
+                bp.reserved[heap] += grown;
+                bp.live[heap] += allocation.size();
             }
             if grown > 0 {
                 let (budget, usage) = self.heap_usage_now(heap);
                 if usage > budget {
-                    self.free_locked(st, heap, allocation);
+                    self.free_locked(st, heap, pool, allocation);
                     return refuse(format!("{name} (new block in heap {heap})"), 0);
                 }
                 if limited && !relocate && self.vegetation_reserved() > limit {
                     // A block bigger than the room (fragmentation, or the doubling block
-                    // size): give it back, and try once more with a block of its own size.
-                    self.free_locked(st, heap, allocation);
+                    // size): give it back, and try once more with memory of its own.
+                    self.free_locked(st, heap, pool, allocation);
                     if !dedicated
                         && !shared_only
                         && optional_room
-                        && reserved_before.saturating_add(size) <= limit
+                        && reserved_before.saturating_add(footprint) <= limit
                     {
                         dedicated = true;
                         continue;
@@ -1169,8 +1303,22 @@ impl Memory {
                     st.prioritized.insert(memory);
                 }
             }
-            return Ok((allocation, heap));
+            return Ok((allocation, heap, pool));
         }
+    }
+
+    /// What the driver reserves for memory of its own of `size` bytes: `size` rounded up to
+    /// its allocation granularity (measured at start-up with `VK_EXT_memory_budget`,
+    /// [`ASSUMED_ALLOCATION_GRANULARITY`] without).
+    pub fn dedicated_footprint(&self, size: u64) -> u64 {
+        size.div_ceil(self.granularity)
+            .saturating_mul(self.granularity)
+    }
+
+    /// The driver's allocation granularity in use ([`Memory::dedicated_footprint`]), and
+    /// whether it was measured.
+    pub fn allocation_granularity(&self) -> (u64, bool) {
+        (self.granularity, self.granularity_measured)
     }
 
     /// The bytes a buffer of `size` bytes in `category` will hold: its size class where the
@@ -1190,14 +1338,19 @@ impl Memory {
     /// move out for the blocks to go back (see `Vegetation`'s relocation).
     pub(crate) fn blocks_too_big(&self) -> bool {
         let limit = self.vegetation_limit.load(Ordering::Relaxed);
-        let Some((flags, _)) = self.predict_type(u32::MAX, MemoryLocation::GpuOnly) else {
-            return false;
-        };
         limit != u64::MAX
             && self
                 .vegetation_reserved()
-                .saturating_add(self.block_sizes(flags).0)
+                .saturating_add(self.instance_block(limit))
                 > limit
+    }
+
+    /// The first block size new instance allocations would get under `limit`.
+    fn instance_block(&self, limit: u64) -> u64 {
+        let min = self
+            .predict_type(u32::MAX, MemoryLocation::GpuOnly)
+            .map_or(SMALL_BLOCK, |(flags, _)| self.block_sizes(flags).0);
+        if limit < 8 * min { SMALL_BLOCK } else { min }
     }
 
     /// Dedicated allocations that may still be made where blocks would do (relocations).
@@ -1206,35 +1359,35 @@ impl Memory {
             .saturating_sub(self.dedicated_live.load(Ordering::Relaxed))
     }
 
-    /// Whether new instance allocations would go to blocks again with room to spare (the
-    /// budget has room for two more of the first block size): patches moved to allocations of
-    /// their own under a small budget may move back.
+    /// Whether new instance allocations would go to blocks again (the budget has room for one
+    /// more block of the size they would get): patches moved to allocations of their own
+    /// under a small budget may move back.
     pub(crate) fn blocks_fit_again(&self) -> bool {
         let limit = self.vegetation_limit.load(Ordering::Relaxed);
-        let Some((flags, _)) = self.predict_type(u32::MAX, MemoryLocation::GpuOnly) else {
-            return false;
-        };
         self.vegetation_reserved()
-            .saturating_add(2 * self.block_sizes(flags).0)
+            .saturating_add(self.instance_block(limit))
             <= limit
     }
 
-    /// Bytes of shared blocks the category holds (the rest of its reserved bytes are
-    /// dedicated allocations).
+    /// Bytes of shared blocks (both sizes) the category holds (the rest of its reserved bytes
+    /// are memory of its own).
     pub(crate) fn block_bytes(&self, category: Category) -> u64 {
-        lock(&self.categories[category as usize])
-            .general_reserved
-            .iter()
-            .sum()
+        let st = lock(&self.categories[category as usize]);
+        st.pools.iter().flat_map(|p| p.reserved.iter()).sum()
     }
 
     /// Bytes of the category's shared blocks that no allocation uses: what moving the rest
     /// out (relocation) would give back.
     pub(crate) fn block_slack(&self, category: Category) -> u64 {
         let st = lock(&self.categories[category as usize]);
-        let reserved: u64 = st.general_reserved.iter().sum();
-        let live: u64 = st.general_live.iter().sum();
-        reserved.saturating_sub(live)
+        st.pools
+            .iter()
+            .map(|p| {
+                let reserved: u64 = p.reserved.iter().sum();
+                let live: u64 = p.live.iter().sum();
+                reserved.saturating_sub(live)
+            })
+            .sum()
     }
 
     /// Bytes of blocks the vegetation categories hold together.
@@ -1274,13 +1427,11 @@ impl Memory {
     }
 
     /// Frees an allocation under its category's lock, keeping the accounting exact.
-    fn free_locked(&self, st: &mut CategoryState, heap: usize, allocation: Allocation) {
-        let dedicated = allocation.is_dedicated();
+    fn free_locked(&self, st: &mut CategoryState, heap: usize, pool: Pool, allocation: Allocation) {
         let bytes = allocation.size();
-        let Some(allocator) = (if dedicated {
-            st.dedicated.as_mut()
-        } else {
-            st.general.as_mut()
+        let Some(allocator) = (match pool {
+            Pool::Dedicated => st.dedicated.as_mut(),
+            p => st.pools[p as usize].allocator.as_mut(),
         }) else {
             return;
         };
@@ -1288,13 +1439,15 @@ impl Memory {
         if let Err(e) = allocator.free(allocation) {
             log::error!("gpu-allocator free failed: {e}");
         }
-        let shrunk = before.saturating_sub(allocator.capacity());
-        if dedicated {
+        let mut shrunk = before.saturating_sub(allocator.capacity());
+        if pool == Pool::Dedicated {
             self.dedicated_live.fetch_sub(1, Ordering::Relaxed);
+            shrunk = self.dedicated_footprint(shrunk);
         } else {
-            st.general_allocations = st.general_allocations.saturating_sub(1);
-            st.general_reserved[heap] = st.general_reserved[heap].saturating_sub(shrunk);
-            st.general_live[heap] = st.general_live[heap].saturating_sub(bytes);
+            let bp = &mut st.pools[pool as usize];
+            bp.allocations = bp.allocations.saturating_sub(1);
+            bp.reserved[heap] = bp.reserved[heap].saturating_sub(shrunk);
+            bp.live[heap] = bp.live[heap].saturating_sub(bytes);
         }
         if shrunk > 0 {
             self.sub_reserved(st, heap, shrunk);
@@ -1322,7 +1475,7 @@ impl Memory {
         bind: impl FnOnce(&Allocation) -> std::result::Result<(), vk::Result>,
         destroy: impl FnOnce(),
     ) -> Result<(Allocation, Meta)> {
-        let (allocation, heap) =
+        let (allocation, heap, pool) =
             match self.allocate(category, name, req, location, linear, handle, placement) {
                 Ok(a) => a,
                 Err(e) => {
@@ -1336,12 +1489,13 @@ impl Memory {
             heap,
             bytes: allocation.size(),
             owner: self.id,
+            pool,
         };
         if let Err(e) = bind(&allocation) {
             destroy();
             let mut st = lock(&self.categories[category as usize]);
             Self::release_live(&mut st, heap, meta.bytes);
-            self.free_locked(&mut st, heap, allocation);
+            self.free_locked(&mut st, heap, pool, allocation);
             return Err(Error::vk(bind_call, e));
         }
         Ok((allocation, meta))
@@ -1439,10 +1593,9 @@ impl Memory {
         let (raw, mut allocation, mut meta) = st.cache.get_mut(&key)?.pop()?;
         st.cached_bytes -= meta.bytes;
         // Leak reports name the new owner.
-        let allocator = if allocation.is_dedicated() {
-            st.dedicated.as_mut()
-        } else {
-            st.general.as_mut()
+        let allocator = match meta.pool {
+            Pool::Dedicated => st.dedicated.as_mut(),
+            p => st.pools[p as usize].allocator.as_mut(),
         };
         if let Some(a) = allocator {
             let _ = a.rename_allocation(&mut allocation, desc.name);
@@ -1601,7 +1754,7 @@ impl Memory {
                 // holds the handle.
                 unsafe { self.device.destroy_buffer(raw, None) };
                 Self::release_live(st, meta.heap, meta.bytes);
-                self.free_locked(st, meta.heap, allocation);
+                self.free_locked(st, meta.heap, meta.pool, allocation);
             }
             Resource::Image {
                 raw,
@@ -1611,7 +1764,7 @@ impl Memory {
                 // SAFETY: as above.
                 unsafe { self.device.destroy_image(raw, None) };
                 Self::release_live(st, meta.heap, meta.bytes);
-                self.free_locked(st, meta.heap, allocation);
+                self.free_locked(st, meta.heap, meta.pool, allocation);
             }
             // SAFETY: as above; objects in the queue belong to this device (the constructors
             // and `Context::retire_object` see to it).
@@ -1645,30 +1798,37 @@ impl Memory {
             unsafe { self.device.destroy_buffer(raw, None) };
             freed += meta.bytes;
             Self::release_live(&mut st, meta.heap, meta.bytes);
-            self.free_locked(&mut st, meta.heap, allocation);
+            self.free_locked(&mut st, meta.heap, meta.pool, allocation);
         }
         freed
     }
 
-    /// Returns the block gpu-allocator keeps empty, for every category with no sub-allocation
-    /// in a shared block, by dropping and recreating its general allocator (its dedicated
-    /// allocations are in another one and stay). Returns bytes given back to the driver.
+    /// Returns the block gpu-allocator keeps empty, for every block allocator of every
+    /// category that holds no sub-allocation, by dropping and recreating it (memory of its
+    /// own is in another allocator and stays). Returns bytes given back to the driver.
     pub fn release_empty_blocks(&self) -> Result<u64> {
         let mut released = 0;
         for c in &self.categories {
             let mut st = lock(c);
-            let reserved: u64 = st.general_reserved.iter().sum();
-            if st.general_allocations > 0 || reserved == 0 {
-                continue;
+            for pool in [Pool::Blocks, Pool::Small] {
+                let bp = &st.pools[pool as usize];
+                let reserved: u64 = bp.reserved.iter().sum();
+                if bp.allocations > 0 || reserved == 0 {
+                    continue;
+                }
+                let fresh = if pool == Pool::Small {
+                    self.small_allocator()?
+                } else {
+                    self.new_allocator()?
+                };
+                drop(st.pools[pool as usize].allocator.replace(fresh));
+                for h in 0..st.reserved_by_heap.len() {
+                    let r = std::mem::take(&mut st.pools[pool as usize].reserved[h]);
+                    self.sub_reserved(&mut st, h, r);
+                }
+                st.prioritized.clear();
+                released += reserved;
             }
-            let fresh = self.new_allocator()?;
-            drop(st.general.replace(fresh));
-            for h in 0..st.general_reserved.len() {
-                let r = std::mem::take(&mut st.general_reserved[h]);
-                self.sub_reserved(&mut st, h, r);
-            }
-            st.prioritized.clear();
-            released += reserved;
         }
         if released > 0 {
             self.block_releases.fetch_add(1, Ordering::Relaxed);
@@ -1778,7 +1938,11 @@ impl Memory {
         let mut leaks = Vec::new();
         for c in Category::ALL {
             let st = lock(&self.categories[c as usize]);
-            for a in [&st.general, &st.dedicated].into_iter().flatten() {
+            let [blocks, small] = &st.pools;
+            for a in [&blocks.allocator, &small.allocator, &st.dedicated]
+                .into_iter()
+                .flatten()
+            {
                 leaks.extend(
                     a.generate_report()
                         .allocations
@@ -1822,9 +1986,13 @@ impl Memory {
         unsafe { self.drain() };
         for c in Category::ALL {
             let mut st = lock(&self.categories[c as usize]);
-            for a in [st.general.take(), st.dedicated.take()]
-                .into_iter()
-                .flatten()
+            for a in [
+                st.pools[0].allocator.take(),
+                st.pools[1].allocator.take(),
+                st.dedicated.take(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 for alloc in a.generate_report().allocations {
                     log::error!(
@@ -1856,9 +2024,13 @@ impl Memory {
         for c in &self.categories {
             let mut st = lock(c);
             std::mem::forget(std::mem::take(&mut st.cache));
-            for a in [st.general.take(), st.dedicated.take()]
-                .into_iter()
-                .flatten()
+            for a in [
+                st.pools[0].allocator.take(),
+                st.pools[1].allocator.take(),
+                st.dedicated.take(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 std::mem::forget(a);
             }

@@ -124,6 +124,9 @@ pub struct DemoReport {
     pub peak_heap_usage: u64,
     /// That heap's budget at the same frame.
     pub heap_budget: u64,
+    /// The driver's allocation granularity understory counts memory of its own at, and
+    /// whether it was measured (`VK_EXT_memory_budget`) or assumed.
+    pub allocation_granularity: (u64, bool),
     /// Lowest LOD quality the controller chose.
     pub min_quality: f32,
     /// Tile evictions.
@@ -940,6 +943,7 @@ impl Accumulator {
                 recovery_frames: Some(0),
                 peak_heap_usage: 0,
                 heap_budget: 0,
+                allocation_granularity: ctx.memory().allocation_granularity(),
                 min_quality: f32::INFINITY,
                 evictions: 0,
                 uploads: 0,

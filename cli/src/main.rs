@@ -199,10 +199,16 @@ fn run(cli: Cli) -> understory::Result<()> {
             );
             println!("{}", r.budget_line());
             println!(
-                "device-local heap usage peak {:.1} MiB of a {:.1} MiB budget ({})",
+                "device-local heap usage peak {:.1} MiB of a {:.1} MiB budget ({}); allocation granularity {} KiB ({})",
                 mib(r.peak_heap_usage),
                 mib(r.heap_budget),
-                r.budget_source
+                r.budget_source,
+                r.allocation_granularity.0 >> 10,
+                if r.allocation_granularity.1 {
+                    "measured"
+                } else {
+                    "assumed"
+                }
             );
             println!(
                 "most drawn in a frame: full {}, medium {}, billboard {}; frames with list overflow {}",

@@ -901,8 +901,7 @@ impl Memory {
     }
 
     /// With `VK_EXT_memory_budget`: the driver's heapUsage around one 4 KiB allocation of the
-    /// memory instances live in tells what a small allocation of its own really costs (64 KiB
-    /// on an H200 with driver 580). Without the extension, or with an implausible answer,
+    /// memory instances live in tells what a small allocation of its own really costs. Without the extension, or with an implausible answer,
     /// [`ASSUMED_ALLOCATION_GRANULARITY`] stays, labelled as not measured.
     fn measure_granularity(&mut self) -> Result<()> {
         let Some((flags, heap)) = self.predict_type(u32::MAX, MemoryLocation::GpuOnly) else {

@@ -929,6 +929,7 @@ impl Vegetation {
         }
         let _ = budget_now;
         let mut decision = self.controller.step(&input, &demand, &self.config.lod);
+        log::trace!("budget input {input:?} decision {decision:?}");
         // The optional second input: frame time scales quality further (never up past the
         // budget's choice).
         decision.quality *= self.frame_time_scale();

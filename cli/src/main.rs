@@ -88,7 +88,7 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         patches: usize,
         /// Vegetation cap in MiB (a quarter of it during squeezes, which come six times a run).
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 32)]
         cap_mib: u64,
         /// CSV output.
         #[arg(long, default_value = "soak.csv")]
@@ -300,7 +300,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 r.over_budget_frames
             );
             println!(
-                "budget: peak held {:.1} MiB, lowest budget {:.1} MiB{}; frames over budget after settling {}; blank frames {}; lowest quality {:.2}; recovery to quality 1.00 in {}",
+                "budget: peak held {:.1} MiB, lowest budget {:.1} MiB{}; frames over budget after settling {}; blank frames {}; lowest quality {:.2}; recovery to the quality before the budget fell in {}",
                 r.peak_held as f64 / (1u64 << 20) as f64,
                 r.lowest_budget as f64 / (1u64 << 20) as f64,
                 if pressure {
@@ -315,7 +315,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 r.blank_frames,
                 r.min_quality,
                 r.recovery_frames
-                    .map_or("never (below 1.00 at the end)".into(), |n| format!(
+                    .map_or("never (not back when the run ended)".into(), |n| format!(
                         "{n} frames"
                     ))
             );

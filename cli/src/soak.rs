@@ -67,7 +67,7 @@ impl Default for SoakConfig {
             instances_per_patch: 64,
             churn_per_frame: 20,
             squeeze_period_frames: 2_000,
-            cap_bytes: 16 << 20,
+            cap_bytes: 32 << 20,
             csv: None,
             svg: None,
             pressure: None,
@@ -97,7 +97,8 @@ pub struct SoakReport {
     /// Lowest quality.
     pub min_quality: f32,
     /// Frames from the last time the budget rose back (the end of a squeeze or of the outside
-    /// pressure) to quality 1.00; `None` if it did not come back.
+    /// pressure) to the quality before it fell (1.00 where the cap holds the whole view; a
+    /// soak's world may need more than its cap); `None` if it did not come back.
     pub recovery_frames: Option<u64>,
     /// With `pressure`: the most VRAM the other process held, and the lowest vegetation
     /// budget it caused.
@@ -296,6 +297,7 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
     let mut settled_from = 0;
     let mut last_budget = 0u64;
     let mut rise_at: Option<u64> = None;
+    let mut quality_before: f32 = 1.0;
     let mut recovery = Some(0);
     let mut over = 0;
     let mut blank = 0;
@@ -390,6 +392,12 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
             if budget < last_budget {
                 settled_from = f + SETTLE_FRAMES;
             }
+            // The quality before the budget fell by a tenth or more: what recovery returns to.
+            if (budget as f64) < last_budget as f64 * 0.9
+                && rise_at.is_none_or(|_| recovery.is_some())
+            {
+                quality_before = rows.last().map_or(1.0, |r| r.quality);
+            }
             // Recovery: from the last time the budget rose back by a tenth or more.
             if budget as f64 > last_budget as f64 * 1.1 && f > 0 {
                 rise_at = Some(f);
@@ -397,7 +405,7 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
             }
             last_budget = budget;
             if let Some(r) = rise_at {
-                if recovery.is_none() && report.decision.quality >= 1.0 {
+                if recovery.is_none() && report.decision.quality >= quality_before.min(1.0) - 0.02 {
                     recovery = Some(f - r);
                 }
             }

@@ -1738,7 +1738,10 @@ impl Memory {
                 key,
             } => {
                 if let Some(key) = key {
+                    // Memory of its own is never kept for reuse: a cached one would hold a
+                    // whole allocation (the driver's granularity) for a few bytes.
                     if may_cache
+                        && meta.pool != Pool::Dedicated
                         && st.cached_bytes + meta.bytes <= self.config.cache_bytes[meta.category]
                     {
                         st.cached_bytes += meta.bytes;

@@ -47,6 +47,8 @@ mod thread_safety {
         send_sync::<crate::gpu::context::Frame>();
         send_sync::<crate::gpu::memory::Buffer>();
         send_sync::<crate::gpu::memory::Image>();
+        // A view may be read on, and dropped on, another thread than the one that mapped.
+        send_sync::<crate::gpu::memory::Mapped<'static>>();
         send_sync::<crate::gpu::cull::CullPass>();
         send_sync::<crate::gpu::draw::DrawPass>();
         send_sync::<crate::gpu::compute::ComputePipeline>();

@@ -1350,7 +1350,7 @@ impl Vegetation {
             else {
                 continue;
             };
-            let Some(staging) = batch.staging.get(c.staging) else {
+            let Some(staging) = batch.staging.get_mut(c.staging) else {
                 continue;
             };
             // One copy region per destination buffer.
@@ -1387,7 +1387,7 @@ impl Vegetation {
                 groups.entry(u.staging).or_default().push(u.region);
             }
             for (s, group) in groups {
-                let Some(staging) = batch.staging.get(s) else {
+                let Some(staging) = batch.staging.get_mut(s) else {
                     continue;
                 };
                 staging.touch(value);

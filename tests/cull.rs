@@ -242,6 +242,7 @@ fn run(
         list.sort_unstable();
     }
     let guard_intact = words[entries as usize..].iter().all(|w| *w == 0xDEAD_BEEF);
+    drop(bytes);
     drop(read);
     Readback {
         lists: out,
@@ -602,6 +603,7 @@ fn records_hold_the_instance_each_list_slot_names() {
                 );
             }
         }
+        drop(bytes);
         drop(read);
     }
     finish(ctx, bufs, "records");

@@ -401,7 +401,7 @@ fn a_million_instances_fly_over_with_a_squeezed_budget() {
         Ok(())
     })
     .unwrap();
-    let counters: [u32; 8] = bytemuck::pod_read_unaligned(read.mapped().unwrap());
+    let counters: [u32; 8] = bytemuck::pod_read_unaligned(&read.mapped().unwrap());
     let cpu_sources: Vec<(&[Instance], u32)> = sources.iter().map(|(s, i)| (*i, s.base)).collect();
     let want = understory::gpu::cull::cull_cpu(&cpu_sources, &view);
     for (l, list) in want.lists.iter().enumerate() {
@@ -557,12 +557,14 @@ fn uploads_survive_frames_that_skip_record_or_are_dropped() {
         Ok(())
     })
     .unwrap();
-    let got: &[Instance] = bytemuck::cast_slice(read.mapped().unwrap());
+    let view = read.mapped().unwrap();
+    let got: &[Instance] = bytemuck::cast_slice(&view);
     for (g, want) in got.iter().zip(&instances) {
         assert_eq!(g.position, want.position);
         assert_eq!(g.scale, want.scale);
     }
     assert_eq!(got.len(), instances.len());
+    drop(view);
     drop((read, veg, ring));
     common::finish(ctx, "uploads survive dropped frames");
 }

@@ -1181,7 +1181,7 @@ fn fly(ctx: &Context, veg: &mut Vegetation, config: &DemoConfig) -> Result<DemoR
                 .readback
                 .as_ref()
                 .ok_or_else(|| Error::InvalidInput("no readback buffer".into()))?;
-            write_png(&path, config.width, config.height, readback.mapped()?)?;
+            write_png(&path, config.width, config.height, &readback.mapped()?)?;
             acc.report.pngs.push(path);
         }
         acc.frame(f, &veg.stats(), config.stats_interval);

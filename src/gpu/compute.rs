@@ -423,7 +423,8 @@ impl ComputePipeline {
     ///
     /// [`Error::InvalidInput`] for a buffer without `STORAGE_BUFFER` usage or larger than
     /// `maxStorageBufferRange`, a wrong number of buffers or push-constant bytes, or a dispatch
-    /// beyond `maxComputeWorkGroupCount`.
+    /// beyond `maxComputeWorkGroupCount`; [`Error::Lifecycle`] for a buffer with a live
+    /// [`Mapped`](crate::gpu::memory::Mapped) view. Nothing is recorded on error.
     ///
     /// # Safety
     /// `cmd` must be a command buffer of this context's device in the recording state, outside
@@ -508,8 +509,10 @@ impl ComputePipeline {
             .enumerate()
             .map(|(i, info)| (i as u32, vk::DescriptorType::STORAGE_BUFFER, &info[..]))
             .collect();
+        // Marked before anything is recorded: a buffer with a live `Mapped` view refuses
+        // (those marked before it only wait for this frame).
         for b in buffers {
-            b.touch(frame.value());
+            b.mark_used(frame.value())?;
         }
         self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
         let d = &self.shared.device;

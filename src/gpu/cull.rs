@@ -672,6 +672,9 @@ impl CullPass {
     /// vertex, fragment and compute shaders and transfers. Zero sources or zero instances
     /// record a valid, empty pass. Marks the pass and every source used by `frame`.
     ///
+    /// A source or output buffer with a live [`Mapped`](crate::gpu::memory::Mapped) view is
+    /// [`Error::Lifecycle`]; nothing is recorded on error.
+    ///
     /// # Safety
     /// `cmd` must be a command buffer of this context's device, recording, outside a render
     /// pass, on a queue family with compute, and recorded for `frame` (submitted as its
@@ -685,17 +688,7 @@ impl CullPass {
         view: &CullView,
     ) -> Result<()> {
         frame.check(&self.shared, "CullPass::record")?;
-        // Resizes first (the lists of this frame are the new ones), then this frame's readback.
-        self.follow_demand()?;
-        let rb = self.readback_slot()?;
-        let readback = self.readbacks[rb].0.raw();
-        self.readbacks[rb].0.touch(frame.value());
-        let (lists, counters, args, view_buf) = (
-            self.lists()?,
-            self.counters()?,
-            self.args()?,
-            Self::get(&self.view)?,
-        );
+        // Sources first: a refusal changes nothing and leaves nothing recorded.
         let range = u64::from(self.shared.adapter.limits.max_storage_buffer_range);
         for s in sources {
             if !s.buffer.belongs_to(&self.shared) {
@@ -721,7 +714,29 @@ impl CullPass {
                 )));
             }
         }
-        // Sets first: a failure leaves nothing recorded.
+        // Marked before anything is recorded: a source with a live `Mapped` view refuses
+        // (those marked before it only wait for this frame).
+        for s in sources {
+            s.buffer.mark_used(frame.value())?;
+        }
+        // Resizes first (the lists of this frame are the new ones), then this frame's readback.
+        self.follow_demand()?;
+        let rb = self.readback_slot()?;
+        let readback = self.readbacks[rb].0.raw();
+        self.readbacks[rb].0.touch(frame.value());
+        let (lists, counters, args, view_buf) = (
+            self.lists()?,
+            self.counters()?,
+            self.args()?,
+            Self::get(&self.view)?,
+        );
+        for b in [lists, counters, args, view_buf]
+            .into_iter()
+            .chain(self.records.as_ref())
+        {
+            b.mark_used(frame.value())?;
+        }
+        // Sets next: a failure leaves nothing recorded.
         let live: Vec<&CullSource<'_>> = sources.iter().filter(|s| s.count > 0).collect();
         let batches: Vec<&[&CullSource<'_>]> = live.chunks(self.batch).collect();
         let sets = {
@@ -734,13 +749,6 @@ impl CullPass {
         let fin_set =
             lock(&self.fin_sets).allocate(&self.shared, frame.value(), self.fin_set_layout)?;
         self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
-        for b in [lists, counters, args, view_buf]
-            .into_iter()
-            .chain(self.records.as_ref())
-            .chain(sources.iter().map(|s| s.buffer))
-        {
-            b.touch(frame.value());
-        }
         let d = &self.shared.device;
         let all_reads = vk::AccessFlags::SHADER_READ
             | vk::AccessFlags::SHADER_WRITE
@@ -776,7 +784,8 @@ impl CullPass {
         let records_i = whole(self.records.as_ref().unwrap_or(lists));
         // SAFETY (whole body): cmd is recording outside a render pass (caller); every buffer is
         // live and large enough (created here, or checked above) and marked used by `frame`,
-        // so none is freed before the frame completes; each dispatch binds a fresh set (from
+        // so none is freed before the frame completes, and none has a live host view (the
+        // marks were refused otherwise); each dispatch binds a fresh set (from
         // the arena, not used by any pending command) whose every binding, each array element
         // included, is written first (VUID-vkCmdDispatch-None-02697); the barriers order the reset before the dispatches,
         // the dispatches before finalize, and finalize before every consumer, including the

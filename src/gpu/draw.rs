@@ -681,8 +681,9 @@ impl DrawPass {
             ));
         }
         let (fb, sb) = (Self::get(&self.frame)?, Self::get(&self.species)?);
-        fb.touch(frame.value());
-        sb.touch(frame.value());
+        // Marked before anything is recorded (refused while a `Mapped` view is alive).
+        fb.mark_used(frame.value())?;
+        sb.mark_used(frame.value())?;
         self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
         let d = &self.shared.device;
         let readers =
@@ -726,6 +727,10 @@ impl DrawPass {
     /// `extent`, sampling `atlas_page` (the image the pass was built with). Marks the pass, the
     /// page and the cull pass's records and arguments used by `frame`.
     ///
+    /// [`Error::InvalidInput`] for another image than the pass's page; [`Error::Lifecycle`]
+    /// while a [`Mapped`](crate::gpu::memory::Mapped) view of the cull pass's records or
+    /// arguments is alive. Nothing is recorded on error.
+    ///
     /// # Safety
     /// `cmd` must be recording on this context's device inside a dynamic-rendering scope whose
     /// attachments have the formats given to [`DrawPass::new`], recorded for `frame`;
@@ -761,11 +766,13 @@ impl DrawPass {
             ));
         }
         let value = frame.value();
-        let set = lock(&self.sets).allocate(&self.shared, value, self.set_layout)?;
+        // Marked before anything is recorded: a buffer with a live `Mapped` view refuses
+        // (those marked before it only wait for this frame).
         for b in [vb, ib, fb, sb, records, args] {
-            b.touch(value);
+            b.mark_used(value)?;
         }
         atlas_page.touch(value);
+        let set = lock(&self.sets).allocate(&self.shared, value, self.set_layout)?;
         self.last_use.fetch_max(value, Ordering::AcqRel);
         let d = &self.shared.device;
         let buf = |b: &Buffer| {

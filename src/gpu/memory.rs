@@ -242,6 +242,9 @@ pub struct Buffer {
     location: MemoryLocation,
     meta: Meta,
     id: u64,
+    /// The use word: the value of the last frame that used the buffer (the low
+    /// [`FRAME_VALUE_BITS`] bits) and the number of live [`Mapped`] views (the bits above), in
+    /// one atomic so that a mark and a mapping are ordered by one compare-and-swap.
     last_use: AtomicU64,
     shared: Arc<Shared>,
 }
@@ -264,11 +267,87 @@ pub struct Image {
 /// Ids of buffers and images: unique in the process (Vulkan handles may be reused).
 static NEXT_RESOURCE_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Bits of a buffer's use word that hold the last frame's value; frame values never exceed
+/// [`MAX_FRAME_VALUE`] (`Clock::open` refuses a frame beyond it).
+const FRAME_VALUE_BITS: u32 = 48;
+/// The largest frame value a buffer can record: 2⁴⁸ − 1 (9,000 years at 1,000 frames a second).
+pub(crate) const MAX_FRAME_VALUE: u64 = (1 << FRAME_VALUE_BITS) - 1;
+/// One live [`Mapped`] view in a buffer's use word.
+const ONE_VIEW: u64 = 1 << FRAME_VALUE_BITS;
+
 /// Marks `last_use` with `frame`'s value, after checking the frame is of `shared`'s context.
 fn mark(last_use: &AtomicU64, shared: &Shared, frame: &Frame, what: &str) -> Result<()> {
     frame.check(shared, what)?;
     last_use.fetch_max(frame.value(), Ordering::AcqRel);
     Ok(())
+}
+
+/// A read-only view of a host-visible [`Buffer`]'s mapped bytes, from [`Buffer::mapped`]; it
+/// dereferences to `[u8]` (its [`Buffer::size`] bytes).
+///
+/// While a view is alive, no frame can start using the buffer: every mark ([`Buffer::used_in`]
+/// and understory's recording functions: cull, scan, compute dispatches, draws) is refused with
+/// [`Error::Lifecycle`] before anything is recorded, so the GPU never writes the bytes a view
+/// shows. Views may be many at a time, and on several threads. A view that is leaked
+/// (`std::mem::forget`) keeps the buffer from every later frame, as a leaked `RefCell` borrow
+/// does; [`Buffer::mapped_mut`] and further views still work.
+///
+/// A view borrows the buffer, so the buffer cannot be written through
+/// [`Buffer::mapped_mut`] while it is alive:
+///
+/// ```compile_fail,E0502
+/// # fn f(staging: &mut understory::gpu::memory::Buffer) -> understory::Result<()> {
+/// let view = staging.mapped()?;
+/// staging.mapped_mut()?[0] = 1; // cannot borrow `*staging` as mutable: `view` borrows it
+/// let first = view[0];
+/// # Ok(()) }
+/// ```
+///
+/// and [`Vegetation::record`](crate::vegetation::Vegetation::record), which writes instance
+/// buffers with `&mut` access, cannot run while a view of one of its buffers is alive:
+///
+/// ```compile_fail,E0502
+/// # fn f(veg: &mut understory::vegetation::Vegetation, frame: &understory::gpu::context::Frame,
+/// #      cmd: ash::vk::CommandBuffer) -> understory::Result<()> {
+/// let sources = veg.cull_sources();
+/// let view = sources[0].0.buffer.mapped()?;
+/// unsafe { veg.record(frame, cmd)? }; // cannot borrow `*veg` as mutable
+/// let first = view[0];
+/// # Ok(()) }
+/// ```
+pub struct Mapped<'a> {
+    bytes: &'a [u8],
+    /// The buffer's use word, whose view count this view holds one of.
+    word: &'a AtomicU64,
+}
+
+impl std::ops::Deref for Mapped<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl AsRef<[u8]> for Mapped<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl std::fmt::Debug for Mapped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapped")
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl Drop for Mapped<'_> {
+    fn drop(&mut self) {
+        // Release: the host's reads through this view happen before any mark that sees the
+        // count drop (an acquiring CAS), hence before any GPU work of that frame.
+        self.word.fetch_sub(ONE_VIEW, Ordering::Release);
+    }
 }
 
 impl Buffer {
@@ -314,47 +393,138 @@ impl Buffer {
     /// completed that frame. understory's recording functions do this for what they record; a
     /// host that records [`Buffer::raw`] into its own commands must do it too (for the frame
     /// whose submission carries those commands), or keep the buffer alive until they completed.
+    ///
+    /// [`Error::Lifecycle`] (nothing marked) while a [`Mapped`] view of the buffer is alive:
+    /// the host is reading the bytes the frame's commands could write. Record nothing that
+    /// uses the buffer then.
     pub fn used_in(&self, frame: &Frame) -> Result<()> {
-        mark(&self.last_use, &self.shared, frame, &self.meta.name)
+        frame.check(&self.shared, &self.meta.name)?;
+        self.mark_used(frame.value())
     }
     /// The value of the last frame that used it (0: none).
     pub fn last_use(&self) -> u64 {
-        self.last_use.load(Ordering::Acquire)
+        self.last_use.load(Ordering::Acquire) & MAX_FRAME_VALUE
     }
-    /// Marks a use without checking the frame (callers checked it).
-    pub(crate) fn touch(&self, value: u64) {
-        self.last_use.fetch_max(value, Ordering::AcqRel);
+    /// Marks a use by frame `value` (callers checked the frame), unless a [`Mapped`] view is
+    /// alive: then [`Error::Lifecycle`] and nothing is marked. Call it before recording any
+    /// command that uses the buffer, and record nothing on error.
+    pub(crate) fn mark_used(&self, value: u64) -> Result<()> {
+        if value > MAX_FRAME_VALUE {
+            return Err(Error::Lifecycle(format!(
+                "buffer {:?}: frame value {value} beyond {MAX_FRAME_VALUE}",
+                self.meta.name
+            )));
+        }
+        let mut word = self.last_use.load(Ordering::Acquire);
+        loop {
+            let views = word >> FRAME_VALUE_BITS;
+            if views > 0 {
+                return Err(Error::Lifecycle(format!(
+                    "buffer {:?} is mapped ({views} live `Mapped` view(s)): no frame may use it \
+                     while the host reads it; drop the views first",
+                    self.meta.name
+                )));
+            }
+            if word >= value {
+                return Ok(());
+            }
+            // One CAS orders this mark against every mapping: a view taken after it sees the
+            // new value (and refuses while the frame runs), one taken before makes it fail.
+            match self.last_use.compare_exchange_weak(
+                word,
+                value,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => word = now,
+            }
+        }
+    }
+    /// Marks a use by frame `value` through the only reference to the buffer: no [`Mapped`]
+    /// view can be alive (a view borrows the buffer), so this cannot be refused. The value is
+    /// a frame's ([`MAX_FRAME_VALUE`] at most).
+    pub(crate) fn touch(&mut self, value: u64) {
+        debug_assert!(value <= MAX_FRAME_VALUE);
+        let word = self.last_use.get_mut();
+        let views = *word & !MAX_FRAME_VALUE;
+        *word = views | (*word & MAX_FRAME_VALUE).max(value.min(MAX_FRAME_VALUE));
     }
     /// Whether `shared` is this buffer's context.
     pub(crate) fn belongs_to(&self, shared: &Shared) -> bool {
         self.meta.owner == shared.memory.id
     }
-    fn check_idle(&self) -> Result<()> {
-        let last = self.last_use();
-        if last > 0 && self.shared.clock.completed()? < last {
-            return Err(Error::NotReady(format!(
-                "buffer {:?} is used by frame {last}, which the GPU has not completed",
-                self.meta.name
-            )));
-        }
-        Ok(())
+    fn not_ready(&self, last: u64) -> Error {
+        Error::NotReady(format!(
+            "buffer {:?} is used by frame {last}, which the GPU has not completed",
+            self.meta.name
+        ))
     }
-    /// The mapped bytes (`size()` of them) of a host-visible buffer. Only while no frame that
-    /// the GPU has not completed uses it ([`Error::NotReady`] otherwise: wait for its
-    /// [`last_use`](Buffer::last_use) first); not host-visible is [`Error::InvalidInput`].
-    pub fn mapped(&self) -> Result<&[u8]> {
-        self.check_idle()?;
-        self.allocation
+    fn not_mapped(&self) -> Error {
+        Error::InvalidInput(format!("buffer {:?} is not mapped", self.meta.name))
+    }
+    /// A read-only view of the mapped bytes (`size()` of them) of a host-visible buffer. Only
+    /// while no frame that the GPU has not completed uses it ([`Error::NotReady`] otherwise:
+    /// wait for its [`last_use`](Buffer::last_use) first); not host-visible is
+    /// [`Error::InvalidInput`].
+    ///
+    /// While the returned [`Mapped`] is alive, no frame can start using the buffer
+    /// ([`Buffer::used_in`] and every recording function that would use it return
+    /// [`Error::Lifecycle`]), so the GPU cannot write what the view shows. Drop it before
+    /// recording the buffer.
+    pub fn mapped(&self) -> Result<Mapped<'_>> {
+        let bytes = self
+            .allocation
             .as_ref()
             .and_then(Allocation::mapped_slice)
             .map(|s| &s[..self.size as usize])
-            .ok_or_else(|| {
-                Error::InvalidInput(format!("buffer {:?} is not mapped", self.meta.name))
-            })
+            .ok_or_else(|| self.not_mapped())?;
+        let mut completed = None;
+        let mut word = self.last_use.load(Ordering::Acquire);
+        loop {
+            let last = word & MAX_FRAME_VALUE;
+            if last > 0 {
+                // Completion only grows: a value read once stays true for the retries.
+                let done = match completed {
+                    Some(c) => c,
+                    None => *completed.insert(self.shared.clock.completed()?),
+                };
+                if done < last {
+                    return Err(self.not_ready(last));
+                }
+            }
+            if word >> FRAME_VALUE_BITS == u64::MAX >> FRAME_VALUE_BITS {
+                return Err(Error::Lifecycle(format!(
+                    "buffer {:?} has {} live `Mapped` views, the most there can be",
+                    self.meta.name,
+                    u64::MAX >> FRAME_VALUE_BITS
+                )));
+            }
+            // The view is counted in the same word as the last use: a mark after this CAS is
+            // refused, and one before it is the `last` checked above.
+            match self.last_use.compare_exchange_weak(
+                word,
+                word + ONE_VIEW,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Ok(Mapped {
+                        bytes,
+                        word: &self.last_use,
+                    });
+                }
+                Err(now) => word = now,
+            }
+        }
     }
-    /// The mapped bytes, writable; as [`Buffer::mapped`].
+    /// The mapped bytes, writable; as [`Buffer::mapped`]. `&mut self`: no [`Mapped`] view and
+    /// no recording that borrows the buffer can be alive meanwhile.
     pub fn mapped_mut(&mut self) -> Result<&mut [u8]> {
-        self.check_idle()?;
+        let last = self.last_use();
+        if last > 0 && self.shared.clock.completed()? < last {
+            return Err(self.not_ready(last));
+        }
         let size = self.size as usize;
         let name = self.meta.name.clone();
         self.allocation
@@ -398,7 +568,7 @@ impl Image {
     pub fn category(&self) -> Category {
         self.meta.category
     }
-    /// As [`Buffer::used_in`].
+    /// As [`Buffer::used_in`] (images are never mapped, so this is never refused for a view).
     pub fn used_in(&self, frame: &Frame) -> Result<()> {
         mark(&self.last_use, &self.shared, frame, &self.meta.name)
     }
@@ -453,9 +623,8 @@ impl Drop for Buffer {
                     class_bytes: size_class(self.size),
                 }),
             };
-            self.shared
-                .memory
-                .retire_resource(resource, *self.last_use.get_mut());
+            let last_use = *self.last_use.get_mut() & MAX_FRAME_VALUE;
+            self.shared.memory.retire_resource(resource, last_use);
         }
     }
 }

@@ -45,7 +45,9 @@ impl BlockScan {
 
     /// Records the dispatch for `count` elements of `input` into `output` (`count` u32s each)
     /// and `block_sums` (`ceil(count / 256)` u32s), checking their sizes and that each has
-    /// `STORAGE_BUFFER` usage ([`Error::InvalidInput`] otherwise). Zero elements record nothing.
+    /// `STORAGE_BUFFER` usage ([`Error::InvalidInput`] otherwise); a buffer with a live
+    /// [`Mapped`](crate::gpu::memory::Mapped) view is [`Error::Lifecycle`]. Zero elements
+    /// record nothing.
     ///
     /// # Safety
     /// As [`ComputePipeline::record_dispatch`]. The caller adds the barriers that order the

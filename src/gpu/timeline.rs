@@ -193,8 +193,16 @@ impl Clock {
                 s.last_submitted + 1
             )));
         }
+        let value = s.last_submitted + 1;
+        // Buffers keep the last frame's value in 48 bits of their use word (memory.rs).
+        if value > crate::gpu::memory::MAX_FRAME_VALUE {
+            return Err(Error::Lifecycle(format!(
+                "frame values are used up ({} at most)",
+                crate::gpu::memory::MAX_FRAME_VALUE
+            )));
+        }
         s.open = true;
-        Ok(s.last_submitted + 1)
+        Ok(value)
     }
 
     /// The open frame was dropped without being submitted: its value goes to the next frame.

@@ -1,0 +1,325 @@
+//! More of the host contract's soundness holes found in review (finding c), each as a
+//! regression test in the style of `tests/contract.rs`: what a sequence of safe calls (or unsafe
+//! calls whose contract is honoured) must not do. Each test says whether it fails on the code
+//! before its fix. Where a fix is by types, a compile-fail doctest next to the type shows what
+//! no longer compiles (`Mapped` in `src/gpu/memory.rs`).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ash::vk;
+use glam::Vec3;
+use understory::Error;
+use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc};
+use understory::gpu::context::Context;
+use understory::gpu::cull::{
+    Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect, SOURCES_PER_DISPATCH,
+};
+use understory::gpu::debug::Canary;
+use understory::gpu::frame::FrameRing;
+use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
+use understory::gpu::scan::BlockScan;
+use understory::policy::category::Category;
+use understory::policy::lod::LodBands;
+
+/// The GPU tests of this file run one at a time (the race below measures interleavings, and a
+/// 2-core machine running several lavapipe contexts at once blurs them).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drains the canary, printing what it held; returns how many messages there were.
+fn messages(canary: &Arc<Canary>, what: &str) -> usize {
+    let msgs = canary.drain();
+    for m in &msgs {
+        eprintln!("[{what}] VALIDATION: {m}");
+    }
+    msgs.len()
+}
+
+fn buffer(
+    ctx: &Context,
+    name: &str,
+    size: u64,
+    usage: vk::BufferUsageFlags,
+    location: MemoryLocation,
+) -> Buffer {
+    ctx.create_buffer(&BufferDesc {
+        name,
+        size,
+        usage,
+        location,
+        category: Category::Other,
+    })
+    .expect("buffer")
+}
+
+const MESHES: [DrawIndexedIndirect; 3] = [DrawIndexedIndirect {
+    index_count: 6,
+    instance_count: 0,
+    first_index: 0,
+    vertex_offset: 0,
+    first_instance: 0,
+}; 3];
+
+fn cull_pass(ctx: &Context) -> CullPass {
+    CullPass::from_desc(
+        ctx,
+        &CullDesc {
+            compaction: Compaction::Atomic,
+            capacity: 64,
+            adaptive: false,
+            meshes: MESHES,
+            records: false,
+            max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+        },
+    )
+    .expect("cull pass")
+}
+
+/// x, y, z in [-100, 100] around the origin.
+fn box_view() -> CullView {
+    let planes = [
+        [1.0, 0.0, 0.0, 100.0],
+        [-1.0, 0.0, 0.0, 100.0],
+        [0.0, 1.0, 0.0, 100.0],
+        [0.0, -1.0, 0.0, 100.0],
+        [0.0, 0.0, 1.0, 100.0],
+        [0.0, 0.0, -1.0, 100.0],
+    ];
+    CullView::from_planes(planes, Vec3::ZERO, 1.0, &LodBands::default(), 1.0).unwrap()
+}
+
+// ---- c. the GPU never writes a buffer while a mapping of it is alive ----------------------
+
+/// A host-visible storage buffer is mapped (`Buffer::mapped`) and, while that view is alive,
+/// every path that lets a frame use the buffer is tried: `used_in`, the block scan (which
+/// writes it), a raw compute dispatch and the cull pass (which reads it as a source). Each is
+/// refused with `Lifecycle` and records nothing; once the view is dropped, the same calls go
+/// through and the scan's result is seen through a new mapping after the frame completed.
+///
+/// Before the fix every call succeeded, and the scan wrote the bytes the live `&[u8]` pointed
+/// at (mutation behind a shared reference).
+#[test]
+fn no_frame_uses_a_buffer_while_a_mapping_of_it_is_alive() {
+    let _serial = serial();
+    let Some(ctx) = common::context("mapped_vs_frames") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let scan = BlockScan::new(&ctx).unwrap();
+    // SAFETY: BLOCK_SCAN is the crate's naga-validated shader; entry `main`; set 0 bindings
+    // 0..3 storage buffers and a 4-byte push constant, as shaders/block_scan.wgsl declares.
+    let raw = unsafe {
+        ComputePipeline::new(
+            &ctx,
+            &ComputePipelineDesc {
+                name: "block scan by hand",
+                spirv: understory::gpu::shaders::BLOCK_SCAN,
+                entry: c"main",
+                storage_buffers: 3,
+                push_constant_bytes: 4,
+            },
+        )
+    }
+    .unwrap();
+    let mut cull = cull_pass(&ctx);
+    let storage = vk::BufferUsageFlags::STORAGE_BUFFER;
+    let mut input = buffer(&ctx, "in", 1024, storage, MemoryLocation::CpuToGpu);
+    let mut out = buffer(&ctx, "out", 1024, storage, MemoryLocation::GpuToCpu);
+    let sums = buffer(&ctx, "sums", 64, storage, MemoryLocation::GpuOnly);
+    input.mapped_mut().unwrap().fill(0);
+    out.mapped_mut().unwrap().fill(0xab);
+    let ring = FrameRing::new(&ctx).unwrap();
+
+    let view = out.mapped().expect("idle and host-visible");
+    let before = view[..].to_vec();
+    let frame = ctx.begin_frame().unwrap();
+    let cmd = ring.begin(&frame).unwrap();
+    let source = [CullSource {
+        buffer: &out,
+        count: 32,
+        base: 0,
+    }];
+    // SAFETY: the ring's recording command buffer for `frame`, outside a render pass, offered
+    // as the frame's submission; the buffers hold the 256 elements the scan touches and the 32
+    // instances the cull reads.
+    let refused = unsafe {
+        [
+            ("used_in", out.used_in(&frame)),
+            (
+                "BlockScan::record",
+                scan.record(&frame, cmd.raw(), &input, &out, &sums, 256),
+            ),
+            (
+                "ComputePipeline::record_dispatch",
+                raw.record_dispatch(
+                    &frame,
+                    cmd.raw(),
+                    &[&input, &out, &sums],
+                    &256u32.to_le_bytes(),
+                    [1, 1, 1],
+                ),
+            ),
+            (
+                "CullPass::record",
+                cull.record(&frame, cmd.raw(), &source, &box_view()),
+            ),
+        ]
+    };
+    for (what, r) in &refused {
+        eprintln!("{what} while mapped -> {r:?}");
+    }
+    let s = ring.submit(frame, cmd).unwrap();
+    ctx.wait(s.value(), Duration::from_secs(30)).unwrap();
+    for (what, r) in refused {
+        assert!(matches!(r, Err(Error::Lifecycle(_))), "{what}: {r:?}");
+    }
+    assert_eq!(out.last_use(), 0, "no frame used the mapped buffer");
+    assert_eq!(&view[..], &before[..], "nothing wrote the mapped bytes");
+    drop(view);
+
+    // Without the view, the same calls go through, and a mapping waits for the frame.
+    let frame = ctx.begin_frame().unwrap();
+    let cmd = ring.begin(&frame).unwrap();
+    out.used_in(&frame).unwrap();
+    // SAFETY: as above; the barrier makes the shader's writes visible to the host.
+    unsafe {
+        scan.record(&frame, cmd.raw(), &input, &out, &sums, 256)
+            .unwrap();
+        understory::gpu::compute::memory_barrier(
+            ctx.device(),
+            cmd.raw(),
+            (
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::AccessFlags::SHADER_WRITE,
+            ),
+            (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
+        );
+    }
+    let busy = out.mapped().map(|m| m.len());
+    assert!(matches!(busy, Err(Error::NotReady(_))), "{busy:?}");
+    let s = ring.submit(frame, cmd).unwrap();
+    ctx.wait(s.value(), Duration::from_secs(30)).unwrap();
+    let after = out.mapped().unwrap();
+    assert!(
+        after[..1024].iter().all(|b| *b == 0),
+        "the scan of zeros ran"
+    );
+    drop(after);
+    drop((scan, raw, cull, input, out, sums, ring));
+    assert_eq!(messages(&canary, "mapped vs frames"), 0);
+    common::finish(ctx, "mapped_vs_frames");
+}
+
+/// One thread maps a buffer over and over and holds each view a little while; another begins
+/// frames that mark the buffer used (`used_in`) and submits them. While a view is alive, the
+/// buffer's last use must not move (no frame may start using it). Before the fix the marks
+/// went through under live views and the last use moved (the assertion fails within a few
+/// hundred frames); after it, a mark is refused exactly while a view is alive, so both
+/// threads still make progress.
+#[test]
+fn a_mapping_and_a_mark_racing_on_two_threads_never_overlap() {
+    let _serial = serial();
+    let Some(ctx) = common::context("mapped_race") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let b = buffer(
+        &ctx,
+        "raced",
+        256,
+        vk::BufferUsageFlags::STORAGE_BUFFER,
+        MemoryLocation::GpuToCpu,
+    );
+    let ring = FrameRing::new(&ctx).unwrap();
+    let stop = AtomicBool::new(false);
+    let (views, moved) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (mut marks, mut refusals) = (0u64, 0u64);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(view) = b.mapped() else {
+                    std::thread::yield_now();
+                    continue;
+                };
+                let first = b.last_use();
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(200) {
+                    std::hint::black_box(view[0]);
+                }
+                if b.last_use() != first {
+                    moved.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(view);
+                views.fetch_add(1, Ordering::Relaxed);
+                // As long without a view, so that frames can mark the buffer too.
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(200) {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let t = Instant::now();
+        let mut frames = 0;
+        let starved = |marks: u64| marks < 20 || views.load(Ordering::Relaxed) < 20;
+        while frames < 400 || (starved(marks) && t.elapsed().as_secs() < 30) {
+            let frame = ctx.begin_frame().unwrap();
+            match b.used_in(&frame) {
+                Ok(()) => marks += 1,
+                Err(Error::Lifecycle(_)) => refusals += 1,
+                Err(e) => panic!("used_in: {e}"),
+            }
+            let cmd = ring.begin(&frame).unwrap();
+            ring.submit(frame, cmd).unwrap();
+            frames += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (views, moved) = (views.into_inner(), moved.into_inner());
+    eprintln!("marks {marks}, refused {refusals}, views {views}, views that saw a mark {moved}");
+    assert_eq!(
+        moved, 0,
+        "a frame marked the buffer while a view of it was alive"
+    );
+    assert!(marks > 0 && views > 0, "both sides made progress");
+    ctx.wait(b.last_use(), Duration::from_secs(30)).unwrap();
+    drop((b, ring));
+    assert_eq!(messages(&canary, "mapped race"), 0);
+    common::finish(ctx, "mapped_race");
+}
+
+/// A view that is leaked (`mem::forget`, which safe code may do) keeps the buffer from every
+/// frame for good, as a leaked `RefCell` borrow does, but not from more views or from
+/// `mapped_mut` (which needs the only reference). Before the fix, `used_in` went through.
+#[test]
+fn a_leaked_mapping_keeps_the_buffer_from_frames() {
+    let _serial = serial();
+    let Some(ctx) = common::context("mapped_leak") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let mut b = buffer(
+        &ctx,
+        "leaked view",
+        256,
+        vk::BufferUsageFlags::STORAGE_BUFFER,
+        MemoryLocation::CpuToGpu,
+    );
+    std::mem::forget(b.mapped().unwrap());
+    let frame = ctx.begin_frame().unwrap();
+    let r = b.used_in(&frame);
+    eprintln!("used_in after a leaked view -> {r:?}");
+    assert!(matches!(r, Err(Error::Lifecycle(_))), "{r:?}");
+    drop(frame);
+    assert_eq!(b.mapped().unwrap().len(), 256, "more views are fine");
+    b.mapped_mut().unwrap()[0] = 1;
+    assert_eq!(b.mapped().unwrap()[0], 1);
+    drop(b);
+    assert_eq!(messages(&canary, "mapped leak"), 0);
+    common::finish(ctx, "mapped_leak");
+}

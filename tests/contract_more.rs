@@ -1,4 +1,4 @@
-//! More of the host contract's soundness holes found in review (finding c), each as a
+//! More of the host contract's soundness holes found in review (findings c and e), each as a
 //! regression test in the style of `tests/contract.rs`: what a sequence of safe calls (or unsafe
 //! calls whose contract is honoured) must not do. Each test says whether it fails on the code
 //! before its fix. Where a fix is by types, a compile-fail doctest next to the type shows what
@@ -322,4 +322,114 @@ fn a_leaked_mapping_keeps_the_buffer_from_frames() {
     drop(b);
     assert_eq!(messages(&canary, "mapped leak"), 0);
     common::finish(ctx, "mapped_leak");
+}
+
+// ---- e. cull sources are storage buffers within maxStorageBufferRange ---------------------
+
+/// A source without `STORAGE_BUFFER` usage is refused with `InvalidInput` before anything is
+/// recorded (also one with no instances, which the pass marks used too), and so is one larger
+/// than `maxStorageBufferRange` where the device's range is small enough to allocate such a
+/// buffer in a test. Before the fix the first was bound as a storage buffer
+/// (VUID-VkWriteDescriptorSet-descriptorType-00331, reported by the layer) and the record
+/// succeeded.
+#[test]
+fn cull_sources_need_storage_usage() {
+    let _serial = serial();
+    let Some(ctx) = common::context("cull_source_usage") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let mut cull = cull_pass(&ctx);
+    let bytes = 32 * size_of::<understory::world::instance::Instance>() as u64;
+    let vertex = buffer(
+        &ctx,
+        "vertex only",
+        bytes,
+        vk::BufferUsageFlags::VERTEX_BUFFER | vk::BufferUsageFlags::TRANSFER_DST,
+        MemoryLocation::GpuOnly,
+    );
+    let storage = buffer(
+        &ctx,
+        "storage",
+        bytes,
+        vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::TRANSFER_DST,
+        MemoryLocation::GpuOnly,
+    );
+    let range = u64::from(ctx.adapter().limits.max_storage_buffer_range);
+    // Only where that is cheap (lavapipe: 128 MiB of host memory, never touched), and only if
+    // the memory caps allow it.
+    let too_large = if range <= 256 << 20 {
+        ctx.create_buffer(&BufferDesc {
+            name: "over maxStorageBufferRange",
+            size: range + 256,
+            usage: vk::BufferUsageFlags::STORAGE_BUFFER,
+            location: MemoryLocation::GpuOnly,
+            category: Category::Other,
+        })
+        .inspect_err(|e| eprintln!("a buffer over maxStorageBufferRange ({range}): {e}"))
+        .ok()
+    } else {
+        None
+    };
+    if too_large.is_none() {
+        eprintln!("maxStorageBufferRange is {range} bytes: the over-range source is not tried");
+    }
+    let source = |buffer, count| CullSource {
+        buffer,
+        count,
+        base: 0,
+    };
+    let mut refused = Vec::new();
+    ctx.submit_and_wait(|frame, cmd| {
+        // SAFETY: submit_and_wait's recording command buffer for `frame`, outside a render
+        // pass; the refused calls record nothing, the last one a whole pass over `storage`,
+        // whose 32 instances are written: zeros (the buffer is filled first).
+        unsafe {
+            ctx.device()
+                .cmd_fill_buffer(cmd, storage.raw(), 0, vk::WHOLE_SIZE, 0);
+            storage.used_in(frame)?;
+            understory::gpu::compute::memory_barrier(
+                ctx.device(),
+                cmd,
+                (
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                ),
+                (
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::AccessFlags::SHADER_READ,
+                ),
+            );
+            let view = box_view();
+            refused.push((
+                "VERTEX_BUFFER source",
+                cull.record(
+                    frame,
+                    cmd,
+                    &[source(&storage, 32), source(&vertex, 32)],
+                    &view,
+                ),
+            ));
+            refused.push((
+                "VERTEX_BUFFER source of no instances",
+                cull.record(frame, cmd, &[source(&vertex, 0)], &view),
+            ));
+            if let Some(b) = &too_large {
+                refused.push((
+                    "source over maxStorageBufferRange",
+                    cull.record(frame, cmd, &[source(b, 32)], &view),
+                ));
+            }
+            cull.record(frame, cmd, &[source(&storage, 32)], &view)
+        }
+    })
+    .unwrap();
+    for (what, r) in refused {
+        eprintln!("CullPass::record with a {what} -> {r:?}");
+        assert!(matches!(r, Err(Error::InvalidInput(_))), "{what}: {r:?}");
+    }
+    drop((cull, vertex, storage, too_large));
+    ctx.collect().unwrap();
+    assert_eq!(messages(&canary, "cull source usage"), 0);
+    common::finish(ctx, "cull_source_usage");
 }

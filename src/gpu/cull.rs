@@ -672,8 +672,12 @@ impl CullPass {
     /// vertex, fragment and compute shaders and transfers. Zero sources or zero instances
     /// record a valid, empty pass. Marks the pass and every source used by `frame`.
     ///
-    /// A source or output buffer with a live [`Mapped`](crate::gpu::memory::Mapped) view is
-    /// [`Error::Lifecycle`]; nothing is recorded on error.
+    /// Every source must be of this context, hold `count` instances, have `STORAGE_BUFFER`
+    /// usage and fit `maxStorageBufferRange` (its whole size is bound):
+    /// [`Error::InvalidInput`] (or [`Error::Lifecycle`] for another context's buffer)
+    /// otherwise. A source or output buffer with a live
+    /// [`Mapped`](crate::gpu::memory::Mapped) view is [`Error::Lifecycle`]. Nothing is
+    /// recorded on error.
     ///
     /// # Safety
     /// `cmd` must be a command buffer of this context's device, recording, outside a render
@@ -706,6 +710,21 @@ impl CullPass {
                     s.count
                 )));
             }
+            // VUID-VkWriteDescriptorSet-descriptorType-00331: a storage descriptor needs a
+            // STORAGE_BUFFER buffer.
+            if !s
+                .buffer
+                .usage()
+                .contains(vk::BufferUsageFlags::STORAGE_BUFFER)
+            {
+                return Err(Error::InvalidInput(format!(
+                    "cull source {:?} (usage {:?}) is bound as a storage buffer but lacks STORAGE_BUFFER usage",
+                    s.buffer.name(),
+                    s.buffer.usage()
+                )));
+            }
+            // VUID-VkWriteDescriptorSet-descriptorType-00333: the range (the whole buffer)
+            // fits maxStorageBufferRange.
             if s.buffer.size() > range {
                 return Err(Error::InvalidInput(format!(
                     "cull source {:?} of {} bytes is larger than maxStorageBufferRange ({range})",
@@ -785,7 +804,9 @@ impl CullPass {
         // SAFETY (whole body): cmd is recording outside a render pass (caller); every buffer is
         // live and large enough (created here, or checked above) and marked used by `frame`,
         // so none is freed before the frame completes, and none has a live host view (the
-        // marks were refused otherwise); each dispatch binds a fresh set (from
+        // marks were refused otherwise); every storage binding is a STORAGE_BUFFER buffer
+        // (VUID-VkWriteDescriptorSet-descriptorType-00331) within maxStorageBufferRange
+        // (-00333): the sources checked above, the lists and records sized under it; each dispatch binds a fresh set (from
         // the arena, not used by any pending command) whose every binding, each array element
         // included, is written first (VUID-vkCmdDispatch-None-02697); the barriers order the reset before the dispatches,
         // the dispatches before finalize, and finalize before every consumer, including the

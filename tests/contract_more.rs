@@ -1,4 +1,4 @@
-//! More of the host contract's soundness holes found in review (findings c and e), each as a
+//! More of the host contract's soundness holes found in review (findings c, e and h), each as a
 //! regression test in the style of `tests/contract.rs`: what a sequence of safe calls (or unsafe
 //! calls whose contract is honoured) must not do. Each test says whether it fails on the code
 //! before its fix. Where a fix is by types, a compile-fail doctest next to the type shows what
@@ -13,17 +13,20 @@ use std::time::{Duration, Instant};
 use ash::vk;
 use glam::Vec3;
 use understory::Error;
+use understory::gpu::atlas::ATLAS_FORMAT;
 use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc};
 use understory::gpu::context::Context;
 use understory::gpu::cull::{
     Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect, SOURCES_PER_DISPATCH,
 };
 use understory::gpu::debug::Canary;
+use understory::gpu::draw::DrawPass;
 use understory::gpu::frame::FrameRing;
-use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
+use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
 use understory::gpu::scan::BlockScan;
 use understory::policy::category::Category;
 use understory::policy::lod::LodBands;
+use understory::vegetation::{SpeciesDesc, Vegetation, VegetationConfig};
 
 /// The GPU tests of this file run one at a time (the race below measures interleavings, and a
 /// 2-core machine running several lavapipe contexts at once blurs them).
@@ -432,4 +435,161 @@ fn cull_sources_need_storage_usage() {
     ctx.collect().unwrap();
     assert_eq!(messages(&canary, "cull source usage"), 0);
     common::finish(ctx, "cull_source_usage");
+}
+
+// ---- h. the draw pass samples only a sampled page of the atlas format ----------------------
+
+const COLOR: vk::Format = vk::Format::R8G8B8A8_UNORM;
+const DEPTH: vk::Format = vk::Format::D32_SFLOAT;
+
+fn image(
+    ctx: &Context,
+    name: &str,
+    format: vk::Format,
+    usage: vk::ImageUsageFlags,
+) -> understory::Result<Image> {
+    ctx.create_image(&ImageDesc {
+        name,
+        extent: vk::Extent2D {
+            width: 64,
+            height: 64,
+        },
+        format,
+        mip_levels: 7,
+        usage,
+        category: Category::Atlas,
+    })
+}
+
+/// `DrawPass::new` refuses a page it cannot sample: no `SAMPLED` usage, a colour format other
+/// than the atlas's, a depth format (whose view with a colour aspect is invalid). Before the
+/// fix each was accepted: the first two bound as sampled images later
+/// (VUID-VkWriteDescriptorSet-descriptorType-00337 for the first), the depth image's colour
+/// view reported by the layer at once.
+#[test]
+fn draw_pass_needs_a_sampled_page_of_the_atlas_format() {
+    let _serial = serial();
+    let Some(ctx) = common::context("draw_page_checks") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let sampled = vk::ImageUsageFlags::SAMPLED | vk::ImageUsageFlags::TRANSFER_DST;
+    let pages = [
+        (
+            "RGBA8 without SAMPLED",
+            image(
+                &ctx,
+                "not sampled",
+                ATLAS_FORMAT,
+                vk::ImageUsageFlags::TRANSFER_DST | vk::ImageUsageFlags::COLOR_ATTACHMENT,
+            ),
+        ),
+        (
+            "R32_SFLOAT",
+            image(&ctx, "float", vk::Format::R32_SFLOAT, sampled),
+        ),
+        (
+            "D32_SFLOAT",
+            image(&ctx, "depth", vk::Format::D32_SFLOAT, sampled),
+        ),
+    ];
+    for (what, page) in pages {
+        let Ok(page) = page else {
+            eprintln!("{what}: the device cannot create it ({page:?}); not tried");
+            continue;
+        };
+        let r = DrawPass::new(&ctx, COLOR, DEPTH, &page, 0);
+        eprintln!("DrawPass::new with a {what} page -> {:?}", r.as_ref().err());
+        assert!(matches!(r, Err(Error::InvalidInput(_))), "{what}");
+        drop(page);
+        assert_eq!(messages(&canary, what), 0, "{what}");
+    }
+    let page = image(&ctx, "atlas page", ATLAS_FORMAT, sampled).unwrap();
+    assert_eq!(
+        page.usage(),
+        sampled,
+        "Image::usage is what it was created with"
+    );
+    let draw = DrawPass::new(&ctx, COLOR, DEPTH, &page, 0).expect("a sampled RGBA8 page");
+    drop((draw, page));
+    ctx.collect().unwrap();
+    assert_eq!(messages(&canary, "valid page"), 0);
+    common::finish(ctx, "draw_page_checks");
+}
+
+/// The pass holds a view of its page, not the page. When the page's last species is
+/// unregistered the page image retires at its last use while the pass keeps its view; the pass
+/// never uses that view again: `record` takes the page by reference and refuses any other image
+/// (ids are never reused), here the page that replaces it. Dropping the pass afterwards destroys
+/// the view of the destroyed image with no validation message. Also (finding c) the pass does
+/// not record while a view of the cull pass's arguments is alive. Passes before the fix too
+/// except for the last point: it pins the documented behaviour.
+#[test]
+fn draw_pass_refuses_to_record_once_its_page_is_replaced() {
+    let _serial = serial();
+    let Some(ctx) = common::context("draw_page_retired") else {
+        return;
+    };
+    let canary = ctx.canary().clone();
+    let mut veg = Vegetation::new(
+        &ctx,
+        VegetationConfig {
+            atlas_page_px: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let texels = understory::gpu::draw::tree_billboard(32, 48, 1);
+    let species = |name| SpeciesDesc {
+        name,
+        width: 32,
+        height: 48,
+        rgba8: &texels,
+    };
+    let a = veg.register_species(&species("a")).unwrap();
+    let draw = DrawPass::new(&ctx, COLOR, DEPTH, veg.atlas_page(0).unwrap(), 0).unwrap();
+    let cull = CullPass::with_records(&ctx, Compaction::Atomic, 64, draw.lod_meshes()).unwrap();
+    let extent = vk::Extent2D {
+        width: 64,
+        height: 64,
+    };
+    let ring = FrameRing::new(&ctx).unwrap();
+    let frame = ctx.begin_frame().unwrap();
+    let cmd = ring.begin(&frame).unwrap();
+    // SAFETY: the ring's recording command buffer for `frame`; every call below is refused
+    // before it records anything (so no rendering scope is needed), and the submission is empty.
+    let mapped_args = match cull.args().unwrap().mapped() {
+        Ok(view) => Some(unsafe {
+            let r = draw.record(&frame, cmd.raw(), &cull, veg.atlas_page(0).unwrap(), extent);
+            drop(view);
+            r
+        }),
+        Err(e) => {
+            eprintln!("the cull pass's arguments are not host-visible here ({e}); not tried");
+            None
+        }
+    };
+    ring.submit(frame, cmd).unwrap();
+    if let Some(r) = mapped_args {
+        eprintln!("DrawPass::record while the cull arguments are mapped -> {r:?}");
+        assert!(matches!(r, Err(Error::Lifecycle(_))), "{r:?}");
+    }
+
+    veg.unregister_species(a).unwrap();
+    assert!(veg.atlas_page(0).is_none(), "the emptied page is retired");
+    ctx.collect().unwrap();
+    veg.register_species(&species("b")).unwrap();
+    let frame = ctx.begin_frame().unwrap();
+    let cmd = ring.begin(&frame).unwrap();
+    // SAFETY: as above.
+    let r = unsafe { draw.record(&frame, cmd.raw(), &cull, veg.atlas_page(0).unwrap(), extent) };
+    eprintln!("DrawPass::record with the page that replaced its own -> {r:?}");
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    let s = ring.submit(frame, cmd).unwrap();
+    ctx.wait(s.value(), Duration::from_secs(10)).unwrap();
+    drop(draw);
+    ctx.collect().unwrap();
+    drop((cull, veg, ring));
+    assert_eq!(messages(&canary, "draw page retired"), 0);
+    common::finish(ctx, "draw_page_retired");
 }

@@ -16,6 +16,7 @@ use glam::{Mat4, Vec3};
 
 use crate::error::{Error, Result, vk_err};
 use crate::gpu::adapter::DeviceFeatures;
+use crate::gpu::atlas::ATLAS_FORMAT;
 use crate::gpu::compute::{DescriptorArena, lock, retire_pipeline_objects, shader_module};
 use crate::gpu::context::{Context, Frame, Shared};
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
@@ -330,8 +331,11 @@ pub struct DrawPass {
     pipeline: vk::Pipeline,
     sets: Mutex<DescriptorArena>,
     sampler: vk::Sampler,
+    /// A view of the atlas page, not the page: the page may be retired and destroyed while
+    /// the pass lives; `record` then refuses (it takes the page and checks `atlas_image`), so
+    /// the view is never used again, and it is destroyed with the pass.
     atlas_view: vk::ImageView,
-    /// The image the view is of ([`Image::id`]), checked at every record.
+    /// The image the view is of ([`Image::id`], never reused), checked at every record.
     atlas_image: u64,
     atlas_page: u32,
     lods: [DrawIndexedIndirect; 3],
@@ -349,6 +353,20 @@ impl DrawPass {
     /// billboards' page: every drawn species must be on it; [`DrawPass::record`] takes the same
     /// image every frame, and a page that is replaced needs a new pass). Needs a graphics
     /// queue and dynamic rendering.
+    ///
+    /// The page must be an image the pass can sample: `SAMPLED` usage, the atlas format
+    /// ([`ATLAS_FORMAT`], as [`Vegetation`](crate::vegetation::Vegetation)'s pages are) and at
+    /// least one mip level; [`Error::InvalidInput`] otherwise.
+    ///
+    /// The pass holds a view of the page, not the page itself. When the page goes away (its
+    /// last species is unregistered with
+    /// [`Vegetation::unregister_species`](crate::vegetation::Vegetation::unregister_species),
+    /// or its owner drops it), the page retires at its own last use (the last frame that
+    /// uploaded to it or recorded this pass with it) and is destroyed once that frame
+    /// completed, while the pass keeps its view. The view is never used again: every
+    /// [`DrawPass::record`] takes the page by reference and returns [`Error::InvalidInput`]
+    /// for any other image, including the page that replaces it (image ids are never reused).
+    /// The view is destroyed with the pass; build a new pass for the new page.
     pub fn new(
         ctx: &Context,
         color_format: vk::Format,
@@ -368,6 +386,32 @@ impl DrawPass {
         if !atlas_page.belongs_to(shared) {
             return Err(Error::Lifecycle(format!(
                 "atlas page {:?} is of another context",
+                atlas_page.name()
+            )));
+        }
+        // VUID-VkWriteDescriptorSet-descriptorType-00337: the view is bound as a sampled
+        // image, so its image needs SAMPLED usage (which also makes the view valid to create:
+        // VUID-VkImageViewCreateInfo-image-04441).
+        if !atlas_page.usage().contains(vk::ImageUsageFlags::SAMPLED) {
+            return Err(Error::InvalidInput(format!(
+                "atlas page {:?} (usage {:?}) lacks SAMPLED usage: the draw pass samples it",
+                atlas_page.name(),
+                atlas_page.usage()
+            )));
+        }
+        // The view takes the colour aspect, and the fragment shader samples floats through a
+        // linear filter: the atlas format (R8G8B8A8_UNORM, for which sampling and linear
+        // filtering are mandatory features) is what the pass is built for.
+        if atlas_page.format() != ATLAS_FORMAT {
+            return Err(Error::InvalidInput(format!(
+                "atlas page {:?} has format {:?}; the draw pass samples {ATLAS_FORMAT:?} pages",
+                atlas_page.name(),
+                atlas_page.format()
+            )));
+        }
+        if atlas_page.mip_levels() == 0 {
+            return Err(Error::InvalidInput(format!(
+                "atlas page {:?} has no mip level",
                 atlas_page.name()
             )));
         }
@@ -476,7 +520,10 @@ impl DrawPass {
                 base_array_layer: 0,
                 layer_count: 1,
             });
-        // SAFETY: the page is a live 2D colour image of this device with these mips.
+        // SAFETY: the page is a live 2D image of this device (an Image is always 2D, one
+        // layer), of the atlas colour format (so the COLOR aspect is its only aspect) with
+        // SAMPLED usage (VUID-VkImageViewCreateInfo-image-04441), all checked in new; the view
+        // covers exactly its mip levels (VUID-VkImageViewCreateInfo-subresourceRange-01718).
         self.atlas_view = unsafe { d.create_image_view(&view_info, None) }
             .map_err(vk_err("vkCreateImageView"))?;
         let sampler_info = vk::SamplerCreateInfo::default()
@@ -727,9 +774,10 @@ impl DrawPass {
     /// `extent`, sampling `atlas_page` (the image the pass was built with). Marks the pass, the
     /// page and the cull pass's records and arguments used by `frame`.
     ///
-    /// [`Error::InvalidInput`] for another image than the pass's page; [`Error::Lifecycle`]
-    /// while a [`Mapped`](crate::gpu::memory::Mapped) view of the cull pass's records or
-    /// arguments is alive. Nothing is recorded on error.
+    /// [`Error::InvalidInput`] for another image than the pass's page (also once that page was
+    /// retired: see [`DrawPass::new`]); [`Error::Lifecycle`] while a
+    /// [`Mapped`](crate::gpu::memory::Mapped) view of the cull pass's records or arguments is
+    /// alive. Nothing is recorded on error.
     ///
     /// # Safety
     /// `cmd` must be recording on this context's device inside a dynamic-rendering scope whose

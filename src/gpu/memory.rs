@@ -258,6 +258,7 @@ pub struct Image {
     extent: vk::Extent2D,
     format: vk::Format,
     mip_levels: u32,
+    usage: vk::ImageUsageFlags,
     meta: Meta,
     id: u64,
     last_use: AtomicU64,
@@ -551,6 +552,10 @@ impl Image {
     /// Mip levels.
     pub fn mip_levels(&self) -> u32 {
         self.mip_levels
+    }
+    /// The usage flags it was created with.
+    pub fn usage(&self) -> vk::ImageUsageFlags {
+        self.usage
     }
     /// An id unique among the process's buffers and images (Vulkan handles may be reused).
     pub fn id(&self) -> u64 {
@@ -1842,6 +1847,7 @@ impl Memory {
             extent: desc.extent,
             format: desc.format,
             mip_levels: desc.mip_levels,
+            usage: desc.usage,
             meta,
             id: NEXT_RESOURCE_ID.fetch_add(1, Ordering::Relaxed),
             last_use: AtomicU64::new(0),

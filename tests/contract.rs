@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ash::vk;
 use understory::Error;
-use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc, memory_barrier};
+use understory::gpu::compute::memory_barrier;
 use understory::gpu::context::{Context, Frame};
 use understory::gpu::debug::Canary;
 use understory::gpu::frame::{FrameRing, RingCommand};
@@ -181,21 +181,7 @@ fn compute_pipelines_with_their_true_interface_are_clean() {
     };
     let canary = ctx.canary().clone();
     let scan = BlockScan::new(&ctx).unwrap();
-    // SAFETY: BLOCK_SCAN is the crate's naga-validated shader; entry `main`; set 0 bindings
-    // 0..3 storage buffers and a 4-byte push constant, as shaders/block_scan.wgsl declares.
-    let raw = unsafe {
-        ComputePipeline::new(
-            &ctx,
-            &ComputePipelineDesc {
-                name: "block scan by hand",
-                spirv: understory::gpu::shaders::BLOCK_SCAN,
-                entry: c"main",
-                storage_buffers: 3,
-                push_constant_bytes: 4,
-            },
-        )
-    }
-    .unwrap();
+    let raw = common::block_scan_by_hand(&ctx, "block scan by hand");
     let b = |name| buffer(&ctx, name, 1024, vk::BufferUsageFlags::STORAGE_BUFFER);
     let (input, out, sums) = (b("in"), b("out"), b("sums"));
     ctx.submit_and_wait(|frame, cmd| {
@@ -424,20 +410,7 @@ fn storage_bindings_need_storage_usage() {
     };
     let canary = ctx.canary().clone();
     let scan = BlockScan::new(&ctx).unwrap();
-    // SAFETY: as in compute_pipelines_with_their_true_interface_are_clean.
-    let raw = unsafe {
-        ComputePipeline::new(
-            &ctx,
-            &ComputePipelineDesc {
-                name: "scan by hand",
-                spirv: understory::gpu::shaders::BLOCK_SCAN,
-                entry: c"main",
-                storage_buffers: 3,
-                push_constant_bytes: 4,
-            },
-        )
-    }
-    .unwrap();
+    let raw = common::block_scan_by_hand(&ctx, "scan by hand");
     let vertex = buffer(
         &ctx,
         "vertex only",

@@ -14,7 +14,7 @@ use ash::vk;
 use glam::Vec3;
 use understory::Error;
 use understory::gpu::atlas::ATLAS_FORMAT;
-use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc};
+
 use understory::gpu::context::Context;
 use understory::gpu::cull::{
     Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect, SOURCES_PER_DISPATCH,
@@ -115,21 +115,7 @@ fn no_frame_uses_a_buffer_while_a_mapping_of_it_is_alive() {
     };
     let canary = ctx.canary().clone();
     let scan = BlockScan::new(&ctx).unwrap();
-    // SAFETY: BLOCK_SCAN is the crate's naga-validated shader; entry `main`; set 0 bindings
-    // 0..3 storage buffers and a 4-byte push constant, as shaders/block_scan.wgsl declares.
-    let raw = unsafe {
-        ComputePipeline::new(
-            &ctx,
-            &ComputePipelineDesc {
-                name: "block scan by hand",
-                spirv: understory::gpu::shaders::BLOCK_SCAN,
-                entry: c"main",
-                storage_buffers: 3,
-                push_constant_bytes: 4,
-            },
-        )
-    }
-    .unwrap();
+    let raw = common::block_scan_by_hand(&ctx, "block scan by hand");
     let mut cull = cull_pass(&ctx);
     let storage = vk::BufferUsageFlags::STORAGE_BUFFER;
     let mut input = buffer(&ctx, "in", 1024, storage, MemoryLocation::CpuToGpu);

@@ -206,6 +206,19 @@ struct BlockPool {
     live: Vec<u64>,
 }
 
+impl CategoryState {
+    /// Every allocator of the category, taken out (teardown, or leaking everything).
+    fn take_allocators(&mut self) -> impl Iterator<Item = Allocator> + use<> {
+        [
+            self.pools[0].allocator.take(),
+            self.pools[1].allocator.take(),
+            self.dedicated.take(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
 impl BlockPool {
     fn new(heaps: usize) -> Self {
         Self {
@@ -2163,14 +2176,7 @@ impl Memory {
         unsafe { self.drain() };
         for c in Category::ALL {
             let mut st = lock(&self.categories[c as usize]);
-            for a in [
-                st.pools[0].allocator.take(),
-                st.pools[1].allocator.take(),
-                st.dedicated.take(),
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for a in st.take_allocators() {
                 for alloc in a.generate_report().allocations {
                     log::error!(
                         "leak: {:?} ({c}, {} bytes) still allocated at teardown",
@@ -2201,14 +2207,7 @@ impl Memory {
         for c in &self.categories {
             let mut st = lock(c);
             std::mem::forget(std::mem::take(&mut st.cache));
-            for a in [
-                st.pools[0].allocator.take(),
-                st.pools[1].allocator.take(),
-                st.dedicated.take(),
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for a in st.take_allocators() {
                 std::mem::forget(a);
             }
         }

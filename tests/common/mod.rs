@@ -176,3 +176,23 @@ pub fn no_cache() -> understory::gpu::memory::MemoryConfig {
         ..Default::default()
     }
 }
+
+/// The crate's block-scan shader as a hand-made `ComputePipeline` (what a host building its own
+/// compute pass does).
+pub fn block_scan_by_hand(ctx: &Context, name: &str) -> understory::gpu::compute::ComputePipeline {
+    // SAFETY: BLOCK_SCAN is the crate's naga-validated shader; entry `main`; set 0 bindings
+    // 0..3 storage buffers and a 4-byte push constant, as shaders/block_scan.wgsl declares.
+    unsafe {
+        understory::gpu::compute::ComputePipeline::new(
+            ctx,
+            &understory::gpu::compute::ComputePipelineDesc {
+                name,
+                spirv: understory::gpu::shaders::BLOCK_SCAN,
+                entry: c"main",
+                storage_buffers: 3,
+                push_constant_bytes: 4,
+            },
+        )
+    }
+    .expect("the block-scan pipeline")
+}

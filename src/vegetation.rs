@@ -342,7 +342,9 @@ pub struct Stats {
     pub tiles: u64,
     /// Tiles whose GPU memory is resident.
     pub resident_tiles: u64,
-    /// Instances per LOD, by their tile's distance (the GPU pass refines this per instance).
+    /// Instances per LOD, by their tile's distance, of patches on the GPU (uploaded, or staged
+    /// for the frame's [`Vegetation::record`]); everything else counts as culled. The GPU pass
+    /// refines this per instance (frustum, exact distance).
     pub lod_instances: PerLod,
     /// Tile evictions since creation.
     pub evictions: u64,
@@ -434,6 +436,11 @@ impl Vegetation {
         if config.max_instances_per_patch == 0 {
             return Err(Error::InvalidInput("max_instances_per_patch is 0".into()));
         }
+        if config.residency.max_upload_bytes_per_frame == 0 {
+            return Err(Error::InvalidInput(
+                "residency.max_upload_bytes_per_frame is 0".into(),
+            ));
+        }
         let quadtree = Quadtree::new(config.world_origin, config.world_size_m, config.leaf_tile_m)?;
         let packer = AtlasPacker::new(config.atlas_page_px, config.atlas_padding_px)?;
         let heap = ctx.memory().device_local_heap();
@@ -479,6 +486,9 @@ impl Vegetation {
             return Err(Error::InvalidInput(format!(
                 "target frame time {target_ms} ms"
             )));
+        }
+        if !(frame_ms.is_finite() && frame_ms >= 0.0) {
+            return Err(Error::InvalidInput(format!("frame time {frame_ms} ms")));
         }
         let ft = self
             .frame_time
@@ -935,15 +945,6 @@ impl Vegetation {
         decision.quality *= self.frame_time_scale();
         // Nothing of the vegetation categories is reserved past the budget.
         self.shared.memory.set_vegetation_limit(decision.budget);
-        let mut lod = PerLod::default();
-        for tile in self.tiles.values() {
-            let tile_lod = self.config.lod.select(tile.distance, decision.quality);
-            lod.add(
-                if tile.resident { tile_lod } else { Lod::Culled },
-                tile.instances,
-            );
-        }
-        self.lod_instances = lod;
         let plan = residency::plan(&views, &self.config.lod, &decision, &self.config.residency);
         self.refused_uploads += u64::from(plan.refused);
         let mut evicted = 0;
@@ -959,8 +960,13 @@ impl Vegetation {
             .iter()
             .map(|p| NodeId::from_packed(*p))
             .collect();
-        let (mut uploaded_patches, mut uploaded_bytes) =
-            self.upload_tiles(&upload_nodes, input.held, Placement::Auto)?;
+        let (mut uploaded_patches, mut uploaded_bytes) = self.upload_tiles(
+            &upload_nodes,
+            input.held,
+            Placement::Auto,
+            self.config.residency.max_upload_bytes_per_frame,
+            &Default::default(),
+        )?;
         let room = self
             .config
             .residency
@@ -969,6 +975,26 @@ impl Vegetation {
         let (p, b) = self.relocate(decision.budget, room, input.held)?;
         uploaded_patches += p;
         uploaded_bytes += b;
+        // Instances per LOD by their tile's distance, of patches that are on the GPU (or whose
+        // copy this frame records): what the cull pass can draw.
+        let mut lod = PerLod::default();
+        for tile in self.tiles.values() {
+            let tile_lod = self.config.lod.select(tile.distance, decision.quality);
+            let (mut on_gpu, mut off) = (0u64, 0u64);
+            for slot in &tile.patches {
+                if let Some(p) = self.patches[*slot as usize].as_ref() {
+                    let n = p.instances.len() as u64;
+                    if tile.resident && p.gpu.is_some() {
+                        on_gpu += n;
+                    } else {
+                        off += n;
+                    }
+                }
+            }
+            lod.add(tile_lod, on_gpu);
+            lod.add(Lod::Culled, off);
+        }
+        self.lod_instances = lod;
         self.frames += 1;
         self.last_decision = Some(decision);
         if self.last_log.elapsed() >= self.config.stats_log_interval {
@@ -1076,7 +1102,7 @@ impl Vegetation {
             return Ok((0, 0));
         }
         let (mut count_room, room, placement) = if out {
-            m.release_empty_blocks()?;
+            m.release_empty_blocks_of(Category::Instances)?;
             let in_blocks = m.block_bytes(Category::Instances);
             if in_blocks == 0 {
                 return Ok((0, 0));
@@ -1100,6 +1126,7 @@ impl Vegetation {
             .collect();
         nodes.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut moving = Vec::new();
+        let mut slots = std::collections::HashSet::new();
         let mut evict = Vec::new();
         let mut bytes = 0u64;
         let mut full = false;
@@ -1134,8 +1161,9 @@ impl Vegetation {
                 bytes += len;
                 count_room -= 1;
                 moved_any = true;
-                // Retired at its last use; the new copy below is recorded in this frame.
-                drop(p.gpu.take());
+                // Replaced (and retired at its last use) once its new buffer exists; the new
+                // copy is recorded in this frame.
+                slots.insert(*slot);
             }
             if stuck && out {
                 // The budget has no room for it beside the nearer tiles: it leaves, so that
@@ -1155,28 +1183,70 @@ impl Vegetation {
             return Ok((0, 0));
         }
         self.relocations += moving.len() as u64;
-        self.upload_tiles(&moving, held, placement)
+        let done = self.upload_tiles(&moving, held, placement, room.max(1), &slots)?;
+        if out {
+            // What could not move (the heap itself had no room for the copies or their
+            // staging) leaves, so that its blocks still drain: over the budget, tiles go before
+            // blocks stay. The nearest stays drawn (its blocks drain when it moves later).
+            for node in moving.into_iter().skip(1) {
+                let stuck = self.tiles.get(&node).is_some_and(|t| {
+                    t.patches.iter().any(|s| {
+                        slots.contains(s)
+                            && self.patches[*s as usize]
+                                .as_ref()
+                                .and_then(|p| p.gpu.as_ref())
+                                .is_some_and(|g| g.buffer.pool() != Pool::Dedicated)
+                    })
+                });
+                if stuck {
+                    self.evict_tile(node);
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// Creates instance buffers for the tiles' patches and stages their data. Stops at the first
     /// refusal (`OverBudget`): refusing uploads is the controller's last resort.
+    ///
+    /// At most `limit` bytes are staged (at least one patch): a tile larger than that becomes
+    /// resident with what fits, and the rest of its patches follow in the next frames.
+    /// Patches in `relocating` already have a buffer: it is replaced only once the new one
+    /// exists (a refusal keeps the old one).
     fn upload_tiles(
         &mut self,
         nodes: &[NodeId],
         held: u64,
         placement: Placement,
+        limit: u64,
+        relocating: &std::collections::HashSet<u32>,
     ) -> Result<(usize, u64)> {
         if nodes.is_empty() {
             return Ok((0, 0));
         }
-        let total: u64 = nodes
-            .iter()
-            .filter_map(|n| self.tiles.get(n))
-            .flat_map(|t| t.patches.iter())
-            .filter_map(|s| self.patches[*s as usize].as_ref())
-            .filter(|p| p.gpu.is_none())
-            .map(|p| std::mem::size_of_val(p.instances.as_slice()) as u64)
-            .sum();
+        let wanted = |slot: u32, p: &Patch| p.gpu.is_none() || relocating.contains(&slot);
+        // The bytes staged under `limit`: whole patches in order, at least one.
+        let staged = |limit: u64| {
+            let mut total = 0u64;
+            for slot in nodes
+                .iter()
+                .filter_map(|n| self.tiles.get(n))
+                .flat_map(|t| t.patches.iter())
+            {
+                if let Some(p) = self.patches[*slot as usize]
+                    .as_ref()
+                    .filter(|p| wanted(*slot, p))
+                {
+                    let len = std::mem::size_of_val(p.instances.as_slice()) as u64;
+                    if total > 0 && total + len > limit {
+                        break;
+                    }
+                    total += len;
+                }
+            }
+            total
+        };
+        let total = staged(limit);
         if total == 0 {
             for n in nodes {
                 if let Some(t) = self.tiles.get_mut(n) {
@@ -1185,38 +1255,31 @@ impl Vegetation {
             }
             return Ok((0, 0));
         }
-        let mut staging = match self.staging_buffer("instance staging", total) {
-            Ok(s) => s,
-            Err(Error::OverBudget { .. }) => {
-                self.refused_uploads += nodes.len() as u64;
-                return Ok((0, 0));
-            }
-            Err(Error::OutOfDeviceMemory { .. } | Error::OutOfHostMemory { .. }) => {
-                // Driver out-of-memory is pressure, never an error out of update.
-                self.out_of_memory(held);
-                self.refused_uploads += nodes.len() as u64;
-                return Ok((0, 0));
-            }
-            Err(e) => return Err(e),
-        };
-        let staging_index = self.staging.len();
-        let mut offset = 0u64;
-        let mut patches = 0;
+        // Destinations first, staging for what they got: a refused destination costs no
+        // staging (on a device with one heap, staging nobody copies from would take the room
+        // the next frames' uploads need).
+        let mut made: Vec<(NodeId, u32, Buffer)> = Vec::new();
+        let mut bytes = 0u64;
+        let mut complete = Vec::new();
         'tiles: for node in nodes {
             let Some(tile) = self.tiles.get(node) else {
                 continue;
             };
             let was_resident = tile.resident;
-            let slots = tile.patches.clone();
-            for slot in slots {
-                let Some(p) = self.patches[slot as usize].as_mut() else {
+            for &slot in &tile.patches {
+                let Some(p) = self.patches[slot as usize].as_ref() else {
                     continue;
                 };
-                if p.gpu.is_some() {
+                let moving = relocating.contains(&slot);
+                if p.gpu.is_some() && !moving {
                     continue;
                 }
-                let bytes: &[u8] = bytemuck::cast_slice(&p.instances);
-                let len = bytes.len() as u64;
+                let len = std::mem::size_of_val(p.instances.as_slice()) as u64;
+                if bytes + len > total {
+                    // This frame's share is used: the rest comes next frames (the tile is
+                    // resident with what it has).
+                    break 'tiles;
+                }
                 let desc = BufferDesc {
                     name: "patch instances",
                     size: len,
@@ -1235,8 +1298,11 @@ impl Vegetation {
                     // Released buffers kept for reuse go back before an upload is refused.
                     created = memory.create_buffer_placed(&self.shared, &desc, placement);
                 }
-                let buffer = match created {
-                    Ok(b) => b,
+                match created {
+                    Ok(b) => {
+                        bytes += len;
+                        made.push((*node, slot, b));
+                    }
                     Err(e @ (Error::OverBudget { .. } | Error::OutOfDeviceMemory { .. })) => {
                         if matches!(e, Error::OutOfDeviceMemory { .. }) {
                             // Driver out-of-memory is pressure: counted, quality steps down,
@@ -1244,68 +1310,150 @@ impl Vegetation {
                             self.out_of_memory(held);
                         }
                         self.refused_uploads += 1;
-                        // All or nothing for a tile that was not resident: give back what it
-                        // got so far (their pending copies are skipped: the uploads they were
-                        // staged for are gone). A resident tile keeps what it has; the rest of
-                        // its new patches come later.
+                        log::debug!("upload refused: {e}");
+                        // All or nothing for a tile that was not resident: what it got so far
+                        // goes back (nothing recorded those buffers). A resident tile keeps
+                        // what it has (a patch being moved keeps its old buffer); the rest
+                        // comes later.
                         if !was_resident {
-                            self.drop_tile_buffers(*node);
+                            made.retain(|(n, s, _)| n != node || relocating.contains(s));
+                            bytes = made
+                                .iter()
+                                .map(|(_, s, _)| self.patch_instance_bytes(*s))
+                                .sum();
                         }
                         break 'tiles;
                     }
-                    Err(e) => {
-                        self.staging.push(staging);
-                        return Err(e);
-                    }
-                };
-                let region = self.species[p.species.0 as usize]
-                    .as_ref()
-                    .map(|s| s.region)
-                    .ok_or_else(|| Error::InvalidInput("patch of an unregistered species".into()));
-                let (region, mapped) = match region.and_then(|r| Ok((r, staging.mapped_mut()?))) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Nothing recorded the buffer: dropping it frees it at the next collect.
-                        drop(buffer);
-                        self.staging.push(staging);
-                        return Err(e);
-                    }
-                };
-                mapped[offset as usize..(offset + len) as usize].copy_from_slice(bytes);
-                let upload = self.next_upload;
-                self.next_upload += 1;
-                self.copies.push(PendingCopy {
-                    staging: staging_index,
-                    src_offset: offset,
-                    bytes: len,
-                    slot,
-                    upload,
-                });
-                offset += len;
-                // Memory of its own costs what the driver reserves for it.
-                let gpu_bytes = if buffer.pool() == Pool::Dedicated {
-                    memory.dedicated_footprint(buffer.bytes())
-                } else {
-                    buffer.bytes()
-                };
-                p.gpu = Some(PatchGpu {
-                    buffer,
-                    instance_bytes: len,
-                    atlas: region,
-                    node: p.node,
-                    bytes: gpu_bytes,
-                    upload,
-                    state: UploadState::Staged,
-                });
-                patches += 1;
-                self.uploads += 1;
+                    // Nothing recorded the buffers made so far: dropping them frees them.
+                    Err(e) => return Err(e),
+                }
             }
-            if let Some(t) = self.tiles.get_mut(node) {
+            complete.push(*node);
+        }
+        if made.is_empty() {
+            return Ok((0, 0));
+        }
+        // The staging: all of it, or less at once (a heap this tight, one heap for instances
+        // and staging, may still take a smaller buffer; the destinations past it go back).
+        let mut want = bytes;
+        let mut created = self.staging_buffer("instance staging", want);
+        while matches!(
+            created,
+            Err(Error::OverBudget { .. } | Error::OutOfDeviceMemory { .. })
+        ) {
+            let mut half = 0u64;
+            for (_, s, _) in &made {
+                let len = self.patch_instance_bytes(*s);
+                if half > 0 && half + len > want / 2 {
+                    break;
+                }
+                half += len;
+            }
+            if half >= want {
+                break;
+            }
+            want = half;
+            created = self.staging_buffer("instance staging", want);
+        }
+        let mut staging = match created {
+            Ok(s) => s,
+            Err(e @ (Error::OverBudget { .. } | Error::OutOfDeviceMemory { .. }))
+            | Err(e @ Error::OutOfHostMemory { .. }) => {
+                if !matches!(e, Error::OverBudget { .. }) {
+                    // Driver out-of-memory is pressure, never an error out of update.
+                    self.out_of_memory(held);
+                }
+                log::debug!("upload staging refused: {e}");
+                self.refused_uploads += made.len() as u64;
+                return Ok((0, 0));
+            }
+            Err(e) => return Err(e),
+        };
+        // Destinations past what the staging holds go back (never recorded); their tiles are
+        // resident with what they got, the rest follows.
+        let mut covered = 0u64;
+        let mut cut = made.len();
+        for (i, (_, s, _)) in made.iter().enumerate() {
+            let len = self.patch_instance_bytes(*s);
+            if covered + len > want {
+                cut = i;
+                break;
+            }
+            covered += len;
+        }
+        if cut < made.len() {
+            self.refused_uploads += (made.len() - cut) as u64;
+            made.truncate(cut);
+        }
+        let mapped = match staging.mapped_mut() {
+            Ok(m) => m,
+            Err(e) => {
+                self.staging.push(staging);
+                return Err(e);
+            }
+        };
+        let staging_index = self.staging.len();
+        let mut offset = 0u64;
+        let mut patches = 0;
+        let mut touched = Vec::new();
+        for (node, slot, buffer) in made {
+            let Some(p) = self.patches[slot as usize].as_mut() else {
+                continue;
+            };
+            let Some(region) = self.species[p.species.0 as usize]
+                .as_ref()
+                .map(|s| s.region)
+            else {
+                continue;
+            };
+            let bytes: &[u8] = bytemuck::cast_slice(&p.instances);
+            let len = bytes.len() as u64;
+            mapped[offset as usize..(offset + len) as usize].copy_from_slice(bytes);
+            let upload = self.next_upload;
+            self.next_upload += 1;
+            self.copies.push(PendingCopy {
+                staging: staging_index,
+                src_offset: offset,
+                bytes: len,
+                slot,
+                upload,
+            });
+            offset += len;
+            // Memory of its own costs what the driver reserves for it.
+            let memory = &self.shared.memory;
+            let gpu_bytes = if buffer.pool() == Pool::Dedicated {
+                memory.dedicated_footprint(buffer.bytes())
+            } else {
+                buffer.bytes()
+            };
+            // A moved patch's old buffer retires here, at its last use.
+            p.gpu = Some(PatchGpu {
+                buffer,
+                instance_bytes: len,
+                atlas: region,
+                node: p.node,
+                bytes: gpu_bytes,
+                upload,
+                state: UploadState::Staged,
+            });
+            patches += 1;
+            self.uploads += 1;
+            touched.push(node);
+        }
+        for node in touched.into_iter().chain(complete) {
+            if let Some(t) = self.tiles.get_mut(&node) {
                 t.resident = true;
             }
         }
         self.staging.push(staging);
         Ok((patches, offset))
+    }
+
+    /// Bytes of a patch's instance records (0 for a despawned slot).
+    fn patch_instance_bytes(&self, slot: u32) -> u64 {
+        self.patches[slot as usize]
+            .as_ref()
+            .map_or(0, |p| std::mem::size_of_val(p.instances.as_slice()) as u64)
     }
 
     /// Records the uploads staged so far (instance copies, atlas regions with their mips) and

@@ -16,8 +16,7 @@ const MIB: u64 = 1 << 20;
 #[test]
 fn one_gib_moves_the_drivers_heap_usage_and_comes_back() {
     let test = "one_gib_moves_the_drivers_heap_usage";
-    let mut cfg = no_cache();
-    cfg.cap_bytes[Category::Instances] = 2 << 30;
+    let cfg = no_cache();
     let Some(ctx) = context_with(test, cfg) else {
         return;
     };

@@ -151,19 +151,32 @@ fn released_buffers_are_reused_from_the_cache() {
 }
 
 #[test]
-fn category_cap_refuses_with_over_budget_and_allocates_nothing() {
+fn a_cap_on_a_vegetation_category_is_refused_the_budget_is_the_one_cap() {
     let mut cfg = no_cache();
     cfg.cap_bytes[Category::Instances] = MIB;
+    let mut options = common::options();
+    options.memory = cfg;
+    match understory::gpu::context::Context::new(&options) {
+        Err(Error::InvalidInput(m)) => assert!(m.contains("one cap"), "{m}"),
+        Err(Error::LoaderMissing { .. } | Error::NoDevice { .. }) => {}
+        other => panic!("expected InvalidInput, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn category_cap_refuses_with_over_budget_and_allocates_nothing() {
+    let mut cfg = no_cache();
+    cfg.cap_bytes[Category::Other] = MIB;
     let Some(ctx) = context_with("category_cap", cfg) else {
         return;
     };
     let mem = ctx.memory();
     let a = ctx
-        .create_buffer(&desc("fits", 768 * KIB, Category::Instances))
+        .create_buffer(&desc("fits", 768 * KIB, Category::Other))
         .unwrap();
     let before = mem.stats();
     let err = ctx
-        .create_buffer(&desc("too much", 512 * KIB, Category::Instances))
+        .create_buffer(&desc("too much", 512 * KIB, Category::Other))
         .unwrap_err();
     match &err {
         Error::OverBudget {
@@ -182,9 +195,9 @@ fn category_cap_refuses_with_over_budget_and_allocates_nothing() {
         "nothing allocated on refusal"
     );
     assert_eq!(after.refused_over_budget, 1);
-    // Other categories are not affected by the instances cap.
+    // Other categories are not affected by that cap.
     let o = ctx
-        .create_buffer(&desc("other", 2 * MIB, Category::Other))
+        .create_buffer(&desc("staging", 2 * MIB, Category::Staging))
         .unwrap();
     drop((a, o));
     common::finish(ctx, "category cap");

@@ -17,6 +17,7 @@ use understory::gpu::budget::{BudgetSource, DriverNumbers, HeapBudgets, RawHeap,
 use understory::gpu::context::Context;
 use understory::gpu::frame::FrameRing;
 use understory::gpu::memory::HeapReport;
+use understory::policy::controller::ControllerConfig;
 use understory::vegetation::{PatchDesc, SpeciesDesc, SpeciesId, Vegetation, VegetationConfig};
 use understory::world::instance::Instance;
 
@@ -173,6 +174,8 @@ fn vegetation_follows_the_drivers_budget_down_and_up() {
     let frames = 200;
     let mut settled_from = 0;
     let mut last_budget = 0;
+    let mut last_expect = u64::MAX;
+    let mut rose_at = 0;
     let mut lowest = u64::MAX;
     let mut min_quality: f32 = 1.0;
     let mut recovered_at = None;
@@ -190,32 +193,23 @@ fn vegetation_follows_the_drivers_budget_down_and_up() {
             "frame {f}: the driver's heapBudget"
         );
         let b = report.decision.budget;
-        if std::env::var_os("DBG").is_some() {
-            eprintln!(
-                "f{f} budget {} held {} q {:.2} res {} reloc {} ev {} refused {} inst {:?} up {}",
-                b >> 10,
-                stats.held >> 10,
-                stats.quality,
-                stats.resident_tiles,
-                stats.relocations,
-                stats.evictions,
-                stats.refused_uploads,
-                (
-                    stats.memory.categories[understory::policy::category::Category::Instances]
-                        .reserved_bytes
-                        >> 10,
-                    stats.memory.categories[understory::policy::category::Category::Instances]
-                        .live_bytes
-                        >> 10
-                ),
-                report.uploaded_patches
-            );
-        }
         // The budget is the driver's: half of what its heapBudget leaves after the rest of the
         // process (heapUsage - ours: the engine's bytes), at most the cap.
         assert_eq!(heap.foreign, FOREIGN, "frame {f}");
         let expect = ((heap_budget - FOREIGN) / 2).min(512 * MIB);
-        assert_eq!(b, expect, "frame {f}: budget from heapBudget");
+        // A fall is followed at once, a rise once it has lasted `rise_hold_frames`.
+        if expect > last_expect {
+            rose_at = f;
+        }
+        last_expect = expect;
+        if f < rose_at + ControllerConfig::default().rise_hold_frames as usize {
+            assert!(
+                b <= expect,
+                "frame {f}: budget {b} above heapBudget's {expect}"
+            );
+        } else {
+            assert_eq!(b, expect, "frame {f}: budget from heapBudget");
+        }
         if b < last_budget {
             settled_from = f + SETTLE;
         }

@@ -46,7 +46,7 @@ pub use gpu_allocator::MemoryLocation;
 
 use crate::error::{Error, Result, vk_err};
 use crate::gpu::adapter::HeapInfo;
-use crate::gpu::budget::{HeapBudget, HeapBudgets, Source};
+use crate::gpu::budget::{HeapBudget, HeapBudgets, RawHeap, Source, resolve};
 use crate::policy::category::{CATEGORIES, Category, PerCategory};
 use crate::policy::retire::{RetireQueue, Retired};
 
@@ -112,6 +112,15 @@ impl MemoryConfig {
         {
             return Err(Error::InvalidInput(format!(
                 "block sizes {blocks:?}: each must be a multiple of 4 MiB in 4..=256 MiB, min <= max"
+            )));
+        }
+        if let Some(c) = Category::VEGETATION
+            .iter()
+            .find(|c| self.cap_bytes[**c] != u64::MAX)
+        {
+            return Err(Error::InvalidInput(format!(
+                "a cap of {} bytes for {c}: the vegetation budget is the one cap of instances, atlas and outputs (ControllerConfig::cap_bytes, Vegetation::set_budget_cap)",
+                self.cap_bytes[*c]
             )));
         }
         if self.priority.iter().any(|(_, p)| !(0.0..=1.0).contains(p)) {
@@ -973,6 +982,8 @@ pub struct Memory {
     dedicated: AtomicU64,
     /// Dedicated allocations alive now.
     dedicated_live: AtomicU64,
+    /// Whether the budget source failed once (logged once).
+    source_failed: std::sync::atomic::AtomicBool,
     /// The driver's allocation granularity ([`Memory::dedicated_footprint`]).
     granularity: u64,
     granularity_measured: bool,
@@ -1072,6 +1083,7 @@ impl Memory {
             block_releases: AtomicU64::new(0),
             dedicated: AtomicU64::new(0),
             dedicated_live: AtomicU64::new(0),
+            source_failed: std::sync::atomic::AtomicBool::new(false),
             granularity: ASSUMED_ALLOCATION_GRANULARITY,
             granularity_measured: false,
             max_optional_dedicated,
@@ -1392,8 +1404,19 @@ impl Memory {
                 limit.saturating_sub(reserved_before),
             );
         }
-        let growth = if needs_new { cost } else { 0 };
+        let mut growth = if needs_new { cost } else { 0 };
         let (budget, usage) = self.heap_usage_now(heap);
+        if usage.saturating_add(growth) > budget
+            && !dedicated
+            && !shared_only
+            && optional_room
+            && usage.saturating_add(footprint) <= budget
+        {
+            // A new block does not fit the heap's budget, memory of its own does (a tight heap
+            // shared with staging, as on devices with one heap).
+            dedicated = true;
+            growth = footprint;
+        }
         if usage.saturating_add(growth) > budget {
             return refuse(
                 format!("{name} (heap {heap} budget)"),
@@ -1998,8 +2021,17 @@ impl Memory {
     /// own is in another allocator and stays). Returns bytes given back to the driver.
     pub fn release_empty_blocks(&self) -> Result<u64> {
         let mut released = 0;
-        for c in &self.categories {
-            let mut st = lock(c);
+        for c in Category::ALL {
+            released += self.release_empty_blocks_of(c)?;
+        }
+        Ok(released)
+    }
+
+    /// As [`Memory::release_empty_blocks`], for one category.
+    pub fn release_empty_blocks_of(&self, category: Category) -> Result<u64> {
+        let mut released = 0;
+        {
+            let mut st = lock(&self.categories[category as usize]);
             for pool in [Pool::Blocks, Pool::Small] {
                 let bp = &st.pools[pool as usize];
                 let reserved: u64 = bp.reserved.iter().sum();
@@ -2041,7 +2073,31 @@ impl Memory {
             .collect();
         let snapshot = {
             let mut b = lock(&self.budget);
-            let last = b.heaps.refresh(&ours)?.to_vec();
+            // A source that fails, or reports other heaps than the device has, must not stop
+            // the frame loop: its numbers are replaced by the labelled estimate (logged once).
+            let last = match b.heaps.refresh(&ours) {
+                Ok(h) if h.len() == self.heaps.len() => h.to_vec(),
+                got => {
+                    let why = match got {
+                        Ok(h) => {
+                            format!("{} heaps for a device with {}", h.len(), self.heaps.len())
+                        }
+                        Err(e) => e.to_string(),
+                    };
+                    if !self.source_failed.swap(true, Ordering::Relaxed) {
+                        log::warn!("budget source: {why}; using the estimate until it recovers");
+                    }
+                    let raw: Vec<RawHeap> = self
+                        .heaps
+                        .iter()
+                        .map(|info| RawHeap {
+                            info: *info,
+                            driver: None,
+                        })
+                        .collect();
+                    resolve(&raw, &ours)
+                }
+            };
             for (h, l) in last.iter().zip(&self.limits) {
                 l.budget.store(h.budget, Ordering::Relaxed);
                 l.usage_at_refresh.store(h.usage, Ordering::Relaxed);

@@ -40,6 +40,12 @@ pub struct ControllerConfig {
     /// factor a frame (probing for what the driver can give; another refusal starts it
     /// again from what is held then).
     pub oom_regrow: f64,
+    /// Quality goes up only after this many frames without a driver out-of-memory (so that
+    /// refusals now and then do not make it saw up and down).
+    pub oom_calm_frames: u32,
+    /// The budget follows a fall at once, and a rise after it has lasted this many frames (a
+    /// budget that flaps every frame does not make tiles come and go every frame).
+    pub rise_hold_frames: u32,
 }
 
 impl Default for ControllerConfig {
@@ -54,6 +60,8 @@ impl Default for ControllerConfig {
             hold_frames: 8,
             oom_hold_frames: 240,
             oom_regrow: 1.05,
+            oom_calm_frames: 30,
+            rise_hold_frames: 4,
         }
     }
 }
@@ -176,6 +184,11 @@ pub struct BudgetController {
     /// A driver out-of-memory: the budget is held at most this many bytes for `oom_frames`.
     oom_limit: u64,
     oom_frames: u32,
+    frames_since_oom: u32,
+    /// The budget in effect (0 before the first step), and frames the raw budget has been
+    /// above it.
+    budget: u64,
+    rise_frames: u32,
 }
 
 impl BudgetController {
@@ -187,6 +200,9 @@ impl BudgetController {
             up_frames: 0,
             oom_limit: u64::MAX,
             oom_frames: 0,
+            frames_since_oom: u32::MAX,
+            budget: 0,
+            rise_frames: 0,
         }
     }
 
@@ -210,15 +226,21 @@ impl BudgetController {
     pub fn out_of_memory(&mut self, held: u64) {
         self.oom_limit = self.oom_limit.min(held.max(1));
         self.oom_frames = self.config.oom_hold_frames;
+        self.frames_since_oom = 0;
     }
 
     /// The vegetation budget for these numbers: `min(cap, share × (heap budget − foreign))`,
     /// and below a recent driver out-of-memory.
     pub fn budget_for(&self, input: &BudgetInput) -> u64 {
+        self.free_budget(input).min(self.oom_limit).max(1)
+    }
+
+    /// The budget before a driver out-of-memory limits it.
+    fn free_budget(&self, input: &BudgetInput) -> u64 {
         let foreign = input.heap_usage.saturating_sub(input.ours);
         let available = input.heap_budget.saturating_sub(foreign);
         let share = (available as f64 * self.config.headroom_share) as u64;
-        share.min(self.config.cap_bytes).min(self.oom_limit).max(1)
+        share.min(self.config.cap_bytes).max(1)
     }
 
     /// The footprint projected for quality `q`: what does not depend on it, plus the tiles
@@ -261,7 +283,22 @@ impl BudgetController {
     /// One frame: updates quality and says what to evict and upload.
     pub fn step(&mut self, input: &BudgetInput, demand: &Demand, bands: &LodBands) -> Decision {
         let c = self.config;
-        let budget = self.budget_for(input);
+        let raw = self.free_budget(input);
+        let free = if self.budget == 0 || raw <= self.budget {
+            self.rise_frames = 0;
+            raw
+        } else {
+            self.rise_frames += 1;
+            if self.rise_frames >= c.rise_hold_frames {
+                self.rise_frames = 0;
+                raw
+            } else {
+                self.budget
+            }
+        };
+        self.budget = free;
+        let budget = free.min(self.oom_limit).max(1);
+        self.frames_since_oom = self.frames_since_oom.saturating_add(1);
         // The watermarks apply to what quality moves: the bytes that do not follow it (the
         // atlas, block slack) take their share first, so a budget just above them still leaves
         // the nearest tiles their room.
@@ -285,7 +322,9 @@ impl BudgetController {
             // from coming straight back.
             self.quality = fit.min(self.quality);
             self.up_frames = 0;
-        } else if fit >= self.quality * c.up_step_min || (fit >= 1.0 && self.quality < 1.0) {
+        } else if self.frames_since_oom >= c.oom_calm_frames
+            && (fit >= self.quality * c.up_step_min || (fit >= 1.0 && self.quality < 1.0))
+        {
             self.up_frames += 1;
             if self.up_frames >= c.hold_frames {
                 self.quality = fit;
@@ -392,9 +431,11 @@ mod tests {
                 q
             );
         }
-        // Plenty of room again: up to 1 after exactly `hold_frames` frames.
+        // Plenty of room again: the budget follows after `rise_hold_frames`, and quality is up
+        // to 1 `hold_frames` frames after that could be seen.
+        let cfg = ControllerConfig::default();
         let plenty = input(4000 * MIB, 150 * MIB);
-        for _ in 0..ControllerConfig::default().hold_frames - 1 {
+        for _ in 0..cfg.rise_hold_frames - 1 + cfg.hold_frames - 1 {
             assert_eq!(c.step(&plenty, &demand(), &bands).quality, q);
         }
         assert_eq!(c.step(&plenty, &demand(), &bands).quality, 1.0);
@@ -428,7 +469,47 @@ mod tests {
         }
         let d = c.step(&input(10_000 * MIB, 50 * MIB), &demand(), &bands);
         assert_eq!(d.budget, 512 * MIB, "the limit lapsed");
+        assert!(
+            d.quality > 0.9,
+            "quality went up once refusals stopped: {}",
+            d.quality
+        );
         assert!(!d.oom_limited);
+    }
+
+    #[test]
+    fn a_budget_flapping_every_frame_holds_at_its_low() {
+        let mut c = BudgetController::new(ControllerConfig::default());
+        let bands = LodBands::default();
+        let (low, high) = (input(100 * MIB, 40 * MIB), input(1000 * MIB, 40 * MIB));
+        let mut budgets = Vec::new();
+        let mut qualities = Vec::new();
+        for f in 0..100 {
+            let d = c.step(if f % 2 == 0 { &low } else { &high }, &demand(), &bands);
+            budgets.push(d.budget);
+            qualities.push(d.quality);
+        }
+        assert!(budgets.iter().all(|b| *b == 50 * MIB), "{budgets:?}");
+        let changes = qualities.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(changes <= 1, "quality moved {changes} times");
+    }
+
+    #[test]
+    fn driver_refusals_now_and_then_do_not_make_quality_saw() {
+        let mut c = BudgetController::new(ControllerConfig::default());
+        let bands = LodBands::default();
+        let mut qualities = Vec::new();
+        for f in 0..300 {
+            if f % 20 == 0 {
+                c.out_of_memory(150 * MIB);
+            }
+            qualities.push(
+                c.step(&input(10_000 * MIB, 150 * MIB), &demand(), &bands)
+                    .quality,
+            );
+        }
+        let ups = qualities.windows(2).filter(|w| w[1] > w[0]).count();
+        assert_eq!(ups, 0, "never up while refusals keep coming: {qualities:?}");
     }
 
     #[test]

@@ -176,7 +176,9 @@ pub fn plan(
             out.refused += 1;
             continue;
         }
-        if out.upload_bytes + need > config.max_upload_bytes_per_frame {
+        // Over this frame's upload limit: later frames, except the first tile of a frame (one
+        // larger than the limit is staged a limit's worth a frame, nearest first).
+        if !out.upload.is_empty() && out.upload_bytes + need > config.max_upload_bytes_per_frame {
             out.deferred += 1;
             continue;
         }
@@ -376,6 +378,22 @@ mod tests {
             p.upload.is_empty(),
             "a nearer tile is resident: the target holds"
         );
+    }
+
+    #[test]
+    fn a_tile_larger_than_the_upload_limit_still_goes_first() {
+        let small_frames = ResidencyConfig {
+            max_upload_bytes_per_frame: 10,
+            ..Default::default()
+        };
+        let tiles = [tile(1, 5.0, 100, false), tile(2, 9.0, 5, false)];
+        let p = plan(
+            &tiles,
+            &LodBands::default(),
+            &decision(0, 1000),
+            &small_frames,
+        );
+        assert_eq!((p.upload, p.deferred), (vec![1], 1));
     }
 
     #[test]

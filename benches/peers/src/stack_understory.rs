@@ -180,12 +180,14 @@ pub fn churn(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<ChurnRes
 
 pub fn budget(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<BudgetResult> {
     let base = Baseline::new(probe);
-    let mut memory = MemoryConfig {
+    let memory = MemoryConfig {
         cap_bytes: PerCategory([u64::MAX; CATEGORIES]),
         ..Default::default()
     };
-    memory.cap_bytes[Category::Instances] = w.budget;
     let ctx = context(name, memory)?;
+    // The vegetation limit: reserved blocks of instances, atlas and outputs together (what
+    // `Vegetation` sets to its budget every frame).
+    ctx.memory().set_vegetation_limit(w.budget);
     let mut held = Vec::new();
     let mut allocated = 0;
     let mut failure = None;
@@ -221,9 +223,9 @@ pub fn budget(name: &str, w: &Workload, probe: Option<&Probe>) -> Result<BudgetR
         Some(e) => ("fails".into(), Some(e.to_string())),
     };
     Ok(BudgetResult {
-        // The cap counts live bytes; what is reserved past it is the unused rest of the last
-        // block (host-visible blocks grow 8 → 16 → 32 MiB by default).
-        variant: "MemoryConfig::cap_bytes[Instances] = B (counts live bytes)".into(),
+        // The limit counts reserved blocks: near it, allocations get memory of their own, so
+        // nothing is reserved past it.
+        variant: "Memory::set_vegetation_limit(B) (counts reserved blocks)".into(),
         outcome,
         error,
         allocated,

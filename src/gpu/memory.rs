@@ -1293,7 +1293,9 @@ impl Memory {
     ///
     /// The atlas and the cull and draw outputs always get allocations of their own (few,
     /// large, long-lived): what they reserve is what they use, and no block of theirs stays
-    /// behind when the budget falls. Instances share blocks: the configured ones, or 4 MiB
+    /// behind when the budget falls. So does staging (a buffer or two a frame, freed once the
+    /// frame completes): no staging block stays reserved between uploads, which on a device
+    /// with one heap would take room from the vegetation it is there to feed. Instances share blocks: the configured ones, or 4 MiB
     /// blocks while the vegetation limit is under eight of the configured first blocks; near
     /// the limit, an allocation that would need a new block gets memory of its own, counted at
     /// the driver's allocation granularity.
@@ -1348,7 +1350,10 @@ impl Memory {
                 cap.saturating_sub(st.live_bytes),
             );
         }
-        let always_dedicated = matches!(category, Category::Atlas | Category::Outputs);
+        let always_dedicated = matches!(
+            category,
+            Category::Atlas | Category::Outputs | Category::Staging
+        );
         let limit = self.vegetation_limit.load(Ordering::Relaxed);
         let limited = category.is_vegetation() && limit != u64::MAX;
         let relocate = placement == Placement::Relocate && category.is_vegetation();

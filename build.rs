@@ -7,11 +7,14 @@ use std::path::Path;
 
 /// Variants compiled from a shader's source with textual replacements (each must match):
 /// the cull shaders read one instance buffer through a plain binding where the device allows
-/// no array of storage buffers (`maxPerStageDescriptorStorageBuffers` < 15, or no
+/// no array of storage buffers (`maxPerStageDescriptorStorageBuffers` < 28, or no
 /// `shaderStorageBufferArrayDynamicIndexing`).
+/// The `wide` ones read `CULL_WIDE` buffers per dispatch where the device allows that many.
 const VARIANTS: &[Variant] = &[
     ("cull_atomic", "single", SINGLE_SOURCE),
     ("cull_subgroup", "single", SINGLE_SOURCE),
+    ("cull_atomic", "wide", WIDE_SOURCES),
+    ("cull_subgroup", "wide", WIDE_SOURCES),
 ];
 
 /// (shader stem, variant suffix, replacements of (from, to)).
@@ -28,6 +31,11 @@ const SINGLE_SOURCE: &[(&str, &str)] = &[
     ),
     ("sources[source]", "source0"),
 ];
+
+const WIDE_SOURCES: &[(&str, &str)] = &[(
+    "binding_array<InstanceWords, CULL_BATCH>",
+    "binding_array<InstanceWords, CULL_WIDE>",
+)];
 
 fn main() {
     let dir = Path::new("shaders");

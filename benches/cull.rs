@@ -5,8 +5,10 @@
 //! dispatch, finalize) is recorded 15 times between timestamp pairs and the median reported.
 //! In the same run a vec4 copy kernel moves as many bytes as the instance buffer holds (read +
 //! write): its bandwidth gives the floor, `(bytes read + written by the cull) / copy bandwidth`.
-//! A last table compares one source of 1M instances with 1024 sources of 1024 (instances spread
-//! over many tile allocations: one dispatch and one barrier each).
+//! A last table compares one source of 1M (and 4M) instances with sources of 1024 instances each
+//! (instances spread over many tile allocations), for each width of the pass's binding array of
+//! sources the device allows: the wide one (1024 sources a dispatch) and the narrow one (24,
+//! a barrier between dispatches).
 //!
 //! Run: `cargo bench --bench cull`; on the GPU machine `.gpu/bin/cull-unittests`.
 
@@ -16,7 +18,7 @@ use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc};
 use understory::gpu::context::{Context, ContextOptions, Frame};
 use understory::gpu::cull::{
     Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect,
-    SOURCES_PER_DISPATCH, cull_cpu,
+    SOURCES_PER_DISPATCH, WIDE_SOURCES_PER_DISPATCH, cull_cpu,
 };
 use understory::gpu::instance::{InstanceOptions, Validation};
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryConfig, MemoryLocation};
@@ -317,7 +319,7 @@ fn main() {
                     meshes: MESHES,
                     records: false,
                     adaptive: false,
-                    max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+                    max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
                 },
             )
             .expect("cull pass");
@@ -357,48 +359,37 @@ fn main() {
         drop((instances, src, dst));
         ctx.collect().expect("collect");
     }
-    // One source of 1M against 1024 sources of 1024 instances: the price of many allocations.
-    let scene = forest(1 << 20, 7);
-    let one = gpu_buffer(
-        &ctx,
-        "one source",
-        (scene.len() * 32) as u64,
-        vk::BufferUsageFlags::STORAGE_BUFFER,
-    );
-    upload(&ctx, &one, bytemuck::cast_slice(&scene));
-    let many: Vec<Buffer> = scene
-        .chunks(1024)
-        .map(|c| {
-            let b = gpu_buffer(
-                &ctx,
-                "tile source",
-                1024 * 32,
-                vk::BufferUsageFlags::STORAGE_BUFFER,
-            );
-            upload(&ctx, &b, bytemuck::cast_slice(c));
-            b
-        })
-        .collect();
+    // One source against sources of 1024 instances each: the price of many allocations.
     println!(
-        "\n1,048,576 instances as one buffer vs 1024 buffers of 1024 ({} buffers per dispatch, a barrier between dispatches):",
-        understory::gpu::cull::SOURCES_PER_DISPATCH
+        "\none buffer vs buffers of 1024 instances each (wide: up to {WIDE_SOURCES_PER_DISPATCH} buffers a dispatch; narrow: {SOURCES_PER_DISPATCH}, a barrier between dispatches):"
     );
-    for &variant in &variants {
-        let mut pass = CullPass::from_desc(
+    let spread_millions: &[usize] = if cpu { &[1] } else { &[1, 4] };
+    for &millions in spread_millions {
+        let n = millions << 20;
+        let scene = forest(n, 7);
+        let one = gpu_buffer(
             &ctx,
-            &CullDesc {
-                compaction: variant,
-                capacity: 1 << 20,
-                meshes: MESHES,
-                records: false,
-                adaptive: false,
-                max_sources_per_dispatch: SOURCES_PER_DISPATCH,
-            },
-        )
-        .expect("pass");
+            "one source",
+            (scene.len() * 32) as u64,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+        );
+        upload(&ctx, &one, bytemuck::cast_slice(&scene));
+        let many: Vec<Buffer> = scene
+            .chunks(1024)
+            .map(|c| {
+                let b = gpu_buffer(
+                    &ctx,
+                    "tile source",
+                    1024 * 32,
+                    vk::BufferUsageFlags::STORAGE_BUFFER,
+                );
+                upload(&ctx, &b, bytemuck::cast_slice(c));
+                b
+            })
+            .collect();
         let single = [CullSource {
             buffer: &one,
-            count: 1 << 20,
+            count: n as u32,
             base: 0,
         }];
         let spread: Vec<CullSource> = many
@@ -410,23 +401,50 @@ fn main() {
                 base: (i * 1024) as u32,
             })
             .collect();
-        let t1 = time_gpu(&ctx, |frame, cmd| {
-            // SAFETY: recording for `frame`; the pass marks what it reads.
-            unsafe { pass.record(frame, cmd, &single, &view).expect("record") };
-        });
-        let t2 = time_gpu(&ctx, |frame, cmd| {
-            // SAFETY: as above.
-            unsafe { pass.record(frame, cmd, &spread, &view).expect("record") };
-        });
-        println!(
-            "  {:>9}: one buffer {:.1} us, 1024 buffers {:.1} us ({:.1}x)",
-            format!("{variant:?}").to_lowercase(),
-            t1,
-            t2,
-            t2 / t1
-        );
+        for &variant in &variants {
+            let mut widths = Vec::new();
+            for max in [WIDE_SOURCES_PER_DISPATCH, SOURCES_PER_DISPATCH] {
+                let mut pass = CullPass::from_desc(
+                    &ctx,
+                    &CullDesc {
+                        compaction: variant,
+                        capacity: n as u32,
+                        meshes: MESHES,
+                        records: false,
+                        adaptive: false,
+                        max_sources_per_dispatch: max,
+                    },
+                )
+                .expect("pass");
+                let width = pass.sources_per_dispatch();
+                if widths.contains(&width) {
+                    continue;
+                }
+                widths.push(width);
+                let t1 = time_gpu(&ctx, |frame, cmd| {
+                    // SAFETY: recording for `frame`; the pass marks what it reads.
+                    unsafe { pass.record(frame, cmd, &single, &view).expect("record") };
+                });
+                let t2 = time_gpu(&ctx, |frame, cmd| {
+                    // SAFETY: as above.
+                    unsafe { pass.record(frame, cmd, &spread, &view).expect("record") };
+                });
+                println!(
+                    "  {:>2}M {:>9} x{:<5}: one buffer {:.1} us, {} buffers {:.1} us ({:.2}x)",
+                    millions,
+                    format!("{variant:?}").to_lowercase(),
+                    width,
+                    t1,
+                    many.len(),
+                    t2,
+                    t2 / t1
+                );
+            }
+        }
+        drop((one, many));
+        ctx.collect().expect("collect");
     }
-    drop((one, many, copy, probe));
+    drop((copy, probe));
     let report = ctx.shutdown().expect("shutdown");
     assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
 }

@@ -2,7 +2,7 @@ enable wgpu_binding_array;
 
 // GPU cull, plain atomics: one thread per instance; frustum and distance test (classify), then
 // one atomic per visible instance to append it to its LOD's list. One dispatch covers up to
-// CULL_BATCH instance buffers (see CullPush).
+// CULL_BATCH instance buffers (see CullSourceEntry).
 
 var<immediate> pc: CullPush;
 
@@ -18,25 +18,49 @@ struct InstanceWords {
 // Visible instances' records, laid out like `lists` (2 vec4s per slot); written when pc.caps.w.
 @group(0) @binding(4) var<storage, read_write> drawn: array<vec4<f32>>;
 
+// The dispatch's sources (see CullSourceEntry).
+@group(0) @binding(5) var<storage, read> table: array<CullSourceEntry>;
+
+// The source workgroup `w` reads and the workgroup's index within it: the last source whose
+// first workgroup is at most `w` (a binary search over the prefix sums). Past the last
+// source's workgroups (the 2D dispatch rounds up) the index is past its instances.
+fn cull_locate(w: u32) -> vec2<u32> {
+    var lo = 0u;
+    var hi = pc.sources;
+    while hi - lo > 1u {
+        let mid = (lo + hi) / 2u;
+        if table[mid].first_group <= w {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return vec2<u32>(lo, w - table[lo].first_group);
+}
+
 // The workgroup's source, shared so that the binding-array index is provably uniform
 // (workgroupUniformLoad): no NonUniform decoration, no descriptor-indexing feature needed.
 var<workgroup> wg_source: u32;
+var<workgroup> wg_group: u32;
 
 @compute @workgroup_size(256)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
 ) {
-    let at = cull_locate(pc, wid.x + wid.y * pc.row_groups, 256u);
     if t == 0u {
+        let at = cull_locate(wid.x + wid.y * pc.row_groups);
         wg_source = at.x;
+        wg_group = at.y;
     }
     let source = workgroupUniformLoad(&wg_source);
+    // Ordered by workgroupUniformLoad's barrier.
+    let group = wg_group;
     if source >= pc.sources {
         return;
     }
-    let src = cull_src(pc, source);
-    let i = at.y * 256u + t;
+    let src = vec2<u32>(table[source].count, table[source].base);
+    let i = group * 256u + t;
     if i >= src.x {
         return;
     }

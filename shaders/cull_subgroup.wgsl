@@ -11,13 +11,33 @@ struct InstanceWords {
     v: array<vec4<f32>>,
 }
 
-// Up to CULL_BATCH instance buffers per dispatch (see CullPush).
+// Up to CULL_BATCH instance buffers per dispatch (see CullSourceEntry).
 @group(0) @binding(0) var<storage, read> sources: binding_array<InstanceWords, CULL_BATCH>;
 @group(0) @binding(1) var<storage, read_write> lists: array<u32>;
 @group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, 8>;
 @group(0) @binding(3) var<uniform> view: CullView;
 // Visible instances' records, laid out like `lists` (2 vec4s per slot); written when pc.caps.w.
 @group(0) @binding(4) var<storage, read_write> drawn: array<vec4<f32>>;
+
+// The dispatch's sources (see CullSourceEntry).
+@group(0) @binding(5) var<storage, read> table: array<CullSourceEntry>;
+
+// The source workgroup `w` reads and the workgroup's index within it: the last source whose
+// first workgroup is at most `w` (a binary search over the prefix sums). Past the last
+// source's workgroups (the 2D dispatch rounds up) the index is past its instances.
+fn cull_locate(w: u32) -> vec2<u32> {
+    var lo = 0u;
+    var hi = pc.sources;
+    while hi - lo > 1u {
+        let mid = (lo + hi) / 2u;
+        if table[mid].first_group <= w {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return vec2<u32>(lo, w - table[lo].first_group);
+}
 
 fn lanes_below(lane: u32) -> vec4<u32> {
     var m = vec4<u32>(0u);
@@ -38,6 +58,7 @@ fn bits(v: vec4<u32>) -> u32 {
 
 var<workgroup> wg_count: array<atomic<u32>, 5>;
 var<workgroup> wg_source: u32;
+var<workgroup> wg_group: u32;
 var<workgroup> wg_base: array<u32, 5>;
 
 // Two levels of aggregation: per subgroup (ballot, one shared-memory atomic per LOD), then per
@@ -55,16 +76,19 @@ fn main(
     // The workgroup's source, shared so that the binding-array index is provably uniform
     // (workgroupUniformLoad, which also orders the resets above); past the last source the
     // workgroup appends nothing.
-    let at = cull_locate(pc, wid.x + wid.y * pc.row_groups, CULL_PER_GROUP);
     if t == 0u {
+        let at = cull_locate(wid.x + wid.y * pc.row_groups);
         wg_source = at.x;
+        wg_group = at.y;
     }
     let source = workgroupUniformLoad(&wg_source);
+    // Ordered by workgroupUniformLoad's barrier.
+    let group = wg_group;
     var src = vec2<u32>(0u, 0u);
     if source < pc.sources {
-        src = cull_src(pc, source);
+        src = vec2<u32>(table[source].count, table[source].base);
     }
-    let first = at.y * CULL_PER_GROUP + t;
+    let first = group * CULL_PER_GROUP + t;
     let below = lanes_below(lane);
     let leader = subgroupBroadcastFirst(lane);
     var lods: array<u32, CULL_PER_THREAD>;

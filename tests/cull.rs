@@ -9,7 +9,7 @@ use glam::{Mat4, Vec3};
 use understory::gpu::context::{Context, Frame};
 use understory::gpu::cull::{
     COUNTERS, Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect,
-    LIST_GUARD_WORDS, SOURCES_PER_DISPATCH, cull_cpu,
+    LIST_GUARD_WORDS, SOURCES_PER_DISPATCH, WIDE_SOURCES_PER_DISPATCH, cull_cpu,
 };
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use understory::policy::category::Category;
@@ -107,12 +107,13 @@ fn finish(ctx: Context, bufs: Vec<Buffer>, what: &str) {
     common::finish(ctx, what);
 }
 
-/// A pass of each compaction the device has, each with the descriptor array of sources and
-/// with one source per dispatch (the variant for devices with few storage-buffer bindings).
+/// A pass of each compaction the device has, each with every width of the descriptor array of
+/// sources the device allows (the wide one where it has that many bindings) and with one
+/// source per dispatch (the variant for devices with few storage-buffer bindings).
 fn passes(ctx: &Context, capacity: u32, records: bool) -> Vec<(String, CullPass)> {
-    let mut out = Vec::new();
+    let mut out: Vec<(String, CullPass)> = Vec::new();
     for compaction in variants(ctx) {
-        for max_sources_per_dispatch in [SOURCES_PER_DISPATCH, 1] {
+        for max_sources_per_dispatch in [WIDE_SOURCES_PER_DISPATCH, SOURCES_PER_DISPATCH, 1] {
             let pass = CullPass::from_desc(
                 ctx,
                 &CullDesc {
@@ -126,7 +127,9 @@ fn passes(ctx: &Context, capacity: u32, records: bool) -> Vec<(String, CullPass)
             )
             .unwrap();
             let name = format!("{compaction:?} x{}", pass.sources_per_dispatch());
-            out.push((name, pass));
+            if out.iter().all(|(n, _)| *n != name) {
+                out.push((name, pass));
+            }
         }
     }
     out
@@ -610,7 +613,7 @@ fn records_hold_the_instance_each_list_slot_names() {
 }
 
 /// One dispatch reads up to `SOURCES_PER_DISPATCH` buffers, each starting at a fresh workgroup:
-/// 41 sources of awkward sizes (one instance, workgroup edges of both variants, empty ones in
+/// 3 × 41 sources of awkward sizes (one instance, workgroup edges of both variants, empty ones in
 /// between, a prefix of a buffer used again) still match the CPU reference, in both variants.
 #[test]
 fn sources_are_batched_per_dispatch_and_match_the_reference() {
@@ -628,15 +631,15 @@ fn sources_are_batched_per_dispatch_and_match_the_reference() {
         .map(|(k, &n)| random_scene(n.max(1), 500 + k as u64))
         .collect();
     let bufs: Vec<Buffer> = scenes.iter().map(|s| upload(&ctx, s)).collect();
-    let parts: Vec<(&Buffer, &[Instance])> = sizes
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| {
+    // Every size three times over (more than three batches of the narrow array).
+    let parts: Vec<(&Buffer, &[Instance])> = (0..3 * sizes.len())
+        .map(|j| {
+            let k = j % sizes.len();
             // Source 30 reads a prefix of buffer 20 again, under its own base.
             if k == 30 {
                 (&bufs[20], &scenes[20][..77])
             } else {
-                (&bufs[k], &scenes[k][..n])
+                (&bufs[k], &scenes[k][..sizes[k]])
             }
         })
         .collect();
@@ -653,4 +656,42 @@ fn sources_are_batched_per_dispatch_and_match_the_reference() {
         check(&rb, &want, &format!("{name} batched"));
     }
     finish(ctx, bufs, "batched");
+}
+
+/// More sources than the wide array holds (the per-patch buffers of a large world): 2,100
+/// sources of 0–600 instances over 64 buffers, culled in batches of every width the device
+/// allows, match the CPU reference; with the wide array that is three dispatches.
+#[test]
+fn thousands_of_sources_match_the_reference() {
+    let Some(ctx) = common::context("thousands_of_sources") else {
+        return;
+    };
+    let scenes: Vec<Vec<Instance>> = (0..64).map(|k| random_scene(600, 9000 + k)).collect();
+    let bufs: Vec<Buffer> = scenes.iter().map(|s| upload(&ctx, s)).collect();
+    let mut seed = 77u64;
+    let parts: Vec<(&Buffer, &[Instance])> = (0..2100)
+        .map(|j| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let n = (seed % 601) as usize;
+            (&bufs[j % 64], &scenes[j % 64][..n])
+        })
+        .collect();
+    let (sources, cpu) = numbered(&parts, 1);
+    assert!(sources.len() > 2 * WIDE_SOURCES_PER_DISPATCH);
+    let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.4, 1.0);
+    let want = cull_cpu(&cpu, &view);
+    assert!(
+        want.lists.iter().all(|l| !l.is_empty()),
+        "every LOD exercised"
+    );
+    for (name, mut pass) in passes(&ctx, 700_000, false) {
+        if pass.sources_per_dispatch() == 1 {
+            continue; // 2,100 dispatches: the batched test covers this variant
+        }
+        let rb = run(&ctx, &mut pass, &sources, &view);
+        check(&rb, &want, &format!("{name} thousands"));
+    }
+    finish(ctx, bufs, "thousands");
 }

@@ -65,49 +65,37 @@ const CULL_PER_THREAD: u32 = 4u;
 const CULL_PER_GROUP: u32 = 1024u;
 
 // Instance sources one cull dispatch reads (the binding array at binding 0 has this many
-// entries). 12 keeps the push constants at 112 bytes (the guaranteed minimum is 128) and the
-// storage buffers of the stage at 15 (lavapipe allows 32).
-const CULL_BATCH: u32 = 12u;
+// entries): 24 keeps the stage at 28 storage buffers (lavapipe allows 32). The `wide` variants
+// (build.rs) read CULL_WIDE where the device allows that many bindings (NVIDIA: a million), so
+// one dispatch covers a thousand patch buffers.
+const CULL_BATCH: u32 = 24u;
+const CULL_WIDE: u32 = 1024u;
 
-// Push constants of the cull dispatches: one dispatch per batch of up to CULL_BATCH sources.
-// Each source starts at a fresh workgroup, so the source a workgroup reads is uniform across it.
+// Push constants of the cull dispatches: one dispatch per batch of sources.
 struct CullPush {
     // xyz: capacity of each LOD's list (they follow one another in `lists`, each sized from
     // what was visible lately); w: non-zero to also copy each visible instance's 32-byte record
     // to `drawn` at its list slot (what the draw pass's vertex stage reads).
     caps: vec4<u32>,
-    // Sources in this dispatch (1..=CULL_BATCH).
+    // Sources in this dispatch (1..=the binding array's length).
     sources: u32,
     // Workgroups per row of the 2D dispatch.
     row_groups: u32,
     pad0: u32,
     pad1: u32,
-    // Per source (count, base): source k in xy of src[k / 2] when k is even, zw when odd. `base`
-    // is the index the source's first instance has in the lists.
-    src: array<vec4<u32>, 6>,
+}
+
+// The dispatch's sources, one entry each (binding 5): x instances, y the index the source's
+// first instance has in the lists, z the first workgroup of the dispatch that reads it (each
+// source starts at a fresh workgroup: the prefix sum of ceil(x / workgroup instances)).
+struct CullSourceEntry {
+    count: u32,
+    base: u32,
+    first_group: u32,
+    pad: u32,
 }
 
 // Where LOD `lod`'s list starts in `lists` (and `drawn`).
 fn list_base(caps: vec4<u32>, lod: u32) -> u32 {
     return select(0u, caps.x, lod >= 1u) + select(0u, caps.y, lod >= 2u);
-}
-
-// (count, base) of source k of this dispatch.
-fn cull_src(p: CullPush, k: u32) -> vec2<u32> {
-    let v = p.src[k / 2u];
-    return select(v.zw, v.xy, (k & 1u) == 0u);
-}
-
-// The source workgroup `w` belongs to and the workgroup's index within that source, when each
-// source covers ceil(count / per_group) workgroups in order; x == p.sources past the end.
-fn cull_locate(p: CullPush, w: u32, per_group: u32) -> vec2<u32> {
-    var first = 0u;
-    for (var k = 0u; k < p.sources; k = k + 1u) {
-        let groups = (cull_src(p, k).x + per_group - 1u) / per_group;
-        if w < first + groups {
-            return vec2<u32>(k, w - first);
-        }
-        first = first + groups;
-    }
-    return vec2<u32>(p.sources, 0u);
 }

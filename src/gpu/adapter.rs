@@ -130,6 +130,8 @@ pub struct DeviceLimits {
     pub max_per_stage_storage_buffers: u32,
     /// `maxPerStageResources`.
     pub max_per_stage_resources: u32,
+    /// `maxDescriptorSetStorageBuffers`.
+    pub max_descriptor_set_storage_buffers: u32,
     /// `maxStorageBufferRange` (at least 128 MiB): the most bytes one storage binding covers.
     pub max_storage_buffer_range: u32,
     /// `maxComputeWorkGroupCount`.
@@ -315,6 +317,7 @@ impl Adapter {
                     .limits
                     .max_per_stage_descriptor_storage_buffers,
                 max_per_stage_resources: props.limits.max_per_stage_resources,
+                max_descriptor_set_storage_buffers: props.limits.max_descriptor_set_storage_buffers,
                 max_storage_buffer_range: props.limits.max_storage_buffer_range,
                 max_compute_work_group_count: props.limits.max_compute_work_group_count,
             },

@@ -211,15 +211,39 @@ pub struct DrawIndexedIndirect {
     pub first_instance: u32,
 }
 
-/// Most instance sources one cull dispatch reads (`CULL_BATCH` in `shaders/common/cull.wgsl`):
-/// the binding array at binding 0 has this many entries. Devices with fewer storage-buffer
-/// bindings per stage than this plus 3 (the guaranteed minimum is 4), or without
+/// Instance sources one cull dispatch reads (`CULL_BATCH` in `shaders/common/cull.wgsl`) on
+/// devices with at least 28 storage-buffer bindings per stage: the binding array at binding 0
+/// has this many entries. Devices with fewer (the guaranteed minimum is 4), or without
 /// `shaderStorageBufferArrayDynamicIndexing`, get a variant that reads one source per
 /// dispatch ([`CullPass::sources_per_dispatch`]).
-pub const SOURCES_PER_DISPATCH: usize = 12;
+pub const SOURCES_PER_DISPATCH: usize = 24;
 
-/// Storage buffers of the cull stage besides the sources: lists, counters, records.
-const OTHER_STORAGE_BUFFERS: u32 = 3;
+/// Instance sources one cull dispatch reads where the device allows that many storage-buffer
+/// bindings per stage and per set (plus 4; NVIDIA allows about a million): one dispatch and no
+/// barrier for a thousand patch buffers (`CULL_WIDE` in `shaders/common/cull.wgsl`).
+pub const WIDE_SOURCES_PER_DISPATCH: usize = 1024;
+
+/// Storage buffers of the cull stage besides the sources: lists, counters, records, the
+/// source table.
+const OTHER_STORAGE_BUFFERS: u32 = 4;
+
+/// One entry of the per-dispatch source table (`CullSourceEntry` in
+/// `shaders/common/cull.wgsl`): instances, list base, first workgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct SourceEntry {
+    count: u32,
+    base: u32,
+    first_group: u32,
+    pad: u32,
+}
+const _: () = assert!(size_of::<SourceEntry>() == shaders::layout::CULLSOURCEENTRY_SIZE);
+
+/// Bytes between two dispatches' tables in the table buffer: a batch of entries rounded up to
+/// 256 (the largest `minStorageBufferOffsetAlignment` the spec allows).
+const fn table_stride(batch: usize) -> u64 {
+    ((batch * size_of::<SourceEntry>()) as u64).div_ceil(256) * 256
+}
 
 /// The cull dispatches' push constants (`CullPush` in `shaders/common/cull.wgsl`).
 #[repr(C)]
@@ -230,8 +254,6 @@ struct CullPush {
     sources: u32,
     row_groups: u32,
     pad: [u32; 2],
-    /// (count, base) per source.
-    src: [[u32; 2]; SOURCES_PER_DISPATCH],
 }
 
 const PUSH_BYTES: u32 = size_of::<CullPush>() as u32;
@@ -263,8 +285,10 @@ pub struct CullDesc {
     pub meshes: [DrawIndexedIndirect; 3],
     /// Also copy each visible instance's record to [`CullPass::records`].
     pub records: bool,
-    /// At most this many instance buffers per dispatch: [`SOURCES_PER_DISPATCH`] (the
-    /// default, used where the device allows it) or 1 (one plain binding, no descriptor array).
+    /// At most this many instance buffers per dispatch: the widest of
+    /// [`WIDE_SOURCES_PER_DISPATCH`] (the default of [`CullPass::new`]),
+    /// [`SOURCES_PER_DISPATCH`] and 1 (one plain binding, no descriptor array) that is at most
+    /// this and that the device allows.
     pub max_sources_per_dispatch: usize,
 }
 
@@ -300,6 +324,9 @@ pub struct CullPass {
     view: Option<Buffer>,
     records: Option<Buffer>,
     with_records: bool,
+    /// The dispatches' source tables ([`table_stride`] bytes each), grown when a frame has
+    /// more batches than it holds (the old one retires).
+    table: Option<Buffer>,
 }
 
 impl CullPass {
@@ -322,7 +349,7 @@ impl CullPass {
                 meshes,
                 records: false,
                 adaptive: true,
-                max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+                max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
             },
         )
     }
@@ -346,7 +373,7 @@ impl CullPass {
                 meshes,
                 records: true,
                 adaptive: true,
-                max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+                max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
             },
         )
     }
@@ -380,10 +407,10 @@ impl CullPass {
             adaptive,
             max_sources_per_dispatch,
         } = *desc;
-        if !(1..=SOURCES_PER_DISPATCH).contains(&max_sources_per_dispatch) {
-            return Err(Error::InvalidInput(format!(
-                "max_sources_per_dispatch {max_sources_per_dispatch} (1..={SOURCES_PER_DISPATCH})"
-            )));
+        if max_sources_per_dispatch == 0 {
+            return Err(Error::InvalidInput(
+                "max_sources_per_dispatch 0 (at least 1)".into(),
+            ));
         }
         let shared = ctx.shared();
         shared.require(
@@ -405,15 +432,21 @@ impl CullPass {
             ));
         }
         let limits = ctx.adapter().limits;
-        let batch = if max_sources_per_dispatch == SOURCES_PER_DISPATCH
-            && ctx.features().storage_buffer_array_dynamic_indexing
-            && limits.max_per_stage_storage_buffers
-                >= SOURCES_PER_DISPATCH as u32 + OTHER_STORAGE_BUFFERS
-        {
-            SOURCES_PER_DISPATCH
-        } else {
-            1
+        // A binding array of `n` sources: n + 4 storage buffers in the stage and the set, and
+        // one uniform buffer besides (VUID-VkPipelineLayoutCreateInfo-descriptorType-03022,
+        // -03036, -03016).
+        let fits = |n: usize| {
+            let storage = n as u32 + OTHER_STORAGE_BUFFERS;
+            max_sources_per_dispatch >= n
+                && ctx.features().storage_buffer_array_dynamic_indexing
+                && limits.max_per_stage_storage_buffers >= storage
+                && limits.max_descriptor_set_storage_buffers >= storage
+                && limits.max_per_stage_resources > storage
         };
+        let batch = [WIDE_SOURCES_PER_DISPATCH, SOURCES_PER_DISPATCH]
+            .into_iter()
+            .find(|n| fits(*n))
+            .unwrap_or(1);
         let mut this = Self {
             shared: shared.clone(),
             last_use: AtomicU64::new(0),
@@ -452,6 +485,7 @@ impl CullPass {
             view: None,
             records: None,
             with_records,
+            table: None,
         };
         let initial = if adaptive {
             let sizer = ListSizer::new(ListSizing::new(MIN_LIST, capacity), INITIAL_LIST);
@@ -478,14 +512,17 @@ impl CullPass {
                 (T::STORAGE_BUFFER, 1),
                 (T::UNIFORM_BUFFER, 1),
                 (T::STORAGE_BUFFER, 1),
+                (T::STORAGE_BUFFER, 1),
             ],
         )?;
         self.layout = pipeline_layout(d, self.set_layout, PUSH_BYTES)?;
-        let spirv = match (self.compaction, self.batch == 1) {
-            (Compaction::Atomic, false) => shaders::CULL_ATOMIC,
-            (Compaction::Subgroup, false) => shaders::CULL_SUBGROUP,
-            (Compaction::Atomic, true) => shaders::CULL_ATOMIC_SINGLE,
-            (Compaction::Subgroup, true) => shaders::CULL_SUBGROUP_SINGLE,
+        let spirv = match (self.compaction, self.batch) {
+            (Compaction::Atomic, 1) => shaders::CULL_ATOMIC_SINGLE,
+            (Compaction::Subgroup, 1) => shaders::CULL_SUBGROUP_SINGLE,
+            (Compaction::Atomic, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_ATOMIC_WIDE,
+            (Compaction::Subgroup, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_SUBGROUP_WIDE,
+            (Compaction::Atomic, _) => shaders::CULL_ATOMIC,
+            (Compaction::Subgroup, _) => shaders::CULL_SUBGROUP,
         };
         self.pipeline = compute_pipeline(d, spirv, c"main", self.layout)?;
         self.fin_set_layout = set_layout(d, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER])?;
@@ -740,6 +777,44 @@ impl CullPass {
         }
         // Resizes first (the lists of this frame are the new ones), then this frame's readback.
         self.follow_demand()?;
+        let live: Vec<&CullSource<'_>> = sources.iter().filter(|s| s.count > 0).collect();
+        let batches: Vec<&[&CullSource<'_>]> = live.chunks(self.batch).collect();
+        // Each source starts at a fresh workgroup, so a workgroup never straddles two buffers:
+        // the table gives each its first workgroup (the shader finds a workgroup's source by a
+        // binary search over them).
+        let per_group = self.compaction.per_group();
+        let tables: Vec<(Vec<SourceEntry>, u32)> = batches
+            .iter()
+            .map(|batch| {
+                let mut groups = 0u32;
+                let entries = batch
+                    .iter()
+                    .map(|s| {
+                        let e = SourceEntry {
+                            count: s.count,
+                            base: s.base,
+                            first_group: groups,
+                            pad: 0,
+                        };
+                        groups += s.count.div_ceil(per_group);
+                        e
+                    })
+                    .collect();
+                (entries, groups)
+            })
+            .collect();
+        let stride = table_stride(self.batch);
+        let table_bytes = (batches.len() as u64).max(1) * stride;
+        if self.table.as_ref().is_none_or(|t| t.size() < table_bytes) {
+            // The old table retires at its last use.
+            self.table = Some(self.shared.create_buffer(&BufferDesc {
+                name: "cull source tables",
+                size: table_bytes,
+                usage: vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::TRANSFER_DST,
+                location: MemoryLocation::GpuOnly,
+                category: Category::Outputs,
+            })?);
+        }
         let rb = self.readback_slot()?;
         let readback = self.readbacks[rb].0.raw();
         self.readbacks[rb].0.touch(frame.value());
@@ -756,8 +831,8 @@ impl CullPass {
             b.mark_used(frame.value())?;
         }
         // Sets next: a failure leaves nothing recorded.
-        let live: Vec<&CullSource<'_>> = sources.iter().filter(|s| s.count > 0).collect();
-        let batches: Vec<&[&CullSource<'_>]> = live.chunks(self.batch).collect();
+        let table = Self::get(&self.table)?;
+        table.mark_used(frame.value())?;
         let sets = {
             let mut arena = lock(&self.sets);
             batches
@@ -824,6 +899,16 @@ impl CullPass {
             d.cmd_fill_buffer(cmd, counters.raw(), 0, vk::WHOLE_SIZE, 0);
             d.cmd_update_buffer(cmd, view_buf.raw(), 0, bytemuck::bytes_of(view));
             d.cmd_update_buffer(cmd, args.raw(), 0, bytemuck::cast_slice(&meshes));
+            for (k, (entries, _)) in tables.iter().enumerate() {
+                // At most 1024 entries of 16 bytes: within vkCmdUpdateBuffer's 65536
+                // (VUID-vkCmdUpdateBuffer-dataSize-00037), at a multiple of 4 (-00036).
+                d.cmd_update_buffer(
+                    cmd,
+                    table.raw(),
+                    k as u64 * stride,
+                    bytemuck::cast_slice(entries),
+                );
+            }
             d.cmd_pipeline_barrier(
                 cmd,
                 vk::PipelineStageFlags::TRANSFER,
@@ -848,8 +933,9 @@ impl CullPass {
                 vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
             );
-            let per_group = self.compaction.per_group();
-            for (k, (&batch, set)) in batches.iter().zip(&sets).enumerate() {
+            for (k, ((&batch, set), (_, groups))) in
+                batches.iter().zip(&sets).zip(&tables).enumerate()
+            {
                 if k > 0 {
                     // Dispatches append to the same lists and counters.
                     memory_barrier(d, cmd, compute_write, compute_rw);
@@ -867,6 +953,15 @@ impl CullPass {
                         (2, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
                         (3, vk::DescriptorType::UNIFORM_BUFFER, &view_i),
                         (4, vk::DescriptorType::STORAGE_BUFFER, &records_i),
+                        (
+                            5,
+                            vk::DescriptorType::STORAGE_BUFFER,
+                            &[vk::DescriptorBufferInfo {
+                                buffer: table.raw(),
+                                offset: k as u64 * stride,
+                                range: (batch.len() * size_of::<SourceEntry>()) as u64,
+                            }],
+                        ),
                     ],
                 );
                 d.cmd_bind_descriptor_sets(
@@ -877,20 +972,14 @@ impl CullPass {
                     &[*set],
                     &[],
                 );
-                // Each source starts at a fresh workgroup (the shader finds its source by
-                // walking these counts), so a workgroup never straddles two buffers.
-                let groups: u32 = batch.iter().map(|s| s.count.div_ceil(per_group)).sum();
-                let gx = groups.min(max_x);
+                let gx = (*groups).min(max_x);
                 let gy = groups.div_ceil(gx);
-                let mut pc = CullPush {
+                let pc = CullPush {
                     caps,
                     sources: batch.len() as u32,
                     row_groups: gx,
                     ..Default::default()
                 };
-                for (slot, s) in pc.src.iter_mut().zip(batch) {
-                    *slot = [s.count, s.base];
-                }
                 d.cmd_push_constants(
                     cmd,
                     self.layout,

@@ -122,8 +122,9 @@ pub struct DeviceRequirements {
     pub features: CoreFeatures,
     /// Core features understory uses when enabled (faster paths); enable each the device
     /// supports: `shaderStorageBufferArrayDynamicIndexing` lets the cull pass read up to
-    /// [`SOURCES_PER_DISPATCH`](crate::gpu::cull::SOURCES_PER_DISPATCH) instance buffers per
-    /// dispatch instead of one.
+    /// [`WIDE_SOURCES_PER_DISPATCH`](crate::gpu::cull::WIDE_SOURCES_PER_DISPATCH) instance
+    /// buffers per dispatch (or [`SOURCES_PER_DISPATCH`](crate::gpu::cull::SOURCES_PER_DISPATCH)
+    /// where the device has fewer storage-buffer bindings) instead of one.
     pub optional_features: CoreFeatures,
     /// Flags the queue handed to understory must have.
     pub queue_flags: vk::QueueFlags,

@@ -239,6 +239,11 @@ struct SourceEntry {
 }
 const _: () = assert!(size_of::<SourceEntry>() == shaders::layout::CULLSOURCEENTRY_SIZE);
 
+/// Dispatches whose source tables the table buffer holds at once (made with the pass, so
+/// recording allocates nothing): more batches are recorded in rounds, the table rewritten
+/// between them (16 × 1024 sources a round with the wide array).
+const TABLE_BATCHES: usize = 16;
+
 /// Bytes between two dispatches' tables in the table buffer: a batch of entries rounded up to
 /// 256 (the largest `minStorageBufferOffsetAlignment` the spec allows).
 const fn table_stride(batch: usize) -> u64 {
@@ -324,8 +329,7 @@ pub struct CullPass {
     view: Option<Buffer>,
     records: Option<Buffer>,
     with_records: bool,
-    /// The dispatches' source tables ([`table_stride`] bytes each), grown when a frame has
-    /// more batches than it holds (the old one retires).
+    /// The dispatches' source tables ([`table_stride`] bytes each, [`TABLE_BATCHES`] of them).
     table: Option<Buffer>,
 }
 
@@ -553,6 +557,11 @@ impl CullPass {
             "cull view",
             size_of::<CullView>() as u64,
             vk::BufferUsageFlags::UNIFORM_BUFFER,
+        )?);
+        self.table = Some(buffer(
+            "cull source tables",
+            TABLE_BATCHES as u64 * table_stride(self.batch),
+            vk::BufferUsageFlags::STORAGE_BUFFER,
         )?);
         Ok(())
     }
@@ -804,17 +813,6 @@ impl CullPass {
             })
             .collect();
         let stride = table_stride(self.batch);
-        let table_bytes = (batches.len() as u64).max(1) * stride;
-        if self.table.as_ref().is_none_or(|t| t.size() < table_bytes) {
-            // The old table retires at its last use.
-            self.table = Some(self.shared.create_buffer(&BufferDesc {
-                name: "cull source tables",
-                size: table_bytes,
-                usage: vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::TRANSFER_DST,
-                location: MemoryLocation::GpuOnly,
-                category: Category::Outputs,
-            })?);
-        }
         let rb = self.readback_slot()?;
         let readback = self.readbacks[rb].0.raw();
         self.readbacks[rb].0.touch(frame.value());
@@ -899,16 +897,6 @@ impl CullPass {
             d.cmd_fill_buffer(cmd, counters.raw(), 0, vk::WHOLE_SIZE, 0);
             d.cmd_update_buffer(cmd, view_buf.raw(), 0, bytemuck::bytes_of(view));
             d.cmd_update_buffer(cmd, args.raw(), 0, bytemuck::cast_slice(&meshes));
-            for (k, (entries, _)) in tables.iter().enumerate() {
-                // At most 1024 entries of 16 bytes: within vkCmdUpdateBuffer's 65536
-                // (VUID-vkCmdUpdateBuffer-dataSize-00037), at a multiple of 4 (-00036).
-                d.cmd_update_buffer(
-                    cmd,
-                    table.raw(),
-                    k as u64 * stride,
-                    bytemuck::cast_slice(entries),
-                );
-            }
             d.cmd_pipeline_barrier(
                 cmd,
                 vk::PipelineStageFlags::TRANSFER,
@@ -933,9 +921,47 @@ impl CullPass {
                 vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
             );
-            for (k, ((&batch, set), (_, groups))) in
+            for (k, ((&batch, set), (entries, groups))) in
                 batches.iter().zip(&sets).zip(&tables).enumerate()
             {
+                let slot = k % TABLE_BATCHES;
+                if slot == 0 {
+                    // A round of tables: written after the previous round's dispatches read
+                    // theirs, before this round's read them.
+                    if k > 0 {
+                        memory_barrier(
+                            d,
+                            cmd,
+                            compute_rw,
+                            (
+                                vk::PipelineStageFlags::TRANSFER,
+                                vk::AccessFlags::TRANSFER_WRITE,
+                            ),
+                        );
+                    }
+                    for (j, (entries, _)) in tables[k..].iter().take(TABLE_BATCHES).enumerate() {
+                        // At most 1024 entries of 16 bytes: within vkCmdUpdateBuffer's 65536
+                        // (VUID-vkCmdUpdateBuffer-dataSize-00037), at a multiple of 4 (-00036).
+                        d.cmd_update_buffer(
+                            cmd,
+                            table.raw(),
+                            j as u64 * stride,
+                            bytemuck::cast_slice(entries),
+                        );
+                    }
+                    memory_barrier(
+                        d,
+                        cmd,
+                        (
+                            vk::PipelineStageFlags::TRANSFER,
+                            vk::AccessFlags::TRANSFER_WRITE,
+                        ),
+                        (
+                            vk::PipelineStageFlags::COMPUTE_SHADER,
+                            vk::AccessFlags::SHADER_READ,
+                        ),
+                    );
+                }
                 if k > 0 {
                     // Dispatches append to the same lists and counters.
                     memory_barrier(d, cmd, compute_write, compute_rw);
@@ -958,8 +984,8 @@ impl CullPass {
                             vk::DescriptorType::STORAGE_BUFFER,
                             &[vk::DescriptorBufferInfo {
                                 buffer: table.raw(),
-                                offset: k as u64 * stride,
-                                range: (batch.len() * size_of::<SourceEntry>()) as u64,
+                                offset: slot as u64 * stride,
+                                range: std::mem::size_of_val(entries.as_slice()) as u64,
                             }],
                         ),
                     ],

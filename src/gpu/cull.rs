@@ -478,7 +478,11 @@ impl CullPass {
                     (vk::DescriptorType::UNIFORM_BUFFER, 1),
                 ],
                 // A wide set holds 4,100 descriptors: fewer to a pool.
-                if batch == WIDE_SOURCES_PER_DISPATCH { 4 } else { 64 },
+                if batch == WIDE_SOURCES_PER_DISPATCH {
+                    4
+                } else {
+                    64
+                },
             )),
             fin_sets: Mutex::new(DescriptorArena::new(
                 &[(vk::DescriptorType::STORAGE_BUFFER, 2)],

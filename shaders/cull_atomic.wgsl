@@ -42,6 +42,7 @@ fn cull_locate(w: u32) -> vec2<u32> {
 // (workgroupUniformLoad): no NonUniform decoration, no descriptor-indexing feature needed.
 var<workgroup> wg_source: u32;
 var<workgroup> wg_group: u32;
+var<workgroup> wg_src: vec2<u32>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -50,16 +51,18 @@ fn main(
 ) {
     if t == 0u {
         let at = cull_locate(wid.x + wid.y * pc.row_groups);
+        let entry = table[at.x];
         wg_source = at.x;
         wg_group = at.y;
+        wg_src = vec2<u32>(entry.count, entry.base);
     }
     let source = workgroupUniformLoad(&wg_source);
-    // Ordered by workgroupUniformLoad's barrier.
+    // Ordered by workgroupUniformLoad's barrier: one global read per workgroup, before it.
     let group = wg_group;
     if source >= pc.sources {
         return;
     }
-    let src = vec2<u32>(table[source].count, table[source].base);
+    let src = wg_src;
     let i = group * 256u + t;
     if i >= src.x {
         return;

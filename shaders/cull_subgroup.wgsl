@@ -59,6 +59,7 @@ fn bits(v: vec4<u32>) -> u32 {
 var<workgroup> wg_count: array<atomic<u32>, 5>;
 var<workgroup> wg_source: u32;
 var<workgroup> wg_group: u32;
+var<workgroup> wg_src: vec2<u32>;
 var<workgroup> wg_base: array<u32, 5>;
 
 // Two levels of aggregation: per subgroup (ballot, one shared-memory atomic per LOD), then per
@@ -78,16 +79,15 @@ fn main(
     // workgroup appends nothing.
     if t == 0u {
         let at = cull_locate(wid.x + wid.y * pc.row_groups);
+        let entry = table[at.x];
         wg_source = at.x;
         wg_group = at.y;
+        wg_src = vec2<u32>(entry.count, entry.base);
     }
     let source = workgroupUniformLoad(&wg_source);
-    // Ordered by workgroupUniformLoad's barrier.
+    // Ordered by workgroupUniformLoad's barrier: one global read per workgroup, before it.
     let group = wg_group;
-    var src = vec2<u32>(0u, 0u);
-    if source < pc.sources {
-        src = vec2<u32>(table[source].count, table[source].base);
-    }
+    let src = wg_src;
     let first = group * CULL_PER_GROUP + t;
     let below = lanes_below(lane);
     // The records first (the loads of all CULL_PER_THREAD instances in flight at once).

@@ -153,6 +153,21 @@ fn layouts(common: &str) -> Result<String, String> {
         .update(module.to_ctx())
         .map_err(|e| format!("shaders/common layout: {e}"))?;
     let mut out = String::new();
+    // The cull shaders' source-array lengths, for the Rust side to check its layouts against.
+    for name in ["CULL_BATCH", "CULL_WIDE"] {
+        let value = common
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("const {name}: u32 = "))
+                    .and_then(|v| v.strip_suffix("u;"))
+            })
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(|| format!("shaders/common: `const {name}: u32 = Nu;` not found"))?;
+        let _ = writeln!(
+            out,
+            "/// WGSL `{name}` (shaders/common/cull.wgsl).\npub const {name}: usize = {value};"
+        );
+    }
     for (handle, ty) in module.types.iter() {
         if let naga::TypeInner::Struct { members, span } = &ty.inner {
             let Some(name) = &ty.name else { continue };

@@ -1337,10 +1337,12 @@ impl Vegetation {
         // and staging, may still take a smaller buffer; the destinations past it go back).
         let mut want = bytes;
         let mut created = self.staging_buffer("instance staging", want);
+        let mut driver_refused = false;
         while matches!(
             created,
             Err(Error::OverBudget { .. } | Error::OutOfDeviceMemory { .. })
         ) {
+            driver_refused |= matches!(created, Err(Error::OutOfDeviceMemory { .. }));
             let mut half = 0u64;
             for (_, s, _) in &made {
                 let len = self.patch_instance_bytes(*s);
@@ -1356,7 +1358,13 @@ impl Vegetation {
             created = self.staging_buffer("instance staging", want);
         }
         let mut staging = match created {
-            Ok(s) => s,
+            Ok(s) => {
+                if driver_refused {
+                    // A smaller staging buffer fitted, but the driver refused first: pressure.
+                    self.out_of_memory(held);
+                }
+                s
+            }
             Err(e @ (Error::OverBudget { .. } | Error::OutOfDeviceMemory { .. }))
             | Err(e @ Error::OutOfHostMemory { .. }) => {
                 if !matches!(e, Error::OverBudget { .. }) {
@@ -1370,7 +1378,8 @@ impl Vegetation {
             Err(e) => return Err(e),
         };
         // Destinations past what the staging holds go back (never recorded); their tiles are
-        // resident with what they got, the rest follows.
+        // resident with what they got (at least one patch), the rest follows; a tile that lost
+        // any is no longer complete.
         let mut covered = 0u64;
         let mut cut = made.len();
         for (i, (_, s, _)) in made.iter().enumerate() {
@@ -1383,6 +1392,9 @@ impl Vegetation {
         }
         if cut < made.len() {
             self.refused_uploads += (made.len() - cut) as u64;
+            let lost: std::collections::HashSet<NodeId> =
+                made[cut..].iter().map(|(n, _, _)| *n).collect();
+            complete.retain(|n| !lost.contains(n));
             made.truncate(cut);
         }
         let mapped = match staging.mapped_mut() {

@@ -179,6 +179,18 @@ fn run(
     sources: &[CullSource<'_>],
     view: &CullView,
 ) -> Readback {
+    run_after(ctx, pass, &[], sources, view)
+}
+
+/// As [`run`], after the pass was recorded with `earlier` into the same command buffer (when
+/// not empty): the result is `sources`' alone.
+fn run_after(
+    ctx: &Context,
+    pass: &mut CullPass,
+    earlier: &[CullSource<'_>],
+    sources: &[CullSource<'_>],
+    view: &CullView,
+) -> Readback {
     let caps = pass.capacities();
     let bases = pass.list_bases();
     let entries: u64 = caps.iter().map(|c| u64::from(*c)).sum();
@@ -214,6 +226,9 @@ fn run(
                 &[],
                 &[],
             );
+            if !earlier.is_empty() {
+                pass.record(frame, cmd, earlier, view)?;
+            }
             pass.record(frame, cmd, sources, view)?;
             copy_to_host(
                 ctx,
@@ -694,4 +709,67 @@ fn thousands_of_sources_match_the_reference() {
         check(&rb, &want, &format!("{name} thousands"));
     }
     finish(ctx, bufs, "thousands");
+}
+
+/// The wide array over more than one round of tables (more than 4 × 4,096 live sources: five
+/// dispatches, two rounds, two descriptor pools), and every other width; twice, so the second
+/// frame rewrites the tables the first one's dispatches read.
+#[test]
+fn rounds_of_tables_match_the_reference() {
+    let Some(ctx) = common::context("rounds_of_tables") else {
+        return;
+    };
+    let scenes: Vec<Vec<Instance>> = (0..64).map(|k| random_scene(300, 7000 + k)).collect();
+    let bufs: Vec<Buffer> = scenes.iter().map(|s| upload(&ctx, s)).collect();
+    let mut seed = 99u64;
+    let parts: Vec<(&Buffer, &[Instance])> = (0..20_000)
+        .map(|j| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let n = (seed % 65) as usize;
+            (&bufs[j % 64], &scenes[j % 64][..n])
+        })
+        .collect();
+    let (sources, cpu) = numbered(&parts, 1);
+    let live = sources.iter().filter(|s| s.count > 0).count();
+    assert!(live > 4 * WIDE_SOURCES_PER_DISPATCH, "live {live}");
+    let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.4, 1.0);
+    let want = cull_cpu(&cpu, &view);
+    for (name, mut pass) in passes(&ctx, 900_000, false) {
+        if pass.sources_per_dispatch() == 1 {
+            continue;
+        }
+        for _ in 0..2 {
+            let rb = run(&ctx, &mut pass, &sources, &view);
+            check(&rb, &want, &format!("{name} rounds"));
+        }
+    }
+    finish(ctx, bufs, "rounds");
+}
+
+/// The pass recorded twice into one command buffer (many sources, then few): the second
+/// record's table writes wait for the first's dispatches, and its result is the few sources'
+/// alone.
+#[test]
+fn recorded_twice_in_one_command_buffer() {
+    let Some(ctx) = common::context("recorded_twice") else {
+        return;
+    };
+    let scenes: Vec<Vec<Instance>> = (0..8).map(|k| random_scene(3000, 100 + k)).collect();
+    let bufs: Vec<Buffer> = scenes.iter().map(|s| upload(&ctx, s)).collect();
+    let many: Vec<(&Buffer, &[Instance])> = (0..200)
+        .map(|j| (&bufs[j % 8], &scenes[j % 8][..(j * 37) % 3000 + 1]))
+        .collect();
+    let few: Vec<(&Buffer, &[Instance])> =
+        (0..5).map(|j| (&bufs[j], &scenes[j][..2000 + j])).collect();
+    let (many_s, _) = numbered(&many, 0);
+    let (few_s, few_cpu) = numbered(&few, 3);
+    let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.4, 1.0);
+    let want = cull_cpu(&few_cpu, &view);
+    for (name, mut pass) in passes(&ctx, 700_000, false) {
+        let rb = run_after(&ctx, &mut pass, &many_s, &few_s, &view);
+        check(&rb, &want, &format!("{name} twice"));
+    }
+    finish(ctx, bufs, "twice");
 }

@@ -282,6 +282,31 @@ pub(crate) fn set_layout_with_counts(
         .map_err(vk_err("vkCreateDescriptorSetLayout"))
 }
 
+/// Whether the device can create a set layout of these bindings (as
+/// [`set_layout_with_counts`] makes it): `vkGetDescriptorSetLayoutSupport`, needed for layouts
+/// past `maxPerSetDescriptors` (Vulkan 1.1).
+pub(crate) fn set_layout_supported(
+    device: &ash::Device,
+    types: &[(vk::DescriptorType, u32)],
+) -> bool {
+    let bindings: Vec<_> = types
+        .iter()
+        .enumerate()
+        .map(|(b, (t, n))| {
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(b as u32)
+                .descriptor_type(*t)
+                .descriptor_count(*n)
+                .stage_flags(vk::ShaderStageFlags::COMPUTE)
+        })
+        .collect();
+    let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
+    let mut support = vk::DescriptorSetLayoutSupport::default();
+    // SAFETY: valid info; a core Vulkan 1.1 query (the context requires 1.2) that creates nothing.
+    unsafe { device.get_descriptor_set_layout_support(&info, &mut support) };
+    support.supported == vk::TRUE
+}
+
 /// A pipeline layout of one set plus a compute push-constant range of `push_bytes`.
 pub(crate) fn pipeline_layout(
     device: &ash::Device,

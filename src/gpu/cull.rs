@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::gpu::adapter::DeviceFeatures;
 use crate::gpu::compute::{
     DescriptorArena, compute_pipeline, lock, memory_barrier, pipeline_layout,
-    retire_pipeline_objects, set_layout, set_layout_with_counts, whole, write_set,
+    retire_pipeline_objects, set_layout, set_layout_supported, set_layout_with_counts, whole,
+    write_set,
 };
 use crate::gpu::context::{Context, Frame, Shared};
 use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
@@ -238,6 +239,11 @@ struct SourceEntry {
     pad: u32,
 }
 const _: () = assert!(size_of::<SourceEntry>() == shaders::layout::CULLSOURCEENTRY_SIZE);
+// The shaders' arrays are the layouts' (VUID-VkComputePipelineCreateInfo-layout-07991).
+const _: () = assert!(shaders::layout::CULL_WIDE == WIDE_SOURCES_PER_DISPATCH);
+const _: () = assert!(shaders::layout::CULL_BATCH == SOURCES_PER_DISPATCH);
+// A dispatch's table is one vkCmdUpdateBuffer (VUID-vkCmdUpdateBuffer-dataSize-00037).
+const _: () = assert!(WIDE_SOURCES_PER_DISPATCH * size_of::<SourceEntry>() <= 65536);
 
 /// Dispatches whose source tables the table buffer holds at once (made with the pass, so
 /// recording allocates nothing; 256 KiB with the wide array): more batches are recorded in
@@ -449,7 +455,7 @@ impl CullPass {
         };
         let batch = [WIDE_SOURCES_PER_DISPATCH, SOURCES_PER_DISPATCH]
             .into_iter()
-            .find(|n| fits(*n))
+            .find(|n| fits(*n) && set_layout_supported(ctx.device(), &Self::bindings(*n)))
             .unwrap_or(1);
         let mut this = Self {
             shared: shared.clone(),
@@ -510,20 +516,24 @@ impl CullPass {
         Ok(this)
     }
 
+    /// The cull set's bindings with `batch` sources: sources, lists, counters, view, records,
+    /// source table.
+    fn bindings(batch: usize) -> [(vk::DescriptorType, u32); 6] {
+        use vk::DescriptorType as T;
+        [
+            (T::STORAGE_BUFFER, batch as u32),
+            (T::STORAGE_BUFFER, 1),
+            (T::STORAGE_BUFFER, 1),
+            (T::UNIFORM_BUFFER, 1),
+            (T::STORAGE_BUFFER, 1),
+            (T::STORAGE_BUFFER, 1),
+        ]
+    }
+
     fn build(&mut self, ctx: &Context) -> Result<()> {
         use vk::DescriptorType as T;
         let d = ctx.device();
-        self.set_layout = set_layout_with_counts(
-            d,
-            &[
-                (T::STORAGE_BUFFER, self.batch as u32),
-                (T::STORAGE_BUFFER, 1),
-                (T::STORAGE_BUFFER, 1),
-                (T::UNIFORM_BUFFER, 1),
-                (T::STORAGE_BUFFER, 1),
-                (T::STORAGE_BUFFER, 1),
-            ],
-        )?;
+        self.set_layout = set_layout_with_counts(d, &Self::bindings(self.batch))?;
         self.layout = pipeline_layout(d, self.set_layout, PUSH_BYTES)?;
         let spirv = match (self.compaction, self.batch) {
             (Compaction::Atomic, 1) => shaders::CULL_ATOMIC_SINGLE,

@@ -7,7 +7,7 @@
 //! write): its bandwidth gives the floor, `(bytes read + written by the cull) / copy bandwidth`.
 //! A last table compares one source of 1M (and 4M) instances with sources of 1024 instances each
 //! (instances spread over many tile allocations), for each width of the pass's binding array of
-//! sources the device allows: the wide one (4096 sources a dispatch) and the narrow one (24,
+//! sources the device allows: the wide one (1024 sources a dispatch) and the narrow one (24,
 //! a barrier between dispatches).
 //!
 //! Run: `cargo bench --bench cull`; on the GPU machine `.gpu/bin/cull-unittests`.

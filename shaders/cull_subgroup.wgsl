@@ -59,7 +59,6 @@ fn bits(v: vec4<u32>) -> u32 {
 var<workgroup> wg_count: array<atomic<u32>, 5>;
 var<workgroup> wg_source: u32;
 var<workgroup> wg_group: u32;
-var<workgroup> wg_src: vec2<u32>;
 var<workgroup> wg_base: array<u32, 5>;
 
 // Two levels of aggregation: per subgroup (ballot, one shared-memory atomic per LOD), then per
@@ -79,67 +78,40 @@ fn main(
     // workgroup appends nothing.
     if t == 0u {
         let at = cull_locate(wid.x + wid.y * pc.row_groups);
-        let entry = table[at.x];
         wg_source = at.x;
         wg_group = at.y;
-        wg_src = vec2<u32>(entry.count, entry.base);
     }
     let source = workgroupUniformLoad(&wg_source);
-    // Ordered by workgroupUniformLoad's barrier: one global read per workgroup, before it.
+    // Ordered by workgroupUniformLoad's barrier.
     let group = wg_group;
-    let src = wg_src;
+    var src = vec2<u32>(0u, 0u);
+    if source < pc.sources {
+        src = vec2<u32>(table[source].count, table[source].base);
+    }
     let first = group * CULL_PER_GROUP + t;
     let below = lanes_below(lane);
-    // The records first (the loads of all CULL_PER_THREAD instances in flight at once).
-    var ps: array<vec4<f32>, CULL_PER_THREAD>;
-    for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
-        let i = first + k * 256u;
-        if i < src.x {
-            ps[k] = sources[source].v[2u * i];
-        }
-    }
-    // Per instance its LOD and its rank among the subgroup's instances of that LOD so far
-    // (ballots over the three drawn LODs, and one for invalid records); the subgroup's totals
-    // go to shared memory once, after the loop.
+    let leader = subgroupBroadcastFirst(lane);
     var lods: array<u32, CULL_PER_THREAD>;
-    var ranks: array<u32, CULL_PER_THREAD>;
-    var running = vec4<u32>(0u); // full, medium, billboard, invalid
-    for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
-        var lod = 5u; // past the end: takes part in the ballots, appends nothing
-        if first + k * 256u < src.x {
-            lod = classify(ps[k], view);
-        }
-        lods[k] = lod;
-        let b0 = subgroupBallot(lod == 0u);
-        let b1 = subgroupBallot(lod == 1u);
-        let b2 = subgroupBallot(lod == 2u);
-        let bi = subgroupBallot(lod == LOD_INVALID);
-        var mine = b2;
-        if lod == 0u {
-            mine = b0;
-        } else if lod == 1u {
-            mine = b1;
-        }
-        if lod < LOD_CULLED {
-            ranks[k] = running[lod] + bits(mine & below);
-        }
-        running += vec4<u32>(bits(b0), bits(b1), bits(b2), bits(bi));
-    }
-    // The subgroup's first lane reserves its runs in the workgroup's counts.
-    let leader = lane == subgroupBroadcastFirst(lane);
-    var base = vec4<u32>(0u);
-    if leader {
-        for (var l = 0u; l < 4u; l = l + 1u) {
-            if running[l] > 0u {
-                base[l] = atomicAdd(&wg_count[select(l, LOD_INVALID, l == 3u)], running[l]);
-            }
-        }
-    }
-    base = subgroupBroadcastFirst(base);
     var slots: array<u32, CULL_PER_THREAD>;
     for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
-        if lods[k] < LOD_CULLED {
-            slots[k] = base[lods[k]] + ranks[k];
+        let i = first + k * 256u;
+        var lod = 5u; // past the end: takes part in the ballots, appends nothing
+        if i < src.x {
+            lod = classify(sources[source].v[2u * i], view);
+        }
+        lods[k] = lod;
+        slots[k] = 0u;
+        for (var l = 0u; l < 5u; l = l + 1u) {
+            let ballot = subgroupBallot(lod == l && l != LOD_CULLED);
+            let total = bits(ballot);
+            var base = 0u;
+            if lane == leader && total > 0u {
+                base = atomicAdd(&wg_count[l], total);
+            }
+            base = subgroupBroadcastFirst(base);
+            if lod == l {
+                slots[k] = base + bits(ballot & below);
+            }
         }
     }
     workgroupBarrier();

@@ -711,8 +711,7 @@ fn thousands_of_sources_match_the_reference() {
     finish(ctx, bufs, "thousands");
 }
 
-/// The wide array over more than one round of tables (more than 4 × 4,096 live sources: five
-/// dispatches, two rounds, two descriptor pools), and every other width; twice, so the second
+/// The wide array over more than one round of tables (more than 4 × 1,024 live sources), and every other width; twice, so the second
 /// frame rewrites the tables the first one's dispatches read.
 #[test]
 fn rounds_of_tables_match_the_reference() {

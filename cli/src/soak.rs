@@ -111,7 +111,11 @@ pub struct SoakReport {
     pub uploads: u64,
     /// Deferred frees completed.
     pub frees_completed: u64,
-    /// Driver heap usage before anything was allocated (the estimate's, without the extension).
+    /// Driver heap usage when the context was new (the estimate's, without the extension).
+    pub first_usage: u64,
+    /// Driver heap usage before the soak allocated anything, after one cull pass was made and
+    /// dropped (the driver may keep memory of its own for its first pipelines and descriptor
+    /// pools).
     pub baseline_usage: u64,
     /// Driver heap usage after everything was released.
     pub final_usage: u64,
@@ -208,6 +212,22 @@ pub fn run(options: &ContextOptions, config: &SoakConfig) -> Result<SoakReport> 
     let ctx = Context::new(options)?;
     let canary = ctx.canary().clone();
     let heap = ctx.memory().device_local_heap();
+    let first_usage = ctx.memory().refresh_budget()?[heap].budget.usage;
+    // The driver's own one-time memory (pipelines, descriptor pools) is not ours to return:
+    // a cull pass made and dropped first, so the baseline includes it.
+    drop(CullPass::new(
+        &ctx,
+        if ctx.adapter().subgroup_ballot_in_compute {
+            Compaction::Subgroup
+        } else {
+            Compaction::Atomic
+        },
+        (1 << 20).min(CullPass::max_capacity(&ctx, false)),
+        [Default::default(); 3],
+    )?);
+    ctx.collect()?;
+    ctx.memory().flush_cache();
+    ctx.memory().release_empty_blocks()?;
     let baseline_usage = ctx.memory().refresh_budget()?[heap].budget.usage;
     let result = soak(&ctx, config, heap);
     let mut report = match result {
@@ -220,6 +240,7 @@ pub fn run(options: &ContextOptions, config: &SoakConfig) -> Result<SoakReport> 
         }
     };
     report.baseline_usage = baseline_usage;
+    report.first_usage = first_usage;
     report.gpu_assisted = ctx.validation_enabled() && options.instance.gpu_assisted;
     // Everything was dropped; wait for the GPU, free, give blocks back, and read the driver.
     ctx.wait(ctx.last_submitted(), std::time::Duration::from_secs(30))?;
@@ -473,6 +494,7 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
         evictions: stats.evictions,
         uploads: stats.uploads,
         frees_completed: ctx.memory().stats().frees_completed,
+        first_usage: 0,
         baseline_usage: 0,
         final_usage: 0,
         live_allocations_after: 0,

@@ -221,8 +221,10 @@ pub const SOURCES_PER_DISPATCH: usize = 24;
 
 /// Instance sources one cull dispatch reads where the device allows that many storage-buffer
 /// bindings per stage and per set (plus 4; NVIDIA allows about a million): one dispatch and no
-/// barrier for four thousand patch buffers (`CULL_WIDE` in `shaders/common/cull.wgsl`).
-pub const WIDE_SOURCES_PER_DISPATCH: usize = 4096;
+/// barrier for a thousand patch buffers (`CULL_WIDE` in `shaders/common/cull.wgsl`). 4,096 was
+/// measured faster for 4,096 buffers (1.15× one buffer against 1.35–1.46× on an H200), but with
+/// it heapUsage ended a soak 64 KiB above where it started (no allocation of ours left).
+pub const WIDE_SOURCES_PER_DISPATCH: usize = 1024;
 
 /// Storage buffers of the cull stage besides the sources: lists, counters, records, the
 /// source table.
@@ -246,8 +248,8 @@ const _: () = assert!(shaders::layout::CULL_BATCH == SOURCES_PER_DISPATCH);
 const _: () = assert!(WIDE_SOURCES_PER_DISPATCH * size_of::<SourceEntry>() <= 65536);
 
 /// Dispatches whose source tables the table buffer holds at once (made with the pass, so
-/// recording allocates nothing; 256 KiB with the wide array): more batches are recorded in
-/// rounds, the table rewritten between them (4 × 4096 sources a round with the wide array).
+/// recording allocates nothing; 64 KiB with the wide array): more batches are recorded in
+/// rounds, the table rewritten between them (4 × 1024 sources a round with the wide array).
 const TABLE_BATCHES: usize = 4;
 
 /// Bytes between two dispatches' tables in the table buffer: a batch of entries rounded up to
@@ -483,12 +485,7 @@ impl CullPass {
                     ),
                     (vk::DescriptorType::UNIFORM_BUFFER, 1),
                 ],
-                // A wide set holds 4,100 descriptors: fewer to a pool.
-                if batch == WIDE_SOURCES_PER_DISPATCH {
-                    4
-                } else {
-                    64
-                },
+                64,
             )),
             fin_sets: Mutex::new(DescriptorArena::new(
                 &[(vk::DescriptorType::STORAGE_BUFFER, 2)],
@@ -955,7 +952,7 @@ impl CullPass {
                         );
                     }
                     for (j, (entries, _)) in tables[k..].iter().take(TABLE_BATCHES).enumerate() {
-                        // At most 4096 entries of 16 bytes: within vkCmdUpdateBuffer's 65536
+                        // At most 1024 entries of 16 bytes: within vkCmdUpdateBuffer's 65536
                         // (VUID-vkCmdUpdateBuffer-dataSize-00037), at a multiple of 4 (-00036).
                         d.cmd_update_buffer(
                             cmd,

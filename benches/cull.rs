@@ -28,6 +28,23 @@ use understory::policy::lod::LodBands;
 use understory::world::instance::Instance;
 
 const REPEATS: u32 = 15;
+
+/// A pass with fixed lists of `n` entries: one submission holds all the timed repeats, so there
+/// is no read-back in between to size them from.
+fn fixed_pass(ctx: &Context, compaction: Compaction, n: usize, max_sources: usize) -> CullPass {
+    CullPass::from_desc(
+        ctx,
+        &CullDesc {
+            compaction,
+            capacity: n as u32,
+            meshes: MESHES,
+            records: false,
+            adaptive: false,
+            max_sources_per_dispatch: max_sources,
+        },
+    )
+    .expect("cull pass")
+}
 const MESHES: [DrawIndexedIndirect; 3] = [DrawIndexedIndirect {
     index_count: 6,
     instance_count: 0,
@@ -309,20 +326,7 @@ fn main() {
         let cull_bytes = bytes.len() as f64 + visible as f64 * 4.0;
         let floor_us = cull_bytes / (copy_gbs * 1e3);
         for &variant in &variants {
-            // Fixed lists: one submission holds all the timed repeats, so there is no read-back
-            // in between to size them from.
-            let mut pass = CullPass::from_desc(
-                &ctx,
-                &CullDesc {
-                    compaction: variant,
-                    capacity: n as u32,
-                    meshes: MESHES,
-                    records: false,
-                    adaptive: false,
-                    max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
-                },
-            )
-            .expect("cull pass");
+            let mut pass = fixed_pass(&ctx, variant, n, WIDE_SOURCES_PER_DISPATCH);
             let src = [CullSource {
                 buffer: &instances,
                 count: n as u32,
@@ -404,18 +408,7 @@ fn main() {
         for &variant in &variants {
             let mut widths = Vec::new();
             for max in [WIDE_SOURCES_PER_DISPATCH, SOURCES_PER_DISPATCH] {
-                let mut pass = CullPass::from_desc(
-                    &ctx,
-                    &CullDesc {
-                        compaction: variant,
-                        capacity: n as u32,
-                        meshes: MESHES,
-                        records: false,
-                        adaptive: false,
-                        max_sources_per_dispatch: max,
-                    },
-                )
-                .expect("pass");
+                let mut pass = fixed_pass(&ctx, variant, n, max);
                 let width = pass.sources_per_dispatch();
                 if widths.contains(&width) {
                     continue;

@@ -673,78 +673,78 @@ fn sources_are_batched_per_dispatch_and_match_the_reference() {
     finish(ctx, bufs, "batched");
 }
 
-/// More sources than the wide array holds (the per-patch buffers of a large world): 8,500
-/// sources of 0–128 instances over 64 buffers, culled in batches of every width the device
-/// allows, match the CPU reference; with the wide array that is three dispatches.
-#[test]
-fn thousands_of_sources_match_the_reference() {
-    let Some(ctx) = common::context("thousands_of_sources") else {
-        return;
-    };
-    let scenes: Vec<Vec<Instance>> = (0..64).map(|k| random_scene(600, 9000 + k)).collect();
-    let bufs: Vec<Buffer> = scenes.iter().map(|s| upload(&ctx, s)).collect();
-    let mut seed = 77u64;
-    let parts: Vec<(&Buffer, &[Instance])> = (0..8500)
-        .map(|j| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let n = (seed % 129) as usize;
-            (&bufs[j % 64], &scenes[j % 64][..n])
+/// `n` sources of 0..=`most` instances each (prefixes of 64 shared buffers of 600), numbered
+/// with a gap of 1, and the context's buffers.
+fn many_sources(
+    ctx: &Context,
+    n: usize,
+    most: u64,
+    seed: u64,
+) -> (Vec<Buffer>, Vec<Vec<Instance>>, Vec<usize>) {
+    let scenes: Vec<Vec<Instance>> = (0..64).map(|k| random_scene(600, seed + k)).collect();
+    let bufs: Vec<Buffer> = scenes.iter().map(|s| upload(ctx, s)).collect();
+    let mut s = seed | 1;
+    let counts = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % (most + 1)) as usize
         })
         .collect();
+    (bufs, scenes, counts)
+}
+
+/// Culls `n` sources of up to `most` instances with every batched width the device allows,
+/// `frames` times each (a later frame rewrites the tables an earlier one's dispatches read),
+/// against the CPU reference; returns how many live sources there were.
+fn cull_many(test: &str, n: usize, most: u64, frames: usize) -> Option<usize> {
+    let ctx = common::context(test)?;
+    let (bufs, scenes, counts) = many_sources(&ctx, n, most, 9000);
+    let parts: Vec<(&Buffer, &[Instance])> = counts
+        .iter()
+        .enumerate()
+        .map(|(j, &c)| (&bufs[j % 64], &scenes[j % 64][..c]))
+        .collect();
     let (sources, cpu) = numbered(&parts, 1);
-    assert!(sources.len() > 2 * WIDE_SOURCES_PER_DISPATCH);
+    let live = sources.iter().filter(|s| s.count > 0).count();
     let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.4, 1.0);
     let want = cull_cpu(&cpu, &view);
     assert!(
         want.lists.iter().all(|l| !l.is_empty()),
         "every LOD exercised"
     );
-    for (name, mut pass) in passes(&ctx, 700_000, false) {
-        if pass.sources_per_dispatch() == 1 {
-            continue; // 8,500 dispatches: the batched test covers this variant
-        }
-        let rb = run(&ctx, &mut pass, &sources, &view);
-        check(&rb, &want, &format!("{name} thousands"));
-    }
-    finish(ctx, bufs, "thousands");
-}
-
-/// The wide array over more than one round of tables (more than 4 × 1,024 live sources), and every other width; twice, so the second
-/// frame rewrites the tables the first one's dispatches read.
-#[test]
-fn rounds_of_tables_match_the_reference() {
-    let Some(ctx) = common::context("rounds_of_tables") else {
-        return;
-    };
-    let scenes: Vec<Vec<Instance>> = (0..64).map(|k| random_scene(300, 7000 + k)).collect();
-    let bufs: Vec<Buffer> = scenes.iter().map(|s| upload(&ctx, s)).collect();
-    let mut seed = 99u64;
-    let parts: Vec<(&Buffer, &[Instance])> = (0..20_000)
-        .map(|j| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let n = (seed % 65) as usize;
-            (&bufs[j % 64], &scenes[j % 64][..n])
-        })
-        .collect();
-    let (sources, cpu) = numbered(&parts, 1);
-    let live = sources.iter().filter(|s| s.count > 0).count();
-    assert!(live > 4 * WIDE_SOURCES_PER_DISPATCH, "live {live}");
-    let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.4, 1.0);
-    let want = cull_cpu(&cpu, &view);
     for (name, mut pass) in passes(&ctx, 900_000, false) {
         if pass.sources_per_dispatch() == 1 {
-            continue;
+            continue; // thousands of dispatches: the batched test covers this variant
         }
-        for _ in 0..2 {
+        for _ in 0..frames {
             let rb = run(&ctx, &mut pass, &sources, &view);
-            check(&rb, &want, &format!("{name} rounds"));
+            check(&rb, &want, &format!("{name} {test}"));
         }
     }
-    finish(ctx, bufs, "rounds");
+    drop(parts);
+    finish(ctx, bufs, test);
+    Some(live)
+}
+
+/// More sources than the wide array holds (the per-patch buffers of a large world): 8,500
+/// sources of 0–128 instances over 64 buffers match the CPU reference with every width.
+#[test]
+fn thousands_of_sources_match_the_reference() {
+    if let Some(live) = cull_many("thousands_of_sources", 8500, 128, 1) {
+        assert!(live > 2 * WIDE_SOURCES_PER_DISPATCH, "live {live}");
+    }
+}
+
+/// The wide array over more than one round of tables (more than 4 × 1,024 live sources) and
+/// every other width; twice, so the second frame rewrites the tables the first one's
+/// dispatches read.
+#[test]
+fn rounds_of_tables_match_the_reference() {
+    if let Some(live) = cull_many("rounds_of_tables", 20_000, 64, 2) {
+        assert!(live > 4 * WIDE_SOURCES_PER_DISPATCH, "live {live}");
+    }
 }
 
 /// The pass recorded twice into one command buffer (many sources, then few): the second

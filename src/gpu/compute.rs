@@ -260,12 +260,12 @@ pub(crate) fn set_layout(
     set_layout_with_counts(device, &counted)
 }
 
-/// As [`set_layout`], binding `i` an array of `types[i].1` descriptors of type `types[i].0`.
-pub(crate) fn set_layout_with_counts(
-    device: &ash::Device,
+/// Compute-stage bindings `0..`: binding `i` an array of `types[i].1` descriptors of type
+/// `types[i].0`.
+fn compute_bindings(
     types: &[(vk::DescriptorType, u32)],
-) -> Result<vk::DescriptorSetLayout> {
-    let bindings: Vec<_> = types
+) -> Vec<vk::DescriptorSetLayoutBinding<'static>> {
+    types
         .iter()
         .enumerate()
         .map(|(b, (t, n))| {
@@ -275,7 +275,15 @@ pub(crate) fn set_layout_with_counts(
                 .descriptor_count(*n)
                 .stage_flags(vk::ShaderStageFlags::COMPUTE)
         })
-        .collect();
+        .collect()
+}
+
+/// As [`set_layout`], binding `i` an array of `types[i].1` descriptors of type `types[i].0`.
+pub(crate) fn set_layout_with_counts(
+    device: &ash::Device,
+    types: &[(vk::DescriptorType, u32)],
+) -> Result<vk::DescriptorSetLayout> {
+    let bindings = compute_bindings(types);
     let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
     // SAFETY: valid info.
     unsafe { device.create_descriptor_set_layout(&info, None) }
@@ -289,17 +297,7 @@ pub(crate) fn set_layout_supported(
     device: &ash::Device,
     types: &[(vk::DescriptorType, u32)],
 ) -> bool {
-    let bindings: Vec<_> = types
-        .iter()
-        .enumerate()
-        .map(|(b, (t, n))| {
-            vk::DescriptorSetLayoutBinding::default()
-                .binding(b as u32)
-                .descriptor_type(*t)
-                .descriptor_count(*n)
-                .stage_flags(vk::ShaderStageFlags::COMPUTE)
-        })
-        .collect();
+    let bindings = compute_bindings(types);
     let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
     let mut support = vk::DescriptorSetLayoutSupport::default();
     // SAFETY: valid info; a core Vulkan 1.1 query (the context requires 1.2) that creates nothing.

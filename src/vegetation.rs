@@ -36,7 +36,7 @@ use glam::{Vec2, Vec3};
 
 use crate::error::{Error, Result};
 use crate::gpu::atlas::{self, RegionUpload};
-use crate::gpu::budget::Source;
+use crate::gpu::budget::{Clamp, Source};
 use crate::gpu::context::{Context, Frame, FrameFate, Shared};
 use crate::gpu::cull::CullSource;
 use crate::gpu::memory::{
@@ -323,6 +323,12 @@ pub struct Stats {
     pub budget: u64,
     /// Where the heap budget came from.
     pub budget_source: Source,
+    /// Why the driver's budget was replaced by the labelled estimate (0, or above the heap
+    /// size), if it was.
+    pub budget_clamped: Option<Clamp>,
+    /// Whether the driver's usage was implausible (above the heap size) and understory's own
+    /// bytes stand in for it.
+    pub usage_estimated: bool,
     /// Vegetation bytes held now: blocks of instances, atlas and outputs, pending frees
     /// included.
     pub held: u64,
@@ -391,6 +397,8 @@ pub struct Vegetation {
     frame_time: Option<FrameTimeQuality>,
     last_decision: Option<Decision>,
     budget_source: Source,
+    budget_clamped: Option<Clamp>,
+    usage_estimated: bool,
     // Uploads staged and not yet recorded.
     staging: Vec<Buffer>,
     copies: Vec<PendingCopy>,
@@ -460,6 +468,8 @@ impl Vegetation {
             pages: Vec::new(),
             last_decision: None,
             budget_source: Source::Estimated,
+            budget_clamped: None,
+            usage_estimated: false,
             staging: Vec::new(),
             copies: Vec::new(),
             atlas_uploads: Vec::new(),
@@ -813,6 +823,8 @@ impl Vegetation {
             .ok_or_else(|| Error::InvalidInput("frame has no heap report".into()))?
             .clone();
         self.budget_source = heap.budget.source;
+        self.budget_clamped = heap.budget.clamped;
+        self.usage_estimated = heap.budget.usage_estimated;
         // Tile views: distances, culled-frame counts, bytes held and still missing.
         let draw = self
             .config
@@ -1673,6 +1685,8 @@ impl Vegetation {
             memory: self.shared.memory.stats(),
             budget: d.map_or(0, |d| d.budget),
             budget_source: self.budget_source,
+            budget_clamped: self.budget_clamped,
+            usage_estimated: self.usage_estimated,
             held: self.shared.memory.vegetation_reserved(),
             min_footprint: self.min_footprint,
             pressure: d.map_or(0.0, |d| d.pressure),

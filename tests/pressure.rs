@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use glam::{Vec2, Vec3};
 use understory::gpu::adapter::HeapInfo;
-use understory::gpu::budget::{BudgetSource, DriverNumbers, HeapBudgets, RawHeap, Source};
+use understory::gpu::budget::{
+    BudgetSource, Clamp, DriverNumbers, HeapBudgets, RawHeap, Source, estimated_budget,
+};
 use understory::gpu::context::Context;
 use understory::gpu::frame::FrameRing;
 use understory::gpu::memory::HeapReport;
@@ -295,6 +297,52 @@ fn driver_out_of_memory_is_pressure_not_an_error() {
     assert!(stats.out_of_memory > 0, "the injected refusals were seen");
     assert!(limited > 0, "the budget stayed below what was held then");
     assert!(stats.resident_tiles > 0, "uploads were retried and landed");
+    drop((veg, ring));
+    common::finish(ctx, test);
+}
+
+/// A driver budget of 0 falls back to the labelled 80% estimate, and `Stats` says so (and that
+/// the driver's usage stands); a sane budget again clears the label.
+#[test]
+fn a_zero_driver_budget_is_labelled_in_the_stats() {
+    let test = "a_zero_driver_budget_is_labelled";
+    let Some(ctx) = common::context(test) else {
+        return;
+    };
+    let device_heap = ctx.memory().device_local_heap();
+    let size = ctx.memory().heaps()[device_heap].size;
+    let budget = Arc::new(AtomicU64::new(0));
+    ctx.memory()
+        .set_budget_source(HeapBudgets::new(Box::new(Driver {
+            heaps: ctx.memory().heaps().to_vec(),
+            device_heap,
+            budget: budget.clone(),
+            ours: 0,
+        })))
+        .unwrap();
+    let mut veg = Vegetation::new(
+        &ctx,
+        VegetationConfig {
+            atlas_page_px: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    forest(&mut veg, 50, 100, 256.0, 11);
+    let mut ring = FrameRing::new(&ctx).unwrap();
+    let (_, heap) = frame(&ctx, &mut veg, &mut ring, Vec3::new(0.0, 20.0, 0.0));
+    let stats = veg.stats();
+    assert_eq!(stats.budget_clamped, Some(Clamp::Zero));
+    assert!(!stats.usage_estimated);
+    assert_eq!(stats.budget_source, Source::Ext);
+    assert_eq!(
+        heap.budget.budget,
+        estimated_budget(size),
+        "the 80% estimate"
+    );
+    budget.store(4096 * MIB, Ordering::Relaxed);
+    frame(&ctx, &mut veg, &mut ring, Vec3::new(0.0, 20.0, 0.0));
+    assert_eq!(veg.stats().budget_clamped, None);
     drop((veg, ring));
     common::finish(ctx, test);
 }

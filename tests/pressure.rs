@@ -146,30 +146,36 @@ fn trajectory(f: usize) -> u64 {
     mib * MIB
 }
 
-#[test]
-fn vegetation_follows_the_drivers_budget_down_and_up() {
-    let test = "vegetation_follows_the_drivers_budget";
-    let Some(ctx) = common::context(test) else {
-        return;
-    };
-    let device_heap = ctx.memory().device_local_heap();
-    let budget = Arc::new(AtomicU64::new(trajectory(0)));
+/// Installs the scripted driver (heapBudget `initial`, settable through the returned knob) and
+/// makes the vegetation.
+fn driven(ctx: &Context, initial: u64) -> (Arc<AtomicU64>, Vegetation) {
+    let budget = Arc::new(AtomicU64::new(initial));
     ctx.memory()
         .set_budget_source(HeapBudgets::new(Box::new(Driver {
             heaps: ctx.memory().heaps().to_vec(),
-            device_heap,
+            device_heap: ctx.memory().device_local_heap(),
             budget: budget.clone(),
             ours: 0,
         })))
         .unwrap();
-    let mut veg = Vegetation::new(
-        &ctx,
+    let veg = Vegetation::new(
+        ctx,
         VegetationConfig {
             atlas_page_px: 512,
             ..Default::default()
         },
     )
     .unwrap();
+    (budget, veg)
+}
+
+#[test]
+fn vegetation_follows_the_drivers_budget_down_and_up() {
+    let test = "vegetation_follows_the_drivers_budget";
+    let Some(ctx) = common::context(test) else {
+        return;
+    };
+    let (budget, mut veg) = driven(&ctx, trajectory(0));
     // 480k trees, 15 MiB of instances, over a square kilometre.
     forest(&mut veg, 1200, 400, 1024.0, 7);
     let mut ring = FrameRing::new(&ctx).unwrap();
@@ -309,25 +315,8 @@ fn a_zero_driver_budget_is_labelled_in_the_stats() {
     let Some(ctx) = common::context(test) else {
         return;
     };
-    let device_heap = ctx.memory().device_local_heap();
-    let size = ctx.memory().heaps()[device_heap].size;
-    let budget = Arc::new(AtomicU64::new(0));
-    ctx.memory()
-        .set_budget_source(HeapBudgets::new(Box::new(Driver {
-            heaps: ctx.memory().heaps().to_vec(),
-            device_heap,
-            budget: budget.clone(),
-            ours: 0,
-        })))
-        .unwrap();
-    let mut veg = Vegetation::new(
-        &ctx,
-        VegetationConfig {
-            atlas_page_px: 512,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let size = ctx.memory().heaps()[ctx.memory().device_local_heap()].size;
+    let (budget, mut veg) = driven(&ctx, 0);
     forest(&mut veg, 50, 100, 256.0, 11);
     let mut ring = FrameRing::new(&ctx).unwrap();
     let (_, heap) = frame(&ctx, &mut veg, &mut ring, Vec3::new(0.0, 20.0, 0.0));

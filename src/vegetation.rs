@@ -1236,37 +1236,6 @@ impl Vegetation {
         if nodes.is_empty() {
             return Ok((0, 0));
         }
-        let wanted = |slot: u32, p: &Patch| p.gpu.is_none() || relocating.contains(&slot);
-        // The bytes staged under `limit`: whole patches in order, at least one.
-        let staged = |limit: u64| {
-            let mut total = 0u64;
-            for slot in nodes
-                .iter()
-                .filter_map(|n| self.tiles.get(n))
-                .flat_map(|t| t.patches.iter())
-            {
-                if let Some(p) = self.patches[*slot as usize]
-                    .as_ref()
-                    .filter(|p| wanted(*slot, p))
-                {
-                    let len = std::mem::size_of_val(p.instances.as_slice()) as u64;
-                    if total > 0 && total + len > limit {
-                        break;
-                    }
-                    total += len;
-                }
-            }
-            total
-        };
-        let total = staged(limit);
-        if total == 0 {
-            for n in nodes {
-                if let Some(t) = self.tiles.get_mut(n) {
-                    t.resident = true;
-                }
-            }
-            return Ok((0, 0));
-        }
         // Destinations first, staging for what they got: a refused destination costs no
         // staging (on a device with one heap, staging nobody copies from would take the room
         // the next frames' uploads need).
@@ -1287,9 +1256,9 @@ impl Vegetation {
                     continue;
                 }
                 let len = std::mem::size_of_val(p.instances.as_slice()) as u64;
-                if bytes + len > total {
-                    // This frame's share is used: the rest comes next frames (the tile is
-                    // resident with what it has).
+                if bytes > 0 && bytes + len > limit {
+                    // This frame's share is used (at least one patch goes): the rest comes
+                    // next frames (the tile is resident with what it has).
                     break 'tiles;
                 }
                 let desc = BufferDesc {
@@ -1343,6 +1312,12 @@ impl Vegetation {
             complete.push(*node);
         }
         if made.is_empty() {
+            // Nothing to upload for the tiles gone through (all their patches are on the GPU).
+            for node in complete {
+                if let Some(t) = self.tiles.get_mut(&node) {
+                    t.resident = true;
+                }
+            }
             return Ok((0, 0));
         }
         // The staging: all of it, or less at once (a heap this tight, one heap for instances

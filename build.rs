@@ -153,8 +153,9 @@ fn layouts(common: &str) -> Result<String, String> {
         .update(module.to_ctx())
         .map_err(|e| format!("shaders/common layout: {e}"))?;
     let mut out = String::new();
-    // The cull shaders' source-array lengths, for the Rust side to check its layouts against.
-    for name in ["CULL_BATCH", "CULL_WIDE"] {
+    // The cull shaders' source-array lengths and counter words, for the Rust side to check its
+    // layouts against.
+    for name in ["CULL_BATCH", "CULL_WIDE", "COUNTERS"] {
         let value = common
             .lines()
             .find_map(|l| {

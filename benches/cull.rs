@@ -10,6 +10,9 @@
 //! sources the device allows: the wide one (1024 sources a dispatch) and the narrow one (24,
 //! a barrier between dispatches).
 //!
+//! A table of two-phase occlusion culling follows: against a 1280×720 depth image whose lower
+//! half is a near wall, the single pass, each phase, the depth pyramid and the whole of it.
+//!
 //! Run: `cargo bench --bench cull`; on the GPU machine `.gpu/bin/cull-unittests`.
 
 use ash::vk;
@@ -17,11 +20,12 @@ use glam::{Mat4, Vec3};
 use understory::gpu::compute::{ComputePipeline, ComputePipelineDesc};
 use understory::gpu::context::{Context, ContextOptions, Frame};
 use understory::gpu::cull::{
-    Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect,
+    Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect, InstanceBounds,
     SOURCES_PER_DISPATCH, WIDE_SOURCES_PER_DISPATCH, cull_cpu,
 };
 use understory::gpu::instance::{InstanceOptions, Validation};
-use understory::gpu::memory::{Buffer, BufferDesc, MemoryConfig, MemoryLocation};
+use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryConfig, MemoryLocation};
+use understory::gpu::pyramid::DepthPyramid;
 use understory::gpu::shaders;
 use understory::policy::category::{CATEGORIES, Category, PerCategory};
 use understory::policy::lod::LodBands;
@@ -77,11 +81,125 @@ fn forest(n: usize, seed: u64) -> Vec<Instance> {
         .collect()
 }
 
-fn view() -> CullView {
+fn view_proj() -> (Vec3, Mat4) {
     let eye = Vec3::new(0.0, 30.0, 0.0);
     let v = Mat4::look_at_rh(eye, eye + Vec3::new(0.3, -0.15, -1.0), Vec3::Y);
     let p = Mat4::perspective_rh(75f32.to_radians(), 16.0 / 9.0, 0.5, 2000.0);
-    CullView::new(p * v, eye, 2.0, &LodBands::default(), 1.0).expect("view")
+    (eye, p * v)
+}
+
+fn view() -> CullView {
+    let (eye, vp) = view_proj();
+    CullView::new(vp, eye, 2.0, &LodBands::default(), 1.0).expect("view")
+}
+
+/// A 1280×720 depth image (sampled, for the pyramid) whose lower half is a wall at depth 0.2
+/// and upper half the far plane, its view, in DEPTH_STENCIL_READ_ONLY_OPTIMAL.
+fn depth_wall(ctx: &Context) -> (Image, vk::ImageView) {
+    let extent = vk::Extent2D {
+        width: 1280,
+        height: 720,
+    };
+    let image = ctx
+        .create_image(&ImageDesc {
+            name: "bench depth",
+            extent,
+            format: vk::Format::D32_SFLOAT,
+            mip_levels: 1,
+            usage: vk::ImageUsageFlags::SAMPLED | vk::ImageUsageFlags::TRANSFER_DST,
+            category: Category::Other,
+        })
+        .expect("depth image");
+    let range = vk::ImageSubresourceRange {
+        aspect_mask: vk::ImageAspectFlags::DEPTH,
+        base_mip_level: 0,
+        level_count: 1,
+        base_array_layer: 0,
+        layer_count: 1,
+    };
+    let info = vk::ImageViewCreateInfo::default()
+        .image(image.raw())
+        .view_type(vk::ImageViewType::TYPE_2D)
+        .format(vk::Format::D32_SFLOAT)
+        .subresource_range(range);
+    // SAFETY: a live 2D depth image with SAMPLED usage, one level and layer.
+    let view = unsafe { ctx.device().create_image_view(&info, None) }.expect("view");
+    let texels: Vec<f32> = (0..extent.width * extent.height)
+        .map(|i| if i / extent.width > 360 { 0.2 } else { 1.0 })
+        .collect();
+    let mut staging = ctx
+        .create_buffer(&BufferDesc {
+            name: "bench depth staging",
+            size: texels.len() as u64 * 4,
+            usage: vk::BufferUsageFlags::TRANSFER_SRC,
+            location: MemoryLocation::CpuToGpu,
+            category: Category::Staging,
+        })
+        .expect("staging");
+    staging
+        .mapped_mut()
+        .expect("mapped")
+        .copy_from_slice(bytemuck::cast_slice(&texels));
+    ctx.submit_and_wait(|frame, cmd| {
+        image.used_in(frame)?;
+        staging.used_in(frame)?;
+        let d = ctx.device();
+        let barrier = |from, to, src, dst| {
+            understory::gpu::compute::image_barrier(image.raw(), range, (from, src), (to, dst))
+        };
+        // SAFETY: recording for `frame`, outside a render pass; both objects are marked used.
+        unsafe {
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TOP_OF_PIPE,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &[barrier(
+                    vk::ImageLayout::UNDEFINED,
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    vk::AccessFlags::empty(),
+                    vk::AccessFlags::TRANSFER_WRITE,
+                )],
+            );
+            d.cmd_copy_buffer_to_image(
+                cmd,
+                staging.raw(),
+                image.raw(),
+                vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                &[vk::BufferImageCopy::default()
+                    .image_subresource(vk::ImageSubresourceLayers {
+                        aspect_mask: vk::ImageAspectFlags::DEPTH,
+                        mip_level: 0,
+                        base_array_layer: 0,
+                        layer_count: 1,
+                    })
+                    .image_extent(vk::Extent3D {
+                        width: extent.width,
+                        height: extent.height,
+                        depth: 1,
+                    })],
+            );
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &[barrier(
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    vk::ImageLayout::DEPTH_STENCIL_READ_ONLY_OPTIMAL,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                    vk::AccessFlags::SHADER_READ,
+                )],
+            );
+        }
+        Ok(())
+    })
+    .expect("depth upload");
+    (image, view)
 }
 
 fn gpu_buffer(ctx: &Context, name: &str, bytes: u64, usage: vk::BufferUsageFlags) -> Buffer {
@@ -442,7 +560,115 @@ fn main() {
         drop((one, many));
         ctx.collect().expect("collect");
     }
+    occlusion_rows(
+        &ctx,
+        &variants,
+        &spread_millions[..spread_millions.len().min(2)],
+    );
     drop((copy, probe));
     let report = ctx.shutdown().expect("shutdown");
     assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
+}
+
+/// Two-phase occlusion culling of `millions` × 2^20 instances in buffers of 1024 (as tiles hold
+/// them), after one untimed frame set the visibility bits: the single pass, the first phase,
+/// the pyramid of a 1280×720 depth image, the second phase, and all three together.
+fn occlusion_rows(ctx: &Context, variants: &[Compaction], millions: &[usize]) {
+    let (depth, depth_view) = depth_wall(ctx);
+    let pyramid = DepthPyramid::new(
+        ctx,
+        vk::Extent2D {
+            width: 1280,
+            height: 720,
+        },
+    )
+    .expect("pyramid");
+    let (_, vp) = view_proj();
+    let view = view();
+    let bounds = InstanceBounds::sphere(2.0);
+    let layout = vk::ImageLayout::DEPTH_STENCIL_READ_ONLY_OPTIMAL;
+    println!(
+        "\ntwo-phase occlusion, 1280x720 depth (lower half a near wall), buffers of 1024 instances:"
+    );
+    for &m in millions {
+        let n = m << 20;
+        let scene = forest(n, 7);
+        let many: Vec<Buffer> = scene
+            .chunks(1024)
+            .map(|c| {
+                let b = gpu_buffer(
+                    ctx,
+                    "tile source",
+                    1024 * 32,
+                    vk::BufferUsageFlags::STORAGE_BUFFER,
+                );
+                upload(ctx, &b, bytemuck::cast_slice(c));
+                b
+            })
+            .collect();
+        let sources: Vec<CullSource> = many
+            .iter()
+            .enumerate()
+            .map(|(i, b)| CullSource {
+                buffer: b,
+                count: 1024,
+                base: (i * 1024) as u32,
+            })
+            .collect();
+        for &variant in variants {
+            let mut pass = fixed_pass(ctx, variant, n, WIDE_SOURCES_PER_DISPATCH);
+            let both = |frame: &Frame, cmd: vk::CommandBuffer, pass: &mut CullPass| {
+                // SAFETY: recording for `frame`; the passes mark what they read; the depth
+                // image was uploaded and made readable by compute before.
+                unsafe {
+                    depth.used_in(frame).expect("depth");
+                    pass.record_first(frame, cmd, &sources, &view)
+                        .expect("first");
+                    pyramid
+                        .record(frame, cmd, depth_view, layout)
+                        .expect("pyramid");
+                    pass.record_second(frame, cmd, &pyramid, vp, &bounds)
+                        .expect("second");
+                }
+            };
+            time_gpu(ctx, |frame, cmd| both(frame, cmd, &mut pass));
+            let single = time_gpu(ctx, |frame, cmd| {
+                // SAFETY: as above.
+                unsafe { pass.record(frame, cmd, &sources, &view).expect("record") };
+            });
+            let first = time_gpu(ctx, |frame, cmd| {
+                // SAFETY: as above.
+                unsafe {
+                    pass.record_first(frame, cmd, &sources, &view)
+                        .expect("first")
+                };
+            });
+            let build = time_gpu(ctx, |frame, cmd| {
+                // SAFETY: as above.
+                unsafe {
+                    depth.used_in(frame).expect("depth");
+                    pyramid
+                        .record(frame, cmd, depth_view, layout)
+                        .expect("pyramid");
+                }
+            });
+            let total = time_gpu(ctx, |frame, cmd| both(frame, cmd, &mut pass));
+            println!(
+                "  {:>2}M {:>9}: single pass {:.1} us; first phase {:.1} us, pyramid {:.1} us, first + pyramid + second {:.1} us ({:.2}x the single pass)",
+                m,
+                format!("{variant:?}").to_lowercase(),
+                single,
+                first,
+                build,
+                total,
+                total / single
+            );
+        }
+        drop(many);
+        ctx.collect().expect("collect");
+    }
+    drop(pyramid);
+    // SAFETY: every submission that used the view completed (submit_and_wait).
+    unsafe { ctx.device().destroy_image_view(depth_view, None) };
+    drop(depth);
 }

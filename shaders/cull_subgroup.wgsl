@@ -14,13 +14,45 @@ struct InstanceWords {
 // Up to CULL_BATCH instance buffers per dispatch (see CullSourceEntry).
 @group(0) @binding(0) var<storage, read> sources: binding_array<InstanceWords, CULL_BATCH>;
 @group(0) @binding(1) var<storage, read_write> lists: array<u32>;
-@group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, 8>;
+@group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, COUNTERS>;
 @group(0) @binding(3) var<uniform> view: CullView;
 // Visible instances' records, laid out like `lists` (2 vec4s per slot); written when pc.caps.w.
 @group(0) @binding(4) var<storage, read_write> drawn: array<vec4<f32>>;
 
 // The dispatch's sources (see CullSourceEntry).
 @group(0) @binding(5) var<storage, read> table: array<CullSourceEntry>;
+// Two-phase occlusion (pc.phase != PHASE_SINGLE): the depth pyramid (read by the second phase),
+// one visibility bit per instance (index as in the lists; read by both phases, written by the
+// second), and the camera the pyramid's depth was drawn with.
+@group(0) @binding(6) var pyramid: texture_2d<f32>;
+@group(0) @binding(7) var<storage, read_write> visible: array<atomic<u32>>;
+@group(0) @binding(8) var<uniform> occlusion: OcclusionView;
+
+// Whether the first phase passes over instance `gi` without reading it: not visible last frame.
+fn unseen_first(gi: u32) -> bool {
+    return pc.phase == PHASE_FIRST && (atomicLoad(&visible[gi >> 5u]) & (1u << (gi & 31u))) == 0u;
+}
+
+// `lod` of instance `gi` (position and scale `ps`) through the phase (see phase_lod), updating
+// its visibility bit in the second phase.
+fn through_phase(lod: u32, gi: u32, ps: vec4<f32>) -> u32 {
+    if pc.phase == PHASE_SINGLE {
+        return lod;
+    }
+    let bit = 1u << (gi & 31u);
+    let was = (atomicLoad(&visible[gi >> 5u]) & bit) != 0u;
+    let hidden = pc.phase == PHASE_SECOND && lod < LOD_CULLED
+        && occluded(ps.xyz, ps.w, occlusion, pyramid);
+    let out = phase_lod(pc.phase, lod, was, hidden);
+    if pc.phase == PHASE_SECOND && (out.y != 0u) != was {
+        if out.y != 0u {
+            atomicOr(&visible[gi >> 5u], bit);
+        } else {
+            atomicAnd(&visible[gi >> 5u], ~bit);
+        }
+    }
+    return out.x;
+}
 
 // The source workgroup `w` reads and the workgroup's index within it: the last source whose
 // first workgroup is at most `w` (a binary search over the prefix sums). Past the last
@@ -96,8 +128,9 @@ fn main(
     for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
         let i = first + k * 256u;
         var lod = 5u; // past the end: takes part in the ballots, appends nothing
-        if i < src.x {
-            lod = classify(sources[source].v[2u * i], view);
+        if i < src.x && !unseen_first(src.y + i) {
+            let ps = sources[source].v[2u * i];
+            lod = through_phase(classify(ps, view), src.y + i, ps);
         }
         lods[k] = lod;
         slots[k] = 0u;

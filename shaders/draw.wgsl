@@ -9,7 +9,9 @@ struct DrawPush {
     mode: u32,
     lod: u32,
     base: u32,
-    pad: u32,
+    // Non-zero for the second occlusion phase's draws: its instances follow the first phase's
+    // in each list (`counters[COUNTER_FIRST + lod]` of them).
+    second: u32,
 }
 var<immediate> pc: DrawPush;
 
@@ -19,6 +21,8 @@ var<immediate> pc: DrawPush;
 @group(0) @binding(2) var<storage, read> species: array<vec4<f32>>;
 @group(0) @binding(3) var atlas: texture_2d<f32>;
 @group(0) @binding(4) var atlas_sampler: sampler;
+// The cull pass's counters (COUNTER_FIRST: where each list's second-phase entries start).
+@group(0) @binding(5) var<storage, read> counters: array<u32, COUNTERS>;
 
 struct VertexOut {
     @builtin(position) clip: vec4<f32>,
@@ -63,7 +67,11 @@ fn vs_main(
         return out;
     }
     let lod = min(pc.lod, 2u);
-    let inst = drawn[pc.base + ii];
+    var first = 0u;
+    if pc.second != 0u {
+        first = counters[COUNTER_FIRST + lod];
+    }
+    let inst = drawn[pc.base + first + ii];
     var world: vec3<f32>;
     var n: vec3<f32>;
     if lod == 2u {

@@ -16,9 +16,10 @@ use understory::error::{Error, Result};
 use understory::gpu::budget::Source;
 use understory::gpu::context::{Context, ContextOptions, Frame};
 use understory::gpu::cull::{COUNTERS, Compaction, CullPass, CullView};
-use understory::gpu::draw::{DrawFrame, DrawPass, tree_billboard};
+use understory::gpu::draw::{DrawFrame, DrawPass, DrawPhase, tree_billboard};
 use understory::gpu::frame::FrameRing;
 use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation, RawObject};
+use understory::gpu::pyramid::DepthPyramid;
 use understory::policy::category::{CATEGORIES, Category, PerCategory};
 use understory::policy::lod::LodBands;
 use understory::vegetation::{
@@ -57,6 +58,9 @@ pub struct DemoConfig {
     pub png_every: Option<u64>,
     /// Colour instances by LOD (full red, medium yellow, billboard blue).
     pub lod_tint: bool,
+    /// Two-phase occlusion culling: draw what was visible last frame, build a depth pyramid
+    /// from it, test the rest against it and draw what is newly visible.
+    pub occlusion: bool,
     /// Show an indicatif progress bar (on a terminal).
     pub progress: bool,
     /// One stats line this often (0: never).
@@ -76,6 +80,7 @@ impl Default for DemoConfig {
             png: None,
             png_every: None,
             lod_tint: false,
+            occlusion: false,
             progress: true,
             stats_interval: Duration::from_secs(1),
         }
@@ -139,12 +144,17 @@ pub struct DemoReport {
     pub deferred_frees: u64,
     /// Most instances the GPU drew in one frame, per LOD (full, medium, billboard).
     pub peak_drawn: [u32; 3],
+    /// Instances drawn over the whole flight (every LOD, every frame read back).
+    pub drawn_total: u64,
+    /// Two-phase occlusion culling was on.
+    pub occlusion: bool,
     /// Frames whose LOD lists overflowed (instances not drawn).
     pub overflow_frames: u64,
-    /// Median GPU time of the cull pass (uploads included) per frame, milliseconds (`None`
-    /// without timestamps on the queue).
+    /// Median GPU time of the cull pass (uploads included; with occlusion both phases and the
+    /// depth pyramid) per frame, milliseconds (`None` without timestamps on the queue).
     pub gpu_cull_ms: Option<f64>,
-    /// Median GPU time of the draw (ground and three indirect draws) per frame, milliseconds.
+    /// Median GPU time of the draw (ground and the indirect draws; with occlusion both
+    /// phases') per frame, milliseconds.
     pub gpu_draw_ms: Option<f64>,
     /// PNGs written.
     pub pngs: Vec<PathBuf>,
@@ -328,10 +338,11 @@ impl<'a> Target<'a> {
             COLOR_FORMAT,
             vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::TRANSFER_SRC,
         )?;
+        // Sampled: the occlusion pyramid is built from it.
         let depth = image(
             "demo depth",
             DEPTH_FORMAT,
-            vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT,
+            vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT | vk::ImageUsageFlags::SAMPLED,
         )?;
         let mut t = Self {
             ctx,
@@ -540,13 +551,19 @@ struct Gpu<'a> {
     ctx: &'a Context,
     draw: DrawPass,
     cull: CullPass,
+    /// With occlusion culling: the depth pyramid of the target's depth.
+    pyramid: Option<DepthPyramid>,
     target: Target<'a>,
     /// Per slot: the LOD counters of the frame that last used it, and that frame's value.
     counters: Vec<(Buffer, u64)>,
-    /// Three timestamps per slot (start, after the cull, after the draw), where the queue has
-    /// timestamps.
+    /// [`STAMPS`] timestamps per slot, where the queue has timestamps.
     queries: Option<vk::QueryPool>,
 }
+
+/// Timestamps per frame: start, after the (first) cull, after the (first) draw, after the
+/// pyramid and the second cull, after the second draw (without occlusion the middle two are
+/// written right after the first draw).
+const STAMPS: u32 = 5;
 
 impl<'a> Gpu<'a> {
     fn new(ctx: &'a Context, veg: &Vegetation, config: &DemoConfig) -> Result<Self> {
@@ -570,6 +587,11 @@ impl<'a> Gpu<'a> {
             height: config.height,
         };
         let target = Target::new(ctx, extent, config.png.is_some())?;
+        let pyramid = if config.occlusion {
+            Some(DepthPyramid::new(ctx, extent)?)
+        } else {
+            None
+        };
         let slots = ctx.frames_in_flight();
         let counters = (0..slots)
             .map(|_| {
@@ -596,6 +618,7 @@ impl<'a> Gpu<'a> {
             ctx,
             draw,
             cull,
+            pyramid,
             target,
             counters,
             queries: None,
@@ -603,7 +626,7 @@ impl<'a> Gpu<'a> {
         if timestamps {
             let info = vk::QueryPoolCreateInfo::default()
                 .query_type(vk::QueryType::TIMESTAMP)
-                .query_count(slots * 3);
+                .query_count(slots * STAMPS);
             // SAFETY: valid create info.
             gpu.queries = Some(
                 unsafe { ctx.device().create_query_pool(&info, None) }
@@ -630,6 +653,7 @@ impl<'a> Gpu<'a> {
             acc.report.blank_frames += 1;
             log::warn!("frame {counted}: the GPU drew no tree");
         }
+        acc.report.drawn_total += drawn.iter().map(|n| u64::from(*n)).sum::<u64>();
         for (peak, n) in acc.report.peak_drawn.iter_mut().zip(drawn) {
             *peak = (*peak).max(n);
         }
@@ -637,12 +661,12 @@ impl<'a> Gpu<'a> {
             acc.report.overflow_frames += 1;
         }
         if let Some(pool) = self.queries {
-            let mut t = [0u64; 3];
-            // SAFETY: the three queries of this slot were written by the frame waited for.
+            let mut t = [0u64; STAMPS as usize];
+            // SAFETY: the queries of this slot were written by the frame waited for.
             unsafe {
                 self.ctx.device().get_query_pool_results(
                     pool,
-                    slot as u32 * 3,
+                    slot as u32 * STAMPS,
                     &mut t,
                     vk::QueryResultFlags::TYPE_64,
                 )
@@ -650,8 +674,8 @@ impl<'a> Gpu<'a> {
             .map_err(understory::error::vk_err("vkGetQueryPoolResults"))?;
             let period = f64::from(self.ctx.adapter().timestamp_period_ns);
             let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 * period / 1e6;
-            acc.cull_ms.push(ms(t[0], t[1]));
-            acc.draw_ms.push(ms(t[1], t[2]));
+            acc.cull_ms.push(ms(t[0], t[1]) + ms(t[2], t[3]));
+            acc.draw_ms.push(ms(t[1], t[2]) + ms(t[3], t[4]));
         }
         Ok(())
     }
@@ -673,7 +697,7 @@ impl<'a> Gpu<'a> {
         png: bool,
     ) -> Result<()> {
         let d = self.ctx.device();
-        let q = slot as u32 * 3;
+        let q = slot as u32 * STAMPS;
         let stamp = |stage, at| {
             if let Some(pool) = self.queries {
                 // SAFETY: recording (caller); the query was reset in this command buffer.
@@ -683,7 +707,7 @@ impl<'a> Gpu<'a> {
         if let Some(pool) = self.queries {
             // SAFETY: recording outside a render pass; the slot's previous frame completed
             // (the ring waited for it), so its queries are not in use.
-            unsafe { d.cmd_reset_query_pool(cmd, pool, q, 3) };
+            unsafe { d.cmd_reset_query_pool(cmd, pool, q, STAMPS) };
         }
         stamp(vk::PipelineStageFlags::TOP_OF_PIPE, q);
         let species = veg.species_regions();
@@ -692,13 +716,39 @@ impl<'a> Gpu<'a> {
         unsafe {
             veg.record(frame, cmd)?;
             let sources: Vec<_> = veg.cull_sources().into_iter().map(|(s, _)| s).collect();
-            self.cull.record(frame, cmd, &sources, view)?;
-            stamp(vk::PipelineStageFlags::BOTTOM_OF_PIPE, q + 1);
-            self.draw
-                .prepare(frame, cmd, &self.cull, constants, &species)?;
+            let bottom = vk::PipelineStageFlags::BOTTOM_OF_PIPE;
             self.target.used_in(frame)?;
-            self.render(frame, cmd, veg, constants)?;
-            stamp(vk::PipelineStageFlags::BOTTOM_OF_PIPE, q + 2);
+            if let Some(pyramid) = &self.pyramid {
+                self.cull.record_first(frame, cmd, &sources, view)?;
+                stamp(bottom, q + 1);
+                self.draw
+                    .prepare(frame, cmd, &self.cull, constants, &species)?;
+                self.render(frame, cmd, veg, constants, Some(DrawPhase::First))?;
+                stamp(bottom, q + 2);
+                self.depth_for_pyramid(cmd, true);
+                pyramid.record(
+                    frame,
+                    cmd,
+                    self.target.depth_view,
+                    vk::ImageLayout::DEPTH_STENCIL_READ_ONLY_OPTIMAL,
+                )?;
+                let view_proj = Mat4::from_cols_array_2d(&constants.view_proj);
+                let bounds = self.draw.bounds();
+                self.cull
+                    .record_second(frame, cmd, pyramid, view_proj, &bounds)?;
+                stamp(bottom, q + 3);
+                self.depth_for_pyramid(cmd, false);
+                self.render(frame, cmd, veg, constants, Some(DrawPhase::Second))?;
+            } else {
+                self.cull.record(frame, cmd, &sources, view)?;
+                stamp(bottom, q + 1);
+                self.draw
+                    .prepare(frame, cmd, &self.cull, constants, &species)?;
+                self.render(frame, cmd, veg, constants, None)?;
+                stamp(bottom, q + 2);
+                stamp(bottom, q + 3);
+            }
+            stamp(bottom, q + 4);
             let (counters, _) = &self.counters[slot];
             counters.used_in(frame)?;
             let src = self.cull.counters()?;
@@ -729,7 +779,70 @@ impl<'a> Gpu<'a> {
         Ok(())
     }
 
-    /// The rendering scope: clear to the sky, ground and trees.
+    /// The depth image from the first phase's attachment to what the pyramid reads
+    /// (`to_pyramid`), or back for the second phase's draws.
+    ///
+    /// # Safety
+    /// As [`Gpu::record`].
+    unsafe fn depth_for_pyramid(&self, cmd: vk::CommandBuffer, to_pyramid: bool) {
+        let tests = vk::PipelineStageFlags::EARLY_FRAGMENT_TESTS
+            | vk::PipelineStageFlags::LATE_FRAGMENT_TESTS;
+        let attachment = (
+            vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL,
+            vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_READ
+                | vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_WRITE,
+        );
+        let read = (
+            vk::ImageLayout::DEPTH_STENCIL_READ_ONLY_OPTIMAL,
+            vk::AccessFlags::SHADER_READ,
+        );
+        let compute = vk::PipelineStageFlags::COMPUTE_SHADER;
+        let output = vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT;
+        let (src, dst, from, to) = if to_pyramid {
+            (tests, compute, attachment, read)
+        } else {
+            (compute | output, tests | output, read, attachment)
+        };
+        let mut barriers = vec![image_barrier(
+            self.target.depth.raw(),
+            vk::ImageAspectFlags::DEPTH,
+            from,
+            to,
+        )];
+        if !to_pyramid {
+            // The second phase's colour writes after the first's.
+            let color = (
+                vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
+                vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
+            );
+            barriers.push(image_barrier(
+                self.target.color.raw(),
+                vk::ImageAspectFlags::COLOR,
+                color,
+                (
+                    color.0,
+                    vk::AccessFlags::COLOR_ATTACHMENT_READ
+                        | vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
+                ),
+            ));
+        }
+        // SAFETY: cmd is recording outside a rendering scope (caller); the depth image is
+        // marked used by the frame and in `from`'s layout.
+        unsafe {
+            self.ctx.device().cmd_pipeline_barrier(
+                cmd,
+                src,
+                dst,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &barriers,
+            )
+        };
+    }
+
+    /// The rendering scope: clear to the sky, ground and trees (`phase` `None`: everything the
+    /// cull appended; the first occlusion phase clears too, the second loads what it stored).
     ///
     /// # Safety
     /// As [`Gpu::record`].
@@ -739,9 +852,16 @@ impl<'a> Gpu<'a> {
         cmd: vk::CommandBuffer,
         veg: &Vegetation,
         constants: &DrawFrame,
+        phase: Option<DrawPhase>,
     ) -> Result<()> {
         let d = self.ctx.device();
         let t = &self.target;
+        let second = phase == Some(DrawPhase::Second);
+        let load = if second {
+            vk::AttachmentLoadOp::LOAD
+        } else {
+            vk::AttachmentLoadOp::CLEAR
+        };
         // Previous frame's colour/transfer and depth uses before this frame's clears.
         let to_attachment = [
             image_barrier(
@@ -772,7 +892,7 @@ impl<'a> Gpu<'a> {
         let color_att = [vk::RenderingAttachmentInfo::default()
             .image_view(t.color_view)
             .image_layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)
-            .load_op(vk::AttachmentLoadOp::CLEAR)
+            .load_op(load)
             .store_op(vk::AttachmentStoreOp::STORE)
             .clear_value(vk::ClearValue {
                 color: vk::ClearColorValue {
@@ -782,8 +902,12 @@ impl<'a> Gpu<'a> {
         let depth_att = vk::RenderingAttachmentInfo::default()
             .image_view(t.depth_view)
             .image_layout(vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL)
-            .load_op(vk::AttachmentLoadOp::CLEAR)
-            .store_op(vk::AttachmentStoreOp::DONT_CARE)
+            .load_op(load)
+            .store_op(if phase == Some(DrawPhase::First) {
+                vk::AttachmentStoreOp::STORE
+            } else {
+                vk::AttachmentStoreOp::DONT_CARE
+            })
             .clear_value(vk::ClearValue {
                 depth_stencil: vk::ClearDepthStencilValue {
                     depth: 1.0,
@@ -804,19 +928,26 @@ impl<'a> Gpu<'a> {
         // SAFETY: cmd is recording for `frame` (caller), outside a render pass; the target's
         // images are marked used by `frame`; the layouts follow the barriers.
         unsafe {
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT
-                    | vk::PipelineStageFlags::TRANSFER
-                    | fragment_tests,
-                vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT | fragment_tests,
-                vk::DependencyFlags::empty(),
-                &[],
-                &[],
-                &to_attachment,
-            );
+            if !second {
+                d.cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT
+                        | vk::PipelineStageFlags::TRANSFER
+                        | fragment_tests,
+                    vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT | fragment_tests,
+                    vk::DependencyFlags::empty(),
+                    &[],
+                    &[],
+                    &to_attachment,
+                );
+            }
             d.cmd_begin_rendering(cmd, &rendering);
-            let drawn = self.draw.record(frame, cmd, &self.cull, page, t.extent);
+            let drawn = match phase {
+                Some(p) => self
+                    .draw
+                    .record_phase(frame, cmd, &self.cull, page, t.extent, p),
+                None => self.draw.record(frame, cmd, &self.cull, page, t.extent),
+            };
             d.cmd_end_rendering(cmd);
             drawn
         }
@@ -950,6 +1081,8 @@ impl Accumulator {
                 refused_uploads: 0,
                 deferred_frees: 0,
                 peak_drawn: [0; 3],
+                drawn_total: 0,
+                occlusion: config.occlusion,
                 overflow_frames: 0,
                 gpu_cull_ms: None,
                 gpu_draw_ms: None,

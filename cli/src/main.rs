@@ -52,6 +52,10 @@ enum Command {
         /// Colour trees by LOD: full red, medium yellow, billboard blue.
         #[arg(long)]
         lod_tint: bool,
+        /// Two-phase occlusion culling (on: draw last frame's visible trees, build a depth
+        /// pyramid, test the rest against it).
+        #[arg(long, value_enum, default_value_t = Switch::Off)]
+        occlusion: Switch,
         /// Seed of the forest.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -143,6 +147,7 @@ fn run(cli: Cli) -> understory::Result<()> {
             png,
             png_every,
             lod_tint,
+            occlusion,
             seed,
             quiet,
         } => {
@@ -172,6 +177,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 png,
                 png_every,
                 lod_tint,
+                occlusion: occlusion == Switch::On,
                 progress: !quiet,
                 ..Default::default()
             };
@@ -214,8 +220,18 @@ fn run(cli: Cli) -> understory::Result<()> {
                 "most drawn in a frame: full {}, medium {}, billboard {}; frames with list overflow {}",
                 r.peak_drawn[0], r.peak_drawn[1], r.peak_drawn[2], r.overflow_frames
             );
+            println!(
+                "drawn over the flight: {} instances (occlusion {})",
+                r.drawn_total,
+                if r.occlusion { "on" } else { "off" }
+            );
             if let (Some(c), Some(d)) = (r.gpu_cull_ms, r.gpu_draw_ms) {
-                println!("GPU time per frame (median): uploads + cull {c:.3} ms, draw {d:.3} ms");
+                let what = if r.occlusion {
+                    "uploads + cull (both phases) + pyramid"
+                } else {
+                    "uploads + cull"
+                };
+                println!("GPU time per frame (median): {what} {c:.3} ms, draw {d:.3} ms");
             }
             println!(
                 "evictions {}, uploads {} ({} refused by the budget or a category cap, retried later), deferred frees {}",
@@ -405,4 +421,11 @@ fn run(cli: Cli) -> understory::Result<()> {
             Ok(())
         }
     }
+}
+
+/// An `on|off` flag value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }

@@ -55,9 +55,19 @@ fn classify(ps: vec4<f32>, view: CullView) -> u32 {
     return LOD_CULLED;
 }
 
-// Counters: [0..3) appended per list, [3] invalid instances, [4..7) overflow per list.
+// Counters: [0..3) appended per list, [3] invalid instances, [4..7) overflow per list, [8..11)
+// entries of each list the first occlusion phase kept (where the second phase's draws start).
 const COUNTER_INVALID: u32 = 3u;
 const COUNTER_OVERFLOW: u32 = 4u;
+const COUNTER_FIRST: u32 = 8u;
+const COUNTERS: u32 = 12u;
+
+// Phases of a dispatch (CullPush.phase): one pass over everything, or two-phase occlusion
+// culling: the first draws what was visible last frame (the visibility bits), the second tests
+// the rest against the depth pyramid built from the first's depth and updates the bits.
+const PHASE_SINGLE: u32 = 0u;
+const PHASE_FIRST: u32 = 1u;
+const PHASE_SECOND: u32 = 2u;
 
 // Instances per thread and per 256-thread workgroup of the subgroup variant
 // (src/gpu/cull.rs dispatches to match; the atomic variant takes one instance per thread).
@@ -81,8 +91,9 @@ struct CullPush {
     sources: u32,
     // Workgroups per row of the 2D dispatch.
     row_groups: u32,
-    pad0: u32,
-    pad1: u32,
+    // PHASE_SINGLE, PHASE_FIRST or PHASE_SECOND.
+    phase: u32,
+    pad: u32,
 }
 
 // The dispatch's sources, one entry each (binding 5): x instances, y the index the source's
@@ -98,4 +109,82 @@ struct CullSourceEntry {
 // Where LOD `lod`'s list starts in `lists` (and `drawn`).
 fn list_base(caps: vec4<u32>, lod: u32) -> u32 {
     return select(0u, caps.x, lod >= 1u) + select(0u, caps.y, lod >= 2u);
+}
+
+// The second phase's occlusion test: the camera that drew the depth the pyramid was built from.
+struct OcclusionView {
+    // View-projection (Vulkan clip space, depth 0 near .. 1 far), column-major.
+    view_proj: mat4x4<f32>,
+    // x, y: the depth image's size in pixels; z: pyramid levels; w unused.
+    size: vec4<u32>,
+    // An instance of scale 1 lies within this distance of its vertical axis (x), and between
+    // these heights above its position (y lowest, z highest); w unused.
+    bounds: vec4<f32>,
+}
+
+// Whether an instance at `p` of scale `s` is certainly hidden: its box (occ.bounds scaled by `s`)
+// lies wholly in front of the camera, and its nearest depth is beyond the farthest depth of the
+// pyramid texels that cover its screen rectangle. Pyramid level L texel x covers depth pixels
+// [x * 2^(L+1), (x + 1) * 2^(L+1)) and holds their largest depth (src/gpu/pyramid.rs). The CPU
+// reference (src/gpu/cull.rs, occluded_cpu) performs the same operations in the same order.
+fn occluded(p: vec3<f32>, s: f32, occ: OcclusionView, pyramid: texture_2d<f32>) -> bool {
+    let m = occ.view_proj;
+    let c = fma(m[0], vec4<f32>(p.x), fma(m[1], vec4<f32>(p.y), fma(m[2], vec4<f32>(p.z), m[3])));
+    let r = occ.bounds.x * s;
+    let y0 = occ.bounds.y * s;
+    let y1 = occ.bounds.z * s;
+    var lo = vec3<f32>(3.0e38);
+    var hi = vec2<f32>(-3.0e38);
+    for (var k = 0u; k < 8u; k = k + 1u) {
+        let sx = select(-r, r, (k & 1u) != 0u);
+        let sy = select(y0, y1, (k & 2u) != 0u);
+        let sz = select(-r, r, (k & 4u) != 0u);
+        let q = fma(m[0], vec4<f32>(sx), fma(m[1], vec4<f32>(sy), fma(m[2], vec4<f32>(sz), c)));
+        // A corner at or behind the camera plane: the projection is not bounded.
+        if !(q.w > 0.0) {
+            return false;
+        }
+        let n = q.xyz / q.w;
+        lo = min(lo, n);
+        hi = max(hi, n.xy);
+    }
+    let size = vec2<f32>(occ.size.xy);
+    let last = size - 1.0;
+    // NDC -1..1 to pixels; every pixel whose centre the box can cover lies in [floor(lo), floor(hi)].
+    let a = vec2<u32>(clamp(floor(fma(lo.xy, vec2<f32>(0.5), vec2<f32>(0.5)) * size), vec2<f32>(0.0), last));
+    let b = vec2<u32>(clamp(floor(fma(hi, vec2<f32>(0.5), vec2<f32>(0.5)) * size), vec2<f32>(0.0), last));
+    // The finest level at which the rectangle spans at most two texels per axis.
+    var level = 0u;
+    while level + 1u < occ.size.z {
+        let s = level + 1u;
+        let span = (b >> vec2<u32>(s)) - (a >> vec2<u32>(s));
+        if span.x <= 1u && span.y <= 1u {
+            break;
+        }
+        level = s;
+    }
+    let t0 = vec2<i32>(a >> vec2<u32>(level + 1u));
+    let t1 = vec2<i32>(b >> vec2<u32>(level + 1u));
+    let l = i32(level);
+    let far = max(
+        max(textureLoad(pyramid, t0, l).x, textureLoad(pyramid, vec2<i32>(t1.x, t0.y), l).x),
+        max(textureLoad(pyramid, vec2<i32>(t0.x, t1.y), l).x, textureLoad(pyramid, t1, l).x),
+    );
+    return lo.z > far;
+}
+
+// What a phase makes of an instance classified `lod`, given its visibility bit from last frame
+// (`was`) and, in the second phase, whether it is occluded now: (level to append, or
+// LOD_CULLED; the new bit). The first phase appends what was visible; the second appends what
+// is visible now and was not drawn by the first (and counts invalid instances), and sets the
+// bit to what is visible now.
+fn phase_lod(phase: u32, lod: u32, was: bool, hidden: bool) -> vec2<u32> {
+    if phase == PHASE_FIRST {
+        return vec2<u32>(select(LOD_CULLED, lod, was && lod < LOD_CULLED), u32(was));
+    }
+    if lod == LOD_INVALID {
+        return vec2<u32>(LOD_INVALID, 0u);
+    }
+    let seen = lod < LOD_CULLED && !hidden;
+    return vec2<u32>(select(LOD_CULLED, lod, seen && !was), u32(seen));
 }

@@ -11,12 +11,13 @@ use glam::{Mat4, Vec3, Vec4};
 use crate::error::{Error, Result};
 use crate::gpu::adapter::DeviceFeatures;
 use crate::gpu::compute::{
-    DescriptorArena, compute_pipeline, lock, memory_barrier, pipeline_layout,
+    DescriptorArena, compute_pipeline, image_barrier, lock, memory_barrier, pipeline_layout,
     retire_pipeline_objects, set_layout, set_layout_supported, set_layout_with_counts, whole,
     write_set,
 };
 use crate::gpu::context::{Context, Frame, Shared};
-use crate::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
+use crate::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation, RawObject};
+use crate::gpu::pyramid::{DepthPyramid, PYRAMID_LAYOUT};
 use crate::gpu::shaders;
 use crate::policy::category::Category;
 use crate::policy::lod::{Lod, LodBands};
@@ -157,6 +158,102 @@ pub fn classify_cpu(inst: &Instance, view: &CullView) -> u32 {
     }
 }
 
+/// The CPU reference of `occluded` in `shaders/common/cull.wgsl` (the second occlusion phase's
+/// test), with the same operations in the same order: whether an instance at `position` of
+/// scale `scale` (its box: `bounds` scaled) is certainly hidden behind the depth seen through
+/// `view_proj` (Vulkan clip space, depth 0 near .. 1 far), given the depth image's size and the
+/// pyramid's levels as (width, height, texels row-major), the layout
+/// [`pyramid_cpu`](crate::gpu::pyramid::pyramid_cpu) makes. Not hidden when the box reaches
+/// the camera plane.
+pub fn occluded_cpu(
+    position: Vec3,
+    scale: f32,
+    bounds: &InstanceBounds,
+    view_proj: &Mat4,
+    depth_size: [u32; 2],
+    pyramid: &[(u32, u32, Vec<f32>)],
+) -> bool {
+    let m = view_proj.to_cols_array_2d();
+    let fma4 = |a: [f32; 4], s: f32, b: [f32; 4]| -> [f32; 4] {
+        std::array::from_fn(|i| a[i].mul_add(s, b[i]))
+    };
+    let c = fma4(
+        m[0],
+        position.x,
+        fma4(m[1], position.y, fma4(m[2], position.z, m[3])),
+    );
+    let r = bounds.radius * scale;
+    let (y0, y1) = (bounds.y_min * scale, bounds.y_max * scale);
+    let mut lo = [3.0e38f32; 3];
+    let mut hi = [-3.0e38f32; 2];
+    for k in 0..8u32 {
+        let side = |bit: u32, lo: f32, hi: f32| if k & bit != 0 { hi } else { lo };
+        let q = fma4(
+            m[0],
+            side(1, -r, r),
+            fma4(m[1], side(2, y0, y1), fma4(m[2], side(4, -r, r), c)),
+        );
+        if q[3].is_nan() || q[3] <= 0.0 {
+            return false;
+        }
+        for i in 0..3 {
+            let n = q[i] / q[3];
+            lo[i] = lo[i].min(n);
+            if i < 2 {
+                hi[i] = hi[i].max(n);
+            }
+        }
+    }
+    let pixel = |v: f32, axis: usize| -> u32 {
+        let size = depth_size[axis] as f32;
+        (v.mul_add(0.5, 0.5) * size).floor().clamp(0.0, size - 1.0) as u32
+    };
+    let (a, b) = (
+        [pixel(lo[0], 0), pixel(lo[1], 1)],
+        [pixel(hi[0], 0), pixel(hi[1], 1)],
+    );
+    let levels = pyramid.len() as u32;
+    let mut level = 0u32;
+    while level + 1 < levels {
+        let s = level + 1;
+        if (b[0] >> s) - (a[0] >> s) <= 1 && (b[1] >> s) - (a[1] >> s) <= 1 {
+            break;
+        }
+        level = s;
+    }
+    let Some((w, h, texels)) = pyramid.get(level as usize) else {
+        return false;
+    };
+    let at = |x: u32, y: u32| -> f32 {
+        let (x, y) = (x >> (level + 1), y >> (level + 1));
+        if x >= *w || y >= *h {
+            return f32::INFINITY;
+        }
+        texels[(y * w + x) as usize]
+    };
+    let far = at(a[0], a[1])
+        .max(at(b[0], a[1]))
+        .max(at(a[0], b[1]).max(at(b[0], b[1])));
+    lo[2] > far
+}
+
+/// The CPU reference of `phase_lod` in `shaders/common/cull.wgsl`: what an occlusion phase
+/// (`second` false: the first) makes of an instance classified `lod` ([`classify_cpu`]) whose
+/// visibility bit was `was`, and which is `hidden` ([`occluded_cpu`], second phase only):
+/// (level it is appended to, 3 for none, or [`LOD_INVALID`] to count it (second phase); its
+/// new visibility bit). The first phase reads only instances whose bit is set.
+pub fn phase_lod_cpu(second: bool, lod: u32, was: bool, hidden: bool) -> (u32, bool) {
+    let culled = Lod::Culled as u32;
+    if !second {
+        return (if was && lod < culled { lod } else { culled }, was);
+    }
+    if lod == LOD_INVALID {
+        return (LOD_INVALID, false);
+    }
+    let seen = lod < culled && !hidden;
+    (if seen && !was { lod } else { culled }, seen)
+}
+
 /// What the CPU reference expects of one pass.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CullExpectation {
@@ -227,8 +324,12 @@ pub const SOURCES_PER_DISPATCH: usize = 24;
 pub const WIDE_SOURCES_PER_DISPATCH: usize = 1024;
 
 /// Storage buffers of the cull stage besides the sources: lists, counters, records, the
-/// source table.
-const OTHER_STORAGE_BUFFERS: u32 = 4;
+/// source table, the visibility bits.
+const OTHER_STORAGE_BUFFERS: u32 = 5;
+/// Uniform buffers of the cull stage (the view, the occlusion view) and sampled images (the
+/// depth pyramid).
+const UNIFORM_BUFFERS: u32 = 2;
+const SAMPLED_IMAGES: u32 = 1;
 
 /// One entry of the per-dispatch source table (`CullSourceEntry` in
 /// `shaders/common/cull.wgsl`): instances, list base, first workgroup.
@@ -266,15 +367,102 @@ struct CullPush {
     caps: [u32; 4],
     sources: u32,
     row_groups: u32,
-    pad: [u32; 2],
+    phase: u32,
+    pad: u32,
+}
+
+/// The finalize dispatch's push constants (`FinalizePush` in `shaders/cull_finalize.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct FinalizePush {
+    caps: [u32; 4],
+    phase: u32,
+    pad: [u32; 3],
+}
+
+/// What a dispatch does (`PHASE_*` in `shaders/common/cull.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Single = 0,
+    First = 1,
+    Second = 2,
+}
+
+/// The second phase's camera (`OcclusionView` in `shaders/common/cull.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Occlusion {
+    view_proj: [[f32; 4]; 4],
+    /// Depth width, height, pyramid levels, unused.
+    size: [u32; 4],
+    /// [`InstanceBounds`]: radius about the vertical axis, lowest and highest y, unused.
+    bounds: [f32; 4],
+}
+
+/// Where an instance of scale 1 lies around its position, for the occlusion test: within
+/// `radius` of its vertical axis (whatever its yaw) and between `y_min` and `y_max` above its
+/// position. A box this tight hides more than the cull radius's sphere; it must still hold
+/// every vertex of every LOD, or a partly visible instance may be dropped.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InstanceBounds {
+    /// Farthest distance of a vertex from the vertical axis through the position.
+    pub radius: f32,
+    /// Lowest vertex height above the position.
+    pub y_min: f32,
+    /// Highest vertex height above the position.
+    pub y_max: f32,
+}
+
+impl InstanceBounds {
+    /// The box around a sphere of `radius` centred on the position (what the frustum test uses).
+    pub fn sphere(radius: f32) -> Self {
+        Self {
+            radius,
+            y_min: -radius,
+            y_max: radius,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let finite = self.radius.is_finite() && self.y_min.is_finite() && self.y_max.is_finite();
+        if !(finite && self.radius >= 0.0 && self.y_min <= self.y_max) {
+            return Err(Error::InvalidInput(format!("instance bounds {self:?}")));
+        }
+        Ok(())
+    }
+}
+const _: () = assert!(size_of::<Occlusion>() == shaders::layout::OCCLUSIONVIEW_SIZE);
+
+/// A frame's dispatches: each batch's source bindings (padded to the array's length) and
+/// table, and the end of the highest source (the visibility bits it needs).
+#[derive(Default)]
+struct Batches {
+    buffers: Vec<Vec<vk::DescriptorBufferInfo>>,
+    tables: Vec<(Vec<SourceEntry>, u32)>,
+    end: u64,
+}
+
+/// A single-level colour range of an image.
+fn color_range(levels: u32) -> vk::ImageSubresourceRange {
+    vk::ImageSubresourceRange {
+        aspect_mask: vk::ImageAspectFlags::COLOR,
+        base_mip_level: 0,
+        level_count: levels,
+        base_array_layer: 0,
+        layer_count: 1,
+    }
 }
 
 const PUSH_BYTES: u32 = size_of::<CullPush>() as u32;
 const _: () = assert!(PUSH_BYTES as usize == shaders::layout::CULLPUSH_SIZE);
 const _: () = assert!(PUSH_BYTES <= 128, "the guaranteed push-constant space");
 
-/// Counter words: appended per list (0..3), invalid (3), overflow per list (4..7).
-pub const COUNTERS: usize = 8;
+/// Counter words: appended per list (0..3), invalid (3), overflow per list (4..7), the entries
+/// of each list the first occlusion phase kept (8..11; where the second phase's start).
+pub const COUNTERS: usize = 12;
+/// Index of the first phase's kept entries of LOD 0 in the counters.
+pub const COUNTER_FIRST: usize = 8;
+const _: () = assert!(shaders::layout::COUNTERS == COUNTERS);
 
 /// Fewest entries an adaptive list keeps.
 const MIN_LIST: u32 = 256;
@@ -339,6 +527,17 @@ pub struct CullPass {
     with_records: bool,
     /// The dispatches' source tables ([`table_stride`] bytes each, [`TABLE_BATCHES`] of them).
     table: Option<Buffer>,
+    /// The second phase's camera (`OcclusionView`).
+    occlusion: Option<Buffer>,
+    /// One bit per instance: visible in the last second phase.
+    visible: Option<Buffer>,
+    /// The visibility bits are new: the next first phase clears them.
+    clear_visible: bool,
+    /// Bound where no pyramid is (a single pass, the first phase); never read.
+    placeholder: Option<Image>,
+    placeholder_view: vk::ImageView,
+    /// This frame's first phase: its frame value and dispatches, for the second.
+    first: Option<(u64, Batches)>,
 }
 
 impl CullPass {
@@ -453,7 +652,7 @@ impl CullPass {
                 && ctx.features().storage_buffer_array_dynamic_indexing
                 && limits.max_per_stage_storage_buffers >= storage
                 && limits.max_descriptor_set_storage_buffers >= storage
-                && limits.max_per_stage_resources > storage
+                && limits.max_per_stage_resources >= storage + UNIFORM_BUFFERS + SAMPLED_IMAGES
         };
         let batch = [WIDE_SOURCES_PER_DISPATCH, SOURCES_PER_DISPATCH]
             .into_iter()
@@ -483,7 +682,8 @@ impl CullPass {
                         vk::DescriptorType::STORAGE_BUFFER,
                         batch as u32 + OTHER_STORAGE_BUFFERS,
                     ),
-                    (vk::DescriptorType::UNIFORM_BUFFER, 1),
+                    (vk::DescriptorType::UNIFORM_BUFFER, UNIFORM_BUFFERS),
+                    (vk::DescriptorType::SAMPLED_IMAGE, SAMPLED_IMAGES),
                 ],
                 64,
             )),
@@ -498,6 +698,12 @@ impl CullPass {
             records: None,
             with_records,
             table: None,
+            occlusion: None,
+            visible: None,
+            clear_visible: false,
+            placeholder: None,
+            placeholder_view: vk::ImageView::null(),
+            first: None,
         };
         let initial = if adaptive {
             let sizer = ListSizer::new(ListSizing::new(MIN_LIST, capacity), INITIAL_LIST);
@@ -514,8 +720,8 @@ impl CullPass {
     }
 
     /// The cull set's bindings with `batch` sources: sources, lists, counters, view, records,
-    /// source table.
-    fn bindings(batch: usize) -> [(vk::DescriptorType, u32); 6] {
+    /// source table, depth pyramid, visibility bits, occlusion view.
+    fn bindings(batch: usize) -> [(vk::DescriptorType, u32); 9] {
         use vk::DescriptorType as T;
         [
             (T::STORAGE_BUFFER, batch as u32),
@@ -524,6 +730,9 @@ impl CullPass {
             (T::UNIFORM_BUFFER, 1),
             (T::STORAGE_BUFFER, 1),
             (T::STORAGE_BUFFER, 1),
+            (T::SAMPLED_IMAGE, 1),
+            (T::STORAGE_BUFFER, 1),
+            (T::UNIFORM_BUFFER, 1),
         ]
     }
 
@@ -542,7 +751,8 @@ impl CullPass {
         };
         self.pipeline = compute_pipeline(d, spirv, c"main", self.layout)?;
         self.fin_set_layout = set_layout(d, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER])?;
-        self.fin_layout = pipeline_layout(d, self.fin_set_layout, 16)?;
+        self.fin_layout =
+            pipeline_layout(d, self.fin_set_layout, size_of::<FinalizePush>() as u32)?;
         self.fin_pipeline = compute_pipeline(d, shaders::CULL_FINALIZE, c"main", self.fin_layout)?;
         let buffer = |name, size, usage| {
             ctx.create_buffer(&BufferDesc {
@@ -562,7 +772,7 @@ impl CullPass {
         )?);
         self.args = Some(buffer(
             "cull indirect args",
-            size_of::<[DrawIndexedIndirect; 3]>() as u64,
+            size_of::<[DrawIndexedIndirect; 6]>() as u64,
             vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::INDIRECT_BUFFER,
         )?);
         self.view = Some(buffer(
@@ -575,6 +785,33 @@ impl CullPass {
             TABLE_BATCHES as u64 * table_stride(self.batch),
             vk::BufferUsageFlags::STORAGE_BUFFER,
         )?);
+        self.occlusion = Some(buffer(
+            "cull occlusion view",
+            size_of::<Occlusion>() as u64,
+            vk::BufferUsageFlags::UNIFORM_BUFFER,
+        )?);
+        let placeholder = ctx.create_image(&ImageDesc {
+            name: "cull pyramid placeholder",
+            extent: vk::Extent2D {
+                width: 1,
+                height: 1,
+            },
+            format: vk::Format::R32_SFLOAT,
+            mip_levels: 1,
+            usage: vk::ImageUsageFlags::SAMPLED,
+            category: Category::Outputs,
+        })?;
+        let info = vk::ImageViewCreateInfo::default()
+            .image(placeholder.raw())
+            .view_type(vk::ImageViewType::TYPE_2D)
+            .format(vk::Format::R32_SFLOAT)
+            .subresource_range(color_range(1));
+        self.placeholder = Some(placeholder);
+        // SAFETY: a live 2D single-layer R32_SFLOAT image with SAMPLED usage
+        // (VUID-VkImageViewCreateInfo-image-04441; R32_SFLOAT sampling is a mandatory format
+        // feature), the range its one level (VUID-VkImageViewCreateInfo-subresourceRange-01718).
+        self.placeholder_view = unsafe { d.create_image_view(&info, None) }
+            .map_err(crate::error::vk_err("vkCreateImageView"))?;
         Ok(())
     }
 
@@ -699,6 +936,11 @@ impl CullPass {
             .ok_or_else(|| Error::InvalidInput("cull pass was destroyed".into()))
     }
 
+    fn get_image(b: &Option<Image>) -> Result<&Image> {
+        b.as_ref()
+            .ok_or_else(|| Error::InvalidInput("cull pass was destroyed".into()))
+    }
+
     /// The lists: each LOD's [`CullPass::capacities`] u32 in turn (LOD `l` at
     /// `list_bases()[l]`), then [`LIST_GUARD_WORDS`]. Replaced when the lists are resized (the
     /// old one retires).
@@ -719,7 +961,9 @@ impl CullPass {
             .ok_or_else(|| Error::InvalidInput("cull pass built without records".into()))
     }
 
-    /// Three `VkDrawIndexedIndirectCommand`s, one per drawn LOD.
+    /// Six `VkDrawIndexedIndirectCommand`s: one per drawn LOD (full, medium, billboard) for
+    /// what [`CullPass::record`] or [`CullPass::record_first`] appended, then one per LOD for
+    /// what [`CullPass::record_second`] appended after it (0 instances after a single pass).
     pub fn args(&self) -> Result<&Buffer> {
         Self::get(&self.args)
     }
@@ -750,6 +994,120 @@ impl CullPass {
         view: &CullView,
     ) -> Result<()> {
         frame.check(&self.shared, "CullPass::record")?;
+        self.first = None;
+        let batches = self.begin(frame, sources)?;
+        // SAFETY: the caller's promises are this function's.
+        unsafe { self.record_phase(frame, cmd, Phase::Single, &batches, Some(view), None) }
+    }
+
+    /// The first phase of two-phase occlusion culling: as [`CullPass::record`], but appends
+    /// only the instances that were visible in the last frame's second phase (their
+    /// visibility bits), classified against `view`. Draw them
+    /// ([`DrawPass::record_phase`](crate::gpu::draw::DrawPass::record_phase) with
+    /// [`DrawPhase::First`](crate::gpu::draw::DrawPhase::First)), build a
+    /// [`DepthPyramid`] from that depth, then record [`CullPass::record_second`] in the same
+    /// frame.
+    ///
+    /// The visibility bits are indexed like the lists (`base` + instance): keep the sources'
+    /// bases stable from frame to frame (as `Vegetation::cull_sources` does while the resident
+    /// set does not change). Where they move, or in the first frame, the first phase draws
+    /// the wrong instances or none, and the second draws whatever is visible and was not drawn:
+    /// the picture is the same, only the split between the phases differs. The bits cost one
+    /// bit per instance (category `Outputs`); when the budget refuses them this returns
+    /// [`Error::OverBudget`] and records nothing (cull with [`CullPass::record`] instead).
+    ///
+    /// # Safety
+    /// As [`CullPass::record`].
+    pub unsafe fn record_first(
+        &mut self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        sources: &[CullSource<'_>],
+        view: &CullView,
+    ) -> Result<()> {
+        frame.check(&self.shared, "CullPass::record_first")?;
+        self.first = None;
+        let batches = self.begin(frame, sources)?;
+        self.ensure_visibility(&batches)?;
+        // SAFETY: the caller's promises are this function's.
+        unsafe { self.record_phase(frame, cmd, Phase::First, &batches, Some(view), None)? };
+        self.first = Some((frame.value(), batches));
+        Ok(())
+    }
+
+    /// The second phase: culls the sources of this frame's [`CullPass::record_first`] again
+    /// (same view and bands), tests what is in the frustum and was not drawn by the first phase
+    /// against `pyramid` (built from the depth the first phase's draws produced, seen through
+    /// `view_proj`: Vulkan clip space, depth 0 near .. 1 far, the matrix that drew it; each
+    /// instance's box is `bounds` scaled by its scale:
+    /// [`DrawPass::bounds`](crate::gpu::draw::DrawPass::bounds) for its meshes, or
+    /// [`InstanceBounds::sphere`] of the cull radius), and
+    /// appends what is not certainly hidden after the first phase's entries of each list (the
+    /// last three commands of [`CullPass::args`]). Updates every instance's visibility bit to
+    /// what is visible now, for the next frame's first phase. The test is conservative: an
+    /// instance is dropped only when its box lies wholly in front
+    /// of the camera and its nearest depth is beyond the farthest depth the pyramid holds over
+    /// the box's screen rectangle ([`occluded_cpu`] is the CPU reference).
+    ///
+    /// [`Error::Lifecycle`] if this frame recorded no first phase (or `record` after it), or
+    /// for a pyramid of another context; [`Error::InvalidInput`] for a non-finite `view_proj`
+    /// or bounds that are not finite, have a negative radius or `y_min > y_max`.
+    /// Nothing is recorded on error.
+    ///
+    /// # Safety
+    /// As [`CullPass::record`], and: `pyramid` was recorded
+    /// ([`DepthPyramid::record`]) for this frame after the first phase's draws and before this,
+    /// in submission order, from the depth those draws wrote.
+    pub unsafe fn record_second(
+        &mut self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        pyramid: &DepthPyramid,
+        view_proj: Mat4,
+        bounds: &InstanceBounds,
+    ) -> Result<()> {
+        frame.check(&self.shared, "CullPass::record_second")?;
+        if !pyramid.image().belongs_to(&self.shared) {
+            return Err(Error::Lifecycle(
+                "CullPass::record_second: the pyramid is of another context".into(),
+            ));
+        }
+        if !view_proj.is_finite() {
+            return Err(Error::InvalidInput(format!(
+                "CullPass::record_second: view_proj {view_proj} is not finite"
+            )));
+        }
+        bounds.check()?;
+        let Some((value, batches)) = self.first.take_if(|(v, _)| *v == frame.value()) else {
+            return Err(Error::Lifecycle(
+                "CullPass::record_second without CullPass::record_first in this frame".into(),
+            ));
+        };
+        let depth = pyramid.depth_extent();
+        let occlusion = Occlusion {
+            view_proj: view_proj.to_cols_array_2d(),
+            size: [depth.width, depth.height, pyramid.levels(), 0],
+            bounds: [bounds.radius, bounds.y_min, bounds.y_max, 0.0],
+        };
+        // SAFETY: the caller's promises are this function's.
+        let r = unsafe {
+            self.record_phase(
+                frame,
+                cmd,
+                Phase::Second,
+                &batches,
+                None,
+                Some((pyramid, &occlusion)),
+            )
+        };
+        if r.is_err() {
+            self.first = Some((value, batches));
+        }
+        r
+    }
+
+    /// Checks and marks the sources, follows the demand, and lays out the dispatches.
+    fn begin(&mut self, frame: &Frame, sources: &[CullSource<'_>]) -> Result<Batches> {
         // Sources first: a refusal changes nothing and leaves nothing recorded.
         let range = u64::from(self.shared.adapter.limits.max_storage_buffer_range);
         for s in sources {
@@ -796,63 +1154,128 @@ impl CullPass {
         for s in sources {
             s.buffer.mark_used(frame.value())?;
         }
-        // Resizes first (the lists of this frame are the new ones), then this frame's readback.
+        // Resizes first (the lists of this frame are the new ones).
         self.follow_demand()?;
         let live: Vec<&CullSource<'_>> = sources.iter().filter(|s| s.count > 0).collect();
-        let batches: Vec<&[&CullSource<'_>]> = live.chunks(self.batch).collect();
         // Each source starts at a fresh workgroup, so a workgroup never straddles two buffers:
         // the table gives each its first workgroup (the shader finds a workgroup's source by a
         // binary search over them).
         let per_group = self.compaction.per_group();
-        let tables: Vec<(Vec<SourceEntry>, u32)> = batches
-            .iter()
-            .map(|batch| {
-                let mut groups = 0u32;
-                let entries = batch
+        let mut out = Batches::default();
+        for batch in live.chunks(self.batch) {
+            let mut groups = 0u32;
+            let entries = batch
+                .iter()
+                .map(|s| {
+                    let e = SourceEntry {
+                        count: s.count,
+                        base: s.base,
+                        first_group: groups,
+                        pad: 0,
+                    };
+                    groups += s.count.div_ceil(per_group);
+                    e
+                })
+                .collect();
+            // Every entry of the binding array must be valid: unused ones repeat the first.
+            out.buffers.push(
+                (0..self.batch)
+                    .map(|j| whole(batch.get(j).unwrap_or(&batch[0]).buffer)[0])
+                    .collect(),
+            );
+            out.tables.push((entries, groups));
+            out.end = out.end.max(
+                batch
                     .iter()
-                    .map(|s| {
-                        let e = SourceEntry {
-                            count: s.count,
-                            base: s.base,
-                            first_group: groups,
-                            pad: 0,
-                        };
-                        groups += s.count.div_ceil(per_group);
-                        e
-                    })
-                    .collect();
-                (entries, groups)
-            })
-            .collect();
+                    .map(|s| u64::from(s.base) + u64::from(s.count))
+                    .max()
+                    .unwrap_or(0),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Visibility bits for every index the batches use: a larger buffer when needed (the old
+    /// one retires; the new one is cleared by the next first phase).
+    fn ensure_visibility(&mut self, batches: &Batches) -> Result<()> {
+        let bytes = batches.end.div_ceil(32).max(1).next_power_of_two() * 4;
+        if self.visible.as_ref().is_some_and(|v| v.size() >= bytes) {
+            return Ok(());
+        }
+        self.visible = Some(self.shared.create_buffer(&BufferDesc {
+            name: "cull visibility bits",
+            size: bytes,
+            usage: vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::TRANSFER_DST,
+            location: MemoryLocation::GpuOnly,
+            category: Category::Outputs,
+        })?);
+        self.clear_visible = true;
+        Ok(())
+    }
+
+    /// Records one phase over `batches` (see [`CullPass::record`]).
+    ///
+    /// # Safety
+    /// As [`CullPass::record`]; for [`Phase::Second`], as [`CullPass::record_second`].
+    unsafe fn record_phase(
+        &mut self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        phase: Phase,
+        batches: &Batches,
+        view: Option<&CullView>,
+        occlusion: Option<(&DepthPyramid, &Occlusion)>,
+    ) -> Result<()> {
+        let value = frame.value();
         let stride = table_stride(self.batch);
-        let rb = self.readback_slot()?;
-        let readback = self.readbacks[rb].0.raw();
-        self.readbacks[rb].0.touch(frame.value());
-        let (lists, counters, args, view_buf) = (
+        let rb = if phase == Phase::First {
+            None
+        } else {
+            let rb = self.readback_slot()?;
+            self.readbacks[rb].0.touch(value);
+            Some(rb)
+        };
+        let readback = rb.map(|rb| self.readbacks[rb].0.raw());
+        let (lists, counters, args, view_buf, occ_buf, table) = (
             self.lists()?,
             self.counters()?,
             self.args()?,
             Self::get(&self.view)?,
+            Self::get(&self.occlusion)?,
+            Self::get(&self.table)?,
         );
-        for b in [lists, counters, args, view_buf]
+        // Without two phases the visibility binding still needs a buffer; the shader never
+        // touches it then.
+        let visible = self.visible.as_ref().filter(|_| phase != Phase::Single);
+        for b in [lists, counters, args, view_buf, occ_buf, table]
             .into_iter()
             .chain(self.records.as_ref())
+            .chain(visible)
         {
-            b.mark_used(frame.value())?;
+            b.mark_used(value)?;
         }
+        let placeholder = Self::get_image(&self.placeholder)?;
+        let pyramid_view = match occlusion {
+            Some((p, _)) => {
+                p.image().touch(value);
+                p.view()
+            }
+            None => {
+                placeholder.touch(value);
+                self.placeholder_view
+            }
+        };
         // Sets next: a failure leaves nothing recorded.
-        let table = Self::get(&self.table)?;
-        table.mark_used(frame.value())?;
         let sets = {
             let mut arena = lock(&self.sets);
             batches
+                .tables
                 .iter()
-                .map(|_| arena.allocate(&self.shared, frame.value(), self.set_layout))
+                .map(|_| arena.allocate(&self.shared, value, self.set_layout))
                 .collect::<Result<Vec<_>>>()?
         };
-        let fin_set =
-            lock(&self.fin_sets).allocate(&self.shared, frame.value(), self.fin_set_layout)?;
-        self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
+        let fin_set = lock(&self.fin_sets).allocate(&self.shared, value, self.fin_set_layout)?;
+        self.last_use.fetch_max(value, Ordering::AcqRel);
         let d = &self.shared.device;
         let all_reads = vk::AccessFlags::SHADER_READ
             | vk::AccessFlags::SHADER_WRITE
@@ -872,8 +1295,8 @@ impl CullPass {
             self.caps[2],
             u32::from(self.records.is_some()),
         ];
-        let mut meshes = self.meshes;
-        for m in meshes.iter_mut() {
+        let mut meshes = [self.meshes, self.meshes];
+        for m in meshes.iter_mut().flatten() {
             m.instance_count = 0;
             m.first_instance = 0;
         }
@@ -882,33 +1305,79 @@ impl CullPass {
                 .src_access_mask(src_access)
                 .dst_access_mask(dst_access)]
         };
-        let (lists_i, counters_i, args_i, view_i) =
-            (whole(lists), whole(counters), whole(args), whole(view_buf));
+        let (lists_i, counters_i, args_i, view_i, occ_i) = (
+            whole(lists),
+            whole(counters),
+            whole(args),
+            whole(view_buf),
+            whole(occ_buf),
+        );
         // Without records the binding still needs a buffer; the shader never touches it then.
         let records_i = whole(self.records.as_ref().unwrap_or(lists));
+        let visible_i = whole(visible.unwrap_or(counters));
+        let pyramid_i = [vk::DescriptorImageInfo::default()
+            .image_view(pyramid_view)
+            .image_layout(PYRAMID_LAYOUT)];
+        let clear_visible = phase == Phase::First && self.clear_visible;
         // SAFETY (whole body): cmd is recording outside a render pass (caller); every buffer is
-        // live and large enough (created here, or checked above) and marked used by `frame`,
-        // so none is freed before the frame completes, and none has a live host view (the
-        // marks were refused otherwise); every storage binding is a STORAGE_BUFFER buffer
+        // live and large enough (created here, or checked by `begin`) and marked used by
+        // `frame`, so none is freed before the frame completes, and none has a live host view
+        // (the marks were refused otherwise); every storage binding is a STORAGE_BUFFER buffer
         // (VUID-VkWriteDescriptorSet-descriptorType-00331) within maxStorageBufferRange
-        // (-00333): the sources checked above, the lists and records sized under it; each dispatch binds a fresh set (from
-        // the arena, not used by any pending command) whose every binding, each array element
-        // included, is written first (VUID-vkCmdDispatch-None-02697); the barriers order the reset before the dispatches,
+        // (-00333): the sources checked by `begin`, the lists and records sized under it; the
+        // sampled image is the placeholder (made GENERAL below) or the pyramid, GENERAL after
+        // its record (caller), both marked used (VUID-vkCmdDispatch-imageLayout-00344); each
+        // dispatch binds a fresh set (from the arena, not used by any pending command) whose
+        // every binding, each array element included, is written first
+        // (VUID-vkCmdDispatch-None-02697); the barriers order the reset before the dispatches,
         // the dispatches before finalize, and finalize before every consumer, including the
-        // previous frame's readers before this frame's reset (write-after-read).
+        // previous frame's (or the first phase's) readers before this phase's writes
+        // (write-after-read).
         unsafe {
             d.cmd_pipeline_barrier(
                 cmd,
                 users,
-                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::TRANSFER | vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::DependencyFlags::empty(),
-                &barrier(all_reads, vk::AccessFlags::TRANSFER_WRITE),
+                &barrier(
+                    all_reads,
+                    vk::AccessFlags::TRANSFER_WRITE
+                        | vk::AccessFlags::SHADER_READ
+                        | vk::AccessFlags::SHADER_WRITE,
+                ),
                 &[],
                 &[],
             );
-            d.cmd_fill_buffer(cmd, counters.raw(), 0, vk::WHOLE_SIZE, 0);
-            d.cmd_update_buffer(cmd, view_buf.raw(), 0, bytemuck::bytes_of(view));
-            d.cmd_update_buffer(cmd, args.raw(), 0, bytemuck::cast_slice(&meshes));
+            if occlusion.is_none() {
+                // The placeholder's contents are never read: made GENERAL from UNDEFINED at
+                // every use, after the previous use's reads.
+                d.cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::DependencyFlags::empty(),
+                    &[],
+                    &[],
+                    &[image_barrier(
+                        placeholder.raw(),
+                        color_range(1),
+                        (vk::ImageLayout::UNDEFINED, vk::AccessFlags::empty()),
+                        (PYRAMID_LAYOUT, vk::AccessFlags::SHADER_READ),
+                    )],
+                );
+            }
+            if let Some((_, occ)) = occlusion {
+                d.cmd_update_buffer(cmd, occ_buf.raw(), 0, bytemuck::bytes_of(occ));
+            } else {
+                d.cmd_fill_buffer(cmd, counters.raw(), 0, vk::WHOLE_SIZE, 0);
+                d.cmd_update_buffer(cmd, args.raw(), 0, bytemuck::cast_slice(&meshes));
+            }
+            if let Some(view) = view {
+                d.cmd_update_buffer(cmd, view_buf.raw(), 0, bytemuck::bytes_of(view));
+            }
+            if let (true, Some(v)) = (clear_visible, visible) {
+                d.cmd_fill_buffer(cmd, v.raw(), 0, vk::WHOLE_SIZE, 0);
+            }
             d.cmd_pipeline_barrier(
                 cmd,
                 vk::PipelineStageFlags::TRANSFER,
@@ -933,8 +1402,12 @@ impl CullPass {
                 vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
             );
-            for (k, ((&batch, set), (entries, groups))) in
-                batches.iter().zip(&sets).zip(&tables).enumerate()
+            for (k, ((inst_i, set), (entries, groups))) in batches
+                .buffers
+                .iter()
+                .zip(&sets)
+                .zip(&batches.tables)
+                .enumerate()
             {
                 let slot = k % TABLE_BATCHES;
                 if slot == 0 {
@@ -951,7 +1424,9 @@ impl CullPass {
                             ),
                         );
                     }
-                    for (j, (entries, _)) in tables[k..].iter().take(TABLE_BATCHES).enumerate() {
+                    for (j, (entries, _)) in
+                        batches.tables[k..].iter().take(TABLE_BATCHES).enumerate()
+                    {
                         // At most 1024 entries of 16 bytes: within vkCmdUpdateBuffer's 65536
                         // (VUID-vkCmdUpdateBuffer-dataSize-00037), at a multiple of 4 (-00036).
                         d.cmd_update_buffer(
@@ -978,15 +1453,11 @@ impl CullPass {
                     // Dispatches append to the same lists and counters.
                     memory_barrier(d, cmd, compute_write, compute_rw);
                 }
-                // Every entry of the binding array must be valid: unused ones repeat the first.
-                let inst_i: Vec<vk::DescriptorBufferInfo> = (0..self.batch)
-                    .map(|j| whole(batch.get(j).unwrap_or(&batch[0]).buffer)[0])
-                    .collect();
                 write_set(
                     d,
                     *set,
                     &[
-                        (0, vk::DescriptorType::STORAGE_BUFFER, &inst_i),
+                        (0, vk::DescriptorType::STORAGE_BUFFER, inst_i),
                         (1, vk::DescriptorType::STORAGE_BUFFER, &lists_i),
                         (2, vk::DescriptorType::STORAGE_BUFFER, &counters_i),
                         (3, vk::DescriptorType::UNIFORM_BUFFER, &view_i),
@@ -1000,7 +1471,17 @@ impl CullPass {
                                 range: std::mem::size_of_val(entries.as_slice()) as u64,
                             }],
                         ),
+                        (7, vk::DescriptorType::STORAGE_BUFFER, &visible_i),
+                        (8, vk::DescriptorType::UNIFORM_BUFFER, &occ_i),
                     ],
+                );
+                d.update_descriptor_sets(
+                    &[vk::WriteDescriptorSet::default()
+                        .dst_set(*set)
+                        .dst_binding(6)
+                        .descriptor_type(vk::DescriptorType::SAMPLED_IMAGE)
+                        .image_info(&pyramid_i)],
+                    &[],
                 );
                 d.cmd_bind_descriptor_sets(
                     cmd,
@@ -1014,9 +1495,10 @@ impl CullPass {
                 let gy = groups.div_ceil(gx);
                 let pc = CullPush {
                     caps,
-                    sources: batch.len() as u32,
+                    sources: entries.len() as u32,
                     row_groups: gx,
-                    ..Default::default()
+                    phase: phase as u32,
+                    pad: 0,
                 };
                 d.cmd_push_constants(
                     cmd,
@@ -1045,12 +1527,17 @@ impl CullPass {
                 &[fin_set],
                 &[],
             );
+            let fin = FinalizePush {
+                caps,
+                phase: phase as u32,
+                pad: [0; 3],
+            };
             d.cmd_push_constants(
                 cmd,
                 self.fin_layout,
                 vk::ShaderStageFlags::COMPUTE,
                 0,
-                bytemuck::bytes_of(&caps),
+                bytemuck::bytes_of(&fin),
             );
             d.cmd_dispatch(cmd, 1, 1, 1);
             d.cmd_pipeline_barrier(
@@ -1062,29 +1549,36 @@ impl CullPass {
                 &[],
                 &[],
             );
-            // This frame's counts, for sizing the lists once the frame completes.
-            d.cmd_copy_buffer(
-                cmd,
-                counters.raw(),
-                readback,
-                &[vk::BufferCopy {
-                    src_offset: 0,
-                    dst_offset: 0,
-                    size: COUNTERS as u64 * 4,
-                }],
-            );
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::PipelineStageFlags::HOST,
-                vk::DependencyFlags::empty(),
-                &barrier(vk::AccessFlags::TRANSFER_WRITE, vk::AccessFlags::HOST_READ),
-                &[],
-                &[],
-            );
+            if let Some(readback) = readback {
+                // This frame's counts, for sizing the lists once the frame completes.
+                d.cmd_copy_buffer(
+                    cmd,
+                    counters.raw(),
+                    readback,
+                    &[vk::BufferCopy {
+                        src_offset: 0,
+                        dst_offset: 0,
+                        size: COUNTERS as u64 * 4,
+                    }],
+                );
+                d.cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::PipelineStageFlags::HOST,
+                    vk::DependencyFlags::empty(),
+                    &barrier(vk::AccessFlags::TRANSFER_WRITE, vk::AccessFlags::HOST_READ),
+                    &[],
+                    &[],
+                );
+            }
         }
-        self.readbacks[rb].1 = frame.value();
-        self.readbacks[rb].2 = false;
+        if clear_visible {
+            self.clear_visible = false;
+        }
+        if let Some(rb) = rb {
+            self.readbacks[rb].1 = value;
+            self.readbacks[rb].2 = false;
+        }
         Ok(())
     }
 }
@@ -1120,6 +1614,10 @@ impl Drop for CullPass {
             &mut self.fin_pipeline,
             &mut self.fin_layout,
             &mut self.fin_set_layout,
+        );
+        self.shared.retire_object(
+            RawObject::ImageView(std::mem::take(&mut self.placeholder_view)),
+            last,
         );
         // The buffers retire themselves at their own last use when dropped with the pass.
     }

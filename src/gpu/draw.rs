@@ -19,7 +19,7 @@ use crate::gpu::adapter::DeviceFeatures;
 use crate::gpu::atlas::ATLAS_FORMAT;
 use crate::gpu::compute::{DescriptorArena, lock, retire_pipeline_objects, shader_module};
 use crate::gpu::context::{Context, Frame, Shared};
-use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
+use crate::gpu::cull::{CullPass, DrawIndexedIndirect, InstanceBounds};
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, RawObject};
 use crate::gpu::shaders;
 use crate::policy::category::Category;
@@ -166,6 +166,24 @@ impl Meshes {
             .iter()
             .map(|v| Vec3::from_array(v.position).length())
             .fold(0.0, f32::max)
+    }
+
+    /// Where every vertex of every LOD mesh lies around the base at scale 1, whatever the yaw
+    /// (billboards turn about the vertical axis too): the box the occlusion test uses.
+    pub fn bounds(&self) -> InstanceBounds {
+        let trees = &self.vertices[..self.ground.vertex_offset as usize];
+        let mut b = InstanceBounds {
+            radius: 0.0,
+            y_min: f32::INFINITY,
+            y_max: f32::NEG_INFINITY,
+        };
+        for v in trees {
+            let [x, y, z] = v.position;
+            b.radius = b.radius.max(x.hypot(z));
+            b.y_min = b.y_min.min(y);
+            b.y_max = b.y_max.max(y);
+        }
+        b
     }
 
     /// A conifer (bark trunk and stacked foliage cones) at full (12 sides, 3 cones) and medium
@@ -318,7 +336,18 @@ struct DrawPush {
     lod: u32,
     /// Where that list starts in the cull pass's records.
     base: u32,
-    pad: u32,
+    /// Non-zero for the second occlusion phase's draws (they start after the first phase's
+    /// entries of the list, a count the vertex stage reads from the cull pass's counters).
+    second: u32,
+}
+
+/// Which of the cull pass's lists a draw records ([`DrawPass::record_phase`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrawPhase {
+    /// The ground and what [`CullPass::record`] or [`CullPass::record_first`] appended.
+    First,
+    /// What [`CullPass::record_second`] appended (no ground: the first phase drew it).
+    Second,
 }
 
 /// The pipeline and the buffers it reads besides the cull pass's. Dropping it retires
@@ -341,6 +370,7 @@ pub struct DrawPass {
     lods: [DrawIndexedIndirect; 3],
     ground: DrawIndexedIndirect,
     radius: f32,
+    bounds: InstanceBounds,
     vertices: Option<Buffer>,
     indices: Option<Buffer>,
     frame: Option<Buffer>,
@@ -425,7 +455,7 @@ impl DrawPass {
             sets: Mutex::new(DescriptorArena::new(
                 &[
                     (vk::DescriptorType::UNIFORM_BUFFER, 1),
-                    (vk::DescriptorType::STORAGE_BUFFER, 2),
+                    (vk::DescriptorType::STORAGE_BUFFER, 3),
                     (vk::DescriptorType::SAMPLED_IMAGE, 1),
                     (vk::DescriptorType::SAMPLER, 1),
                 ],
@@ -438,6 +468,7 @@ impl DrawPass {
             lods: meshes.lods,
             ground: meshes.ground,
             radius: meshes.radius(),
+            bounds: meshes.bounds(),
             vertices: None,
             indices: None,
             frame: None,
@@ -457,6 +488,12 @@ impl DrawPass {
     /// The meshes' bounding radius at scale 1 ([`Meshes::radius`]), for the cull view.
     pub fn radius(&self) -> f32 {
         self.radius
+    }
+
+    /// The meshes' box at scale 1 ([`Meshes::bounds`]), for the occlusion test
+    /// ([`CullPass::record_second`]).
+    pub fn bounds(&self) -> InstanceBounds {
+        self.bounds
     }
 
     fn build(
@@ -552,6 +589,7 @@ impl DrawPass {
             binding(2, vk::DescriptorType::STORAGE_BUFFER),
             binding(3, vk::DescriptorType::SAMPLED_IMAGE),
             binding(4, vk::DescriptorType::SAMPLER),
+            binding(5, vk::DescriptorType::STORAGE_BUFFER),
         ];
         let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
         // SAFETY: valid info.
@@ -770,9 +808,11 @@ impl DrawPass {
         Ok(())
     }
 
-    /// Records the ground and the three indirect draws (full, medium, billboard) over the whole
-    /// `extent`, sampling `atlas_page` (the image the pass was built with). Marks the pass, the
-    /// page and the cull pass's records and arguments used by `frame`.
+    /// Records the ground and the indirect draws (full, medium, billboard) of everything the
+    /// cull pass appended this frame (by [`CullPass::record`], or by both occlusion phases)
+    /// over the whole `extent`, sampling `atlas_page` (the image the pass was built with).
+    /// Marks the pass, the page and the cull pass's records, arguments and counters used by
+    /// `frame`.
     ///
     /// [`Error::InvalidInput`] for another image than the pass's page (also once that page was
     /// retired: see [`DrawPass::new`]); [`Error::Lifecycle`] while a
@@ -793,6 +833,50 @@ impl DrawPass {
         atlas_page: &Image,
         extent: vk::Extent2D,
     ) -> Result<()> {
+        // SAFETY: the caller's promises are this function's.
+        unsafe {
+            self.record_lists(
+                frame,
+                cmd,
+                cull,
+                atlas_page,
+                extent,
+                &[DrawPhase::First, DrawPhase::Second],
+            )
+        }
+    }
+
+    /// As [`DrawPass::record`], one occlusion phase's draws: [`DrawPhase::First`] (the ground
+    /// and what [`CullPass::record_first`] appended) after the first phase,
+    /// [`DrawPhase::Second`] (what [`CullPass::record_second`] appended) after the second,
+    /// typically into the same attachments (the second loading what the first stored).
+    ///
+    /// # Safety
+    /// As [`DrawPass::record`], with the phase's cull recorded before it in submission order.
+    pub unsafe fn record_phase(
+        &self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        cull: &CullPass,
+        atlas_page: &Image,
+        extent: vk::Extent2D,
+        phase: DrawPhase,
+    ) -> Result<()> {
+        // SAFETY: the caller's promises are this function's.
+        unsafe { self.record_lists(frame, cmd, cull, atlas_page, extent, &[phase]) }
+    }
+
+    /// # Safety
+    /// As [`DrawPass::record`].
+    unsafe fn record_lists(
+        &self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        cull: &CullPass,
+        atlas_page: &Image,
+        extent: vk::Extent2D,
+        phases: &[DrawPhase],
+    ) -> Result<()> {
         frame.check(&self.shared, "DrawPass::record")?;
         if atlas_page.id() != self.atlas_image {
             return Err(Error::InvalidInput(format!(
@@ -806,7 +890,7 @@ impl DrawPass {
             Self::get(&self.frame)?,
             Self::get(&self.species)?,
         );
-        let (records, args) = (cull.records()?, cull.args()?);
+        let (records, args, counters) = (cull.records()?, cull.args()?, cull.counters()?);
         let bases = cull.list_bases();
         if !records.belongs_to(&self.shared) {
             return Err(Error::Lifecycle(
@@ -816,7 +900,7 @@ impl DrawPass {
         let value = frame.value();
         // Marked before anything is recorded: a buffer with a live `Mapped` view refuses
         // (those marked before it only wait for this frame).
-        for b in [vb, ib, fb, sb, records, args] {
+        for b in [vb, ib, fb, sb, records, args, counters] {
             b.mark_used(value)?;
         }
         atlas_page.touch(value);
@@ -828,7 +912,7 @@ impl DrawPass {
                 .buffer(b.raw())
                 .range(vk::WHOLE_SIZE)]
         };
-        let (fi, ri, si) = (buf(fb), buf(records), buf(sb));
+        let (fi, ri, si, ci) = (buf(fb), buf(records), buf(sb), buf(counters));
         let image = [vk::DescriptorImageInfo::default()
             .image_view(self.atlas_view)
             .image_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
@@ -859,6 +943,11 @@ impl DrawPass {
                 .dst_binding(4)
                 .descriptor_type(vk::DescriptorType::SAMPLER)
                 .image_info(&sampler),
+            vk::WriteDescriptorSet::default()
+                .dst_set(set)
+                .dst_binding(5)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .buffer_info(&ci),
         ];
         let stride = size_of::<DrawIndexedIndirect>() as u64;
         // SAFETY (whole body): cmd is recording inside a compatible rendering scope (caller);
@@ -866,8 +955,9 @@ impl DrawPass {
         // is `atlas_page`, checked by id); the set is fresh from the arena (no pending command
         // uses it) and fully written before it is bound; the indirect arguments were finalized by the cull
         // pass, whose closing barrier covers DRAW_INDIRECT and the vertex stage; each draw
-        // reads `records` only within its LOD's list (instance counts are clamped to capacity)
-        // and has firstInstance 0 (VUID-VkDrawIndexedIndirectCommand-firstInstance-00554).
+        // reads `records` only within its LOD's list (instance counts are clamped to capacity;
+        // a second-phase draw starts at the first phase's kept entries and counts only what
+        // follows them up to capacity) and has firstInstance 0 (VUID-VkDrawIndexedIndirectCommand-firstInstance-00554).
         unsafe {
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::GRAPHICS, self.pipeline);
             d.cmd_set_viewport(
@@ -910,26 +1000,31 @@ impl DrawPass {
                     bytemuck::bytes_of(&p),
                 )
             };
-            constants(DrawPush {
-                mode: 1,
-                ..Default::default()
-            });
-            let g = self.ground;
-            d.cmd_draw_indexed(cmd, g.index_count, 1, g.first_index, g.vertex_offset, 0);
-            for l in 0..3u32 {
-                constants(DrawPush {
-                    mode: 0,
-                    lod: l,
-                    base: bases[l as usize],
-                    pad: 0,
-                });
-                d.cmd_draw_indexed_indirect(
-                    cmd,
-                    args.raw(),
-                    u64::from(l) * stride,
-                    1,
-                    stride as u32,
-                );
+            for &phase in phases {
+                let second = u32::from(phase == DrawPhase::Second);
+                if phase == DrawPhase::First {
+                    constants(DrawPush {
+                        mode: 1,
+                        ..Default::default()
+                    });
+                    let g = self.ground;
+                    d.cmd_draw_indexed(cmd, g.index_count, 1, g.first_index, g.vertex_offset, 0);
+                }
+                for l in 0..3u32 {
+                    constants(DrawPush {
+                        mode: 0,
+                        lod: l,
+                        base: bases[l as usize],
+                        second,
+                    });
+                    d.cmd_draw_indexed_indirect(
+                        cmd,
+                        args.raw(),
+                        u64::from(3 * second + l) * stride,
+                        1,
+                        stride as u32,
+                    );
+                }
             }
         }
         Ok(())
@@ -992,6 +1087,13 @@ mod tests {
         for v in &m.vertices[..m.ground.vertex_offset as usize] {
             assert!(Vec3::from_array(v.position).length() <= r);
         }
+        // The occlusion box is tighter than the sphere: trees stand on their base and are
+        // narrower than tall.
+        let b = m.bounds();
+        assert!(
+            b.y_min >= 0.0 && b.y_max <= r && b.radius < 0.5 * r,
+            "{b:?}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod draw;
 pub mod frame;
 pub mod instance;
 pub mod memory;
+pub mod pyramid;
 pub mod requirements;
 pub mod scan;
 pub mod shaders;

@@ -1,0 +1,489 @@
+//! Two-phase occlusion culling against its CPU reference on the real driver under
+//! (synchronization) validation: a depth image with near walls and far sky, its pyramid, and
+//! two frames of first + second phases from two cameras. The GPU's lists must equal the
+//! reference's (classify_cpu, phase_lod_cpu, occluded_cpu over pyramid_cpu) exactly.
+
+mod common;
+
+use ash::vk;
+use glam::{Mat4, Vec3};
+use understory::gpu::context::{Context, Frame};
+use understory::gpu::cull::{
+    COUNTER_FIRST, COUNTERS, Compaction, CullDesc, CullPass, CullSource, CullView,
+    DrawIndexedIndirect, InstanceBounds, LIST_GUARD_WORDS, WIDE_SOURCES_PER_DISPATCH, classify_cpu,
+    occluded_cpu, phase_lod_cpu,
+};
+use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
+use understory::gpu::pyramid::{DepthPyramid, pyramid_cpu};
+use understory::policy::category::Category;
+use understory::policy::lod::LodBands;
+use understory::world::instance::Instance;
+
+const W: u32 = 331;
+const H: u32 = 187;
+const RADIUS: f32 = 1.5;
+/// A box narrower than the cull sphere and standing on the position, as trees are.
+const BOUNDS: InstanceBounds = InstanceBounds {
+    radius: 0.4,
+    y_min: 0.0,
+    y_max: 1.5,
+};
+
+fn mesh(index_count: u32) -> DrawIndexedIndirect {
+    DrawIndexedIndirect {
+        index_count,
+        ..Default::default()
+    }
+}
+
+fn xorshift(s: &mut u64) -> f32 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    (*s >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// Trees in front of a camera at the origin looking down -z: 0.5 to 400 m away.
+fn scene(n: usize, seed: u64) -> Vec<Instance> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            let z = -0.5 - 400.0 * xorshift(&mut s);
+            Instance {
+                scale: 0.3 + 1.5 * xorshift(&mut s),
+                ..Instance::at(Vec3::new(
+                    (xorshift(&mut s) - 0.5) * -z * 2.0,
+                    (xorshift(&mut s) - 0.5) * 20.0,
+                    z,
+                ))
+            }
+        })
+        .collect()
+}
+
+/// A depth image: sky (1.0) with near walls (a band of 0.2..0.9 steps) and noise.
+fn depth_texels(seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..W * H)
+        .map(|i| {
+            let (x, y) = (i % W, i / W);
+            let wall = (x / 40) % 3;
+            if y > H / 3 && wall != 2 {
+                0.2 + 0.35 * wall as f32 + 0.05 * xorshift(&mut s)
+            } else {
+                1.0 - 0.001 * xorshift(&mut s)
+            }
+        })
+        .collect()
+}
+
+fn view_proj(yaw: f32) -> Mat4 {
+    let eye = Vec3::new(0.0, 2.0, 0.0);
+    let dir = Vec3::new(yaw.sin(), -0.05, -yaw.cos());
+    let proj = Mat4::perspective_rh(70f32.to_radians(), W as f32 / H as f32, 0.5, 2000.0);
+    proj * Mat4::look_at_rh(eye, eye + dir, Vec3::Y)
+}
+
+fn cull_view(vp: Mat4) -> CullView {
+    CullView::new(
+        vp,
+        Vec3::new(0.0, 2.0, 0.0),
+        RADIUS,
+        &LodBands::default(),
+        1.0,
+    )
+    .unwrap()
+}
+
+struct Host {
+    depth: Image,
+    view: vk::ImageView,
+}
+
+impl Host {
+    fn new(ctx: &Context) -> Self {
+        let depth = ctx
+            .create_image(&ImageDesc {
+                name: "host depth",
+                extent: vk::Extent2D {
+                    width: W,
+                    height: H,
+                },
+                format: vk::Format::D32_SFLOAT,
+                mip_levels: 1,
+                usage: vk::ImageUsageFlags::TRANSFER_DST
+                    | vk::ImageUsageFlags::SAMPLED
+                    | vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT,
+                category: Category::Other,
+            })
+            .unwrap();
+        let info = vk::ImageViewCreateInfo::default()
+            .image(depth.raw())
+            .view_type(vk::ImageViewType::TYPE_2D)
+            .format(vk::Format::D32_SFLOAT)
+            .subresource_range(depth_range());
+        // SAFETY: a live 2D depth image of this device with SAMPLED usage; one level, one layer.
+        let view = unsafe { ctx.device().create_image_view(&info, None) }.unwrap();
+        Self { depth, view }
+    }
+
+    fn destroy(self, ctx: &Context) {
+        // SAFETY: every submission that used the view was waited for (submit_and_wait).
+        unsafe { ctx.device().destroy_image_view(self.view, None) };
+    }
+}
+
+fn depth_range() -> vk::ImageSubresourceRange {
+    vk::ImageSubresourceRange {
+        aspect_mask: vk::ImageAspectFlags::DEPTH,
+        base_mip_level: 0,
+        level_count: 1,
+        base_array_layer: 0,
+        layer_count: 1,
+    }
+}
+
+/// What one frame's two phases appended per LOD (sorted), and the drawn counts of the six
+/// indirect commands.
+struct Phases {
+    first: [Vec<u32>; 3],
+    second: [Vec<u32>; 3],
+    args: [DrawIndexedIndirect; 6],
+    counters: [u32; COUNTERS],
+}
+
+/// Records, in one frame: the depth upload, the first phase, the pyramid, the second phase,
+/// and the readback.
+fn frame_of(
+    ctx: &Context,
+    pass: &mut CullPass,
+    pyramid: &DepthPyramid,
+    host: &Host,
+    staging: &Buffer,
+    sources: &[CullSource<'_>],
+    vp: Mat4,
+) -> Phases {
+    let caps = pass.capacities();
+    let bases = pass.list_bases();
+    let entries: u64 = caps.iter().map(|c| u64::from(*c)).sum();
+    let list_bytes = (entries + LIST_GUARD_WORDS) * 4;
+    let counter_bytes = COUNTERS as u64 * 4;
+    let args_bytes = size_of::<[DrawIndexedIndirect; 6]>() as u64;
+    let read = ctx
+        .create_buffer(&BufferDesc {
+            name: "occlusion readback",
+            size: list_bytes + counter_bytes + args_bytes,
+            usage: vk::BufferUsageFlags::TRANSFER_DST,
+            location: MemoryLocation::GpuToCpu,
+            category: Category::Other,
+        })
+        .unwrap();
+    let view = cull_view(vp);
+    ctx.submit_and_wait(|frame: &Frame, cmd| {
+        let d = ctx.device();
+        host.depth.used_in(frame)?;
+        staging.used_in(frame)?;
+        read.used_in(frame)?;
+        // SAFETY: cmd is recording for `frame` outside a render pass; every object is live and
+        // marked used by `frame`; the barriers order the depth upload before the pyramid reads
+        // it and every pass write before the copies.
+        unsafe {
+            pass.record_first(frame, cmd, sources, &view)?;
+            let barrier = |old, new, src, dst| {
+                understory::gpu::compute::image_barrier(
+                    host.depth.raw(),
+                    depth_range(),
+                    (old, src),
+                    (new, dst),
+                )
+            };
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &[barrier(
+                    vk::ImageLayout::UNDEFINED,
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    vk::AccessFlags::empty(),
+                    vk::AccessFlags::TRANSFER_WRITE,
+                )],
+            );
+            d.cmd_copy_buffer_to_image(
+                cmd,
+                staging.raw(),
+                host.depth.raw(),
+                vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                &[vk::BufferImageCopy::default()
+                    .image_subresource(vk::ImageSubresourceLayers {
+                        aspect_mask: vk::ImageAspectFlags::DEPTH,
+                        mip_level: 0,
+                        base_array_layer: 0,
+                        layer_count: 1,
+                    })
+                    .image_extent(vk::Extent3D {
+                        width: W,
+                        height: H,
+                        depth: 1,
+                    })],
+            );
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &[barrier(
+                    vk::ImageLayout::TRANSFER_DST_OPTIMAL,
+                    vk::ImageLayout::DEPTH_STENCIL_READ_ONLY_OPTIMAL,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                    vk::AccessFlags::SHADER_READ,
+                )],
+            );
+            pyramid.record(
+                frame,
+                cmd,
+                host.view,
+                vk::ImageLayout::DEPTH_STENCIL_READ_ONLY_OPTIMAL,
+            )?;
+            pass.record_second(frame, cmd, pyramid, vp, &BOUNDS)?;
+            for (src, at, size) in [
+                (pass.lists()?, 0, list_bytes),
+                (pass.counters()?, list_bytes, counter_bytes),
+                (pass.args()?, list_bytes + counter_bytes, args_bytes),
+            ] {
+                src.used_in(frame)?;
+                d.cmd_copy_buffer(
+                    cmd,
+                    src.raw(),
+                    read.raw(),
+                    &[vk::BufferCopy {
+                        src_offset: 0,
+                        dst_offset: at,
+                        size,
+                    }],
+                );
+            }
+            understory::gpu::compute::memory_barrier(
+                d,
+                cmd,
+                (
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                ),
+                (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
+    let bytes = read.mapped().unwrap();
+    let words: &[u32] = bytemuck::cast_slice(&bytes[..list_bytes as usize]);
+    let counters: [u32; COUNTERS] = bytemuck::pod_read_unaligned(
+        &bytes[list_bytes as usize..(list_bytes + counter_bytes) as usize],
+    );
+    let args: [DrawIndexedIndirect; 6] =
+        bytemuck::pod_read_unaligned(&bytes[(list_bytes + counter_bytes) as usize..]);
+    let mut first: [Vec<u32>; 3] = Default::default();
+    let mut second: [Vec<u32>; 3] = Default::default();
+    for l in 0..3 {
+        let start = bases[l] as usize;
+        let n1 = args[l].instance_count as usize;
+        let n2 = args[3 + l].instance_count as usize;
+        assert_eq!(
+            counters[COUNTER_FIRST + l] as usize,
+            n1,
+            "LOD {l} first kept"
+        );
+        first[l] = words[start..start + n1].to_vec();
+        second[l] = words[start + n1..start + n1 + n2].to_vec();
+        first[l].sort_unstable();
+        second[l].sort_unstable();
+    }
+    drop(bytes);
+    Phases {
+        first,
+        second,
+        args,
+        counters,
+    }
+}
+
+/// The reference of one frame: (first phase's lists, second phase's lists, bits after).
+fn reference(
+    scene: &[(Vec<Instance>, u32)],
+    vp: Mat4,
+    levels: &[(u32, u32, Vec<f32>)],
+    bits: &[bool],
+) -> ([Vec<u32>; 3], [Vec<u32>; 3], Vec<bool>) {
+    let view = cull_view(vp);
+    let mut first: [Vec<u32>; 3] = Default::default();
+    let mut second: [Vec<u32>; 3] = Default::default();
+    let mut after = bits.to_vec();
+    for (instances, base) in scene {
+        for (i, inst) in instances.iter().enumerate() {
+            let gi = (base + i as u32) as usize;
+            let lod = classify_cpu(inst, &view);
+            let (l1, _) = phase_lod_cpu(false, lod, bits[gi], false);
+            let hidden = lod < 3
+                && occluded_cpu(
+                    Vec3::from_array(inst.position),
+                    inst.scale,
+                    &BOUNDS,
+                    &vp,
+                    [W, H],
+                    levels,
+                );
+            let (l2, bit) = phase_lod_cpu(true, lod, bits[gi], hidden);
+            if l1 < 3 {
+                first[l1 as usize].push(gi as u32);
+            }
+            if l2 < 3 {
+                second[l2 as usize].push(gi as u32);
+            }
+            after[gi] = bit;
+        }
+    }
+    (first, second, after)
+}
+
+#[test]
+fn two_phases_match_the_cpu_reference() {
+    let Some(ctx) = common::context("two_phases_match") else {
+        return;
+    };
+    let mut parts: Vec<Vec<Instance>> = (0..3)
+        .map(|k| scene(12_000 + 977 * k, 11 + k as u64))
+        .collect();
+    // Invalid instances are counted once, by the second phase.
+    for i in [3, 500, 7000] {
+        parts[1][i].position[0] = f32::NAN;
+    }
+    let bufs: Vec<Buffer> = parts
+        .iter()
+        .map(|p| {
+            let bytes: &[u8] = bytemuck::cast_slice(p);
+            let mut b = ctx
+                .create_buffer(&BufferDesc {
+                    name: "occlusion test instances",
+                    size: bytes.len() as u64,
+                    usage: vk::BufferUsageFlags::STORAGE_BUFFER,
+                    location: MemoryLocation::CpuToGpu,
+                    category: Category::Instances,
+                })
+                .unwrap();
+            b.mapped_mut().unwrap().copy_from_slice(bytes);
+            b
+        })
+        .collect();
+    // Bases with a gap: indices the bits hold but no source uses.
+    let mut base = 0u32;
+    let mut sources = vec![];
+    let mut cpu = vec![];
+    for (b, p) in bufs.iter().zip(&parts) {
+        sources.push(CullSource {
+            buffer: b,
+            count: p.len() as u32,
+            base,
+        });
+        cpu.push((p.clone(), base));
+        base += p.len() as u32 + 100;
+    }
+    let texels = depth_texels(5);
+    let levels = pyramid_cpu(&texels, W, H);
+    let mut staging = ctx
+        .create_buffer(&BufferDesc {
+            name: "depth staging",
+            size: u64::from(W * H) * 4,
+            usage: vk::BufferUsageFlags::TRANSFER_SRC,
+            location: MemoryLocation::CpuToGpu,
+            category: Category::Staging,
+        })
+        .unwrap();
+    staging
+        .mapped_mut()
+        .unwrap()
+        .copy_from_slice(bytemuck::cast_slice(&texels));
+    let host = Host::new(&ctx);
+    let pyramid = DepthPyramid::new(
+        &ctx,
+        vk::Extent2D {
+            width: W,
+            height: H,
+        },
+    )
+    .unwrap();
+    let mut compactions = vec![Compaction::Atomic];
+    if ctx.adapter().subgroup_ballot_in_compute {
+        compactions.push(Compaction::Subgroup);
+    }
+    for compaction in compactions {
+        for max_sources_per_dispatch in [WIDE_SOURCES_PER_DISPATCH, 1] {
+            let what = format!("{compaction:?}, {max_sources_per_dispatch} per dispatch");
+            let mut pass = CullPass::from_desc(
+                &ctx,
+                &CullDesc {
+                    compaction,
+                    capacity: 40_000,
+                    meshes: [mesh(36), mesh(12), mesh(6)],
+                    records: true,
+                    adaptive: false,
+                    max_sources_per_dispatch,
+                },
+            )
+            .unwrap();
+            let mut bits = vec![false; base as usize];
+            let mut hidden_total = 0;
+            for (f, yaw) in [0.0f32, 0.0, 0.25, -0.3].into_iter().enumerate() {
+                let vp = view_proj(yaw);
+                let got = frame_of(&ctx, &mut pass, &pyramid, &host, &staging, &sources, vp);
+                let (first, second, after) = reference(&cpu, vp, &levels, &bits);
+                for l in 0..3 {
+                    assert_eq!(
+                        got.first[l], first[l],
+                        "{what}, frame {f}: first phase, LOD {l}"
+                    );
+                    assert_eq!(
+                        got.second[l], second[l],
+                        "{what}, frame {f}: second phase, LOD {l}"
+                    );
+                    assert_eq!(got.counters[4 + l], 0, "{what}: no overflow");
+                    assert_eq!(got.counters[3], 3, "{what}: invalid instances");
+                    assert_eq!(got.args[l].index_count, [36, 12, 6][l]);
+                    assert_eq!(got.args[3 + l].index_count, [36, 12, 6][l]);
+                }
+                let classified: usize = cpu
+                    .iter()
+                    .flat_map(|(p, _)| p.iter())
+                    .filter(|i| classify_cpu(i, &cull_view(vp)) < 3)
+                    .count();
+                let drawn: usize = (0..3).map(|l| first[l].len() + second[l].len()).sum();
+                let now_visible = after.iter().filter(|b| **b).count();
+                eprintln!(
+                    "{what}, frame {f}: in the frustum {classified}, drawn {drawn} (first {}, second {}), visible now {now_visible}",
+                    first.iter().map(Vec::len).sum::<usize>(),
+                    second.iter().map(Vec::len).sum::<usize>(),
+                );
+                hidden_total += classified - now_visible;
+                if f == 1 {
+                    // The same camera twice: the first phase draws everything visible, the
+                    // second nothing new.
+                    assert!(second.iter().all(Vec::is_empty), "{what}: nothing new");
+                }
+                bits = after;
+            }
+            assert!(
+                hidden_total > 1000,
+                "{what}: the walls hide something ({hidden_total})"
+            );
+        }
+    }
+    host.destroy(&ctx);
+    drop(pyramid);
+    drop(staging);
+    drop(bufs);
+    common::finish(ctx, "two_phases_match");
+}

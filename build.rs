@@ -155,7 +155,7 @@ fn layouts(common: &str) -> Result<String, String> {
     let mut out = String::new();
     // The cull shaders' source-array lengths and counter words, for the Rust side to check its
     // layouts against.
-    for name in ["CULL_BATCH", "CULL_WIDE", "COUNTERS"] {
+    for name in ["CULL_BATCH", "CULL_WIDE", "COUNTERS", "MAX_VIEWS"] {
         let value = common
             .lines()
             .find_map(|l| {

@@ -13,7 +13,8 @@ struct InstanceWords {
 
 @group(0) @binding(0) var<storage, read> sources: binding_array<InstanceWords, CULL_BATCH>;
 @group(0) @binding(1) var<storage, read_write> lists: array<u32>;
-@group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>, COUNTERS>;
+// COUNTERS words per view.
+@group(0) @binding(2) var<storage, read_write> counters: array<atomic<u32>>;
 @group(0) @binding(3) var<uniform> view: CullView;
 // Visible instances' records, laid out like `lists` (2 vec4s per slot); written when pc.caps.w.
 @group(0) @binding(4) var<storage, read_write> drawn: array<vec4<f32>>;
@@ -26,10 +27,40 @@ struct InstanceWords {
 @group(0) @binding(6) var pyramid: texture_2d<f32>;
 @group(0) @binding(7) var<storage, read_write> visible: array<atomic<u32>>;
 @group(0) @binding(8) var<uniform> occlusion: OcclusionView;
+// The shadow cascades (views 1..pc.views).
+@group(0) @binding(9) var<uniform> cascades: CascadeViews;
 
-// Whether the first phase passes over instance `gi` without reading it: not visible last frame.
+// Whether the first phase passes over instance `gi` without reading it: not visible last frame
+// and no cascade to cull it for.
 fn unseen_first(gi: u32) -> bool {
-    return pc.phase == PHASE_FIRST && (atomicLoad(&visible[gi >> 5u]) & (1u << (gi & 31u))) == 0u;
+    return pc.phase == PHASE_FIRST && pc.views == 1u
+        && (atomicLoad(&visible[gi >> 5u]) & (1u << (gi & 31u))) == 0u;
+}
+
+// Writes instance `gi` (its record: `ps` and `rest`) at slot `dst` of the lists (and records).
+fn put(dst: u32, gi: u32, ps: vec4<f32>, rest: vec4<f32>) {
+    lists[dst] = gi;
+    if pc.caps.w != 0u {
+        drawn[2u * dst] = ps;
+        drawn[2u * dst + 1u] = rest;
+    }
+}
+
+// Whether a sphere at `p` of radius `r` is inside cascade `c` (view c + 1).
+fn in_cascade(c: u32, p: vec3<f32>, r: f32) -> bool {
+    let b = 6u * c;
+    return plane_inside(cascades.planes[b], p, r) && plane_inside(cascades.planes[b + 1u], p, r)
+        && plane_inside(cascades.planes[b + 2u], p, r) && plane_inside(cascades.planes[b + 3u], p, r)
+        && plane_inside(cascades.planes[b + 4u], p, r) && plane_inside(cascades.planes[b + 5u], p, r);
+}
+
+// The band instance `ps` takes in the shadow cascades, or LOD_CULLED where there are none to
+// cull (one view, or the second phase) or it is invalid or beyond the bands.
+fn cascade_band(ps: vec4<f32>, lod: u32) -> u32 {
+    if pc.views == 1u || pc.phase == PHASE_SECOND || lod == LOD_INVALID {
+        return LOD_CULLED;
+    }
+    return band(ps.xyz, view);
 }
 
 // `lod` of instance `gi` (position and scale `ps`) through the phase (see phase_lod), updating
@@ -102,22 +133,35 @@ fn main(
     if unseen_first(src.y + i) {
         return;
     }
+    let gi = src.y + i;
     let ps = sources[source].v[2u * i];
-    let lod = through_phase(classify(ps, view), src.y + i, ps);
+    let raw = classify(ps, view);
+    let lod = through_phase(raw, gi, ps);
     if lod == LOD_INVALID {
         atomicAdd(&counters[COUNTER_INVALID], 1u);
         return;
     }
-    if lod == LOD_CULLED {
-        return;
+    // The rest of the record, read only where records are written (and once for every view).
+    var rest = vec4<f32>(0.0);
+    if pc.caps.w != 0u {
+        rest = sources[source].v[2u * i + 1u];
     }
-    let slot = atomicAdd(&counters[lod], 1u);
-    if slot < pc.caps[lod] {
-        let dst = list_base(pc.caps, lod) + slot;
-        lists[dst] = src.y + i;
-        if pc.caps.w != 0u {
-            drawn[2u * dst] = sources[source].v[2u * i];
-            drawn[2u * dst + 1u] = sources[source].v[2u * i + 1u];
+    if lod < LOD_CULLED {
+        let slot = atomicAdd(&counters[lod], 1u);
+        if slot < pc.caps[lod] {
+            put(list_base(pc.caps, 0u, lod) + slot, gi, ps, rest);
+        }
+    }
+    let b = cascade_band(ps, raw);
+    if b < LOD_CULLED {
+        let r = view.camera.w * ps.w;
+        for (var v = 1u; v < pc.views; v = v + 1u) {
+            if in_cascade(v - 1u, ps.xyz, r) {
+                let slot = atomicAdd(&counters[v * COUNTERS + b], 1u);
+                if slot < pc.caps[b] {
+                    put(list_base(pc.caps, v, b) + slot, gi, ps, rest);
+                }
+            }
         }
     }
 }

@@ -16,32 +16,39 @@ struct FinalizePush {
     caps: vec4<u32>,
     // PHASE_SINGLE, PHASE_FIRST or PHASE_SECOND.
     phase: u32,
-    pad0: u32,
+    // Views: one workgroup each.
+    views: u32,
     pad1: u32,
     pad2: u32,
 }
 var<immediate> pc: FinalizePush;
 
-@group(0) @binding(0) var<storage, read_write> counters: array<u32, COUNTERS>;
-@group(0) @binding(1) var<storage, read_write> args: array<DrawIndexedIndirect, 6>;
+// COUNTERS words and six commands per view.
+@group(0) @binding(0) var<storage, read_write> counters: array<u32>;
+@group(0) @binding(1) var<storage, read_write> args: array<DrawIndexedIndirect>;
 
+// One workgroup per view (a cascade's second-phase commands stay at 0: the second phase adds
+// nothing to its lists).
 @compute @workgroup_size(4)
-fn main(@builtin(local_invocation_index) l: u32) {
-    if l < 3u {
-        let appended = counters[l];
+fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    if t < 3u {
+        let c = wid.x * COUNTERS;
+        let a = wid.x * 6u;
+        let l = t;
+        let appended = counters[c + l];
         let kept = min(appended, pc.caps[l]);
         // Instance indices start at 0 (drawIndirectFirstInstance is not required): the draw
         // pass pushes each LOD's list base as a constant (and adds the first phase's entries
         // for the second phase's draws).
-        args[l].first_instance = 0u;
-        args[3u + l].first_instance = 0u;
+        args[a + l].first_instance = 0u;
+        args[a + 3u + l].first_instance = 0u;
         if pc.phase == PHASE_SECOND {
-            args[3u + l].instance_count = kept - counters[COUNTER_FIRST + l];
+            args[a + 3u + l].instance_count = kept - counters[c + COUNTER_FIRST + l];
         } else {
-            args[l].instance_count = kept;
-            args[3u + l].instance_count = 0u;
-            counters[COUNTER_FIRST + l] = kept;
+            args[a + l].instance_count = kept;
+            args[a + 3u + l].instance_count = 0u;
+            counters[c + COUNTER_FIRST + l] = kept;
         }
-        counters[COUNTER_OVERFLOW + l] = appended - kept;
+        counters[c + COUNTER_OVERFLOW + l] = appended - kept;
     }
 }

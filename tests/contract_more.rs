@@ -79,6 +79,7 @@ fn cull_pass(ctx: &Context) -> CullPass {
             meshes: MESHES,
             records: false,
             max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+            views: 1,
         },
     )
     .expect("cull pass")

@@ -8,8 +8,9 @@ use ash::vk;
 use glam::{Mat4, Vec3};
 use understory::gpu::context::{Context, Frame};
 use understory::gpu::cull::{
-    COUNTERS, Compaction, CullDesc, CullPass, CullSource, CullView, DrawIndexedIndirect,
-    LIST_GUARD_WORDS, SOURCES_PER_DISPATCH, WIDE_SOURCES_PER_DISPATCH, cull_cpu,
+    COUNTERS, CascadeView, Compaction, CullDesc, CullPass, CullSource, CullView,
+    DrawIndexedIndirect, LIST_GUARD_WORDS, MAX_VIEWS, SOURCES_PER_DISPATCH,
+    WIDE_SOURCES_PER_DISPATCH, cull_cpu, cull_views_cpu,
 };
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use understory::policy::category::Category;
@@ -96,6 +97,7 @@ fn fixed(ctx: &Context, compaction: Compaction, capacity: u32, records: bool) ->
             records,
             adaptive: false,
             max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+            views: 1,
         },
     )
     .unwrap()
@@ -123,6 +125,7 @@ fn passes(ctx: &Context, capacity: u32, records: bool) -> Vec<(String, CullPass)
                     records,
                     adaptive: false,
                     max_sources_per_dispatch,
+                    views: 1,
                 },
             )
             .unwrap();
@@ -771,4 +774,230 @@ fn recorded_twice_in_one_command_buffer() {
         check(&rb, &want, &format!("{name} twice"));
     }
     finish(ctx, bufs, "twice");
+}
+
+/// Four orthographic cascades along a sun direction, nested around `eye` (40 m to 320 m).
+fn cascades(eye: Vec3) -> Vec<CascadeView> {
+    let sun = Vec3::new(-0.4, 0.8, 0.35).normalize();
+    [40.0f32, 80.0, 160.0, 320.0]
+        .iter()
+        .map(|&half| {
+            let view = Mat4::look_at_rh(eye + sun * 600.0, eye, Vec3::Y);
+            let proj = Mat4::orthographic_rh(-half, half, -half, half, 0.0, 1200.0);
+            CascadeView::new(proj * view).unwrap()
+        })
+        .collect()
+}
+
+/// The camera and four shadow cascades in one pass: every view's lists equal the CPU reference
+/// (lists, counts, overflow, the indirect arguments of each view), with NaNs and many sources,
+/// for each compaction and source-array width; a cascade's records hold the instances its list
+/// names; fewer cascades than views leave the rest empty.
+#[test]
+fn camera_and_cascades_in_one_pass_match_the_reference() {
+    let Some(ctx) = common::context("camera_and_cascades") else {
+        return;
+    };
+    let mut scene = random_scene(60_000, 99);
+    for i in [7, 4000, 33_333] {
+        scene[i].position[1] = f32::NAN;
+    }
+    let parts: Vec<&[Instance]> = scene.chunks(7_001).collect();
+    let bufs: Vec<Buffer> = parts.iter().map(|p| upload(&ctx, p)).collect();
+    let pairs: Vec<(&Buffer, &[Instance])> = bufs.iter().zip(parts.iter().copied()).collect();
+    let (sources, cpu) = numbered(&pairs, 3);
+    let eye = Vec3::new(10.0, 12.0, -20.0);
+    let view = perspective(eye, 0.7, 1.0);
+    let all = cascades(eye);
+    for compaction in variants(&ctx) {
+        for max_sources_per_dispatch in [WIDE_SOURCES_PER_DISPATCH, SOURCES_PER_DISPATCH, 1] {
+            for n in [4usize, 2] {
+                let what = format!("{compaction:?} x{max_sources_per_dispatch}, {n} cascades");
+                let mut pass = CullPass::from_desc(
+                    &ctx,
+                    &CullDesc {
+                        compaction,
+                        capacity: 60_000,
+                        meshes: MESHES,
+                        records: true,
+                        adaptive: false,
+                        max_sources_per_dispatch,
+                        views: MAX_VIEWS,
+                    },
+                )
+                .unwrap();
+                pass.set_cascades(&all[..n]).unwrap();
+                let want = cull_views_cpu(&cpu, &view, &all[..n]);
+                let got = run_views(&ctx, &mut pass, &sources, &view);
+                for v in 0..MAX_VIEWS as usize {
+                    let empty = understory::gpu::cull::CullExpectation::default();
+                    let want = want.get(v).unwrap_or(&empty);
+                    let what = format!("{what}, view {v}");
+                    for (l, mesh) in MESHES.iter().enumerate() {
+                        assert_eq!(got.lists[v][l], want.lists[l], "{what}: LOD {l}");
+                        assert_eq!(got.counters[v][l] as usize, want.lists[l].len(), "{what}");
+                        assert_eq!(got.counters[v][4 + l], 0, "{what}: overflow");
+                        assert_eq!(
+                            got.args[6 * v + l].instance_count as usize,
+                            want.lists[l].len(),
+                            "{what}: indirect count"
+                        );
+                        assert_eq!(got.args[6 * v + 3 + l].instance_count, 0, "{what}");
+                        assert_eq!(got.args[6 * v + l].index_count, mesh.index_count);
+                    }
+                    let invalid = if v == 0 { 3 } else { 0 };
+                    assert_eq!(got.counters[v][3], invalid, "{what}: invalid");
+                    // Records: the slot's record is the instance the list names.
+                    for (slot, idx) in got.slots[v].iter().take(50) {
+                        let (p, base) = cpu.iter().rev().find(|(_, b)| *b <= *idx).unwrap();
+                        let inst = p[(*idx - base) as usize];
+                        assert_eq!(got.records[*slot as usize], inst, "{what}: record {slot}");
+                    }
+                }
+                eprintln!(
+                    "{what}: drawn per view {:?}",
+                    got.lists
+                        .iter()
+                        .map(|l| l.iter().map(Vec::len).sum::<usize>())
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+    let mut pass = CullPass::from_desc(
+        &ctx,
+        &CullDesc {
+            compaction: Compaction::Atomic,
+            capacity: 1000,
+            meshes: MESHES,
+            records: false,
+            adaptive: false,
+            max_sources_per_dispatch: 1,
+            views: 3,
+        },
+    )
+    .unwrap();
+    assert!(
+        pass.set_cascades(&all[..3]).is_err(),
+        "3 cascades need 4 views"
+    );
+    assert!(pass.set_cascades(&all[..2]).is_ok());
+    for views in [0, MAX_VIEWS + 1] {
+        let r = CullPass::from_desc(
+            &ctx,
+            &CullDesc {
+                compaction: Compaction::Atomic,
+                capacity: 1000,
+                meshes: MESHES,
+                records: false,
+                adaptive: false,
+                max_sources_per_dispatch: 1,
+                views,
+            },
+        );
+        assert!(
+            matches!(r, Err(understory::Error::InvalidInput(_))),
+            "{views} views"
+        );
+    }
+    drop(pass);
+    finish(ctx, bufs, "camera_and_cascades");
+}
+
+/// What a pass of several views appended: per view the sorted lists, the counters, the
+/// (slot, index) pairs of its lists; the six commands per view; the records.
+struct Views {
+    lists: Vec<[Vec<u32>; 3]>,
+    counters: Vec<[u32; COUNTERS]>,
+    slots: Vec<Vec<(u32, u32)>>,
+    args: Vec<DrawIndexedIndirect>,
+    records: Vec<Instance>,
+}
+
+fn run_views(
+    ctx: &Context,
+    pass: &mut CullPass,
+    sources: &[CullSource<'_>],
+    view: &CullView,
+) -> Views {
+    let views = pass.views() as usize;
+    let entries: u64 = pass.capacities().iter().map(|c| u64::from(*c)).sum::<u64>() * views as u64;
+    let list_bytes = entries * 4;
+    let counter_bytes = (COUNTERS * views * 4) as u64;
+    let args_bytes = (size_of::<DrawIndexedIndirect>() * 6 * views) as u64;
+    let record_bytes = entries * size_of::<Instance>() as u64;
+    let read = ctx
+        .create_buffer(&BufferDesc {
+            name: "views readback",
+            size: list_bytes + counter_bytes + args_bytes + record_bytes,
+            usage: vk::BufferUsageFlags::TRANSFER_DST,
+            location: MemoryLocation::GpuToCpu,
+            category: Category::Other,
+        })
+        .unwrap();
+    ctx.submit_and_wait(|frame, cmd| {
+        // SAFETY: recording for `frame` outside a render pass; the copies follow the pass's
+        // closing barrier (transfer reads).
+        unsafe {
+            pass.record(frame, cmd, sources, view)?;
+            copy_to_host(
+                ctx,
+                frame,
+                cmd,
+                &read,
+                &[
+                    (pass.lists()?, 0, list_bytes),
+                    (pass.counters()?, list_bytes, counter_bytes),
+                    (pass.args()?, list_bytes + counter_bytes, args_bytes),
+                    (
+                        pass.records()?,
+                        list_bytes + counter_bytes + args_bytes,
+                        record_bytes,
+                    ),
+                ],
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
+    let bytes = read.mapped().unwrap();
+    let words: &[u32] = bytemuck::cast_slice(&bytes[..list_bytes as usize]);
+    let counters: Vec<[u32; COUNTERS]> = bytes
+        [list_bytes as usize..(list_bytes + counter_bytes) as usize]
+        .chunks(COUNTERS * 4)
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
+    let at = (list_bytes + counter_bytes) as usize;
+    let args: Vec<DrawIndexedIndirect> = bytes[at..at + args_bytes as usize]
+        .chunks(size_of::<DrawIndexedIndirect>())
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
+    let records: Vec<Instance> = bytes[at + args_bytes as usize..]
+        .chunks(size_of::<Instance>())
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
+    let mut lists = Vec::new();
+    let mut slots = Vec::new();
+    for v in 0..views {
+        let bases = pass.view_list_bases(v as u32);
+        let mut per: [Vec<u32>; 3] = Default::default();
+        let mut s = Vec::new();
+        for (l, list) in per.iter_mut().enumerate() {
+            let n = args[6 * v + l].instance_count as usize;
+            let start = bases[l] as usize;
+            *list = words[start..start + n].to_vec();
+            s.extend((start..start + n).map(|k| (k as u32, words[k])));
+            list.sort_unstable();
+        }
+        lists.push(per);
+        slots.push(s);
+    }
+    drop(bytes);
+    Views {
+        lists,
+        counters,
+        slots,
+        args,
+        records,
+    }
 }

@@ -9,9 +9,9 @@ use ash::vk;
 use glam::{Mat4, Vec3};
 use understory::gpu::context::{Context, Frame};
 use understory::gpu::cull::{
-    COUNTER_FIRST, COUNTERS, Compaction, CullDesc, CullPass, CullSource, CullView,
+    COUNTER_FIRST, COUNTERS, CascadeView, Compaction, CullDesc, CullPass, CullSource, CullView,
     DrawIndexedIndirect, InstanceBounds, LIST_GUARD_WORDS, WIDE_SOURCES_PER_DISPATCH, classify_cpu,
-    occluded_cpu, phase_lod_cpu,
+    cull_views_cpu, occluded_cpu, phase_lod_cpu,
 };
 use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
 use understory::gpu::pyramid::{DepthPyramid, pyramid_cpu};
@@ -148,7 +148,8 @@ fn depth_range() -> vk::ImageSubresourceRange {
 struct Phases {
     first: [Vec<u32>; 3],
     second: [Vec<u32>; 3],
-    args: [DrawIndexedIndirect; 6],
+    /// Six per view.
+    args: Vec<DrawIndexedIndirect>,
     counters: [u32; COUNTERS],
 }
 
@@ -168,7 +169,7 @@ fn frame_of(
     let entries: u64 = caps.iter().map(|c| u64::from(*c)).sum();
     let list_bytes = (entries + LIST_GUARD_WORDS) * 4;
     let counter_bytes = COUNTERS as u64 * 4;
-    let args_bytes = size_of::<[DrawIndexedIndirect; 6]>() as u64;
+    let args_bytes = size_of::<[DrawIndexedIndirect; 6]>() as u64 * u64::from(pass.views());
     let read = ctx
         .create_buffer(&BufferDesc {
             name: "occlusion readback",
@@ -285,8 +286,10 @@ fn frame_of(
     let counters: [u32; COUNTERS] = bytemuck::pod_read_unaligned(
         &bytes[list_bytes as usize..(list_bytes + counter_bytes) as usize],
     );
-    let args: [DrawIndexedIndirect; 6] =
-        bytemuck::pod_read_unaligned(&bytes[(list_bytes + counter_bytes) as usize..]);
+    let args: Vec<DrawIndexedIndirect> = bytes[(list_bytes + counter_bytes) as usize..]
+        .chunks(size_of::<DrawIndexedIndirect>())
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
     let mut first: [Vec<u32>; 3] = Default::default();
     let mut second: [Vec<u32>; 3] = Default::default();
     for l in 0..3 {
@@ -421,8 +424,11 @@ fn two_phases_match_the_cpu_reference() {
         compactions.push(Compaction::Subgroup);
     }
     for compaction in compactions {
-        for max_sources_per_dispatch in [WIDE_SOURCES_PER_DISPATCH, 1] {
-            let what = format!("{compaction:?}, {max_sources_per_dispatch} per dispatch");
+        // With cascades the first phase reads every instance (they are culled there in full):
+        // the camera's phases must not change.
+        for (max_sources_per_dispatch, views) in [(WIDE_SOURCES_PER_DISPATCH, 1), (1, 1), (1, 3)] {
+            let what =
+                format!("{compaction:?}, {max_sources_per_dispatch} per dispatch, {views} view(s)");
             let mut pass = CullPass::from_desc(
                 &ctx,
                 &CullDesc {
@@ -432,15 +438,44 @@ fn two_phases_match_the_cpu_reference() {
                     records: true,
                     adaptive: false,
                     max_sources_per_dispatch,
+                    views,
                 },
             )
             .unwrap();
+            let cascades: Vec<CascadeView> = [60.0f32, 200.0]
+                .iter()
+                .map(|&half| {
+                    let sun = Vec3::new(-0.4, 0.8, 0.35).normalize();
+                    let v = Mat4::look_at_rh(sun * 500.0, Vec3::new(0.0, 0.0, -half), Vec3::Y);
+                    let p = Mat4::orthographic_rh(-half, half, -half, half, 0.0, 1000.0);
+                    CascadeView::new(p * v).unwrap()
+                })
+                .collect();
+            if views > 1 {
+                pass.set_cascades(&cascades).unwrap();
+            }
             let mut bits = vec![false; base as usize];
             let mut hidden_total = 0;
             for (f, yaw) in [0.0f32, 0.0, 0.25, -0.3].into_iter().enumerate() {
                 let vp = view_proj(yaw);
                 let got = frame_of(&ctx, &mut pass, &pyramid, &host, &staging, &sources, vp);
                 let (first, second, after) = reference(&cpu, vp, &levels, &bits);
+                if views > 1 {
+                    // The cascades: complete after the first phase, nothing added by the second.
+                    let refs: Vec<(&[Instance], u32)> =
+                        cpu.iter().map(|(p, b)| (p.as_slice(), *b)).collect();
+                    let want = cull_views_cpu(&refs, &cull_view(vp), &cascades);
+                    for (v, want) in want.iter().enumerate().skip(1) {
+                        for l in 0..3 {
+                            assert_eq!(
+                                got.args[6 * v + l].instance_count as usize,
+                                want.lists[l].len(),
+                                "{what}, frame {f}: cascade {v} LOD {l}"
+                            );
+                            assert_eq!(got.args[6 * v + 3 + l].instance_count, 0);
+                        }
+                    }
+                }
                 for l in 0..3 {
                     assert_eq!(
                         got.first[l], first[l],

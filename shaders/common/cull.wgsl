@@ -39,6 +39,12 @@ fn classify(ps: vec4<f32>, view: CullView) -> u32 {
     if !inside {
         return LOD_CULLED;
     }
+    return band(p, view);
+}
+
+// The distance band of a finite position: the level the camera's bands give it wherever it is
+// (shadow cascades take it, so a shadow has the shape of the tree the camera draws).
+fn band(p: vec3<f32>, view: CullView) -> u32 {
     let dx = p.x - view.camera.x;
     let dy = p.y - view.camera.y;
     let dz = p.z - view.camera.z;
@@ -69,6 +75,18 @@ const PHASE_SINGLE: u32 = 0u;
 const PHASE_FIRST: u32 = 1u;
 const PHASE_SECOND: u32 = 2u;
 
+// Views one pass culls: the camera and up to four shadow cascades.
+const MAX_VIEWS: u32 = 5u;
+
+// The shadow cascades (views 1..): six planes each, as CullView's (normals inside). An instance
+// is in cascade c when its sphere is inside all six of planes[6c..6c+6).
+struct CascadeViews {
+    planes: array<vec4<f32>, 24>,
+}
+
+// (Each cull shader's `in_cascade` reads its cascade's planes from the uniform: a function
+// taking the whole 384-byte struct by value made lavapipe's compiler crawl.)
+
 // Instances per thread and per 256-thread workgroup of the subgroup variant
 // (src/gpu/cull.rs dispatches to match; the atomic variant takes one instance per thread).
 const CULL_PER_THREAD: u32 = 4u;
@@ -93,7 +111,9 @@ struct CullPush {
     row_groups: u32,
     // PHASE_SINGLE, PHASE_FIRST or PHASE_SECOND.
     phase: u32,
-    pad: u32,
+    // Views culled: 1 (the camera) .. MAX_VIEWS; views past the camera are culled by the single
+    // pass or the first phase.
+    views: u32,
 }
 
 // The dispatch's sources, one entry each (binding 5): x instances, y the index the source's
@@ -106,9 +126,11 @@ struct CullSourceEntry {
     pad: u32,
 }
 
-// Where LOD `lod`'s list starts in `lists` (and `drawn`).
-fn list_base(caps: vec4<u32>, lod: u32) -> u32 {
-    return select(0u, caps.x, lod >= 1u) + select(0u, caps.y, lod >= 2u);
+// Where view `v`'s LOD `lod` list starts in `lists` (and `drawn`): each view has a list of
+// each LOD's capacity, view after view.
+fn list_base(caps: vec4<u32>, v: u32, lod: u32) -> u32 {
+    return v * (caps.x + caps.y + caps.z) + select(0u, caps.x, lod >= 1u)
+        + select(0u, caps.y, lod >= 2u);
 }
 
 // The second phase's occlusion test: the camera that drew the depth the pyramid was built from.

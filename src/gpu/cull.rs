@@ -80,19 +80,7 @@ impl CullView {
         bands: &LodBands,
         quality: f32,
     ) -> Result<Self> {
-        let planes = [
-            view_proj.row(3) + view_proj.row(0),
-            view_proj.row(3) - view_proj.row(0),
-            view_proj.row(3) + view_proj.row(1),
-            view_proj.row(3) - view_proj.row(1),
-            view_proj.row(2),
-            view_proj.row(3) - view_proj.row(2),
-        ]
-        .map(|p: Vec4| {
-            let len = p.truncate().length();
-            (p / len).to_array()
-        });
-        Self::from_planes(planes, camera, radius_m, bands, quality)
+        Self::from_planes(frustum_planes(view_proj), camera, radius_m, bands, quality)
     }
 
     /// From explicit planes (normals pointing inside, need not be unit length).
@@ -123,6 +111,23 @@ impl CullView {
     }
 }
 
+/// The six clip planes of a view-projection (Vulkan clip space, depth 0..1), unit normals
+/// pointing inside.
+fn frustum_planes(view_proj: Mat4) -> [[f32; 4]; 6] {
+    [
+        view_proj.row(3) + view_proj.row(0),
+        view_proj.row(3) - view_proj.row(0),
+        view_proj.row(3) + view_proj.row(1),
+        view_proj.row(3) - view_proj.row(1),
+        view_proj.row(2),
+        view_proj.row(3) - view_proj.row(2),
+    ]
+    .map(|p: Vec4| {
+        let len = p.truncate().length();
+        (p / len).to_array()
+    })
+}
+
 /// The CPU reference of `classify` in `shaders/common/cull.wgsl`: the same operations in the
 /// same order, with the same fused multiply-adds. 0 full, 1 medium, 2 billboard, 3 culled,
 /// 4 invalid.
@@ -133,16 +138,24 @@ pub fn classify_cpu(inst: &Instance, view: &CullView) -> u32 {
         return LOD_INVALID;
     }
     let r = view.camera[3] * inst.scale;
-    for pl in &view.planes {
-        let d = pl[0].mul_add(p[0], pl[1].mul_add(p[1], pl[2].mul_add(p[2], pl[3])));
-        // Not `d >= -r`, as the shader's plane_inside: a NaN distance (huge positions) is culled.
-        let inside = d
-            .partial_cmp(&-r)
-            .is_some_and(|o| o != std::cmp::Ordering::Less);
-        if !inside {
-            return Lod::Culled as u32;
-        }
+    if !inside_cpu(&view.planes, p, r) {
+        return Lod::Culled as u32;
     }
+    band_cpu(p, view)
+}
+
+/// Whether a sphere at `p` of radius `r` is inside all six planes (as the shaders'
+/// `plane_inside`, a NaN distance outside).
+fn inside_cpu(planes: &[[f32; 4]; 6], p: [f32; 3], r: f32) -> bool {
+    planes.iter().all(|pl| {
+        let d = pl[0].mul_add(p[0], pl[1].mul_add(p[1], pl[2].mul_add(p[2], pl[3])));
+        d.partial_cmp(&-r)
+            .is_some_and(|o| o != std::cmp::Ordering::Less)
+    })
+}
+
+/// The distance band of a finite position (`band` in `shaders/common/cull.wgsl`).
+fn band_cpu(p: [f32; 3], view: &CullView) -> u32 {
     let dx = p[0] - view.camera[0];
     let dy = p[1] - view.camera[1];
     let dz = p[2] - view.camera[2];
@@ -281,6 +294,36 @@ pub fn cull_cpu(sources: &[(&[Instance], u32)], view: &CullView) -> CullExpectat
     e
 }
 
+/// The CPU reference of a pass of several views: the camera's expectation ([`cull_cpu`]), then
+/// each cascade's: every valid instance inside the cascade's planes (the cull radius's sphere),
+/// in the list of the band the camera's distance gives it ([`CullPass::set_cascades`]).
+pub fn cull_views_cpu(
+    sources: &[(&[Instance], u32)],
+    view: &CullView,
+    cascades: &[CascadeView],
+) -> Vec<CullExpectation> {
+    let mut out = vec![cull_cpu(sources, view)];
+    for c in cascades {
+        let mut e = CullExpectation::default();
+        for (instances, base) in sources {
+            for (i, inst) in instances.iter().enumerate() {
+                if classify_cpu(inst, view) == LOD_INVALID {
+                    continue;
+                }
+                let b = band_cpu(inst.position, view);
+                if b < 3 && inside_cpu(&c.planes, inst.position, view.camera[3] * inst.scale) {
+                    e.lists[b as usize].push(base + i as u32);
+                }
+            }
+        }
+        for l in &mut e.lists {
+            l.sort_unstable();
+        }
+        out.push(e);
+    }
+    out
+}
+
 /// One buffer of instances to cull.
 #[derive(Clone, Copy, Debug)]
 pub struct CullSource<'a> {
@@ -326,9 +369,9 @@ pub const WIDE_SOURCES_PER_DISPATCH: usize = 1024;
 /// Storage buffers of the cull stage besides the sources: lists, counters, records, the
 /// source table, the visibility bits.
 const OTHER_STORAGE_BUFFERS: u32 = 5;
-/// Uniform buffers of the cull stage (the view, the occlusion view) and sampled images (the
-/// depth pyramid).
-const UNIFORM_BUFFERS: u32 = 2;
+/// Uniform buffers of the cull stage (the view, the occlusion view, the cascades) and sampled
+/// images (the depth pyramid).
+const UNIFORM_BUFFERS: u32 = 3;
 const SAMPLED_IMAGES: u32 = 1;
 
 /// One entry of the per-dispatch source table (`CullSourceEntry` in
@@ -368,7 +411,7 @@ struct CullPush {
     sources: u32,
     row_groups: u32,
     phase: u32,
-    pad: u32,
+    views: u32,
 }
 
 /// The finalize dispatch's push constants (`FinalizePush` in `shaders/cull_finalize.wgsl`).
@@ -377,7 +420,8 @@ struct CullPush {
 struct FinalizePush {
     caps: [u32; 4],
     phase: u32,
-    pad: [u32; 3],
+    views: u32,
+    pad: [u32; 2],
 }
 
 /// What a dispatch does (`PHASE_*` in `shaders/common/cull.wgsl`).
@@ -464,6 +508,41 @@ pub const COUNTERS: usize = 12;
 pub const COUNTER_FIRST: usize = 8;
 const _: () = assert!(shaders::layout::COUNTERS == COUNTERS);
 
+/// Views one pass culls: the camera (view 0) and up to four shadow cascades
+/// ([`CullDesc::views`], [`CullPass::set_cascades`]).
+pub const MAX_VIEWS: u32 = 5;
+const _: () = assert!(shaders::layout::MAX_VIEWS == MAX_VIEWS as usize);
+
+/// A shadow cascade's clip volume: an orthographic view-projection's six planes (normals
+/// inside), as [`CullView::planes`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CascadeView {
+    /// Planes, normals pointing inside: inside when `dot(n, p) + w >= -radius`.
+    pub planes: [[f32; 4]; 6],
+}
+
+impl CascadeView {
+    /// From a cascade's view-projection matrix (Vulkan clip space, depth 0..1): the volume it
+    /// renders. Pull its near plane back toward the light to catch casters outside the view.
+    pub fn new(view_proj: Mat4) -> Result<Self> {
+        let planes = frustum_planes(view_proj);
+        if !planes.iter().flatten().all(|v| v.is_finite()) {
+            return Err(Error::InvalidInput(format!(
+                "cascade view-projection {view_proj} has degenerate planes"
+            )));
+        }
+        Ok(Self { planes })
+    }
+}
+
+/// The cascades' planes as the shaders read them (`CascadeViews`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct CascadePlanes {
+    planes: [[f32; 4]; 6 * (MAX_VIEWS as usize - 1)],
+}
+const _: () = assert!(size_of::<CascadePlanes>() == shaders::layout::CASCADEVIEWS_SIZE);
+
 /// Fewest entries an adaptive list keeps.
 const MIN_LIST: u32 = 256;
 /// Entries each adaptive list starts with, before the first counts are read back (a frame or
@@ -491,6 +570,10 @@ pub struct CullDesc {
     /// [`SOURCES_PER_DISPATCH`] and 1 (one plain binding, no descriptor array) that is at most
     /// this and that the device allows.
     pub max_sources_per_dispatch: usize,
+    /// Views culled in one read of each instance: 1 (the camera; the default of
+    /// [`CullPass::new`]) to [`MAX_VIEWS`] (the camera and shadow cascades,
+    /// [`CullPass::set_cascades`]). Each view has lists (and records) of the same capacities.
+    pub views: u32,
 }
 
 /// The pass and its output buffers. Dropping it retires everything at the last frame that
@@ -538,6 +621,10 @@ pub struct CullPass {
     placeholder_view: vk::ImageView,
     /// This frame's first phase: its frame value and dispatches, for the second.
     first: Option<(u64, Batches)>,
+    /// Views culled (1..=MAX_VIEWS) and the cascades' planes (views 1..).
+    views: u32,
+    cascades: CascadePlanes,
+    cascade_buf: Option<Buffer>,
 }
 
 impl CullPass {
@@ -561,6 +648,7 @@ impl CullPass {
                 records: false,
                 adaptive: true,
                 max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
+                views: 1,
             },
         )
     }
@@ -585,6 +673,7 @@ impl CullPass {
                 records: true,
                 adaptive: true,
                 max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
+                views: 1,
             },
         )
     }
@@ -595,15 +684,21 @@ impl CullPass {
     }
 
     /// The largest capacity whose lists and records fit one storage binding
-    /// (`maxStorageBufferRange`) on this context's device.
+    /// (`maxStorageBufferRange`) on this context's device, for one view.
     pub fn max_capacity(ctx: &Context, with_records: bool) -> u32 {
+        Self::max_capacity_of(ctx, with_records, 1)
+    }
+
+    /// As [`CullPass::max_capacity`], for a pass of `views` views (each has its lists).
+    pub fn max_capacity_of(ctx: &Context, with_records: bool, views: u32) -> u32 {
         let range = u64::from(ctx.adapter().limits.max_storage_buffer_range);
+        let views = u64::from(views.max(1));
         let per_slot = if with_records {
-            3 * size_of::<Instance>() as u64
+            3 * views * size_of::<Instance>() as u64
         } else {
-            3 * 4
+            3 * views * 4
         };
-        let by_lists = range / 4 / 3;
+        let by_lists = range / 4 / 3 / views;
         let by_records = range / per_slot;
         (by_lists.min(by_records).saturating_sub(LIST_GUARD_WORDS)).min(u64::from(u32::MAX / 6))
             as u32
@@ -617,7 +712,13 @@ impl CullPass {
             records: with_records,
             adaptive,
             max_sources_per_dispatch,
+            views,
         } = *desc;
+        if !(1..=MAX_VIEWS).contains(&views) {
+            return Err(Error::InvalidInput(format!(
+                "{views} views: a pass culls 1..={MAX_VIEWS}"
+            )));
+        }
         if max_sources_per_dispatch == 0 {
             return Err(Error::InvalidInput(
                 "max_sources_per_dispatch 0 (at least 1)".into(),
@@ -629,10 +730,10 @@ impl CullPass {
             &DeviceFeatures::default(),
             vk::QueueFlags::COMPUTE,
         )?;
-        let max = Self::max_capacity(ctx, with_records);
+        let max = Self::max_capacity_of(ctx, with_records, views);
         if capacity == 0 || capacity > max {
             return Err(Error::InvalidInput(format!(
-                "cull list capacity {capacity}: 1..={max} on this device (lists{} of 3 × capacity fit maxStorageBufferRange, {} bytes)",
+                "cull list capacity {capacity}: 1..={max} on this device with {views} view(s) (lists{} of 3 × capacity per view fit maxStorageBufferRange, {} bytes)",
                 if with_records { " and records" } else { "" },
                 ctx.adapter().limits.max_storage_buffer_range
             )));
@@ -704,6 +805,11 @@ impl CullPass {
             placeholder: None,
             placeholder_view: vk::ImageView::null(),
             first: None,
+            views,
+            cascades: CascadePlanes {
+                planes: [[0.0; 4]; 6 * (MAX_VIEWS as usize - 1)],
+            },
+            cascade_buf: None,
         };
         let initial = if adaptive {
             let sizer = ListSizer::new(ListSizing::new(MIN_LIST, capacity), INITIAL_LIST);
@@ -720,8 +826,8 @@ impl CullPass {
     }
 
     /// The cull set's bindings with `batch` sources: sources, lists, counters, view, records,
-    /// source table, depth pyramid, visibility bits, occlusion view.
-    fn bindings(batch: usize) -> [(vk::DescriptorType, u32); 9] {
+    /// source table, depth pyramid, visibility bits, occlusion view, cascades.
+    fn bindings(batch: usize) -> [(vk::DescriptorType, u32); 10] {
         use vk::DescriptorType as T;
         [
             (T::STORAGE_BUFFER, batch as u32),
@@ -732,6 +838,7 @@ impl CullPass {
             (T::STORAGE_BUFFER, 1),
             (T::SAMPLED_IMAGE, 1),
             (T::STORAGE_BUFFER, 1),
+            (T::UNIFORM_BUFFER, 1),
             (T::UNIFORM_BUFFER, 1),
         ]
     }
@@ -765,14 +872,15 @@ impl CullPass {
                 category: Category::Outputs,
             })
         };
+        let views = u64::from(self.views);
         self.counters = Some(buffer(
             "cull counters",
-            COUNTERS as u64 * 4,
+            COUNTERS as u64 * 4 * views,
             vk::BufferUsageFlags::STORAGE_BUFFER,
         )?);
         self.args = Some(buffer(
             "cull indirect args",
-            size_of::<[DrawIndexedIndirect; 6]>() as u64,
+            size_of::<[DrawIndexedIndirect; 6]>() as u64 * views,
             vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::INDIRECT_BUFFER,
         )?);
         self.view = Some(buffer(
@@ -788,6 +896,11 @@ impl CullPass {
         self.occlusion = Some(buffer(
             "cull occlusion view",
             size_of::<Occlusion>() as u64,
+            vk::BufferUsageFlags::UNIFORM_BUFFER,
+        )?);
+        self.cascade_buf = Some(buffer(
+            "cull cascades",
+            size_of::<CascadePlanes>() as u64,
             vk::BufferUsageFlags::UNIFORM_BUFFER,
         )?);
         let placeholder = ctx.create_image(&ImageDesc {
@@ -818,7 +931,7 @@ impl CullPass {
     /// New lists (and records) for these capacities; the old ones retire at their last use.
     /// On an error (the budget refuses them) nothing changes.
     fn resize(&mut self, caps: [u32; 3]) -> Result<()> {
-        let entries: u64 = caps.iter().map(|c| u64::from(*c)).sum();
+        let entries = caps.iter().map(|c| u64::from(*c)).sum::<u64>() * u64::from(self.views);
         let buffer = |name, size| {
             self.shared.create_buffer(&BufferDesc {
                 name,
@@ -854,9 +967,17 @@ impl CullPass {
         let mut demands = Vec::new();
         for (buf, frame, consumed) in &mut self.readbacks {
             if !*consumed && *frame <= completed {
-                let c: [u32; COUNTERS] =
-                    bytemuck::pod_read_unaligned(&buf.mapped()?[..COUNTERS * 4]);
-                demands.push((*frame, [c[0], c[1], c[2]]));
+                let words = COUNTERS * self.views as usize;
+                let bytes = buf.mapped()?;
+                let c: &[u32] = bytemuck::cast_slice(&bytes[..words * 4]);
+                // Every view's lists have the same capacities: the largest demand sizes them.
+                let mut demand = [0u32; 3];
+                for view in c.chunks(COUNTERS) {
+                    for (d, n) in demand.iter_mut().zip(view) {
+                        *d = (*d).max(*n);
+                    }
+                }
+                demands.push((*frame, demand));
                 *consumed = true;
             }
         }
@@ -891,7 +1012,7 @@ impl CullPass {
         }
         let buf = self.shared.create_buffer(&BufferDesc {
             name: "cull counters readback",
-            size: COUNTERS as u64 * 4,
+            size: COUNTERS as u64 * 4 * u64::from(self.views),
             usage: vk::BufferUsageFlags::TRANSFER_DST,
             location: MemoryLocation::GpuToCpu,
             category: Category::Staging,
@@ -916,9 +1037,50 @@ impl CullPass {
         self.caps
     }
 
-    /// Where each LOD's list starts in [`CullPass::lists`] and [`CullPass::records`].
+    /// Where each LOD's list of the camera (view 0) starts in [`CullPass::lists`] and
+    /// [`CullPass::records`].
     pub fn list_bases(&self) -> [u32; 3] {
-        [0, self.caps[0], self.caps[0] + self.caps[1]]
+        self.view_list_bases(0)
+    }
+
+    /// Where each LOD's list of view `view` starts (each view's three lists follow the
+    /// previous view's; views past [`CullPass::views`] start past the lists).
+    pub fn view_list_bases(&self, view: u32) -> [u32; 3] {
+        let per_view: u32 = self.caps.iter().sum();
+        let at = view * per_view;
+        [at, at + self.caps[0], at + self.caps[0] + self.caps[1]]
+    }
+
+    /// Views this pass culls ([`CullDesc::views`]).
+    pub fn views(&self) -> u32 {
+        self.views
+    }
+
+    /// The shadow cascades the next [`CullPass::record`] or [`CullPass::record_first`] culls
+    /// as views 1..: at most `views() - 1` of them (fewer leave the remaining views' lists
+    /// empty). An instance goes to cascade `c`'s list of the LOD the camera's distance bands
+    /// give it (wherever the camera looks) when its sphere is inside the cascade's planes.
+    /// [`Error::InvalidInput`] for more cascades than the pass has views for; nothing changes
+    /// then.
+    pub fn set_cascades(&mut self, cascades: &[CascadeView]) -> Result<()> {
+        if cascades.len() >= self.views as usize {
+            return Err(Error::InvalidInput(format!(
+                "{} cascades for a pass of {} views (at most {})",
+                cascades.len(),
+                self.views,
+                self.views - 1
+            )));
+        }
+        // Unset cascades get planes nothing is inside (w = -inf would not be finite: a plane
+        // whose distance is beyond every instance's radius instead).
+        let empty = [0.0, 0.0, 0.0, -f32::MAX];
+        for (k, planes) in self.cascades.planes.chunks_mut(6).enumerate() {
+            match cascades.get(k) {
+                Some(c) => planes.copy_from_slice(&c.planes),
+                None => planes.fill(empty),
+            }
+        }
+        Ok(())
     }
 
     /// Times the lists were resized, and times the budget refused a resize.
@@ -948,7 +1110,7 @@ impl CullPass {
         Self::get(&self.lists)
     }
 
-    /// The counters ([`COUNTERS`] u32).
+    /// The counters: [`COUNTERS`] u32 per view, view `v`'s from `COUNTERS * v`.
     pub fn counters(&self) -> Result<&Buffer> {
         Self::get(&self.counters)
     }
@@ -961,9 +1123,11 @@ impl CullPass {
             .ok_or_else(|| Error::InvalidInput("cull pass built without records".into()))
     }
 
-    /// Six `VkDrawIndexedIndirectCommand`s: one per drawn LOD (full, medium, billboard) for
-    /// what [`CullPass::record`] or [`CullPass::record_first`] appended, then one per LOD for
-    /// what [`CullPass::record_second`] appended after it (0 instances after a single pass).
+    /// Six `VkDrawIndexedIndirectCommand`s per view (view `v`'s from `6 * v`): one per drawn
+    /// LOD (full, medium, billboard) for what [`CullPass::record`] or
+    /// [`CullPass::record_first`] appended, then one per LOD for what
+    /// [`CullPass::record_second`] appended after it (0 instances after a single pass, and
+    /// always for cascades).
     pub fn args(&self) -> Result<&Buffer> {
         Self::get(&self.args)
     }
@@ -1236,18 +1400,19 @@ impl CullPass {
             Some(rb)
         };
         let readback = rb.map(|rb| self.readbacks[rb].0.raw());
-        let (lists, counters, args, view_buf, occ_buf, table) = (
+        let (lists, counters, args, view_buf, occ_buf, table, casc_buf) = (
             self.lists()?,
             self.counters()?,
             self.args()?,
             Self::get(&self.view)?,
             Self::get(&self.occlusion)?,
             Self::get(&self.table)?,
+            Self::get(&self.cascade_buf)?,
         );
         // Without two phases the visibility binding still needs a buffer; the shader never
         // touches it then.
         let visible = self.visible.as_ref().filter(|_| phase != Phase::Single);
-        for b in [lists, counters, args, view_buf, occ_buf, table]
+        for b in [lists, counters, args, view_buf, occ_buf, table, casc_buf]
             .into_iter()
             .chain(self.records.as_ref())
             .chain(visible)
@@ -1295,7 +1460,7 @@ impl CullPass {
             self.caps[2],
             u32::from(self.records.is_some()),
         ];
-        let mut meshes = [self.meshes, self.meshes];
+        let mut meshes = vec![self.meshes; 2 * self.views as usize];
         for m in meshes.iter_mut().flatten() {
             m.instance_count = 0;
             m.first_instance = 0;
@@ -1305,12 +1470,13 @@ impl CullPass {
                 .src_access_mask(src_access)
                 .dst_access_mask(dst_access)]
         };
-        let (lists_i, counters_i, args_i, view_i, occ_i) = (
+        let (lists_i, counters_i, args_i, view_i, occ_i, casc_i) = (
             whole(lists),
             whole(counters),
             whole(args),
             whole(view_buf),
             whole(occ_buf),
+            whole(casc_buf),
         );
         // Without records the binding still needs a buffer; the shader never touches it then.
         let records_i = whole(self.records.as_ref().unwrap_or(lists));
@@ -1374,6 +1540,9 @@ impl CullPass {
             }
             if let Some(view) = view {
                 d.cmd_update_buffer(cmd, view_buf.raw(), 0, bytemuck::bytes_of(view));
+                if self.views > 1 {
+                    d.cmd_update_buffer(cmd, casc_buf.raw(), 0, bytemuck::bytes_of(&self.cascades));
+                }
             }
             if let (true, Some(v)) = (clear_visible, visible) {
                 d.cmd_fill_buffer(cmd, v.raw(), 0, vk::WHOLE_SIZE, 0);
@@ -1473,6 +1642,7 @@ impl CullPass {
                         ),
                         (7, vk::DescriptorType::STORAGE_BUFFER, &visible_i),
                         (8, vk::DescriptorType::UNIFORM_BUFFER, &occ_i),
+                        (9, vk::DescriptorType::UNIFORM_BUFFER, &casc_i),
                     ],
                 );
                 d.update_descriptor_sets(
@@ -1498,7 +1668,7 @@ impl CullPass {
                     sources: entries.len() as u32,
                     row_groups: gx,
                     phase: phase as u32,
-                    pad: 0,
+                    views: self.views,
                 };
                 d.cmd_push_constants(
                     cmd,
@@ -1530,7 +1700,8 @@ impl CullPass {
             let fin = FinalizePush {
                 caps,
                 phase: phase as u32,
-                pad: [0; 3],
+                views: self.views,
+                pad: [0; 2],
             };
             d.cmd_push_constants(
                 cmd,
@@ -1539,7 +1710,7 @@ impl CullPass {
                 0,
                 bytemuck::bytes_of(&fin),
             );
-            d.cmd_dispatch(cmd, 1, 1, 1);
+            d.cmd_dispatch(cmd, self.views, 1, 1);
             d.cmd_pipeline_barrier(
                 cmd,
                 vk::PipelineStageFlags::COMPUTE_SHADER,
@@ -1558,7 +1729,7 @@ impl CullPass {
                     &[vk::BufferCopy {
                         src_offset: 0,
                         dst_offset: 0,
-                        size: COUNTERS as u64 * 4,
+                        size: COUNTERS as u64 * 4 * u64::from(self.views),
                     }],
                 );
                 d.cmd_pipeline_barrier(
@@ -1591,6 +1762,7 @@ impl std::fmt::Debug for CullPass {
             .field("capacities", &self.caps)
             .field("records", &self.with_records)
             .field("sources_per_dispatch", &self.batch)
+            .field("views", &self.views)
             .field("last_use", &self.last_use.load(Ordering::Relaxed))
             .finish()
     }

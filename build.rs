@@ -10,11 +10,19 @@ use std::path::Path;
 /// no array of storage buffers (`maxPerStageDescriptorStorageBuffers` < 28, or no
 /// `shaderStorageBufferArrayDynamicIndexing`).
 /// The `wide` ones read `CULL_WIDE` buffers per dispatch where the device allows that many.
+/// The `plain` ones compile occlusion phases and shadow cascades out (`CULL_FULL` false): what a
+/// single pass over one view runs, without the registers the rest would take.
 const VARIANTS: &[Variant] = &[
     ("cull_atomic", "single", SINGLE_SOURCE),
     ("cull_subgroup", "single", SINGLE_SOURCE),
     ("cull_atomic", "wide", WIDE_SOURCES),
     ("cull_subgroup", "wide", WIDE_SOURCES),
+    ("cull_atomic", "plain", PLAIN),
+    ("cull_subgroup", "plain", PLAIN),
+    ("cull_atomic", "single_plain", SINGLE_PLAIN),
+    ("cull_subgroup", "single_plain", SINGLE_PLAIN),
+    ("cull_atomic", "wide_plain", WIDE_PLAIN),
+    ("cull_subgroup", "wide_plain", WIDE_PLAIN),
 ];
 
 /// (shader stem, variant suffix, replacements of (from, to)).
@@ -36,6 +44,14 @@ const WIDE_SOURCES: &[(&str, &str)] = &[(
     "binding_array<InstanceWords, CULL_BATCH>",
     "binding_array<InstanceWords, CULL_WIDE>",
 )];
+
+const FULL: (&str, &str) = (
+    "const CULL_FULL: bool = true;",
+    "const CULL_FULL: bool = false;",
+);
+const PLAIN: &[(&str, &str)] = &[FULL];
+const SINGLE_PLAIN: &[(&str, &str)] = &[SINGLE_SOURCE[0], SINGLE_SOURCE[1], FULL];
+const WIDE_PLAIN: &[(&str, &str)] = &[WIDE_SOURCES[0], FULL];
 
 fn main() {
     let dir = Path::new("shaders");

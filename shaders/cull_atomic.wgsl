@@ -6,6 +6,10 @@ enable wgpu_binding_array;
 
 var<immediate> pc: CullPush;
 
+// Occlusion phases and shadow cascades compiled in (build.rs's `plain` variants set it false:
+// a single pass over one view, without the registers the rest would take).
+const CULL_FULL: bool = true;
+
 // One instance buffer as vec4s: instance i is vec4s 2i (position, scale) and 2i + 1 (the rest).
 struct InstanceWords {
     v: array<vec4<f32>>,
@@ -33,7 +37,7 @@ struct InstanceWords {
 // Whether the first phase passes over instance `gi` without reading it: not visible last frame
 // and no cascade to cull it for.
 fn unseen_first(gi: u32) -> bool {
-    return pc.phase == PHASE_FIRST && pc.views == 1u
+    return CULL_FULL && pc.phase == PHASE_FIRST && pc.views == 1u
         && (atomicLoad(&visible[gi >> 5u]) & (1u << (gi & 31u))) == 0u;
 }
 
@@ -57,7 +61,7 @@ fn in_cascade(c: u32, p: vec3<f32>, r: f32) -> bool {
 // The band instance `ps` takes in the shadow cascades, or LOD_CULLED where there are none to
 // cull (one view, or the second phase) or it is invalid or beyond the bands.
 fn cascade_band(ps: vec4<f32>, lod: u32) -> u32 {
-    if pc.views == 1u || pc.phase == PHASE_SECOND || lod == LOD_INVALID {
+    if !CULL_FULL || pc.views == 1u || pc.phase == PHASE_SECOND || lod == LOD_INVALID {
         return LOD_CULLED;
     }
     return band(ps.xyz, view);
@@ -66,7 +70,7 @@ fn cascade_band(ps: vec4<f32>, lod: u32) -> u32 {
 // `lod` of instance `gi` (position and scale `ps`) through the phase (see phase_lod), updating
 // its visibility bit in the second phase.
 fn through_phase(lod: u32, gi: u32, ps: vec4<f32>) -> u32 {
-    if pc.phase == PHASE_SINGLE {
+    if !CULL_FULL || pc.phase == PHASE_SINGLE {
         return lod;
     }
     let bit = 1u << (gi & 31u);

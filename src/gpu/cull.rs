@@ -587,7 +587,10 @@ pub struct CullPass {
     meshes: [DrawIndexedIndirect; 3],
     set_layout: vk::DescriptorSetLayout,
     layout: vk::PipelineLayout,
+    /// Occlusion phases and cascades compiled in (made at the first use that needs it).
     pipeline: vk::Pipeline,
+    /// A single pass over one view (the `plain` variant).
+    plain: vk::Pipeline,
     fin_set_layout: vk::DescriptorSetLayout,
     fin_layout: vk::PipelineLayout,
     fin_pipeline: vk::Pipeline,
@@ -774,6 +777,7 @@ impl CullPass {
             set_layout: vk::DescriptorSetLayout::null(),
             layout: vk::PipelineLayout::null(),
             pipeline: vk::Pipeline::null(),
+            plain: vk::Pipeline::null(),
             fin_set_layout: vk::DescriptorSetLayout::null(),
             fin_layout: vk::PipelineLayout::null(),
             fin_pipeline: vk::Pipeline::null(),
@@ -849,14 +853,17 @@ impl CullPass {
         self.set_layout = set_layout_with_counts(d, &Self::bindings(self.batch))?;
         self.layout = pipeline_layout(d, self.set_layout, PUSH_BYTES)?;
         let spirv = match (self.compaction, self.batch) {
-            (Compaction::Atomic, 1) => shaders::CULL_ATOMIC_SINGLE,
-            (Compaction::Subgroup, 1) => shaders::CULL_SUBGROUP_SINGLE,
-            (Compaction::Atomic, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_ATOMIC_WIDE,
-            (Compaction::Subgroup, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_SUBGROUP_WIDE,
-            (Compaction::Atomic, _) => shaders::CULL_ATOMIC,
-            (Compaction::Subgroup, _) => shaders::CULL_SUBGROUP,
+            (Compaction::Atomic, 1) => shaders::CULL_ATOMIC_SINGLE_PLAIN,
+            (Compaction::Subgroup, 1) => shaders::CULL_SUBGROUP_SINGLE_PLAIN,
+            (Compaction::Atomic, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_ATOMIC_WIDE_PLAIN,
+            (Compaction::Subgroup, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_SUBGROUP_WIDE_PLAIN,
+            (Compaction::Atomic, _) => shaders::CULL_ATOMIC_PLAIN,
+            (Compaction::Subgroup, _) => shaders::CULL_SUBGROUP_PLAIN,
         };
-        self.pipeline = compute_pipeline(d, spirv, c"main", self.layout)?;
+        self.plain = compute_pipeline(d, spirv, c"main", self.layout)?;
+        if self.views > 1 {
+            self.full_pipeline()?;
+        }
         self.fin_set_layout = set_layout(d, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER])?;
         self.fin_layout =
             pipeline_layout(d, self.fin_set_layout, size_of::<FinalizePush>() as u32)?;
@@ -926,6 +933,22 @@ impl CullPass {
         self.placeholder_view = unsafe { d.create_image_view(&info, None) }
             .map_err(crate::error::vk_err("vkCreateImageView"))?;
         Ok(())
+    }
+
+    /// The pipeline with occlusion phases and cascades, made at its first use.
+    fn full_pipeline(&mut self) -> Result<vk::Pipeline> {
+        if self.pipeline == vk::Pipeline::null() {
+            let spirv = match (self.compaction, self.batch) {
+                (Compaction::Atomic, 1) => shaders::CULL_ATOMIC_SINGLE,
+                (Compaction::Subgroup, 1) => shaders::CULL_SUBGROUP_SINGLE,
+                (Compaction::Atomic, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_ATOMIC_WIDE,
+                (Compaction::Subgroup, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_SUBGROUP_WIDE,
+                (Compaction::Atomic, _) => shaders::CULL_ATOMIC,
+                (Compaction::Subgroup, _) => shaders::CULL_SUBGROUP,
+            };
+            self.pipeline = compute_pipeline(&self.shared.device, spirv, c"main", self.layout)?;
+        }
+        Ok(self.pipeline)
     }
 
     /// New lists (and records) for these capacities; the old ones retire at their last use.
@@ -1392,6 +1415,11 @@ impl CullPass {
     ) -> Result<()> {
         let value = frame.value();
         let stride = table_stride(self.batch);
+        let pipeline = if phase == Phase::Single && self.views == 1 {
+            self.plain
+        } else {
+            self.full_pipeline()?
+        };
         let rb = if phase == Phase::First {
             None
         } else {
@@ -1561,7 +1589,7 @@ impl CullPass {
                 &[],
                 &[],
             );
-            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.pipeline);
+            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, pipeline);
             let max_x = self.shared.adapter.limits.max_compute_work_group_count[0].min(65_535);
             let compute_write = (
                 vk::PipelineStageFlags::COMPUTE_SHADER,
@@ -1773,6 +1801,8 @@ impl Drop for CullPass {
         lock(&self.sets).retire(&self.shared);
         lock(&self.fin_sets).retire(&self.shared);
         let last = *self.last_use.get_mut();
+        self.shared
+            .retire_object(RawObject::Pipeline(std::mem::take(&mut self.plain)), last);
         retire_pipeline_objects(
             &self.shared,
             last,

@@ -4,6 +4,8 @@
 // is its own draw with its list's base pushed as a constant, so firstInstance stays 0
 // (drawIndirectFirstInstance is not required).
 // `pc.mode` 1 draws the ground quad instead (a plain indexed draw of its own mesh).
+// Two fragment stages: `fs_main`, and `fs_shadowed`, which also looks up the sun's shadow maps
+// (set 1, bound only with the pipeline that uses it).
 
 struct DrawPush {
     mode: u32,
@@ -23,6 +25,12 @@ var<immediate> pc: DrawPush;
 @group(0) @binding(4) var atlas_sampler: sampler;
 // The cull pass's counters (COUNTER_FIRST: where each list's second-phase entries start).
 @group(0) @binding(5) var<storage, read> counters: array<u32, COUNTERS>;
+// The shadow maps (every cascade in a tile of one depth image), compared against with a
+// LESS_OR_EQUAL sampler: 1 where the receiver is no farther from the sun than the caster.
+// A set of their own, bound only with the pipeline of `fs_shadowed`.
+@group(1) @binding(0) var shadow_map: texture_depth_2d;
+@group(1) @binding(1) var shadow_sampler: sampler_comparison;
+@group(1) @binding(2) var<uniform> shadows: ShadowFrame;
 
 struct VertexOut {
     @builtin(position) clip: vec4<f32>,
@@ -32,6 +40,18 @@ struct VertexOut {
     // World position: the fog distance is computed per fragment (a distance interpolated
     // across the ground's huge triangles would be wrong).
     @location(3) world: vec3<f32>,
+    // The share of `color` that is left in full shadow (the ambient part of the light).
+    @location(4) keep: f32,
+    // Unit normal, for the shadow lookup's offset.
+    @location(5) normal: vec3<f32>,
+}
+
+// The light of a surface facing `n`: `sun.w` ambient, the rest direct. Returns the light and
+// the share of it that is ambient (what a shadow keeps).
+fn light_of(n: vec3<f32>) -> vec2<f32> {
+    let direct = max(dot(n, frame.sun.xyz), 0.0) * (1.0 - frame.sun.w);
+    let light = direct + frame.sun.w;
+    return vec2<f32>(light, frame.sun.w / max(light, 1e-4));
 }
 
 // Colours of `--lod-tint`: full red, medium yellow, billboard blue.
@@ -59,11 +79,13 @@ fn vs_main(
         let g = frame.ground;
         let world = vec3<f32>(g.x + pos.x * g.z, 0.0, g.y + pos.z * g.z);
         out.clip = frame.view_proj * vec4<f32>(world, 1.0);
-        let light = max(frame.sun.y, 0.0) * (1.0 - frame.sun.w) + frame.sun.w;
-        out.color = color.rgb * light;
+        let light = light_of(vec3<f32>(0.0, 1.0, 0.0));
+        out.color = color.rgb * light.x;
         out.uv = vec2<f32>(0.0);
         out.textured = 0u;
         out.world = world;
+        out.keep = light.y;
+        out.normal = vec3<f32>(0.0, 1.0, 0.0);
         return out;
     }
     let lod = min(pc.lod, 2u);
@@ -94,7 +116,7 @@ fn vs_main(
     out.clip = frame.view_proj * vec4<f32>(world, 1.0);
     let tint = unpack4x8unorm(inst.tint).rgb;
     var base = mix(color.rgb, color.rgb * tint, color.a);
-    let light = max(dot(n, frame.sun.xyz), 0.0) * (1.0 - frame.sun.w) + frame.sun.w;
+    let light = light_of(n);
     out.textured = 0u;
     out.uv = vec2<f32>(0.0);
     if lod == 2u {
@@ -110,24 +132,80 @@ fn vs_main(
     if (frame.params.y & 1u) != 0u {
         base = lod_color(lod);
     }
-    out.color = base * light;
+    out.color = base * light.x;
     out.world = world;
+    out.keep = light.y;
+    out.normal = n;
     return out;
+}
+
+// The lit colour of a fragment before fog, `shade` of its direct light reaching it.
+fn shaded(in: VertexOut, texel: vec4<f32>, shade: f32) -> vec3<f32> {
+    var rgb = in.color * mix(in.keep, 1.0, shade);
+    if in.textured == 1u && (frame.params.y & 1u) == 0u {
+        rgb = rgb * texel.rgb;
+    }
+    return rgb;
+}
+
+fn fogged(in: VertexOut, rgb: vec3<f32>) -> vec4<f32> {
+    let f = clamp(distance(in.world, frame.camera.xyz) / frame.fog.w, 0.0, 1.0);
+    return vec4<f32>(mix(rgb, frame.fog.rgb, f * f), 1.0);
 }
 
 @fragment
 fn fs_main(in: VertexOut) -> @location(0) vec4<f32> {
     // Sampled in uniform control flow (implicit derivatives); used by billboards only.
     let texel = textureSample(atlas, atlas_sampler, in.uv);
-    var rgb = in.color;
-    if in.textured == 1u {
-        if texel.a < 0.5 {
-            discard;
-        }
-        if (frame.params.y & 1u) == 0u {
-            rgb = rgb * texel.rgb;
+    if in.textured == 1u && texel.a < 0.5 {
+        discard;
+    }
+    return fogged(in, shaded(in, texel, 1.0));
+}
+
+// How much of the sun reaches `world` (1 lit, 0 in full shadow): the first cascade whose tile
+// holds the point with room for the filter is looked up with 3x3 comparison taps; beyond every
+// cascade, and fading out towards `shadows.params.x` metres from the camera, it is lit.
+fn sunlight(world: vec3<f32>, normal: vec3<f32>) -> f32 {
+    let count = min(shadows.count.x, 4u);
+    // Two and a half texels of room, in clip units: the outer taps (one texel out, and the
+    // linear filter's half texel) stay inside the tile.
+    let edge = 1.0 - 5.0 * shadows.params.z;
+    let d = distance(world, frame.camera.xyz);
+    let fade = smoothstep(0.85 * shadows.params.x, shadows.params.x, d);
+    if fade >= 1.0 {
+        return 1.0;
+    }
+    for (var c = 0u; c < count; c = c + 1u) {
+        let tile = shadows.tiles[c];
+        let p = shadows.view_proj[c] * vec4<f32>(world + normal * (1.5 * shadows.texel_m[c]), 1.0);
+        if all(abs(p.xy) < vec2<f32>(edge)) && p.z >= 0.0 && p.z <= 1.0 {
+            let uv = tile.xy + (p.xy * 0.5 + 0.5) * tile.zw;
+            let texel_uv = tile.zw * shadows.params.z;
+            var lit = 0.0;
+            for (var y = -1; y <= 1; y = y + 1) {
+                for (var x = -1; x <= 1; x = x + 1) {
+                    let o = vec2<f32>(f32(x), f32(y)) * texel_uv;
+                    lit = lit + textureSampleCompareLevel(shadow_map, shadow_sampler, uv + o, p.z);
+                }
+            }
+            let shade = 1.0 - shadows.params.y * (1.0 - lit / 9.0);
+            return mix(shade, 1.0, fade);
         }
     }
-    let f = clamp(distance(in.world, frame.camera.xyz) / frame.fog.w, 0.0, 1.0);
-    return vec4<f32>(mix(rgb, frame.fog.rgb, f * f), 1.0);
+    return 1.0;
+}
+
+@fragment
+fn fs_shadowed(in: VertexOut) -> @location(0) vec4<f32> {
+    let texel = textureSample(atlas, atlas_sampler, in.uv);
+    if in.textured == 1u && texel.a < 0.5 {
+        discard;
+    }
+    var shade = 1.0;
+    // A surface turned from the sun is ambient only: nothing to shadow.
+    if in.keep < 0.999 {
+        shade = sunlight(in.world, normalize(in.normal));
+    }
+    return fogged(in, shaded(in, texel, shade));
 }

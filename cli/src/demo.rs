@@ -1,8 +1,9 @@
 //! `understory demo`: a seeded, procedurally generated forest that a camera flies over. Tiles
 //! stream in and out as it moves, LOD follows the budget, the GPU culls every frame, and the
 //! visible trees are drawn (indexed indirect, one draw per LOD) into an offscreen colour and
-//! depth image that can be written as PNG. It ends with a summary whose leak and validation
-//! counts must be 0.
+//! depth image that can be written as PNG. With `--shadows on` the same cull pass also culls four
+//! sun shadow cascades, whose lists are drawn into shadow maps the camera draw looks up. It ends
+//! with a summary whose leak and validation counts must be 0.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,16 +16,20 @@ use crate::rng::Rng;
 use understory::error::{Error, Result};
 use understory::gpu::budget::Source;
 use understory::gpu::context::{Context, ContextOptions, Frame};
-use understory::gpu::cull::{COUNTERS, Compaction, CullPass, CullView};
+use understory::gpu::cull::{
+    COUNTERS, CascadeView, Compaction, CullDesc, CullPass, CullView, WIDE_SOURCES_PER_DISPATCH,
+};
 use understory::gpu::draw::{DrawFrame, DrawPass, DrawPhase, tree_billboard};
 use understory::gpu::frame::FrameRing;
 use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation, RawObject};
 use understory::gpu::pyramid::DepthPyramid;
+use understory::gpu::shadow::{MAX_CASCADES, ShadowDesc, ShadowMaps};
 use understory::policy::category::{CATEGORIES, Category, PerCategory};
 use understory::policy::lod::LodBands;
 use understory::vegetation::{
     PatchDesc, SpeciesDesc, SpeciesId, Stats, Vegetation, VegetationConfig, Viewer,
 };
+use understory::world::atlas::AtlasRegion;
 use understory::world::instance::Instance;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -61,6 +66,11 @@ pub struct DemoConfig {
     /// Two-phase occlusion culling: draw what was visible last frame, build a depth pyramid
     /// from it, test the rest against it and draw what is newly visible.
     pub occlusion: bool,
+    /// Sun shadows: the cull pass also culls [`MAX_CASCADES`] shadow cascades, whose lists are
+    /// drawn into shadow maps that the camera draw looks up.
+    pub shadows: bool,
+    /// Texels along each cascade's square shadow map.
+    pub shadow_map_px: u32,
     /// Show an indicatif progress bar (on a terminal).
     pub progress: bool,
     /// One stats line this often (0: never).
@@ -81,6 +91,8 @@ impl Default for DemoConfig {
             png_every: None,
             lod_tint: false,
             occlusion: false,
+            shadows: false,
+            shadow_map_px: 1024,
             progress: true,
             stats_interval: Duration::from_secs(1),
         }
@@ -144,17 +156,24 @@ pub struct DemoReport {
     pub deferred_frees: u64,
     /// Most instances the GPU drew in one frame, per LOD (full, medium, billboard).
     pub peak_drawn: [u32; 3],
+    /// With shadows: most instances drawn into each cascade's shadow map in one frame, per LOD
+    /// (empty without shadows).
+    pub peak_drawn_cascades: Vec<[u32; 3]>,
     /// Instances drawn over the whole flight (every LOD, every frame read back).
     pub drawn_total: u64,
     /// Two-phase occlusion culling was on.
     pub occlusion: bool,
+    /// Sun shadows were on.
+    pub shadows: bool,
     /// Frames whose LOD lists overflowed (instances not drawn).
     pub overflow_frames: u64,
+    /// Frames in which a cascade's lists overflowed (casters not drawn).
+    pub shadow_overflow_frames: u64,
     /// Median GPU time of the cull pass (uploads included; with occlusion both phases and the
     /// depth pyramid) per frame, milliseconds (`None` without timestamps on the queue).
     pub gpu_cull_ms: Option<f64>,
     /// Median GPU time of the draw (ground and the indirect draws; with occlusion both
-    /// phases') per frame, milliseconds.
+    /// phases'; with shadows the shadow maps too) per frame, milliseconds.
     pub gpu_draw_ms: Option<f64>,
     /// PNGs written.
     pub pngs: Vec<PathBuf>,
@@ -553,11 +572,19 @@ struct Gpu<'a> {
     cull: CullPass,
     /// With occlusion culling: the depth pyramid of the target's depth.
     pyramid: Option<DepthPyramid>,
+    /// With shadows: the cascades' shadow maps.
+    shadows: Option<ShadowMaps>,
     target: Target<'a>,
-    /// Per slot: the LOD counters of the frame that last used it, and that frame's value.
+    /// Per slot: the LOD counters (every view's) of the frame that last used it, and that
+    /// frame's value.
     counters: Vec<(Buffer, u64)>,
     /// [`STAMPS`] timestamps per slot, where the queue has timestamps.
     queries: Option<vk::QueryPool>,
+}
+
+/// Bytes of the counters of a cull pass of `views` views.
+fn counter_bytes(views: u32) -> u64 {
+    COUNTERS as u64 * 4 * u64::from(views)
 }
 
 /// Timestamps per frame: start, after the (first) cull, after the (first) draw, after the
@@ -581,7 +608,33 @@ impl<'a> Gpu<'a> {
             .instances
             .min(16 << 20)
             .min(u64::from(CullPass::max_capacity(ctx, true))) as u32;
-        let cull = CullPass::with_records(ctx, compaction, capacity, draw.lod_meshes())?;
+        let views = if config.shadows { 1 + MAX_CASCADES } else { 1 };
+        let cull = CullPass::from_desc(
+            ctx,
+            &CullDesc {
+                compaction,
+                capacity,
+                adaptive: true,
+                meshes: draw.lod_meshes(),
+                records: true,
+                max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
+                views,
+            },
+        )?;
+        let shadows = if config.shadows {
+            Some(ShadowMaps::new(
+                ctx,
+                &ShadowDesc {
+                    cascades: MAX_CASCADES,
+                    tile_px: config.shadow_map_px,
+                    ..Default::default()
+                },
+                page,
+                0,
+            )?)
+        } else {
+            None
+        };
         let extent = vk::Extent2D {
             width: config.width,
             height: config.height,
@@ -597,7 +650,7 @@ impl<'a> Gpu<'a> {
             .map(|_| {
                 ctx.create_buffer(&BufferDesc {
                     name: "demo counters readback",
-                    size: COUNTERS as u64 * 4,
+                    size: counter_bytes(views),
                     usage: vk::BufferUsageFlags::TRANSFER_DST,
                     location: MemoryLocation::GpuToCpu,
                     category: Category::Other,
@@ -619,6 +672,7 @@ impl<'a> Gpu<'a> {
             draw,
             cull,
             pyramid,
+            shadows,
             target,
             counters,
             queries: None,
@@ -644,9 +698,36 @@ impl<'a> Gpu<'a> {
             return Ok(());
         }
         self.ctx.wait(*value, Duration::from_secs(30))?;
-        let c: [u32; COUNTERS] = bytemuck::pod_read_unaligned(&buf.mapped()?[..COUNTERS * 4]);
-        // Appended minus what did not fit the list: what was drawn.
-        let drawn = [c[0] - c[4], c[1] - c[5], c[2] - c[6]];
+        let words: Vec<u32> = buf.mapped()?[..counter_bytes(self.cull.views()) as usize]
+            .chunks_exact(4)
+            .map(bytemuck::pod_read_unaligned)
+            .collect();
+        // Appended minus what did not fit the list: what was drawn (view 0 the camera, views
+        // 1.. the cascades).
+        let per_view: Vec<([u32; 3], bool)> = words
+            .chunks_exact(COUNTERS)
+            .map(|c| {
+                (
+                    [c[0] - c[4], c[1] - c[5], c[2] - c[6]],
+                    c[4] + c[5] + c[6] > 0,
+                )
+            })
+            .collect();
+        let c = &words[..COUNTERS];
+        let drawn = per_view[0].0;
+        for (peak, (n, _)) in acc
+            .report
+            .peak_drawn_cascades
+            .iter_mut()
+            .zip(&per_view[1..])
+        {
+            for (p, n) in peak.iter_mut().zip(n) {
+                *p = (*p).max(*n);
+            }
+        }
+        if per_view[1..].iter().any(|(_, overflow)| *overflow) {
+            acc.report.shadow_overflow_frames += 1;
+        }
         acc.gpu_lod = drawn;
         let (counted, could_draw) = acc.slot_frames[slot];
         if counted >= BLANK_GRACE_FRAMES && could_draw && drawn.iter().all(|n| *n == 0) {
@@ -680,8 +761,8 @@ impl<'a> Gpu<'a> {
         Ok(())
     }
 
-    /// Records the frame: uploads, cull, draw into the target, the counters copy and (with
-    /// `png`) the colour image's readback.
+    /// Records the frame: uploads, cull (with `sun`, the shadow cascades too), shadow maps,
+    /// draw into the target, the counters copy and (with `png`) the colour image's readback.
     ///
     /// # Safety
     /// `cmd` is recording for `frame` and is submitted as its submission.
@@ -694,8 +775,17 @@ impl<'a> Gpu<'a> {
         veg: &mut Vegetation,
         view: &CullView,
         constants: &DrawFrame,
+        sun: Option<&Cascades>,
         png: bool,
     ) -> Result<()> {
+        if let Some(sun) = sun {
+            let views = sun
+                .view_projs
+                .iter()
+                .map(|m| CascadeView::new(*m))
+                .collect::<Result<Vec<_>>>()?;
+            self.cull.set_cascades(&views)?;
+        }
         let d = self.ctx.device();
         let q = slot as u32 * STAMPS;
         let stamp = |stage, at| {
@@ -721,8 +811,7 @@ impl<'a> Gpu<'a> {
             if let Some(pyramid) = &self.pyramid {
                 self.cull.record_first(frame, cmd, &sources, view)?;
                 stamp(bottom, q + 1);
-                self.draw
-                    .prepare(frame, cmd, &self.cull, constants, &species)?;
+                self.prepare(frame, cmd, veg, constants, sun, &species)?;
                 self.render(frame, cmd, veg, constants, Some(DrawPhase::First))?;
                 stamp(bottom, q + 2);
                 self.depth_for_pyramid(cmd, true);
@@ -742,8 +831,7 @@ impl<'a> Gpu<'a> {
             } else {
                 self.cull.record(frame, cmd, &sources, view)?;
                 stamp(bottom, q + 1);
-                self.draw
-                    .prepare(frame, cmd, &self.cull, constants, &species)?;
+                self.prepare(frame, cmd, veg, constants, sun, &species)?;
                 self.render(frame, cmd, veg, constants, None)?;
                 stamp(bottom, q + 2);
                 stamp(bottom, q + 3);
@@ -760,7 +848,7 @@ impl<'a> Gpu<'a> {
                 &[vk::BufferCopy {
                     src_offset: 0,
                     dst_offset: 0,
-                    size: COUNTERS as u64 * 4,
+                    size: counter_bytes(self.cull.views()),
                 }],
             );
             if png {
@@ -775,6 +863,41 @@ impl<'a> Gpu<'a> {
                 ),
                 (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
             );
+        }
+        Ok(())
+    }
+
+    /// After the cull: the shadow maps of `sun`'s cascades (the cull's cascade lists), then the
+    /// camera draw's constants, which look the maps up when there are any.
+    ///
+    /// # Safety
+    /// As [`Gpu::record`]; after the cull ([`CullPass::record`] or [`CullPass::record_first`])
+    /// of this frame, outside a rendering scope.
+    unsafe fn prepare(
+        &self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        veg: &Vegetation,
+        constants: &DrawFrame,
+        sun: Option<&Cascades>,
+        species: &[Option<AtlasRegion>],
+    ) -> Result<()> {
+        let page = veg
+            .atlas_page(0)
+            .ok_or_else(|| Error::InvalidInput("no atlas page".into()))?;
+        let shadows = self.shadows.as_ref().zip(sun);
+        // SAFETY: the caller's promises; the cull recorded this frame's cascades before, and
+        // the maps are recorded before the draw's constants that look them up.
+        unsafe {
+            if let Some((maps, sun)) = shadows {
+                maps.record(frame, cmd, &self.cull, &sun.view_projs, species, page)?;
+            }
+            self.draw
+                .prepare(frame, cmd, &self.cull, constants, species)?;
+            if let Some((maps, sun)) = shadows {
+                self.draw
+                    .prepare_shadows(frame, cmd, maps, sun.distance_m)?;
+            }
         }
         Ok(())
     }
@@ -1081,9 +1204,16 @@ impl Accumulator {
                 refused_uploads: 0,
                 deferred_frees: 0,
                 peak_drawn: [0; 3],
+                peak_drawn_cascades: if config.shadows {
+                    vec![[0; 3]; MAX_CASCADES as usize]
+                } else {
+                    Vec::new()
+                },
                 drawn_total: 0,
                 occlusion: config.occlusion,
+                shadows: config.shadows,
                 overflow_frames: 0,
+                shadow_overflow_frames: 0,
                 gpu_cull_ms: None,
                 gpu_draw_ms: None,
                 pngs: Vec::new(),
@@ -1255,10 +1385,117 @@ fn view_matrix(veg: &Vegetation, config: &DemoConfig, f: u64) -> (Vec3, Mat4) {
     let fog_m = c.lod.billboard_m * 1.15;
     let (eye, look) = camera(f as f32 / config.frames as f32, c.world_size_m * 0.27);
     let aspect = config.width as f32 / config.height as f32;
-    let mut proj = Mat4::perspective_rh(60f32.to_radians(), aspect, 0.5, fog_m * 1.5);
+    let mut proj = Mat4::perspective_rh(FOV_Y_DEG.to_radians(), aspect, NEAR_M, fog_m * 1.5);
     // Vulkan's clip space has y pointing down.
     proj.y_axis.y = -proj.y_axis.y;
     (eye, proj * Mat4::look_at_rh(eye, look, Vec3::Y))
+}
+
+/// The camera's vertical field of view, degrees.
+const FOV_Y_DEG: f32 = 60.0;
+/// The camera's near plane, metres.
+const NEAR_M: f32 = 0.5;
+/// How far shadows reach from the camera, in medium LOD bands (240 m in the demo: 300 m, where
+/// trees are small enough on screen that their shadows stop mattering).
+const SHADOW_REACH_BANDS: f32 = 1.25;
+/// Weight of the logarithmic splits in the practical split scheme (the rest uniform): 0.5 gives
+/// the nearest cascade about 30 m of the demo's 300.
+const SPLIT_LAMBDA: f32 = 0.5;
+/// How far towards the sun casters may stand outside a cascade's sphere and still shade it:
+/// the tallest tree (21 m) seen along a sun at least 40 degrees high reaches 33 m.
+const CASTER_REACH_M: f32 = 40.0;
+
+/// The sun's shadow cascades of one frame.
+#[derive(Clone, Debug)]
+struct Cascades {
+    /// World to each cascade's clip space, nearest cascade first.
+    view_projs: Vec<Mat4>,
+    /// Where shadows have faded out, metres from the camera.
+    distance_m: f32,
+}
+
+/// Where each of `count` slices of the camera's depth range `near..far` ends, by the practical
+/// split scheme: `lambda` of the logarithmic split plus the rest of the uniform one.
+fn cascade_splits(near: f32, far: f32, count: usize, lambda: f32) -> Vec<f32> {
+    (1..=count)
+        .map(|i| {
+            let t = i as f32 / count as f32;
+            let log = near * (far / near).powf(t);
+            let uniform = near + (far - near) * t;
+            lambda * log + (1.0 - lambda) * uniform
+        })
+        .collect()
+}
+
+/// The shadow cascades of a camera at `eye` looking towards `look` (vertical field of view
+/// [`FOV_Y_DEG`], `aspect`, near plane [`NEAR_M`]), up to `distance_m`, in the sun's direction
+/// `sun` (unit, towards the sun), for shadow maps of `tile_px` texels. Each slice of the view
+/// ([`cascade_splits`]) is enclosed in its smallest sphere, whose radius is the same every
+/// frame; the sphere's square, seen from the sun, is the cascade's x/y extent, its centre
+/// snapped to whole texels of the sun's fixed rotation, so trees standing still cast shadows
+/// that stand still. Depth spans the sphere plus [`CASTER_REACH_M`] towards the sun.
+fn shadow_cascades(
+    eye: Vec3,
+    look: Vec3,
+    aspect: f32,
+    sun: Vec3,
+    distance_m: f32,
+    count: usize,
+    tile_px: u32,
+) -> Vec<Mat4> {
+    let forward = (look - eye).normalize();
+    let tan_y = (FOV_Y_DEG.to_radians() * 0.5).tan();
+    // Squared slope of the slice's corners off the view axis.
+    let k = tan_y * tan_y * (1.0 + aspect * aspect);
+    let up = if sun.y.abs() > 0.99 { Vec3::Z } else { Vec3::Y };
+    let light = Mat4::look_to_rh(Vec3::ZERO, -sun, up);
+    let mut near = NEAR_M;
+    cascade_splits(NEAR_M, distance_m, count, SPLIT_LAMBDA)
+        .into_iter()
+        .map(|far| {
+            // The smallest sphere around the slice's corners has its centre on the view axis,
+            // equally far from the near and far corners (or at the far face's centre).
+            let z = ((1.0 + k) * (far + near) * 0.5).min(far);
+            let radius = (k * far * far + (far - z) * (far - z)).sqrt();
+            let radius = (radius * 16.0).ceil() / 16.0;
+            near = far;
+            let centre = light.transform_point3(eye + forward * z);
+            let texel = 2.0 * radius / tile_px as f32;
+            let (x, y) = (
+                (centre.x / texel).round() * texel,
+                (centre.y / texel).round() * texel,
+            );
+            let proj = Mat4::orthographic_rh(
+                x - radius,
+                x + radius,
+                y - radius,
+                y + radius,
+                -centre.z - radius - CASTER_REACH_M,
+                -centre.z + radius,
+            );
+            proj * light
+        })
+        .collect()
+}
+
+/// The cascades of frame `f`: the camera's, along the sun of `constants`.
+fn cascades_of(veg: &Vegetation, config: &DemoConfig, f: u64, constants: &DrawFrame) -> Cascades {
+    let c = veg.config();
+    let (eye, look) = camera(f as f32 / config.frames as f32, c.world_size_m * 0.27);
+    let sun = Vec3::new(constants.sun[0], constants.sun[1], constants.sun[2]);
+    let distance_m = c.lod.medium_m * SHADOW_REACH_BANDS;
+    Cascades {
+        view_projs: shadow_cascades(
+            eye,
+            look,
+            config.width as f32 / config.height as f32,
+            sun,
+            distance_m,
+            MAX_CASCADES as usize,
+            config.shadow_map_px,
+        ),
+        distance_m,
+    }
 }
 
 /// The frame loop: stream (budget, update), read back the slot's last frame, record, submit,
@@ -1285,6 +1522,9 @@ fn fly(ctx: &Context, veg: &mut Vegetation, config: &DemoConfig) -> Result<DemoR
         }
         let (view, constants) =
             view_of(veg, config, f, update.decision.quality, gpu.draw.radius())?;
+        let sun = config
+            .shadows
+            .then(|| cascades_of(veg, config, f, &constants));
         // Read back what this slot's previous frame counted.
         let slot = (f as usize) % slots;
         gpu.read_back(slot, &mut acc)?;
@@ -1298,7 +1538,18 @@ fn fly(ctx: &Context, veg: &mut Vegetation, config: &DemoConfig) -> Result<DemoR
             };
         let cmd = ring.begin(&frame)?;
         // SAFETY: cmd is recording for `frame` and is submitted right below as its submission.
-        unsafe { gpu.record(&frame, cmd.raw(), slot, veg, &view, &constants, png)? };
+        unsafe {
+            gpu.record(
+                &frame,
+                cmd.raw(),
+                slot,
+                veg,
+                &view,
+                &constants,
+                sun.as_ref(),
+                png,
+            )?
+        };
         let done = ring.submit(frame, cmd)?;
         gpu.counters[slot].1 = done.value();
         // Report.
@@ -1376,6 +1627,91 @@ mod tests {
             forest(&config, 1000, 9).len(),
             forest(&config, 1000, 9).len()
         );
+    }
+
+    #[test]
+    fn cascade_splits_blend_uniform_and_logarithmic() {
+        let uniform = cascade_splits(1.0, 101.0, 4, 0.0);
+        assert_eq!(uniform, [26.0, 51.0, 76.0, 101.0]);
+        let log = cascade_splits(1.0, 10_000.0, 4, 1.0);
+        for (got, want) in log.iter().zip([10.0, 100.0, 1000.0, 10_000.0]) {
+            assert!((got / want - 1.0).abs() < 1e-4, "{got} vs {want}");
+        }
+        let mixed = cascade_splits(NEAR_M, 300.0, 4, SPLIT_LAMBDA);
+        assert!(mixed.windows(2).all(|w| w[0] < w[1]));
+        assert!((mixed[3] - 300.0).abs() < 1e-3);
+        assert!((10.0..60.0).contains(&mixed[0]), "{mixed:?}");
+    }
+
+    /// Every cascade holds its slice of the view (and what stands up to CASTER_REACH_M
+    /// towards the sun from it) inside its clip volume, and moving the camera moves the
+    /// cascades by whole texels only.
+    #[test]
+    fn cascades_hold_their_slices_and_snap_to_texels() {
+        let sun = Vec3::new(-0.4, 0.8, 0.35).normalize();
+        let (aspect, tile, far) = (16.0 / 9.0, 512, 300.0);
+        let inside = |m: Mat4, p: Vec3| {
+            let c = m.project_point3(p);
+            c.x.abs() <= 1.0 + 1e-4 && c.y.abs() <= 1.0 + 1e-4 && (-1e-4..=1.0001).contains(&c.z)
+        };
+        for (k, (eye, look)) in [0.0f32, 0.13, 0.5, 0.77]
+            .iter()
+            .map(|t| camera(*t, 550.0))
+            .enumerate()
+        {
+            let cascades = shadow_cascades(eye, look, aspect, sun, far, 4, tile);
+            assert_eq!(cascades.len(), 4);
+            let forward = (look - eye).normalize();
+            let right = forward.cross(Vec3::Y).normalize();
+            let up = right.cross(forward);
+            let tan_y = (FOV_Y_DEG.to_radians() * 0.5).tan();
+            let mut near = NEAR_M;
+            for (c, (m, split)) in cascades
+                .iter()
+                .zip(cascade_splits(NEAR_M, far, 4, SPLIT_LAMBDA))
+                .enumerate()
+            {
+                for d in [near, split] {
+                    for (sx, sy) in [(-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0), (1.0, 1.0)] {
+                        let p = eye
+                            + forward * d
+                            + right * (sx * tan_y * aspect * d)
+                            + up * (sy * tan_y * d);
+                        assert!(inside(*m, p), "camera {k} cascade {c}: corner {p}");
+                        let caster = p + sun * (CASTER_REACH_M - 1.0);
+                        assert!(
+                            inside(*m, caster),
+                            "camera {k} cascade {c}: caster {caster}"
+                        );
+                    }
+                }
+                near = split;
+            }
+        }
+        // Two nearby cameras: the world's origin lands on the same spot within a texel.
+        let (e0, l0) = camera(0.2, 550.0);
+        let (e1, l1) = camera(0.2005, 550.0);
+        let a = shadow_cascades(e0, l0, aspect, sun, far, 4, tile);
+        let b = shadow_cascades(e1, l1, aspect, sun, far, 4, tile);
+        for (ma, mb) in a.iter().zip(&b) {
+            let texel = |m: &Mat4| {
+                let c = m.project_point3(Vec3::ZERO);
+                (
+                    (c.x * 0.5 + 0.5) * tile as f32,
+                    (c.y * 0.5 + 0.5) * tile as f32,
+                )
+            };
+            let (ta, tb) = (texel(ma), texel(mb));
+            // Distance between the sub-texel offsets, around the wrap.
+            let apart = |a: f32, b: f32| {
+                let d = (a - a.floor() - (b - b.floor())).abs();
+                d.min(1.0 - d)
+            };
+            assert!(
+                apart(ta.0, tb.0) < 0.02 && apart(ta.1, tb.1) < 0.02,
+                "{ta:?} vs {tb:?}"
+            );
+        }
     }
 
     #[test]

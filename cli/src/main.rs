@@ -56,6 +56,10 @@ enum Command {
         /// pyramid, test the rest against it).
         #[arg(long, value_enum, default_value_t = Switch::Off)]
         occlusion: Switch,
+        /// Sun shadows (on: the cull pass also culls four shadow cascades, drawn into shadow
+        /// maps that the camera draw looks up).
+        #[arg(long, value_enum, default_value_t = Switch::Off)]
+        shadows: Switch,
         /// Seed of the forest.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -148,6 +152,7 @@ fn run(cli: Cli) -> understory::Result<()> {
             png_every,
             lod_tint,
             occlusion,
+            shadows,
             seed,
             quiet,
         } => {
@@ -178,6 +183,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 png_every,
                 lod_tint,
                 occlusion: occlusion == Switch::On,
+                shadows: shadows == Switch::On,
                 progress: !quiet,
                 ..Default::default()
             };
@@ -220,6 +226,24 @@ fn run(cli: Cli) -> understory::Result<()> {
                 "most drawn in a frame: full {}, medium {}, billboard {}; frames with list overflow {}",
                 r.peak_drawn[0], r.peak_drawn[1], r.peak_drawn[2], r.overflow_frames
             );
+            if r.shadows {
+                let cascades: Vec<String> = r
+                    .peak_drawn_cascades
+                    .iter()
+                    .enumerate()
+                    .map(|(c, [full, medium, billboard])| {
+                        format!(
+                            "cascade {}: full {full}, medium {medium}, billboard {billboard}",
+                            c + 1
+                        )
+                    })
+                    .collect();
+                println!(
+                    "most drawn in a frame into the shadow maps: {}; frames with list overflow {}",
+                    cascades.join("; "),
+                    r.shadow_overflow_frames
+                );
+            }
             println!(
                 "drawn over the flight: {} instances (occlusion {})",
                 r.drawn_total,
@@ -231,7 +255,12 @@ fn run(cli: Cli) -> understory::Result<()> {
                 } else {
                     "uploads + cull"
                 };
-                println!("GPU time per frame (median): {what} {c:.3} ms, draw {d:.3} ms");
+                let draw = if r.shadows {
+                    "shadow maps + draw"
+                } else {
+                    "draw"
+                };
+                println!("GPU time per frame (median): {what} {c:.3} ms, {draw} {d:.3} ms");
             }
             println!(
                 "evictions {}, uploads {} ({} refused by the budget or a category cap, retried later), deferred frees {}",

@@ -1,6 +1,7 @@
 //! `understory demo` under (synchronization) validation: the forest is culled and drawn on the
-//! GPU, the PNG shows sky, ground and trees, `--lod-tint` shows all three bands, a squeeze makes
-//! the controller give memory back, and nothing leaks.
+//! GPU, the PNG shows sky, ground and trees, `--lod-tint` shows all three bands, sun shadows
+//! darken the ground and nothing else, a squeeze makes the controller give memory back, and
+//! nothing leaks.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -140,6 +141,107 @@ fn occlusion_draws_fewer_trees_and_the_same_image() {
             share * 100.0
         );
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Sun shadows: the same flight with shadows off and on. The camera's lists do not change,
+/// every cascade drew casters, the sky is the same to the bit, nothing gets brighter, and the
+/// ground between the trees is clearly darker. With occlusion culling too (cascades culled by
+/// the first phase), the picture is the same.
+#[test]
+fn shadows_darken_the_ground_and_leave_the_sky_alone() {
+    let Some(probe) = common::context("shadows_darken_the_ground") else {
+        return;
+    };
+    drop(probe);
+    let dir = temp_dir("shadows");
+    let flight = |shadows: bool, occlusion: bool, name: &str| {
+        let r = run(
+            &common::options(),
+            &DemoConfig {
+                shadows,
+                occlusion,
+                shadow_map_px: 512,
+                frames: 12,
+                ..config(&dir, name)
+            },
+        )
+        .expect("demo");
+        eprintln!("shadows {shadows}: {r:?}");
+        check_clean(&r);
+        assert_eq!(r.overflow_frames, 0);
+        r
+    };
+    let off = flight(false, false, "off.png");
+    let on = flight(true, false, "on.png");
+    let occluded = flight(true, true, "occluded.png");
+    assert!(off.peak_drawn_cascades.is_empty());
+    assert_eq!(
+        on.peak_drawn, off.peak_drawn,
+        "the camera's lists are the same"
+    );
+    assert_eq!(on.peak_drawn_cascades.len(), 4);
+    for (c, drawn) in on.peak_drawn_cascades.iter().enumerate() {
+        assert!(drawn.iter().sum::<u32>() > 0, "cascade {c} drew casters");
+    }
+    let ((po, w), (pn, _)) = (read_png(&off.pngs[0]), read_png(&on.pngs[0]));
+    assert_eq!(po.len(), pn.len());
+    let sky = |p: &[u8; 4]| p[2] > p[1] && p[1] > p[0] && p[2] > 180;
+    let sky_px: Vec<usize> = (0..po.len()).filter(|&i| sky(&po[i])).collect();
+    assert!(sky_px.len() > po.len() / 5, "{} sky pixels", sky_px.len());
+    assert!(
+        sky_px.iter().all(|&i| po[i] == pn[i]),
+        "the sky is the same with shadows"
+    );
+    let luma =
+        |p: &[u8; 4]| 0.3 * f64::from(p[0]) + 0.59 * f64::from(p[1]) + 0.11 * f64::from(p[2]);
+    let brighter = (0..po.len())
+        .filter(|&i| luma(&pn[i]) > luma(&po[i]) + 1.0)
+        .count();
+    assert!(
+        brighter * 1000 <= po.len(),
+        "{brighter} pixels are brighter with shadows"
+    );
+    // Ground pixels of the unshadowed image, in the lower half and not far in the fog: the
+    // lit ground colour (74, 92, 48 at the sun's light, 0.90) faded towards the fog colour.
+    let lit = [74.0 * 0.8997, 92.0 * 0.8997, 48.0 * 0.8997];
+    let fog = [0.62 * 255.0, 0.74 * 255.0, 0.86 * 255.0];
+    let ground = |p: &[u8; 4]| {
+        let t = (f64::from(p[2]) - lit[2]) / (fog[2] - lit[2]);
+        (0.0..0.5).contains(&t)
+            && (0..2).all(|k| (f64::from(p[k]) - (lit[k] + (fog[k] - lit[k]) * t)).abs() < 4.0)
+    };
+    let ground_px: Vec<usize> = (po.len() / 2..po.len())
+        .filter(|&i| ground(&po[i]))
+        .collect();
+    let mean = |px: &[[u8; 4]]| {
+        ground_px.iter().map(|&i| luma(&px[i])).sum::<f64>() / ground_px.len().max(1) as f64
+    };
+    let shaded = ground_px
+        .iter()
+        .filter(|&&i| luma(&pn[i]) < luma(&po[i]) - 8.0)
+        .count();
+    eprintln!(
+        "{} ground pixels of {} ({w} wide): mean luminance {:.1} without shadows, {:.1} with; {shaded} in shadow",
+        ground_px.len(),
+        po.len(),
+        mean(&po),
+        mean(&pn)
+    );
+    assert!(ground_px.len() > po.len() / 50, "ground is visible");
+    assert!(
+        shaded * 10 >= ground_px.len(),
+        "at least a tenth of the ground is in shadow"
+    );
+    assert!(mean(&pn) < 0.93 * mean(&po), "the ground is darker");
+    let (pc, _) = read_png(&occluded.pngs[0]);
+    let differ = pn.iter().zip(&pc).filter(|(a, b)| a != b).count();
+    eprintln!("with occlusion culling: {differ} pixels differ");
+    assert!(
+        differ * 1000 <= pn.len(),
+        "{differ} pixels differ with occlusion"
+    );
+    assert_eq!(occluded.peak_drawn_cascades, on.peak_drawn_cascades);
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -10,7 +10,8 @@ struct ShadowFrame {
     // normal before the lookup, so a surface does not shadow itself).
     texel_m: vec4<f32>,
     // x: distance from the camera where shadows have faded out, metres; y: the share of the
-    // direct light a shadow takes away (1: all of it); z: the uv size of one texel; w unused.
+    // direct light a shadow takes away (1: all of it); z: one texel as a share of a tile's
+    // side (tiles are square in texels); w unused.
     params: vec4<f32>,
     // x: cascades (0..=4); yzw unused.
     count: vec4<u32>,

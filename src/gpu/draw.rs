@@ -6,6 +6,10 @@
 //!
 //! Per frame: [`DrawPass::prepare`] outside the rendering scope (frame constants and the
 //! species table, by `vkCmdUpdateBuffer`), then [`DrawPass::record`] inside it.
+//!
+//! Sun shadows: after [`ShadowMaps::record`] and [`DrawPass::prepare_shadows`] in the same
+//! frame, the frame's draws use a second pipeline whose fragment stage looks the sun up in the
+//! cascades' shadow maps; in a frame without `prepare_shadows` the pass draws as it always did.
 
 use std::f32::consts::TAU;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +26,7 @@ use crate::gpu::context::{Context, Frame, Shared};
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect, InstanceBounds};
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, RawObject};
 use crate::gpu::shaders;
+use crate::gpu::shadow::{SHADOW_FORMAT, SHADOW_READ_LAYOUT, ShadowFrame, ShadowMaps, depth_view};
 use crate::policy::category::Category;
 use crate::world::atlas::AtlasRegion;
 
@@ -270,6 +275,178 @@ pub fn tree_billboard(width: u32, height: u32, seed: u32) -> Vec<u8> {
     out
 }
 
+/// Checks that `page` is an image a pass of `shared` can sample as an atlas page: of this
+/// context, `SAMPLED` usage, [`ATLAS_FORMAT`], at least one mip.
+pub(crate) fn check_atlas_page(shared: &Arc<Shared>, page: &Image) -> Result<()> {
+    if !page.belongs_to(shared) {
+        return Err(Error::Lifecycle(format!(
+            "atlas page {:?} is of another context",
+            page.name()
+        )));
+    }
+    // VUID-VkWriteDescriptorSet-descriptorType-00337: the view is bound as a sampled
+    // image, so its image needs SAMPLED usage (which also makes the view valid to create:
+    // VUID-VkImageViewCreateInfo-image-04441).
+    if !page.usage().contains(vk::ImageUsageFlags::SAMPLED) {
+        return Err(Error::InvalidInput(format!(
+            "atlas page {:?} (usage {:?}) lacks SAMPLED usage: the pass samples it",
+            page.name(),
+            page.usage()
+        )));
+    }
+    // The view takes the colour aspect, and the fragment shader samples floats through a
+    // linear filter: the atlas format (R8G8B8A8_UNORM, for which sampling and linear
+    // filtering are mandatory features) is what the passes are built for.
+    if page.format() != ATLAS_FORMAT {
+        return Err(Error::InvalidInput(format!(
+            "atlas page {:?} has format {:?}; the pass samples {ATLAS_FORMAT:?} pages",
+            page.name(),
+            page.format()
+        )));
+    }
+    if page.mip_levels() == 0 {
+        return Err(Error::InvalidInput(format!(
+            "atlas page {:?} has no mip level",
+            page.name()
+        )));
+    }
+    Ok(())
+}
+
+/// A view of every mip of an atlas page that [`check_atlas_page`] accepted.
+pub(crate) fn atlas_view(device: &ash::Device, page: &Image) -> Result<vk::ImageView> {
+    let view_info = vk::ImageViewCreateInfo::default()
+        .image(page.raw())
+        .view_type(vk::ImageViewType::TYPE_2D)
+        .format(page.format())
+        .subresource_range(vk::ImageSubresourceRange {
+            aspect_mask: vk::ImageAspectFlags::COLOR,
+            base_mip_level: 0,
+            level_count: page.mip_levels(),
+            base_array_layer: 0,
+            layer_count: 1,
+        });
+    // SAFETY: the page is a live 2D image of this device (an Image is always 2D, one
+    // layer), of the atlas colour format (so the COLOR aspect is its only aspect) with
+    // SAMPLED usage (VUID-VkImageViewCreateInfo-image-04441), all checked by
+    // `check_atlas_page`; the view covers exactly its mip levels
+    // (VUID-VkImageViewCreateInfo-subresourceRange-01718).
+    unsafe { device.create_image_view(&view_info, None) }.map_err(vk_err("vkCreateImageView"))
+}
+
+/// The linear, edge-clamped sampler billboards sample the atlas with.
+pub(crate) fn atlas_sampler(device: &ash::Device) -> Result<vk::Sampler> {
+    let sampler_info = vk::SamplerCreateInfo::default()
+        .mag_filter(vk::Filter::LINEAR)
+        .min_filter(vk::Filter::LINEAR)
+        .mipmap_mode(vk::SamplerMipmapMode::LINEAR)
+        .address_mode_u(vk::SamplerAddressMode::CLAMP_TO_EDGE)
+        .address_mode_v(vk::SamplerAddressMode::CLAMP_TO_EDGE)
+        .address_mode_w(vk::SamplerAddressMode::CLAMP_TO_EDGE)
+        .max_lod(vk::LOD_CLAMP_NONE);
+    // SAFETY: valid create info.
+    unsafe { device.create_sampler(&sampler_info, None) }.map_err(vk_err("vkCreateSampler"))
+}
+
+/// Host-visible vertex and index buffers holding `meshes` (category `Outputs`), named
+/// `"{who} vertices"` and `"{who} indices"`.
+pub(crate) fn mesh_buffers(ctx: &Context, who: &str, meshes: &Meshes) -> Result<[Buffer; 2]> {
+    let host_buffer = |name: &str, bytes: &[u8], usage| -> Result<Buffer> {
+        let mut b = ctx.create_buffer(&BufferDesc {
+            name,
+            size: bytes.len() as u64,
+            usage,
+            location: MemoryLocation::CpuToGpu,
+            category: Category::Outputs,
+        })?;
+        b.mapped_mut()?[..bytes.len()].copy_from_slice(bytes);
+        Ok(b)
+    };
+    Ok([
+        host_buffer(
+            &format!("{who} vertices"),
+            bytemuck::cast_slice(&meshes.vertices),
+            vk::BufferUsageFlags::VERTEX_BUFFER,
+        )?,
+        host_buffer(
+            &format!("{who} indices"),
+            bytemuck::cast_slice(&meshes.indices),
+            vk::BufferUsageFlags::INDEX_BUFFER,
+        )?,
+    ])
+}
+
+/// The species table of a pass that samples atlas page `page`: each species' UV rectangle
+/// (min u, min v, max u, max v), zeros for an id without a region. At most [`MAX_SPECIES`]
+/// ([`Error::InvalidInput`]); a species on another page is [`Error::Unsupported`].
+pub(crate) fn species_table(species: &[Option<AtlasRegion>], page: u32) -> Result<Vec<[f32; 4]>> {
+    if species.len() > MAX_SPECIES {
+        return Err(Error::InvalidInput(format!(
+            "{} species, the table holds {MAX_SPECIES}",
+            species.len()
+        )));
+    }
+    species
+        .iter()
+        .enumerate()
+        .map(|(id, r)| match r {
+            Some(r) if r.page != page => Err(Error::Unsupported(format!(
+                "species {id} is on atlas page {}; the pass samples page {page}",
+                r.page
+            ))),
+            Some(r) => Ok([r.uv_min[0], r.uv_min[1], r.uv_max[0], r.uv_max[1]]),
+            None => Ok([0.0; 4]),
+        })
+        .collect()
+}
+
+/// Records `vkCmdUpdateBuffer` of each `(buffer, bytes)` at offset 0 (empty ones skipped),
+/// after every vertex- and fragment-shader read recorded before and before every one recorded
+/// after.
+///
+/// # Safety
+/// `cmd` is recording on `device`, outside any rendering scope; each buffer is live, of
+/// `device`, marked used by the frame `cmd` is recorded for, has `TRANSFER_DST` usage and holds
+/// its bytes, which are a multiple of 4 and at most 65,536 (VUID-vkCmdUpdateBuffer-dataSize-00037,
+/// -00038, -dstOffset-00032).
+pub(crate) unsafe fn record_updates(
+    device: &ash::Device,
+    cmd: vk::CommandBuffer,
+    updates: &[(&Buffer, &[u8])],
+) {
+    let readers = vk::PipelineStageFlags::VERTEX_SHADER | vk::PipelineStageFlags::FRAGMENT_SHADER;
+    let reads = vk::AccessFlags::UNIFORM_READ | vk::AccessFlags::SHADER_READ;
+    let barrier = |src, dst| {
+        [vk::MemoryBarrier::default()
+            .src_access_mask(src)
+            .dst_access_mask(dst)]
+    };
+    // SAFETY: the caller's promises; the barriers need nothing else.
+    unsafe {
+        device.cmd_pipeline_barrier(
+            cmd,
+            readers,
+            vk::PipelineStageFlags::TRANSFER,
+            vk::DependencyFlags::empty(),
+            &barrier(vk::AccessFlags::empty(), vk::AccessFlags::TRANSFER_WRITE),
+            &[],
+            &[],
+        );
+        for (buffer, bytes) in updates.iter().filter(|(_, b)| !b.is_empty()) {
+            device.cmd_update_buffer(cmd, buffer.raw(), 0, bytes);
+        }
+        device.cmd_pipeline_barrier(
+            cmd,
+            vk::PipelineStageFlags::TRANSFER,
+            readers,
+            vk::DependencyFlags::empty(),
+            &barrier(vk::AccessFlags::TRANSFER_WRITE, reads),
+            &[],
+            &[],
+        );
+    }
+}
+
 /// The frame constants, laid out exactly as WGSL `DrawFrame` (`shaders/common/draw.wgsl`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -350,6 +527,14 @@ pub enum DrawPhase {
     Second,
 }
 
+/// The shadow maps a [`DrawPass`] samples: the image (kept alive by the pass while its view
+/// lives), the pass's own view of it, and the frame [`DrawPass::prepare_shadows`] last ran for.
+struct ShadowBinding {
+    image: Arc<Image>,
+    view: vk::ImageView,
+    frame: u64,
+}
+
 /// The pipeline and the buffers it reads besides the cull pass's. Dropping it retires
 /// everything at the last frame that recorded it.
 pub struct DrawPass {
@@ -358,8 +543,18 @@ pub struct DrawPass {
     set_layout: vk::DescriptorSetLayout,
     layout: vk::PipelineLayout,
     pipeline: vk::Pipeline,
+    /// Set 1 of the shadowed pipeline: the shadow maps, their sampler and [`ShadowFrame`].
+    shadow_set_layout: vk::DescriptorSetLayout,
+    /// Sets 0 and 1, the same push constants.
+    shadow_layout: vk::PipelineLayout,
+    /// The same with `fs_shadowed`: used in frames that ran [`DrawPass::prepare_shadows`].
+    shadowed: vk::Pipeline,
     sets: Mutex<DescriptorArena>,
+    shadow_sets: Mutex<DescriptorArena>,
     sampler: vk::Sampler,
+    /// Depth comparison (`LESS_OR_EQUAL`), linear where the shadow format allows it.
+    shadow_sampler: vk::Sampler,
+    shadow: Mutex<Option<ShadowBinding>>,
     /// A view of the atlas page, not the page: the page may be retired and destroyed while
     /// the pass lives; `record` then refuses (it takes the page and checks `atlas_image`), so
     /// the view is never used again, and it is destroyed with the pass.
@@ -375,6 +570,8 @@ pub struct DrawPass {
     indices: Option<Buffer>,
     frame: Option<Buffer>,
     species: Option<Buffer>,
+    /// The [`ShadowFrame`] uniform.
+    shadow_frame: Option<Buffer>,
 }
 
 impl DrawPass {
@@ -413,38 +610,7 @@ impl DrawPass {
             },
             vk::QueueFlags::GRAPHICS,
         )?;
-        if !atlas_page.belongs_to(shared) {
-            return Err(Error::Lifecycle(format!(
-                "atlas page {:?} is of another context",
-                atlas_page.name()
-            )));
-        }
-        // VUID-VkWriteDescriptorSet-descriptorType-00337: the view is bound as a sampled
-        // image, so its image needs SAMPLED usage (which also makes the view valid to create:
-        // VUID-VkImageViewCreateInfo-image-04441).
-        if !atlas_page.usage().contains(vk::ImageUsageFlags::SAMPLED) {
-            return Err(Error::InvalidInput(format!(
-                "atlas page {:?} (usage {:?}) lacks SAMPLED usage: the draw pass samples it",
-                atlas_page.name(),
-                atlas_page.usage()
-            )));
-        }
-        // The view takes the colour aspect, and the fragment shader samples floats through a
-        // linear filter: the atlas format (R8G8B8A8_UNORM, for which sampling and linear
-        // filtering are mandatory features) is what the pass is built for.
-        if atlas_page.format() != ATLAS_FORMAT {
-            return Err(Error::InvalidInput(format!(
-                "atlas page {:?} has format {:?}; the draw pass samples {ATLAS_FORMAT:?} pages",
-                atlas_page.name(),
-                atlas_page.format()
-            )));
-        }
-        if atlas_page.mip_levels() == 0 {
-            return Err(Error::InvalidInput(format!(
-                "atlas page {:?} has no mip level",
-                atlas_page.name()
-            )));
-        }
+        check_atlas_page(shared, atlas_page)?;
         let meshes = Meshes::trees();
         let mut this = Self {
             shared: shared.clone(),
@@ -452,6 +618,9 @@ impl DrawPass {
             set_layout: vk::DescriptorSetLayout::null(),
             layout: vk::PipelineLayout::null(),
             pipeline: vk::Pipeline::null(),
+            shadow_set_layout: vk::DescriptorSetLayout::null(),
+            shadow_layout: vk::PipelineLayout::null(),
+            shadowed: vk::Pipeline::null(),
             sets: Mutex::new(DescriptorArena::new(
                 &[
                     (vk::DescriptorType::UNIFORM_BUFFER, 1),
@@ -461,7 +630,17 @@ impl DrawPass {
                 ],
                 8,
             )),
+            shadow_sets: Mutex::new(DescriptorArena::new(
+                &[
+                    (vk::DescriptorType::SAMPLED_IMAGE, 1),
+                    (vk::DescriptorType::SAMPLER, 1),
+                    (vk::DescriptorType::UNIFORM_BUFFER, 1),
+                ],
+                8,
+            )),
             sampler: vk::Sampler::null(),
+            shadow_sampler: vk::Sampler::null(),
+            shadow: Mutex::new(None),
             atlas_view: vk::ImageView::null(),
             atlas_image: atlas_page.id(),
             atlas_page: page_index,
@@ -473,6 +652,7 @@ impl DrawPass {
             indices: None,
             frame: None,
             species: None,
+            shadow_frame: None,
         };
         // On error, Drop retires whatever was built (nothing was recorded with it).
         this.build(ctx, color_format, depth_format, atlas_page, &meshes)?;
@@ -505,27 +685,9 @@ impl DrawPass {
         meshes: &Meshes,
     ) -> Result<()> {
         let d = ctx.device();
-        let host_buffer = |name, bytes: &[u8], usage| -> Result<Buffer> {
-            let mut b = ctx.create_buffer(&BufferDesc {
-                name,
-                size: bytes.len() as u64,
-                usage,
-                location: MemoryLocation::CpuToGpu,
-                category: Category::Outputs,
-            })?;
-            b.mapped_mut()?[..bytes.len()].copy_from_slice(bytes);
-            Ok(b)
-        };
-        self.vertices = Some(host_buffer(
-            "draw vertices",
-            bytemuck::cast_slice(&meshes.vertices),
-            vk::BufferUsageFlags::VERTEX_BUFFER,
-        )?);
-        self.indices = Some(host_buffer(
-            "draw indices",
-            bytemuck::cast_slice(&meshes.indices),
-            vk::BufferUsageFlags::INDEX_BUFFER,
-        )?);
+        let [vertices, indices] = mesh_buffers(ctx, "draw", meshes)?;
+        self.vertices = Some(vertices);
+        self.indices = Some(indices);
         let gpu_buffer = |name, size, usage| {
             ctx.create_buffer(&BufferDesc {
                 name,
@@ -545,35 +707,44 @@ impl DrawPass {
             (MAX_SPECIES * 16) as u64,
             vk::BufferUsageFlags::STORAGE_BUFFER,
         )?);
+        self.shadow_frame = Some(gpu_buffer(
+            "draw shadows",
+            size_of::<ShadowFrame>() as u64,
+            vk::BufferUsageFlags::UNIFORM_BUFFER,
+        )?);
 
-        let view_info = vk::ImageViewCreateInfo::default()
-            .image(atlas_page.raw())
-            .view_type(vk::ImageViewType::TYPE_2D)
-            .format(atlas_page.format())
-            .subresource_range(vk::ImageSubresourceRange {
-                aspect_mask: vk::ImageAspectFlags::COLOR,
-                base_mip_level: 0,
-                level_count: atlas_page.mip_levels(),
-                base_array_layer: 0,
-                layer_count: 1,
-            });
-        // SAFETY: the page is a live 2D image of this device (an Image is always 2D, one
-        // layer), of the atlas colour format (so the COLOR aspect is its only aspect) with
-        // SAMPLED usage (VUID-VkImageViewCreateInfo-image-04441), all checked in new; the view
-        // covers exactly its mip levels (VUID-VkImageViewCreateInfo-subresourceRange-01718).
-        self.atlas_view = unsafe { d.create_image_view(&view_info, None) }
-            .map_err(vk_err("vkCreateImageView"))?;
-        let sampler_info = vk::SamplerCreateInfo::default()
-            .mag_filter(vk::Filter::LINEAR)
-            .min_filter(vk::Filter::LINEAR)
-            .mipmap_mode(vk::SamplerMipmapMode::LINEAR)
+        self.atlas_view = atlas_view(d, atlas_page)?;
+        self.sampler = atlas_sampler(d)?;
+        // Hardware 2x2 filtering of the comparisons where the format allows it
+        // (VUID-vkCmdDraw-magFilter-04553), single comparisons otherwise.
+        // SAFETY: the adapter's physical device belongs to the context's live instance
+        // (VUID-vkGetPhysicalDeviceFormatProperties-physicalDevice-parameter).
+        let props = unsafe {
+            ctx.instance()
+                .get_physical_device_format_properties(ctx.adapter().handle, SHADOW_FORMAT)
+        };
+        let filter = if props
+            .optimal_tiling_features
+            .contains(vk::FormatFeatureFlags::SAMPLED_IMAGE_FILTER_LINEAR)
+        {
+            vk::Filter::LINEAR
+        } else {
+            vk::Filter::NEAREST
+        };
+        let shadow_info = vk::SamplerCreateInfo::default()
+            .mag_filter(filter)
+            .min_filter(filter)
+            .mipmap_mode(vk::SamplerMipmapMode::NEAREST)
             .address_mode_u(vk::SamplerAddressMode::CLAMP_TO_EDGE)
             .address_mode_v(vk::SamplerAddressMode::CLAMP_TO_EDGE)
             .address_mode_w(vk::SamplerAddressMode::CLAMP_TO_EDGE)
-            .max_lod(vk::LOD_CLAMP_NONE);
-        // SAFETY: valid create info.
-        self.sampler =
-            unsafe { d.create_sampler(&sampler_info, None) }.map_err(vk_err("vkCreateSampler"))?;
+            .compare_enable(true)
+            .compare_op(vk::CompareOp::LESS_OR_EQUAL)
+            .max_lod(0.0);
+        // SAFETY: valid create info (compareEnable is core; no anisotropy, no unnormalized
+        // coordinates).
+        self.shadow_sampler =
+            unsafe { d.create_sampler(&shadow_info, None) }.map_err(vk_err("vkCreateSampler"))?;
 
         let stages = vk::ShaderStageFlags::VERTEX | vk::ShaderStageFlags::FRAGMENT;
         let binding = |b: u32, t| {
@@ -595,21 +766,70 @@ impl DrawPass {
         // SAFETY: valid info.
         self.set_layout = unsafe { d.create_descriptor_set_layout(&info, None) }
             .map_err(vk_err("vkCreateDescriptorSetLayout"))?;
+        let fragment = |b: u32, t| {
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(b)
+                .descriptor_type(t)
+                .descriptor_count(1)
+                .stage_flags(vk::ShaderStageFlags::FRAGMENT)
+        };
+        let bindings = [
+            fragment(0, vk::DescriptorType::SAMPLED_IMAGE),
+            fragment(1, vk::DescriptorType::SAMPLER),
+            fragment(2, vk::DescriptorType::UNIFORM_BUFFER),
+        ];
+        let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
+        // SAFETY: valid info.
+        self.shadow_set_layout = unsafe { d.create_descriptor_set_layout(&info, None) }
+            .map_err(vk_err("vkCreateDescriptorSetLayout"))?;
         let ranges = [vk::PushConstantRange::default()
             .stage_flags(vk::ShaderStageFlags::VERTEX)
             .size(size_of::<DrawPush>() as u32)];
-        let sets = [self.set_layout];
-        let info = vk::PipelineLayoutCreateInfo::default()
-            .set_layouts(&sets)
-            .push_constant_ranges(&ranges);
-        // SAFETY: valid info referencing a live set layout.
-        self.layout = unsafe { d.create_pipeline_layout(&info, None) }
-            .map_err(vk_err("vkCreatePipelineLayout"))?;
+        // The same set 0 and push constants in both: the shadowed layout adds set 1 only.
+        let plain = [self.set_layout];
+        let shadowed = [self.set_layout, self.shadow_set_layout];
+        for (sets, layout) in [
+            (&plain[..], &mut self.layout),
+            (&shadowed[..], &mut self.shadow_layout),
+        ] {
+            let info = vk::PipelineLayoutCreateInfo::default()
+                .set_layouts(sets)
+                .push_constant_ranges(&ranges);
+            // SAFETY: valid info referencing live set layouts.
+            *layout = unsafe { d.create_pipeline_layout(&info, None) }
+                .map_err(vk_err("vkCreatePipelineLayout"))?;
+        }
+        self.pipeline = self.create_pipeline(
+            d,
+            color_format,
+            depth_format,
+            (shaders::DRAW_FS_MAIN, c"fs_main"),
+            self.layout,
+        )?;
+        self.shadowed = self.create_pipeline(
+            d,
+            color_format,
+            depth_format,
+            (shaders::DRAW_FS_SHADOWED, c"fs_shadowed"),
+            self.shadow_layout,
+        )?;
+        Ok(())
+    }
 
+    /// The pipeline of `vs_main` and the fragment stage `fs`: (module, entry point), with
+    /// `layout`.
+    fn create_pipeline(
+        &self,
+        d: &ash::Device,
+        color_format: vk::Format,
+        depth_format: vk::Format,
+        (fs_spirv, fs_entry): (&[u8], &std::ffi::CStr),
+        layout: vk::PipelineLayout,
+    ) -> Result<vk::Pipeline> {
         // One module per stage: GPU-assisted validation cannot instrument a module that holds
         // both ("Mixed stage shader module not supported").
         let vs = shader_module(d, shaders::DRAW_VS_MAIN)?;
-        let fs = match shader_module(d, shaders::DRAW_FS_MAIN) {
+        let fs = match shader_module(d, fs_spirv) {
             Ok(m) => m,
             Err(e) => {
                 // SAFETY: just created, used by nothing.
@@ -625,7 +845,7 @@ impl DrawPass {
             vk::PipelineShaderStageCreateInfo::default()
                 .stage(vk::ShaderStageFlags::FRAGMENT)
                 .module(fs)
-                .name(c"fs_main"),
+                .name(fs_entry),
         ];
         let vb = [vk::VertexInputBindingDescription {
             binding: 0,
@@ -699,7 +919,7 @@ impl DrawPass {
             .depth_stencil_state(&depth)
             .color_blend_state(&blend)
             .dynamic_state(&dynamic)
-            .layout(self.layout)
+            .layout(layout)
             .push_next(&mut rendering)];
         // SAFETY: every state struct is valid and lives for the call; module and layout are
         // live; dynamic rendering is enabled (checked in new).
@@ -710,10 +930,9 @@ impl DrawPass {
             d.destroy_shader_module(vs, None);
             d.destroy_shader_module(fs, None);
         }
-        self.pipeline = pipelines
+        Ok(pipelines
             .map_err(|(_, e)| e)
-            .map_err(vk_err("vkCreateGraphicsPipelines"))?[0];
-        Ok(())
+            .map_err(vk_err("vkCreateGraphicsPipelines"))?[0])
     }
 
     fn get(b: &Option<Buffer>) -> Result<&Buffer> {
@@ -738,25 +957,7 @@ impl DrawPass {
         species: &[Option<AtlasRegion>],
     ) -> Result<()> {
         frame.check(&self.shared, "DrawPass::prepare")?;
-        if species.len() > MAX_SPECIES {
-            return Err(Error::InvalidInput(format!(
-                "{} species, the draw pass holds {MAX_SPECIES}",
-                species.len()
-            )));
-        }
-        let mut species_uv = Vec::with_capacity(species.len());
-        for (id, r) in species.iter().enumerate() {
-            species_uv.push(match r {
-                Some(r) if r.page != self.atlas_page => {
-                    return Err(Error::Unsupported(format!(
-                        "species {id} is on atlas page {}; the draw pass samples page {}",
-                        r.page, self.atlas_page
-                    )));
-                }
-                Some(r) => [r.uv_min[0], r.uv_min[1], r.uv_max[0], r.uv_max[1]],
-                None => [0.0; 4],
-            });
-        }
+        let species_uv = species_table(species, self.atlas_page)?;
         let mut f = *constants;
         f.params[0] = 0;
         f.params[2] = species_uv.len() as u32;
@@ -770,41 +971,95 @@ impl DrawPass {
         fb.mark_used(frame.value())?;
         sb.mark_used(frame.value())?;
         self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
-        let d = &self.shared.device;
-        let readers =
-            vk::PipelineStageFlags::VERTEX_SHADER | vk::PipelineStageFlags::FRAGMENT_SHADER;
-        let reads = vk::AccessFlags::UNIFORM_READ | vk::AccessFlags::SHADER_READ;
-        let barrier = |src, dst| {
-            [vk::MemoryBarrier::default()
-                .src_access_mask(src)
-                .dst_access_mask(dst)]
-        };
-        // SAFETY: cmd is recording outside rendering (caller); both buffers are live, the data
-        // fits (checked above) and is a multiple of 4 bytes.
+        // SAFETY: cmd is recording outside rendering for `frame` (caller); both buffers are
+        // live, marked used by `frame`, and the data fits them (the species table holds
+        // MAX_SPECIES, checked by `species_table`).
         unsafe {
-            d.cmd_pipeline_barrier(
+            record_updates(
+                &self.shared.device,
                 cmd,
-                readers,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::DependencyFlags::empty(),
-                &barrier(vk::AccessFlags::empty(), vk::AccessFlags::TRANSFER_WRITE),
-                &[],
-                &[],
-            );
-            d.cmd_update_buffer(cmd, fb.raw(), 0, bytemuck::bytes_of(&f));
-            if !species_uv.is_empty() {
-                d.cmd_update_buffer(cmd, sb.raw(), 0, bytemuck::cast_slice(&species_uv));
-            }
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::TRANSFER,
-                readers,
-                vk::DependencyFlags::empty(),
-                &barrier(vk::AccessFlags::TRANSFER_WRITE, reads),
-                &[],
-                &[],
-            );
+                &[
+                    (fb, bytemuck::bytes_of(&f)),
+                    (sb, bytemuck::cast_slice(&species_uv)),
+                ],
+            )
+        };
+        Ok(())
+    }
+
+    /// Points this frame's draws at the sun's shadow maps: records the [`ShadowFrame`] of what
+    /// `shadows` rendered in this frame ([`ShadowMaps::constants`]; shadows fade out towards
+    /// `distance_m` from the camera), with the barriers that order it after the previous
+    /// frame's draws and before this frame's, and makes [`DrawPass::record`] and
+    /// [`DrawPass::record_phase`] use the shadowed pipeline for the rest of `frame`. A frame
+    /// that does not call it draws without shadows. The first call with a shadow image (and
+    /// each call with another one) makes the pass a view of it; the pass keeps that image
+    /// alive while the view lives (until the next image, or the pass, retires it).
+    ///
+    /// [`Error::Lifecycle`] if `shadows` did not record for `frame`, or is of another context;
+    /// [`Error::InvalidInput`] for a `distance_m` that is not positive and finite. Nothing is
+    /// recorded on error.
+    ///
+    /// # Safety
+    /// As [`DrawPass::prepare`], and: [`ShadowMaps::record`] for `frame` was recorded before
+    /// this in submission order, and no other recording that writes the shadow image comes
+    /// between it and this frame's draws.
+    pub unsafe fn prepare_shadows(
+        &self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        shadows: &ShadowMaps,
+        distance_m: f32,
+    ) -> Result<()> {
+        frame.check(&self.shared, "DrawPass::prepare_shadows")?;
+        let image = shadows.shared_image();
+        if !image.belongs_to(&self.shared) {
+            return Err(Error::Lifecycle(
+                "DrawPass::prepare_shadows: the shadow maps are of another context".into(),
+            ));
         }
+        let constants = shadows.constants(frame, distance_m)?;
+        let ub = Self::get(&self.shadow_frame)?;
+        let mut binding = lock(&self.shadow);
+        let view = match binding.as_ref() {
+            Some(b) if b.image.id() == image.id() => None,
+            _ => Some(depth_view(&self.shared.device, image)?),
+        };
+        // Marked before anything is recorded (refused while a `Mapped` view is alive).
+        if let Err(e) = ub.mark_used(frame.value()) {
+            if let Some(v) = view {
+                // SAFETY: just created, used by nothing.
+                unsafe { self.shared.device.destroy_image_view(v, None) };
+            }
+            return Err(e);
+        }
+        if let Some(view) = view {
+            let old = binding.replace(ShadowBinding {
+                image: image.clone(),
+                view,
+                frame: 0,
+            });
+            if let Some(old) = old {
+                // Every frame that drew with the old view is at or below the pass's last use.
+                self.shared.retire_object(
+                    RawObject::ImageView(old.view),
+                    self.last_use.load(Ordering::Acquire),
+                );
+            }
+        }
+        if let Some(b) = binding.as_mut() {
+            b.frame = frame.value();
+        }
+        self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
+        // SAFETY: cmd is recording outside rendering for `frame` (caller); the buffer is live,
+        // marked used by `frame`, and holds exactly one ShadowFrame.
+        unsafe {
+            record_updates(
+                &self.shared.device,
+                cmd,
+                &[(ub, bytemuck::bytes_of(&constants))],
+            )
+        };
         Ok(())
     }
 
@@ -824,7 +1079,8 @@ impl DrawPass {
     /// attachments have the formats given to [`DrawPass::new`], recorded for `frame`;
     /// [`CullPass::record`] (with records) and [`DrawPass::prepare`] must have been recorded
     /// before it in submission order; the atlas page must be in `SHADER_READ_ONLY_OPTIMAL`
-    /// layout (as `Vegetation::record` leaves it).
+    /// layout (as `Vegetation::record` leaves it); in a frame that ran
+    /// [`DrawPass::prepare_shadows`], its contract holds.
     pub unsafe fn record(
         &self,
         frame: &Frame,
@@ -898,13 +1154,34 @@ impl DrawPass {
             ));
         }
         let value = frame.value();
+        let shadow_guard = lock(&self.shadow);
+        // Shadows in the frames that prepared them (their uniform and image are this frame's).
+        let shadow = shadow_guard.as_ref().filter(|b| b.frame == value);
+        let shadow_frame = match shadow {
+            Some(_) => Some(Self::get(&self.shadow_frame)?),
+            None => None,
+        };
         // Marked before anything is recorded: a buffer with a live `Mapped` view refuses
         // (those marked before it only wait for this frame).
-        for b in [vb, ib, fb, sb, records, args, counters] {
+        for b in [vb, ib, fb, sb, records, args, counters]
+            .into_iter()
+            .chain(shadow_frame)
+        {
             b.mark_used(value)?;
         }
         atlas_page.touch(value);
+        if let Some(b) = shadow {
+            b.image.touch(value);
+        }
         let set = lock(&self.sets).allocate(&self.shared, value, self.set_layout)?;
+        let shadow_set = match shadow {
+            Some(_) => Some(lock(&self.shadow_sets).allocate(
+                &self.shared,
+                value,
+                self.shadow_set_layout,
+            )?),
+            None => None,
+        };
         self.last_use.fetch_max(value, Ordering::AcqRel);
         let d = &self.shared.device;
         let buf = |b: &Buffer| {
@@ -917,7 +1194,12 @@ impl DrawPass {
             .image_view(self.atlas_view)
             .image_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
         let sampler = [vk::DescriptorImageInfo::default().sampler(self.sampler)];
-        let writes = [
+        let shadow_image = [vk::DescriptorImageInfo::default()
+            .image_view(shadow.map_or(vk::ImageView::null(), |b| b.view))
+            .image_layout(SHADOW_READ_LAYOUT)];
+        let shadow_sampler = [vk::DescriptorImageInfo::default().sampler(self.shadow_sampler)];
+        let shadow_info = buf(shadow_frame.unwrap_or(fb));
+        let mut writes = vec![
             vk::WriteDescriptorSet::default()
                 .dst_set(set)
                 .dst_binding(0)
@@ -949,17 +1231,47 @@ impl DrawPass {
                 .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
                 .buffer_info(&ci),
         ];
+        if let Some(s) = shadow_set {
+            writes.extend([
+                vk::WriteDescriptorSet::default()
+                    .dst_set(s)
+                    .dst_binding(0)
+                    .descriptor_type(vk::DescriptorType::SAMPLED_IMAGE)
+                    .image_info(&shadow_image),
+                vk::WriteDescriptorSet::default()
+                    .dst_set(s)
+                    .dst_binding(1)
+                    .descriptor_type(vk::DescriptorType::SAMPLER)
+                    .image_info(&shadow_sampler),
+                vk::WriteDescriptorSet::default()
+                    .dst_set(s)
+                    .dst_binding(2)
+                    .descriptor_type(vk::DescriptorType::UNIFORM_BUFFER)
+                    .buffer_info(&shadow_info),
+            ]);
+        }
+        let (pipeline, layout) = match shadow {
+            Some(_) => (self.shadowed, self.shadow_layout),
+            None => (self.pipeline, self.layout),
+        };
+        let sets: Vec<vk::DescriptorSet> = [set].into_iter().chain(shadow_set).collect();
         let stride = size_of::<DrawIndexedIndirect>() as u64;
         // SAFETY (whole body): cmd is recording inside a compatible rendering scope (caller);
         // every buffer, view and sampler is live and marked used by `frame` (the view's image
         // is `atlas_page`, checked by id); the set is fresh from the arena (no pending command
-        // uses it) and fully written before it is bound; the indirect arguments were finalized by the cull
+        // uses it) and fully written before it is bound (with shadows, set 1 too, bound with
+        // the layout the shadowed pipeline was made with); the indirect arguments were finalized by the cull
         // pass, whose closing barrier covers DRAW_INDIRECT and the vertex stage; each draw
         // reads `records` only within its LOD's list (instance counts are clamped to capacity;
         // a second-phase draw starts at the first phase's kept entries and counts only what
         // follows them up to capacity) and has firstInstance 0 (VUID-VkDrawIndexedIndirectCommand-firstInstance-00554).
+        // With shadows: the shadow view is of the image the binding keeps alive, touched by
+        // `frame`, a depth view in SHADOW_READ_LAYOUT (ShadowMaps::record for this frame left it
+        // there: prepare_shadows' contract), which VUID-VkWriteDescriptorSet-descriptorType-04149
+        // allows for a sampled image; the comparison sampler's filter is one the format
+        // supports (VUID-vkCmdDraw-magFilter-04553).
         unsafe {
-            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::GRAPHICS, self.pipeline);
+            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::GRAPHICS, pipeline);
             d.cmd_set_viewport(
                 cmd,
                 0,
@@ -981,20 +1293,13 @@ impl DrawPass {
                 }],
             );
             d.update_descriptor_sets(&writes, &[]);
-            d.cmd_bind_descriptor_sets(
-                cmd,
-                vk::PipelineBindPoint::GRAPHICS,
-                self.layout,
-                0,
-                &[set],
-                &[],
-            );
+            d.cmd_bind_descriptor_sets(cmd, vk::PipelineBindPoint::GRAPHICS, layout, 0, &sets, &[]);
             d.cmd_bind_vertex_buffers(cmd, 0, &[vb.raw()], &[0]);
             d.cmd_bind_index_buffer(cmd, ib.raw(), 0, vk::IndexType::UINT32);
             let constants = |p: DrawPush| {
                 d.cmd_push_constants(
                     cmd,
-                    self.layout,
+                    layout,
                     vk::ShaderStageFlags::VERTEX,
                     0,
                     bytemuck::bytes_of(&p),
@@ -1027,6 +1332,7 @@ impl DrawPass {
                 }
             }
         }
+        drop(shadow_guard);
         Ok(())
     }
 }
@@ -1044,6 +1350,7 @@ impl std::fmt::Debug for DrawPass {
 impl Drop for DrawPass {
     fn drop(&mut self) {
         lock(&self.sets).retire(&self.shared);
+        lock(&self.shadow_sets).retire(&self.shared);
         let last = *self.last_use.get_mut();
         retire_pipeline_objects(
             &self.shared,
@@ -1052,13 +1359,32 @@ impl Drop for DrawPass {
             &mut self.layout,
             &mut self.set_layout,
         );
-        self.shared
-            .retire_object(RawObject::Sampler(std::mem::take(&mut self.sampler)), last);
+        retire_pipeline_objects(
+            &self.shared,
+            last,
+            &mut self.shadowed,
+            &mut self.shadow_layout,
+            &mut self.shadow_set_layout,
+        );
+        for sampler in [&mut self.sampler, &mut self.shadow_sampler] {
+            self.shared
+                .retire_object(RawObject::Sampler(std::mem::take(sampler)), last);
+        }
         self.shared.retire_object(
             RawObject::ImageView(std::mem::take(&mut self.atlas_view)),
             last,
         );
-        // The buffers retire themselves at their own last use when dropped with the pass.
+        if let Some(b) = self
+            .shadow
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            self.shared
+                .retire_object(RawObject::ImageView(b.view), last);
+        }
+        // The buffers (and the shadow image, when this held its last reference) retire
+        // themselves at their own last use when dropped with the pass.
     }
 }
 

@@ -16,5 +16,6 @@ pub mod pyramid;
 pub mod requirements;
 pub mod scan;
 pub mod shaders;
+pub mod shadow;
 pub mod timeline;
 pub(crate) mod upload;

@@ -43,7 +43,8 @@ fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec
         args[a + l].first_instance = 0u;
         args[a + 3u + l].first_instance = 0u;
         if pc.phase == PHASE_SECOND {
-            args[a + 3u + l].instance_count = kept - counters[c + COUNTER_FIRST + l];
+            // Saturating: the first phase's count is never above what the lists kept.
+            args[a + 3u + l].instance_count = kept - min(kept, counters[c + COUNTER_FIRST + l]);
         } else {
             args[a + l].instance_count = kept;
             args[a + 3u + l].instance_count = 0u;

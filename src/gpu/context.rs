@@ -519,6 +519,14 @@ impl Frame {
     pub(crate) fn fate(&self) -> Arc<AtomicU8> {
         self.fate.clone()
     }
+    /// This frame's identity, for state kept from one recording call to the next within a
+    /// frame: a dropped frame's value is given to the next frame, its tag is not.
+    pub(crate) fn tag(&self) -> FrameTag {
+        FrameTag {
+            value: self.value,
+            fate: self.fate.clone(),
+        }
+    }
     fn end(&mut self, fate: FrameFate) {
         self.done = true;
         self.fate.store(fate as u8, Ordering::Release);
@@ -594,6 +602,31 @@ impl From<Rejected> for Error {
     /// The error; the frame is dropped (its value goes to the next frame).
     fn from(r: Rejected) -> Self {
         r.error
+    }
+}
+
+/// Which frame something was recorded for: its value and its identity (the frame's fate,
+/// kept alive by the tag, so no later frame can have it).
+#[derive(Clone, Debug)]
+pub(crate) struct FrameTag {
+    value: u64,
+    fate: Arc<AtomicU8>,
+}
+
+impl FrameTag {
+    /// Whether this is `frame`'s tag (not that of a dropped frame with the same value).
+    pub(crate) fn is(&self, frame: &Frame) -> bool {
+        self.value == frame.value && Arc::ptr_eq(&self.fate, &frame.fate)
+    }
+
+    /// Whether the frame was dropped without being submitted.
+    pub(crate) fn dropped(&self) -> bool {
+        FrameFate::of(&self.fate) == FrameFate::Dropped
+    }
+
+    /// The frame's value.
+    pub(crate) fn value(&self) -> u64 {
+        self.value
     }
 }
 

@@ -15,7 +15,7 @@ use crate::gpu::compute::{
     retire_pipeline_objects, set_layout, set_layout_supported, set_layout_with_counts, whole,
     write_set,
 };
-use crate::gpu::context::{Context, Frame, Shared};
+use crate::gpu::context::{Context, Frame, FrameTag, Shared};
 use crate::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation, RawObject};
 use crate::gpu::pyramid::{DepthPyramid, PYRAMID_LAYOUT};
 use crate::gpu::shaders;
@@ -186,6 +186,9 @@ pub fn occluded_cpu(
     depth_size: [u32; 2],
     pyramid: &[(u32, u32, Vec<f32>)],
 ) -> bool {
+    if !view_proj.is_finite() {
+        return false;
+    }
     let m = view_proj.to_cols_array_2d();
     let fma4 = |a: [f32; 4], s: f32, b: [f32; 4]| -> [f32; 4] {
         std::array::from_fn(|i| a[i].mul_add(s, b[i]))
@@ -229,7 +232,8 @@ pub fn occluded_cpu(
     let mut level = 0u32;
     while level + 1 < levels {
         let s = level + 1;
-        if (b[0] >> s) - (a[0] >> s) <= 1 && (b[1] >> s) - (a[1] >> s) <= 1 {
+        // Wrapping, as the shader's u32 arithmetic.
+        if (b[0] >> s).wrapping_sub(a[0] >> s) <= 1 && (b[1] >> s).wrapping_sub(a[1] >> s) <= 1 {
             break;
         }
         level = s;
@@ -535,6 +539,9 @@ impl CascadeView {
     }
 }
 
+/// A plane nothing is inside: what views without a cascade get, so their lists stay empty.
+const EMPTY_PLANE: [f32; 4] = [0.0, 0.0, 0.0, -f32::MAX];
+
 /// The cascades' planes as the shaders read them (`CascadeViews`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -615,15 +622,17 @@ pub struct CullPass {
     table: Option<Buffer>,
     /// The second phase's camera (`OcclusionView`).
     occlusion: Option<Buffer>,
-    /// One bit per instance: visible in the last second phase.
+    /// One bit per index (`base` + instance): visible in the last second phase.
     visible: Option<Buffer>,
     /// The visibility bits are new: the next first phase clears them.
     clear_visible: bool,
     /// Bound where no pyramid is (a single pass, the first phase); never read.
     placeholder: Option<Image>,
     placeholder_view: vk::ImageView,
-    /// This frame's first phase: its frame value and dispatches, for the second.
-    first: Option<(u64, Batches)>,
+    /// This frame's first phase: its frame and dispatches, for the second.
+    first: Option<(FrameTag, Batches)>,
+    /// The frame that recorded the visibility bits' clear (cleared again if it was dropped).
+    cleared_in: Option<FrameTag>,
     /// Views culled (1..=MAX_VIEWS) and the cascades' planes (views 1..).
     views: u32,
     cascades: CascadePlanes,
@@ -809,9 +818,10 @@ impl CullPass {
             placeholder: None,
             placeholder_view: vk::ImageView::null(),
             first: None,
+            cleared_in: None,
             views,
             cascades: CascadePlanes {
-                planes: [[0.0; 4]; 6 * (MAX_VIEWS as usize - 1)],
+                planes: [EMPTY_PLANE; 6 * (MAX_VIEWS as usize - 1)],
             },
             cascade_buf: None,
         };
@@ -1070,8 +1080,14 @@ impl CullPass {
     /// previous view's; views past [`CullPass::views`] start past the lists).
     pub fn view_list_bases(&self, view: u32) -> [u32; 3] {
         let per_view: u32 = self.caps.iter().sum();
-        let at = view * per_view;
+        let at = view.min(self.views).saturating_mul(per_view);
         [at, at + self.caps[0], at + self.caps[0] + self.caps[1]]
+    }
+
+    /// Each LOD's index count, first index and vertex offset ([`CullDesc::meshes`]): what the
+    /// indirect commands draw. Draw passes refuse a cull pass whose meshes are not theirs.
+    pub fn meshes(&self) -> [DrawIndexedIndirect; 3] {
+        self.meshes
     }
 
     /// Views this pass culls ([`CullDesc::views`]).
@@ -1094,13 +1110,19 @@ impl CullPass {
                 self.views - 1
             )));
         }
-        // Unset cascades get planes nothing is inside (w = -inf would not be finite: a plane
-        // whose distance is beyond every instance's radius instead).
-        let empty = [0.0, 0.0, 0.0, -f32::MAX];
+        if let Some(c) = cascades
+            .iter()
+            .find(|c| !c.planes.iter().flatten().all(|v| v.is_finite()))
+        {
+            return Err(Error::InvalidInput(format!(
+                "cascade planes {:?} are not finite",
+                c.planes
+            )));
+        }
         for (k, planes) in self.cascades.planes.chunks_mut(6).enumerate() {
             match cascades.get(k) {
                 Some(c) => planes.copy_from_slice(&c.planes),
-                None => planes.fill(empty),
+                None => planes.fill(EMPTY_PLANE),
             }
         }
         Ok(())
@@ -1126,9 +1148,9 @@ impl CullPass {
             .ok_or_else(|| Error::InvalidInput("cull pass was destroyed".into()))
     }
 
-    /// The lists: each LOD's [`CullPass::capacities`] u32 in turn (LOD `l` at
-    /// `list_bases()[l]`), then [`LIST_GUARD_WORDS`]. Replaced when the lists are resized (the
-    /// old one retires).
+    /// The lists: per view ([`CullPass::views`]), each LOD's [`CullPass::capacities`] u32 in
+    /// turn (view `v`'s LOD `l` at `view_list_bases(v)[l]`), then, after every view's,
+    /// [`LIST_GUARD_WORDS`]. Replaced when the lists are resized (the old one retires).
     pub fn lists(&self) -> Result<&Buffer> {
         Self::get(&self.lists)
     }
@@ -1200,8 +1222,12 @@ impl CullPass {
     /// set does not change). Where they move, or in the first frame, the first phase draws
     /// the wrong instances or none, and the second draws whatever is visible and was not drawn:
     /// the picture is the same, only the split between the phases differs. The bits cost one
-    /// bit per instance (category `Outputs`); when the budget refuses them this returns
-    /// [`Error::OverBudget`] and records nothing (cull with [`CullPass::record`] instead).
+    /// bit per index up to the highest `base + count`, in a buffer of a power of two bytes that
+    /// grows and does not shrink (category `Outputs`). When the budget refuses them this
+    /// returns [`Error::OverBudget`], and when they would pass `maxStorageBufferRange`
+    /// [`Error::InvalidInput`] (number the sources from 0); nothing is recorded then (cull with
+    /// [`CullPass::record`] instead). A frame dropped after its first phase leaves nothing for
+    /// a later frame's [`CullPass::record_second`].
     ///
     /// # Safety
     /// As [`CullPass::record`].
@@ -1218,7 +1244,7 @@ impl CullPass {
         self.ensure_visibility(&batches)?;
         // SAFETY: the caller's promises are this function's.
         unsafe { self.record_phase(frame, cmd, Phase::First, &batches, Some(view), None)? };
-        self.first = Some((frame.value(), batches));
+        self.first = Some((frame.tag(), batches));
         Ok(())
     }
 
@@ -1242,7 +1268,9 @@ impl CullPass {
     /// Nothing is recorded on error.
     ///
     /// # Safety
-    /// As [`CullPass::record`], and: `pyramid` was recorded
+    /// As [`CullPass::record`], and: this frame's [`CullPass::record_first`] was recorded
+    /// before it in submission order (in the same command buffer or an earlier one of the
+    /// frame); `pyramid` was recorded
     /// ([`DepthPyramid::record`]) for this frame after the first phase's draws and before this,
     /// in submission order, from the depth those draws wrote.
     pub unsafe fn record_second(
@@ -1265,7 +1293,7 @@ impl CullPass {
             )));
         }
         bounds.check()?;
-        let Some((value, batches)) = self.first.take_if(|(v, _)| *v == frame.value()) else {
+        let Some((tag, batches)) = self.first.take_if(|(t, _)| t.is(frame)) else {
             return Err(Error::Lifecycle(
                 "CullPass::record_second without CullPass::record_first in this frame".into(),
             ));
@@ -1288,7 +1316,7 @@ impl CullPass {
             )
         };
         if r.is_err() {
-            self.first = Some((value, batches));
+            self.first = Some((tag, batches));
         }
         r
     }
@@ -1302,6 +1330,14 @@ impl CullPass {
                 return Err(Error::Lifecycle(format!(
                     "cull source {:?} is of another context",
                     s.buffer.name()
+                )));
+            }
+            if s.base.checked_add(s.count).is_none() {
+                return Err(Error::InvalidInput(format!(
+                    "cull source {:?}: base {} + count {} passes u32::MAX",
+                    s.buffer.name(),
+                    s.base,
+                    s.count
                 )));
             }
             let bytes = u64::from(s.count) * size_of::<Instance>() as u64;
@@ -1385,8 +1421,21 @@ impl CullPass {
     /// Visibility bits for every index the batches use: a larger buffer when needed (the old
     /// one retires; the new one is cleared by the next first phase).
     fn ensure_visibility(&mut self, batches: &Batches) -> Result<()> {
-        let bytes = batches.end.div_ceil(32).max(1).next_power_of_two() * 4;
-        if self.visible.as_ref().is_some_and(|v| v.size() >= bytes) {
+        // A frame that recorded the clear and was dropped never cleared them.
+        if self.cleared_in.as_ref().is_some_and(FrameTag::dropped) {
+            self.clear_visible = true;
+            self.cleared_in = None;
+        }
+        let range = u64::from(self.shared.adapter.limits.max_storage_buffer_range);
+        let needed = batches.end.div_ceil(32).max(1) * 4;
+        if needed > range {
+            return Err(Error::InvalidInput(format!(
+                "visibility bits for indices up to {} take {needed} bytes, more than maxStorageBufferRange ({range}): number the sources from 0",
+                batches.end
+            )));
+        }
+        let bytes = needed.next_power_of_two().min(range);
+        if self.visible.as_ref().is_some_and(|v| v.size() >= needed) {
             return Ok(());
         }
         self.visible = Some(self.shared.create_buffer(&BufferDesc {
@@ -1773,6 +1822,7 @@ impl CullPass {
         }
         if clear_visible {
             self.clear_visible = false;
+            self.cleared_in = Some(frame.tag());
         }
         if let Some(rb) = rb {
             self.readbacks[rb].1 = value;

@@ -22,7 +22,7 @@ use crate::error::{Error, Result, vk_err};
 use crate::gpu::adapter::DeviceFeatures;
 use crate::gpu::atlas::ATLAS_FORMAT;
 use crate::gpu::compute::{DescriptorArena, lock, retire_pipeline_objects, shader_module};
-use crate::gpu::context::{Context, Frame, Shared};
+use crate::gpu::context::{Context, Frame, FrameTag, Shared};
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect, InstanceBounds};
 use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, RawObject};
 use crate::gpu::shaders;
@@ -532,7 +532,7 @@ pub enum DrawPhase {
 struct ShadowBinding {
     image: Arc<Image>,
     view: vk::ImageView,
-    frame: u64,
+    frame: Option<FrameTag>,
 }
 
 /// The pipeline and the buffers it reads besides the cull pass's. Dropping it retires
@@ -1037,7 +1037,7 @@ impl DrawPass {
             let old = binding.replace(ShadowBinding {
                 image: image.clone(),
                 view,
-                frame: 0,
+                frame: None,
             });
             if let Some(old) = old {
                 // Every frame that drew with the old view is at or below the pass's last use.
@@ -1048,7 +1048,7 @@ impl DrawPass {
             }
         }
         if let Some(b) = binding.as_mut() {
-            b.frame = frame.value();
+            b.frame = Some(frame.tag());
         }
         self.last_use.fetch_max(frame.value(), Ordering::AcqRel);
         // SAFETY: cmd is recording outside rendering for `frame` (caller); the buffer is live,
@@ -1147,6 +1147,14 @@ impl DrawPass {
             Self::get(&self.species)?,
         );
         let (records, args, counters) = (cull.records()?, cull.args()?, cull.counters()?);
+        // The indirect commands index this pass's mesh buffers.
+        if cull.meshes() != self.lods {
+            return Err(Error::InvalidInput(format!(
+                "DrawPass::record: the cull pass draws meshes {:?}, this pass has {:?} (build it with DrawPass::lod_meshes)",
+                cull.meshes(),
+                self.lods
+            )));
+        }
         let bases = cull.list_bases();
         if !records.belongs_to(&self.shared) {
             return Err(Error::Lifecycle(
@@ -1156,7 +1164,9 @@ impl DrawPass {
         let value = frame.value();
         let shadow_guard = lock(&self.shadow);
         // Shadows in the frames that prepared them (their uniform and image are this frame's).
-        let shadow = shadow_guard.as_ref().filter(|b| b.frame == value);
+        let shadow = shadow_guard
+            .as_ref()
+            .filter(|b| b.frame.as_ref().is_some_and(|t| t.is(frame)));
         let shadow_frame = match shadow {
             Some(_) => Some(Self::get(&self.shadow_frame)?),
             None => None,

@@ -28,7 +28,7 @@ use crate::gpu::adapter::DeviceFeatures;
 use crate::gpu::compute::{
     DescriptorArena, image_barrier, lock, retire_pipeline_objects, shader_module,
 };
-use crate::gpu::context::{Context, Frame, Shared};
+use crate::gpu::context::{Context, Frame, FrameTag, Shared};
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
 use crate::gpu::draw::{
     MAX_SPECIES, Meshes, Vertex, atlas_sampler, atlas_view, check_atlas_page, mesh_buffers,
@@ -128,7 +128,8 @@ const _: () = assert!(
 pub struct ShadowDesc {
     /// Cascades, 1..=[`MAX_CASCADES`].
     pub cascades: u32,
-    /// Texels along each cascade's square tile (at least [`MIN_TILE_PX`]).
+    /// Texels along each cascade's square tile (at least [`MIN_TILE_PX`], at most 65,536, and
+    /// the device's image and framebuffer limits).
     pub tile_px: u32,
     /// Casters' constant depth bias, in the depth format's smallest steps.
     pub depth_bias_constant: f32,
@@ -176,7 +177,7 @@ pub struct ShadowMaps {
     indices: Option<Buffer>,
     species: Option<Buffer>,
     /// The frame of the last record and the matrices it drew the cascades with.
-    recorded: Mutex<(u64, Vec<Mat4>)>,
+    recorded: Mutex<(Option<FrameTag>, Vec<Mat4>)>,
 }
 
 impl ShadowMaps {
@@ -208,7 +209,11 @@ impl ShadowMaps {
             vk::QueueFlags::GRAPHICS,
         )?;
         check_atlas_page(shared, atlas_page)?;
-        if !(1..=MAX_CASCADES).contains(&desc.cascades) || desc.tile_px < MIN_TILE_PX {
+        // At most 2^16 texels a tile: the image's extent below cannot overflow (the device's
+        // limits are checked after it).
+        if !(1..=MAX_CASCADES).contains(&desc.cascades)
+            || !(MIN_TILE_PX..=1 << 16).contains(&desc.tile_px)
+        {
             return Err(Error::InvalidInput(format!(
                 "shadow maps of {} cascades of {} texels (1..={MAX_CASCADES} cascades, at least {MIN_TILE_PX} texels)",
                 desc.cascades, desc.tile_px
@@ -294,7 +299,7 @@ impl ShadowMaps {
             vertices: None,
             indices: None,
             species: None,
-            recorded: Mutex::new((0, Vec::new())),
+            recorded: Mutex::new((None, Vec::new())),
         };
         // On error, Drop retires whatever was built (nothing was recorded with it).
         this.build(ctx, atlas_page)?;
@@ -512,11 +517,11 @@ impl ShadowMaps {
             )));
         }
         let recorded = lock(&self.recorded);
-        if recorded.0 != frame.value() {
+        if !recorded.0.as_ref().is_some_and(|t| t.is(frame)) {
             return Err(Error::Lifecycle(format!(
-                "no shadow maps recorded for frame {} (the last were for frame {})",
+                "no shadow maps recorded for frame {} (the last were for {:?})",
                 frame.value(),
-                recorded.0
+                recorded.0.as_ref().map(FrameTag::value)
             )));
         }
         let size = Self::image_extent(&self.desc);
@@ -623,6 +628,12 @@ impl ShadowMaps {
                 "ShadowMaps::record: the cull pass is of another context".into(),
             ));
         }
+        // The indirect commands index the maps' mesh buffers.
+        if cull.meshes() != Meshes::trees().lods {
+            return Err(Error::InvalidInput(
+                "ShadowMaps::record: the cull pass draws other meshes (build it with DrawPass::lod_meshes)".into(),
+            ));
+        }
         let value = frame.value();
         // Marked before anything is recorded: a buffer with a live `Mapped` view refuses
         // (those marked before it only wait for this frame).
@@ -633,7 +644,7 @@ impl ShadowMaps {
         atlas_page.touch(value);
         self.image.touch(value);
         self.last_use.fetch_max(value, Ordering::AcqRel);
-        *lock(&self.recorded) = (value, view_projs.to_vec());
+        *lock(&self.recorded) = (Some(frame.tag()), view_projs.to_vec());
 
         let d = &self.shared.device;
         let buf = |b: &Buffer| {

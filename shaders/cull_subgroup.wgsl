@@ -145,7 +145,7 @@ fn main(
     if t < 5u {
         atomicStore(&wg_count[t], 0u);
     }
-    if t < 12u {
+    if CULL_FULL && t < 12u {
         atomicStore(&wg_casc[t], 0u);
         atomicStore(&wg_casc_fill[t], 0u);
     }
@@ -215,7 +215,7 @@ fn main(
         }
         wg_base[t] = b;
     }
-    if t >= 8u && t < 20u && (t - 8u) / 3u + 1u < pc.views {
+    if CULL_FULL && t >= 8u && t < 20u && (t - 8u) / 3u + 1u < pc.views {
         let n = atomicLoad(&wg_casc[t - 8u]);
         var b = 0u;
         if n > 0u {
@@ -230,15 +230,18 @@ fn main(
             let slot = wg_base[lod] + slots[k];
             if slot < pc.caps[lod] {
                 let j = first + k * 256u;
+                // The record is read only where records are written.
+                var ps = vec4<f32>(0.0);
                 var rest = vec4<f32>(0.0);
                 if pc.caps.w != 0u {
+                    ps = sources[source].v[2u * j];
                     rest = sources[source].v[2u * j + 1u];
                 }
-                put(list_base(pc.caps, 0u, lod) + slot, src.y + j, sources[source].v[2u * j], rest);
+                put(list_base(pc.caps, 0u, lod) + slot, src.y + j, ps, rest);
             }
         }
         let cb = bands[k];
-        if cb < LOD_CULLED {
+        if CULL_FULL && cb < LOD_CULLED {
             let j = first + k * 256u;
             let ps = sources[source].v[2u * j];
             var rest = vec4<f32>(0.0);

@@ -715,14 +715,19 @@ impl<'a> Gpu<'a> {
             .collect();
         let c = &words[..COUNTERS];
         let drawn = per_view[0].0;
-        for (peak, (n, _)) in acc
+        // Billboards cast only into the nearest cascades (ShadowDesc::billboard_cascades).
+        let billboard_cascades = ShadowDesc::default().billboard_cascades as usize;
+        for (c, (peak, (n, _))) in acc
             .report
             .peak_drawn_cascades
             .iter_mut()
             .zip(&per_view[1..])
+            .enumerate()
         {
-            for (p, n) in peak.iter_mut().zip(n) {
-                *p = (*p).max(*n);
+            for (l, (p, n)) in peak.iter_mut().zip(n).enumerate() {
+                if l < 2 || c < billboard_cascades {
+                    *p = (*p).max(*n);
+                }
             }
         }
         if per_view[1..].iter().any(|(_, overflow)| *overflow) {

@@ -160,7 +160,7 @@ fn main(
     if b < LOD_CULLED {
         let r = view.camera.w * ps.w;
         for (var v = 1u; v < pc.views; v = v + 1u) {
-            if in_cascade(v - 1u, ps.xyz, r) {
+            if cascades.max_band[v - 1u] >= b && in_cascade(v - 1u, ps.xyz, r) {
                 let slot = atomicAdd(&counters[v * COUNTERS + b], 1u);
                 if slot < pc.caps[b] {
                     put(list_base(pc.caps, v, b) + slot, gi, ps, rest);

@@ -184,7 +184,7 @@ fn main(
                 // Counted per workgroup in shared memory; slots are handed out when writing.
                 let r = view.camera.w * ps.w;
                 for (var v = 1u; v < pc.views; v = v + 1u) {
-                    if in_cascade(v - 1u, ps.xyz, r) {
+                    if cascades.max_band[v - 1u] >= cb && in_cascade(v - 1u, ps.xyz, r) {
                         atomicAdd(&wg_casc[3u * (v - 1u) + cb], 1u);
                     }
                 }
@@ -250,7 +250,7 @@ fn main(
             }
             let r = view.camera.w * ps.w;
             for (var v = 1u; v < pc.views; v = v + 1u) {
-                if in_cascade(v - 1u, ps.xyz, r) {
+                if cascades.max_band[v - 1u] >= cb && in_cascade(v - 1u, ps.xyz, r) {
                     let at = 3u * (v - 1u) + cb;
                     let slot = wg_casc_base[at] + atomicAdd(&wg_casc_fill[at], 1u);
                     if slot < pc.caps[cb] {

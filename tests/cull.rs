@@ -14,7 +14,7 @@ use understory::gpu::cull::{
 };
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use understory::policy::category::Category;
-use understory::policy::lod::LodBands;
+use understory::policy::lod::{Lod, LodBands};
 use understory::world::instance::Instance;
 
 const MESHES: [DrawIndexedIndirect; 3] = [
@@ -776,17 +776,23 @@ fn recorded_twice_in_one_command_buffer() {
     finish(ctx, bufs, "twice");
 }
 
-/// Four orthographic cascades along a sun direction, nested around `eye` (40 m to 320 m).
+/// Four orthographic cascades along a sun direction, nested around `eye` (40 m to 320 m); the
+/// last two take no billboards, the third not even medium trees.
 fn cascades(eye: Vec3) -> Vec<CascadeView> {
     let sun = Vec3::new(-0.4, 0.8, 0.35).normalize();
-    [40.0f32, 80.0, 160.0, 320.0]
-        .iter()
-        .map(|&half| {
-            let view = Mat4::look_at_rh(eye + sun * 600.0, eye, Vec3::Y);
-            let proj = Mat4::orthographic_rh(-half, half, -half, half, 0.0, 1200.0);
-            CascadeView::new(proj * view).unwrap()
-        })
-        .collect()
+    [
+        (40.0f32, Lod::Billboard),
+        (80.0, Lod::Culled),
+        (160.0, Lod::Full),
+        (320.0, Lod::Medium),
+    ]
+    .iter()
+    .map(|&(half, max_lod)| {
+        let view = Mat4::look_at_rh(eye + sun * 600.0, eye, Vec3::Y);
+        let proj = Mat4::orthographic_rh(-half, half, -half, half, 0.0, 1200.0);
+        CascadeView::new(proj * view).unwrap().with_max_lod(max_lod)
+    })
+    .collect()
 }
 
 /// The camera and four shadow cascades in one pass: every view's lists equal the CPU reference

@@ -713,6 +713,7 @@ fn set_cascades_refuses_non_finite_planes() {
     assert!(CascadeView::new(Mat4::from_cols_array(&[f32::NAN; 16])).is_err());
     let nan = CascadeView {
         planes: [[f32::NAN; 4]; 6],
+        max_lod: understory::policy::lod::Lod::Billboard,
     };
     let r = pass.set_cascades(&[nan]);
     drop(pass);

@@ -82,6 +82,8 @@ const MAX_VIEWS: u32 = 5u;
 // is in cascade c when its sphere is inside all six of planes[6c..6c+6).
 struct CascadeViews {
     planes: array<vec4<f32>, 24>,
+    // Per cascade, the coarsest band it takes (2: every drawn level; 1: no billboards).
+    max_band: vec4<u32>,
 }
 
 // (Each cull shader's `in_cascade` reads its cascade's planes from the uniform: a function

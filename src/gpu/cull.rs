@@ -300,7 +300,8 @@ pub fn cull_cpu(sources: &[(&[Instance], u32)], view: &CullView) -> CullExpectat
 
 /// The CPU reference of a pass of several views: the camera's expectation ([`cull_cpu`]), then
 /// each cascade's: every valid instance inside the cascade's planes (the cull radius's sphere),
-/// in the list of the band the camera's distance gives it ([`CullPass::set_cascades`]).
+/// in the list of the band the camera's distance gives it, up to the cascade's
+/// [`CascadeView::max_lod`] ([`CullPass::set_cascades`]).
 pub fn cull_views_cpu(
     sources: &[(&[Instance], u32)],
     view: &CullView,
@@ -315,7 +316,8 @@ pub fn cull_views_cpu(
                     continue;
                 }
                 let b = band_cpu(inst.position, view);
-                if b < 3 && inside_cpu(&c.planes, inst.position, view.camera[3] * inst.scale) {
+                let max = (c.max_lod as u32).min(Lod::Billboard as u32);
+                if b <= max && inside_cpu(&c.planes, inst.position, view.camera[3] * inst.scale) {
                     e.lists[b as usize].push(base + i as u32);
                 }
             }
@@ -523,6 +525,11 @@ const _: () = assert!(shaders::layout::MAX_VIEWS == MAX_VIEWS as usize);
 pub struct CascadeView {
     /// Planes, normals pointing inside: inside when `dot(n, p) + w >= -radius`.
     pub planes: [[f32; 4]; 6],
+    /// The coarsest level the cascade takes: instances the camera's bands put farther
+    /// (coarser) are not appended to its lists. `Lod::Billboard` (the default of
+    /// [`CascadeView::new`]) takes every drawn level; `Lod::Medium` leaves out billboards
+    /// (the far trees, many and a few texels each in a far cascade).
+    pub max_lod: Lod,
 }
 
 impl CascadeView {
@@ -535,7 +542,15 @@ impl CascadeView {
                 "cascade view-projection {view_proj} has degenerate planes"
             )));
         }
-        Ok(Self { planes })
+        Ok(Self {
+            planes,
+            max_lod: Lod::Billboard,
+        })
+    }
+
+    /// This cascade taking levels up to `max_lod` ([`CascadeView::max_lod`]).
+    pub fn with_max_lod(self, max_lod: Lod) -> Self {
+        Self { max_lod, ..self }
     }
 }
 
@@ -547,6 +562,8 @@ const EMPTY_PLANE: [f32; 4] = [0.0, 0.0, 0.0, -f32::MAX];
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct CascadePlanes {
     planes: [[f32; 4]; 6 * (MAX_VIEWS as usize - 1)],
+    /// Per cascade, the coarsest band it takes (`CascadeViews.max_band`).
+    max_band: [u32; MAX_VIEWS as usize - 1],
 }
 const _: () = assert!(size_of::<CascadePlanes>() == shaders::layout::CASCADEVIEWS_SIZE);
 
@@ -822,6 +839,7 @@ impl CullPass {
             views,
             cascades: CascadePlanes {
                 planes: [EMPTY_PLANE; 6 * (MAX_VIEWS as usize - 1)],
+                max_band: [0; MAX_VIEWS as usize - 1],
             },
             cascade_buf: None,
         };
@@ -1121,8 +1139,15 @@ impl CullPass {
         }
         for (k, planes) in self.cascades.planes.chunks_mut(6).enumerate() {
             match cascades.get(k) {
-                Some(c) => planes.copy_from_slice(&c.planes),
-                None => planes.fill(EMPTY_PLANE),
+                Some(c) => {
+                    planes.copy_from_slice(&c.planes);
+                    // Culled takes what Billboard takes: every drawn level.
+                    self.cascades.max_band[k] = (c.max_lod as u32).min(Lod::Billboard as u32);
+                }
+                None => {
+                    planes.fill(EMPTY_PLANE);
+                    self.cascades.max_band[k] = 0;
+                }
             }
         }
         Ok(())

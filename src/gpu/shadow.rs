@@ -137,10 +137,6 @@ pub struct ShadowDesc {
     pub depth_bias_slope: f32,
     /// Share of the direct light a shadow takes away (1: only the ambient term is left).
     pub strength: f32,
-    /// Cascades (the nearest first) into which billboards cast: farther cascades draw only
-    /// full and medium trees. Billboards are the far trees: in a far cascade they are many
-    /// (640,063 in the 4th of the 4M-tree demo on an H200) and each casts a few texels.
-    pub billboard_cascades: u32,
 }
 
 impl Default for ShadowDesc {
@@ -151,7 +147,6 @@ impl Default for ShadowDesc {
             depth_bias_constant: 2.0,
             depth_bias_slope: 2.0,
             strength: 1.0,
-            billboard_cascades: 2,
         }
     }
 }
@@ -794,9 +789,6 @@ impl ShadowMaps {
                     Vec2::Y
                 };
                 for l in 0..3u32 {
-                    if l == 2 && c as u32 >= self.desc.billboard_cascades {
-                        continue;
-                    }
                     let push = ShadowPush {
                         view_proj: m.to_cols_array_2d(),
                         facing: [facing.x, facing.y, 0.0, 0.0],

@@ -244,6 +244,19 @@ fn ring_commands_are_one_at_a_time_and_stay_with_their_ring() {
     drop(cmd);
     drop(a);
     assert!(ctx.collect().unwrap() >= 1, "ring a's pool is freed");
+    // A command begun for a frame that was then dropped: the next frame has the same value,
+    // but the command is not its (its recording was for the dropped frame).
+    let stale = b.begin(&frame).unwrap();
+    let value = frame.value();
+    drop(frame);
+    let frame = ctx.begin_frame().unwrap();
+    assert_eq!(frame.value(), value, "a dropped frame's value is reused");
+    let r = b.submit(frame, stale);
+    assert!(
+        matches!(&r, Err(Error::Lifecycle(m)) if m.contains("dropped since")),
+        "{r:?}"
+    );
+    let frame = ctx.begin_frame().unwrap();
     let cmd = b.begin(&frame).unwrap();
     let s = b.submit(frame, cmd).unwrap();
     ctx.wait(s.value(), Duration::from_secs(10)).unwrap();

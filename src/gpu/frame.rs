@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ash::vk;
 
 use crate::error::{Error, Result, vk_err};
-use crate::gpu::context::{Context, Frame, Shared, SubmitSync, THROTTLE_TIMEOUT};
+use crate::gpu::context::{Context, Frame, FrameTag, Shared, SubmitSync, THROTTLE_TIMEOUT};
 use crate::gpu::memory::RawObject;
 use crate::gpu::timeline::Submitted;
 
@@ -66,7 +66,9 @@ pub struct RingCommand<'ring> {
     ring: &'ring FrameRing,
     cmd: vk::CommandBuffer,
     slot: usize,
-    frame: u64,
+    /// The frame it was begun for (a dropped frame's value is reused by the next; its tag is
+    /// not).
+    frame: FrameTag,
 }
 
 impl RingCommand<'_> {
@@ -76,7 +78,7 @@ impl RingCommand<'_> {
     }
     /// The value of the frame it was begun for.
     pub fn frame(&self) -> u64 {
-        self.frame
+        self.frame.value()
     }
 }
 
@@ -171,7 +173,7 @@ impl FrameRing {
             ring: self,
             cmd,
             slot,
-            frame: frame.value(),
+            frame: frame.tag(),
         })
     }
 
@@ -197,10 +199,15 @@ impl FrameRing {
         // The command borrows its ring, which therefore lives at the address it was begun
         // at: the address identifies the ring.
         let ours = std::ptr::eq(cmd.ring, self);
-        if !ours || cmd.frame != frame.value() {
+        if !ours || !cmd.frame.is(&frame) {
             return Err(Error::Lifecycle(format!(
-                "command buffer begun for frame {} of {}, submitted with frame {}",
-                cmd.frame,
+                "command buffer begun for frame {}{} of {}, submitted with frame {}",
+                cmd.frame.value(),
+                if cmd.frame.dropped() {
+                    " (dropped since)"
+                } else {
+                    ""
+                },
                 if ours { "this ring" } else { "another ring" },
                 frame.value()
             )));

@@ -335,7 +335,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 r.frees_completed
             );
             println!(
-                "heap usage ({}): {} B at start, baseline {} B (after one cull pass made and dropped), after {} B; live allocations after {}, leaks {}, validation messages {}, frames over budget after settling {}",
+                "heap usage ({}): {} B at start, baseline {} B (after one cull pass made, run once and dropped), after {} B; live allocations after {}, leaks {}, validation messages {}, frames over budget after settling {}",
                 r.budget_source,
                 r.first_usage,
                 r.baseline_usage,

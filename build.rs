@@ -86,6 +86,22 @@ fn main() {
                 continue;
             }
         };
+        // The cull shaders share their bindings and functions (shaders/cull/shared.wgsl),
+        // appended before the variants' replacements so that those apply to it too.
+        let own = if stem == "cull_atomic" || stem == "cull_subgroup" {
+            let shared = dir.join("cull").join("shared.wgsl");
+            println!("cargo:rerun-if-changed={}", shared.display());
+            match std::fs::read_to_string(&shared) {
+                Ok(s) => format!("{own}\n{s}"),
+                Err(e) => {
+                    eprintln!("{}: {e}", shared.display());
+                    failed = true;
+                    continue;
+                }
+            }
+        } else {
+            own
+        };
         let mut sources = vec![(stem.clone(), own.clone())];
         for (of, suffix, replacements) in VARIANTS.iter().filter(|v| v.0 == stem) {
             let mut text = own.clone();

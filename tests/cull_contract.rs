@@ -21,7 +21,7 @@ use understory::gpu::cull::{
 };
 use understory::gpu::draw::{DrawFrame, DrawPass, tree_billboard};
 use understory::gpu::frame::FrameRing;
-use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
+use understory::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
 use understory::gpu::pyramid::{DepthPyramid, pyramid_cpu};
 use understory::gpu::shadow::{ShadowDesc, ShadowMaps};
 use understory::policy::category::Category;
@@ -88,20 +88,11 @@ fn upload(ctx: &Context, instances: &[Instance]) -> Buffer {
 }
 
 fn depth_range() -> vk::ImageSubresourceRange {
-    vk::ImageSubresourceRange {
-        aspect_mask: vk::ImageAspectFlags::DEPTH,
-        base_mip_level: 0,
-        level_count: 1,
-        base_array_layer: 0,
-        layer_count: 1,
-    }
+    common::DEPTH_ONLY
 }
 
 fn color_range() -> vk::ImageSubresourceRange {
-    vk::ImageSubresourceRange {
-        aspect_mask: vk::ImageAspectFlags::COLOR,
-        ..depth_range()
-    }
+    common::single_range(vk::ImageAspectFlags::COLOR)
 }
 
 /// The host's depth image (sampled by the pyramid, cleared by transfer, a depth attachment)
@@ -115,43 +106,28 @@ struct Target {
 
 impl Target {
     fn new(ctx: &Context) -> Self {
-        let image = |name, format, usage| {
-            ctx.create_image(&ImageDesc {
-                name,
-                extent: vk::Extent2D {
-                    width: W,
-                    height: H,
-                },
-                format,
-                mip_levels: 1,
-                usage,
-                category: Category::Other,
-            })
-            .unwrap()
+        let extent = vk::Extent2D {
+            width: W,
+            height: H,
         };
-        let depth = image(
+        let (depth, depth_view) = common::image_with_view(
+            ctx,
             "review depth",
+            extent,
             vk::Format::D32_SFLOAT,
             vk::ImageUsageFlags::TRANSFER_DST
                 | vk::ImageUsageFlags::SAMPLED
                 | vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT,
+            vk::ImageAspectFlags::DEPTH,
         );
-        let color = image(
+        let (color, color_view) = common::image_with_view(
+            ctx,
             "review color",
+            extent,
             vk::Format::R8G8B8A8_UNORM,
             vk::ImageUsageFlags::COLOR_ATTACHMENT,
+            vk::ImageAspectFlags::COLOR,
         );
-        let view = |img: &Image, format, range| {
-            let info = vk::ImageViewCreateInfo::default()
-                .image(img.raw())
-                .view_type(vk::ImageViewType::TYPE_2D)
-                .format(format)
-                .subresource_range(range);
-            // SAFETY: a live 2D image of this device, one level and layer, of this format.
-            unsafe { ctx.device().create_image_view(&info, None) }.unwrap()
-        };
-        let depth_view = view(&depth, vk::Format::D32_SFLOAT, depth_range());
-        let color_view = view(&color, vk::Format::R8G8B8A8_UNORM, color_range());
         Self {
             depth,
             depth_view,

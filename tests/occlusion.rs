@@ -13,7 +13,7 @@ use understory::gpu::cull::{
     DrawIndexedIndirect, InstanceBounds, LIST_GUARD_WORDS, WIDE_SOURCES_PER_DISPATCH, classify_cpu,
     cull_views_cpu, occluded_cpu, phase_lod_cpu,
 };
-use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
+use understory::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
 use understory::gpu::pyramid::{DepthPyramid, pyramid_cpu};
 use understory::policy::category::Category;
 use understory::policy::lod::LodBands;
@@ -102,44 +102,25 @@ struct Host {
 
 impl Host {
     fn new(ctx: &Context) -> Self {
-        let depth = ctx
-            .create_image(&ImageDesc {
-                name: "host depth",
-                extent: vk::Extent2D {
-                    width: W,
-                    height: H,
-                },
-                format: vk::Format::D32_SFLOAT,
-                mip_levels: 1,
-                usage: vk::ImageUsageFlags::TRANSFER_DST
-                    | vk::ImageUsageFlags::SAMPLED
-                    | vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT,
-                category: Category::Other,
-            })
-            .unwrap();
-        let info = vk::ImageViewCreateInfo::default()
-            .image(depth.raw())
-            .view_type(vk::ImageViewType::TYPE_2D)
-            .format(vk::Format::D32_SFLOAT)
-            .subresource_range(depth_range());
-        // SAFETY: a live 2D depth image of this device with SAMPLED usage; one level, one layer.
-        let view = unsafe { ctx.device().create_image_view(&info, None) }.unwrap();
+        let (depth, view) = common::image_with_view(
+            ctx,
+            "host depth",
+            vk::Extent2D {
+                width: W,
+                height: H,
+            },
+            vk::Format::D32_SFLOAT,
+            vk::ImageUsageFlags::TRANSFER_DST
+                | vk::ImageUsageFlags::SAMPLED
+                | vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT,
+            vk::ImageAspectFlags::DEPTH,
+        );
         Self { depth, view }
     }
 
     fn destroy(self, ctx: &Context) {
         // SAFETY: every submission that used the view was waited for (submit_and_wait).
         unsafe { ctx.device().destroy_image_view(self.view, None) };
-    }
-}
-
-fn depth_range() -> vk::ImageSubresourceRange {
-    vk::ImageSubresourceRange {
-        aspect_mask: vk::ImageAspectFlags::DEPTH,
-        base_mip_level: 0,
-        level_count: 1,
-        base_array_layer: 0,
-        layer_count: 1,
     }
 }
 
@@ -193,7 +174,7 @@ fn frame_of(
             let barrier = |old, new, src, dst| {
                 understory::gpu::compute::image_barrier(
                     host.depth.raw(),
-                    depth_range(),
+                    common::DEPTH_ONLY,
                     (old, src),
                     (new, dst),
                 )

@@ -9,17 +9,11 @@ use ash::vk;
 use understory::Error;
 use understory::gpu::compute::{image_barrier, memory_barrier};
 use understory::gpu::context::{Context, Frame};
-use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation};
+use understory::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
 use understory::gpu::pyramid::{DepthPyramid, PYRAMID_FORMAT, PYRAMID_LAYOUT, pyramid_cpu};
 use understory::policy::category::Category;
 
-const DEPTH_ONLY: vk::ImageSubresourceRange = vk::ImageSubresourceRange {
-    aspect_mask: vk::ImageAspectFlags::DEPTH,
-    base_mip_level: 0,
-    level_count: 1,
-    base_array_layer: 0,
-    layer_count: 1,
-};
+use common::DEPTH_ONLY;
 
 /// A D32 depth image, a view of it and a host buffer of its texels.
 struct Depth {
@@ -47,25 +41,16 @@ fn depths(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn depth_image(ctx: &Context, extent: vk::Extent2D, seed: u64) -> Depth {
-    let image = ctx
-        .create_image(&ImageDesc {
-            name: "test depth",
-            extent,
-            format: vk::Format::D32_SFLOAT,
-            mip_levels: 1,
-            usage: vk::ImageUsageFlags::TRANSFER_DST
-                | vk::ImageUsageFlags::SAMPLED
-                | vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT,
-            category: Category::Other,
-        })
-        .unwrap();
-    let info = vk::ImageViewCreateInfo::default()
-        .image(image.raw())
-        .view_type(vk::ImageViewType::TYPE_2D)
-        .format(vk::Format::D32_SFLOAT)
-        .subresource_range(DEPTH_ONLY);
-    // SAFETY: a live D32 image with SAMPLED usage; the depth aspect, its one mip and layer.
-    let view = unsafe { ctx.device().create_image_view(&info, None) }.unwrap();
+    let (image, view) = common::image_with_view(
+        ctx,
+        "test depth",
+        extent,
+        vk::Format::D32_SFLOAT,
+        vk::ImageUsageFlags::TRANSFER_DST
+            | vk::ImageUsageFlags::SAMPLED
+            | vk::ImageUsageFlags::DEPTH_STENCIL_ATTACHMENT,
+        vk::ImageAspectFlags::DEPTH,
+    );
     let texels = depths((extent.width * extent.height) as usize, seed);
     let staging = ctx
         .create_buffer(&BufferDesc {

@@ -196,3 +196,49 @@ pub fn block_scan_by_hand(ctx: &Context, name: &str) -> understory::gpu::compute
     }
     .expect("the block-scan pipeline")
 }
+
+/// One level and one layer of `aspect`: the whole of a test's 2D image.
+pub const fn single_range(aspect: ash::vk::ImageAspectFlags) -> ash::vk::ImageSubresourceRange {
+    ash::vk::ImageSubresourceRange {
+        aspect_mask: aspect,
+        base_mip_level: 0,
+        level_count: 1,
+        base_array_layer: 0,
+        layer_count: 1,
+    }
+}
+
+/// The depth aspect of a test's depth image.
+pub const DEPTH_ONLY: ash::vk::ImageSubresourceRange =
+    single_range(ash::vk::ImageAspectFlags::DEPTH);
+
+/// A 2D image of one level (category `Other`, the host's) and a view of its `aspect`. The
+/// caller destroys the view once no submission uses it.
+pub fn image_with_view(
+    ctx: &Context,
+    name: &str,
+    extent: ash::vk::Extent2D,
+    format: ash::vk::Format,
+    usage: ash::vk::ImageUsageFlags,
+    aspect: ash::vk::ImageAspectFlags,
+) -> (understory::gpu::memory::Image, ash::vk::ImageView) {
+    let image = ctx
+        .create_image(&understory::gpu::memory::ImageDesc {
+            name,
+            extent,
+            format,
+            mip_levels: 1,
+            usage,
+            category: understory::policy::category::Category::Other,
+        })
+        .unwrap();
+    let info = ash::vk::ImageViewCreateInfo::default()
+        .image(image.raw())
+        .view_type(ash::vk::ImageViewType::TYPE_2D)
+        .format(format)
+        .subresource_range(single_range(aspect));
+    // SAFETY: a live 2D image of this device, of this format, one level and layer; the aspect
+    // is the format's (the callers pass DEPTH for depth formats, COLOR otherwise).
+    let view = unsafe { ctx.device().create_image_view(&info, None) }.unwrap();
+    (image, view)
+}

@@ -246,7 +246,11 @@ pub fn occluded_cpu(
         if x >= *w || y >= *h {
             return f32::INFINITY;
         }
-        texels[(y * w + x) as usize]
+        // A level shorter than its size says hides nothing there (never a panic).
+        texels
+            .get((u64::from(y) * u64::from(*w) + u64::from(x)) as usize)
+            .copied()
+            .unwrap_or(f32::INFINITY)
     };
     let far = at(a[0], a[1])
         .max(at(b[0], a[1]))
@@ -1524,7 +1528,9 @@ impl CullPass {
         let placeholder = Self::get_image(&self.placeholder)?;
         let pyramid_view = match occlusion {
             Some((p, _)) => {
-                p.image().touch(value);
+                // The image and the view the set binds live until `frame` completes, even if
+                // the pyramid is dropped (or was last recorded in another frame).
+                p.used_by(value);
                 p.view()
             }
             None => {

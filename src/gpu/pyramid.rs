@@ -278,6 +278,13 @@ impl DepthPyramid {
         &self.image
     }
 
+    /// Marks the image and the views as used by the frame of `value`: they are retired no
+    /// earlier than it (a pass that binds the pyramid calls it).
+    pub(crate) fn used_by(&self, value: u64) {
+        self.image.touch(value);
+        self.last_use.fetch_max(value, Ordering::AcqRel);
+    }
+
     /// A view of every level (colour aspect), for `textureLoad(t, coords, level)` in a compute
     /// shader, in [`PYRAMID_LAYOUT`]. Valid while the pyramid lives; a frame that reads it must
     /// mark [`DepthPyramid::image`] used.

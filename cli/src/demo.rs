@@ -263,7 +263,7 @@ fn value_noise(p: Vec2, seed: u32) -> f32 {
 }
 
 /// Species of the forest: name and foliage colour.
-const SPECIES: [(&str, [f32; 3]); 3] = [
+pub const SPECIES: [(&str, [f32; 3]); 3] = [
     ("spruce", [0.20, 0.42, 0.24]),
     ("pine", [0.36, 0.56, 0.26]),
     ("larch", [0.62, 0.64, 0.24]),
@@ -271,7 +271,7 @@ const SPECIES: [(&str, [f32; 3]); 3] = [
 
 /// The forest: `n` trees in stands (value noise decides where trees grow and which species),
 /// grouped into patches of one species per leaf tile.
-fn forest(config: &VegetationConfig, n: u64, seed: u64) -> Vec<(usize, Vec<Instance>)> {
+pub fn forest(config: &VegetationConfig, n: u64, seed: u64) -> Vec<(usize, Vec<Instance>)> {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let s = seed as u32;
     let size = config.world_size_m;
@@ -315,7 +315,7 @@ fn forest(config: &VegetationConfig, n: u64, seed: u64) -> Vec<(usize, Vec<Insta
 
 /// The camera at `t` in [0, 1]: one lap around the world's centre at tree-top height, looking
 /// ahead and a little down.
-fn camera(t: f32, radius: f32) -> (Vec3, Vec3) {
+pub fn camera(t: f32, radius: f32) -> (Vec3, Vec3) {
     let a = t * std::f32::consts::TAU;
     let eye = Vec3::new(
         radius * a.cos(),
@@ -514,8 +514,10 @@ pub fn run(options: &ContextOptions, config: &DemoConfig) -> Result<DemoReport> 
     Ok(report)
 }
 
-fn demo(ctx: &Context, config: &DemoConfig) -> Result<DemoReport> {
-    let mut vconfig = VegetationConfig {
+/// The demo's world: 2 km square, 128 m leaf tiles, its LOD bands and atlas page size (other
+/// hosts, such as `understory-wgpu`'s example, fly over the same forest).
+pub fn world_config() -> VegetationConfig {
+    VegetationConfig {
         world_origin: Vec2::splat(-1024.0),
         world_size_m: 2048.0,
         leaf_tile_m: 128.0,
@@ -527,7 +529,11 @@ fn demo(ctx: &Context, config: &DemoConfig) -> Result<DemoReport> {
         atlas_page_px: 512,
         stats_log_interval: Duration::from_secs(3600),
         ..Default::default()
-    };
+    }
+}
+
+fn demo(ctx: &Context, config: &DemoConfig) -> Result<DemoReport> {
+    let mut vconfig = world_config();
     if let Some(b) = config.budget_bytes {
         vconfig.controller.cap_bytes = b;
     }

@@ -81,6 +81,11 @@ pub struct HeapBudget {
     /// bytes understory holds in the heap (the estimate's usage; foreign usage is then
     /// unknown and counts as 0).
     pub usage_estimated: bool,
+    /// Bytes other users of the device hold in the heap as the budget source declared them
+    /// ([`BudgetSource::declared_foreign`]), included in `usage`. Only heaps the driver gives
+    /// no usage for take them (with `VK_EXT_memory_budget` the driver counts every user); 0
+    /// otherwise.
+    pub declared_foreign: u64,
 }
 
 impl HeapBudget {
@@ -101,6 +106,15 @@ pub trait BudgetSource: Send {
     /// them.
     fn observe_ours(&mut self, ours: &[u64]) {
         let _ = ours;
+    }
+
+    /// Bytes other users of the device (e.g. a host's own allocator) hold per heap, as the
+    /// source knows them, read right after [`BudgetSource::query`]. Heaps without driver
+    /// numbers count them as usage on top of understory's own bytes
+    /// ([`HeapBudget::declared_foreign`]); heaps with driver numbers ignore them (the driver
+    /// already counts every user). The default declares nothing.
+    fn declared_foreign(&mut self) -> Option<Vec<u64>> {
+        None
     }
 }
 
@@ -141,6 +155,7 @@ pub fn resolve(raw: &[RawHeap], ours: &[u64]) -> Vec<HeapBudget> {
                 source,
                 clamped,
                 usage_estimated,
+                declared_foreign: 0,
             }
         })
         .collect()
@@ -172,7 +187,16 @@ impl HeapBudgets {
     pub fn refresh(&mut self, ours: &[u64]) -> Result<&[HeapBudget]> {
         self.source.observe_ours(ours);
         let raw = self.source.query()?;
-        let heaps = resolve(&raw, ours);
+        let mut heaps = resolve(&raw, ours);
+        if let Some(foreign) = self.source.declared_foreign() {
+            for (h, r) in heaps.iter_mut().zip(&raw) {
+                let f = foreign.get(h.index as usize).copied().unwrap_or(0);
+                if r.driver.is_none() && f > 0 {
+                    h.declared_foreign = f;
+                    h.usage = h.usage.saturating_add(f);
+                }
+            }
+        }
         if self.logged.len() < heaps.len() {
             self.logged.resize(heaps.len(), [false; 3]);
         }
@@ -320,6 +344,35 @@ mod tests {
                 self.0[0].clone()
             })
         }
+    }
+
+    struct Declaring(Vec<RawHeap>, Vec<u64>);
+    impl BudgetSource for Declaring {
+        fn query(&mut self) -> Result<Vec<RawHeap>> {
+            Ok(self.0.clone())
+        }
+        fn declared_foreign(&mut self) -> Option<Vec<u64>> {
+            Some(self.1.clone())
+        }
+    }
+
+    #[test]
+    fn declared_foreign_counts_only_where_the_driver_has_no_usage() {
+        // Heap 0 without the extension takes the declared bytes on top of ours; heap 1 with it
+        // keeps the driver's usage (which already counts every user); a missing entry is 0.
+        let mut b = HeapBudgets::new(Box::new(Declaring(
+            vec![
+                heap(8 * GIB, None),
+                heap(8 * GIB, Some((6 * GIB, GIB))),
+                heap(GIB, None),
+            ],
+            vec![300, 500],
+        )));
+        let r = b.refresh(&[1000, 2000, 7]).unwrap();
+        assert_eq!((r[0].usage, r[0].declared_foreign), (1300, 300));
+        assert_eq!(r[0].source, Source::Estimated);
+        assert_eq!((r[1].usage, r[1].declared_foreign), (GIB, 0));
+        assert_eq!((r[2].usage, r[2].declared_foreign), (7, 0));
     }
 
     #[test]

@@ -104,6 +104,13 @@ pub struct ContextOptions {
     /// Frames the CPU may run ahead of the GPU, 1..=4 (default 2): `begin_frame` waits for the
     /// GPU beyond that (only for frames it can wait on; see [`FrameSignal::HostReported`]).
     pub frames_in_flight: u32,
+    /// The host makes every submission to the queue, and understory never submits to it:
+    /// [`Context::submit_frame`], [`FrameRing::submit`](crate::gpu::frame::FrameRing::submit)
+    /// and [`Context::submit_and_wait`] return [`Error::Unsupported`]. For hosts whose queue
+    /// submissions cannot take [`Context::queue`]'s lock (wgpu submits from inside its own
+    /// `Queue::submit`): the frames are still announced with [`Context::frame_submitted`].
+    /// Default `false`.
+    pub host_submits_only: bool,
 }
 
 impl Default for ContextOptions {
@@ -113,6 +120,7 @@ impl Default for ContextOptions {
             device: None,
             memory: MemoryConfig::default(),
             frames_in_flight: 2,
+            host_submits_only: false,
         }
     }
 }
@@ -175,6 +183,8 @@ pub(crate) struct Shared {
     pub(crate) queue_family: u32,
     pub(crate) queue_flags: vk::QueueFlags,
     pub(crate) frames_in_flight: u32,
+    /// [`ContextOptions::host_submits_only`].
+    host_submits_only: bool,
     /// The physical device's limits (images are checked against them).
     limits: vk::PhysicalDeviceLimits,
     pub(crate) memory: Memory,
@@ -183,6 +193,9 @@ pub(crate) struct Shared {
     /// A wait timed out (or could not be made) at shutdown: leak rather than destroy.
     stuck: AtomicBool,
     owns_device: bool,
+    /// What the host asked to keep alive as long as anything made through the context
+    /// ([`Context::keep_alive`]): dropped after the memory (and so after every free).
+    host_keep: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
     /// Dropped last: the messenger and (if ours) the instance go after the device. Shared with
     /// budget sources handed out, which may outlive the rest.
     pub(crate) instance: Arc<Instance>,
@@ -290,6 +303,11 @@ impl Shared {
         prepare: impl FnOnce() -> Result<()>,
     ) -> Result<Submitted> {
         frame.check(self, "submit_frame")?;
+        if self.host_submits_only {
+            return Err(Error::Unsupported(
+                "this context was built with host_submits_only: the host submits every frame (announce it with Context::frame_submitted)".into(),
+            ));
+        }
         if sync.wait_semaphores.len() != sync.wait_values.len()
             || sync.wait_semaphores.len() != sync.wait_stages.len()
             || sync.signal_semaphores.len() != sync.signal_values.len()
@@ -766,7 +784,9 @@ impl Context {
     ///   `pageable_device_local_memory` the `pageableDeviceLocalMemory` feature);
     /// - `queue` was obtained from `device` in family `queue_family_index`;
     /// - the host never submits to `queue` while understory may: it holds [`Context::queue`]'s
-    ///   lock around its own submissions to that queue (external synchronization), and submits
+    ///   lock around its own submissions to that queue (external synchronization), or builds
+    ///   the context with [`ContextOptions::host_submits_only`] (understory never submits) and
+    ///   externally synchronizes its own submissions among themselves; and it submits
     ///   every frame it announces with [`Context::frame_submitted`] to that queue (see the
     ///   module's host contract);
     /// - the instance, the device and the queue outlive the context **and every object made
@@ -963,12 +983,14 @@ impl Context {
                 queue_family,
                 queue_flags,
                 frames_in_flight: options.frames_in_flight,
+                host_submits_only: options.host_submits_only,
                 limits,
                 memory,
                 clock,
                 one_shot_pool: Mutex::new(pool),
                 stuck: AtomicBool::new(false),
                 owns_device,
+                host_keep: Mutex::new(Vec::new()),
                 instance: Arc::new(instance),
             }),
             shut_down: false,
@@ -1031,6 +1053,18 @@ impl Context {
     /// The queue family's flags.
     pub fn queue_flags(&self) -> vk::QueueFlags {
         self.shared.queue_flags
+    }
+
+    /// Keeps `owner` alive as long as the context or anything made through it lives: it is
+    /// dropped after understory's last use of the device (every free done). A host whose
+    /// device is destroyed by another object's drop (wgpu's device, say) hands that object
+    /// here, so the device outlives understory however the host orders its drops.
+    pub fn keep_alive(&self, owner: Arc<dyn std::any::Any + Send + Sync>) {
+        self.shared
+            .host_keep
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(owner);
     }
 
     /// understory's timeline semaphore: a host submission of frame `f` signals it with
@@ -1317,7 +1351,8 @@ impl Context {
     ///
     /// # Safety
     /// - every command recorded for `frame` was submitted, to the context's queue
-    ///   ([`HostHandles::queue`], under [`Context::queue`]'s lock), before this call, and the
+    ///   ([`HostHandles::queue`], under [`Context::queue`]'s lock unless the context was built
+    ///   with [`ContextOptions::host_submits_only`]), before this call, and the
     ///   signal operation `signal` names happens after all of them complete (same batch, or a
     ///   later batch on the same queue);
     /// - [`FrameSignal::Timeline`]: that submission signals [`Context::timeline_semaphore`]
@@ -1366,6 +1401,11 @@ impl Context {
         &self,
         record: impl FnOnce(&Frame, vk::CommandBuffer) -> Result<()>,
     ) -> Result<Submitted> {
+        if self.shared.host_submits_only {
+            return Err(Error::Unsupported(
+                "submit_and_wait: this context was built with host_submits_only (understory never submits)".into(),
+            ));
+        }
         let frame = self.begin_frame()?;
         let pool = self
             .shared

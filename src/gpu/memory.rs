@@ -890,7 +890,8 @@ pub struct HeapReport {
     /// `usage - ours`: what the rest of this process holds in the heap (the host engine, its
     /// swapchain and render targets, other libraries). `heapUsage` is per process, so other
     /// processes are not in it: they show up as a lower `budget` instead. 0 when the usage
-    /// is estimated (no extension, or the driver's usage was impossible).
+    /// is estimated (no extension, or the driver's usage was impossible), unless the budget
+    /// source declared what others hold ([`HeapBudget::declared_foreign`]).
     pub foreign: u64,
 }
 
@@ -2135,7 +2136,7 @@ impl Memory {
                         Source::Ext if !budget.usage_estimated => {
                             budget.usage.saturating_sub(ours_total)
                         }
-                        _ => 0,
+                        _ => budget.declared_foreign,
                     },
                     budget,
                     ours: per,

@@ -1,0 +1,1645 @@
+//! understory under wgpu: one `VkDevice` for a wgpu renderer and understory's vegetation, the
+//! real VRAM budget for a wgpu device, and the forest drawn into the app's own `wgpu::Texture`s.
+//!
+//! ```no_run
+//! use understory_wgpu::{Forest, ForestDesc, ForestView, SharedDevice, SharedDeviceDesc};
+//! # fn f() -> understory::Result<()> {
+//! let shared = SharedDevice::new(&SharedDeviceDesc::from_env()?)?;
+//! println!("{}", shared.budget()?); // the real heap budget, and what wgpu and understory hold
+//! let mut forest = Forest::new(&shared, &ForestDesc::default())?;
+//! // forest.vegetation_mut().register_species(..)? and spawn(..)? the trees, then each frame:
+//! # let (color, depth, view): (wgpu::Texture, wgpu::Texture, ForestView) = todo!();
+//! let mut frame = shared.begin_frame()?;
+//! forest.render(&mut frame, &view, &color, &depth)?; // update, uploads, cull, draw
+//! let app_pass: Vec<wgpu::CommandBuffer> = vec![]; // the app's own work before and after
+//! shared.submit(frame, app_pass, [])?;
+//! # drop(forest);
+//! let report = shared.shutdown()?; // waits for the last frame, drains, reports leaks
+//! assert!(report.leaks.is_empty());
+//! # Ok(()) }
+//! ```
+//!
+//! # How the device is shared
+//! [`SharedDevice::new`] creates the Vulkan instance (with the Khronos layer and
+//! synchronization validation when asked) and the device itself, with the union of what wgpu
+//! needs (`wgpu_hal::vulkan::Adapter::required_device_extensions` and
+//! `physical_device_features`) and what understory needs
+//! ([`DeviceRequirements`]). wgpu gets it
+//! through `device_from_raw` and `Adapter::create_device_from_hal` and owns it; understory wraps
+//! the same device and queue with `Context::from_raw`, and keeps the wgpu device alive for as
+//! long as anything of understory's lives ([`Context::keep_alive`]).
+//!
+//! # Synchronization: recorded into wgpu's submissions
+//! understory never submits (the context is built with
+//! [`ContextOptions::host_submits_only`]): wgpu's `Queue::submit` is the only submitter on the
+//! shared queue, so no lock is needed between them. Each frame ([`WgpuFrame`]) records
+//! understory's work into a raw-only wgpu command encoder (`CommandEncoder::as_hal_mut`),
+//! preceded by a wgpu-API encoder that moves the app's targets into the states understory
+//! draws in (`transition_resources`). [`SharedDevice::submit`] hands both to `Queue::submit`
+//! between the app's own command buffers, then registers `Queue::on_submitted_work_done`:
+//! when wgpu reports that submission (or a later one) done, the frame is reported complete to
+//! understory ([`FrameSignal::HostReported`]), and only then are its frees carried out. The
+//! wgpu resources a frame drew into are held until then too: wgpu does not see the raw
+//! encoder's uses.
+//!
+//! The alternative, understory submitting its own command buffers with semaphores between
+//! them and wgpu's, needs both to lock the one `VkQueue` around every submission; wgpu takes no
+//! lock of ours, so that would be undefined behaviour as soon as two threads submit.
+//!
+//! # The budget
+//! wgpu-hal has its own allocator (gpu-allocator) on the same heaps. With
+//! `VK_EXT_memory_budget` the driver's `heapUsage` counts wgpu's bytes with ours, and
+//! understory sees them as foreign (`usage − ours`). Without it (lavapipe) understory declares
+//! the bytes wgpu's allocator report holds (`Device::generate_allocator_report`) as foreign on
+//! the device-local heap ([`HeapBudget::declared_foreign`]); the report does not name heaps,
+//! and on lavapipe there is one. Either way the vegetation budget follows when wgpu allocates
+//! more: `min(cap, share × (heap budget − foreign))`.
+//!
+//! [`Context::keep_alive`]: understory::gpu::context::Context::keep_alive
+//! [`ContextOptions::host_submits_only`]: understory::gpu::context::ContextOptions::host_submits_only
+//! [`FrameSignal::HostReported`]: understory::gpu::timeline::FrameSignal::HostReported
+//! [`HeapBudget::declared_foreign`]: understory::gpu::budget::HeapBudget::declared_foreign
+
+#![warn(missing_docs)]
+
+use std::collections::VecDeque;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ash::vk;
+use glam::{Mat4, Vec3};
+use understory::error::{Error, Result};
+use understory::gpu::adapter::{Adapter, DeviceType};
+use understory::gpu::budget::{BudgetSource, DriverBudget, HeapBudgets, RawHeap, Source};
+use understory::gpu::context::{Context, ContextOptions, Frame, HostHandles};
+use understory::gpu::cull::{Compaction, CullPass, CullView};
+use understory::gpu::debug::{Canary, messenger_create_info};
+use understory::gpu::draw::{DrawFrame, DrawPass};
+use understory::gpu::instance::{VALIDATION_LAYER, Validation};
+use understory::gpu::memory::{HeapReport, ShutdownReport};
+use understory::gpu::requirements::{Capabilities, DeviceRequirements};
+use understory::gpu::timeline::FrameSignal;
+use understory::vegetation::{UpdateReport, Vegetation, VegetationConfig, Viewer};
+
+pub use understory;
+pub use wgpu;
+pub use wgpu_hal;
+
+type Vulkan = wgpu_hal::api::Vulkan;
+
+/// The wgpu version this crate is built against (`Cargo.toml` pins it, in one place).
+pub const WGPU_VERSION: &str = "29.0.4";
+
+/// How long [`SharedDevice::begin_frame`] waits for wgpu to finish the frame
+/// `frames_in_flight` back, and [`SharedDevice::shutdown`] for the last one.
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to build a [`SharedDevice`].
+#[derive(Clone, Debug)]
+pub struct SharedDeviceDesc {
+    /// understory's options: validation (`instance`: the layer, synchronization and
+    /// GPU-assisted validation apply to wgpu's work as well), memory caps, frames in flight.
+    /// `host_submits_only` is always set.
+    pub context: ContextOptions,
+    /// wgpu features the app needs on top of understory's.
+    pub features: wgpu::Features,
+    /// wgpu limits the app needs.
+    pub limits: wgpu::Limits,
+    /// Pick the first adapter whose name contains this (case-insensitive); `None` prefers a
+    /// discrete GPU, then integrated, virtual, CPU.
+    pub adapter_name: Option<String>,
+}
+
+impl Default for SharedDeviceDesc {
+    fn default() -> Self {
+        Self {
+            context: ContextOptions::default(),
+            features: wgpu::Features::empty(),
+            limits: wgpu::Limits::default(),
+            adapter_name: None,
+        }
+    }
+}
+
+impl SharedDeviceDesc {
+    /// Defaults with `UNDERSTORY_VALIDATION`, `UNDERSTORY_SYNC_VALIDATION` and
+    /// `UNDERSTORY_DEVICE` (a name substring) applied.
+    pub fn from_env() -> Result<Self> {
+        let mut context = ContextOptions::default().with_env()?;
+        context.device = None;
+        Ok(Self {
+            context,
+            adapter_name: std::env::var("UNDERSTORY_DEVICE").ok(),
+            ..Default::default()
+        })
+    }
+}
+
+/// Frames submitted and not yet reported complete, with what they keep alive.
+#[derive(Default)]
+struct InFlight {
+    frames: VecDeque<(u64, wgpu::SubmissionIndex, Vec<Keep>)>,
+    /// The highest value reported to the context as complete.
+    reported: u64,
+}
+
+/// A wgpu object a frame's raw commands use (wgpu does not see those uses).
+#[allow(dead_code)] // held for their drop only
+enum Keep {
+    Texture(wgpu::Texture),
+    View(wgpu::TextureView),
+    Buffer(wgpu::Buffer),
+}
+
+/// Validation messages and wgpu errors seen so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Messages {
+    /// Khronos-layer messages (errors and warnings) from the messenger this crate installs on
+    /// the instance: wgpu's and understory's Vulkan calls alike.
+    pub layer: u64,
+    /// wgpu's own validation errors (the device's uncaptured-error handler).
+    pub wgpu: u64,
+    /// The texts, at most 64 of each.
+    pub texts: Vec<String>,
+}
+
+#[derive(Default)]
+struct WgpuErrors {
+    count: u64,
+    texts: Vec<String>,
+}
+
+/// One `VkDevice` shared by wgpu and understory. See the crate docs.
+pub struct SharedDevice {
+    /// Unique per shared device (a forest checks that a frame is of its device).
+    id: u64,
+    // Dropped first: understory's context (its objects keep the wgpu device alive themselves).
+    ctx: Option<Context>,
+    in_flight: Mutex<InFlight>,
+    done: Arc<AtomicU64>,
+    wgpu_errors: Arc<Mutex<WgpuErrors>>,
+    canary: Arc<Canary>,
+    device_local_heap: usize,
+    color_formats: FormatMap,
+    queue: wgpu::Queue,
+    device: wgpu::Device,
+    adapter: wgpu::Adapter,
+    instance: wgpu::Instance,
+}
+
+/// Vulkan formats of the wgpu formats a forest draws into.
+#[derive(Clone, Debug)]
+struct FormatMap(Vec<(wgpu::TextureFormat, vk::Format)>);
+
+impl FormatMap {
+    fn get(&self, f: wgpu::TextureFormat) -> Option<vk::Format> {
+        self.0.iter().find(|(w, _)| *w == f).map(|(_, v)| *v)
+    }
+}
+
+/// The formats a [`Forest`] can draw into.
+pub const COLOR_FORMATS: [wgpu::TextureFormat; 4] = [
+    wgpu::TextureFormat::Rgba8Unorm,
+    wgpu::TextureFormat::Rgba8UnormSrgb,
+    wgpu::TextureFormat::Bgra8Unorm,
+    wgpu::TextureFormat::Bgra8UnormSrgb,
+];
+
+/// The depth formats a [`Forest`] can draw with.
+pub const DEPTH_FORMATS: [wgpu::TextureFormat; 1] = [wgpu::TextureFormat::Depth32Float];
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
+
+fn wgpu_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Unsupported(format!("wgpu: {what}: {e}"))
+}
+
+fn vk_fail(call: &'static str) -> impl Fn(vk::Result) -> Error {
+    move |r| match r {
+        vk::Result::ERROR_OUT_OF_DEVICE_MEMORY => Error::OutOfDeviceMemory { call },
+        vk::Result::ERROR_OUT_OF_HOST_MEMORY => Error::OutOfHostMemory { call },
+        vk::Result::ERROR_DEVICE_LOST => Error::DeviceLost { call },
+        other => Error::Unsupported(format!("{call}: {other:?}")),
+    }
+}
+
+/// The instance this crate creates, before wgpu owns it.
+struct RawInstance {
+    entry: ash::Entry,
+    instance: ash::Instance,
+    api_version: u32,
+    extensions: Vec<&'static CStr>,
+    messenger: Option<(ash::ext::debug_utils::Instance, vk::DebugUtilsMessengerEXT)>,
+    flags: wgpu::InstanceFlags,
+}
+
+fn create_instance(options: &ContextOptions, canary: &Arc<Canary>) -> Result<RawInstance> {
+    let entry = understory::gpu::instance::load_entry()?;
+    // SAFETY: a global query.
+    let loader = unsafe { entry.try_enumerate_instance_version() }
+        .map_err(vk_fail("vkEnumerateInstanceVersion"))?
+        .unwrap_or(vk::API_VERSION_1_0);
+    if loader < vk::API_VERSION_1_3 {
+        return Err(Error::Unsupported(format!(
+            "the Vulkan loader is {}.{}: understory's draw pass needs 1.3",
+            vk::api_version_major(loader),
+            vk::api_version_minor(loader)
+        )));
+    }
+    let api_version = vk::API_VERSION_1_3;
+    // SAFETY: a global query.
+    let layers = unsafe { entry.enumerate_instance_layer_properties() }
+        .map_err(vk_fail("vkEnumerateInstanceLayerProperties"))?;
+    let has_layer = layers
+        .iter()
+        .any(|l| l.layer_name_as_c_str() == Ok(VALIDATION_LAYER));
+    let io = &options.instance;
+    let validation = match io.validation {
+        Validation::Off => false,
+        Validation::IfAvailable => {
+            if !has_layer {
+                log::warn!(
+                    "validation requested but VK_LAYER_KHRONOS_validation is not installed; running without it"
+                );
+            }
+            has_layer
+        }
+        Validation::Required if !has_layer => return Err(Error::ValidationUnavailable),
+        Validation::Required => true,
+    };
+    let flags = if validation {
+        wgpu::InstanceFlags::VALIDATION | wgpu::InstanceFlags::DEBUG
+    } else {
+        wgpu::InstanceFlags::empty()
+    };
+    let mut extensions = wgpu_hal::vulkan::Instance::desired_extensions(&entry, api_version, flags)
+        .map_err(|e| wgpu_err("instance extensions", e))?;
+    if validation {
+        for e in [
+            ash::ext::debug_utils::NAME,
+            ash::ext::validation_features::NAME,
+        ] {
+            if !extensions.contains(&e) {
+                extensions.push(e);
+            }
+        }
+    }
+    let names: Vec<_> = extensions.iter().map(|e| e.as_ptr()).collect();
+    let layer_names = [VALIDATION_LAYER.as_ptr()];
+    let app = vk::ApplicationInfo::default()
+        .application_name(c"understory-wgpu")
+        .engine_name(c"wgpu")
+        .api_version(api_version);
+    let mut dbg = messenger_create_info(canary);
+    let mut enables = Vec::new();
+    if io.sync_validation {
+        enables.push(vk::ValidationFeatureEnableEXT::SYNCHRONIZATION_VALIDATION);
+    }
+    if io.gpu_assisted {
+        enables.push(vk::ValidationFeatureEnableEXT::GPU_ASSISTED);
+    }
+    let mut vf = vk::ValidationFeaturesEXT::default().enabled_validation_features(&enables);
+    let mut info = vk::InstanceCreateInfo::default()
+        .application_info(&app)
+        .enabled_extension_names(&names);
+    if validation {
+        info = info
+            .enabled_layer_names(&layer_names)
+            .push_next(&mut dbg)
+            .push_next(&mut vf);
+    }
+    // SAFETY: every extension is one wgpu-hal found supported, or debug utils and validation
+    // features, which the installed layer provides; the canary outlives the instance (the
+    // drop callback below holds it).
+    let instance =
+        unsafe { entry.create_instance(&info, None) }.map_err(vk_fail("vkCreateInstance"))?;
+    let messenger = if validation {
+        let loader = ash::ext::debug_utils::Instance::new(&entry, &instance);
+        // SAFETY: debug utils is enabled; the messenger is destroyed before the instance.
+        match unsafe { loader.create_debug_utils_messenger(&messenger_create_info(canary), None) } {
+            Ok(m) => Some((loader, m)),
+            Err(e) => {
+                // SAFETY: nothing was created from the instance.
+                unsafe { instance.destroy_instance(None) };
+                return Err(vk_fail("vkCreateDebugUtilsMessengerEXT")(e));
+            }
+        }
+    } else {
+        None
+    };
+    Ok(RawInstance {
+        entry,
+        instance,
+        api_version,
+        extensions,
+        messenger,
+        flags,
+    })
+}
+
+/// The understory budget source for a wgpu device: the driver's numbers, and where the driver
+/// has no `VK_EXT_memory_budget`, wgpu's allocator bytes declared as foreign.
+struct WgpuBudget {
+    driver: DriverBudget,
+    device: wgpu::Device,
+    heap: usize,
+    heaps: usize,
+}
+
+impl BudgetSource for WgpuBudget {
+    fn query(&mut self) -> Result<Vec<RawHeap>> {
+        let raw = self.driver.query()?;
+        self.heaps = raw.len();
+        Ok(raw)
+    }
+
+    fn declared_foreign(&mut self) -> Option<Vec<u64>> {
+        let report = self.device.generate_allocator_report()?;
+        let mut v = vec![0; self.heaps.max(self.heap + 1)];
+        v[self.heap] = report.total_reserved_bytes;
+        Some(v)
+    }
+}
+
+/// What [`SharedDevice::budget`] reports.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    /// The adapter's name.
+    pub device: String,
+    /// Every heap: budget, usage, understory's bytes, foreign bytes.
+    pub heaps: Vec<HeapReport>,
+    /// The device-local heap vegetation lives in.
+    pub device_local_heap: usize,
+    /// Bytes wgpu's allocator holds (blocks reserved; `None` where wgpu gives no report).
+    pub wgpu_reserved: Option<u64>,
+    /// Bytes wgpu's live allocations take inside those blocks.
+    pub wgpu_allocated: Option<u64>,
+    /// Bytes of memory blocks understory holds, pending frees included.
+    pub understory_held: u64,
+}
+
+impl Budget {
+    /// The device-local heap's report.
+    pub fn heap(&self) -> Option<&HeapReport> {
+        self.heaps.get(self.device_local_heap)
+    }
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MIB: f64 = (1u64 << 20) as f64;
+        let mib = |b: u64| b as f64 / MIB;
+        match self.heap() {
+            Some(h) => write!(
+                f,
+                "{}: heap {} budget {:.1} MiB ({}), usage {:.1} MiB, foreign {:.1} MiB",
+                self.device,
+                self.device_local_heap,
+                mib(h.budget.budget),
+                h.budget.source,
+                mib(h.budget.usage),
+                mib(h.foreign)
+            )?,
+            None => write!(f, "{}: no device-local heap", self.device)?,
+        }
+        write!(
+            f,
+            "; wgpu holds {}, understory holds {:.1} MiB",
+            match (self.wgpu_reserved, self.wgpu_allocated) {
+                (Some(r), Some(a)) => format!("{:.1} MiB ({:.1} MiB allocated)", mib(r), mib(a)),
+                _ => "? (no allocator report)".into(),
+            },
+            mib(self.understory_held)
+        )
+    }
+}
+
+impl SharedDevice {
+    /// Creates the instance and the shared device (see the crate docs).
+    pub fn new(desc: &SharedDeviceDesc) -> Result<Self> {
+        let canary = Canary::new();
+        let raw = create_instance(&desc.context, &canary)?;
+        let RawInstance {
+            entry,
+            instance,
+            api_version,
+            extensions,
+            messenger,
+            flags,
+        } = raw;
+        let validation = messenger.is_some();
+        // The callback holds the loader too: wgpu-hal may drop its own `Entry` (and with the
+        // last one, libvulkan) before it calls the callback.
+        let (ash_instance, keep_canary, keep_entry) =
+            (instance.clone(), canary.clone(), entry.clone());
+        let drop_instance: wgpu_hal::DropCallback = Box::new(move || {
+            // SAFETY: wgpu calls this once, after its last use of the instance (every adapter,
+            // device and surface of it is gone); the messenger is ours and goes first.
+            unsafe {
+                if let Some((loader, m)) = messenger {
+                    loader.destroy_debug_utils_messenger(m, None);
+                }
+                ash_instance.destroy_instance(None);
+            }
+            drop(keep_canary);
+            drop(keep_entry);
+        });
+        // SAFETY: the instance was created from `entry` with `api_version`, `extensions` (a
+        // superset of wgpu-hal's desired extensions for `flags`) and, with validation, the
+        // layer `flags` says; the drop callback destroys it once wgpu is done with it.
+        let hal_instance = unsafe {
+            wgpu_hal::vulkan::Instance::from_raw(
+                entry.clone(),
+                instance.clone(),
+                api_version,
+                0,
+                None,
+                extensions,
+                flags,
+                wgpu::MemoryBudgetThresholds::default(),
+                false,
+                Some(drop_instance),
+            )
+        }
+        .map_err(|e| wgpu_err("Instance::from_raw", e))?;
+        // SAFETY: a Vulkan hal instance, given up to wgpu.
+        let wgpu_instance = unsafe { wgpu::Instance::from_hal::<Vulkan>(hal_instance) };
+        let adapters = block_on(wgpu_instance.enumerate_adapters(wgpu::Backends::VULKAN));
+        let req = DeviceRequirements::for_capabilities(Capabilities::ALL);
+        let mut candidates = Vec::new();
+        let mut rejected = Vec::new();
+        for a in adapters {
+            // SAFETY: only the physical device handle is read.
+            let pd = match unsafe { a.as_hal::<Vulkan>() } {
+                Some(h) => h.raw_physical_device(),
+                None => continue,
+            };
+            // SAFETY: pd belongs to the live instance (>= 1.3).
+            let ours = unsafe { Adapter::query(&instance, 0, pd) }?;
+            if let Some(name) = &desc.adapter_name {
+                if !ours
+                    .name
+                    .to_ascii_lowercase()
+                    .contains(&name.to_ascii_lowercase())
+                {
+                    continue;
+                }
+            }
+            // SAFETY: as above.
+            let missing = unsafe { req.unsupported_by(&instance, pd) }?;
+            let family = ours
+                .queue_families
+                .iter()
+                .position(|f| f.contains(vk::QueueFlags::GRAPHICS | vk::QueueFlags::COMPUTE));
+            match family {
+                Some(fam) if missing.is_empty() => candidates.push((a, ours, pd, fam as u32)),
+                _ => rejected.push(format!("{} (missing {missing:?})", ours.name)),
+            }
+        }
+        let rank = |t: DeviceType| match t {
+            DeviceType::Discrete => 0,
+            DeviceType::Integrated => 1,
+            DeviceType::Virtual => 2,
+            DeviceType::Cpu => 3,
+            _ => 4,
+        };
+        candidates.sort_by_key(|c| rank(c.1.device_type));
+        let Some((wgpu_adapter, ours, pd, family)) = candidates.into_iter().next() else {
+            return Err(Error::NoDevice {
+                detail: format!(
+                    "no Vulkan adapter wgpu exposes has what understory needs{}: {}",
+                    desc.adapter_name
+                        .as_ref()
+                        .map(|n| format!(" (named like {n:?})"))
+                        .unwrap_or_default(),
+                    rejected.join("; ")
+                ),
+            });
+        };
+        let plan = req.plan(&ours);
+        let mut enabled = plan.enabled;
+        enabled.memory_priority = ours.supported.memory_priority && ours.memory_priority_feature;
+        enabled.pageable_device_local_memory = enabled.memory_priority
+            && ours.supported.pageable_device_local_memory
+            && ours.pageable_feature;
+        let features = desc.features;
+        let limits = desc.limits.clone();
+        let (raw_device, device_extensions, open) = {
+            // SAFETY: the hal adapter is read while the wgpu adapter lives.
+            let hal = unsafe { wgpu_adapter.as_hal::<Vulkan>() }
+                .ok_or_else(|| Error::Unsupported("wgpu adapter is not Vulkan".into()))?;
+            let mut exts = hal.required_device_extensions(features);
+            for e in enabled.extension_names() {
+                if !exts.contains(&e) {
+                    exts.push(e);
+                }
+            }
+            let mut phd = hal.physical_device_features(&exts, features);
+            let mut core = phd.get_core();
+            let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
+            let mut v13 = vk::PhysicalDeviceVulkan13Features::default();
+            plan.features.enable(&mut core, &mut v12, &mut v13);
+            let mut dynamic = vk::PhysicalDeviceDynamicRenderingFeatures::default()
+                .dynamic_rendering(v13.dynamic_rendering == vk::TRUE);
+            let mut prio =
+                vk::PhysicalDeviceMemoryPriorityFeaturesEXT::default().memory_priority(true);
+            let mut page = vk::PhysicalDevicePageableDeviceLocalMemoryFeaturesEXT::default()
+                .pageable_device_local_memory(true);
+            let names: Vec<_> = exts.iter().map(|e| e.as_ptr()).collect();
+            let priorities = [1.0f32];
+            let queues = [vk::DeviceQueueCreateInfo::default()
+                .queue_family_index(family)
+                .queue_priorities(&priorities)];
+            let info = vk::DeviceCreateInfo::default()
+                .queue_create_infos(&queues)
+                .enabled_extension_names(&names);
+            // wgpu's feature structs (timeline semaphores among them), then understory's:
+            // dynamic rendering (wgpu chains no Vulkan 1.3 struct), memory priority and paging,
+            // and the core features on top of wgpu's.
+            let mut info = phd.add_to_device_create(info).push_next(&mut dynamic);
+            if enabled.memory_priority {
+                info = info.push_next(&mut prio);
+            }
+            if enabled.pageable_device_local_memory {
+                info = info.push_next(&mut page);
+            }
+            let info = info.enabled_features(&core);
+            // SAFETY: every extension is supported (wgpu-hal's list is filtered to what the
+            // device supports; understory's was checked by `unsupported_by`), every feature
+            // chained is supported, and no feature struct appears twice.
+            let device = unsafe { instance.create_device(pd, &info, None) }
+                .map_err(vk_fail("vkCreateDevice"))?;
+            // SAFETY: created from this adapter with `exts` (a superset of wgpu's required
+            // extensions for `features`) and `physical_device_features(exts, features)`, on
+            // `family`; wgpu-hal takes ownership (no drop callback).
+            let open = unsafe {
+                hal.device_from_raw(
+                    device.clone(),
+                    None,
+                    &exts,
+                    features,
+                    &limits,
+                    &wgpu::MemoryHints::default(),
+                    family,
+                    0,
+                )
+            };
+            match open {
+                Ok(o) => (device, exts, o),
+                Err(e) => {
+                    // SAFETY: wgpu did not take the device; nothing was created from it.
+                    unsafe { device.destroy_device(None) };
+                    return Err(wgpu_err("device_from_raw", e));
+                }
+            }
+        };
+        log::debug!("shared device extensions: {device_extensions:?}");
+        // SAFETY: the hal device was opened from this adapter with exactly these features.
+        let (device, queue) = unsafe {
+            wgpu_adapter.create_device_from_hal::<Vulkan>(
+                open,
+                &wgpu::DeviceDescriptor {
+                    label: Some("understory-wgpu shared device"),
+                    required_features: features,
+                    required_limits: limits,
+                    ..Default::default()
+                },
+            )
+        }
+        .map_err(|e| wgpu_err("create_device_from_hal", e))?;
+        let wgpu_errors = Arc::new(Mutex::new(WgpuErrors::default()));
+        let sink = wgpu_errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+            s.count += 1;
+            if s.texts.len() < 64 {
+                s.texts.push(e.to_string());
+            }
+            log::error!("wgpu: {e}");
+        }));
+        // SAFETY: family/index 0 were created above.
+        let raw_queue = unsafe { raw_device.get_device_queue(family, 0) };
+        let mut options = desc.context.clone();
+        options.host_submits_only = true;
+        // SAFETY: the instance and device were created above as the handles say (the
+        // extensions and features of `enabled` are enabled, the instance is 1.3 with debug
+        // utils when validating); understory never submits (host_submits_only), and wgpu is
+        // the only other submitter, so the queue needs no lock of ours; every frame is
+        // submitted by `SharedDevice::submit` to this queue; the instance and the device live
+        // until the wgpu device is gone, which the context keeps alive (below) as long as
+        // anything made through it lives.
+        let ctx = unsafe {
+            Context::from_raw(
+                HostHandles {
+                    entry,
+                    instance: instance.clone(),
+                    instance_api_version: api_version,
+                    debug_utils_enabled: validation,
+                    physical_device: pd,
+                    device: raw_device,
+                    queue_family_index: family,
+                    queue: raw_queue,
+                    enabled,
+                    capabilities: Capabilities::ALL,
+                },
+                &options,
+            )
+        }?;
+        ctx.keep_alive(Arc::new(device.clone()));
+        let device_local_heap = ctx.memory().device_local_heap();
+        let source = WgpuBudget {
+            driver: ctx.budget_source(),
+            device: device.clone(),
+            heap: device_local_heap,
+            heaps: 0,
+        };
+        ctx.memory()
+            .set_budget_source(HeapBudgets::new(Box::new(source)))?;
+        let color_formats = {
+            // SAFETY: format mapping only.
+            let hal = unsafe { wgpu_adapter.as_hal::<Vulkan>() }
+                .ok_or_else(|| Error::Unsupported("wgpu adapter is not Vulkan".into()))?;
+            FormatMap(
+                COLOR_FORMATS
+                    .iter()
+                    .chain(DEPTH_FORMATS.iter())
+                    .map(|f| (*f, hal.texture_format_as_raw(*f)))
+                    .collect(),
+            )
+        };
+        log::info!(
+            "shared device: {} (wgpu {WGPU_VERSION}, queue family {family}), validation {}",
+            ours.name,
+            if validation { "on" } else { "off" }
+        );
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Ok(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            ctx: Some(ctx),
+            in_flight: Mutex::new(InFlight::default()),
+            done: Arc::new(AtomicU64::new(0)),
+            wgpu_errors,
+            canary,
+            device_local_heap,
+            color_formats,
+            queue,
+            device,
+            adapter: wgpu_adapter,
+            instance: wgpu_instance,
+        })
+    }
+
+    fn ctx(&self) -> &Context {
+        // Infallible: `ctx` is only taken by `shutdown`, which consumes `self`.
+        self.ctx.as_ref().unwrap_or_else(|| unreachable!())
+    }
+
+    /// understory's context on the shared device. Its own submissions are refused
+    /// ([`ContextOptions::host_submits_only`]); record through [`WgpuFrame::record`].
+    ///
+    /// [`ContextOptions::host_submits_only`]: understory::gpu::context::ContextOptions::host_submits_only
+    pub fn context(&self) -> &Context {
+        self.ctx()
+    }
+
+    /// The wgpu device (clone it freely: it stays valid after understory is gone).
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The wgpu queue: submit frames through [`SharedDevice::submit`]; other work as usual.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// The wgpu adapter.
+    pub fn adapter(&self) -> &wgpu::Adapter {
+        &self.adapter
+    }
+
+    /// The wgpu instance.
+    pub fn instance(&self) -> &wgpu::Instance {
+        &self.instance
+    }
+
+    /// Validation messages so far: the Khronos layer's (wgpu's and understory's Vulkan calls)
+    /// and wgpu's own validation errors.
+    pub fn messages(&self) -> Messages {
+        let w = self.wgpu_errors.lock().unwrap_or_else(|p| p.into_inner());
+        let mut texts: Vec<String> = self
+            .canary
+            .drain()
+            .into_iter()
+            .take(64)
+            .map(|m| m.to_string())
+            .collect();
+        texts.extend(w.texts.iter().cloned());
+        Messages {
+            layer: self.canary.total(),
+            wgpu: w.count,
+            texts,
+        }
+    }
+
+    /// The real heap budgets now (the driver's, or the labelled estimate with wgpu's bytes
+    /// declared), and what wgpu and understory each hold.
+    pub fn budget(&self) -> Result<Budget> {
+        let ctx = self.ctx();
+        let heaps = ctx.memory().refresh_budget()?;
+        let report = self.device.generate_allocator_report();
+        let stats = ctx.memory().stats();
+        Ok(Budget {
+            device: ctx.adapter().name.clone(),
+            heaps,
+            device_local_heap: self.device_local_heap,
+            wgpu_reserved: report.as_ref().map(|r| r.total_reserved_bytes),
+            wgpu_allocated: report.as_ref().map(|r| r.total_allocated_bytes),
+            understory_held: stats.categories.iter().map(|(_, c)| c.reserved_bytes).sum(),
+        })
+    }
+
+    /// Reports to the context every frame wgpu has finished, and releases what they kept.
+    fn pump(&self, fl: &mut InFlight) -> Result<()> {
+        let done = self.done.load(Ordering::Acquire);
+        if done > fl.reported {
+            // SAFETY: `done` is only raised by `on_submitted_work_done` callbacks registered
+            // after the submission carrying that frame: wgpu calls them once that submission
+            // (or a later one on the same queue) has completed on the GPU.
+            unsafe { self.ctx().frames_completed(done) }?;
+            fl.reported = done;
+        }
+        while fl.frames.front().is_some_and(|(v, _, _)| *v <= fl.reported) {
+            fl.frames.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Waits (wgpu's `PollType::Wait` on that frame's own submission, never the whole device)
+    /// until frame `value` is done, then reports it.
+    fn wait_for(&self, fl: &mut InFlight, value: u64, timeout: Duration) -> Result<()> {
+        if value <= fl.reported {
+            return Ok(());
+        }
+        let Some((_, index, _)) = fl.frames.iter().find(|(v, _, _)| *v >= value) else {
+            return Ok(());
+        };
+        let index = index.clone();
+        let started = std::time::Instant::now();
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: Some(timeout),
+            })
+            .map_err(|e| match e {
+                wgpu::PollError::Timeout => Error::Timeout {
+                    what: format!("wgpu submission of frame {value}"),
+                    waited_ms: started.elapsed().as_millis() as u64,
+                },
+                other => wgpu_err("poll", other),
+            })?;
+        self.pump(fl)?;
+        if fl.reported < value {
+            return Err(Error::Timeout {
+                what: format!("wgpu's completion callback for frame {value}"),
+                waited_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens the next frame. Reports finished frames to understory first (so their frees
+    /// run), and waits for wgpu to finish the frame `frames_in_flight` back.
+    pub fn begin_frame(&self) -> Result<WgpuFrame<'_>> {
+        let ctx = self.ctx();
+        {
+            let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            // Callbacks run inside wgpu's maintenance: a non-blocking poll runs them.
+            let _ = self.device.poll(wgpu::PollType::Poll);
+            self.pump(&mut fl)?;
+            let next = ctx.last_submitted() + 1;
+            let must = next.saturating_sub(u64::from(ctx.frames_in_flight()));
+            if must > fl.reported {
+                self.wait_for(&mut fl, must, WAIT_TIMEOUT)?;
+            }
+        }
+        let frame = ctx.begin_frame()?;
+        let prep = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("understory: target transitions"),
+            });
+        let raw = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("understory: frame"),
+            });
+        Ok(WgpuFrame {
+            shared: self,
+            frame,
+            prep,
+            raw,
+            keep: Vec::new(),
+            poisoned: None,
+        })
+    }
+
+    /// Submits the frame to wgpu's queue, between the app's command buffers (`before`: e.g. a
+    /// pass that clears the targets; `after`: e.g. a readback), in one `Queue::submit`, and
+    /// announces it to understory. Returns wgpu's submission index.
+    ///
+    /// A frame whose recording failed is not submitted: its error comes back, the app's
+    /// command buffers are dropped unsubmitted, and the frame is dropped.
+    pub fn submit(
+        &self,
+        frame: WgpuFrame<'_>,
+        before: impl IntoIterator<Item = wgpu::CommandBuffer>,
+        after: impl IntoIterator<Item = wgpu::CommandBuffer>,
+    ) -> Result<wgpu::SubmissionIndex> {
+        let WgpuFrame {
+            shared,
+            frame,
+            prep,
+            raw,
+            keep,
+            poisoned,
+        } = frame;
+        if !std::ptr::eq(shared, self) {
+            return Err(Error::Lifecycle(
+                "SharedDevice::submit: a frame of another shared device".into(),
+            ));
+        }
+        if let Some(e) = poisoned {
+            return Err(Error::Lifecycle(format!(
+                "the frame's recording failed, so it was not submitted: {e}"
+            )));
+        }
+        let value = frame.value();
+        let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let cmds: Vec<wgpu::CommandBuffer> = before
+            .into_iter()
+            .chain([prep.finish(), raw.finish()])
+            .chain(after)
+            .collect();
+        let index = self.queue.submit(cmds);
+        let done = self.done.clone();
+        // Registered after the submit: wgpu calls it once the latest submission (ours, or a
+        // later one from another thread) has completed.
+        self.queue.on_submitted_work_done(move || {
+            done.fetch_max(value, Ordering::AcqRel);
+        });
+        // SAFETY: every command recorded for `frame` is in the raw encoder just submitted to
+        // the context's queue (wgpu's queue is that VkQueue; understory never submits, so no
+        // lock is needed); completion is reported only by `pump`, from the callback above.
+        unsafe { self.ctx().frame_submitted(frame, FrameSignal::HostReported) }
+            .map_err(Error::from)?;
+        fl.frames.push_back((value, index.clone(), keep));
+        Ok(index)
+    }
+
+    /// Waits for the last frame (on its wgpu submission, at most [`WAIT_TIMEOUT`]), drains
+    /// understory's frees and reports what is still alive (drop every [`Forest`] and
+    /// understory object first: a clean shutdown has no leaks). The wgpu device, queue and
+    /// adapter stay usable through the clones the app holds.
+    pub fn shutdown(mut self) -> Result<ShutdownReport> {
+        {
+            let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let last = self.ctx().last_submitted();
+            self.wait_for(&mut fl, last, WAIT_TIMEOUT)?;
+        }
+        let ctx = self
+            .ctx
+            .take()
+            .ok_or_else(|| Error::Lifecycle("shut down twice".into()))?;
+        ctx.shutdown()
+    }
+}
+
+impl Drop for SharedDevice {
+    fn drop(&mut self) {
+        // Without shutdown: wait for what is in flight so that the context frees instead of
+        // leaking (a timeout leaks, never frees in use).
+        if self.ctx.is_some() {
+            let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let last = self.ctx().last_submitted();
+            if let Err(e) = self.wait_for(&mut fl, last, WAIT_TIMEOUT) {
+                log::error!("SharedDevice dropped while frames were in flight: {e}");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedDevice")
+            .field(
+                "device",
+                &self.ctx.as_ref().map(|c| c.adapter().name.clone()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Raw Vulkan handles of a colour and a depth target for one frame, in the layouts
+/// understory draws in: `COLOR_ATTACHMENT_OPTIMAL` and `DEPTH_STENCIL_ATTACHMENT_OPTIMAL`
+/// (wgpu's `COLOR_TARGET` and `DEPTH_STENCIL_WRITE`).
+#[derive(Clone, Copy, Debug)]
+pub struct RawTargets {
+    /// Colour image, view and Vulkan format.
+    pub color: (vk::Image, vk::ImageView, vk::Format),
+    /// Depth image, view and Vulkan format.
+    pub depth: (vk::Image, vk::ImageView, vk::Format),
+    /// Their size.
+    pub extent: vk::Extent2D,
+}
+
+/// One frame of the shared device: understory's frame, and the wgpu encoders its commands go
+/// into. Submit it with [`SharedDevice::submit`]; dropped instead, nothing of it reaches the
+/// GPU.
+pub struct WgpuFrame<'d> {
+    shared: &'d SharedDevice,
+    frame: Frame,
+    prep: wgpu::CommandEncoder,
+    raw: wgpu::CommandEncoder,
+    keep: Vec<Keep>,
+    poisoned: Option<String>,
+}
+
+impl std::fmt::Debug for WgpuFrame<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuFrame")
+            .field("value", &self.frame.value())
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WgpuFrame<'_> {
+    /// understory's frame.
+    pub fn frame(&self) -> &Frame {
+        &self.frame
+    }
+
+    /// Takes a colour and a depth texture of the app's for this frame: checks them, has wgpu
+    /// move them into the attachment states before understory's commands (in the frame's
+    /// transition encoder), holds them until the GPU is done with the frame, and returns
+    /// their raw handles.
+    pub fn targets(&mut self, color: &wgpu::Texture, depth: &wgpu::Texture) -> Result<RawTargets> {
+        let check = |t: &wgpu::Texture, what: &str, formats: &[wgpu::TextureFormat]| {
+            if t.dimension() != wgpu::TextureDimension::D2
+                || t.depth_or_array_layers() != 1
+                || t.sample_count() != 1
+            {
+                return Err(Error::InvalidInput(format!(
+                    "{what} target: a 2D texture of one layer and one sample, not {:?} × {} layers × {} samples",
+                    t.dimension(),
+                    t.depth_or_array_layers(),
+                    t.sample_count()
+                )));
+            }
+            if !t.usage().contains(wgpu::TextureUsages::RENDER_ATTACHMENT) {
+                return Err(Error::InvalidInput(format!(
+                    "{what} target: needs TextureUsages::RENDER_ATTACHMENT (has {:?})",
+                    t.usage()
+                )));
+            }
+            if !formats.contains(&t.format()) {
+                return Err(Error::InvalidInput(format!(
+                    "{what} target: format {:?} (one of {formats:?})",
+                    t.format()
+                )));
+            }
+            Ok(())
+        };
+        check(color, "colour", &COLOR_FORMATS)?;
+        check(depth, "depth", &DEPTH_FORMATS)?;
+        if color.size() != depth.size() {
+            return Err(Error::InvalidInput(format!(
+                "colour target {:?} and depth target {:?} differ in size",
+                color.size(),
+                depth.size()
+            )));
+        }
+        self.prep.transition_resources(
+            std::iter::empty(),
+            [
+                wgpu::TextureTransition {
+                    texture: color,
+                    selector: None,
+                    state: wgpu::TextureUses::COLOR_TARGET,
+                },
+                wgpu::TextureTransition {
+                    texture: depth,
+                    selector: None,
+                    state: wgpu::TextureUses::DEPTH_STENCIL_WRITE,
+                },
+            ]
+            .into_iter(),
+        );
+        let view_desc = wgpu::TextureViewDescriptor {
+            label: Some("understory target view"),
+            base_mip_level: 0,
+            mip_level_count: Some(1),
+            ..Default::default()
+        };
+        let cv = color.create_view(&view_desc);
+        let dv = depth.create_view(&view_desc);
+        let raw_of = |t: &wgpu::Texture,
+                      v: &wgpu::TextureView|
+         -> Result<(vk::Image, vk::ImageView)> {
+            // SAFETY: only the handles are read; the texture and view are held until the GPU
+            // is done with this frame (`keep`), and never destroyed by us.
+            // (One guard at a time: each holds wgpu's snatch lock.)
+            let image = unsafe {
+                t.as_hal::<Vulkan>()
+                    .ok_or_else(|| Error::InvalidInput("target is not a Vulkan texture".into()))?
+                    .raw_handle()
+            };
+            // SAFETY: as above.
+            let view = unsafe {
+                v.as_hal::<Vulkan>()
+                    .ok_or_else(|| Error::InvalidInput("target view is not Vulkan".into()))?
+                    .raw_handle()
+            };
+            Ok((image, view))
+        };
+        let (ci, cvk) = raw_of(color, &cv)?;
+        let (di, dvk) = raw_of(depth, &dv)?;
+        let formats = &self.shared.color_formats;
+        let cf = formats
+            .get(color.format())
+            .ok_or_else(|| Error::InvalidInput(format!("format {:?}", color.format())))?;
+        let df = formats
+            .get(depth.format())
+            .ok_or_else(|| Error::InvalidInput(format!("format {:?}", depth.format())))?;
+        self.keep.extend([
+            Keep::Texture(color.clone()),
+            Keep::Texture(depth.clone()),
+            Keep::View(cv),
+            Keep::View(dv),
+        ]);
+        Ok(RawTargets {
+            color: (ci, cvk, cf),
+            depth: (di, dvk, df),
+            extent: vk::Extent2D {
+                width: color.width(),
+                height: color.height(),
+            },
+        })
+    }
+
+    /// Takes a wgpu buffer of the app's for this frame's raw commands to write with copies:
+    /// wgpu moves it into the `COPY_DST` state in the frame's transition encoder (so wgpu's
+    /// next use of it waits for transfer writes, and its submission fails rather than run if
+    /// the app destroyed the buffer), and the buffer is held until the GPU is done with the
+    /// frame.
+    pub fn copy_target(&mut self, buffer: &wgpu::Buffer) -> Result<()> {
+        if !buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
+            return Err(Error::InvalidInput(format!(
+                "copy target: needs BufferUsages::COPY_DST (has {:?})",
+                buffer.usage()
+            )));
+        }
+        self.prep.transition_resources(
+            [wgpu::BufferTransition {
+                buffer,
+                state: wgpu::BufferUses::COPY_DST,
+            }]
+            .into_iter(),
+            std::iter::empty(),
+        );
+        self.keep.push(Keep::Buffer(buffer.clone()));
+        Ok(())
+    }
+
+    /// Records raw Vulkan commands into the frame's command buffer (wgpu's, through
+    /// `CommandEncoder::as_hal_mut`): understory's recording functions take the frame and the
+    /// command buffer. If `record` fails, the frame is poisoned: [`SharedDevice::submit`]
+    /// refuses it, and nothing of it reaches the GPU.
+    ///
+    /// # Safety
+    /// - Everything recorded is valid Vulkan for a primary command buffer in the recording
+    ///   state, of the shared device and queue family, and leaves it recording (no
+    ///   `vkEndCommandBuffer`, no open rendering scope or query at return);
+    /// - understory objects are recorded only through their functions taking this frame;
+    /// - wgpu resources are used only as returned by [`WgpuFrame::targets`] (in those
+    ///   layouts, which it must leave them in) or [`WgpuFrame::copy_target`] (written only by
+    ///   transfer commands), with
+    ///   the barriers their use needs against work before and after the frame (wgpu does not
+    ///   see these commands; [`Forest::render`] shows the barriers);
+    /// - no other object is destroyed while this frame may run on the GPU.
+    pub unsafe fn record<R>(
+        &mut self,
+        record: impl FnOnce(&Frame, vk::CommandBuffer) -> Result<R>,
+    ) -> Result<R> {
+        if let Some(e) = &self.poisoned {
+            return Err(Error::Lifecycle(format!(
+                "the frame's recording already failed: {e}"
+            )));
+        }
+        let frame = &self.frame;
+        // SAFETY: the raw encoder is used only through as_hal_mut (never the wgpu API, so
+        // wgpu's "no mixing" rule holds); its command buffer is open and not ended here; the
+        // caller vouches for what is recorded.
+        let out = unsafe {
+            self.raw.as_hal_mut::<Vulkan, _, _>(|enc| match enc {
+                Some(enc) => {
+                    let cmd = enc.raw_handle();
+                    record(frame, cmd)
+                }
+                None => Err(Error::Unsupported(
+                    "wgpu command encoder is not Vulkan".into(),
+                )),
+            })
+        };
+        if let Err(e) = &out {
+            self.poisoned = Some(e.to_string());
+        }
+        out
+    }
+}
+
+/// How to build a [`Forest`].
+#[derive(Clone, Debug)]
+pub struct ForestDesc {
+    /// The vegetation world (LOD bands, cap, tiles).
+    pub config: VegetationConfig,
+    /// Colour format of the targets (one of [`COLOR_FORMATS`]).
+    pub color_format: wgpu::TextureFormat,
+    /// Depth format (one of [`DEPTH_FORMATS`]).
+    pub depth_format: wgpu::TextureFormat,
+    /// Instance records the cull pass starts with (it grows).
+    pub cull_capacity: u32,
+}
+
+impl Default for ForestDesc {
+    fn default() -> Self {
+        Self {
+            config: VegetationConfig::default(),
+            color_format: wgpu::TextureFormat::Rgba8Unorm,
+            depth_format: wgpu::TextureFormat::Depth32Float,
+            cull_capacity: 1 << 16,
+        }
+    }
+}
+
+/// The camera for one frame.
+#[derive(Clone, Copy, Debug)]
+pub struct ForestView {
+    /// Eye position.
+    pub eye: Vec3,
+    /// Projection × view, Vulkan clip space (y down, depth 0..1).
+    pub view_proj: Mat4,
+    /// Fog distance in metres.
+    pub fog_m: f32,
+}
+
+/// The indirect arguments of the last frame's draws, as a wgpu buffer: per LOD (full, medium,
+/// billboard) and phase, a `DrawIndexedIndirectArgs` (20 bytes; `instance_count` is what the
+/// cull kept). Contents are undefined until the first frame completes.
+#[derive(Debug)]
+pub struct IndirectArgs {
+    /// The buffer (`INDIRECT | COPY_SRC | COPY_DST | STORAGE`).
+    pub buffer: wgpu::Buffer,
+    /// Draws in it.
+    pub draws: u32,
+}
+
+/// understory's vegetation on the shared device: the world, the GPU cull and the draw pass,
+/// recorded into a [`WgpuFrame`] and drawn into the app's textures.
+pub struct Forest {
+    // Passes before the vegetation (they may hold its atlas page).
+    draw: Option<DrawPass>,
+    cull: CullPass,
+    veg: Vegetation,
+    args: IndirectArgs,
+    args_raw: vk::Buffer,
+    device_id: u64,
+    color: vk::Format,
+    depth: vk::Format,
+    desc: ForestDesc,
+}
+
+impl std::fmt::Debug for Forest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forest")
+            .field("vegetation", &self.veg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forest {
+    /// An empty forest. Register species and spawn patches through
+    /// [`Forest::vegetation_mut`].
+    pub fn new(shared: &SharedDevice, desc: &ForestDesc) -> Result<Self> {
+        let ctx = shared.context();
+        let color = shared
+            .color_formats
+            .get(desc.color_format)
+            .filter(|_| COLOR_FORMATS.contains(&desc.color_format))
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "colour format {:?} (one of {COLOR_FORMATS:?})",
+                    desc.color_format
+                ))
+            })?;
+        let depth = shared
+            .color_formats
+            .get(desc.depth_format)
+            .filter(|_| DEPTH_FORMATS.contains(&desc.depth_format))
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "depth format {:?} (one of {DEPTH_FORMATS:?})",
+                    desc.depth_format
+                ))
+            })?;
+        let veg = Vegetation::new(ctx, desc.config.clone())?;
+        let compaction = if ctx.adapter().subgroup_ballot_in_compute {
+            Compaction::Subgroup
+        } else {
+            Compaction::Atomic
+        };
+        let cull = CullPass::with_records(
+            ctx,
+            compaction,
+            desc.cull_capacity,
+            understory::gpu::draw::Meshes::trees().lods,
+        )?;
+        let args_size = cull.args()?.size();
+        let (args, args_raw) = wgpu_args_buffer(shared, args_size)?;
+        Ok(Self {
+            draw: None,
+            cull,
+            veg,
+            args: IndirectArgs {
+                buffer: args,
+                draws: (args_size / 20) as u32,
+            },
+            args_raw,
+            device_id: shared.id,
+            color,
+            depth,
+            desc: desc.clone(),
+        })
+    }
+
+    /// The vegetation world.
+    pub fn vegetation(&self) -> &Vegetation {
+        &self.veg
+    }
+
+    /// The vegetation world, to register species and spawn, despawn and change patches.
+    pub fn vegetation_mut(&mut self) -> &mut Vegetation {
+        &mut self.veg
+    }
+
+    /// The last frame's indirect arguments as a wgpu buffer.
+    pub fn indirect_args(&self) -> &IndirectArgs {
+        &self.args
+    }
+
+    /// The draw pass's bounding radius of a tree of scale 1 (for culling the app does itself).
+    pub fn radius(&self) -> Option<f32> {
+        self.draw.as_ref().map(DrawPass::radius)
+    }
+
+    /// One frame: the budget controller and residency ([`Vegetation::update`]), uploads, the
+    /// GPU cull, and the draws into `color` and `depth` (loaded, not cleared: the app clears
+    /// or draws them first, in a command buffer submitted before the frame's), then the
+    /// indirect arguments copied into [`Forest::indirect_args`].
+    pub fn render(
+        &mut self,
+        frame: &mut WgpuFrame<'_>,
+        view: &ForestView,
+        color: &wgpu::Texture,
+        depth: &wgpu::Texture,
+    ) -> Result<UpdateReport> {
+        if frame.shared.id != self.device_id {
+            return Err(Error::Lifecycle(
+                "Forest::render: a frame of another shared device".into(),
+            ));
+        }
+        if color.format() != self.desc.color_format || depth.format() != self.desc.depth_format {
+            return Err(Error::InvalidInput(format!(
+                "targets {:?}/{:?}, the forest was made for {:?}/{:?}",
+                color.format(),
+                depth.format(),
+                self.desc.color_format,
+                self.desc.depth_format
+            )));
+        }
+        if !(view.eye.is_finite() && view.view_proj.is_finite() && view.fog_m > 0.0) {
+            return Err(Error::InvalidInput(format!("view {view:?}")));
+        }
+        let targets = frame.targets(color, depth)?;
+        if self.draw.is_none() {
+            let page = self.veg.atlas_page(0).ok_or_else(|| {
+                Error::Lifecycle("Forest::render: register a species first (no atlas page)".into())
+            })?;
+            self.draw = Some(DrawPass::new(
+                frame.shared.context(),
+                self.color,
+                self.depth,
+                page,
+                0,
+            )?);
+        }
+        let Some(draw) = self.draw.as_ref() else {
+            return Err(Error::Lifecycle("no draw pass".into()));
+        };
+        let update = self
+            .veg
+            .update(&frame.frame, Viewer::with_view(view.eye, view.view_proj))?;
+        let cull_view = CullView::new(
+            view.view_proj,
+            view.eye,
+            draw.radius(),
+            &self.veg.config().lod,
+            update.decision.quality,
+        )?;
+        let origin = self.veg.config().world_origin;
+        let constants = DrawFrame::new(
+            view.view_proj,
+            view.eye,
+            view.fog_m,
+            [origin.x, origin.y, self.veg.config().world_size_m],
+            false,
+        );
+        let regions = self.veg.species_regions();
+        frame.copy_target(&self.args.buffer)?;
+        let (veg, cull, args_raw) = (&mut self.veg, &mut self.cull, self.args_raw);
+        let device = frame.shared.context().device().clone();
+        // SAFETY: understory's objects are recorded through their own functions for this
+        // frame; the wgpu targets are used in the layouts `targets` moved them into and left
+        // there, with a barrier before (the app's work on them) and after (anything later);
+        // the args buffer is held for the frame and copied into after a barrier from the
+        // cull's writes; the rendering scope is closed before returning.
+        unsafe {
+            frame.record(|f, cmd| {
+                veg.record(f, cmd)?;
+                let sources: Vec<_> = veg.cull_sources().into_iter().map(|(s, _)| s).collect();
+                cull.record(f, cmd, &sources, &cull_view)?;
+                draw.prepare(f, cmd, cull, &constants, &regions)?;
+                attachment_barrier(&device, cmd, &targets, Edge::Before);
+                let color_att = [vk::RenderingAttachmentInfo::default()
+                    .image_view(targets.color.1)
+                    .image_layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)
+                    .load_op(vk::AttachmentLoadOp::LOAD)
+                    .store_op(vk::AttachmentStoreOp::STORE)];
+                let depth_att = vk::RenderingAttachmentInfo::default()
+                    .image_view(targets.depth.1)
+                    .image_layout(vk::ImageLayout::DEPTH_STENCIL_ATTACHMENT_OPTIMAL)
+                    .load_op(vk::AttachmentLoadOp::LOAD)
+                    .store_op(vk::AttachmentStoreOp::STORE);
+                let rendering = vk::RenderingInfo::default()
+                    .render_area(vk::Rect2D {
+                        offset: vk::Offset2D::default(),
+                        extent: targets.extent,
+                    })
+                    .layer_count(1)
+                    .color_attachments(&color_att)
+                    .depth_attachment(&depth_att);
+                let page = veg
+                    .atlas_page(0)
+                    .ok_or_else(|| Error::Lifecycle("no atlas page".into()))?;
+                device.cmd_begin_rendering(cmd, &rendering);
+                let drawn = draw.record(f, cmd, cull, page, targets.extent);
+                device.cmd_end_rendering(cmd);
+                drawn?;
+                // The cull's arguments into the app's wgpu buffer.
+                let args = cull.args()?;
+                let mb = [vk::MemoryBarrier::default()
+                    .src_access_mask(
+                        vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::INDIRECT_COMMAND_READ,
+                    )
+                    .dst_access_mask(
+                        vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE,
+                    )];
+                device.cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::DRAW_INDIRECT,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::DependencyFlags::empty(),
+                    &mb,
+                    &[],
+                    &[],
+                );
+                device.cmd_copy_buffer(
+                    cmd,
+                    args.raw(),
+                    args_raw,
+                    &[vk::BufferCopy {
+                        src_offset: 0,
+                        dst_offset: 0,
+                        size: args.size(),
+                    }],
+                );
+                attachment_barrier(&device, cmd, &targets, Edge::After);
+                Ok(())
+            })?;
+        }
+        Ok(update)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Edge {
+    Before,
+    After,
+}
+
+/// Barriers around understory's commands in a frame: before, from the app's attachment writes
+/// (wgpu leaves them unordered with the next pass); after, from everything understory did to
+/// anything later (wgpu does not see understory's commands). Layouts stay as they are.
+///
+/// # Safety
+/// `cmd` is recording; the targets are in the layouts [`WgpuFrame::targets`] names.
+unsafe fn attachment_barrier(
+    device: &ash::Device,
+    cmd: vk::CommandBuffer,
+    t: &RawTargets,
+    edge: Edge,
+) {
+    let color_range = vk::ImageSubresourceRange {
+        aspect_mask: vk::ImageAspectFlags::COLOR,
+        base_mip_level: 0,
+        level_count: 1,
+        base_array_layer: 0,
+        layer_count: 1,
+    };
+    let depth_range = vk::ImageSubresourceRange {
+        aspect_mask: vk::ImageAspectFlags::DEPTH,
+        ..color_range
+    };
+    let tests =
+        vk::PipelineStageFlags::EARLY_FRAGMENT_TESTS | vk::PipelineStageFlags::LATE_FRAGMENT_TESTS;
+    let cw = vk::AccessFlags::COLOR_ATTACHMENT_WRITE;
+    let crw = vk::AccessFlags::COLOR_ATTACHMENT_READ | cw;
+    let dw = vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_WRITE;
+    let drw = vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_READ | dw;
+    let (src_stage, dst_stage, c_access, d_access, mem) = match edge {
+        Edge::Before => (
+            vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT | tests,
+            vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT | tests,
+            (cw, crw),
+            (dw, drw),
+            None,
+        ),
+        Edge::After => (
+            vk::PipelineStageFlags::ALL_COMMANDS,
+            vk::PipelineStageFlags::ALL_COMMANDS,
+            (
+                cw,
+                vk::AccessFlags::MEMORY_READ | vk::AccessFlags::MEMORY_WRITE,
+            ),
+            (
+                dw,
+                vk::AccessFlags::MEMORY_READ | vk::AccessFlags::MEMORY_WRITE,
+            ),
+            Some(
+                vk::MemoryBarrier::default()
+                    .src_access_mask(vk::AccessFlags::MEMORY_WRITE)
+                    .dst_access_mask(vk::AccessFlags::MEMORY_READ | vk::AccessFlags::MEMORY_WRITE),
+            ),
+        ),
+    };
+    let image = |img: vk::Image, layout, range, (src, dst): (vk::AccessFlags, vk::AccessFlags)| {
+        vk::ImageMemoryBarrier::default()
+            .image(img)
+            .old_layout(layout)
+            .new_layout(layout)
+            .src_access_mask(src)
+            .dst_access_mask(dst)
+            .src_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+            .dst_queue_family_index(vk::QUEUE_FAMILY_IGNORED)
+            .subresource_range(range)
+    };
+    let images = [
+        image(
+            t.color.0,
+            vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
+            color_range,
+            c_access,
+        ),
+        image(
+            t.depth.0,
+            vk::ImageLayout::DEPTH_STENCIL_ATTACHMENT_OPTIMAL,
+            depth_range,
+            d_access,
+        ),
+    ];
+    let mems: Vec<vk::MemoryBarrier> = mem.into_iter().collect();
+    // SAFETY: the caller's promises; the layouts do not change (old = new), and the stages
+    // are supported by a graphics queue.
+    unsafe {
+        device.cmd_pipeline_barrier(
+            cmd,
+            src_stage,
+            dst_stage,
+            vk::DependencyFlags::empty(),
+            &mems,
+            &[],
+            &images,
+        );
+    }
+}
+
+/// A device-local buffer of `size` bytes for the indirect arguments, created here and given
+/// to wgpu (`Buffer::from_raw_managed`: wgpu destroys it and frees its memory when the
+/// `wgpu::Buffer` goes). Its `vkAllocateMemory` is wgpu's from then on (counted by the driver
+/// as foreign; a few hundred bytes).
+fn wgpu_args_buffer(shared: &SharedDevice, size: u64) -> Result<(wgpu::Buffer, vk::Buffer)> {
+    let ctx = shared.context();
+    let device = ctx.device();
+    let info = vk::BufferCreateInfo::default().size(size).usage(
+        vk::BufferUsageFlags::INDIRECT_BUFFER
+            | vk::BufferUsageFlags::TRANSFER_SRC
+            | vk::BufferUsageFlags::TRANSFER_DST
+            | vk::BufferUsageFlags::STORAGE_BUFFER,
+    );
+    // SAFETY: a valid create info on the live device.
+    let buffer = unsafe { device.create_buffer(&info, None) }.map_err(vk_fail("vkCreateBuffer"))?;
+    // SAFETY: a live buffer.
+    let req = unsafe { device.get_buffer_memory_requirements(buffer) };
+    // SAFETY: the physical device of the live instance.
+    let props = unsafe {
+        ctx.instance()
+            .get_physical_device_memory_properties(ctx.adapter().handle)
+    };
+    let ty = props
+        .memory_types_as_slice()
+        .iter()
+        .enumerate()
+        .find(|(i, t)| {
+            req.memory_type_bits & (1 << i) != 0
+                && t.property_flags
+                    .contains(vk::MemoryPropertyFlags::DEVICE_LOCAL)
+        })
+        .map(|(i, _)| i as u32);
+    let Some(ty) = ty else {
+        // SAFETY: unused buffer.
+        unsafe { device.destroy_buffer(buffer, None) };
+        return Err(Error::Unsupported(
+            "no device-local memory for a buffer".into(),
+        ));
+    };
+    let alloc = vk::MemoryAllocateInfo::default()
+        .allocation_size(req.size)
+        .memory_type_index(ty);
+    // SAFETY: a valid allocation info.
+    let memory = match unsafe { device.allocate_memory(&alloc, None) } {
+        Ok(m) => m,
+        Err(e) => {
+            // SAFETY: unused buffer.
+            unsafe { device.destroy_buffer(buffer, None) };
+            return Err(vk_fail("vkAllocateMemory")(e));
+        }
+    };
+    // SAFETY: an unbound buffer and memory of a type it allows, at offset 0.
+    if let Err(e) = unsafe { device.bind_buffer_memory(buffer, memory, 0) } {
+        // SAFETY: unused objects.
+        unsafe {
+            device.destroy_buffer(buffer, None);
+            device.free_memory(memory, None);
+        }
+        return Err(vk_fail("vkBindBufferMemory")(e));
+    }
+    // SAFETY: wgpu takes ownership of the buffer and its memory (it destroys and frees them);
+    // nothing else frees them; the buffer cannot be mapped by wgpu (no MAP_* usage below).
+    let hal = unsafe { wgpu_hal::vulkan::Buffer::from_raw_managed(buffer, memory, 0, req.size) };
+    // SAFETY: created on this device, matching the descriptor's size and usages (the Vulkan
+    // usages cover INDIRECT, COPY_SRC, COPY_DST and STORAGE); not zero-sized.
+    let wb = unsafe {
+        shared.device().create_buffer_from_hal::<Vulkan>(
+            hal,
+            &wgpu::BufferDescriptor {
+                label: Some("understory indirect args"),
+                size,
+                usage: wgpu::BufferUsages::INDIRECT
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            },
+        )
+    };
+    Ok((wb, buffer))
+}
+
+/// The heap sources a budget can come from, for printing.
+pub fn source_label(s: Source) -> &'static str {
+    match s {
+        Source::Ext => "VK_EXT_memory_budget",
+        Source::Estimated => "estimate (no VK_EXT_memory_budget)",
+    }
+}

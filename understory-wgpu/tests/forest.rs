@@ -1,0 +1,234 @@
+//! The wgpu host, on whatever Vulkan device is present (lavapipe here), under the Khronos layer
+//! with synchronization validation (GPU-assisted with `UNDERSTORY_VALIDATION=gpu-assisted`) and
+//! wgpu's own validation: many frames with churn and a budget squeeze, the budget following
+//! wgpu's allocations, understory refusing to submit on wgpu's queue, bad targets refused.
+//! The frame loop is `examples/forest.rs`.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+#[path = "../examples/forest.rs"]
+mod forest;
+
+use std::time::Duration;
+
+use understory::Error;
+use understory_wgpu::{Forest, ForestDesc, ForestView, SharedDevice, SharedDeviceDesc, wgpu};
+
+/// The shared device's settings: validation required (the layer, synchronization validation),
+/// or `None` (a loud skip) where there is no device or no layer.
+fn desc(test: &str) -> Option<SharedDeviceDesc> {
+    let probe = common::context(test)?;
+    drop(probe);
+    let options = common::options();
+    Some(SharedDeviceDesc {
+        adapter_name: std::env::var("UNDERSTORY_DEVICE")
+            .ok()
+            .filter(|v| v.parse::<u32>().is_err()),
+        context: understory::gpu::context::ContextOptions {
+            device: None,
+            ..options
+        },
+        ..Default::default()
+    })
+}
+
+fn clean(test: &str, o: &forest::Outcome) {
+    eprintln!("{test}: {o:?}");
+    assert_eq!(
+        o.layer_messages, 0,
+        "validation messages, teardown included"
+    );
+    assert_eq!(o.wgpu_errors, 0, "wgpu validation errors");
+    assert_eq!(o.leaks, 0, "nothing alive at shutdown");
+    assert!(
+        o.wgpu_usable_after,
+        "the wgpu device works after understory"
+    );
+    assert!(o.drawn_pixels > 1000, "the last frame shows a forest");
+}
+
+#[test]
+fn many_frames_with_churn_and_a_budget_squeeze() {
+    let test = "wgpu_many_frames";
+    let Some(shared) = desc(test) else { return };
+    let frames = 48;
+    let o = forest::run(&forest::Options {
+        frames,
+        trees: 20_000,
+        width: 320,
+        height: 180,
+        squeeze: true,
+        shared,
+        ..Default::default()
+    })
+    .expect("the wgpu app's run");
+    clean(test, &o);
+    assert_eq!(o.frames, frames);
+    assert!(o.churned >= u64::from(frames) * 2);
+    assert!(
+        o.deferred_frees > 0,
+        "despawned patches were freed, frame-fenced"
+    );
+    assert!(o.squeezed_budget > 0, "the squeeze ran");
+    assert_eq!(
+        o.over_budget_frames, 0,
+        "held ≤ budget once the squeeze settled"
+    );
+    assert!(
+        o.drawn.iter().sum::<u64>() > 0,
+        "the indirect args, read through wgpu, draw trees"
+    );
+}
+
+#[test]
+fn the_vegetation_budget_follows_wgpu_allocations() {
+    let test = "wgpu_budget_follows";
+    let Some(shared) = desc(test) else { return };
+    let mib = 256u64;
+    let o = forest::run(&forest::Options {
+        frames: 9,
+        trees: 5_000,
+        width: 160,
+        height: 90,
+        wgpu_pressure_mib: mib,
+        shared,
+        ..Default::default()
+    })
+    .expect("the wgpu app's run");
+    clean(test, &o);
+    let grew = o.foreign.1 - o.foreign.0;
+    assert!(
+        grew >= mib << 20,
+        "wgpu's {mib} MiB show as foreign bytes: {} → {}",
+        o.foreign.0,
+        o.foreign.1
+    );
+    // budget = share × (heap budget − foreign): it drops by the share of what wgpu took.
+    let expected = (o.headroom_share * grew as f64) as u64;
+    let dropped = o.budget_before_pressure - o.budget_under_pressure;
+    assert!(
+        dropped.abs_diff(expected) <= 1 << 20,
+        "the vegetation budget dropped {dropped} bytes for {grew} foreign (share {}: expected {expected})",
+        o.headroom_share
+    );
+}
+
+/// One device for the small tests below.
+fn shared(test: &str) -> Option<SharedDevice> {
+    Some(SharedDevice::new(&desc(test)?).expect("shared device"))
+}
+
+#[test]
+fn understory_never_submits_on_wgpus_queue() {
+    let Some(shared) = shared("wgpu_no_submits") else {
+        return;
+    };
+    let ctx = shared.context();
+    let r = ctx.submit_and_wait(|_, _| Ok(()));
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    let ring = understory::gpu::frame::FrameRing::new(ctx).expect("ring");
+    let frame = ctx.begin_frame().expect("frame");
+    let cmd = ring.begin(&frame).expect("begin");
+    let r = ring.submit(frame, cmd);
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    drop(ring);
+    // The shared device's own frames still work, and an unsubmitted frame is just dropped.
+    let frame = shared.begin_frame().expect("frame");
+    drop(frame);
+    let frame = shared.begin_frame().expect("frame after a dropped one");
+    shared.submit(frame, [], []).expect("an empty frame");
+    let messages = shared.messages();
+    let report = shared.shutdown().expect("shutdown");
+    assert!(report.leaks.is_empty(), "{:?}", report.leaks);
+    assert_eq!(messages.layer + messages.wgpu, 0, "{:?}", messages.texts);
+}
+
+#[test]
+fn bad_targets_and_an_empty_forest_are_typed_errors() {
+    let Some(shared) = shared("wgpu_bad_targets") else {
+        return;
+    };
+    let device = shared.device().clone();
+    let texture = |format, usage| {
+        device.create_texture(&wgpu::TextureDescriptor {
+            label: None,
+            size: wgpu::Extent3d {
+                width: 64,
+                height: 32,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format,
+            usage,
+            view_formats: &[],
+        })
+    };
+    let color = texture(
+        wgpu::TextureFormat::Rgba8Unorm,
+        wgpu::TextureUsages::RENDER_ATTACHMENT,
+    );
+    let depth = texture(
+        wgpu::TextureFormat::Depth32Float,
+        wgpu::TextureUsages::RENDER_ATTACHMENT,
+    );
+    let sampled_only = texture(
+        wgpu::TextureFormat::Rgba8Unorm,
+        wgpu::TextureUsages::TEXTURE_BINDING,
+    );
+    let float = texture(
+        wgpu::TextureFormat::Rgba16Float,
+        wgpu::TextureUsages::RENDER_ATTACHMENT,
+    );
+    let mut forest = Forest::new(&shared, &ForestDesc::default()).expect("forest");
+    let view = ForestView {
+        eye: glam::Vec3::new(0.0, 20.0, 0.0),
+        view_proj: glam::Mat4::IDENTITY,
+        fog_m: 500.0,
+    };
+    let mut frame = shared.begin_frame().expect("frame");
+    for (c, d, what) in [
+        (&sampled_only, &depth, "no RENDER_ATTACHMENT"),
+        (&float, &depth, "a format the forest was not made for"),
+        (&color, &color, "a colour texture as depth"),
+    ] {
+        let r = forest.render(&mut frame, &view, c, d);
+        assert!(matches!(r, Err(Error::InvalidInput(_))), "{what}: {r:?}");
+    }
+    let nan = ForestView {
+        eye: glam::Vec3::NAN,
+        ..view
+    };
+    let r = forest.render(&mut frame, &nan, &color, &depth);
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    // No species registered yet: nothing to draw with.
+    let r = forest.render(&mut frame, &view, &color, &depth);
+    assert!(matches!(r, Err(Error::Lifecycle(_))), "{r:?}");
+    shared
+        .submit(frame, [], [])
+        .expect("the frame is still good");
+    assert!(
+        Forest::new(
+            &shared,
+            &ForestDesc {
+                color_format: wgpu::TextureFormat::R32Float,
+                ..Default::default()
+            }
+        )
+        .is_err()
+    );
+    drop(forest);
+    let messages = shared.messages();
+    let report = shared.shutdown().expect("shutdown");
+    assert!(report.leaks.is_empty(), "{:?}", report.leaks);
+    assert_eq!(messages.layer + messages.wgpu, 0, "{:?}", messages.texts);
+    // The wgpu device outlives understory.
+    device
+        .poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: Some(Duration::from_secs(10)),
+        })
+        .expect("wgpu still polls");
+}

@@ -6,7 +6,7 @@
 //! Run: `cargo run --release -p understory-wgpu --example forest -- --frames 60 --png forest.png`
 //! (options: `--trees N`, `--size WxH`, `--wgpu-pressure MiB`, `--squeeze`). Validation follows
 //! `UNDERSTORY_VALIDATION` (`required` turns on the Khronos layer with synchronization
-//! validation; `gpu-assisted` adds GPU-assisted validation). `tests/forest.rs` runs this code.
+//! validation; `gpu-assisted` adds GPU-assisted validation). `tests/wgpu_host.rs` runs this code.
 
 #![allow(clippy::too_many_lines)]
 

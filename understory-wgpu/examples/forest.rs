@@ -79,6 +79,8 @@ pub struct Outcome {
     pub budget_under_pressure: u64,
     /// Foreign bytes on the device-local heap before and with the app's allocation.
     pub foreign: (u64, u64),
+    /// The device-local heap's budget at the same two moments (a driver's moves a little).
+    pub heap_budget: (u64, u64),
     /// The controller's share of the heap's headroom.
     pub headroom_share: f64,
     /// Frames whose held bytes passed the budget (or the least the picture needs, if more)
@@ -314,7 +316,7 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
         forest.indirect_args().buffer.size(),
     );
     let (third, two_thirds) = (options.frames / 3, 2 * options.frames / 3);
-    let mut pressure: Option<wgpu::Buffer> = None;
+    let mut pressure: Option<Vec<wgpu::Buffer>> = None;
     let started = Instant::now();
     for f in 0..options.frames {
         if options.squeeze && !live.is_empty() {
@@ -343,12 +345,20 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
             }
         }
         if options.wgpu_pressure_mib > 0 && f == third {
-            pressure = Some(device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("app pressure"),
-                size: options.wgpu_pressure_mib << 20,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }));
+            // In buffers of at most wgpu's default `max_buffer_size` (256 MiB).
+            let mut left = options.wgpu_pressure_mib << 20;
+            let mut buffers = Vec::new();
+            while left > 0 {
+                let size = left.min(device.limits().max_buffer_size);
+                buffers.push(device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("app pressure"),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }));
+                left -= size;
+            }
+            pressure = Some(buffers);
         }
         if f == two_thirds {
             pressure = None;
@@ -381,14 +391,17 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
 
         let budget = update.decision.budget;
         if options.wgpu_pressure_mib > 0 {
-            let foreign = shared.budget()?.heap().map_or(0, |h| h.foreign);
+            let now = shared.budget()?;
+            let (foreign, heap) = now.heap().map_or((0, 0), |h| (h.foreign, h.budget.budget));
             if f + 1 == third {
                 outcome.budget_before_pressure = budget;
                 outcome.foreign.0 = foreign;
+                outcome.heap_budget.0 = heap;
             }
             if f == third + 1 {
                 outcome.budget_under_pressure = budget;
                 outcome.foreign.1 = foreign;
+                outcome.heap_budget.1 = heap;
             }
         }
         if options.squeeze && f > third + 8 && f < two_thirds {

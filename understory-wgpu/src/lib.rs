@@ -74,7 +74,7 @@ use understory::error::{Error, Result};
 use understory::gpu::adapter::{Adapter, DeviceType};
 use understory::gpu::budget::{BudgetSource, DriverBudget, HeapBudgets, RawHeap, Source};
 use understory::gpu::context::{Context, ContextOptions, Frame, HostHandles};
-use understory::gpu::cull::{Compaction, CullPass, CullView};
+use understory::gpu::cull::{Compaction, CullDesc, CullPass, CullView, WIDE_SOURCES_PER_DISPATCH};
 use understory::gpu::debug::{Canary, messenger_create_info};
 use understory::gpu::draw::{DrawFrame, DrawPass};
 use understory::gpu::instance::{VALIDATION_LAYER, Validation};
@@ -1178,7 +1178,9 @@ pub struct ForestDesc {
     pub color_format: wgpu::TextureFormat,
     /// Depth format (one of [`DEPTH_FORMATS`]).
     pub depth_format: wgpu::TextureFormat,
-    /// Instance records the cull pass starts with (it grows).
+    /// Most entries per LOD list of the cull; the lists follow what is visible (adaptive), so
+    /// this bounds them, it is not what they cost. 0 (the default): as many as the device
+    /// allows, at most 16M.
     pub cull_capacity: u32,
 }
 
@@ -1188,7 +1190,7 @@ impl Default for ForestDesc {
             config: VegetationConfig::default(),
             color_format: wgpu::TextureFormat::Rgba8Unorm,
             depth_format: wgpu::TextureFormat::Depth32Float,
-            cull_capacity: 1 << 16,
+            cull_capacity: 0,
         }
     }
 }
@@ -1269,11 +1271,23 @@ impl Forest {
         } else {
             Compaction::Atomic
         };
-        let cull = CullPass::with_records(
+        let max = CullPass::max_capacity(ctx, true).min(16 << 20);
+        let capacity = if desc.cull_capacity == 0 {
+            max
+        } else {
+            desc.cull_capacity.min(max)
+        };
+        let cull = CullPass::from_desc(
             ctx,
-            compaction,
-            desc.cull_capacity,
-            understory::gpu::draw::Meshes::trees().lods,
+            &CullDesc {
+                compaction,
+                capacity,
+                adaptive: true,
+                meshes: understory::gpu::draw::Meshes::trees().lods,
+                records: true,
+                max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
+                views: 1,
+            },
         )?;
         let args_size = cull.args()?.size();
         let (args, args_raw) = wgpu_args_buffer(shared, args_size)?;

@@ -104,11 +104,15 @@ fn the_vegetation_budget_follows_wgpu_allocations() {
         o.foreign.0,
         o.foreign.1
     );
-    // budget = share × (heap budget − foreign): it drops by the share of what wgpu took.
-    let expected = (o.headroom_share * grew as f64) as u64;
+    // budget = share × (heap budget − foreign): it drops by the share of what wgpu took (and
+    // of what the driver's heap budget moved, a few MiB on NVIDIA).
+    let headroom = |hb: u64, f: u64| hb as f64 - f as f64;
+    let expected = (o.headroom_share
+        * (headroom(o.heap_budget.0, o.foreign.0) - headroom(o.heap_budget.1, o.foreign.1)))
+        as u64;
     let dropped = o.budget_before_pressure - o.budget_under_pressure;
     assert!(
-        dropped.abs_diff(expected) <= 1 << 20,
+        dropped.abs_diff(expected) <= (1 << 20) + expected / 50,
         "the vegetation budget dropped {dropped} bytes for {grew} foreign (share {}: expected {expected})",
         o.headroom_share
     );

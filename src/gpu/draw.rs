@@ -503,6 +503,27 @@ impl DrawFrame {
     }
 }
 
+/// How a [`DrawPass`] fits the host's frame ([`DrawPass::with_options`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrawOptions {
+    /// Reversed depth: near is 1, far 0, the depth attachment cleared to 0 and tested
+    /// `GREATER` (wgpu and Bevy's convention). The view-projection given in [`DrawFrame`] must
+    /// then be the host's reversed one. Default `false`: near 0, far 1, `LESS`.
+    pub reversed_depth: bool,
+    /// Draw the ground quad under the world ([`DrawFrame::ground`]). Default `true`; a host
+    /// with its own terrain turns it off.
+    pub ground: bool,
+}
+
+impl Default for DrawOptions {
+    fn default() -> Self {
+        Self {
+            reversed_depth: false,
+            ground: true,
+        }
+    }
+}
+
 /// The draw pass's push constants (`DrawPush` in `shaders/draw.wgsl`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -564,6 +585,7 @@ pub struct DrawPass {
     atlas_page: u32,
     lods: [DrawIndexedIndirect; 3],
     ground: DrawIndexedIndirect,
+    options: DrawOptions,
     radius: f32,
     bounds: InstanceBounds,
     vertices: Option<Buffer>,
@@ -600,6 +622,26 @@ impl DrawPass {
         depth_format: vk::Format,
         atlas_page: &Image,
         page_index: u32,
+    ) -> Result<Self> {
+        Self::with_options(
+            ctx,
+            color_format,
+            depth_format,
+            atlas_page,
+            page_index,
+            DrawOptions::default(),
+        )
+    }
+
+    /// As [`DrawPass::new`], for a host whose frame has other conventions
+    /// ([`DrawOptions`]: reversed depth, its own ground).
+    pub fn with_options(
+        ctx: &Context,
+        color_format: vk::Format,
+        depth_format: vk::Format,
+        atlas_page: &Image,
+        page_index: u32,
+        options: DrawOptions,
     ) -> Result<Self> {
         let shared = ctx.shared();
         shared.require(
@@ -646,6 +688,7 @@ impl DrawPass {
             atlas_page: page_index,
             lods: meshes.lods,
             ground: meshes.ground,
+            options,
             radius: meshes.radius(),
             bounds: meshes.bounds(),
             vertices: None,
@@ -898,7 +941,11 @@ impl DrawPass {
         let depth = vk::PipelineDepthStencilStateCreateInfo::default()
             .depth_test_enable(true)
             .depth_write_enable(true)
-            .depth_compare_op(vk::CompareOp::LESS);
+            .depth_compare_op(if self.options.reversed_depth {
+                vk::CompareOp::GREATER
+            } else {
+                vk::CompareOp::LESS
+            });
         let blend_attachments = [vk::PipelineColorBlendAttachmentState::default()
             .color_write_mask(vk::ColorComponentFlags::RGBA)];
         let blend =
@@ -1317,7 +1364,7 @@ impl DrawPass {
             };
             for &phase in phases {
                 let second = u32::from(phase == DrawPhase::Second);
-                if phase == DrawPhase::First {
+                if phase == DrawPhase::First && self.options.ground {
                     constants(DrawPush {
                         mode: 1,
                         ..Default::default()

@@ -264,6 +264,7 @@ fn write_png(
 pub fn run(options: &Options) -> Result<Outcome, BoxError> {
     let mut outcome = Outcome::default();
     let shared = SharedDevice::new(&options.shared)?;
+    let log = shared.message_log();
     // The app's clones: they stay valid after understory is gone.
     let device = shared.device().clone();
     let queue = shared.queue().clone();
@@ -378,7 +379,8 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
         let sky = DrawFrame::new(view.view_proj, eye, fog_m, [0.0; 3], false).sky();
 
         let mut frame = shared.begin_frame()?;
-        let update = forest.render(&mut frame, &view, &targets.color, &targets.depth)?;
+        // SAFETY: no other thread exists to destroy the targets or the args buffer.
+        let update = unsafe { forest.render(&mut frame, &view, &targets.color, &targets.depth) }?;
         let last = f + 1 == options.frames;
         let before = [targets.clear(&device, sky)];
         let after: Vec<_> = if last {
@@ -467,7 +469,6 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
     );
     outcome.budget_lines.push(end.to_string());
     drop(forest);
-    let messages_before = shared.messages();
     let report = shared.shutdown()?;
     outcome.leaks = report.leaks.len();
     println!(
@@ -515,9 +516,11 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
     outcome.wgpu_usable_after = after[..4] == [255, 0, 255, 255];
     drop(targets);
     drop((queue, device));
-    outcome.layer_messages = messages_before.layer;
-    outcome.wgpu_errors = messages_before.wgpu;
-    for t in &messages_before.texts {
+    // Read last: teardown included (the wgpu device goes with the app's last handle).
+    let messages = log.read();
+    outcome.layer_messages = messages.layer;
+    outcome.wgpu_errors = messages.wgpu;
+    for t in &messages.texts {
         eprintln!("message: {t}");
     }
     Ok(outcome)

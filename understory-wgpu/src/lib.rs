@@ -10,7 +10,8 @@
 //! // forest.vegetation_mut().register_species(..)? and spawn(..)? the trees, then each frame:
 //! # let (color, depth, view): (wgpu::Texture, wgpu::Texture, ForestView) = todo!();
 //! let mut frame = shared.begin_frame()?;
-//! forest.render(&mut frame, &view, &color, &depth)?; // update, uploads, cull, draw
+//! // SAFETY: no other thread destroys the targets or the args buffer meanwhile.
+//! unsafe { forest.render(&mut frame, &view, &color, &depth) }?; // update, uploads, cull, draw
 //! let app_pass: Vec<wgpu::CommandBuffer> = vec![]; // the app's own work before and after
 //! shared.submit(frame, app_pass, [])?;
 //! # drop(forest);
@@ -34,9 +35,12 @@
 //! [`ContextOptions::host_submits_only`]): wgpu's `Queue::submit` is the only submitter on the
 //! shared queue, so no lock is needed between them. Each frame ([`WgpuFrame`]) records
 //! understory's work into a raw-only wgpu command encoder (`CommandEncoder::as_hal_mut`),
-//! preceded by a wgpu-API encoder that moves the app's targets into the states understory
-//! draws in (`transition_resources`). [`SharedDevice::submit`] hands both to `Queue::submit`
-//! between the app's own command buffers, then registers `Queue::on_submitted_work_done`:
+//! preceded by wgpu-API command buffers that move the app's targets into the states
+//! understory draws in (`transition_resources`, validated by wgpu when made, so a resource
+//! of another device or a destroyed one is a typed error before anything is recorded).
+//! [`SharedDevice::submit`] hands them to `Queue::submit` between the app's own command
+//! buffers (a submission wgpu refuses ran nothing: the frame is dropped and the error
+//! returned), then registers `Queue::on_submitted_work_done`:
 //! when wgpu reports that submission (or a later one) done, the frame is reported complete to
 //! understory ([`FrameSignal::HostReported`]), and only then are its frees carried out. The
 //! wgpu resources a frame drew into are held until then too: wgpu does not see the raw
@@ -165,6 +169,41 @@ pub struct Messages {
     pub texts: Vec<String>,
 }
 
+/// Validation counts that outlive the [`SharedDevice`] ([`SharedDevice::message_log`]).
+#[derive(Clone)]
+pub struct MessageLog {
+    canary: Arc<Canary>,
+    wgpu: Arc<Mutex<WgpuErrors>>,
+}
+
+impl std::fmt::Debug for MessageLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageLog")
+            .field("now", &self.read())
+            .finish()
+    }
+}
+
+impl MessageLog {
+    /// The counts now, and the texts not read before.
+    pub fn read(&self) -> Messages {
+        let w = self.wgpu.lock().unwrap_or_else(|p| p.into_inner());
+        let mut texts: Vec<String> = self
+            .canary
+            .drain()
+            .into_iter()
+            .take(64)
+            .map(|m| m.to_string())
+            .collect();
+        texts.extend(w.texts.iter().cloned());
+        Messages {
+            layer: self.canary.total(),
+            wgpu: w.count,
+            texts,
+        }
+    }
+}
+
 #[derive(Default)]
 struct WgpuErrors {
     count: u64,
@@ -279,7 +318,9 @@ fn create_instance(options: &ContextOptions, canary: &Arc<Canary>) -> Result<Raw
         Validation::Required => true,
     };
     let flags = if validation {
-        wgpu::InstanceFlags::VALIDATION | wgpu::InstanceFlags::DEBUG
+        // Not DEBUG: with it naga writes an `OpSource` language the installed layer (1.3.239)
+        // reports as invalid SPIR-V in every app shader.
+        wgpu::InstanceFlags::VALIDATION
     } else {
         wgpu::InstanceFlags::empty()
     };
@@ -425,11 +466,44 @@ impl std::fmt::Display for Budget {
     }
 }
 
-impl SharedDevice {
-    /// Creates the instance and the shared device (see the crate docs).
-    pub fn new(desc: &SharedDeviceDesc) -> Result<Self> {
+/// The process's one Vulkan and wgpu instance: every [`SharedDevice`] uses it, so that wgpu
+/// resources of one shared device given to another are wgpu validation errors (one registry),
+/// not lookups in another instance's registry. Made by the first [`SharedDevice::new`] and
+/// never destroyed (a program creates its instance once; NVIDIA's driver leaks static TLS
+/// each time the loader unloads it).
+struct ProcessInstance {
+    entry: ash::Entry,
+    instance: ash::Instance,
+    api_version: u32,
+    validation: bool,
+    /// The validation settings it was made with.
+    settings: (bool, bool, bool),
+    canary: Arc<Canary>,
+    wgpu: wgpu::Instance,
+}
+
+static PROCESS_INSTANCE: Mutex<Option<Arc<ProcessInstance>>> = Mutex::new(None);
+
+impl ProcessInstance {
+    fn get(options: &ContextOptions) -> Result<Arc<Self>> {
+        let io = &options.instance;
+        let settings = (
+            io.validation != Validation::Off,
+            io.sync_validation,
+            io.gpu_assisted,
+        );
+        let mut slot = PROCESS_INSTANCE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = slot.as_ref() {
+            if p.settings != settings {
+                return Err(Error::InvalidInput(format!(
+                    "this process's instance was made with (validation, sync, gpu-assisted) = {:?}; every SharedDevice shares it, and {settings:?} differs",
+                    p.settings
+                )));
+            }
+            return Ok(p.clone());
+        }
         let canary = Canary::new();
-        let raw = create_instance(&desc.context, &canary)?;
+        let raw = create_instance(options, &canary)?;
         let RawInstance {
             entry,
             instance,
@@ -474,7 +548,43 @@ impl SharedDevice {
         }
         .map_err(|e| wgpu_err("Instance::from_raw", e))?;
         // SAFETY: a Vulkan hal instance, given up to wgpu.
-        let wgpu_instance = unsafe { wgpu::Instance::from_hal::<Vulkan>(hal_instance) };
+        let wgpu = unsafe { wgpu::Instance::from_hal::<Vulkan>(hal_instance) };
+        let p = Arc::new(Self {
+            entry,
+            instance,
+            api_version,
+            validation,
+            settings,
+            canary,
+            wgpu,
+        });
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+}
+
+impl SharedDevice {
+    /// Creates the shared device (see the crate docs), on the process's one instance: the
+    /// first call makes it with `desc.context.instance`'s validation settings, and later calls
+    /// must ask for the same ([`Error::InvalidInput`] otherwise). Validation messages are
+    /// counted per instance, so [`SharedDevice::messages`] counts every shared device's.
+    pub fn new(desc: &SharedDeviceDesc) -> Result<Self> {
+        let process = ProcessInstance::get(&desc.context)?;
+        let ProcessInstance {
+            ref entry,
+            ref instance,
+            api_version,
+            validation,
+            ref canary,
+            wgpu: ref wgpu_instance,
+            ..
+        } = *process;
+        let (entry, instance, canary, wgpu_instance) = (
+            entry.clone(),
+            instance.clone(),
+            canary.clone(),
+            wgpu_instance.clone(),
+        );
         let adapters = block_on(wgpu_instance.enumerate_adapters(wgpu::Backends::VULKAN));
         let req = DeviceRequirements::for_capabilities(Capabilities::ALL);
         let mut candidates = Vec::new();
@@ -535,6 +645,26 @@ impl SharedDevice {
             && ours.pageable_feature;
         let features = desc.features;
         let limits = desc.limits.clone();
+        // Refused here, before vkCreateDevice: wgpu would grant features and limits the adapter
+        // lacks when the device comes from raw handles.
+        if !wgpu_adapter.features().contains(features) {
+            return Err(Error::Unsupported(format!(
+                "{}: wgpu features {:?} are not supported",
+                ours.name,
+                features - wgpu_adapter.features()
+            )));
+        }
+        let mut over = Vec::new();
+        limits.check_limits_with_fail_fn(&wgpu_adapter.limits(), false, |name, want, have| {
+            over.push(format!("{name} {want} (the adapter allows {have})"));
+        });
+        if !over.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "{}: wgpu limits beyond the adapter: {}",
+                ours.name,
+                over.join(", ")
+            )));
+        }
         let (raw_device, device_extensions, open) = {
             // SAFETY: the hal adapter is read while the wgpu adapter lives.
             let hal = unsafe { wgpu_adapter.as_hal::<Vulkan>() }
@@ -736,19 +866,16 @@ impl SharedDevice {
     /// Validation messages so far: the Khronos layer's (wgpu's and understory's Vulkan calls)
     /// and wgpu's own validation errors.
     pub fn messages(&self) -> Messages {
-        let w = self.wgpu_errors.lock().unwrap_or_else(|p| p.into_inner());
-        let mut texts: Vec<String> = self
-            .canary
-            .drain()
-            .into_iter()
-            .take(64)
-            .map(|m| m.to_string())
-            .collect();
-        texts.extend(w.texts.iter().cloned());
-        Messages {
-            layer: self.canary.total(),
-            wgpu: w.count,
-            texts,
+        self.message_log().read()
+    }
+
+    /// A handle to the same counts that outlives the shared device: read it after
+    /// [`SharedDevice::shutdown`] and after the app dropped its wgpu handles, to see teardown
+    /// messages too.
+    pub fn message_log(&self) -> MessageLog {
+        MessageLog {
+            canary: self.canary.clone(),
+            wgpu: self.wgpu_errors.clone(),
         }
     }
 
@@ -767,6 +894,43 @@ impl SharedDevice {
             wgpu_allocated: report.as_ref().map(|r| r.total_allocated_bytes),
             understory_held: stats.categories.iter().map(|(_, c)| c.reserved_bytes).sum(),
         })
+    }
+
+    /// A command buffer in which wgpu moves these resources into these states, validated by
+    /// wgpu now (a resource of another device, say, is [`Error::InvalidInput`]).
+    fn transitions(
+        &self,
+        buffers: &[(&wgpu::Buffer, wgpu::BufferUses)],
+        textures: &[(&wgpu::Texture, wgpu::TextureUses)],
+    ) -> Result<wgpu::CommandBuffer> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("understory: transitions"),
+            });
+        enc.transition_resources(
+            buffers
+                .iter()
+                .map(|(buffer, state)| wgpu::BufferTransition {
+                    buffer: *buffer,
+                    state: *state,
+                }),
+            textures
+                .iter()
+                .map(|(texture, state)| wgpu::TextureTransition {
+                    texture: *texture,
+                    selector: None,
+                    state: *state,
+                }),
+        );
+        let cb = enc.finish();
+        match block_on(scope.pop()) {
+            None => Ok(cb),
+            Some(e) => Err(Error::InvalidInput(format!(
+                "wgpu refused the resources (of another device?): {e}"
+            ))),
+        }
     }
 
     /// Reports to the context every frame wgpu has finished, and releases what they kept.
@@ -791,10 +955,10 @@ impl SharedDevice {
         if value <= fl.reported {
             return Ok(());
         }
-        let Some((_, index, _)) = fl.frames.iter().find(|(v, _, _)| *v >= value) else {
+        let Some((found, index, _)) = fl.frames.iter().find(|(v, _, _)| *v >= value) else {
             return Ok(());
         };
-        let index = index.clone();
+        let (value, index) = (*found, index.clone());
         let started = std::time::Instant::now();
         self.device
             .poll(wgpu::PollType::Wait {
@@ -808,14 +972,10 @@ impl SharedDevice {
                 },
                 other => wgpu_err("poll", other),
             })?;
-        self.pump(fl)?;
-        if fl.reported < value {
-            return Err(Error::Timeout {
-                what: format!("wgpu's completion callback for frame {value}"),
-                waited_ms: started.elapsed().as_millis() as u64,
-            });
-        }
-        Ok(())
+        // That submission carried the frame (and every earlier one): it is done, whatever
+        // later submission the callback waits for.
+        self.done.fetch_max(value, Ordering::AcqRel);
+        self.pump(fl)
     }
 
     /// Opens the next frame. Reports finished frames to understory first (so their frees
@@ -834,11 +994,6 @@ impl SharedDevice {
             }
         }
         let frame = ctx.begin_frame()?;
-        let prep = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("understory: target transitions"),
-            });
         let raw = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -847,7 +1002,7 @@ impl SharedDevice {
         Ok(WgpuFrame {
             shared: self,
             frame,
-            prep,
+            prep: Vec::new(),
             raw,
             keep: Vec::new(),
             poisoned: None,
@@ -884,14 +1039,40 @@ impl SharedDevice {
                 "the frame's recording failed, so it was not submitted: {e}"
             )));
         }
+        // A texture or buffer the raw commands use, destroyed since they were recorded, made
+        // the command buffer invalid: it is discarded (never ended, never submitted).
+        // SAFETY (each `as_hal`): only whether the hal object still exists is read, one guard
+        // at a time.
+        let destroyed = keep.iter().any(|k| match k {
+            Keep::Texture(t) => unsafe { t.as_hal::<Vulkan>() }.is_none(),
+            Keep::View(v) => unsafe { v.as_hal::<Vulkan>() }.is_none(),
+            Keep::Buffer(b) => unsafe { b.as_hal::<Vulkan>() }.is_none(),
+        });
+        if destroyed {
+            drop((raw, prep, frame, keep));
+            return Err(Error::InvalidInput(
+                "a target or buffer of the frame was destroyed before submit: the frame was dropped (nothing of it ran)".into(),
+            ));
+        }
         let value = frame.value();
         let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         let cmds: Vec<wgpu::CommandBuffer> = before
             .into_iter()
-            .chain([prep.finish(), raw.finish()])
+            .chain(prep)
+            .chain([raw.finish()])
             .chain(after)
             .collect();
+        // wgpu validates every command buffer before it submits any: a refused submission
+        // ran nothing, so the frame is dropped (its uploads are recorded again by the next).
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let index = self.queue.submit(cmds);
+        if let Some(e) = block_on(scope.pop()) {
+            drop(frame);
+            drop(keep);
+            return Err(Error::InvalidInput(format!(
+                "wgpu refused the frame's submission (nothing of it ran; the frame was dropped): {e}"
+            )));
+        }
         let done = self.done.clone();
         // Registered after the submit: wgpu calls it once the latest submission (ours, or a
         // later one from another thread) has completed.
@@ -969,7 +1150,8 @@ pub struct RawTargets {
 pub struct WgpuFrame<'d> {
     shared: &'d SharedDevice,
     frame: Frame,
-    prep: wgpu::CommandEncoder,
+    /// Transition command buffers, each validated by wgpu when made.
+    prep: Vec<wgpu::CommandBuffer>,
     raw: wgpu::CommandEncoder,
     keep: Vec<Keep>,
     poisoned: Option<String>,
@@ -1030,22 +1212,26 @@ impl WgpuFrame<'_> {
                 depth.size()
             )));
         }
-        self.prep.transition_resources(
-            std::iter::empty(),
-            [
-                wgpu::TextureTransition {
-                    texture: color,
-                    selector: None,
-                    state: wgpu::TextureUses::COLOR_TARGET,
-                },
-                wgpu::TextureTransition {
-                    texture: depth,
-                    selector: None,
-                    state: wgpu::TextureUses::DEPTH_STENCIL_WRITE,
-                },
-            ]
-            .into_iter(),
-        );
+        // A destroyed texture has no hal texture (checked before anything is recorded).
+        let image_of = |t: &wgpu::Texture, what: &str| -> Result<vk::Image> {
+            // SAFETY: only the handle is read, with no other guard held.
+            unsafe { t.as_hal::<Vulkan>().map(|h| h.raw_handle()) }.ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "{what} target: destroyed (or not a Vulkan texture)"
+                ))
+            })
+        };
+        let ci = image_of(color, "colour")?;
+        let di = image_of(depth, "depth")?;
+        // wgpu moves them into the attachment states in a command buffer of their own, which
+        // it validates now: a texture of another device is refused here, not at submit.
+        let transitions = self.shared.transitions(
+            &[],
+            &[
+                (color, wgpu::TextureUses::COLOR_TARGET),
+                (depth, wgpu::TextureUses::DEPTH_STENCIL_WRITE),
+            ],
+        )?;
         let view_desc = wgpu::TextureViewDescriptor {
             label: Some("understory target view"),
             base_mip_level: 0,
@@ -1054,27 +1240,14 @@ impl WgpuFrame<'_> {
         };
         let cv = color.create_view(&view_desc);
         let dv = depth.create_view(&view_desc);
-        let raw_of = |t: &wgpu::Texture,
-                      v: &wgpu::TextureView|
-         -> Result<(vk::Image, vk::ImageView)> {
-            // SAFETY: only the handles are read; the texture and view are held until the GPU
-            // is done with this frame (`keep`), and never destroyed by us.
-            // (One guard at a time: each holds wgpu's snatch lock.)
-            let image = unsafe {
-                t.as_hal::<Vulkan>()
-                    .ok_or_else(|| Error::InvalidInput("target is not a Vulkan texture".into()))?
-                    .raw_handle()
-            };
-            // SAFETY: as above.
-            let view = unsafe {
-                v.as_hal::<Vulkan>()
-                    .ok_or_else(|| Error::InvalidInput("target view is not Vulkan".into()))?
-                    .raw_handle()
-            };
-            Ok((image, view))
+        let view_of = |v: &wgpu::TextureView| -> Result<vk::ImageView> {
+            // SAFETY: only the handle is read, with no other guard held; the view is held
+            // until the GPU is done with the frame (`keep`).
+            unsafe { v.as_hal::<Vulkan>().map(|h| h.raw_handle()) }
+                .ok_or_else(|| Error::InvalidInput("target destroyed".into()))
         };
-        let (ci, cvk) = raw_of(color, &cv)?;
-        let (di, dvk) = raw_of(depth, &dv)?;
+        let cvk = view_of(&cv)?;
+        let dvk = view_of(&dv)?;
         let formats = &self.shared.color_formats;
         let cf = formats
             .get(color.format())
@@ -1082,6 +1255,7 @@ impl WgpuFrame<'_> {
         let df = formats
             .get(depth.format())
             .ok_or_else(|| Error::InvalidInput(format!("format {:?}", depth.format())))?;
+        self.prep.push(transitions);
         self.keep.extend([
             Keep::Texture(color.clone()),
             Keep::Texture(depth.clone()),
@@ -1099,10 +1273,11 @@ impl WgpuFrame<'_> {
     }
 
     /// Takes a wgpu buffer of the app's for this frame's raw commands to write with copies:
-    /// wgpu moves it into the `COPY_DST` state in the frame's transition encoder (so wgpu's
-    /// next use of it waits for transfer writes, and its submission fails rather than run if
-    /// the app destroyed the buffer), and the buffer is held until the GPU is done with the
-    /// frame.
+    /// wgpu moves it into the `COPY_DST` state in a transition command buffer submitted before
+    /// the frame's (so wgpu's next use of it waits for transfer writes, and the submission is
+    /// refused as a whole if the app destroys the buffer before it), and the buffer is held
+    /// until the GPU is done with the frame. A destroyed buffer, or one of another device, is
+    /// [`Error::InvalidInput`].
     pub fn copy_target(&mut self, buffer: &wgpu::Buffer) -> Result<()> {
         if !buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
             return Err(Error::InvalidInput(format!(
@@ -1110,14 +1285,16 @@ impl WgpuFrame<'_> {
                 buffer.usage()
             )));
         }
-        self.prep.transition_resources(
-            [wgpu::BufferTransition {
-                buffer,
-                state: wgpu::BufferUses::COPY_DST,
-            }]
-            .into_iter(),
-            std::iter::empty(),
-        );
+        // SAFETY: only whether the hal buffer still exists is read.
+        if unsafe { buffer.as_hal::<Vulkan>() }.is_none() {
+            return Err(Error::InvalidInput(
+                "copy target: destroyed (or not a Vulkan buffer)".into(),
+            ));
+        }
+        let transitions = self
+            .shared
+            .transitions(&[(buffer, wgpu::BufferUses::COPY_DST)], &[])?;
+        self.prep.push(transitions);
         self.keep.push(Keep::Buffer(buffer.clone()));
         Ok(())
     }
@@ -1331,7 +1508,22 @@ impl Forest {
     /// GPU cull, and the draws into `color` and `depth` (loaded, not cleared: the app clears
     /// or draws them first, in a command buffer submitted before the frame's), then the
     /// indirect arguments copied into [`Forest::indirect_args`].
-    pub fn render(
+    ///
+    /// Checked: the frame is of this forest's device; the targets are 2D, one layer, one
+    /// sample, `RENDER_ATTACHMENT`, of the forest's formats and one size, alive and of this
+    /// device; the view is finite ([`Error::InvalidInput`] or [`Error::Lifecycle`], with
+    /// nothing recorded). A target or the args buffer destroyed after this call and before
+    /// [`SharedDevice::submit`] makes wgpu refuse the whole submission, which `submit` returns
+    /// as an error (the frame is dropped, nothing of it runs).
+    ///
+    /// # Safety
+    /// No other thread destroys (`Texture::destroy`, `Buffer::destroy`) `color`, `depth` or
+    /// [`Forest::indirect_args`]'s buffer from this call until the frame is submitted or
+    /// dropped: their raw handles are recorded into the frame's command buffer here, and
+    /// wgpu's `destroy` frees them at once when no submission uses them yet. On the calling
+    /// thread, destroying them in between is safe: [`SharedDevice::submit`] sees it and drops
+    /// the frame. (Dropping them is fine: the frame holds clones.)
+    pub unsafe fn render(
         &mut self,
         frame: &mut WgpuFrame<'_>,
         view: &ForestView,
@@ -1354,6 +1546,12 @@ impl Forest {
         }
         if !(view.eye.is_finite() && view.view_proj.is_finite() && view.fog_m > 0.0) {
             return Err(Error::InvalidInput(format!("view {view:?}")));
+        }
+        // SAFETY: only whether the hal buffer still exists is read.
+        if unsafe { self.args.buffer.as_hal::<Vulkan>() }.is_none() {
+            return Err(Error::InvalidInput(
+                "the forest's indirect-args buffer was destroyed: make a new Forest".into(),
+            ));
         }
         let targets = frame.targets(color, depth)?;
         if self.draw.is_none() {
@@ -1396,8 +1594,10 @@ impl Forest {
         // SAFETY: understory's objects are recorded through their own functions for this
         // frame; the wgpu targets are used in the layouts `targets` moved them into and left
         // there, with a barrier before (the app's work on them) and after (anything later);
-        // the args buffer is held for the frame and copied into after a barrier from the
-        // cull's writes; the rendering scope is closed before returning.
+        // the args buffer is alive (checked above; no other thread destroys it or the
+        // targets during this call: the caller's promise), held for the frame and copied into
+        // after a barrier from the cull's writes; the rendering scope is closed before
+        // returning.
         unsafe {
             frame.record(|f, cmd| {
                 veg.record(f, cmd)?;

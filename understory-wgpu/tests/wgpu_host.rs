@@ -201,17 +201,20 @@ fn bad_targets_and_an_empty_forest_are_typed_errors() {
         (&float, &depth, "a format the forest was not made for"),
         (&color, &color, "a colour texture as depth"),
     ] {
-        let r = forest.render(&mut frame, &view, c, d);
+        // SAFETY: one thread; nothing is destroyed.
+        let r = unsafe { forest.render(&mut frame, &view, c, d) };
         assert!(matches!(r, Err(Error::InvalidInput(_))), "{what}: {r:?}");
     }
     let nan = ForestView {
         eye: glam::Vec3::NAN,
         ..view
     };
-    let r = forest.render(&mut frame, &nan, &color, &depth);
+    // SAFETY: as above.
+    let r = unsafe { forest.render(&mut frame, &nan, &color, &depth) };
     assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
     // No species registered yet: nothing to draw with.
-    let r = forest.render(&mut frame, &view, &color, &depth);
+    // SAFETY: as above.
+    let r = unsafe { forest.render(&mut frame, &view, &color, &depth) };
     assert!(matches!(r, Err(Error::Lifecycle(_))), "{r:?}");
     shared
         .submit(frame, [], [])

@@ -217,6 +217,7 @@ pub struct SharedDevice {
     // Dropped first: understory's context (its objects keep the wgpu device alive themselves).
     ctx: Option<Context>,
     in_flight: Mutex<InFlight>,
+    limbo: Limbo,
     done: Arc<AtomicU64>,
     wgpu_errors: Arc<Mutex<WgpuErrors>>,
     canary: Arc<Canary>,
@@ -818,6 +819,7 @@ impl SharedDevice {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             ctx: Some(ctx),
             in_flight: Mutex::new(InFlight::default()),
+            limbo: Limbo::default(),
             done: Arc::new(AtomicU64::new(0)),
             wgpu_errors,
             canary,
@@ -982,6 +984,7 @@ impl SharedDevice {
     /// run), and waits for wgpu to finish the frame `frames_in_flight` back.
     pub fn begin_frame(&self) -> Result<WgpuFrame<'_>> {
         let ctx = self.ctx();
+        self.announce_limbo()?;
         {
             let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             // Callbacks run inside wgpu's maintenance: a non-blocking poll runs them.
@@ -1009,18 +1012,13 @@ impl SharedDevice {
         })
     }
 
-    /// Submits the frame to wgpu's queue, between the app's command buffers (`before`: e.g. a
-    /// pass that clears the targets; `after`: e.g. a readback), in one `Queue::submit`, and
-    /// announces it to understory. Returns wgpu's submission index.
-    ///
-    /// A frame whose recording failed is not submitted: its error comes back, the app's
-    /// command buffers are dropped unsubmitted, and the frame is dropped.
-    pub fn submit(
+    /// The frame's command buffers (transitions, then understory's), checked: a frame of
+    /// another device, one whose recording failed, or one whose targets were destroyed is an
+    /// error (the frame is dropped and its command buffers discarded).
+    fn finish_frame(
         &self,
         frame: WgpuFrame<'_>,
-        before: impl IntoIterator<Item = wgpu::CommandBuffer>,
-        after: impl IntoIterator<Item = wgpu::CommandBuffer>,
-    ) -> Result<wgpu::SubmissionIndex> {
+    ) -> Result<(Frame, Vec<wgpu::CommandBuffer>, Vec<Keep>)> {
         let WgpuFrame {
             shared,
             frame,
@@ -1054,38 +1052,133 @@ impl SharedDevice {
                 "a target or buffer of the frame was destroyed before submit: the frame was dropped (nothing of it ran)".into(),
             ));
         }
+        let mut cmds = prep;
+        cmds.push(raw.finish());
+        Ok((frame, cmds, keep))
+    }
+
+    /// Announces a submitted frame: completion comes from wgpu's callback on the latest
+    /// submission, which is `index` or later.
+    ///
+    /// # Safety
+    /// Every command buffer of `frame` was submitted to the shared queue (or dropped
+    /// unsubmitted) at or before the submission `index`.
+    unsafe fn announce(
+        &self,
+        fl: &mut InFlight,
+        frame: Frame,
+        index: wgpu::SubmissionIndex,
+        keep: Vec<Keep>,
+    ) -> Result<()> {
         let value = frame.value();
-        let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let cmds: Vec<wgpu::CommandBuffer> = before
-            .into_iter()
-            .chain(prep)
-            .chain([raw.finish()])
-            .chain(after)
-            .collect();
-        // wgpu validates every command buffer before it submits any: a refused submission
-        // ran nothing, so the frame is dropped (its uploads are recorded again by the next).
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let index = self.queue.submit(cmds);
-        if let Some(e) = block_on(scope.pop()) {
-            drop(frame);
-            drop(keep);
-            return Err(Error::InvalidInput(format!(
-                "wgpu refused the frame's submission (nothing of it ran; the frame was dropped): {e}"
-            )));
-        }
         let done = self.done.clone();
         // Registered after the submit: wgpu calls it once the latest submission (ours, or a
         // later one from another thread) has completed.
         self.queue.on_submitted_work_done(move || {
             done.fetch_max(value, Ordering::AcqRel);
         });
-        // SAFETY: every command recorded for `frame` is in the raw encoder just submitted to
-        // the context's queue (wgpu's queue is that VkQueue; understory never submits, so no
-        // lock is needed); completion is reported only by `pump`, from the callback above.
+        // SAFETY: every command recorded for `frame` was submitted to the context's queue at
+        // or before `index` (the caller's promise; wgpu's queue is that VkQueue; understory
+        // never submits, so no lock is needed); completion is reported only by `pump`, from
+        // the callback above, or after waiting on `index`.
         unsafe { self.ctx().frame_submitted(frame, FrameSignal::HostReported) }
             .map_err(Error::from)?;
-        fl.frames.push_back((value, index.clone(), keep));
+        fl.frames.push_back((value, index, keep));
+        Ok(())
+    }
+
+    /// Submits the frame to wgpu's queue, between the app's command buffers (`before`: e.g. a
+    /// pass that clears the targets; `after`: e.g. a readback), in one `Queue::submit`, and
+    /// announces it to understory. Returns wgpu's submission index.
+    ///
+    /// A frame whose recording failed is not submitted: its error comes back, the app's
+    /// command buffers are dropped unsubmitted, and the frame is dropped. So is a frame wgpu
+    /// refuses (it validates every command buffer before it submits any: nothing ran).
+    pub fn submit(
+        &self,
+        frame: WgpuFrame<'_>,
+        before: impl IntoIterator<Item = wgpu::CommandBuffer>,
+        after: impl IntoIterator<Item = wgpu::CommandBuffer>,
+    ) -> Result<wgpu::SubmissionIndex> {
+        let (frame, ours, keep) = self.finish_frame(frame)?;
+        let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let cmds: Vec<wgpu::CommandBuffer> = before.into_iter().chain(ours).chain(after).collect();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let index = self.queue.submit(cmds);
+        if let Some(e) = block_on(scope.pop()) {
+            drop((frame, keep));
+            return Err(Error::InvalidInput(format!(
+                "wgpu refused the frame's submission (nothing of it ran; the frame was dropped): {e}"
+            )));
+        }
+        // SAFETY: the frame's command buffers are in submission `index`.
+        unsafe { self.announce(&mut fl, frame, index.clone(), keep) }?;
         Ok(index)
+    }
+
+    /// For a host that submits itself (Bevy's renderer submits every command buffer of a
+    /// frame at once): the frame's command buffers, in order (wgpu transitions, then
+    /// understory's), to put in the host's submission after the commands that drew the
+    /// targets, and the frame to hand to [`SharedDevice::host_submitted`] once submitted.
+    /// The frame stays open until then: no next frame begins.
+    ///
+    /// # Safety
+    /// Each returned command buffer is passed to `Queue::submit` of this device's queue, or
+    /// dropped, before the returned [`HostFrame`] is handed to
+    /// [`SharedDevice::host_submitted`] or dropped (either announces the frame as submitted;
+    /// completion is then taken from a submission made after that moment).
+    pub unsafe fn finish(
+        &self,
+        frame: WgpuFrame<'_>,
+    ) -> Result<(Vec<wgpu::CommandBuffer>, HostFrame)> {
+        let (frame, cmds, keep) = self.finish_frame(frame)?;
+        Ok((
+            cmds,
+            HostFrame {
+                device_id: self.id,
+                frame: Some((frame, keep)),
+                limbo: self.limbo.clone(),
+            },
+        ))
+    }
+
+    /// Announces a frame of [`SharedDevice::finish`] after the host's `Queue::submit`.
+    /// Returns the index of an empty submission made here, after the host's (waiting on it
+    /// waits for the frame). If wgpu refused the host's submission, nothing of it ran, which
+    /// is safe, but the frame counts as run and its uploads are lost: watch the host's wgpu
+    /// errors.
+    pub fn host_submitted(&self, mut frame: HostFrame) -> Result<wgpu::SubmissionIndex> {
+        if frame.device_id != self.id {
+            return Err(Error::Lifecycle(
+                "SharedDevice::host_submitted: a frame of another shared device".into(),
+            ));
+        }
+        let Some((frame, keep)) = frame.frame.take() else {
+            return Err(Error::Lifecycle("HostFrame already announced".into()));
+        };
+        let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        // An empty submission: queue order puts it after the host's, so its completion (and
+        // the callback's) means the frame's.
+        let index = self.queue.submit(std::iter::empty());
+        // SAFETY: `finish`'s contract: the frame's command buffers were submitted (or
+        // dropped) before the HostFrame came back here.
+        unsafe { self.announce(&mut fl, frame, index.clone(), keep) }?;
+        Ok(index)
+    }
+
+    /// Announces [`HostFrame`]s dropped without [`SharedDevice::host_submitted`], as if
+    /// submitted when dropped (`finish`'s contract).
+    fn announce_limbo(&self) -> Result<()> {
+        let dropped: Vec<_> =
+            std::mem::take(&mut *self.limbo.lock().unwrap_or_else(|p| p.into_inner()));
+        for (frame, keep) in dropped {
+            let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let index = self.queue.submit(std::iter::empty());
+            // SAFETY: `finish`'s contract: its command buffers were submitted (or dropped)
+            // before the HostFrame was dropped.
+            unsafe { self.announce(&mut fl, frame, index, keep) }?;
+        }
+        Ok(())
     }
 
     /// Waits for the last frame (on its wgpu submission, at most [`WAIT_TIMEOUT`]), drains
@@ -1093,6 +1186,7 @@ impl SharedDevice {
     /// understory object first: a clean shutdown has no leaks). The wgpu device, queue and
     /// adapter stay usable through the clones the app holds.
     pub fn shutdown(mut self) -> Result<ShutdownReport> {
+        self.announce_limbo()?;
         {
             let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             let last = self.ctx().last_submitted();
@@ -1111,6 +1205,9 @@ impl Drop for SharedDevice {
         // Without shutdown: wait for what is in flight so that the context frees instead of
         // leaking (a timeout leaks, never frees in use).
         if self.ctx.is_some() {
+            if let Err(e) = self.announce_limbo() {
+                log::error!("SharedDevice dropped: a dropped HostFrame: {e}");
+            }
             let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             let last = self.ctx().last_submitted();
             if let Err(e) = self.wait_for(&mut fl, last, WAIT_TIMEOUT) {
@@ -1127,6 +1224,35 @@ impl std::fmt::Debug for SharedDevice {
                 "device",
                 &self.ctx.as_ref().map(|c| c.adapter().name.clone()),
             )
+            .finish_non_exhaustive()
+    }
+}
+
+/// A frame whose command buffers the host submits ([`SharedDevice::finish`]); hand it to
+/// [`SharedDevice::host_submitted`] after the submit. Dropped instead, it is announced at the
+/// next [`SharedDevice::begin_frame`] (or shutdown) as submitted when dropped.
+pub struct HostFrame {
+    device_id: u64,
+    frame: Option<(Frame, Vec<Keep>)>,
+    limbo: Limbo,
+}
+
+/// Frames of [`HostFrame`]s dropped without [`SharedDevice::host_submitted`].
+type Limbo = Arc<Mutex<Vec<(Frame, Vec<Keep>)>>>;
+
+impl Drop for HostFrame {
+    fn drop(&mut self) {
+        // Announced at the next begin_frame (or shutdown), as submitted by now.
+        if let Some(f) = self.frame.take() {
+            self.limbo.lock().unwrap_or_else(|p| p.into_inner()).push(f);
+        }
+    }
+}
+
+impl std::fmt::Debug for HostFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostFrame")
+            .field("value", &self.frame.as_ref().map(|(f, _)| f.value()))
             .finish_non_exhaustive()
     }
 }

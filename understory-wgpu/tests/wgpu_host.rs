@@ -242,3 +242,97 @@ fn bad_targets_and_an_empty_forest_are_typed_errors() {
         })
         .expect("wgpu still polls");
 }
+
+#[test]
+fn a_host_that_submits_itself() {
+    let Some(shared) = shared("wgpu_host_submits") else {
+        return;
+    };
+    let device = shared.device().clone();
+    let queue = shared.queue().clone();
+    let mut forest = Forest::new(&shared, &ForestDesc::default()).expect("forest");
+    let species = forest
+        .vegetation_mut()
+        .register_species(&understory::vegetation::SpeciesDesc {
+            name: "spruce",
+            width: 32,
+            height: 64,
+            rgba8: &understory::gpu::draw::tree_billboard(32, 64, 1),
+        })
+        .expect("species");
+    let trees: Vec<_> = (0..200)
+        .map(|i| understory::world::instance::Instance {
+            scale: 8.0,
+            ..understory::world::instance::Instance::at(glam::Vec3::new(
+                1.0 + (i % 20) as f32 * 0.7,
+                0.0,
+                1.0 + (i / 20) as f32 * 1.3,
+            ))
+        })
+        .collect();
+    forest
+        .vegetation_mut()
+        .spawn(&understory::vegetation::PatchDesc {
+            species,
+            instances: &trees,
+        })
+        .expect("spawn");
+    let texture = |format, usage| {
+        device.create_texture(&wgpu::TextureDescriptor {
+            label: None,
+            size: wgpu::Extent3d {
+                width: 128,
+                height: 64,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format,
+            usage,
+            view_formats: &[],
+        })
+    };
+    let color = texture(
+        wgpu::TextureFormat::Rgba8Unorm,
+        wgpu::TextureUsages::RENDER_ATTACHMENT,
+    );
+    let depth = texture(
+        wgpu::TextureFormat::Depth32Float,
+        wgpu::TextureUsages::RENDER_ATTACHMENT,
+    );
+    let eye = glam::Vec3::new(0.0, 20.0, -40.0);
+    let mut proj = glam::Mat4::perspective_rh(1.0, 2.0, 0.5, 800.0);
+    proj.y_axis.y = -proj.y_axis.y;
+    let view = ForestView {
+        eye,
+        view_proj: proj
+            * glam::Mat4::look_at_rh(eye, glam::Vec3::new(0.0, 0.0, 30.0), glam::Vec3::Y),
+        fog_m: 700.0,
+    };
+    for f in 0..8 {
+        let mut frame = shared.begin_frame().expect("frame");
+        // SAFETY: one thread; nothing is destroyed.
+        unsafe { forest.render(&mut frame, &view, &color, &depth) }.expect("render");
+        // SAFETY: the command buffers go to this queue's submit right below, before the
+        // HostFrame is announced or dropped.
+        let (cmds, host) = unsafe { shared.finish(frame) }.expect("finish");
+        queue.submit(cmds);
+        if f % 2 == 0 {
+            shared.host_submitted(host).expect("announced");
+        } else {
+            // Dropped instead: announced at the next begin_frame.
+            drop(host);
+        }
+    }
+    // A frame of another kind in between: the plain submit still works.
+    let frame = shared.begin_frame().expect("frame");
+    shared.submit(frame, [], []).expect("submit");
+    drop(forest);
+    let log = shared.message_log();
+    let report = shared.shutdown().expect("shutdown");
+    assert!(report.leaks.is_empty(), "{:?}", report.leaks);
+    drop((queue, device, color, depth));
+    let m = log.read();
+    assert_eq!(m.layer + m.wgpu, 0, "{:?}", m.texts);
+}

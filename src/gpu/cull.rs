@@ -71,8 +71,9 @@ const _: () =
     assert!(std::mem::offset_of!(CullView, bands_sq) == shaders::layout::CULLVIEW_OFFSET_BANDS_SQ);
 
 impl CullView {
-    /// From a view-projection matrix (Vulkan clip space, depth 0..1), the camera, the
-    /// instance radius at scale 1, and the LOD bands at `quality`.
+    /// From a view-projection matrix (Vulkan clip space, depth 0..1; reversed or infinite
+    /// depth works too: an infinite far plane culls nothing, the LOD bands end the view), the
+    /// camera, the instance radius at scale 1, and the LOD bands at `quality`.
     pub fn new(
         view_proj: Mat4,
         camera: Vec3,
@@ -112,7 +113,9 @@ impl CullView {
 }
 
 /// The six clip planes of a view-projection (Vulkan clip space, depth 0..1), unit normals
-/// pointing inside.
+/// pointing inside. A plane without a normal that everything is inside of (`0 ≤ w`, the far
+/// plane of an infinite projection, reversed or not) becomes `[0, 0, 0, 1]`; one that nothing
+/// is inside of stays non-finite (and [`CullView::new`] refuses it).
 fn frustum_planes(view_proj: Mat4) -> [[f32; 4]; 6] {
     [
         view_proj.row(3) + view_proj.row(0),
@@ -124,7 +127,11 @@ fn frustum_planes(view_proj: Mat4) -> [[f32; 4]; 6] {
     ]
     .map(|p: Vec4| {
         let len = p.truncate().length();
-        (p / len).to_array()
+        if len == 0.0 && p.w > 0.0 {
+            [0.0, 0.0, 0.0, 1.0]
+        } else {
+            (p / len).to_array()
+        }
     })
 }
 
@@ -1925,6 +1932,36 @@ mod tests {
             [0.0, 0.0, -1.0, 100.0],
         ];
         CullView::from_planes(planes, Vec3::ZERO, 1.0, &LodBands::default(), 1.0).unwrap()
+    }
+
+    #[test]
+    fn reversed_and_infinite_projections_cull_like_the_finite_one() {
+        // Bevy's convention: reversed, infinite depth (y flipped into Vulkan's clip space).
+        let eye = Vec3::new(0.0, 10.0, 0.0);
+        let look = Mat4::look_at_rh(eye, Vec3::new(0.0, 10.0, 100.0), Vec3::Y);
+        let flip = Mat4::from_scale(Vec3::new(1.0, -1.0, 1.0));
+        let infinite = flip * Mat4::perspective_infinite_reverse_rh(1.0, 1.5, 0.5) * look;
+        let finite = flip * Mat4::perspective_rh(1.0, 1.5, 0.5, 5000.0) * look;
+        let bands = LodBands::default();
+        let a = CullView::new(infinite, eye, 2.0, &bands, 1.0).expect("infinite reversed");
+        let b = CullView::new(finite, eye, 2.0, &bands, 1.0).expect("finite");
+        assert_eq!(
+            a.planes[4],
+            [0.0, 0.0, 0.0, 1.0],
+            "the infinite far plane culls nothing"
+        );
+        for p in [
+            (0.0, 0.0, 50.0),
+            (0.0, 0.0, -50.0),
+            (80.0, 0.0, 60.0),
+            (20.0, 0.0, 60.0),
+            (0.0, 0.0, 0.2),
+            (0.0, 0.0, 400.0),
+        ] {
+            let i = inst(p.0, p.1, p.2);
+            assert_eq!(classify_cpu(&i, &a), classify_cpu(&i, &b), "{p:?}");
+        }
+        assert!(CullView::new(Mat4::ZERO, eye, 2.0, &bands, 1.0).is_err());
     }
 
     #[test]

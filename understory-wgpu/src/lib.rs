@@ -80,7 +80,7 @@ use understory::gpu::budget::{BudgetSource, DriverBudget, HeapBudgets, RawHeap, 
 use understory::gpu::context::{Context, ContextOptions, Frame, HostHandles};
 use understory::gpu::cull::{Compaction, CullDesc, CullPass, CullView, WIDE_SOURCES_PER_DISPATCH};
 use understory::gpu::debug::{Canary, messenger_create_info};
-use understory::gpu::draw::{DrawFrame, DrawPass};
+use understory::gpu::draw::{DrawFrame, DrawOptions, DrawPass};
 use understory::gpu::instance::{VALIDATION_LAYER, Validation};
 use understory::gpu::memory::{HeapReport, ShutdownReport};
 use understory::gpu::requirements::{Capabilities, DeviceRequirements};
@@ -1481,6 +1481,10 @@ pub struct ForestDesc {
     pub color_format: wgpu::TextureFormat,
     /// Depth format (one of [`DEPTH_FORMATS`]).
     pub depth_format: wgpu::TextureFormat,
+    /// How the draws fit the app's frame: reversed depth (wgpu and Bevy's convention: clear
+    /// depth to 0, `ForestView::view_proj` the app's reversed projection) and whether
+    /// understory draws its ground. Default: depth 0 near, 1 far; ground drawn.
+    pub draw: DrawOptions,
     /// Most entries per LOD list of the cull; the lists follow what is visible (adaptive), so
     /// this bounds them, it is not what they cost. 0 (the default): as many as the device
     /// allows, at most 16M.
@@ -1493,6 +1497,7 @@ impl Default for ForestDesc {
             config: VegetationConfig::default(),
             color_format: wgpu::TextureFormat::Rgba8Unorm,
             depth_format: wgpu::TextureFormat::Depth32Float,
+            draw: DrawOptions::default(),
             cull_capacity: 0,
         }
     }
@@ -1503,7 +1508,10 @@ impl Default for ForestDesc {
 pub struct ForestView {
     /// Eye position.
     pub eye: Vec3,
-    /// Projection × view, Vulkan clip space (y down, depth 0..1).
+    /// Projection × view, Vulkan clip space (y down; depth 0 near, 1 far, or reversed with
+    /// [`ForestDesc::draw`]'s `reversed_depth`, where an infinite far plane is fine: the LOD
+    /// bands end the view). A wgpu projection (y up) needs `Mat4::from_scale((1, -1, 1))`
+    /// in front.
     pub view_proj: Mat4,
     /// Fog distance in metres.
     pub fog_m: f32,
@@ -1684,12 +1692,13 @@ impl Forest {
             let page = self.veg.atlas_page(0).ok_or_else(|| {
                 Error::Lifecycle("Forest::render: register a species first (no atlas page)".into())
             })?;
-            self.draw = Some(DrawPass::new(
+            self.draw = Some(DrawPass::with_options(
                 frame.shared.context(),
                 self.color,
                 self.depth,
                 page,
                 0,
+                self.desc.draw,
             )?);
         }
         let Some(draw) = self.draw.as_ref() else {

@@ -336,3 +336,200 @@ fn a_host_that_submits_itself() {
     let m = log.read();
     assert_eq!(m.layer + m.wgpu, 0, "{:?}", m.texts);
 }
+
+/// A forest of `n` trees in one tile, on `shared`, with these draw options.
+fn small_forest(shared: &SharedDevice, draw: understory::gpu::draw::DrawOptions) -> Forest {
+    let mut forest = Forest::new(
+        shared,
+        &ForestDesc {
+            draw,
+            ..Default::default()
+        },
+    )
+    .expect("forest");
+    let species = forest
+        .vegetation_mut()
+        .register_species(&understory::vegetation::SpeciesDesc {
+            name: "spruce",
+            width: 32,
+            height: 64,
+            rgba8: &understory::gpu::draw::tree_billboard(32, 64, 1),
+        })
+        .expect("species");
+    let trees: Vec<_> = (0..300)
+        .map(|i| understory::world::instance::Instance {
+            scale: 3.0 + (i % 7) as f32,
+            ..understory::world::instance::Instance::at(glam::Vec3::new(
+                1.0 + (i % 20) as f32 * 1.4,
+                0.0,
+                1.0 + (i / 20) as f32 * 1.9,
+            ))
+        })
+        .collect();
+    forest
+        .vegetation_mut()
+        .spawn(&understory::vegetation::PatchDesc {
+            species,
+            instances: &trees,
+        })
+        .expect("spawn");
+    forest
+}
+
+/// Renders `frames` frames of `forest` into fresh targets cleared to `depth_clear`, and reads
+/// the last image back through wgpu.
+fn render_image(
+    shared: &SharedDevice,
+    forest: &mut Forest,
+    view: &ForestView,
+    depth_clear: f32,
+    frames: u32,
+) -> Vec<u8> {
+    let device = shared.device();
+    let (w, h) = (128u32, 96u32);
+    let texture = |format, usage| {
+        device.create_texture(&wgpu::TextureDescriptor {
+            label: None,
+            size: wgpu::Extent3d {
+                width: w,
+                height: h,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format,
+            usage,
+            view_formats: &[],
+        })
+    };
+    let color = texture(
+        wgpu::TextureFormat::Rgba8Unorm,
+        wgpu::TextureUsages::RENDER_ATTACHMENT | wgpu::TextureUsages::COPY_SRC,
+    );
+    let depth = texture(
+        wgpu::TextureFormat::Depth32Float,
+        wgpu::TextureUsages::RENDER_ATTACHMENT,
+    );
+    let readback = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: u64::from(w * 4 * h),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    for f in 0..frames {
+        let mut enc = device.create_command_encoder(&Default::default());
+        {
+            let cv = color.create_view(&Default::default());
+            let dv = depth.create_view(&Default::default());
+            let _pass = enc.begin_render_pass(&wgpu::RenderPassDescriptor {
+                color_attachments: &[Some(wgpu::RenderPassColorAttachment {
+                    view: &cv,
+                    depth_slice: None,
+                    resolve_target: None,
+                    ops: wgpu::Operations {
+                        load: wgpu::LoadOp::Clear(wgpu::Color::BLACK),
+                        store: wgpu::StoreOp::Store,
+                    },
+                })],
+                depth_stencil_attachment: Some(wgpu::RenderPassDepthStencilAttachment {
+                    view: &dv,
+                    depth_ops: Some(wgpu::Operations {
+                        load: wgpu::LoadOp::Clear(depth_clear),
+                        store: wgpu::StoreOp::Store,
+                    }),
+                    stencil_ops: None,
+                }),
+                ..Default::default()
+            });
+        }
+        let mut frame = shared.begin_frame().expect("frame");
+        // SAFETY: one thread; nothing is destroyed.
+        unsafe { forest.render(&mut frame, view, &color, &depth) }.expect("render");
+        let mut after = Vec::new();
+        if f + 1 == frames {
+            let mut enc = device.create_command_encoder(&Default::default());
+            enc.copy_texture_to_buffer(
+                color.as_image_copy(),
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &readback,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset: 0,
+                        bytes_per_row: Some(w * 4),
+                        rows_per_image: None,
+                    },
+                },
+                color.size(),
+            );
+            after.push(enc.finish());
+        }
+        shared.submit(frame, [enc.finish()], after).expect("submit");
+    }
+    let slice = readback.slice(..);
+    slice.map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    device
+        .poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: Some(Duration::from_secs(60)),
+        })
+        .expect("poll");
+    let bytes = slice.get_mapped_range().to_vec();
+    readback.unmap();
+    bytes
+}
+
+#[test]
+fn reversed_depth_draws_the_same_forest() {
+    use understory::gpu::draw::DrawOptions;
+    let Some(shared) = shared("wgpu_reversed_depth") else {
+        return;
+    };
+    let eye = glam::Vec3::new(14.0, 6.0, -12.0);
+    let look = glam::Mat4::look_at_rh(eye, glam::Vec3::new(14.0, 2.0, 20.0), glam::Vec3::Y);
+    let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
+    let aspect = 128.0 / 96.0;
+    let normal = ForestView {
+        eye,
+        view_proj: flip * glam::Mat4::perspective_rh(1.0, aspect, 0.5, 1000.0) * look,
+        fog_m: 700.0,
+    };
+    // Bevy's projection: reversed, infinite.
+    let reversed = ForestView {
+        view_proj: flip * glam::Mat4::perspective_infinite_reverse_rh(1.0, aspect, 0.5) * look,
+        ..normal
+    };
+    let mut a = small_forest(
+        &shared,
+        DrawOptions {
+            ground: false,
+            ..Default::default()
+        },
+    );
+    let mut b = small_forest(
+        &shared,
+        DrawOptions {
+            ground: false,
+            reversed_depth: true,
+        },
+    );
+    let image_a = render_image(&shared, &mut a, &normal, 1.0, 3);
+    let image_b = render_image(&shared, &mut b, &reversed, 0.0, 3);
+    let drawn = image_a.chunks(4).filter(|p| p[..3] != [0, 0, 0]).count();
+    let differ = image_a
+        .chunks(4)
+        .zip(image_b.chunks(4))
+        .filter(|(p, q)| p.iter().zip(q.iter()).any(|(x, y)| x.abs_diff(*y) > 2))
+        .count();
+    eprintln!("reversed depth: {drawn} px drawn, {differ} differ");
+    assert!(drawn > 2000, "trees cover the view: {drawn} px");
+    assert!(
+        differ * 200 <= drawn,
+        "the same forest with reversed depth: {differ} of {drawn} px differ"
+    );
+    drop((a, b));
+    let log = shared.message_log();
+    let report = shared.shutdown().expect("shutdown");
+    assert!(report.leaks.is_empty(), "{:?}", report.leaks);
+    let m = log.read();
+    assert_eq!(m.layer + m.wgpu, 0, "{:?}", m.texts);
+}

@@ -1,0 +1,694 @@
+//! The understory Bevy plugin: vegetation patches as entities, the real VRAM budget as a
+//! resource, and the forest culled and drawn in Bevy's frame, on Bevy's own `VkDevice`.
+//!
+//! ```no_run
+//! use bevy::prelude::*;
+//! use understory_bevy::{UnderstoryPlugin, VegetationCamera};
+//! # fn f() -> understory::Result<()> {
+//! // The shared device first: Bevy's renderer is built on it (RenderCreation::manual).
+//! let (plugin, render_creation) = UnderstoryPlugin::new(
+//!     &understory_wgpu::SharedDeviceDesc::from_env()?,
+//!     understory_bevy::ForestSettings::default(),
+//! )?;
+//! App::new()
+//!     .add_plugins(DefaultPlugins.set(bevy::render::RenderPlugin {
+//!         render_creation,
+//!         ..default()
+//!     }))
+//!     .add_plugins(plugin)
+//!     .run();
+//! # Ok(()) }
+//! ```
+//!
+//! # What it does, frame by frame
+//! - **Main world, `UnderstorySystems::Update`** (in `PostUpdate`): a [`VegetationPatch`]
+//!   added or changed on an entity queues its instances (moved by the entity's `Transform`)
+//!   for the render world; `UnderstorySystems::Cleanup`: a patch removed or an entity
+//!   despawned queues its despawn. `UnderstorySystems::Init` copies the last frame's budget
+//!   into [`VramBudget`] and Bevy's `DiagnosticsStore`.
+//! - **Render world, `Render` / `RenderSystems::Prepare`** (`UnderstorySystems::Update`):
+//!   the queued spawns and despawns reach understory's vegetation (a despawned patch is
+//!   retired frame-fenced: freed once the GPU passed its last frame).
+//! - **`Core3d` / `Core3dSystems::MainPass`** (`UnderstorySystems::Cull` and `Draw`), after
+//!   the opaque pass and before the transparent one, for the first camera with
+//!   [`VegetationCamera`]: the budget controller, residency, uploads, GPU cull and indirect
+//!   draws into the camera's colour and depth textures, depth-tested against Bevy's reversed
+//!   depth, as command buffers in Bevy's own submission (`RenderContext::add_command_buffer`).
+//! - **`RenderSystems::Cleanup`** (`UnderstorySystems::Cleanup`), after Bevy submitted: the
+//!   frame is announced to understory (`SharedDevice::host_submitted`); its completion comes
+//!   from wgpu.
+//! - **Exit:** when Bevy drops its render world, the plugin waits for its last frame, drains
+//!   every deferred free and reports leaks ([`ExitReport`], through [`UnderstoryPlugin::exit`]).
+//!
+//! # Requirements on the camera
+//! `Msaa::Off` (understory draws single-sampled), HDR off (`Rgba8UnormSrgb` main texture), and
+//! the `Core3d` pipeline. Species share one billboard atlas page; the tree meshes are
+//! understory's built-in conifer LODs.
+
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bevy::asset::{Asset, AssetId};
+use bevy::core_pipeline::core_3d::{main_opaque_pass_3d, main_transparent_pass_3d};
+use bevy::core_pipeline::{Core3d, Core3dSystems};
+use bevy::diagnostic::{Diagnostic, DiagnosticPath, Diagnostics, RegisterDiagnostic};
+use bevy::prelude::*;
+use bevy::reflect::TypePath;
+use bevy::render::extract_component::{ExtractComponent, ExtractComponentPlugin};
+use bevy::render::renderer::{
+    RenderAdapter, RenderAdapterInfo, RenderContext, RenderDevice, RenderInstance, RenderQueue,
+    ViewQuery, WgpuWrapper,
+};
+use bevy::render::settings::RenderCreation;
+use bevy::render::view::{ExtractedView, ViewDepthTexture, ViewTarget};
+use bevy::render::{Render, RenderApp, RenderSystems};
+use understory::error::{Error, Result};
+use understory::gpu::draw::DrawOptions;
+use understory::vegetation::{PatchDesc, PatchId, SpeciesDesc, SpeciesId, VegetationConfig};
+use understory::world::instance::Instance;
+use understory_wgpu::{Forest, ForestDesc, ForestView, HostFrame, Messages, SharedDevice};
+
+pub use understory;
+pub use understory_wgpu;
+
+/// The Bevy version this crate is built against (`Cargo.toml` pins it, in one place).
+pub const BEVY_VERSION: &str = "0.19.1";
+
+/// The plugin's system sets, in the spirit of the vegetation system it grew from.
+#[derive(SystemSet, Debug, Clone, PartialEq, Eq, Hash)]
+pub enum UnderstorySystems {
+    /// Main world, start of `PostUpdate`: the budget and diagnostics of the last frame.
+    Init,
+    /// Main world: patch changes queued; render world: applied to the vegetation.
+    Update,
+    /// Render world, `Core3d`: budget controller, residency, uploads and the GPU cull.
+    Cull,
+    /// Render world, `Core3d`: the indirect draws into the camera's targets.
+    Draw,
+    /// Main world: removed patches queued for despawn; render world: the frame announced.
+    Cleanup,
+}
+
+/// A species: its billboard (RGBA8, `width × height`), packed into the atlas when first used.
+#[derive(Asset, TypePath, Clone, Debug)]
+pub struct VegetationSpecies {
+    /// Name (for logs and stats).
+    pub name: String,
+    /// Billboard width in pixels.
+    pub width: u32,
+    /// Billboard height in pixels.
+    pub height: u32,
+    /// `width × height × 4` bytes, RGBA8.
+    pub rgba8: Vec<u8>,
+}
+
+/// A patch of vegetation on an entity: instances of one species, relative to the entity's
+/// `Transform` translation. Spawning the entity spawns the patch; changing the component
+/// updates it; despawning the entity (or removing the component) retires its GPU resources,
+/// frame-fenced. A patch must lie in one leaf tile of the world.
+#[derive(Component, Clone, Debug)]
+#[require(Transform)]
+pub struct VegetationPatch {
+    /// Its species.
+    pub species: Handle<VegetationSpecies>,
+    /// Its instances (positions relative to the entity).
+    pub instances: Arc<[Instance]>,
+}
+
+/// Marks the camera whose view the forest is culled for and drawn into (the first one, if
+/// several). Needs `Msaa::Off` and HDR off.
+#[derive(Component, Clone, Copy, Debug, Default, ExtractComponent)]
+pub struct VegetationCamera;
+
+/// The real VRAM budget and vegetation's share of it, as of the last rendered frame.
+#[derive(Resource, Clone, Debug, Default)]
+pub struct VramBudget {
+    /// The GPU.
+    pub device: String,
+    /// `ext` (`VK_EXT_memory_budget`) or `estimated` (the labelled estimate).
+    pub source: String,
+    /// The device-local heap's budget for this process, bytes.
+    pub heap_budget: u64,
+    /// Its usage, bytes.
+    pub heap_usage: u64,
+    /// What the rest of the process (Bevy's wgpu allocations) holds there, bytes.
+    pub foreign: u64,
+    /// Bytes wgpu's allocator holds.
+    pub wgpu_reserved: u64,
+    /// Vegetation bytes held (pending frees included).
+    pub held: u64,
+    /// The vegetation budget the controller set.
+    pub budget: u64,
+    /// LOD distance scale (1 = full quality).
+    pub quality: f32,
+    /// Bytes whose frees wait for the GPU to pass their last frame.
+    pub pending_free_bytes: u64,
+    /// Live patches understory holds.
+    pub patches: u64,
+    /// Instances per LOD the last update counted (full, medium, billboard).
+    pub lod_instances: [u64; 3],
+    /// Frames rendered.
+    pub frames: u64,
+    /// Errors the render world logged (recording, submission).
+    pub errors: u64,
+}
+
+impl std::fmt::Display for VramBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        write!(
+            f,
+            "{}: heap budget {:.1} MiB ({}), usage {:.1} MiB, foreign {:.1} MiB (wgpu holds {:.1} MiB); vegetation {:.1} of {:.1} MiB, quality {:.2}, {} patches, pending frees {:.1} MiB",
+            self.device,
+            mib(self.heap_budget),
+            self.source,
+            mib(self.heap_usage),
+            mib(self.foreign),
+            mib(self.wgpu_reserved),
+            mib(self.held),
+            mib(self.budget),
+            self.quality,
+            self.patches,
+            mib(self.pending_free_bytes)
+        )
+    }
+}
+
+/// The vegetation cap in bytes (e.g. from the game's settings menu): inserted or changed, it
+/// reaches the budget controller next frame. The budget is still at most the controller's
+/// share of the heap's real headroom.
+#[derive(Resource, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VegetationCap(pub u64);
+
+/// What the plugin reports when Bevy's render world goes away.
+#[derive(Clone, Debug, Default)]
+pub struct ExitReport {
+    /// Resources drained at shutdown.
+    pub drained: u64,
+    /// Allocations still alive (names): a clean exit has none.
+    pub leaks: Vec<String>,
+    /// Validation messages (the Khronos layer, wgpu) over the run, teardown included up to
+    /// understory's shutdown.
+    pub messages: Messages,
+    /// Set if shutdown itself failed.
+    pub error: Option<String>,
+}
+
+/// Diagnostic: vegetation bytes held.
+pub const HELD_BYTES: DiagnosticPath = DiagnosticPath::const_new("understory/held_bytes");
+/// Diagnostic: bytes whose frees wait for the GPU.
+pub const PENDING_FREES: DiagnosticPath =
+    DiagnosticPath::const_new("understory/pending_free_bytes");
+/// Diagnostic: LOD quality.
+pub const QUALITY: DiagnosticPath = DiagnosticPath::const_new("understory/quality");
+/// Diagnostics: instances per LOD.
+pub const LOD_INSTANCES: [DiagnosticPath; 3] = [
+    DiagnosticPath::const_new("understory/full"),
+    DiagnosticPath::const_new("understory/medium"),
+    DiagnosticPath::const_new("understory/billboard"),
+];
+
+/// What the main world sends the render world.
+enum PatchCommand {
+    Spawn {
+        entity: Entity,
+        species: AssetId<VegetationSpecies>,
+        species_data: Arc<VegetationSpecies>,
+        instances: Vec<Instance>,
+    },
+    Despawn(Entity),
+}
+
+/// Shared between the two worlds.
+#[derive(Default)]
+struct BridgeInner {
+    commands: Vec<PatchCommand>,
+    cap: Option<u64>,
+    budget: VramBudget,
+    exit: Option<ExitReport>,
+}
+
+#[derive(Resource, Clone, Default)]
+struct Bridge(Arc<Mutex<BridgeInner>>);
+
+impl Bridge {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BridgeInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The forest's settings.
+#[derive(Clone, Debug, Default)]
+pub struct ForestSettings {
+    /// The vegetation world (bands, cap, tiles).
+    pub config: VegetationConfig,
+}
+
+/// The plugin. Make it with [`UnderstoryPlugin::new`] (which also makes the device Bevy
+/// renders with).
+pub struct UnderstoryPlugin {
+    setup: Mutex<Option<(SharedDevice, ForestSettings)>>,
+    bridge: Bridge,
+}
+
+impl UnderstoryPlugin {
+    /// Creates the shared device (understory-wgpu's) and returns the plugin and the
+    /// `RenderCreation` to give Bevy's `RenderPlugin`, so that Bevy renders on that device.
+    pub fn new(
+        desc: &understory_wgpu::SharedDeviceDesc,
+        settings: ForestSettings,
+    ) -> Result<(Self, RenderCreation)> {
+        let shared = SharedDevice::new(desc)?;
+        let creation = RenderCreation::manual(
+            RenderDevice::from(shared.device().clone()),
+            RenderQueue(Arc::new(WgpuWrapper::new(shared.queue().clone()))),
+            RenderAdapterInfo(WgpuWrapper::new(shared.adapter().get_info())),
+            RenderAdapter(Arc::new(WgpuWrapper::new(shared.adapter().clone()))),
+            RenderInstance(Arc::new(WgpuWrapper::new(shared.instance().clone()))),
+        );
+        Ok((
+            Self {
+                setup: Mutex::new(Some((shared, settings))),
+                bridge: Bridge::default(),
+            },
+            creation,
+        ))
+    }
+
+    /// A handle that gets the [`ExitReport`] once Bevy's render world is gone (after
+    /// `App::run` returns).
+    pub fn exit(&self) -> ExitHandle {
+        ExitHandle(self.bridge.clone())
+    }
+}
+
+/// Reads the [`ExitReport`] after the app ran ([`UnderstoryPlugin::exit`]).
+#[derive(Clone)]
+pub struct ExitHandle(Bridge);
+
+impl ExitHandle {
+    /// The report, once the render world is gone.
+    pub fn report(&self) -> Option<ExitReport> {
+        self.0.lock().exit.clone()
+    }
+
+    /// The last frame's budget.
+    pub fn budget(&self) -> VramBudget {
+        self.0.lock().budget.clone()
+    }
+}
+
+impl Plugin for UnderstoryPlugin {
+    fn build(&self, app: &mut App) {
+        let Some((shared, settings)) = self
+            .setup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            log::error!("UnderstoryPlugin added twice");
+            return;
+        };
+        app.init_asset::<VegetationSpecies>()
+            .insert_resource(self.bridge.clone())
+            .init_resource::<VramBudget>()
+            .register_diagnostic(Diagnostic::new(HELD_BYTES).with_suffix(" B"))
+            .register_diagnostic(Diagnostic::new(PENDING_FREES).with_suffix(" B"))
+            .register_diagnostic(Diagnostic::new(QUALITY))
+            .add_plugins(ExtractComponentPlugin::<VegetationCamera>::default())
+            .configure_sets(
+                PostUpdate,
+                (
+                    UnderstorySystems::Init,
+                    UnderstorySystems::Update,
+                    UnderstorySystems::Cleanup,
+                )
+                    .chain(),
+            )
+            .add_systems(
+                PostUpdate,
+                (
+                    publish_budget.in_set(UnderstorySystems::Init),
+                    (queue_cap, queue_patches).in_set(UnderstorySystems::Update),
+                    queue_removals.in_set(UnderstorySystems::Cleanup),
+                ),
+            );
+        for p in LOD_INSTANCES {
+            app.register_diagnostic(Diagnostic::new(p));
+        }
+        let state = RenderState::new(shared, settings);
+        let render_app = app.sub_app_mut(RenderApp);
+        render_app
+            .insert_resource(self.bridge.clone())
+            .insert_resource(RenderForest(Mutex::new(state)))
+            .configure_sets(
+                Core3d,
+                (UnderstorySystems::Cull, UnderstorySystems::Draw)
+                    .chain()
+                    .in_set(Core3dSystems::MainPass)
+                    .after(main_opaque_pass_3d)
+                    .before(main_transparent_pass_3d),
+            )
+            .add_systems(
+                Render,
+                (
+                    apply_patches
+                        .in_set(RenderSystems::Prepare)
+                        .in_set(UnderstorySystems::Update),
+                    announce_frame
+                        .in_set(RenderSystems::Cleanup)
+                        .in_set(UnderstorySystems::Cleanup),
+                ),
+            )
+            .add_systems(Core3d, draw_vegetation.in_set(UnderstorySystems::Draw));
+    }
+}
+
+/// Main world: copies the last frame's numbers into [`VramBudget`] and the diagnostics.
+fn publish_budget(bridge: Res<Bridge>, mut budget: ResMut<VramBudget>, mut diag: Diagnostics) {
+    let b = bridge.lock().budget.clone();
+    diag.add_measurement(&HELD_BYTES, || b.held as f64);
+    diag.add_measurement(&PENDING_FREES, || b.pending_free_bytes as f64);
+    diag.add_measurement(&QUALITY, || f64::from(b.quality));
+    for (p, n) in LOD_INSTANCES.iter().zip(b.lod_instances) {
+        diag.add_measurement(p, || n as f64);
+    }
+    *budget = b;
+}
+
+/// Main world: patches added or changed (or moved) go to the render world.
+fn queue_patches(
+    bridge: Res<Bridge>,
+    species: Res<Assets<VegetationSpecies>>,
+    patches: Query<
+        (Entity, &VegetationPatch, &Transform),
+        Or<(Changed<VegetationPatch>, Changed<Transform>)>,
+    >,
+) {
+    let mut b = bridge.lock();
+    for (entity, patch, transform) in &patches {
+        let Some(data) = species.get(&patch.species) else {
+            // The asset is not loaded yet: try again next frame.
+            continue;
+        };
+        let offset = glam::Vec3::from_array(transform.translation.to_array());
+        let instances = patch
+            .instances
+            .iter()
+            .map(|i| {
+                let mut i = *i;
+                i.position = (glam::Vec3::from_array(i.position) + offset).to_array();
+                i
+            })
+            .collect();
+        b.commands.push(PatchCommand::Spawn {
+            entity,
+            species: patch.species.id(),
+            species_data: Arc::new(data.clone()),
+            instances,
+        });
+    }
+}
+
+/// Main world: a changed [`VegetationCap`] goes to the render world.
+fn queue_cap(bridge: Res<Bridge>, cap: Option<Res<VegetationCap>>) {
+    if let Some(cap) = cap.filter(|c| c.is_changed()) {
+        bridge.lock().cap = Some(cap.0);
+    }
+}
+
+/// Main world: removed patches (and despawned entities) are retired.
+fn queue_removals(bridge: Res<Bridge>, mut removed: RemovedComponents<VegetationPatch>) {
+    let mut b = bridge.lock();
+    for e in removed.read() {
+        b.commands.push(PatchCommand::Despawn(e));
+    }
+}
+
+/// The render world's understory state.
+struct RenderState {
+    // Dropped in this order by `Drop`: the pending frame, the forest, then the device.
+    pending: Option<HostFrame>,
+    forest: Option<Forest>,
+    shared: Option<SharedDevice>,
+    patches: HashMap<Entity, PatchId>,
+    species: HashMap<AssetId<VegetationSpecies>, SpeciesId>,
+    errors: u64,
+    frames: u64,
+    /// The main world's bridge, for the exit report (set at the first system run).
+    bridge: Option<Bridge>,
+}
+
+#[derive(Resource)]
+struct RenderForest(Mutex<RenderState>);
+
+impl RenderForest {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RenderState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl RenderState {
+    fn new(shared: SharedDevice, settings: ForestSettings) -> Self {
+        let forest = Forest::new(
+            &shared,
+            &ForestDesc {
+                config: settings.config,
+                color_format: bevy::render::render_resource::TextureFormat::Rgba8UnormSrgb,
+                depth_format: bevy::render::render_resource::TextureFormat::Depth32Float,
+                draw: DrawOptions {
+                    reversed_depth: true,
+                    ground: false,
+                },
+                ..Default::default()
+            },
+        );
+        let forest = match forest {
+            Ok(f) => Some(f),
+            Err(e) => {
+                log::error!("understory: the forest could not be made: {e}");
+                None
+            }
+        };
+        Self {
+            pending: None,
+            forest,
+            shared: Some(shared),
+            patches: HashMap::new(),
+            species: HashMap::new(),
+            errors: 0,
+            frames: 0,
+            bridge: None,
+        }
+    }
+
+    fn error(&mut self, what: &str, e: &Error) {
+        self.errors += 1;
+        log::error!("understory: {what}: {e}");
+    }
+
+    fn apply(&mut self, commands: Vec<PatchCommand>) {
+        for c in commands {
+            let r = (|| -> Result<()> {
+                let Some(forest) = self.forest.as_mut() else {
+                    return Ok(());
+                };
+                match c {
+                    PatchCommand::Despawn(entity) => {
+                        if let Some(id) = self.patches.remove(&entity) {
+                            forest.vegetation_mut().despawn(id)?;
+                        }
+                    }
+                    PatchCommand::Spawn {
+                        entity,
+                        species,
+                        species_data,
+                        instances,
+                    } => {
+                        if let Some(id) = self.patches.remove(&entity) {
+                            forest.vegetation_mut().despawn(id)?;
+                        }
+                        let sp = match self.species.get(&species) {
+                            Some(s) => *s,
+                            None => {
+                                let s = forest.vegetation_mut().register_species(&SpeciesDesc {
+                                    name: &species_data.name,
+                                    width: species_data.width,
+                                    height: species_data.height,
+                                    rgba8: &species_data.rgba8,
+                                })?;
+                                self.species.insert(species, s);
+                                s
+                            }
+                        };
+                        let id = forest.vegetation_mut().spawn(&PatchDesc {
+                            species: sp,
+                            instances: &instances,
+                        })?;
+                        self.patches.insert(entity, id);
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = r {
+                self.error("a patch change", &e);
+            }
+        }
+    }
+
+    /// The numbers for the main world.
+    fn budget(&self) -> Option<VramBudget> {
+        let (shared, forest) = (self.shared.as_ref()?, self.forest.as_ref()?);
+        let b = shared.budget().ok()?;
+        let h = b.heap()?;
+        let stats = forest.vegetation().stats();
+        Some(VramBudget {
+            device: b.device.clone(),
+            source: h.budget.source.to_string(),
+            heap_budget: h.budget.budget,
+            heap_usage: h.budget.usage,
+            foreign: h.foreign,
+            wgpu_reserved: b.wgpu_reserved.unwrap_or(0),
+            held: stats.held,
+            budget: stats.budget,
+            quality: stats.quality,
+            pending_free_bytes: stats.memory.categories.iter().map(|(_, c)| c.pending_bytes).sum(),
+            patches: stats.patches,
+            lod_instances: [
+                stats.lod_instances.full,
+                stats.lod_instances.medium,
+                stats.lod_instances.billboard,
+            ],
+            frames: self.frames,
+            errors: self.errors,
+        })
+    }
+}
+
+impl Drop for RenderState {
+    fn drop(&mut self) {
+        // Bevy drops its render world: announce the last frame, drop the forest (its
+        // resources retire at their last frames), then wait, drain and report.
+        let mut report = ExitReport::default();
+        if let (Some(shared), Some(pending)) = (self.shared.as_ref(), self.pending.take()) {
+            if let Err(e) = shared.host_submitted(pending) {
+                log::error!("understory: the last frame: {e}");
+            }
+        }
+        drop(self.forest.take());
+        if let Some(shared) = self.shared.take() {
+            let log = shared.message_log();
+            match shared.shutdown() {
+                Ok(r) => {
+                    report.drained = r.drained;
+                    report.leaks = r.leaks.iter().map(|l| l.name.clone()).collect();
+                }
+                Err(e) => report.error = Some(e.to_string()),
+            }
+            report.messages = log.read();
+        }
+        log::info!(
+            "understory: exit: {} drained, {} leaks, {} validation messages, {} wgpu errors",
+            report.drained,
+            report.leaks.len(),
+            report.messages.layer,
+            report.messages.wgpu
+        );
+        if let Some(b) = &self.bridge {
+            b.lock().exit = Some(report);
+        }
+    }
+}
+
+/// Render world: the queued patch changes reach the vegetation.
+fn apply_patches(bridge: Res<Bridge>, forest: Res<RenderForest>) {
+    let (commands, cap) = {
+        let mut b = bridge.lock();
+        (std::mem::take(&mut b.commands), b.cap.take())
+    };
+    let mut state = forest.lock();
+    if state.bridge.is_none() {
+        state.bridge = Some(bridge.clone());
+    }
+    if let Some(cap) = cap {
+        let r = state
+            .forest
+            .as_mut()
+            .map(|f| f.vegetation_mut().set_budget_cap(cap));
+        if let Some(Err(e)) = r {
+            state.error("the vegetation cap", &e);
+        }
+    }
+    state.apply(commands);
+}
+
+/// Render world, `Core3d`: budget, residency, uploads, cull and draws for the vegetation
+/// camera, into its targets, as command buffers in Bevy's submission.
+fn draw_vegetation(
+    view: ViewQuery<(&ExtractedView, &ViewTarget, &ViewDepthTexture, &VegetationCamera)>,
+    forest: Res<RenderForest>,
+    mut ctx: RenderContext,
+) {
+    let (extracted, target, depth, _) = view.into_inner();
+    let mut guard = forest.lock();
+    let state = &mut *guard;
+    if state.pending.is_some() {
+        // Another vegetation camera drew this frame already.
+        return;
+    }
+    let (Some(shared), Some(forest)) = (state.shared.as_ref(), state.forest.as_mut()) else {
+        return;
+    };
+    if forest.vegetation().atlas_page(0).is_none() {
+        return; // no species yet
+    }
+    let clip_from_world = extracted.clip_from_world.unwrap_or_else(|| {
+        extracted.clip_from_view * extracted.world_from_view.to_matrix().inverse()
+    });
+    let to_glam = |m: Mat4| glam::Mat4::from_cols_array(&m.to_cols_array());
+    // Bevy's clip space has y up; understory draws with Vulkan's (y down).
+    let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
+    let eye = glam::Vec3::from_array(extracted.world_from_view.translation().to_array());
+    let fog_m = forest.vegetation().config().lod.billboard_m * 1.15;
+    let view = ForestView {
+        eye,
+        view_proj: flip * to_glam(clip_from_world),
+        fog_m,
+    };
+    let result = (|| -> Result<(Vec<understory_wgpu::wgpu::CommandBuffer>, HostFrame)> {
+        let mut frame = shared.begin_frame()?;
+        // SAFETY: Bevy destroys a view's textures only when the view goes away, outside
+        // this system and after the frame's submission, never from another thread during it.
+        unsafe { forest.render(&mut frame, &view, target.main_texture(), &depth.texture) }?;
+        // SAFETY: the command buffers go to Bevy's pending list right below, which
+        // `camera_driver` submits in this frame's render schedule; `announce_frame` (in
+        // RenderSystems::Cleanup, after that submit) hands the HostFrame back.
+        unsafe { shared.finish(frame) }
+    })();
+    match result {
+        Ok((cmds, host)) => {
+            for c in cmds {
+                ctx.add_command_buffer(c);
+            }
+            state.pending = Some(host);
+            state.frames += 1;
+        }
+        Err(e) => state.error("the vegetation frame", &e),
+    }
+}
+
+/// Render world, after Bevy's submit: announce the frame, publish the budget.
+fn announce_frame(bridge: Res<Bridge>, forest: Res<RenderForest>) {
+    let mut state = forest.lock();
+    if let Some(pending) = state.pending.take() {
+        let r = state.shared.as_ref().map(|s| s.host_submitted(pending));
+        if let Some(Err(e)) = r {
+            state.error("announcing the frame", &e);
+        }
+    }
+    if let Some(b) = state.budget() {
+        bridge.lock().budget = b;
+    }
+}

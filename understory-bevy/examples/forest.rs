@@ -124,7 +124,13 @@ fn setup(
     ));
     let world = understory_cli::demo::world_config();
     commands.spawn((
-        Mesh3d(meshes.add(Plane3d::default().mesh().size(world.world_size_m, world.world_size_m))),
+        Mesh3d(
+            meshes.add(
+                Plane3d::default()
+                    .mesh()
+                    .size(world.world_size_m, world.world_size_m),
+            ),
+        ),
         MeshMaterial3d(materials.add(StandardMaterial {
             base_color: Color::srgb(0.29, 0.36, 0.19),
             perceptual_roughness: 1.0,
@@ -223,7 +229,9 @@ fn fly(
         let png = run.options.png.clone();
         let live = run.patches.len() as u64;
         commands.spawn(Screenshot::image(run.shot.clone())).observe(
-            move |ev: On<ScreenshotCaptured>, mut exit: MessageWriter<AppExit>, budget: Res<VramBudget>| {
+            move |ev: On<ScreenshotCaptured>,
+                  mut exit: MessageWriter<AppExit>,
+                  budget: Res<VramBudget>| {
                 let img: &Image = &ev.image;
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                 o.budget = budget.clone();
@@ -319,9 +327,7 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
     let code = app.run();
     let mut o = out.lock().unwrap_or_else(|p| p.into_inner()).clone();
     o.seconds = started.elapsed().as_secs_f64();
-    o.exit = exit
-        .report()
-        .ok_or("the plugin did not report at exit")?;
+    o.exit = exit.report().ok_or("the plugin did not report at exit")?;
     if code != AppExit::Success {
         return Err(format!("the app exited with {code:?}").into());
     }

@@ -302,11 +302,7 @@ impl ExitHandle {
 
 impl Plugin for UnderstoryPlugin {
     fn build(&self, app: &mut App) {
-        let Some((shared, settings)) = self
-            .setup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        let Some((shared, settings)) = self.setup.lock().unwrap_or_else(|p| p.into_inner()).take()
         else {
             log::error!("UnderstoryPlugin added twice");
             return;
@@ -378,14 +374,14 @@ fn publish_budget(bridge: Res<Bridge>, mut budget: ResMut<VramBudget>, mut diag:
     *budget = b;
 }
 
+/// A patch added, changed or moved.
+type ChangedPatch = Or<(Changed<VegetationPatch>, Changed<Transform>)>;
+
 /// Main world: patches added or changed (or moved) go to the render world.
 fn queue_patches(
     bridge: Res<Bridge>,
     species: Res<Assets<VegetationSpecies>>,
-    patches: Query<
-        (Entity, &VegetationPatch, &Transform),
-        Or<(Changed<VegetationPatch>, Changed<Transform>)>,
-    >,
+    patches: Query<(Entity, &VegetationPatch, &Transform), ChangedPatch>,
 ) {
     let mut b = bridge.lock();
     for (entity, patch, transform) in &patches {
@@ -554,7 +550,12 @@ impl RenderState {
             held: stats.held,
             budget: stats.budget,
             quality: stats.quality,
-            pending_free_bytes: stats.memory.categories.iter().map(|(_, c)| c.pending_bytes).sum(),
+            pending_free_bytes: stats
+                .memory
+                .categories
+                .iter()
+                .map(|(_, c)| c.pending_bytes)
+                .sum(),
             patches: stats.patches,
             lod_instances: [
                 stats.lod_instances.full,
@@ -627,7 +628,12 @@ fn apply_patches(bridge: Res<Bridge>, forest: Res<RenderForest>) {
 /// Render world, `Core3d`: budget, residency, uploads, cull and draws for the vegetation
 /// camera, into its targets, as command buffers in Bevy's submission.
 fn draw_vegetation(
-    view: ViewQuery<(&ExtractedView, &ViewTarget, &ViewDepthTexture, &VegetationCamera)>,
+    view: ViewQuery<(
+        &ExtractedView,
+        &ViewTarget,
+        &ViewDepthTexture,
+        &VegetationCamera,
+    )>,
     forest: Res<RenderForest>,
     mut ctx: RenderContext,
 ) {

@@ -83,9 +83,12 @@ pub enum UnderstorySystems {
     Init,
     /// Main world: patch changes queued; render world: applied to the vegetation.
     Update,
-    /// Render world, `Core3d`: budget controller, residency, uploads and the GPU cull.
+    /// Render world, `Core3d`: before the vegetation's recording (for systems that must run
+    /// before the cull). Empty today: the controller, residency, uploads and the GPU cull are
+    /// recorded with the draws, by the one system in `Draw`, into one command buffer.
     Cull,
-    /// Render world, `Core3d`: the indirect draws into the camera's targets.
+    /// Render world, `Core3d`: the budget controller, residency, uploads, GPU cull and
+    /// indirect draws into the camera's targets.
     Draw,
     /// Main world: removed patches queued for despawn; render world: the frame announced.
     Cleanup,

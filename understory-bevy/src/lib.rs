@@ -150,8 +150,11 @@ pub struct VramBudget {
     pub pending_free_bytes: u64,
     /// Live patches understory holds.
     pub patches: u64,
-    /// Instances per LOD the last update counted (full, medium, billboard).
+    /// Instances per LOD the last update counted (full, medium, billboard), on the CPU.
     pub lod_instances: [u64; 3],
+    /// Instances per LOD the GPU drew in the latest completed frame (the cull's indirect
+    /// arguments, read back by understory).
+    pub drawn: [u64; 3],
     /// Frames rendered.
     pub frames: u64,
     /// Errors the render world logged (recording, submission).
@@ -206,11 +209,11 @@ pub const PENDING_FREES: DiagnosticPath =
     DiagnosticPath::const_new("understory/pending_free_bytes");
 /// Diagnostic: LOD quality.
 pub const QUALITY: DiagnosticPath = DiagnosticPath::const_new("understory/quality");
-/// Diagnostics: instances per LOD.
+/// Diagnostics: instances per LOD the GPU drew (full, medium, billboard).
 pub const LOD_INSTANCES: [DiagnosticPath; 3] = [
-    DiagnosticPath::const_new("understory/full"),
-    DiagnosticPath::const_new("understory/medium"),
-    DiagnosticPath::const_new("understory/billboard"),
+    DiagnosticPath::const_new("understory/drawn_full"),
+    DiagnosticPath::const_new("understory/drawn_medium"),
+    DiagnosticPath::const_new("understory/drawn_billboard"),
 ];
 
 /// What the main world sends the render world.
@@ -371,7 +374,7 @@ fn publish_budget(bridge: Res<Bridge>, mut budget: ResMut<VramBudget>, mut diag:
     diag.add_measurement(&HELD_BYTES, || b.held as f64);
     diag.add_measurement(&PENDING_FREES, || b.pending_free_bytes as f64);
     diag.add_measurement(&QUALITY, || f64::from(b.quality));
-    for (p, n) in LOD_INSTANCES.iter().zip(b.lod_instances) {
+    for (p, n) in LOD_INSTANCES.iter().zip(b.drawn) {
         diag.add_measurement(p, || n as f64);
     }
     *budget = b;
@@ -538,8 +541,9 @@ impl RenderState {
     }
 
     /// The numbers for the main world.
-    fn budget(&self) -> Option<VramBudget> {
-        let (shared, forest) = (self.shared.as_ref()?, self.forest.as_ref()?);
+    fn budget(&mut self) -> Option<VramBudget> {
+        let (shared, forest) = (self.shared.as_ref()?, self.forest.as_mut()?);
+        let drawn = forest.last_drawn().map_or([0; 3], |(_, d)| d);
         let b = shared.budget().ok()?;
         let h = b.heap()?;
         let stats = forest.vegetation().stats();
@@ -565,6 +569,7 @@ impl RenderState {
                 stats.lod_instances.medium,
                 stats.lod_instances.billboard,
             ],
+            drawn,
             frames: self.frames,
             errors: self.errors,
         })

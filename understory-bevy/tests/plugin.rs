@@ -53,6 +53,11 @@ fn patch_entities_churn_under_a_squeeze_and_exit_clean() {
     assert_eq!(o.squeezed.1, 0, "held ≤ budget once the squeeze settled");
     assert_eq!(o.budget.errors, 0, "the render world logged no errors");
     assert!(
+        o.budget.drawn.iter().sum::<u64>() > 0,
+        "the GPU drew trees: {:?}",
+        o.budget.drawn
+    );
+    assert!(
         o.drawn_pixels > 1000,
         "the screenshot shows the forest and the ground"
     );

@@ -95,6 +95,8 @@ pub struct Outcome {
     /// Instances the last frame's indirect arguments draw, per LOD (full, medium, billboard),
     /// read back through wgpu.
     pub drawn: [u64; 3],
+    /// What understory read back itself (`Forest::last_drawn`): the frame and its counts.
+    pub last_drawn: Option<(u64, [u64; 3])>,
     /// Pixels of the last frame that are not sky.
     pub drawn_pixels: u64,
     /// Whether the wgpu device still cleared and read back a texture after understory shut
@@ -449,6 +451,7 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
         write_png(path, options.width, options.height, targets.row, &pixels)?;
         println!("wrote {}", path.display());
     }
+    outcome.last_drawn = forest.last_drawn();
     let stats = forest.vegetation().stats();
     outcome.deferred_frees = stats.memory.frees_completed;
     let end = shared.budget()?;

@@ -1537,6 +1537,10 @@ pub struct Forest {
     veg: Vegetation,
     args: IndirectArgs,
     args_raw: vk::Buffer,
+    /// Host-readable copies of the indirect args, one per frame in flight and one more, with
+    /// the frame each holds: what the GPU drew, read once that frame completed.
+    counts: Vec<(understory::gpu::memory::Buffer, Option<u64>)>,
+    drawn: Option<(u64, [u64; 3])>,
     device_id: u64,
     color: vk::Format,
     depth: vk::Format,
@@ -1602,6 +1606,18 @@ impl Forest {
         )?;
         let args_size = cull.args()?.size();
         let (args, args_raw) = wgpu_args_buffer(shared, args_size)?;
+        let counts = (0..=ctx.frames_in_flight())
+            .map(|i| {
+                ctx.create_buffer(&understory::gpu::memory::BufferDesc {
+                    name: &format!("forest drawn counts {i}"),
+                    size: args_size,
+                    usage: vk::BufferUsageFlags::TRANSFER_DST,
+                    location: understory::gpu::memory::MemoryLocation::GpuToCpu,
+                    category: understory::policy::category::Category::Outputs,
+                })
+                .map(|b| (b, None))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             draw: None,
             cull,
@@ -1611,6 +1627,8 @@ impl Forest {
                 draws: (args_size / 20) as u32,
             },
             args_raw,
+            counts,
+            drawn: None,
             device_id: shared.id,
             color,
             depth,
@@ -1631,6 +1649,31 @@ impl Forest {
     /// The last frame's indirect arguments as a wgpu buffer.
     pub fn indirect_args(&self) -> &IndirectArgs {
         &self.args
+    }
+
+    /// What the GPU drew per LOD (full, medium, billboard: instances over every phase) in the
+    /// latest frame known complete, and that frame's value; `None` before the first.
+    pub fn last_drawn(&mut self) -> Option<(u64, [u64; 3])> {
+        self.read_counts();
+        self.drawn
+    }
+
+    /// Reads the counts of every completed frame (the newest wins).
+    fn read_counts(&mut self) {
+        for (buffer, frame) in &mut self.counts {
+            let Some(value) = *frame else { continue };
+            // `mapped` refuses while the GPU may still write the buffer.
+            let Ok(bytes) = buffer.mapped() else { continue };
+            let mut lods = [0u64; 3];
+            for (d, draw) in bytes.chunks_exact(20).enumerate() {
+                lods[d % 3] += u64::from(u32::from_le_bytes([draw[4], draw[5], draw[6], draw[7]]));
+            }
+            drop(bytes);
+            *frame = None;
+            if self.drawn.is_none_or(|(v, _)| v < value) {
+                self.drawn = Some((value, lods));
+            }
+        }
     }
 
     /// The draw pass's bounding radius of a tree of scale 1 (for culling the app does itself).
@@ -1701,6 +1744,7 @@ impl Forest {
                 self.desc.draw,
             )?);
         }
+        self.read_counts();
         let Some(draw) = self.draw.as_ref() else {
             return Err(Error::Lifecycle("no draw pass".into()));
         };
@@ -1724,6 +1768,17 @@ impl Forest {
         );
         let regions = self.veg.species_regions();
         frame.copy_target(&self.args.buffer)?;
+        let value = frame.frame.value();
+        let slot = (value % self.counts.len() as u64) as usize;
+        // A slot still waiting for its frame is skipped this frame (throttling keeps it free).
+        let counts = match self.counts.get_mut(slot) {
+            Some((buffer, f)) if f.is_none() => {
+                buffer.used_in(&frame.frame)?;
+                *f = Some(value);
+                Some(buffer.raw())
+            }
+            _ => None,
+        };
         let (veg, cull, args_raw) = (&mut self.veg, &mut self.cull, self.args_raw);
         let device = frame.shared.context().device().clone();
         // SAFETY: understory's objects are recorded through their own functions for this
@@ -1793,6 +1848,30 @@ impl Forest {
                         size: args.size(),
                     }],
                 );
+                if let Some(counts) = counts {
+                    device.cmd_copy_buffer(
+                        cmd,
+                        args.raw(),
+                        counts,
+                        &[vk::BufferCopy {
+                            src_offset: 0,
+                            dst_offset: 0,
+                            size: args.size(),
+                        }],
+                    );
+                    let host = [vk::MemoryBarrier::default()
+                        .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+                        .dst_access_mask(vk::AccessFlags::HOST_READ)];
+                    device.cmd_pipeline_barrier(
+                        cmd,
+                        vk::PipelineStageFlags::TRANSFER,
+                        vk::PipelineStageFlags::HOST,
+                        vk::DependencyFlags::empty(),
+                        &host,
+                        &[],
+                        &[],
+                    );
+                }
                 attachment_barrier(&device, cmd, &targets, Edge::After);
                 Ok(())
             })?;

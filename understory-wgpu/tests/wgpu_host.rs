@@ -79,6 +79,13 @@ fn many_frames_with_churn_and_a_budget_squeeze() {
         o.drawn.iter().sum::<u64>() > 0,
         "the indirect args, read through wgpu, draw trees"
     );
+    let (frame, drawn) = o
+        .last_drawn
+        .expect("understory read back what the GPU drew");
+    assert!(
+        frame > 1 && drawn.iter().sum::<u64>() > 0,
+        "{frame}: {drawn:?}"
+    );
 }
 
 #[test]

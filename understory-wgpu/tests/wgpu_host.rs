@@ -128,6 +128,29 @@ fn the_vegetation_budget_follows_wgpu_allocations() {
     );
 }
 
+/// A 2D texture of one mip, one layer and one sample.
+fn texture(
+    device: &wgpu::Device,
+    (width, height): (u32, u32),
+    format: wgpu::TextureFormat,
+    usage: wgpu::TextureUsages,
+) -> wgpu::Texture {
+    device.create_texture(&wgpu::TextureDescriptor {
+        label: None,
+        size: wgpu::Extent3d {
+            width,
+            height,
+            depth_or_array_layers: 1,
+        },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format,
+        usage,
+        view_formats: &[],
+    })
+}
+
 /// One device for the small tests below.
 fn shared(test: &str) -> Option<SharedDevice> {
     Some(SharedDevice::new(&desc(test)?).expect("shared device"))
@@ -164,22 +187,7 @@ fn bad_targets_and_an_empty_forest_are_typed_errors() {
         return;
     };
     let device = shared.device().clone();
-    let texture = |format, usage| {
-        device.create_texture(&wgpu::TextureDescriptor {
-            label: None,
-            size: wgpu::Extent3d {
-                width: 64,
-                height: 32,
-                depth_or_array_layers: 1,
-            },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format,
-            usage,
-            view_formats: &[],
-        })
-    };
+    let texture = |format, usage| texture(&device, (64, 32), format, usage);
     let color = texture(
         wgpu::TextureFormat::Rgba8Unorm,
         wgpu::TextureUsages::RENDER_ATTACHMENT,
@@ -284,22 +292,7 @@ fn a_host_that_submits_itself() {
             instances: &trees,
         })
         .expect("spawn");
-    let texture = |format, usage| {
-        device.create_texture(&wgpu::TextureDescriptor {
-            label: None,
-            size: wgpu::Extent3d {
-                width: 128,
-                height: 64,
-                depth_or_array_layers: 1,
-            },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format,
-            usage,
-            view_formats: &[],
-        })
-    };
+    let texture = |format, usage| texture(&device, (128, 64), format, usage);
     let color = texture(
         wgpu::TextureFormat::Rgba8Unorm,
         wgpu::TextureUsages::RENDER_ATTACHMENT,
@@ -394,22 +387,7 @@ fn render_image(
 ) -> Vec<u8> {
     let device = shared.device();
     let (w, h) = (128u32, 96u32);
-    let texture = |format, usage| {
-        device.create_texture(&wgpu::TextureDescriptor {
-            label: None,
-            size: wgpu::Extent3d {
-                width: w,
-                height: h,
-                depth_or_array_layers: 1,
-            },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format,
-            usage,
-            view_formats: &[],
-        })
-    };
+    let texture = |format, usage| texture(&device, (w, h), format, usage);
     let color = texture(
         wgpu::TextureFormat::Rgba8Unorm,
         wgpu::TextureUsages::RENDER_ATTACHMENT | wgpu::TextureUsages::COPY_SRC,

@@ -397,16 +397,24 @@ struct WgpuBudget {
     device: wgpu::Device,
     heap: usize,
     heaps: usize,
+    /// Whether the last query had a heap without driver numbers.
+    estimated: bool,
 }
 
 impl BudgetSource for WgpuBudget {
     fn query(&mut self) -> Result<Vec<RawHeap>> {
         let raw = self.driver.query()?;
         self.heaps = raw.len();
+        self.estimated = raw.iter().any(|h| h.driver.is_none());
         Ok(raw)
     }
 
     fn declared_foreign(&mut self) -> Option<Vec<u64>> {
+        // Only heaps without driver numbers use it: with VK_EXT_memory_budget, skip wgpu's
+        // report (it lists every allocation) on this once-a-frame path.
+        if !self.estimated {
+            return None;
+        }
         let report = self.device.generate_allocator_report()?;
         let mut v = vec![0; self.heaps.max(self.heap + 1)];
         v[self.heap] = report.total_reserved_bytes;
@@ -794,6 +802,7 @@ impl SharedDevice {
             device: device.clone(),
             heap: device_local_heap,
             heaps: 0,
+            estimated: true,
         };
         ctx.memory()
             .set_budget_source(HeapBudgets::new(Box::new(source)))?;

@@ -313,6 +313,12 @@ impl Plugin for UnderstoryPlugin {
             log::error!("UnderstoryPlugin added twice");
             return;
         };
+        if app.get_sub_app(RenderApp).is_none() {
+            // Nothing to draw into: the shared device is shut down here, and no main-world
+            // system queues patches for a render world that would never take them.
+            log::error!("UnderstoryPlugin needs Bevy's RenderPlugin, added before it");
+            return;
+        }
         app.init_asset::<VegetationSpecies>()
             .insert_resource(self.bridge.clone())
             .init_resource::<VramBudget>()
@@ -341,7 +347,9 @@ impl Plugin for UnderstoryPlugin {
             app.register_diagnostic(Diagnostic::new(p));
         }
         let state = RenderState::new(shared, settings);
-        let render_app = app.sub_app_mut(RenderApp);
+        let Some(render_app) = app.get_sub_app_mut(RenderApp) else {
+            return; // checked above
+        };
         render_app
             .insert_resource(self.bridge.clone())
             .insert_resource(RenderForest(Mutex::new(state)))

@@ -387,7 +387,7 @@ fn render_image(
 ) -> Vec<u8> {
     let device = shared.device();
     let (w, h) = (128u32, 96u32);
-    let texture = |format, usage| texture(&device, (w, h), format, usage);
+    let texture = |format, usage| texture(device, (w, h), format, usage);
     let color = texture(
         wgpu::TextureFormat::Rgba8Unorm,
         wgpu::TextureUsages::RENDER_ATTACHMENT | wgpu::TextureUsages::COPY_SRC,

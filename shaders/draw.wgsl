@@ -19,12 +19,17 @@ var<immediate> pc: DrawPush;
 
 @group(0) @binding(0) var<uniform> frame: DrawFrame;
 @group(0) @binding(1) var<storage, read> drawn: array<Instance>;
-// Per species: the billboard's UV rectangle in the atlas page (min u, min v, max u, max v).
-@group(0) @binding(2) var<storage, read> species: array<vec4<f32>>;
+// Per species: the billboard's UV rectangle in the atlas page and the mesh set.
+@group(0) @binding(2) var<storage, read> species: array<SpeciesEntry>;
 @group(0) @binding(3) var atlas: texture_2d<f32>;
 @group(0) @binding(4) var atlas_sampler: sampler;
 // The cull pass's counters (COUNTER_FIRST: where each list's second-phase entries start).
 @group(0) @binding(5) var<storage, read> counters: array<u32, COUNTERS>;
+// Every mesh (`Meshes`): the vertex stage fetches its corner itself, so one draw per LOD
+// covers every species' meshes. Each draw indexes the run 0, 1, 2, ... (vertex index = corner).
+@group(0) @binding(6) var<storage, read> mesh_vertices: array<MeshVertex>;
+@group(0) @binding(7) var<storage, read> mesh_indices: array<u32>;
+@group(0) @binding(8) var<storage, read> mesh_table: array<vec4<u32>>;
 // The shadow maps (every cascade in a tile of one depth image), compared against with a
 // LESS_OR_EQUAL sampler: 1 where the receiver is no farther from the sun than the caster.
 // A set of their own, bound only with the pipeline of `fs_shadowed`.
@@ -65,17 +70,43 @@ fn lod_color(lod: u32) -> vec3<f32> {
     return vec3<f32>(0.15, 0.35, 0.95);
 }
 
+// The vertex at `corner` of mesh `entry` (indices and vertices in range: `Meshes::new` checked
+// them), or `None` past the mesh's last index (`ok` false).
+struct Corner {
+    ok: bool,
+    pos: vec3<f32>,
+    normal: vec3<f32>,
+    uv: vec2<f32>,
+    // rgb colour; a = how much the instance tint applies (foliage 1, bark 0).
+    color: vec4<f32>,
+}
+
+fn corner_of(entry: u32, corner: u32) -> Corner {
+    var c: Corner;
+    let m = mesh_table[entry];
+    c.ok = corner < m.y;
+    if !c.ok {
+        return c;
+    }
+    let v = mesh_vertices[m.z + mesh_indices[m.x + corner]];
+    c.pos = vec3<f32>(v.px, v.py, v.pz);
+    c.normal = vec3<f32>(v.nx, v.ny, v.nz);
+    c.uv = vec2<f32>(v.u, v.v);
+    c.color = unpack4x8unorm(v.color);
+    return c;
+}
+
 @vertex
 fn vs_main(
     @builtin(instance_index) ii: u32,
-    @location(0) pos: vec3<f32>,
-    @location(1) normal: vec3<f32>,
-    @location(2) uv: vec2<f32>,
-    // rgb colour; a = how much the instance tint applies (foliage 1, bark 0).
-    @location(3) color: vec4<f32>,
+    @builtin(vertex_index) corner: u32,
 ) -> VertexOut {
     var out: VertexOut;
+    let entries = arrayLength(&mesh_table);
     if pc.mode == 1u {
+        let k = corner_of(0u, corner);
+        let pos = k.pos;
+        let color = k.color;
         let g = frame.ground;
         let world = vec3<f32>(g.x + pos.x * g.z, 0.0, g.y + pos.z * g.z);
         out.clip = frame.view_proj * vec4<f32>(world, 1.0);
@@ -94,6 +125,20 @@ fn vs_main(
         first = counters[COUNTER_FIRST + lod];
     }
     let inst = drawn[pc.base + first + ii];
+    let id = inst.species_variant & 0xffffu;
+    var mesh_set = 0u;
+    if id < frame.params.z {
+        mesh_set = species[id].mesh.x;
+    }
+    let k = corner_of(mesh_entry(lod, mesh_set, entries), corner);
+    if !k.ok {
+        out.clip = PAST_MESH;
+        return out;
+    }
+    let pos = k.pos;
+    let normal = k.normal;
+    let uv = k.uv;
+    let color = k.color;
     var world: vec3<f32>;
     var n: vec3<f32>;
     if lod == 2u {
@@ -120,10 +165,9 @@ fn vs_main(
     out.textured = 0u;
     out.uv = vec2<f32>(0.0);
     if lod == 2u {
-        let id = inst.species_variant & 0xffffu;
         var rect = vec4<f32>(0.0, 0.0, 1.0, 1.0);
         if id < frame.params.z {
-            rect = species[id];
+            rect = species[id].rect;
         }
         out.uv = mix(rect.xy, rect.zw, uv);
         out.textured = 1u;

@@ -19,10 +19,14 @@ struct ShadowPush {
 var<immediate> pc: ShadowPush;
 
 @group(0) @binding(0) var<storage, read> drawn: array<Instance>;
-// Per species: the billboard's UV rectangle in the atlas page (min u, min v, max u, max v).
-@group(0) @binding(1) var<storage, read> species: array<vec4<f32>>;
+// Per species: the billboard's UV rectangle in the atlas page and the mesh set.
+@group(0) @binding(1) var<storage, read> species: array<SpeciesEntry>;
 @group(0) @binding(2) var atlas: texture_2d<f32>;
 @group(0) @binding(3) var atlas_sampler: sampler;
+// Every mesh, fetched per corner as in shaders/draw.wgsl.
+@group(0) @binding(4) var<storage, read> mesh_vertices: array<MeshVertex>;
+@group(0) @binding(5) var<storage, read> mesh_indices: array<u32>;
+@group(0) @binding(6) var<storage, read> mesh_table: array<vec4<u32>>;
 
 struct VertexOut {
     @builtin(position) clip: vec4<f32>,
@@ -33,12 +37,26 @@ struct VertexOut {
 @vertex
 fn vs_main(
     @builtin(instance_index) ii: u32,
-    @location(0) pos: vec3<f32>,
-    @location(2) uv: vec2<f32>,
+    @builtin(vertex_index) corner: u32,
 ) -> VertexOut {
     var out: VertexOut;
     let lod = min(pc.lod, 2u);
     let inst = drawn[pc.base + ii];
+    let id = inst.species_variant & 0xffffu;
+    var mesh_set = 0u;
+    if id < pc.species_count {
+        mesh_set = species[id].mesh.x;
+    }
+    let m = mesh_table[mesh_entry(lod, mesh_set, arrayLength(&mesh_table))];
+    if corner >= m.y {
+        out.clip = PAST_MESH;
+        out.uv = vec2<f32>(0.0);
+        out.textured = 0u;
+        return out;
+    }
+    let v = mesh_vertices[m.z + mesh_indices[m.x + corner]];
+    let pos = vec3<f32>(v.px, v.py, v.pz);
+    let uv = vec2<f32>(v.u, v.v);
     var world: vec3<f32>;
     out.uv = vec2<f32>(0.0);
     out.textured = 0u;
@@ -46,10 +64,9 @@ fn vs_main(
         let dir = pc.facing.xy;
         let right = vec2<f32>(dir.y, -dir.x);
         world = inst.position + vec3<f32>(right.x * pos.x, pos.y, right.y * pos.x) * inst.scale;
-        let id = inst.species_variant & 0xffffu;
         var rect = vec4<f32>(0.0, 0.0, 1.0, 1.0);
         if id < pc.species_count {
-            rect = species[id];
+            rect = species[id].rect;
         }
         out.uv = mix(rect.xy, rect.zw, uv);
         out.textured = 1u;

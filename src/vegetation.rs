@@ -100,6 +100,14 @@ impl Default for VegetationConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SpeciesId(u32);
 
+impl SpeciesId {
+    /// The species' index in [`Vegetation::species_regions`] and the passes' species tables
+    /// (the low 16 bits of each of its instances' `species_variant`).
+    pub fn index(self) -> u32 {
+        self.0
+    }
+}
+
 /// A spawned patch. Stale ids (despawned) are detected by generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PatchId {

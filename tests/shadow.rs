@@ -12,7 +12,9 @@ use understory::gpu::context::Context;
 use understory::gpu::cull::{
     CascadeView, Compaction, CullDesc, CullPass, CullSource, CullView, WIDE_SOURCES_PER_DISPATCH,
 };
-use understory::gpu::draw::{CONES_FULL, DrawPass, tree_billboard};
+use understory::gpu::draw::{
+    CONES_FULL, DrawPass, Mesh, Meshes, TreeMeshes, Vertex, tree_billboard,
+};
 use understory::gpu::memory::{Buffer, BufferDesc, MemoryLocation};
 use understory::gpu::shadow::{SHADOW_READ_LAYOUT, ShadowDesc, ShadowMaps};
 use understory::policy::category::Category;
@@ -51,6 +53,11 @@ struct Scene {
 
 impl Scene {
     fn new(ctx: &Context, trees: &[Instance]) -> Self {
+        Self::with_meshes(ctx, trees, None)
+    }
+
+    /// With `meshes` (and the set the species draws with) instead of the conifer.
+    fn with_meshes(ctx: &Context, trees: &[Instance], meshes: Option<(Meshes, u32)>) -> Self {
         let mut veg = Vegetation::new(
             ctx,
             VegetationConfig {
@@ -59,23 +66,27 @@ impl Scene {
             },
         )
         .unwrap();
-        veg.register_species(&SpeciesDesc {
-            name: "spruce",
-            width: 64,
-            height: 128,
-            rgba8: &tree_billboard(64, 128, 1),
-        })
-        .unwrap();
+        let species = veg
+            .register_species(&SpeciesDesc {
+                name: "spruce",
+                width: 64,
+                height: 128,
+                rgba8: &tree_billboard(64, 128, 1),
+            })
+            .unwrap();
         let page = veg.atlas_page(0).unwrap();
-        let draw = DrawPass::new(
+        let (meshes, set) = meshes.unwrap_or_else(|| (Meshes::trees(), 0));
+        let draw = DrawPass::with_meshes(
             ctx,
             vk::Format::R8G8B8A8_UNORM,
             vk::Format::D32_SFLOAT,
             page,
             0,
+            Default::default(),
+            &meshes,
         )
         .unwrap();
-        let maps = ShadowMaps::new(
+        let maps = ShadowMaps::with_meshes(
             ctx,
             &ShadowDesc {
                 cascades: 1,
@@ -84,8 +95,11 @@ impl Scene {
             },
             page,
             0,
+            &meshes,
         )
         .unwrap();
+        draw.set_species_meshes(species, set).unwrap();
+        maps.set_species_meshes(species, set).unwrap();
         let cull = CullPass::from_desc(
             ctx,
             &CullDesc {
@@ -431,4 +445,89 @@ fn bad_shadow_input_is_a_typed_error() {
     .unwrap();
     drop((camera_only, scene));
     common::finish(ctx, "bad shadow input");
+}
+
+/// A flat square slab `2 * half` wide at 0.8..0.9 of the height: a mesh set whose shadow from
+/// above is a square, where the conifer's is a disk of radius 0.30.
+fn slab(half: f32) -> Mesh {
+    let mut vertices = Vec::new();
+    for y in [0.8, 0.9] {
+        for (x, z) in [(-half, -half), (half, -half), (half, half), (-half, half)] {
+            vertices.push(Vertex {
+                position: [x, y, z],
+                normal: [0.0, 1.0, 0.0],
+                uv: [0.0; 2],
+                color: [255; 4],
+            });
+        }
+    }
+    let mut indices = vec![4, 5, 6, 4, 6, 7, 0, 2, 1, 0, 3, 2];
+    for i in 0..4u32 {
+        let j = (i + 1) % 4;
+        indices.extend_from_slice(&[i, j, 4 + j, i, 4 + j, 4 + i]);
+    }
+    Mesh { vertices, indices }
+}
+
+#[test]
+fn a_species_casts_with_its_own_meshes() {
+    let Some(ctx) = common::context("a_species_casts_with_its_own_meshes") else {
+        return;
+    };
+    if !ctx.features().dynamic_rendering {
+        common::skip(
+            "a_species_casts_with_its_own_meshes",
+            "no dynamic rendering",
+        );
+        common::finish(ctx, "shadow meshes");
+        return;
+    }
+    let scale = 20.0;
+    // One tree at full detail, one at medium (the camera's bands: 50 m, 100 m).
+    let trees: Vec<Instance> = [(-20.0, -20.0), (30.0, 30.0)]
+        .iter()
+        .map(|&(x, z)| Instance {
+            scale,
+            ..Instance::at(Vec3::new(x, 0.0, z))
+        })
+        .collect();
+    let eye = Vec3::new(-20.0, 20.0, -40.0);
+    let vp = cascade(Vec3::Y);
+    let slabs = TreeMeshes {
+        full: slab(0.45),
+        medium: slab(0.4),
+    };
+    let meshes = Meshes::new(&[TreeMeshes::conifer(), slabs]).unwrap();
+    let mut conifer = Scene::new(&ctx, &trees);
+    let cone = conifer.shadow_map(&ctx, eye, vp, trees.len() as u32);
+    drop(conifer);
+    let mut slabbed = Scene::with_meshes(&ctx, &trees, Some((meshes, 1)));
+    let square = slabbed.shadow_map(&ctx, eye, vp, trees.len() as u32);
+    drop(slabbed);
+    // Near each slab's corners (0.35 out along x and z, so 0.49 from the trunk): the slab
+    // casts, the conifer (0.30 wide) does not; both cast at the trunk.
+    let mut checked = 0;
+    for (t, half) in trees.iter().zip([0.45, 0.4]) {
+        let at = |dx: f32, dz: f32| {
+            let (x, y) = texel_of(vp, t.pos() + Vec3::new(dx, 0.0, dz) * scale);
+            (y * TILE as i64 + x) as usize
+        };
+        let corner = 0.35f32.min(half - 0.04);
+        for (sx, sz) in [(1.0, 1.0), (-1.0, 1.0), (1.0, -1.0), (-1.0, -1.0)] {
+            let i = at(sx * corner, sz * corner);
+            assert!(square[i] < 1.0, "the slab casts at its corner");
+            assert_eq!(cone[i], 1.0, "the conifer casts nothing there");
+            checked += 1;
+        }
+        let centre = at(0.0, 0.0);
+        assert!(square[centre] < 1.0 && cone[centre] < 1.0);
+    }
+    let covered = |d: &[f32]| d.iter().filter(|&&v| v < 1.0).count();
+    eprintln!(
+        "shadow meshes: {checked} corners; conifer covers {} texels, slabs {}",
+        covered(&cone),
+        covered(&square)
+    );
+    assert!(covered(&square) > covered(&cone));
+    common::finish(ctx, "shadow meshes");
 }

@@ -1113,6 +1113,13 @@ impl CullPass {
         [at, at + self.caps[0], at + self.caps[0] + self.caps[1]]
     }
 
+    /// Draw `meshes` from the next [`CullPass::record`] on (the arguments are written each
+    /// frame): for a draw pass rebuilt with other mesh sets
+    /// ([`DrawPass::lod_meshes`](crate::gpu::draw::DrawPass::lod_meshes)).
+    pub fn set_meshes(&mut self, meshes: [DrawIndexedIndirect; 3]) {
+        self.meshes = meshes;
+    }
+
     /// Each LOD's index count, first index and vertex offset ([`CullDesc::meshes`]): what the
     /// indirect commands draw. Draw passes refuse a cull pass whose meshes are not theirs.
     pub fn meshes(&self) -> [DrawIndexedIndirect; 3] {

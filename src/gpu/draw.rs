@@ -28,6 +28,7 @@ use crate::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation, RawObject};
 use crate::gpu::shaders;
 use crate::gpu::shadow::{SHADOW_FORMAT, SHADOW_READ_LAYOUT, ShadowFrame, ShadowMaps, depth_view};
 use crate::policy::category::Category;
+use crate::vegetation::SpeciesId;
 use crate::world::atlas::AtlasRegion;
 
 /// Species the table holds (16 bytes each; one `vkCmdUpdateBuffer` is at most 64 KiB).
@@ -47,17 +48,112 @@ pub struct Vertex {
     pub color: [u8; 4],
 }
 
-/// The meshes of every LOD and the ground, in one vertex and one index buffer.
+/// One mesh of a tree 1 tall at scale 1, its base at the origin and +Y up: vertices, and a
+/// triangle list of indices into them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Mesh {
+    /// The vertices.
+    pub vertices: Vec<Vertex>,
+    /// Three per triangle, each less than `vertices.len()`.
+    pub indices: Vec<u32>,
+}
+
+/// A species' meshes at full and medium detail ([`Meshes::new`]); its billboard (the
+/// coarsest LOD) is its atlas image on a quad turned towards the camera. Instances scale and
+/// turn them about +Y; foliage vertices (colour alpha 255) take the instance tint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TreeMeshes {
+    /// Full detail (the nearest band).
+    pub full: Mesh,
+    /// Medium detail.
+    pub medium: Mesh,
+}
+
+/// Most mesh sets one [`Meshes`] holds.
+pub const MAX_MESH_SETS: usize = 256;
+/// Most indices (three per triangle) of one mesh. Every instance of a LOD runs the vertex
+/// stage as many times as the largest set's mesh of that LOD has indices (smaller meshes end
+/// in empty triangles), so one heavy mesh costs every species of its LOD.
+pub const MAX_MESH_INDICES: usize = 1 << 18;
+/// Most vertices of one mesh.
+pub const MAX_MESH_VERTICES: usize = 1 << 18;
+
+impl TreeMeshes {
+    /// understory's conifer: a bark trunk and stacked foliage cones, at full (12 sides, 3
+    /// cones) and medium (5 sides, 2 cones) detail.
+    pub fn conifer() -> Self {
+        let mut b = Builder {
+            vertices: Vec::new(),
+            indices: Vec::new(),
+        };
+        b.cylinder(TRUNK.0, 0.0, TRUNK.1, 8, BARK);
+        for (y0, y1, r) in CONES_FULL {
+            b.cone(r, y0, y1, 12, FOLIAGE);
+        }
+        let full = b.take();
+        b.cylinder(TRUNK.0 * 1.2, 0.0, TRUNK.1, 4, BARK);
+        for (y0, y1, r) in CONES_MEDIUM {
+            b.cone(r, y0, y1, 5, FOLIAGE);
+        }
+        let medium = b.take();
+        Self { full, medium }
+    }
+
+    /// [`Error::InvalidInput`] unless both meshes have 1..=[`MAX_MESH_INDICES`] indices in
+    /// whole triangles, each less than the vertex count (at most [`MAX_MESH_VERTICES`]), and
+    /// finite positions, normals and texture coordinates.
+    pub fn check(&self) -> Result<()> {
+        for (name, m) in [("full", &self.full), ("medium", &self.medium)] {
+            let bad = |why: String| Err(Error::InvalidInput(format!("{name} mesh: {why}")));
+            if m.indices.is_empty() || !m.indices.len().is_multiple_of(3) {
+                return bad(format!(
+                    "{} indices (a triangle list needs a positive multiple of 3)",
+                    m.indices.len()
+                ));
+            }
+            if m.indices.len() > MAX_MESH_INDICES || m.vertices.len() > MAX_MESH_VERTICES {
+                return bad(format!(
+                    "{} indices and {} vertices (at most {MAX_MESH_INDICES} and {MAX_MESH_VERTICES})",
+                    m.indices.len(),
+                    m.vertices.len()
+                ));
+            }
+            if let Some(i) = m.indices.iter().find(|&&i| i as usize >= m.vertices.len()) {
+                return bad(format!("index {i} of {} vertices", m.vertices.len()));
+            }
+            if let Some(v) = m
+                .vertices
+                .iter()
+                .find(|v| !(v.position.iter().chain(&v.normal).chain(&v.uv)).all(|x| x.is_finite()))
+            {
+                return bad(format!("vertex {v:?} is not finite"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The meshes of every LOD of every mesh set, the billboard quad and the ground, in one vertex
+/// and one index buffer, as the draw and shadow passes read them: the vertex stage fetches
+/// each corner itself (from `table`, the instance's species' set and the LOD), so one indirect
+/// draw per LOD covers every species whatever its meshes.
 #[derive(Clone, Debug)]
 pub struct Meshes {
     /// Vertices of every mesh.
     pub vertices: Vec<Vertex>,
-    /// Indices of every mesh (relative to each mesh's `vertex_offset`).
+    /// Indices of every mesh (relative to each mesh's `vertex_offset`), then `0, 1, 2, ...`:
+    /// the run every draw indexes, so that the vertex stage sees the corner number.
     pub indices: Vec<u32>,
-    /// Full, medium and billboard: index count, first index and vertex offset.
+    /// The draws of full, medium and billboard: as many corners as that LOD's largest mesh,
+    /// from the start of the run; vertex offset 0.
     pub lods: [DrawIndexedIndirect; 3],
-    /// The ground quad (unit square in x/z, scaled by [`DrawFrame::ground`]).
+    /// The draw of the ground quad (the run's first 6 corners).
     pub ground: DrawIndexedIndirect,
+    /// Per mesh, `[first index, index count, vertex offset, 0]`: the ground, the billboard,
+    /// then full and medium of each set in order.
+    pub table: Vec<[u32; 4]>,
+    /// Vertices of the tree meshes (every set's and the billboard's): `0..tree_vertices`.
+    tree_vertices: usize,
 }
 
 const BARK: [u8; 4] = [92, 62, 38, 0];
@@ -143,40 +239,139 @@ impl Builder {
         }
     }
 
-    /// Ends the current mesh: its draw parameters, vertices rebased to its first vertex.
-    fn finish(&mut self, first_vertex: u32, first_index: u32) -> DrawIndexedIndirect {
-        for i in &mut self.indices[first_index as usize..] {
-            *i -= first_vertex;
+    /// The mesh built so far; the builder starts empty again.
+    fn take(&mut self) -> Mesh {
+        Mesh {
+            vertices: std::mem::take(&mut self.vertices),
+            indices: std::mem::take(&mut self.indices),
         }
-        DrawIndexedIndirect {
-            index_count: self.indices.len() as u32 - first_index,
-            instance_count: 0,
-            first_index,
-            vertex_offset: first_vertex as i32,
-            first_instance: 0,
-        }
-    }
-
-    fn mark(&self) -> (u32, u32) {
-        (self.vertices.len() as u32, self.indices.len() as u32)
     }
 }
 
 impl Meshes {
-    /// Distance from the base (the instance position) to the farthest vertex of any LOD mesh at
-    /// scale 1: the radius the cull pass must use ([`CullView`](crate::gpu::cull::CullView)'s
-    /// `radius_m`) so that nothing visible is culled.
+    /// Every set's meshes (checked by [`TreeMeshes::check`]), with the billboard quad and the
+    /// ground. Set `k` is what [`DrawPass::set_species_meshes`] and the shadow maps' species
+    /// take as `k`. [`Error::InvalidInput`] for no set, more than [`MAX_MESH_SETS`], or a
+    /// mesh `check` refuses.
+    pub fn new(sets: &[TreeMeshes]) -> Result<Self> {
+        if sets.is_empty() || sets.len() > MAX_MESH_SETS {
+            return Err(Error::InvalidInput(format!(
+                "{} mesh sets (1..={MAX_MESH_SETS})",
+                sets.len()
+            )));
+        }
+        for (k, set) in sets.iter().enumerate() {
+            set.check()
+                .map_err(|e| Error::InvalidInput(format!("mesh set {k}: {e}")))?;
+        }
+        let w = BILLBOARD_HALF_WIDTH;
+        let n = [0.0, 0.0, 1.0];
+        let quad = |p: [[f32; 3]; 4], uv: [[f32; 2]; 4], normal, color| Mesh {
+            vertices: (0..4)
+                .map(|i| Vertex {
+                    position: p[i],
+                    normal,
+                    uv: uv[i],
+                    color,
+                })
+                .collect(),
+            indices: vec![0, 1, 2, 0, 2, 3],
+        };
+        let billboard = quad(
+            [[-w, 0.0, 0.0], [w, 0.0, 0.0], [w, 1.0, 0.0], [-w, 1.0, 0.0]],
+            [[0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]],
+            n,
+            FOLIAGE,
+        );
+        let ground = quad(
+            [
+                [0.0, 0.0, 0.0],
+                [1.0, 0.0, 0.0],
+                [1.0, 0.0, 1.0],
+                [0.0, 0.0, 1.0],
+            ],
+            [[0.0; 2]; 4],
+            [0.0, 1.0, 0.0],
+            GROUND,
+        );
+        let mut vertices = Vec::new();
+        let mut indices = Vec::new();
+        let mut push = |m: &Mesh| {
+            let entry = [
+                indices.len() as u32,
+                m.indices.len() as u32,
+                vertices.len() as u32,
+                0,
+            ];
+            vertices.extend_from_slice(&m.vertices);
+            indices.extend_from_slice(&m.indices);
+            entry
+        };
+        let billboard_entry = push(&billboard);
+        let mut table = vec![[0; 4], billboard_entry];
+        for set in sets {
+            table.push(push(&set.full));
+            table.push(push(&set.medium));
+        }
+        table[0] = push(&ground);
+        // The ground's vertices come last.
+        let tree_vertices = table[0][2] as usize;
+        let corners = |lod: usize| {
+            table[2..]
+                .iter()
+                .skip(lod)
+                .step_by(2)
+                .map(|e| e[1])
+                .max()
+                .unwrap_or(0)
+        };
+        let run = indices.len() as u32;
+        let counts = [corners(0), corners(1), 6];
+        let longest = counts.iter().copied().max().unwrap_or(6);
+        indices.extend(0..longest);
+        let draw = |index_count| DrawIndexedIndirect {
+            index_count,
+            instance_count: 0,
+            first_index: run,
+            vertex_offset: 0,
+            first_instance: 0,
+        };
+        Ok(Self {
+            vertices,
+            indices,
+            lods: counts.map(draw),
+            ground: draw(6),
+            table,
+            tree_vertices,
+        })
+    }
+
+    /// [`TreeMeshes::conifer`] as the only set.
+    pub fn trees() -> Self {
+        Self::new(&[TreeMeshes::conifer()]).expect("the conifer is a valid mesh set")
+    }
+
+    /// Mesh sets held.
+    pub fn sets(&self) -> u32 {
+        (self.table.len() as u32 - 2) / 2
+    }
+
+    /// Distance from the base (the instance position) to the farthest vertex of any LOD mesh of
+    /// any set at scale 1: the radius the cull pass must use
+    /// ([`CullView`](crate::gpu::cull::CullView)'s `radius_m`) so that nothing visible is
+    /// culled.
     pub fn radius(&self) -> f32 {
-        self.vertices[..self.ground.vertex_offset as usize]
+        self.vertices[..self.tree_vertices]
             .iter()
             .map(|v| Vec3::from_array(v.position).length())
             .fold(0.0, f32::max)
     }
 
-    /// Where every vertex of every LOD mesh lies around the base at scale 1, whatever the yaw
-    /// (billboards turn about the vertical axis too): the box the occlusion test uses.
+    /// Where every vertex of every LOD mesh of every set lies around the base at scale 1,
+    /// whatever the yaw (billboards turn about the vertical axis too): the box the occlusion
+    /// test uses.
     pub fn bounds(&self) -> InstanceBounds {
-        let trees = &self.vertices[..self.ground.vertex_offset as usize];
+        let trees = &self.vertices[..self.tree_vertices];
         let mut b = InstanceBounds {
             radius: 0.0,
             y_min: f32::INFINITY,
@@ -189,56 +384,6 @@ impl Meshes {
             b.y_max = b.y_max.max(y);
         }
         b
-    }
-
-    /// A conifer (bark trunk and stacked foliage cones) at full (12 sides, 3 cones) and medium
-    /// (5 sides, 2 cones) detail, the billboard quad and the ground quad.
-    pub fn trees() -> Self {
-        let mut b = Builder {
-            vertices: Vec::new(),
-            indices: Vec::new(),
-        };
-        let (v, i) = b.mark();
-        b.cylinder(TRUNK.0, 0.0, TRUNK.1, 8, BARK);
-        for (y0, y1, r) in CONES_FULL {
-            b.cone(r, y0, y1, 12, FOLIAGE);
-        }
-        let full = b.finish(v, i);
-        let (v, i) = b.mark();
-        b.cylinder(TRUNK.0 * 1.2, 0.0, TRUNK.1, 4, BARK);
-        for (y0, y1, r) in CONES_MEDIUM {
-            b.cone(r, y0, y1, 5, FOLIAGE);
-        }
-        let medium = b.finish(v, i);
-        let (v, i) = b.mark();
-        let w = BILLBOARD_HALF_WIDTH;
-        let n = [0.0, 0.0, 1.0];
-        let q = [
-            b.vertex([-w, 0.0, 0.0], n, [0.0, 1.0], FOLIAGE),
-            b.vertex([w, 0.0, 0.0], n, [1.0, 1.0], FOLIAGE),
-            b.vertex([w, 1.0, 0.0], n, [1.0, 0.0], FOLIAGE),
-            b.vertex([-w, 1.0, 0.0], n, [0.0, 0.0], FOLIAGE),
-        ];
-        b.indices
-            .extend_from_slice(&[q[0], q[1], q[2], q[0], q[2], q[3]]);
-        let billboard = b.finish(v, i);
-        let (v, i) = b.mark();
-        let up = [0.0, 1.0, 0.0];
-        let g = [
-            b.vertex([0.0, 0.0, 0.0], up, [0.0; 2], GROUND),
-            b.vertex([1.0, 0.0, 0.0], up, [0.0; 2], GROUND),
-            b.vertex([1.0, 0.0, 1.0], up, [0.0; 2], GROUND),
-            b.vertex([0.0, 0.0, 1.0], up, [0.0; 2], GROUND),
-        ];
-        b.indices
-            .extend_from_slice(&[g[0], g[1], g[2], g[0], g[2], g[3]]);
-        let ground = b.finish(v, i);
-        Self {
-            vertices: b.vertices,
-            indices: b.indices,
-            lods: [full, medium, billboard],
-            ground,
-        }
     }
 }
 
@@ -348,14 +493,15 @@ pub(crate) fn atlas_sampler(device: &ash::Device) -> Result<vk::Sampler> {
     unsafe { device.create_sampler(&sampler_info, None) }.map_err(vk_err("vkCreateSampler"))
 }
 
-/// Host-visible vertex and index buffers holding `meshes` (category `Outputs`), named
-/// `"{who} vertices"` and `"{who} indices"`.
-pub(crate) fn mesh_buffers(ctx: &Context, who: &str, meshes: &Meshes) -> Result<[Buffer; 2]> {
+/// Host-visible buffers holding `meshes` (category `Outputs`): its vertices, indices and
+/// table, named `"{who} vertices"`, `"{who} indices"` and `"{who} meshes"`, read as storage
+/// buffers by the vertex stage (the indices are also the draws' index buffer).
+pub(crate) fn mesh_buffers(ctx: &Context, who: &str, meshes: &Meshes) -> Result<[Buffer; 3]> {
     let host_buffer = |name: &str, bytes: &[u8], usage| -> Result<Buffer> {
         let mut b = ctx.create_buffer(&BufferDesc {
             name,
             size: bytes.len() as u64,
-            usage,
+            usage: usage | vk::BufferUsageFlags::STORAGE_BUFFER,
             location: MemoryLocation::CpuToGpu,
             category: Category::Outputs,
         })?;
@@ -366,36 +512,98 @@ pub(crate) fn mesh_buffers(ctx: &Context, who: &str, meshes: &Meshes) -> Result<
         host_buffer(
             &format!("{who} vertices"),
             bytemuck::cast_slice(&meshes.vertices),
-            vk::BufferUsageFlags::VERTEX_BUFFER,
+            vk::BufferUsageFlags::empty(),
         )?,
         host_buffer(
             &format!("{who} indices"),
             bytemuck::cast_slice(&meshes.indices),
             vk::BufferUsageFlags::INDEX_BUFFER,
         )?,
+        host_buffer(
+            &format!("{who} meshes"),
+            bytemuck::cast_slice(&meshes.table),
+            vk::BufferUsageFlags::empty(),
+        )?,
     ])
 }
 
+/// A species as the passes read it, laid out exactly as WGSL `SpeciesEntry`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct SpeciesEntry {
+    /// The billboard's UV rectangle (min u, min v, max u, max v).
+    rect: [f32; 4],
+    /// x: the mesh set.
+    mesh: [u32; 4],
+}
+const _: () = assert!(size_of::<SpeciesEntry>() == shaders::layout::SPECIESENTRY_SIZE);
+/// Bytes of a species table buffer (one `vkCmdUpdateBuffer`: at most 64 KiB).
+pub(crate) const SPECIES_TABLE_BYTES: u64 = (MAX_SPECIES * size_of::<SpeciesEntry>()) as u64;
+const _: () = assert!(SPECIES_TABLE_BYTES <= 65_536);
+
+/// Which mesh set each species (by id) draws with, for a pass of `sets` sets; species past
+/// the end draw with set 0.
+#[derive(Debug, Default)]
+pub(crate) struct SpeciesMeshes(Mutex<Vec<u32>>);
+
+impl SpeciesMeshes {
+    /// Species `species` draws with set `set` from now on ([`Error::InvalidInput`] for a set
+    /// the pass lacks or an id past [`MAX_SPECIES`]).
+    pub(crate) fn set(&self, species: SpeciesId, set: u32, sets: u32) -> Result<()> {
+        let id = species.index() as usize;
+        if set >= sets || id >= MAX_SPECIES {
+            return Err(Error::InvalidInput(format!(
+                "species {id} with mesh set {set}: the pass has {sets} sets and {MAX_SPECIES} species"
+            )));
+        }
+        let mut v = lock(&self.0);
+        if v.len() <= id {
+            v.resize(id + 1, 0);
+        }
+        v[id] = set;
+        Ok(())
+    }
+
+    fn get(&self) -> Vec<u32> {
+        lock(&self.0).clone()
+    }
+}
+
 /// The species table of a pass that samples atlas page `page`: each species' UV rectangle
-/// (min u, min v, max u, max v), zeros for an id without a region. At most [`MAX_SPECIES`]
-/// ([`Error::InvalidInput`]); a species on another page is [`Error::Unsupported`].
-pub(crate) fn species_table(species: &[Option<AtlasRegion>], page: u32) -> Result<Vec<[f32; 4]>> {
+/// (min u, min v, max u, max v), zeros for an id without a region, and its mesh set. At most
+/// [`MAX_SPECIES`] ([`Error::InvalidInput`]); a species on another page is
+/// [`Error::Unsupported`].
+pub(crate) fn species_table(
+    species: &[Option<AtlasRegion>],
+    page: u32,
+    meshes: &SpeciesMeshes,
+) -> Result<Vec<SpeciesEntry>> {
     if species.len() > MAX_SPECIES {
         return Err(Error::InvalidInput(format!(
             "{} species, the table holds {MAX_SPECIES}",
             species.len()
         )));
     }
+    let sets = meshes.get();
     species
         .iter()
         .enumerate()
-        .map(|(id, r)| match r {
-            Some(r) if r.page != page => Err(Error::Unsupported(format!(
-                "species {id} is on atlas page {}; the pass samples page {page}",
-                r.page
-            ))),
-            Some(r) => Ok([r.uv_min[0], r.uv_min[1], r.uv_max[0], r.uv_max[1]]),
-            None => Ok([0.0; 4]),
+        .map(|(id, r)| {
+            let rect = match r {
+                Some(r) if r.page != page => {
+                    return Err(Error::Unsupported(format!(
+                        "species {id} is on atlas page {}; the pass samples page {page}",
+                        r.page
+                    )));
+                }
+                Some(r) => [r.uv_min[0], r.uv_min[1], r.uv_max[0], r.uv_max[1]],
+                None => [0.0; 4],
+            };
+            let set = sets.get(id).copied().unwrap_or(0);
+            Ok(SpeciesEntry {
+                rect,
+                mesh: [set, 0, 0, 0],
+            })
         })
         .collect()
 }
@@ -590,6 +798,11 @@ pub struct DrawPass {
     bounds: InstanceBounds,
     vertices: Option<Buffer>,
     indices: Option<Buffer>,
+    /// [`Meshes::table`].
+    mesh_table: Option<Buffer>,
+    /// Mesh sets in the buffers, and which one each species draws with.
+    mesh_sets: u32,
+    species_meshes: SpeciesMeshes,
     frame: Option<Buffer>,
     species: Option<Buffer>,
     /// The [`ShadowFrame`] uniform.
@@ -643,6 +856,30 @@ impl DrawPass {
         page_index: u32,
         options: DrawOptions,
     ) -> Result<Self> {
+        Self::with_meshes(
+            ctx,
+            color_format,
+            depth_format,
+            atlas_page,
+            page_index,
+            options,
+            &Meshes::trees(),
+        )
+    }
+
+    /// As [`DrawPass::with_options`], drawing the mesh sets of `meshes` ([`Meshes::new`]):
+    /// every species draws with set 0 until [`DrawPass::set_species_meshes`] says otherwise.
+    /// The cull pass it draws from must be built with [`DrawPass::lod_meshes`], and the cull
+    /// view with [`DrawPass::radius`] (both cover every set).
+    pub fn with_meshes(
+        ctx: &Context,
+        color_format: vk::Format,
+        depth_format: vk::Format,
+        atlas_page: &Image,
+        page_index: u32,
+        options: DrawOptions,
+        meshes: &Meshes,
+    ) -> Result<Self> {
         let shared = ctx.shared();
         shared.require(
             "the draw pass",
@@ -653,7 +890,6 @@ impl DrawPass {
             vk::QueueFlags::GRAPHICS,
         )?;
         check_atlas_page(shared, atlas_page)?;
-        let meshes = Meshes::trees();
         let mut this = Self {
             shared: shared.clone(),
             last_use: AtomicU64::new(0),
@@ -666,7 +902,7 @@ impl DrawPass {
             sets: Mutex::new(DescriptorArena::new(
                 &[
                     (vk::DescriptorType::UNIFORM_BUFFER, 1),
-                    (vk::DescriptorType::STORAGE_BUFFER, 3),
+                    (vk::DescriptorType::STORAGE_BUFFER, 6),
                     (vk::DescriptorType::SAMPLED_IMAGE, 1),
                     (vk::DescriptorType::SAMPLER, 1),
                 ],
@@ -693,19 +929,34 @@ impl DrawPass {
             bounds: meshes.bounds(),
             vertices: None,
             indices: None,
+            mesh_table: None,
+            mesh_sets: meshes.sets(),
+            species_meshes: SpeciesMeshes::default(),
             frame: None,
             species: None,
             shadow_frame: None,
         };
         // On error, Drop retires whatever was built (nothing was recorded with it).
-        this.build(ctx, color_format, depth_format, atlas_page, &meshes)?;
+        this.build(ctx, color_format, depth_format, atlas_page, meshes)?;
         Ok(this)
     }
 
-    /// Index count, first index and vertex offset of each LOD's mesh, for
+    /// Index count, first index and vertex offset of each LOD's draw ([`Meshes::lods`]), for
     /// [`CullPass::with_records`].
     pub fn lod_meshes(&self) -> [DrawIndexedIndirect; 3] {
         self.lods
+    }
+
+    /// Mesh sets the pass draws ([`Meshes::sets`]).
+    pub fn mesh_sets(&self) -> u32 {
+        self.mesh_sets
+    }
+
+    /// Species `species` draws with mesh set `set` from the next [`DrawPass::prepare`] on
+    /// (set 0 until then). [`Error::InvalidInput`] for a set the pass lacks or a species id
+    /// past [`MAX_SPECIES`].
+    pub fn set_species_meshes(&self, species: SpeciesId, set: u32) -> Result<()> {
+        self.species_meshes.set(species, set, self.mesh_sets)
     }
 
     /// The meshes' bounding radius at scale 1 ([`Meshes::radius`]), for the cull view.
@@ -728,9 +979,10 @@ impl DrawPass {
         meshes: &Meshes,
     ) -> Result<()> {
         let d = ctx.device();
-        let [vertices, indices] = mesh_buffers(ctx, "draw", meshes)?;
+        let [vertices, indices, table] = mesh_buffers(ctx, "draw", meshes)?;
         self.vertices = Some(vertices);
         self.indices = Some(indices);
+        self.mesh_table = Some(table);
         let gpu_buffer = |name, size, usage| {
             ctx.create_buffer(&BufferDesc {
                 name,
@@ -747,7 +999,7 @@ impl DrawPass {
         )?);
         self.species = Some(gpu_buffer(
             "draw species",
-            (MAX_SPECIES * 16) as u64,
+            SPECIES_TABLE_BYTES,
             vk::BufferUsageFlags::STORAGE_BUFFER,
         )?);
         self.shadow_frame = Some(gpu_buffer(
@@ -804,6 +1056,9 @@ impl DrawPass {
             binding(3, vk::DescriptorType::SAMPLED_IMAGE),
             binding(4, vk::DescriptorType::SAMPLER),
             binding(5, vk::DescriptorType::STORAGE_BUFFER),
+            binding(6, vk::DescriptorType::STORAGE_BUFFER),
+            binding(7, vk::DescriptorType::STORAGE_BUFFER),
+            binding(8, vk::DescriptorType::STORAGE_BUFFER),
         ];
         let info = vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings);
         // SAFETY: valid info.
@@ -890,42 +1145,8 @@ impl DrawPass {
                 .module(fs)
                 .name(fs_entry),
         ];
-        let vb = [vk::VertexInputBindingDescription {
-            binding: 0,
-            stride: size_of::<Vertex>() as u32,
-            input_rate: vk::VertexInputRate::VERTEX,
-        }];
-        let attr = |location, format, offset: usize| vk::VertexInputAttributeDescription {
-            location,
-            binding: 0,
-            format,
-            offset: offset as u32,
-        };
-        let attrs = [
-            attr(
-                0,
-                vk::Format::R32G32B32_SFLOAT,
-                std::mem::offset_of!(Vertex, position),
-            ),
-            attr(
-                1,
-                vk::Format::R32G32B32_SFLOAT,
-                std::mem::offset_of!(Vertex, normal),
-            ),
-            attr(
-                2,
-                vk::Format::R32G32_SFLOAT,
-                std::mem::offset_of!(Vertex, uv),
-            ),
-            attr(
-                3,
-                vk::Format::R8G8B8A8_UNORM,
-                std::mem::offset_of!(Vertex, color),
-            ),
-        ];
-        let vertex_input = vk::PipelineVertexInputStateCreateInfo::default()
-            .vertex_binding_descriptions(&vb)
-            .vertex_attribute_descriptions(&attrs);
+        // No vertex input: the vertex stage fetches its corners from the mesh buffers.
+        let vertex_input = vk::PipelineVertexInputStateCreateInfo::default();
         let assembly = vk::PipelineInputAssemblyStateCreateInfo::default()
             .topology(vk::PrimitiveTopology::TRIANGLE_LIST);
         let viewport = vk::PipelineViewportStateCreateInfo::default()
@@ -1004,7 +1225,7 @@ impl DrawPass {
         species: &[Option<AtlasRegion>],
     ) -> Result<()> {
         frame.check(&self.shared, "DrawPass::prepare")?;
-        let species_uv = species_table(species, self.atlas_page)?;
+        let species_uv = species_table(species, self.atlas_page, &self.species_meshes)?;
         let mut f = *constants;
         f.params[0] = 0;
         f.params[2] = species_uv.len() as u32;
@@ -1187,9 +1408,10 @@ impl DrawPass {
                 atlas_page.name()
             )));
         }
-        let (vb, ib, fb, sb) = (
+        let (vb, ib, tb, fb, sb) = (
             Self::get(&self.vertices)?,
             Self::get(&self.indices)?,
+            Self::get(&self.mesh_table)?,
             Self::get(&self.frame)?,
             Self::get(&self.species)?,
         );
@@ -1220,7 +1442,7 @@ impl DrawPass {
         };
         // Marked before anything is recorded: a buffer with a live `Mapped` view refuses
         // (those marked before it only wait for this frame).
-        for b in [vb, ib, fb, sb, records, args, counters]
+        for b in [vb, ib, tb, fb, sb, records, args, counters]
             .into_iter()
             .chain(shadow_frame)
         {
@@ -1247,6 +1469,7 @@ impl DrawPass {
                 .range(vk::WHOLE_SIZE)]
         };
         let (fi, ri, si, ci) = (buf(fb), buf(records), buf(sb), buf(counters));
+        let (vi, ii, ti) = (buf(vb), buf(ib), buf(tb));
         let image = [vk::DescriptorImageInfo::default()
             .image_view(self.atlas_view)
             .image_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
@@ -1287,6 +1510,21 @@ impl DrawPass {
                 .dst_binding(5)
                 .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
                 .buffer_info(&ci),
+            vk::WriteDescriptorSet::default()
+                .dst_set(set)
+                .dst_binding(6)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .buffer_info(&vi),
+            vk::WriteDescriptorSet::default()
+                .dst_set(set)
+                .dst_binding(7)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .buffer_info(&ii),
+            vk::WriteDescriptorSet::default()
+                .dst_set(set)
+                .dst_binding(8)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .buffer_info(&ti),
         ];
         if let Some(s) = shadow_set {
             writes.extend([
@@ -1351,7 +1589,6 @@ impl DrawPass {
             );
             d.update_descriptor_sets(&writes, &[]);
             d.cmd_bind_descriptor_sets(cmd, vk::PipelineBindPoint::GRAPHICS, layout, 0, &sets, &[]);
-            d.cmd_bind_vertex_buffers(cmd, 0, &[vb.raw()], &[0]);
             d.cmd_bind_index_buffer(cmd, ib.raw(), 0, vk::IndexType::UINT32);
             let constants = |p: DrawPush| {
                 d.cmd_push_constants(
@@ -1449,34 +1686,124 @@ impl Drop for DrawPass {
 mod tests {
     use super::*;
 
+    /// A box 0.5 wide and 1.5 tall: taller and wider than the conifer.
+    fn tall_box() -> Mesh {
+        let mut vertices = Vec::new();
+        for y in [0.0, 1.5] {
+            for (x, z) in [(-0.25, -0.25), (0.25, -0.25), (0.25, 0.25), (-0.25, 0.25)] {
+                vertices.push(Vertex {
+                    position: [x, y, z],
+                    normal: [0.0, 1.0, 0.0],
+                    uv: [0.0; 2],
+                    color: [200, 40, 40, 0],
+                });
+            }
+        }
+        let mut indices = Vec::new();
+        for i in 0..4u32 {
+            let j = (i + 1) % 4;
+            indices.extend_from_slice(&[i, j, 4 + j, i, 4 + j, 4 + i]);
+        }
+        indices.extend_from_slice(&[4, 5, 6, 4, 6, 7]);
+        Mesh { vertices, indices }
+    }
+
     #[test]
     fn meshes_index_inside_their_own_vertices() {
-        let m = Meshes::trees();
-        let next = |d: &DrawIndexedIndirect| d.vertex_offset as usize;
-        let mut ends: Vec<usize> = m.lods.iter().chain([&m.ground]).map(next).collect();
-        ends.push(m.vertices.len());
-        for (k, d) in m.lods.iter().chain([&m.ground]).enumerate() {
-            let count = ends[k + 1] - ends[k];
-            let idx = &m.indices[d.first_index as usize..(d.first_index + d.index_count) as usize];
-            assert!(!idx.is_empty() && idx.len().is_multiple_of(3), "mesh {k}");
-            assert!(idx.iter().all(|&i| (i as usize) < count), "mesh {k}");
+        let boxes = TreeMeshes {
+            full: tall_box(),
+            medium: tall_box(),
+        };
+        for m in [
+            Meshes::trees(),
+            Meshes::new(&[TreeMeshes::conifer(), boxes.clone()]).unwrap(),
+        ] {
+            // Entries in the order they were laid out: billboard, each set's, ground last.
+            let mut order: Vec<[u32; 4]> = m.table[1..].to_vec();
+            order.push(m.table[0]);
+            for (k, e) in order.iter().enumerate() {
+                let end = order
+                    .get(k + 1)
+                    .map_or(m.table[0][2] as usize + 4, |n| n[2] as usize);
+                let count = end - e[2] as usize;
+                let idx = &m.indices[e[0] as usize..(e[0] + e[1]) as usize];
+                assert!(!idx.is_empty() && idx.len().is_multiple_of(3), "mesh {k}");
+                assert!(idx.iter().all(|&i| (i as usize) < count), "mesh {k}");
+            }
+            assert_eq!(m.vertices.len(), m.table[0][2] as usize + 4);
+            // Every draw indexes the run 0, 1, 2, ... as far as its largest mesh.
+            for (lod, d) in m.lods.iter().enumerate() {
+                let largest = m.table[1..]
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| match lod {
+                        2 => *i == 0,
+                        _ => *i > 0 && (*i - 1) % 2 == lod,
+                    })
+                    .map(|(_, e)| e[1])
+                    .max()
+                    .unwrap();
+                assert_eq!(d.index_count, largest, "lod {lod}");
+                assert_eq!(d.vertex_offset, 0);
+                let run = &m.indices[d.first_index as usize..][..d.index_count as usize];
+                assert!(run.iter().enumerate().all(|(i, &v)| v == i as u32));
+            }
+            assert_eq!(m.ground.index_count, 6);
         }
+        let conifer = Meshes::trees();
         // Full detail has more triangles than medium, medium more than the billboard.
-        assert!(m.lods[0].index_count > m.lods[1].index_count);
-        assert!(m.lods[1].index_count > m.lods[2].index_count);
+        assert!(conifer.lods[0].index_count > conifer.lods[1].index_count);
+        assert!(conifer.lods[1].index_count > conifer.lods[2].index_count);
         // Every tree vertex fits the cull radius around the base, which is a tight bound.
-        let r = m.radius();
+        let r = conifer.radius();
         assert!((1.0..1.1).contains(&r), "radius {r}");
-        for v in &m.vertices[..m.ground.vertex_offset as usize] {
+        for v in &conifer.vertices[..conifer.table[0][2] as usize] {
             assert!(Vec3::from_array(v.position).length() <= r);
         }
         // The occlusion box is tighter than the sphere: trees stand on their base and are
         // narrower than tall.
-        let b = m.bounds();
+        let b = conifer.bounds();
         assert!(
             b.y_min >= 0.0 && b.y_max <= r && b.radius < 0.5 * r,
             "{b:?}"
         );
+        // With the box, radius and bounds cover it too (1.5 tall, corners 0.354 out).
+        let both = Meshes::new(&[TreeMeshes::conifer(), boxes]).unwrap();
+        assert_eq!(both.sets(), 2);
+        let r2 = both.radius();
+        assert!((r2 - (1.5f32.powi(2) + 0.125).sqrt()).abs() < 1e-5, "{r2}");
+        let b2 = both.bounds();
+        assert!(
+            (b2.y_max - 1.5).abs() < 1e-6 && b2.radius >= 0.3535,
+            "{b2:?}"
+        );
+    }
+
+    #[test]
+    fn bad_meshes_are_refused() {
+        let ok = TreeMeshes::conifer();
+        assert!(matches!(Meshes::new(&[]), Err(Error::InvalidInput(_))));
+        let many = vec![ok.clone(); MAX_MESH_SETS + 1];
+        assert!(matches!(Meshes::new(&many), Err(Error::InvalidInput(_))));
+        let mut out_of_range = ok.clone();
+        out_of_range.medium.indices[4] = out_of_range.medium.vertices.len() as u32;
+        let mut partial = ok.clone();
+        partial.full.indices.pop();
+        let mut empty = ok.clone();
+        empty.full = Mesh::default();
+        let mut nan = ok.clone();
+        nan.full.vertices[3].normal[1] = f32::NAN;
+        for (what, bad) in [
+            ("index out of range", out_of_range),
+            ("partial triangle", partial),
+            ("empty", empty),
+            ("NaN normal", nan),
+        ] {
+            match Meshes::new(&[ok.clone(), bad]) {
+                Err(Error::InvalidInput(m)) => assert!(m.contains("mesh set 1"), "{what}: {m}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 
     #[test]

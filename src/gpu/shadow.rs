@@ -31,12 +31,13 @@ use crate::gpu::compute::{
 use crate::gpu::context::{Context, Frame, FrameTag, Shared};
 use crate::gpu::cull::{CullPass, DrawIndexedIndirect};
 use crate::gpu::draw::{
-    MAX_SPECIES, Meshes, Vertex, atlas_sampler, atlas_view, check_atlas_page, mesh_buffers,
-    record_updates, species_table,
+    Meshes, SPECIES_TABLE_BYTES, SpeciesMeshes, atlas_sampler, atlas_view, check_atlas_page,
+    mesh_buffers, record_updates, species_table,
 };
 use crate::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation, RawObject};
 use crate::gpu::shaders;
 use crate::policy::category::Category;
+use crate::vegetation::SpeciesId;
 use crate::world::atlas::AtlasRegion;
 
 /// The shadow maps' depth format.
@@ -175,6 +176,11 @@ pub struct ShadowMaps {
     atlas_page: u32,
     vertices: Option<Buffer>,
     indices: Option<Buffer>,
+    mesh_table: Option<Buffer>,
+    /// The meshes' draws ([`Meshes::lods`]): the cull pass must have been built with them.
+    lods: [DrawIndexedIndirect; 3],
+    mesh_sets: u32,
+    species_meshes: SpeciesMeshes,
     species: Option<Buffer>,
     /// The frame of the last record and the matrices it drew the cascades with.
     recorded: Mutex<(Option<FrameTag>, Vec<Mat4>)>,
@@ -198,6 +204,20 @@ impl ShadowMaps {
         desc: &ShadowDesc,
         atlas_page: &Image,
         page_index: u32,
+    ) -> Result<Self> {
+        Self::with_meshes(ctx, desc, atlas_page, page_index, &Meshes::trees())
+    }
+
+    /// As [`ShadowMaps::new`], casting the mesh sets of `meshes` (those of the
+    /// [`DrawPass`](crate::gpu::draw::DrawPass) built with the same, whose
+    /// [`lod_meshes`](crate::gpu::draw::DrawPass::lod_meshes) the cull pass has): every
+    /// species casts with set 0 until [`ShadowMaps::set_species_meshes`] says otherwise.
+    pub fn with_meshes(
+        ctx: &Context,
+        desc: &ShadowDesc,
+        atlas_page: &Image,
+        page_index: u32,
+        meshes: &Meshes,
     ) -> Result<Self> {
         let shared = ctx.shared();
         shared.require(
@@ -286,7 +306,7 @@ impl ShadowMaps {
             pipeline: vk::Pipeline::null(),
             sets: Mutex::new(DescriptorArena::new(
                 &[
-                    (vk::DescriptorType::STORAGE_BUFFER, 2),
+                    (vk::DescriptorType::STORAGE_BUFFER, 5),
                     (vk::DescriptorType::SAMPLED_IMAGE, 1),
                     (vk::DescriptorType::SAMPLER, 1),
                 ],
@@ -298,11 +318,15 @@ impl ShadowMaps {
             atlas_page: page_index,
             vertices: None,
             indices: None,
+            mesh_table: None,
+            lods: meshes.lods,
+            mesh_sets: meshes.sets(),
+            species_meshes: SpeciesMeshes::default(),
             species: None,
             recorded: Mutex::new((None, Vec::new())),
         };
         // On error, Drop retires whatever was built (nothing was recorded with it).
-        this.build(ctx, atlas_page)?;
+        this.build(ctx, atlas_page, meshes)?;
         Ok(this)
     }
 
@@ -314,16 +338,16 @@ impl ShadowMaps {
         }
     }
 
-    fn build(&mut self, ctx: &Context, atlas_page: &Image) -> Result<()> {
+    fn build(&mut self, ctx: &Context, atlas_page: &Image, meshes: &Meshes) -> Result<()> {
         let d = ctx.device();
         self.depth_view = depth_view(d, &self.image)?;
-        let meshes = Meshes::trees();
-        let [vertices, indices] = mesh_buffers(ctx, "shadow", &meshes)?;
+        let [vertices, indices, table] = mesh_buffers(ctx, "shadow", meshes)?;
         self.vertices = Some(vertices);
         self.indices = Some(indices);
+        self.mesh_table = Some(table);
         self.species = Some(ctx.create_buffer(&BufferDesc {
             name: "shadow species",
-            size: (MAX_SPECIES * 16) as u64,
+            size: SPECIES_TABLE_BYTES,
             usage: vk::BufferUsageFlags::STORAGE_BUFFER | vk::BufferUsageFlags::TRANSFER_DST,
             location: MemoryLocation::GpuOnly,
             category: Category::Outputs,
@@ -337,6 +361,9 @@ impl ShadowMaps {
             vk::DescriptorType::STORAGE_BUFFER,
             vk::DescriptorType::SAMPLED_IMAGE,
             vk::DescriptorType::SAMPLER,
+            vk::DescriptorType::STORAGE_BUFFER,
+            vk::DescriptorType::STORAGE_BUFFER,
+            vk::DescriptorType::STORAGE_BUFFER,
         ]
         .iter()
         .enumerate()
@@ -388,29 +415,8 @@ impl ShadowMaps {
                 .module(fs)
                 .name(c"fs_main"),
         ];
-        let vb = [vk::VertexInputBindingDescription {
-            binding: 0,
-            stride: size_of::<Vertex>() as u32,
-            input_rate: vk::VertexInputRate::VERTEX,
-        }];
-        // Only what `vs_main` consumes: position (0) and uv (2).
-        let attrs = [
-            vk::VertexInputAttributeDescription {
-                location: 0,
-                binding: 0,
-                format: vk::Format::R32G32B32_SFLOAT,
-                offset: std::mem::offset_of!(Vertex, position) as u32,
-            },
-            vk::VertexInputAttributeDescription {
-                location: 2,
-                binding: 0,
-                format: vk::Format::R32G32_SFLOAT,
-                offset: std::mem::offset_of!(Vertex, uv) as u32,
-            },
-        ];
-        let vertex_input = vk::PipelineVertexInputStateCreateInfo::default()
-            .vertex_binding_descriptions(&vb)
-            .vertex_attribute_descriptions(&attrs);
+        // No vertex input: the vertex stage fetches its corners from the mesh buffers.
+        let vertex_input = vk::PipelineVertexInputStateCreateInfo::default();
         let assembly = vk::PipelineInputAssemblyStateCreateInfo::default()
             .topology(vk::PrimitiveTopology::TRIANGLE_LIST);
         let viewport = vk::PipelineViewportStateCreateInfo::default()
@@ -463,6 +469,15 @@ impl ShadowMaps {
         Ok(pipelines
             .map_err(|(_, e)| e)
             .map_err(vk_err("vkCreateGraphicsPipelines"))?[0])
+    }
+
+    /// Species `species` casts with mesh set `set` from the next [`ShadowMaps::record`] on
+    /// (set 0 until then), as [`DrawPass::set_species_meshes`] for the camera's draws.
+    /// [`Error::InvalidInput`] for a set the maps lack or a species id past [`MAX_SPECIES`](crate::gpu::draw::MAX_SPECIES).
+    ///
+    /// [`DrawPass::set_species_meshes`]: crate::gpu::draw::DrawPass::set_species_meshes
+    pub fn set_species_meshes(&self, species: SpeciesId, set: u32) -> Result<()> {
+        self.species_meshes.set(species, set, self.mesh_sets)
     }
 
     /// What it was built with.
@@ -569,7 +584,7 @@ impl ShadowMaps {
     ///
     /// [`Error::InvalidInput`] for more matrices than cascades or than the cull pass has
     /// cascade views, a non-finite matrix, another image than the page the maps were built with,
-    /// or more than [`MAX_SPECIES`] species; [`Error::Unsupported`] for a species on another
+    /// or more than [`MAX_SPECIES`](crate::gpu::draw::MAX_SPECIES) species; [`Error::Unsupported`] for a species on another
     /// atlas page; [`Error::Lifecycle`] for a cull pass of another context or while a
     /// [`Mapped`](crate::gpu::memory::Mapped) view of its records or arguments is alive. Nothing
     /// is recorded on error.
@@ -616,10 +631,11 @@ impl ShadowMaps {
                 atlas_page.name()
             )));
         }
-        let species_uv = species_table(species, self.atlas_page)?;
-        let (vb, ib, sb) = (
+        let species_uv = species_table(species, self.atlas_page, &self.species_meshes)?;
+        let (vb, ib, tb, sb) = (
             Self::get(&self.vertices)?,
             Self::get(&self.indices)?,
+            Self::get(&self.mesh_table)?,
             Self::get(&self.species)?,
         );
         let (records, args) = (cull.records()?, cull.args()?);
@@ -629,7 +645,7 @@ impl ShadowMaps {
             ));
         }
         // The indirect commands index the maps' mesh buffers.
-        if cull.meshes() != Meshes::trees().lods {
+        if cull.meshes() != self.lods {
             return Err(Error::InvalidInput(
                 "ShadowMaps::record: the cull pass draws other meshes (build it with DrawPass::lod_meshes)".into(),
             ));
@@ -637,7 +653,7 @@ impl ShadowMaps {
         let value = frame.value();
         // Marked before anything is recorded: a buffer with a live `Mapped` view refuses
         // (those marked before it only wait for this frame).
-        for b in [vb, ib, sb, records, args] {
+        for b in [vb, ib, tb, sb, records, args] {
             b.mark_used(value)?;
         }
         let set = lock(&self.sets).allocate(&self.shared, value, self.set_layout)?;
@@ -653,6 +669,7 @@ impl ShadowMaps {
                 .range(vk::WHOLE_SIZE)]
         };
         let (ri, si) = (buf(records), buf(sb));
+        let (vi, ii, ti) = (buf(vb), buf(ib), buf(tb));
         let image = [vk::DescriptorImageInfo::default()
             .image_view(self.atlas_view)
             .image_layout(vk::ImageLayout::SHADER_READ_ONLY_OPTIMAL)];
@@ -678,6 +695,21 @@ impl ShadowMaps {
                 .dst_binding(3)
                 .descriptor_type(vk::DescriptorType::SAMPLER)
                 .image_info(&sampler),
+            vk::WriteDescriptorSet::default()
+                .dst_set(set)
+                .dst_binding(4)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .buffer_info(&vi),
+            vk::WriteDescriptorSet::default()
+                .dst_set(set)
+                .dst_binding(5)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .buffer_info(&ii),
+            vk::WriteDescriptorSet::default()
+                .dst_set(set)
+                .dst_binding(6)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .buffer_info(&ti),
         ];
         let depth_range = vk::ImageSubresourceRange {
             aspect_mask: vk::ImageAspectFlags::DEPTH,
@@ -759,7 +791,6 @@ impl ShadowMaps {
                 &[set],
                 &[],
             );
-            d.cmd_bind_vertex_buffers(cmd, 0, &[vb.raw()], &[0]);
             d.cmd_bind_index_buffer(cmd, ib.raw(), 0, vk::IndexType::UINT32);
             for (c, m) in view_projs.iter().enumerate() {
                 let Some(tile) = self.tile(c as u32) else {

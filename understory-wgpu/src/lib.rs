@@ -80,12 +80,12 @@ use understory::gpu::budget::{BudgetSource, DriverBudget, HeapBudgets, RawHeap, 
 use understory::gpu::context::{Context, ContextOptions, Frame, HostHandles};
 use understory::gpu::cull::{Compaction, CullDesc, CullPass, CullView, WIDE_SOURCES_PER_DISPATCH};
 use understory::gpu::debug::{Canary, messenger_create_info};
-use understory::gpu::draw::{DrawFrame, DrawOptions, DrawPass};
+use understory::gpu::draw::{DrawFrame, DrawOptions, DrawPass, Meshes, TreeMeshes};
 use understory::gpu::instance::{VALIDATION_LAYER, Validation};
 use understory::gpu::memory::{HeapReport, ShutdownReport};
 use understory::gpu::requirements::{Capabilities, DeviceRequirements};
 use understory::gpu::timeline::FrameSignal;
-use understory::vegetation::{UpdateReport, Vegetation, VegetationConfig, Viewer};
+use understory::vegetation::{SpeciesId, UpdateReport, Vegetation, VegetationConfig, Viewer};
 
 pub use understory;
 pub use wgpu;
@@ -1550,6 +1550,11 @@ pub struct Forest {
     /// the frame each holds: what the GPU drew, read once that frame completed.
     counts: Vec<(understory::gpu::memory::Buffer, Option<u64>)>,
     drawn: Option<(u64, [u64; 3])>,
+    /// Mesh sets: understory's conifer (set 0), then [`Forest::add_meshes`]'s.
+    mesh_sets: Vec<TreeMeshes>,
+    meshes: Meshes,
+    /// Species drawn with another set than 0.
+    species_meshes: Vec<(SpeciesId, u32)>,
     device_id: u64,
     color: vk::Format,
     depth: vk::Format,
@@ -1607,7 +1612,7 @@ impl Forest {
                 compaction,
                 capacity,
                 adaptive: true,
-                meshes: understory::gpu::draw::Meshes::trees().lods,
+                meshes: Meshes::trees().lods,
                 records: true,
                 max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
                 views: 1,
@@ -1638,6 +1643,9 @@ impl Forest {
             args_raw,
             counts,
             drawn: None,
+            mesh_sets: vec![TreeMeshes::conifer()],
+            meshes: Meshes::trees(),
+            species_meshes: Vec::new(),
             device_id: shared.id,
             color,
             depth,
@@ -1653,6 +1661,47 @@ impl Forest {
     /// The vegetation world, to register species and spawn, despawn and change patches.
     pub fn vegetation_mut(&mut self) -> &mut Vegetation {
         &mut self.veg
+    }
+
+    /// Adds a mesh set (full and medium detail, [`TreeMeshes::check`]ed) and returns its
+    /// number for [`Forest::set_species_meshes`]. Set 0 is understory's conifer, which every
+    /// species draws with until told otherwise. The draw pass is rebuilt at the next render
+    /// (the old one retires once its last frame completed). [`Error::InvalidInput`] for a
+    /// mesh `check` refuses or past [`MAX_MESH_SETS`](understory::gpu::draw::MAX_MESH_SETS) sets; nothing changes then.
+    pub fn add_meshes(&mut self, meshes: TreeMeshes) -> Result<u32> {
+        let mut sets = self.mesh_sets.clone();
+        sets.push(meshes);
+        let built = Meshes::new(&sets)?;
+        self.cull.set_meshes(built.lods);
+        self.mesh_sets = sets;
+        self.meshes = built;
+        self.draw = None;
+        Ok(self.meshes.sets() - 1)
+    }
+
+    /// Species `species` draws with mesh set `set` ([`Forest::add_meshes`]) from the next
+    /// render on. The choice belongs to the id: a species unregistered through
+    /// [`Forest::vegetation_mut`] keeps it for whichever species is registered under its id
+    /// next (set it again then). [`Error::InvalidInput`] for a set the forest lacks or a species id past
+    /// [`MAX_SPECIES`](understory::gpu::draw::MAX_SPECIES).
+    pub fn set_species_meshes(&mut self, species: SpeciesId, set: u32) -> Result<()> {
+        if set >= self.meshes.sets()
+            || species.index() as usize >= understory::gpu::draw::MAX_SPECIES
+        {
+            return Err(Error::InvalidInput(format!(
+                "species {} with mesh set {set}: the forest has {} sets",
+                species.index(),
+                self.meshes.sets()
+            )));
+        }
+        if let Some(draw) = &self.draw {
+            draw.set_species_meshes(species, set)?;
+        }
+        self.species_meshes.retain(|(s, _)| *s != species);
+        if set != 0 {
+            self.species_meshes.push((species, set));
+        }
+        Ok(())
     }
 
     /// The last frame's indirect arguments as a wgpu buffer.
@@ -1744,14 +1793,19 @@ impl Forest {
             let page = self.veg.atlas_page(0).ok_or_else(|| {
                 Error::Lifecycle("Forest::render: register a species first (no atlas page)".into())
             })?;
-            self.draw = Some(DrawPass::with_options(
+            let draw = DrawPass::with_meshes(
                 frame.shared.context(),
                 self.color,
                 self.depth,
                 page,
                 0,
                 self.desc.draw,
-            )?);
+                &self.meshes,
+            )?;
+            for &(species, set) in &self.species_meshes {
+                draw.set_species_meshes(species, set)?;
+            }
+            self.draw = Some(draw);
         }
         self.read_counts();
         let Some(draw) = self.draw.as_ref() else {

@@ -337,8 +337,16 @@ fn a_host_that_submits_itself() {
     assert_eq!(m.layer + m.wgpu, 0, "{:?}", m.texts);
 }
 
-/// A forest of `n` trees in one tile, on `shared`, with these draw options.
+/// A forest of 300 trees of one species in one tile, on `shared`, with these draw options.
 fn small_forest(shared: &SharedDevice, draw: understory::gpu::draw::DrawOptions) -> Forest {
+    small_forest_and_species(shared, draw).0
+}
+
+/// [`small_forest`] and its species.
+fn small_forest_and_species(
+    shared: &SharedDevice,
+    draw: understory::gpu::draw::DrawOptions,
+) -> (Forest, understory::vegetation::SpeciesId) {
     let mut forest = Forest::new(
         shared,
         &ForestDesc {
@@ -373,7 +381,7 @@ fn small_forest(shared: &SharedDevice, draw: understory::gpu::draw::DrawOptions)
             instances: &trees,
         })
         .expect("spawn");
-    forest
+    (forest, species)
 }
 
 /// Renders `frames` frames of `forest` into fresh targets cleared to `depth_clear`, and reads
@@ -510,6 +518,140 @@ fn reversed_depth_draws_the_same_forest() {
     assert!(
         differ * 200 <= drawn,
         "the same forest with reversed depth: {differ} of {drawn} px differ"
+    );
+    drop((a, b));
+    let log = shared.message_log();
+    let report = shared.shutdown().expect("shutdown");
+    assert!(report.leaks.is_empty(), "{:?}", report.leaks);
+    let m = log.read();
+    assert_eq!(m.layer + m.wgpu, 0, "{:?}", m.texts);
+}
+
+/// A box 0.5 wide and 0.9 tall in bark red: a mesh set nothing like the conifer.
+fn box_tree() -> understory::gpu::draw::TreeMeshes {
+    use understory::gpu::draw::{Mesh, TreeMeshes, Vertex};
+    let mut vertices = Vec::new();
+    let mut indices = Vec::new();
+    // Four sides and a lid, each its own quad with its own normal.
+    let (w, h) = (0.25f32, 0.9f32);
+    let faces: [([f32; 3], [[f32; 3]; 4]); 5] = [
+        (
+            [0.0, 0.0, -1.0],
+            [[-w, 0.0, -w], [w, 0.0, -w], [w, h, -w], [-w, h, -w]],
+        ),
+        (
+            [1.0, 0.0, 0.0],
+            [[w, 0.0, -w], [w, 0.0, w], [w, h, w], [w, h, -w]],
+        ),
+        (
+            [0.0, 0.0, 1.0],
+            [[w, 0.0, w], [-w, 0.0, w], [-w, h, w], [w, h, w]],
+        ),
+        (
+            [-1.0, 0.0, 0.0],
+            [[-w, 0.0, w], [-w, 0.0, -w], [-w, h, -w], [-w, h, w]],
+        ),
+        (
+            [0.0, 1.0, 0.0],
+            [[-w, h, -w], [w, h, -w], [w, h, w], [-w, h, w]],
+        ),
+    ];
+    for (normal, corners) in faces {
+        let base = vertices.len() as u32;
+        vertices.extend(corners.map(|position| Vertex {
+            position,
+            normal,
+            uv: [0.0; 2],
+            color: [220, 30, 30, 0],
+        }));
+        indices.extend([0, 1, 2, 0, 2, 3].map(|i| base + i));
+    }
+    let mesh = Mesh { vertices, indices };
+    TreeMeshes {
+        full: mesh.clone(),
+        medium: mesh,
+    }
+}
+
+#[test]
+fn species_draw_with_their_own_meshes() {
+    use understory::gpu::draw::{DrawOptions, Mesh};
+    let Some(shared) = shared("wgpu_species_meshes") else {
+        return;
+    };
+    let eye = glam::Vec3::new(14.0, 6.0, -12.0);
+    let look = glam::Mat4::look_at_rh(eye, glam::Vec3::new(14.0, 2.0, 20.0), glam::Vec3::Y);
+    let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
+    let view = ForestView {
+        eye,
+        view_proj: flip * glam::Mat4::perspective_rh(1.0, 128.0 / 96.0, 0.5, 1000.0) * look,
+        fog_m: 700.0,
+    };
+    let options = DrawOptions {
+        ground: false,
+        ..Default::default()
+    };
+    // A: understory's conifer (set 0).
+    let mut a = small_forest(&shared, options);
+    let image_a = render_image(&shared, &mut a, &view, 1.0, 3);
+    // B: the box as set 1 and the conifer again as set 2; the species draws with set 2.
+    let (mut b, species) = small_forest_and_species(&shared, options);
+    assert_eq!(b.add_meshes(box_tree()).expect("box"), 1);
+    assert_eq!(
+        b.add_meshes(understory::gpu::draw::TreeMeshes::conifer())
+            .expect("conifer"),
+        2
+    );
+    b.set_species_meshes(species, 2).expect("set 2");
+    let image_b = render_image(&shared, &mut b, &view, 1.0, 3);
+    // Then the box (set 1), set on the live draw pass.
+    b.set_species_meshes(species, 1).expect("set 1");
+    let image_box = render_image(&shared, &mut b, &view, 1.0, 3);
+    // Bad meshes and sets are refused and change nothing.
+    let mut broken = box_tree();
+    broken.medium = Mesh::default();
+    assert!(matches!(b.add_meshes(broken), Err(Error::InvalidInput(_))));
+    assert!(matches!(
+        b.set_species_meshes(species, 3),
+        Err(Error::InvalidInput(_))
+    ));
+    let image_box_again = render_image(&shared, &mut b, &view, 1.0, 3);
+
+    let drawn = |img: &[u8]| img.chunks(4).filter(|p| p[..3] != [0, 0, 0]).count();
+    let differ = |x: &[u8], y: &[u8]| {
+        x.chunks(4)
+            .zip(y.chunks(4))
+            .filter(|(p, q)| p.iter().zip(q.iter()).any(|(u, v)| u.abs_diff(*v) > 2))
+            .count()
+    };
+    // Red-dominant pixels: the box's colour (the conifer is green foliage and brown bark).
+    let red = |img: &[u8]| {
+        img.chunks(4)
+            .filter(|p| p[0] > 60 && u16::from(p[0]) > 2 * u16::from(p[1]))
+            .count()
+    };
+    let (da, dbox) = (drawn(&image_a), drawn(&image_box));
+    eprintln!(
+        "species meshes: conifer {da} px, set 2 differs on {} px, box {dbox} px ({} red, conifer {} red)",
+        differ(&image_a, &image_b),
+        red(&image_box),
+        red(&image_a)
+    );
+    assert!(da > 2000, "trees cover the view: {da} px");
+    assert_eq!(
+        differ(&image_a, &image_b),
+        0,
+        "the conifer as set 2 draws exactly as set 0"
+    );
+    assert!(
+        red(&image_box) > 1000 && red(&image_a) < 50,
+        "the box draws where the conifer did"
+    );
+    assert!(differ(&image_a, &image_box) > 1000);
+    assert_eq!(
+        differ(&image_box, &image_box_again),
+        0,
+        "refused changes change nothing"
     );
     drop((a, b));
     let log = shared.message_log();

@@ -1,6 +1,8 @@
 //! A headless Bevy app flying over the demo forest: sky (clear colour), ground and sun from
-//! Bevy, the vegetation from understory through `UnderstoryPlugin`, on one VkDevice. The last
-//! frame goes to a PNG; the budget line and the leak report are printed at exit.
+//! Bevy, the vegetation from understory through `UnderstoryPlugin`, on one VkDevice. One of the
+//! three species is a broadleaf whose meshes are made from Bevy primitives (`tree_mesh`); the
+//! others draw with understory's conifer. The last frame goes to a PNG; the budget line and
+//! the leak report are printed at exit.
 //!
 //! Run: `cargo run --release -p understory-bevy --example forest -- --frames 120 --png forest.png`
 //! (options: `--trees N`, `--size WxH`, `--squeeze`). `tests/plugin.rs` runs this code.
@@ -24,8 +26,8 @@ use bevy::window::{ExitCondition, WindowPlugin};
 use understory::gpu::draw::tree_billboard;
 use understory::world::instance::Instance;
 use understory_bevy::{
-    ExitReport, ForestSettings, UnderstoryPlugin, VegetationCamera, VegetationPatch,
-    VegetationSpecies, VramBudget,
+    ExitReport, ForestSettings, TreeMeshes, TreePart, UnderstoryPlugin, VegetationCamera,
+    VegetationPatch, VegetationSpecies, VramBudget, tree_mesh,
 };
 
 type BoxError = Box<dyn std::error::Error>;
@@ -144,15 +146,28 @@ fn setup(
         },
         Transform::from_xyz(-0.4, 0.8, 0.35).looking_at(Vec3::ZERO, Vec3::Y),
     ));
+    // The second species (the demo's pine) is a round-crowned broadleaf here: its own meshes,
+    // made from Bevy primitives, and a billboard of the same outline; the others draw with
+    // understory's conifer.
     run.species = understory_cli::demo::SPECIES
         .iter()
         .enumerate()
         .map(|(k, (name, _))| {
+            let round = k == BROADLEAF;
             species_assets.add(VegetationSpecies {
-                name: (*name).into(),
+                name: if round {
+                    "broadleaf".into()
+                } else {
+                    (*name).into()
+                },
                 width: 64,
                 height: 128,
-                rgba8: tree_billboard(64, 128, k as u32 + 1),
+                rgba8: if round {
+                    broadleaf_billboard(64, 128)
+                } else {
+                    tree_billboard(64, 128, k as u32 + 1)
+                },
+                meshes: round.then(|| broadleaf().expect("the broadleaf's meshes")),
             })
         })
         .collect();
@@ -168,6 +183,74 @@ fn setup(
         patches.push((e, g));
     }
     run.patches = patches;
+}
+
+/// The demo species drawn as a broadleaf.
+const BROADLEAF: usize = 1;
+
+/// The broadleaf's crown: an ellipsoid of these radii (x, y) around this height, on a trunk of
+/// this radius and height (a tree 1 tall).
+const CROWN: (f32, f32, f32) = (0.3, 0.345, 0.655);
+const TRUNK: (f32, f32) = (0.04, 0.5);
+
+/// A round-crowned tree from Bevy primitives: a bark trunk (cylinder) and a foliage crown
+/// (icosphere, stretched), at full and medium detail.
+pub fn broadleaf() -> Result<TreeMeshes, understory::Error> {
+    let bark = Color::linear_rgb(92.0 / 255.0, 62.0 / 255.0, 38.0 / 255.0);
+    let lod = |sides: u32, subdivisions: u32| {
+        let trunk = Cylinder::new(TRUNK.0, TRUNK.1)
+            .mesh()
+            .resolution(sides)
+            .build()
+            .translated_by(Vec3::Y * (TRUNK.1 / 2.0));
+        let crown = Sphere::new(1.0)
+            .mesh()
+            .ico(subdivisions)
+            .map_err(|e| understory::Error::InvalidInput(e.to_string()))?
+            .scaled_by(Vec3::new(CROWN.0, CROWN.1, CROWN.0))
+            .translated_by(Vec3::Y * CROWN.2);
+        tree_mesh(&[
+            TreePart {
+                mesh: &trunk,
+                color: bark,
+                tint: 0.0,
+            },
+            TreePart {
+                mesh: &crown,
+                color: Color::WHITE,
+                tint: 1.0,
+            },
+        ])
+    };
+    Ok(TreeMeshes {
+        full: lod(10, 2)?,
+        medium: lod(5, 1)?,
+    })
+}
+
+/// The broadleaf's billboard: its crown and trunk outline across understory's billboard quad
+/// (0.64 wide, 1 tall), foliage in light greys for the tint to colour.
+fn broadleaf_billboard(width: u32, height: u32) -> Vec<u8> {
+    let half = understory::gpu::draw::BILLBOARD_HALF_WIDTH;
+    let mut out = Vec::with_capacity((width * height * 4) as usize);
+    for y in 0..height {
+        for x in 0..width {
+            let fx = ((x as f32 + 0.5) / width as f32 * 2.0 - 1.0) * half;
+            let fy = 1.0 - (y as f32 + 0.5) / height as f32;
+            let (cx, cy) = (fx / CROWN.0, (fy - CROWN.2) / CROWN.1);
+            let texel = if cx * cx + cy * cy <= 1.0 {
+                // Lit from the upper left.
+                let g = ((0.78 - 0.2 * cx + 0.12 * cy).clamp(0.0, 1.0) * 255.0) as u8;
+                [g, g, g, 255]
+            } else if fy <= TRUNK.1 && fx.abs() <= TRUNK.0 * 1.5 {
+                [92, 62, 38, 255]
+            } else {
+                [0, 0, 0, 0]
+            };
+            out.extend_from_slice(&texel);
+        }
+    }
+    out
 }
 
 fn fly(

@@ -42,8 +42,9 @@
 //!
 //! # Requirements on the camera
 //! `Msaa::Off` (understory draws single-sampled), HDR off (`Rgba8UnormSrgb` main texture), and
-//! the `Core3d` pipeline. Species share one billboard atlas page; the tree meshes are
-//! understory's built-in conifer LODs.
+//! the `Core3d` pipeline. Species share one billboard atlas page. A species draws its own full-
+//! and medium-detail meshes ([`VegetationSpecies::meshes`], made from Bevy meshes by
+//! [`tree_mesh`]) or, without them, understory's conifer.
 
 #![warn(missing_docs)]
 
@@ -71,6 +72,7 @@ use understory::world::instance::Instance;
 use understory_wgpu::{Forest, ForestDesc, ForestView, HostFrame, Messages, SharedDevice};
 
 pub use understory;
+pub use understory::gpu::draw::TreeMeshes;
 pub use understory_wgpu;
 
 /// The Bevy version this crate is built against (`Cargo.toml` pins it, in one place).
@@ -94,7 +96,9 @@ pub enum UnderstorySystems {
     Cleanup,
 }
 
-/// A species: its billboard (RGBA8, `width × height`), packed into the atlas when first used.
+/// A species: its billboard (RGBA8, `width × height`, the coarsest LOD), packed into the atlas
+/// when first used, and its full- and medium-detail meshes. Read once, when the first patch of
+/// it reaches the render world (later changes to the asset are not picked up).
 #[derive(Asset, TypePath, Clone, Debug)]
 pub struct VegetationSpecies {
     /// Name (for logs and stats).
@@ -105,6 +109,105 @@ pub struct VegetationSpecies {
     pub height: u32,
     /// `width × height × 4` bytes, RGBA8.
     pub rgba8: Vec<u8>,
+    /// Full- and medium-detail meshes of a tree of scale 1 (base at the origin, +Y up; see
+    /// [`tree_mesh`]), or `None` for understory's conifer
+    /// ([`TreeMeshes::conifer`]). Meshes [`TreeMeshes::check`] refuses leave the
+    /// species unregistered, with the error logged and counted in [`VramBudget::errors`].
+    pub meshes: Option<TreeMeshes>,
+}
+
+/// One part of a tree mesh for [`tree_mesh`]: a Bevy triangle-list mesh with positions and
+/// normals, its colour, and how much of each instance's tint colours it.
+#[derive(Clone, Copy, Debug)]
+pub struct TreePart<'a> {
+    /// Positions (`Float32x3`) and normals (`Float32x3`); vertex colours (`Float32x4`, linear)
+    /// multiply `color` where present. Texture coordinates are not used (only billboards are
+    /// textured). Without indices, vertices are taken in order.
+    pub mesh: &'a Mesh,
+    /// The part's colour (understory lights it in linear RGB).
+    pub color: Color,
+    /// 0..=1: how much of the instance tint applies (1 for foliage, 0 for bark).
+    pub tint: f32,
+}
+
+/// An understory mesh (one LOD of [`TreeMeshes`]) from Bevy meshes: a tree of scale 1 with its
+/// base at the origin and +Y up, made of `parts`.
+///
+/// [`Error::InvalidInput`] for no part, a part that is not a triangle list, lacks positions or
+/// normals, has attributes of other lengths or an index past its vertices, or a `tint` outside
+/// 0..=1. ([`TreeMeshes::check`] checks the rest when the species is first used.)
+pub fn tree_mesh(parts: &[TreePart<'_>]) -> Result<understory::gpu::draw::Mesh> {
+    use bevy::mesh::{PrimitiveTopology, VertexAttributeValues};
+    if parts.is_empty() {
+        return Err(Error::InvalidInput("tree_mesh: no parts".into()));
+    }
+    let mut out = understory::gpu::draw::Mesh::default();
+    for (k, part) in parts.iter().enumerate() {
+        let bad = |why: String| Error::InvalidInput(format!("tree_mesh: part {k}: {why}"));
+        let mesh = part.mesh;
+        if mesh.primitive_topology() != PrimitiveTopology::TriangleList {
+            return Err(bad(format!(
+                "{:?}, a triangle list is needed",
+                mesh.primitive_topology()
+            )));
+        }
+        if !(0.0..=1.0).contains(&part.tint) {
+            return Err(bad(format!("tint {} (0..=1)", part.tint)));
+        }
+        let read3 = |id, what| match mesh.try_attribute_option(id) {
+            Ok(Some(VertexAttributeValues::Float32x3(v))) => Ok(v.as_slice()),
+            _ => Err(bad(format!("{what} must be Float32x3"))),
+        };
+        let positions = read3(Mesh::ATTRIBUTE_POSITION, "positions")?;
+        let normals = read3(Mesh::ATTRIBUTE_NORMAL, "normals")?;
+        let colors = match mesh.try_attribute_option(Mesh::ATTRIBUTE_COLOR) {
+            Ok(Some(VertexAttributeValues::Float32x4(c))) => Some(c.as_slice()),
+            Ok(None) => None,
+            _ => return Err(bad("colours must be Float32x4".into())),
+        };
+        if normals.len() != positions.len() || colors.is_some_and(|c| c.len() != positions.len()) {
+            return Err(bad(format!(
+                "{} positions, {} normals, {:?} colours",
+                positions.len(),
+                normals.len(),
+                colors.map(<[_]>::len)
+            )));
+        }
+        let base = out.vertices.len();
+        let rgb = part.color.to_linear();
+        let byte = |x: f32| (x.clamp(0.0, 1.0) * 255.0).round() as u8;
+        out.vertices.extend(
+            positions
+                .iter()
+                .zip(normals)
+                .enumerate()
+                .map(|(i, (p, n))| {
+                    let c = colors.map_or([1.0; 4], |c| c[i]);
+                    understory::gpu::draw::Vertex {
+                        position: *p,
+                        normal: *n,
+                        uv: [0.0; 2],
+                        color: [
+                            byte(rgb.red * c[0]),
+                            byte(rgb.green * c[1]),
+                            byte(rgb.blue * c[2]),
+                            byte(part.tint),
+                        ],
+                    }
+                }),
+        );
+        let count = positions.len();
+        let indices: Vec<usize> = match mesh.indices() {
+            Some(i) => i.iter().collect(),
+            None => (0..count).collect(),
+        };
+        if let Some(i) = indices.iter().find(|&&i| i >= count) {
+            return Err(bad(format!("index {i} of {count} vertices")));
+        }
+        out.indices
+            .extend(indices.iter().map(|&i| (base + i) as u32));
+    }
+    Ok(out)
 }
 
 /// A patch of vegetation on an entity: instances of one species, relative to the entity's
@@ -523,12 +626,30 @@ impl RenderState {
                         let sp = match self.species.get(&species) {
                             Some(s) => *s,
                             None => {
+                                if let Some(m) = &species_data.meshes {
+                                    m.check().map_err(|e| {
+                                        Error::InvalidInput(format!(
+                                            "species {:?}: {e}",
+                                            species_data.name
+                                        ))
+                                    })?;
+                                }
                                 let s = forest.vegetation_mut().register_species(&SpeciesDesc {
                                     name: &species_data.name,
                                     width: species_data.width,
                                     height: species_data.height,
                                     rgba8: &species_data.rgba8,
                                 })?;
+                                if let Some(m) = &species_data.meshes {
+                                    let set = forest
+                                        .add_meshes(m.clone())
+                                        .and_then(|set| forest.set_species_meshes(s, set));
+                                    if let Err(e) = set {
+                                        // Not registered after all: the next patch tries again.
+                                        let _ = forest.vegetation_mut().unregister_species(s);
+                                        return Err(e);
+                                    }
+                                }
                                 self.species.insert(species, s);
                                 s
                             }
@@ -712,5 +833,85 @@ fn announce_frame(bridge: Res<Bridge>, forest: Res<RenderForest>) {
     }
     if let Some(b) = state.budget() {
         bridge.lock().budget = b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bevy::asset::RenderAssetUsages;
+    use bevy::mesh::{Indices, PrimitiveTopology};
+
+    #[test]
+    fn tree_mesh_merges_parts_with_their_colour_and_tint() {
+        let trunk = Cylinder::new(0.05, 0.4).mesh().resolution(6).build();
+        let crown = Sphere::new(0.3).mesh().ico(1).expect("icosphere");
+        let (nt, nc) = (trunk.count_vertices(), crown.count_vertices());
+        let m = tree_mesh(&[
+            TreePart {
+                mesh: &trunk,
+                color: Color::linear_rgb(0.4, 0.2, 0.1),
+                tint: 0.0,
+            },
+            TreePart {
+                mesh: &crown,
+                color: Color::WHITE,
+                tint: 1.0,
+            },
+        ])
+        .expect("mesh");
+        assert_eq!(m.vertices.len(), nt + nc);
+        let ti = trunk.indices().expect("indexed").len();
+        assert_eq!(
+            m.indices.len(),
+            ti + crown.indices().expect("indexed").len()
+        );
+        // The crown's indices point past the trunk's vertices.
+        assert!(m.indices[ti..].iter().all(|&i| i as usize >= nt));
+        assert_eq!(m.vertices[0].color, [102, 51, 26, 0]);
+        assert_eq!(m.vertices[nt].color, [255, 255, 255, 255]);
+        TreeMeshes {
+            full: m.clone(),
+            medium: m,
+        }
+        .check()
+        .expect("a valid LOD");
+    }
+
+    #[test]
+    fn tree_mesh_refuses_what_it_cannot_draw() {
+        let lines = Mesh::new(PrimitiveTopology::LineList, RenderAssetUsages::default())
+            .with_inserted_attribute(Mesh::ATTRIBUTE_POSITION, vec![[0.0f32; 3]; 2])
+            .with_inserted_attribute(Mesh::ATTRIBUTE_NORMAL, vec![[0.0f32, 1.0, 0.0]; 2]);
+        let no_normals = Mesh::new(
+            PrimitiveTopology::TriangleList,
+            RenderAssetUsages::default(),
+        )
+        .with_inserted_attribute(Mesh::ATTRIBUTE_POSITION, vec![[0.0f32; 3]; 3]);
+        let bad_index = Mesh::new(
+            PrimitiveTopology::TriangleList,
+            RenderAssetUsages::default(),
+        )
+        .with_inserted_attribute(Mesh::ATTRIBUTE_POSITION, vec![[0.0f32; 3]; 3])
+        .with_inserted_attribute(Mesh::ATTRIBUTE_NORMAL, vec![[0.0f32, 1.0, 0.0]; 3])
+        .with_inserted_indices(Indices::U16(vec![0, 1, 3]));
+        let sphere = Sphere::new(0.3).mesh().ico(0).expect("icosphere");
+        let part = |mesh, tint| TreePart {
+            mesh,
+            color: Color::WHITE,
+            tint,
+        };
+        for (what, parts) in [
+            ("no parts", vec![]),
+            ("lines", vec![part(&lines, 1.0)]),
+            ("no normals", vec![part(&no_normals, 1.0)]),
+            ("index past the vertices", vec![part(&bad_index, 1.0)]),
+            ("tint 2", vec![part(&sphere, 2.0)]),
+        ] {
+            assert!(
+                matches!(tree_mesh(&parts), Err(Error::InvalidInput(_))),
+                "{what}"
+            );
+        }
     }
 }

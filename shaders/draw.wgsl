@@ -14,6 +14,9 @@ struct DrawPush {
     // Non-zero for the second occlusion phase's draws: its instances follow the first phase's
     // in each list (`counters[COUNTER_FIRST + lod]` of them).
     second: u32,
+    // Non-zero: the draw indexes the run 0, 1, 2, ... and each corner's index is fetched from
+    // the mesh of the instance's set (`Meshes::fetch`); zero: the draw indexes its one mesh.
+    fetch: u32,
 }
 var<immediate> pc: DrawPush;
 
@@ -25,8 +28,9 @@ var<immediate> pc: DrawPush;
 @group(0) @binding(4) var atlas_sampler: sampler;
 // The cull pass's counters (COUNTER_FIRST: where each list's second-phase entries start).
 @group(0) @binding(5) var<storage, read> counters: array<u32, COUNTERS>;
-// Every mesh (`Meshes`): the vertex stage fetches its corner itself, so one draw per LOD
-// covers every species' meshes. Each draw indexes the run 0, 1, 2, ... (vertex index = corner).
+// Every mesh (`Meshes`), read by the vertex stage itself: a LOD of one mesh is an ordinary
+// indexed draw of it (vertex index = the vertex); a LOD of several sets indexes the run
+// 0, 1, 2, ... (vertex index = the corner) and looks the index up in the instance's set's mesh.
 @group(0) @binding(6) var<storage, read> mesh_vertices: array<MeshVertex>;
 @group(0) @binding(7) var<storage, read> mesh_indices: array<u32>;
 @group(0) @binding(8) var<storage, read> mesh_table: array<vec4<u32>>;
@@ -70,8 +74,9 @@ fn lod_color(lod: u32) -> vec3<f32> {
     return vec3<f32>(0.15, 0.35, 0.95);
 }
 
-// The vertex at `corner` of mesh `entry` (indices and vertices in range: `Meshes::new` checked
-// them), or `None` past the mesh's last index (`ok` false).
+// The vertex of vertex index `vi`: with `pc.fetch`, corner `vi` of mesh `entry`, or `ok`
+// false past its last index; else vertex `vi` itself (indices and vertices are in range:
+// `Meshes::new` checked them).
 struct Corner {
     ok: bool,
     pos: vec3<f32>,
@@ -81,14 +86,19 @@ struct Corner {
     color: vec4<f32>,
 }
 
-fn corner_of(entry: u32, corner: u32) -> Corner {
+fn corner_of(entry: u32, vi: u32) -> Corner {
     var c: Corner;
-    let m = mesh_table[entry];
-    c.ok = corner < m.y;
-    if !c.ok {
-        return c;
+    var at = vi;
+    if pc.fetch != 0u {
+        let m = mesh_table[entry];
+        c.ok = vi < m.y;
+        if !c.ok {
+            return c;
+        }
+        at = m.z + mesh_indices[m.x + vi];
     }
-    let v = mesh_vertices[m.z + mesh_indices[m.x + corner]];
+    c.ok = true;
+    let v = mesh_vertices[at];
     c.pos = vec3<f32>(v.px, v.py, v.pz);
     c.normal = vec3<f32>(v.nx, v.ny, v.nz);
     c.uv = vec2<f32>(v.u, v.v);
@@ -99,12 +109,11 @@ fn corner_of(entry: u32, corner: u32) -> Corner {
 @vertex
 fn vs_main(
     @builtin(instance_index) ii: u32,
-    @builtin(vertex_index) corner: u32,
+    @builtin(vertex_index) vi: u32,
 ) -> VertexOut {
     var out: VertexOut;
-    let entries = arrayLength(&mesh_table);
     if pc.mode == 1u {
-        let k = corner_of(0u, corner);
+        let k = corner_of(0u, vi);
         let pos = k.pos;
         let color = k.color;
         let g = frame.ground;
@@ -126,11 +135,15 @@ fn vs_main(
     }
     let inst = drawn[pc.base + first + ii];
     let id = inst.species_variant & 0xffffu;
-    var mesh_set = 0u;
-    if id < frame.params.z {
-        mesh_set = species[id].mesh.x;
+    var entry = 0u;
+    if pc.fetch != 0u {
+        var mesh_set = 0u;
+        if id < frame.params.z {
+            mesh_set = species[id].mesh.x;
+        }
+        entry = mesh_entry(lod, mesh_set, arrayLength(&mesh_table));
     }
-    let k = corner_of(mesh_entry(lod, mesh_set, entries), corner);
+    let k = corner_of(entry, vi);
     if !k.ok {
         out.clip = PAST_MESH;
         return out;

@@ -14,7 +14,9 @@ struct ShadowPush {
     base: u32,
     // Species in the table.
     species_count: u32,
-    pad: u32,
+    // Non-zero: the draw indexes the run and each corner's index is fetched, as in
+    // shaders/draw.wgsl (`Meshes::fetch`).
+    fetch: u32,
 }
 var<immediate> pc: ShadowPush;
 
@@ -37,24 +39,28 @@ struct VertexOut {
 @vertex
 fn vs_main(
     @builtin(instance_index) ii: u32,
-    @builtin(vertex_index) corner: u32,
+    @builtin(vertex_index) vi: u32,
 ) -> VertexOut {
     var out: VertexOut;
     let lod = min(pc.lod, 2u);
     let inst = drawn[pc.base + ii];
     let id = inst.species_variant & 0xffffu;
-    var mesh_set = 0u;
-    if id < pc.species_count {
-        mesh_set = species[id].mesh.x;
+    var at = vi;
+    if pc.fetch != 0u {
+        var mesh_set = 0u;
+        if id < pc.species_count {
+            mesh_set = species[id].mesh.x;
+        }
+        let m = mesh_table[mesh_entry(lod, mesh_set, arrayLength(&mesh_table))];
+        if vi >= m.y {
+            out.clip = PAST_MESH;
+            out.uv = vec2<f32>(0.0);
+            out.textured = 0u;
+            return out;
+        }
+        at = m.z + mesh_indices[m.x + vi];
     }
-    let m = mesh_table[mesh_entry(lod, mesh_set, arrayLength(&mesh_table))];
-    if corner >= m.y {
-        out.clip = PAST_MESH;
-        out.uv = vec2<f32>(0.0);
-        out.textured = 0u;
-        return out;
-    }
-    let v = mesh_vertices[m.z + mesh_indices[m.x + corner]];
+    let v = mesh_vertices[at];
     let pos = vec3<f32>(v.px, v.py, v.pz);
     let uv = vec2<f32>(v.u, v.v);
     var world: vec3<f32>;

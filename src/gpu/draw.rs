@@ -134,9 +134,13 @@ impl TreeMeshes {
 }
 
 /// The meshes of every LOD of every mesh set, the billboard quad and the ground, in one vertex
-/// and one index buffer, as the draw and shadow passes read them: the vertex stage fetches
-/// each corner itself (from `table`, the instance's species' set and the LOD), so one indirect
-/// draw per LOD covers every species whatever its meshes.
+/// and one index buffer, as the draw and shadow passes read them (as storage buffers: the
+/// vertex stage fetches its vertex itself). A LOD with one mesh (the billboard, the ground, and
+/// full and medium detail with one set) is an ordinary indexed draw of that mesh. A LOD with
+/// several sets draws the run `0, 1, 2, ...` as far as its largest mesh, and the vertex stage
+/// looks up the corner's index in the mesh of the instance's species' set (from `table`): one
+/// indirect draw per LOD still covers every species. That costs a vertex-stage invocation per
+/// corner instead of per vertex, and smaller meshes pad with empty triangles.
 #[derive(Clone, Debug)]
 pub struct Meshes {
     /// Vertices of every mesh.
@@ -144,10 +148,14 @@ pub struct Meshes {
     /// Indices of every mesh (relative to each mesh's `vertex_offset`), then `0, 1, 2, ...`:
     /// the run every draw indexes, so that the vertex stage sees the corner number.
     pub indices: Vec<u32>,
-    /// The draws of full, medium and billboard: as many corners as that LOD's largest mesh,
-    /// from the start of the run; vertex offset 0.
+    /// The draws of full, medium and billboard: the mesh itself where the LOD has one
+    /// (`fetch` false), else as many corners of the run as that LOD's largest mesh has
+    /// indices, vertex offset 0.
     pub lods: [DrawIndexedIndirect; 3],
-    /// The draw of the ground quad (the run's first 6 corners).
+    /// Per LOD: the draw indexes the run and the vertex stage fetches each corner's index
+    /// (several sets), or it indexes the mesh itself.
+    pub fetch: [bool; 3],
+    /// The draw of the ground quad.
     pub ground: DrawIndexedIndirect,
     /// Per mesh, `[first index, index count, vertex offset, 0]`: the ground, the billboard,
     /// then full and medium of each set in order.
@@ -325,22 +333,34 @@ impl Meshes {
                 .max()
                 .unwrap_or(0)
         };
-        let run = indices.len() as u32;
-        let counts = [corners(0), corners(1), 6];
-        let longest = counts.iter().copied().max().unwrap_or(6);
-        indices.extend(0..longest);
-        let draw = |index_count| DrawIndexedIndirect {
-            index_count,
+        let direct = |e: [u32; 4]| DrawIndexedIndirect {
+            index_count: e[1],
             instance_count: 0,
-            first_index: run,
-            vertex_offset: 0,
+            first_index: e[0],
+            vertex_offset: e[2] as i32,
             first_instance: 0,
         };
+        let fetch = [sets.len() > 1, sets.len() > 1, false];
+        let mut lods = [direct(table[2]), direct(table[3]), direct(table[1])];
+        if sets.len() > 1 {
+            let run = indices.len() as u32;
+            let longest = corners(0).max(corners(1));
+            indices.extend(0..longest);
+            for (lod, d) in lods.iter_mut().enumerate().take(2) {
+                *d = DrawIndexedIndirect {
+                    index_count: corners(lod),
+                    first_index: run,
+                    vertex_offset: 0,
+                    ..*d
+                };
+            }
+        }
         Ok(Self {
             vertices,
             indices,
-            lods: counts.map(draw),
-            ground: draw(6),
+            lods,
+            fetch,
+            ground: direct(table[0]),
             table,
             tree_vertices,
         })
@@ -745,6 +765,9 @@ struct DrawPush {
     /// Non-zero for the second occlusion phase's draws (they start after the first phase's
     /// entries of the list, a count the vertex stage reads from the cull pass's counters).
     second: u32,
+    /// Non-zero: the draw indexes the run, and the vertex stage fetches each corner's index
+    /// ([`Meshes::fetch`]).
+    fetch: u32,
 }
 
 /// Which of the cull pass's lists a draw records ([`DrawPass::record_phase`]).
@@ -792,6 +815,7 @@ pub struct DrawPass {
     atlas_image: u64,
     atlas_page: u32,
     lods: [DrawIndexedIndirect; 3],
+    fetch: [bool; 3],
     ground: DrawIndexedIndirect,
     options: DrawOptions,
     radius: f32,
@@ -923,6 +947,7 @@ impl DrawPass {
             atlas_image: atlas_page.id(),
             atlas_page: page_index,
             lods: meshes.lods,
+            fetch: meshes.fetch,
             ground: meshes.ground,
             options,
             radius: meshes.radius(),
@@ -1615,6 +1640,7 @@ impl DrawPass {
                         lod: l,
                         base: bases[l as usize],
                         second,
+                        fetch: u32::from(self.fetch[l as usize]),
                     });
                     d.cmd_draw_indexed_indirect(
                         cmd,
@@ -1731,8 +1757,15 @@ mod tests {
                 assert!(idx.iter().all(|&i| (i as usize) < count), "mesh {k}");
             }
             assert_eq!(m.vertices.len(), m.table[0][2] as usize + 4);
-            // Every draw indexes the run 0, 1, 2, ... as far as its largest mesh.
+            // A LOD of several sets indexes the run 0, 1, 2, ... as far as its largest mesh;
+            // one of a single mesh draws that mesh.
+            assert_eq!(m.fetch, [m.sets() > 1, m.sets() > 1, false]);
             for (lod, d) in m.lods.iter().enumerate() {
+                if !m.fetch[lod] {
+                    let e = m.table[if lod == 2 { 1 } else { 2 + lod }];
+                    assert_eq!([d.first_index, d.index_count, d.vertex_offset as u32, 0], e);
+                    continue;
+                }
                 let largest = m.table[1..]
                     .iter()
                     .enumerate()
@@ -1748,7 +1781,11 @@ mod tests {
                 let run = &m.indices[d.first_index as usize..][..d.index_count as usize];
                 assert!(run.iter().enumerate().all(|(i, &v)| v == i as u32));
             }
-            assert_eq!(m.ground.index_count, 6);
+            let g = m.ground;
+            assert_eq!(
+                [g.first_index, g.index_count, g.vertex_offset as u32, 0],
+                m.table[0]
+            );
         }
         let conifer = Meshes::trees();
         // Full detail has more triangles than medium, medium more than the billboard.

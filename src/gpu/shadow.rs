@@ -116,7 +116,9 @@ struct ShadowPush {
     lod: u32,
     base: u32,
     species_count: u32,
-    pad: u32,
+    /// Non-zero: the draw indexes the run and the vertex stage fetches each corner's index
+    /// ([`Meshes::fetch`]).
+    fetch: u32,
 }
 
 const _: () = assert!(
@@ -179,6 +181,7 @@ pub struct ShadowMaps {
     mesh_table: Option<Buffer>,
     /// The meshes' draws ([`Meshes::lods`]): the cull pass must have been built with them.
     lods: [DrawIndexedIndirect; 3],
+    fetch: [bool; 3],
     mesh_sets: u32,
     species_meshes: SpeciesMeshes,
     species: Option<Buffer>,
@@ -320,6 +323,7 @@ impl ShadowMaps {
             indices: None,
             mesh_table: None,
             lods: meshes.lods,
+            fetch: meshes.fetch,
             mesh_sets: meshes.sets(),
             species_meshes: SpeciesMeshes::default(),
             species: None,
@@ -826,7 +830,7 @@ impl ShadowMaps {
                         lod: l,
                         base: bases[l as usize],
                         species_count,
-                        pad: 0,
+                        fetch: u32::from(self.fetch[l as usize]),
                     };
                     d.cmd_push_constants(
                         cmd,

@@ -4,7 +4,7 @@
 //! wgpu, and writes a PNG. It prints the budget and what wgpu and understory each hold.
 //!
 //! Run: `cargo run --release -p understory-wgpu --example forest -- --frames 60 --png forest.png`
-//! (options: `--trees N`, `--size WxH`, `--wgpu-pressure MiB`, `--squeeze`). Validation follows
+//! (options: `--trees N`, `--size WxH`, `--wgpu-pressure MiB`, `--squeeze`, `--mesh-sets N`). Validation follows
 //! `UNDERSTORY_VALIDATION` (`required` turns on the Khronos layer with synchronization
 //! validation; `gpu-assisted` adds GPU-assisted validation). `tests/wgpu_host.rs` runs this code.
 
@@ -39,6 +39,10 @@ pub struct Options {
     /// Squeeze the vegetation cap to a quarter of what the forest holds in the middle third, and
     /// despawn and respawn patches every frame.
     pub squeeze: bool,
+    /// Mesh sets: 1 draws every species with understory's conifer (set 0); N adds N - 1 more
+    /// copies of it and spreads the species over the sets, so the image is the same while the
+    /// full and medium draws take the path of several sets ([`Forest::add_meshes`]).
+    pub mesh_sets: u32,
     /// The context's settings (validation from the environment by default).
     pub shared: SharedDeviceDesc,
 }
@@ -53,6 +57,7 @@ impl Default for Options {
             png: None,
             wgpu_pressure_mib: 0,
             squeeze: false,
+            mesh_sets: 1,
             shared: SharedDeviceDesc::default(),
         }
     }
@@ -303,6 +308,12 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
             })
         })
         .collect::<understory::Result<_>>()?;
+    for _ in 1..options.mesh_sets {
+        forest.add_meshes(understory::gpu::draw::TreeMeshes::conifer())?;
+    }
+    for (k, s) in species.iter().enumerate() {
+        forest.set_species_meshes(*s, k as u32 % options.mesh_sets.max(1))?;
+    }
     let generated = understory_cli::demo::forest(forest.vegetation().config(), options.trees, 1);
     let mut live: Vec<(PatchId, usize, usize)> = Vec::new();
     for (i, (sp, instances)) in generated.iter().enumerate() {
@@ -545,6 +556,7 @@ fn main() -> Result<(), BoxError> {
             "--png" => options.png = Some(value()?.into()),
             "--wgpu-pressure" => options.wgpu_pressure_mib = value()?.parse()?,
             "--squeeze" => options.squeeze = true,
+            "--mesh-sets" => options.mesh_sets = value()?.parse()?,
             "--size" => {
                 let v = value()?;
                 let (w, h) = v.split_once('x').ok_or("--size WxH")?;

@@ -46,6 +46,12 @@
 //! wgpu resources a frame drew into are held until then too: wgpu does not see the raw
 //! encoder's uses.
 //!
+//! A host that submits itself (Bevy) takes the frame's command buffers with
+//! [`SharedDevice::finish`] and announces the frame with [`SharedDevice::host_submitted`]
+//! after its own `Queue::submit`. Where the cull and the draws are separate steps of the host's
+//! frame, [`Forest::cull`] goes into one part, [`SharedDevice::resume`] reopens the frame,
+//! and [`Forest::draw`] goes into the next ([`Forest::render`] is both).
+//!
 //! The alternative, understory submitting its own command buffers with semaphores between
 //! them and wgpu's, needs both to lock the one `VkQueue` around every submission; wgpu takes no
 //! lock of ours, so that would be undefined behaviour as soon as two threads submit.
@@ -1013,11 +1019,47 @@ impl SharedDevice {
             });
         Ok(WgpuFrame {
             shared: self,
-            frame,
+            frame: Some(frame),
             prep: Vec::new(),
-            raw,
+            raw: Some(raw),
             keep: Vec::new(),
             poisoned: None,
+            resumed: false,
+        })
+    }
+
+    /// Opens the frame of a [`HostFrame`] again, to record more of it into new command buffers
+    /// (the next part, e.g. the draws after [`Forest::cull`]), which a later
+    /// [`SharedDevice::finish`] returns with a new `HostFrame`. The command buffers the host
+    /// already has from the earlier `finish` stay part of the frame: they must be submitted
+    /// before the new ones (queue order) and before the new `HostFrame` is announced.
+    ///
+    /// A resumed frame cannot be given to [`SharedDevice::submit`] (understory would announce
+    /// it before the host submitted the earlier part): [`Error::Lifecycle`]. Dropped, refused
+    /// or failed, it is announced at the next [`SharedDevice::begin_frame`] as submitted by
+    /// then, as a dropped `HostFrame` is.
+    pub fn resume(&self, mut host: HostFrame) -> Result<WgpuFrame<'_>> {
+        if host.device_id != self.id {
+            return Err(Error::Lifecycle(
+                "SharedDevice::resume: a frame of another shared device".into(),
+            ));
+        }
+        let Some((frame, keep)) = host.frame.take() else {
+            return Err(Error::Lifecycle("HostFrame already announced".into()));
+        };
+        let raw = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("understory: frame (resumed)"),
+            });
+        Ok(WgpuFrame {
+            shared: self,
+            frame: Some(frame),
+            prep: Vec::new(),
+            raw: Some(raw),
+            keep,
+            poisoned: None,
+            resumed: true,
         })
     }
 
@@ -1026,26 +1068,20 @@ impl SharedDevice {
     /// error (the frame is dropped and its command buffers discarded).
     fn finish_frame(
         &self,
-        frame: WgpuFrame<'_>,
+        mut frame: WgpuFrame<'_>,
     ) -> Result<(Frame, Vec<wgpu::CommandBuffer>, Vec<Keep>)> {
-        let WgpuFrame {
-            shared,
-            frame,
-            prep,
-            raw,
-            keep,
-            poisoned,
-        } = frame;
-        if !std::ptr::eq(shared, self) {
+        if !std::ptr::eq(frame.shared, self) {
             return Err(Error::Lifecycle(
                 "SharedDevice::submit: a frame of another shared device".into(),
             ));
         }
-        if let Some(e) = poisoned {
+        // On every error below, dropping `frame` drops it (or, resumed, sends it to limbo).
+        if let Some(e) = &frame.poisoned {
             return Err(Error::Lifecycle(format!(
                 "the frame's recording failed, so it was not submitted: {e}"
             )));
         }
+        let keep = &frame.keep;
         // A texture or buffer the raw commands use, destroyed since they were recorded, made
         // the command buffer invalid: it is discarded (never ended, never submitted).
         // SAFETY (each `as_hal`): only whether the hal object still exists is read, one guard
@@ -1056,14 +1092,16 @@ impl SharedDevice {
             Keep::Buffer(b) => unsafe { b.as_hal::<Vulkan>() }.is_none(),
         });
         if destroyed {
-            drop((raw, prep, frame, keep));
             return Err(Error::InvalidInput(
                 "a target or buffer of the frame was destroyed before submit: the frame was dropped (nothing of it ran)".into(),
             ));
         }
-        let mut cmds = prep;
+        let (Some(f), Some(raw)) = (frame.frame.take(), frame.raw.take()) else {
+            return Err(Error::Lifecycle("the frame was finished already".into()));
+        };
+        let mut cmds = std::mem::take(&mut frame.prep);
         cmds.push(raw.finish());
-        Ok((frame, cmds, keep))
+        Ok((f, cmds, std::mem::take(&mut frame.keep)))
     }
 
     /// Announces a submitted frame: completion comes from wgpu's callback on the latest
@@ -1109,6 +1147,12 @@ impl SharedDevice {
         before: impl IntoIterator<Item = wgpu::CommandBuffer>,
         after: impl IntoIterator<Item = wgpu::CommandBuffer>,
     ) -> Result<wgpu::SubmissionIndex> {
+        if frame.resumed {
+            // Dropped here: announced at the next begin_frame, after the host's submit.
+            return Err(Error::Lifecycle(
+                "SharedDevice::submit: a resumed frame's earlier part is the host's to submit: finish it instead".into(),
+            ));
+        }
         let (frame, ours, keep) = self.finish_frame(frame)?;
         let mut fl = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         let cmds: Vec<wgpu::CommandBuffer> = before.into_iter().chain(ours).chain(after).collect();
@@ -1135,7 +1179,10 @@ impl SharedDevice {
     /// Each returned command buffer is passed to `Queue::submit` of this device's queue, or
     /// dropped, before the returned [`HostFrame`] is handed to
     /// [`SharedDevice::host_submitted`] or dropped (either announces the frame as submitted;
-    /// completion is then taken from a submission made after that moment).
+    /// completion is then taken from a submission made after that moment). After
+    /// [`SharedDevice::resume`], the same holds for the `HostFrame` a later `finish` of the
+    /// frame returns (or the resumed frame's drop), and the earlier part's command buffers are
+    /// submitted before the later part's.
     pub unsafe fn finish(
         &self,
         frame: WgpuFrame<'_>,
@@ -1281,21 +1328,45 @@ pub struct RawTargets {
 
 /// One frame of the shared device: understory's frame, and the wgpu encoders its commands go
 /// into. Submit it with [`SharedDevice::submit`]; dropped instead, nothing of it reaches the
-/// GPU.
+/// GPU (a resumed frame, [`SharedDevice::resume`], is announced instead: part of it is the
+/// host's).
 pub struct WgpuFrame<'d> {
     shared: &'d SharedDevice,
-    frame: Frame,
+    /// `Some` from `begin_frame` or `resume` until `finish_frame` (which consumes the frame)
+    /// or `drop` takes it.
+    frame: Option<Frame>,
     /// Transition command buffers, each validated by wgpu when made.
     prep: Vec<wgpu::CommandBuffer>,
-    raw: wgpu::CommandEncoder,
+    /// `Some` as `frame`.
+    raw: Option<wgpu::CommandEncoder>,
     keep: Vec<Keep>,
     poisoned: Option<String>,
+    /// An earlier part went to the host ([`SharedDevice::resume`]).
+    resumed: bool,
+}
+
+impl Drop for WgpuFrame<'_> {
+    fn drop(&mut self) {
+        if !self.resumed {
+            return; // the frame is dropped: nothing of it was given out
+        }
+        // Its earlier part is the host's: announced at the next begin_frame (or shutdown), as
+        // submitted by then (`finish`'s contract), like a dropped HostFrame.
+        if let Some(f) = self.frame.take() {
+            let keep = std::mem::take(&mut self.keep);
+            self.shared
+                .limbo
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((f, keep));
+        }
+    }
 }
 
 impl std::fmt::Debug for WgpuFrame<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WgpuFrame")
-            .field("value", &self.frame.value())
+            .field("value", &self.frame.as_ref().map(Frame::value))
             .field("poisoned", &self.poisoned)
             .finish_non_exhaustive()
     }
@@ -1304,7 +1375,10 @@ impl std::fmt::Debug for WgpuFrame<'_> {
 impl WgpuFrame<'_> {
     /// understory's frame.
     pub fn frame(&self) -> &Frame {
-        &self.frame
+        // Only `finish_frame` (which consumes `self`) and `drop` take it.
+        self.frame
+            .as_ref()
+            .expect("a WgpuFrame holds its frame until it is finished or dropped")
     }
 
     /// Takes a colour and a depth texture of the app's for this frame: checks them, has wgpu
@@ -1459,12 +1533,14 @@ impl WgpuFrame<'_> {
                 "the frame's recording already failed: {e}"
             )));
         }
-        let frame = &self.frame;
+        let (Some(frame), Some(raw)) = (&self.frame, &mut self.raw) else {
+            return Err(Error::Lifecycle("the frame was finished already".into()));
+        };
         // SAFETY: the raw encoder is used only through as_hal_mut (never the wgpu API, so
         // wgpu's "no mixing" rule holds); its command buffer is open and not ended here; the
         // caller vouches for what is recorded.
         let out = unsafe {
-            self.raw.as_hal_mut::<Vulkan, _, _>(|enc| match enc {
+            raw.as_hal_mut::<Vulkan, _, _>(|enc| match enc {
                 Some(enc) => {
                     let cmd = enc.raw_handle();
                     record(frame, cmd)
@@ -1555,6 +1631,8 @@ pub struct Forest {
     meshes: Meshes,
     /// Species drawn with another set than 0.
     species_meshes: Vec<(SpeciesId, u32)>,
+    /// The frame (value, device) culled and not drawn yet.
+    culled: Option<(u64, u64)>,
     device_id: u64,
     color: vk::Format,
     depth: vk::Format,
@@ -1646,6 +1724,7 @@ impl Forest {
             mesh_sets: vec![TreeMeshes::conifer()],
             meshes: Meshes::trees(),
             species_meshes: Vec::new(),
+            culled: None,
             device_id: shared.id,
             color,
             depth,
@@ -1739,10 +1818,11 @@ impl Forest {
         self.draw.as_ref().map(DrawPass::radius)
     }
 
-    /// One frame: the budget controller and residency ([`Vegetation::update`]), uploads, the
-    /// GPU cull, and the draws into `color` and `depth` (loaded, not cleared: the app clears
-    /// or draws them first, in a command buffer submitted before the frame's), then the
-    /// indirect arguments copied into [`Forest::indirect_args`].
+    /// One frame: [`Forest::cull`] then [`Forest::draw`]: the budget controller and residency
+    /// ([`Vegetation::update`]), uploads, the GPU cull, and the draws into `color` and `depth`
+    /// (loaded, not cleared: the app clears or draws them first, in a command buffer submitted
+    /// before the frame's), with the indirect arguments copied into
+    /// [`Forest::indirect_args`].
     ///
     /// Checked: the frame is of this forest's device; the targets are 2D, one layer, one
     /// sample, `RENDER_ATTACHMENT`, of the forest's formats and one size, alive and of this
@@ -1765,9 +1845,26 @@ impl Forest {
         color: &wgpu::Texture,
         depth: &wgpu::Texture,
     ) -> Result<UpdateReport> {
+        self.check_targets(frame, color, depth)?;
+        // Every target check before anything is recorded.
+        let targets = frame.targets(color, depth)?;
+        // SAFETY: the caller's promises cover both parts.
+        let update = unsafe { self.cull(frame, view) }?;
+        // SAFETY: as above; `targets` are this frame's.
+        unsafe { self.draw_targets(frame, &targets) }?;
+        Ok(update)
+    }
+
+    /// The frame's checks of the targets that need no recording.
+    fn check_targets(
+        &self,
+        frame: &WgpuFrame<'_>,
+        color: &wgpu::Texture,
+        depth: &wgpu::Texture,
+    ) -> Result<()> {
         if frame.shared.id != self.device_id {
             return Err(Error::Lifecycle(
-                "Forest::render: a frame of another shared device".into(),
+                "Forest: a frame of another shared device".into(),
             ));
         }
         if color.format() != self.desc.color_format || depth.format() != self.desc.depth_format {
@@ -1779,8 +1876,42 @@ impl Forest {
                 self.desc.depth_format
             )));
         }
+        Ok(())
+    }
+
+    /// The first part of a frame: the budget controller and residency
+    /// ([`Vegetation::update`]), uploads, the GPU cull for `view`, the draw constants, and the
+    /// indirect arguments copied into [`Forest::indirect_args`] (and the host-readable copy
+    /// [`Forest::last_drawn`] reads). [`Forest::draw`] follows in the same frame, in this
+    /// command buffer or a later one of the same submission or a later one
+    /// ([`SharedDevice::resume`] after [`SharedDevice::finish`]: a host whose cull and draws
+    /// are separate systems). A frame culled and never drawn draws nothing; its uploads count.
+    ///
+    /// Checked: the frame is of this forest's device, the view is finite, a species is
+    /// registered; not culled twice in one frame ([`Error::InvalidInput`] or
+    /// [`Error::Lifecycle`], nothing recorded).
+    ///
+    /// # Safety
+    /// No other thread destroys [`Forest::indirect_args`]'s buffer from this call until the
+    /// frame is submitted or dropped (see [`Forest::render`]).
+    pub unsafe fn cull(
+        &mut self,
+        frame: &mut WgpuFrame<'_>,
+        view: &ForestView,
+    ) -> Result<UpdateReport> {
+        if frame.shared.id != self.device_id {
+            return Err(Error::Lifecycle(
+                "Forest::cull: a frame of another shared device".into(),
+            ));
+        }
         if !(view.eye.is_finite() && view.view_proj.is_finite() && view.fog_m > 0.0) {
             return Err(Error::InvalidInput(format!("view {view:?}")));
+        }
+        let value = frame.frame().value();
+        if self.culled.is_some_and(|(v, _)| v == value) {
+            return Err(Error::Lifecycle(
+                "Forest::cull: this frame was culled already".into(),
+            ));
         }
         // SAFETY: only whether the hal buffer still exists is read.
         if unsafe { self.args.buffer.as_hal::<Vulkan>() }.is_none() {
@@ -1788,10 +1919,9 @@ impl Forest {
                 "the forest's indirect-args buffer was destroyed: make a new Forest".into(),
             ));
         }
-        let targets = frame.targets(color, depth)?;
         if self.draw.is_none() {
             let page = self.veg.atlas_page(0).ok_or_else(|| {
-                Error::Lifecycle("Forest::render: register a species first (no atlas page)".into())
+                Error::Lifecycle("Forest::cull: register a species first (no atlas page)".into())
             })?;
             let draw = DrawPass::with_meshes(
                 frame.shared.context(),
@@ -1813,7 +1943,7 @@ impl Forest {
         };
         let update = self
             .veg
-            .update(&frame.frame, Viewer::with_view(view.eye, view.view_proj))?;
+            .update(frame.frame(), Viewer::with_view(view.eye, view.view_proj))?;
         let cull_view = CullView::new(
             view.view_proj,
             view.eye,
@@ -1831,12 +1961,11 @@ impl Forest {
         );
         let regions = self.veg.species_regions();
         frame.copy_target(&self.args.buffer)?;
-        let value = frame.frame.value();
         let slot = (value % self.counts.len() as u64) as usize;
         // A slot still waiting for its frame is skipped this frame (throttling keeps it free).
         let counts = match self.counts.get_mut(slot) {
             Some((buffer, f)) if f.is_none() => {
-                buffer.used_in(&frame.frame)?;
+                buffer.used_in(frame.frame())?;
                 *f = Some(value);
                 Some(buffer.raw())
             }
@@ -1845,18 +1974,125 @@ impl Forest {
         let (veg, cull, args_raw) = (&mut self.veg, &mut self.cull, self.args_raw);
         let device = frame.shared.context().device().clone();
         // SAFETY: understory's objects are recorded through their own functions for this
-        // frame; the wgpu targets are used in the layouts `targets` moved them into and left
-        // there, with a barrier before (the app's work on them) and after (anything later);
-        // the args buffer is alive (checked above; no other thread destroys it or the
-        // targets during this call: the caller's promise), held for the frame and copied into
-        // after a barrier from the cull's writes; the rendering scope is closed before
-        // returning.
+        // frame; the args buffer is alive (checked above; no other thread destroys it during
+        // this call: the caller's promise), held for the frame, and copied into after a
+        // barrier from the cull's writes; no rendering scope is opened.
         unsafe {
             frame.record(|f, cmd| {
                 veg.record(f, cmd)?;
                 let sources: Vec<_> = veg.cull_sources().into_iter().map(|(s, _)| s).collect();
                 cull.record(f, cmd, &sources, &cull_view)?;
                 draw.prepare(f, cmd, cull, &constants, &regions)?;
+                // The cull's arguments into the app's wgpu buffer (and the host's copy).
+                let args = cull.args()?;
+                let mb = [vk::MemoryBarrier::default()
+                    .src_access_mask(vk::AccessFlags::SHADER_WRITE)
+                    .dst_access_mask(vk::AccessFlags::TRANSFER_READ)];
+                device.cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::DependencyFlags::empty(),
+                    &mb,
+                    &[],
+                    &[],
+                );
+                let whole = [vk::BufferCopy {
+                    src_offset: 0,
+                    dst_offset: 0,
+                    size: args.size(),
+                }];
+                device.cmd_copy_buffer(cmd, args.raw(), args_raw, &whole);
+                if let Some(counts) = counts {
+                    device.cmd_copy_buffer(cmd, args.raw(), counts, &whole);
+                    let host = [vk::MemoryBarrier::default()
+                        .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+                        .dst_access_mask(vk::AccessFlags::HOST_READ)];
+                    device.cmd_pipeline_barrier(
+                        cmd,
+                        vk::PipelineStageFlags::TRANSFER,
+                        vk::PipelineStageFlags::HOST,
+                        vk::DependencyFlags::empty(),
+                        &host,
+                        &[],
+                        &[],
+                    );
+                }
+                // Anything later (the app's reads of the args buffer) after the copy.
+                let after = [vk::MemoryBarrier::default()
+                    .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+                    .dst_access_mask(vk::AccessFlags::MEMORY_READ | vk::AccessFlags::MEMORY_WRITE)];
+                device.cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::PipelineStageFlags::ALL_COMMANDS,
+                    vk::DependencyFlags::empty(),
+                    &after,
+                    &[],
+                    &[],
+                );
+                Ok(())
+            })?;
+        }
+        self.culled = Some((value, frame.shared.id));
+        Ok(update)
+    }
+
+    /// The second part of a frame: the draws of what [`Forest::cull`] kept in this frame into
+    /// `color` and `depth` (loaded, not cleared), with the barriers around them.
+    ///
+    /// Checked: the frame is of this forest's device and was culled ([`Forest::cull`]) and not
+    /// drawn yet; the targets as in [`Forest::render`] ([`Error::InvalidInput`] or
+    /// [`Error::Lifecycle`], nothing recorded).
+    ///
+    /// # Safety
+    /// No other thread destroys `color` or `depth` from this call until the frame is
+    /// submitted or dropped (see [`Forest::render`]).
+    pub unsafe fn draw(
+        &mut self,
+        frame: &mut WgpuFrame<'_>,
+        color: &wgpu::Texture,
+        depth: &wgpu::Texture,
+    ) -> Result<()> {
+        self.check_targets(frame, color, depth)?;
+        self.check_culled(frame)?;
+        let targets = frame.targets(color, depth)?;
+        // SAFETY: the caller's promise; `targets` are this frame's.
+        unsafe { self.draw_targets(frame, &targets) }
+    }
+
+    fn check_culled(&self, frame: &WgpuFrame<'_>) -> Result<()> {
+        if self.culled != Some((frame.frame().value(), frame.shared.id)) {
+            return Err(Error::Lifecycle(
+                "Forest::draw: cull this frame first (Forest::cull), once per draw".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Forest::draw`] into targets [`WgpuFrame::targets`] returned for this frame.
+    ///
+    /// # Safety
+    /// As [`Forest::draw`].
+    unsafe fn draw_targets(
+        &mut self,
+        frame: &mut WgpuFrame<'_>,
+        targets: &RawTargets,
+    ) -> Result<()> {
+        self.check_culled(frame)?;
+        let targets = *targets;
+        let (Some(draw), Some(page)) = (self.draw.as_ref(), self.veg.atlas_page(0)) else {
+            return Err(Error::Lifecycle("Forest::draw: no draw pass".into()));
+        };
+        let cull = &self.cull;
+        let device = frame.shared.context().device().clone();
+        // SAFETY: understory's objects are recorded through their own functions for this
+        // frame, after the cull recorded in it (checked: `culled`); the wgpu targets are used in
+        // the layouts `targets` moved them into and left there, with a barrier before (the
+        // app's work on them) and after (anything later); no other thread destroys them during
+        // this call (the caller's promise); the rendering scope is closed before returning.
+        unsafe {
+            frame.record(|f, cmd| {
                 attachment_barrier(&device, cmd, &targets, Edge::Before);
                 let color_att = [vk::RenderingAttachmentInfo::default()
                     .image_view(targets.color.1)
@@ -1876,70 +2112,16 @@ impl Forest {
                     .layer_count(1)
                     .color_attachments(&color_att)
                     .depth_attachment(&depth_att);
-                let page = veg
-                    .atlas_page(0)
-                    .ok_or_else(|| Error::Lifecycle("no atlas page".into()))?;
                 device.cmd_begin_rendering(cmd, &rendering);
                 let drawn = draw.record(f, cmd, cull, page, targets.extent);
                 device.cmd_end_rendering(cmd);
                 drawn?;
-                // The cull's arguments into the app's wgpu buffer.
-                let args = cull.args()?;
-                let mb = [vk::MemoryBarrier::default()
-                    .src_access_mask(
-                        vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::INDIRECT_COMMAND_READ,
-                    )
-                    .dst_access_mask(
-                        vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE,
-                    )];
-                device.cmd_pipeline_barrier(
-                    cmd,
-                    vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::DRAW_INDIRECT,
-                    vk::PipelineStageFlags::TRANSFER,
-                    vk::DependencyFlags::empty(),
-                    &mb,
-                    &[],
-                    &[],
-                );
-                device.cmd_copy_buffer(
-                    cmd,
-                    args.raw(),
-                    args_raw,
-                    &[vk::BufferCopy {
-                        src_offset: 0,
-                        dst_offset: 0,
-                        size: args.size(),
-                    }],
-                );
-                if let Some(counts) = counts {
-                    device.cmd_copy_buffer(
-                        cmd,
-                        args.raw(),
-                        counts,
-                        &[vk::BufferCopy {
-                            src_offset: 0,
-                            dst_offset: 0,
-                            size: args.size(),
-                        }],
-                    );
-                    let host = [vk::MemoryBarrier::default()
-                        .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
-                        .dst_access_mask(vk::AccessFlags::HOST_READ)];
-                    device.cmd_pipeline_barrier(
-                        cmd,
-                        vk::PipelineStageFlags::TRANSFER,
-                        vk::PipelineStageFlags::HOST,
-                        vk::DependencyFlags::empty(),
-                        &host,
-                        &[],
-                        &[],
-                    );
-                }
                 attachment_barrier(&device, cmd, &targets, Edge::After);
                 Ok(())
             })?;
         }
-        Ok(update)
+        self.culled = None;
+        Ok(())
     }
 }
 

@@ -393,6 +393,20 @@ fn render_image(
     depth_clear: f32,
     frames: u32,
 ) -> Vec<u8> {
+    render_image_as(shared, forest, view, depth_clear, frames, false)
+}
+
+/// As [`render_image`]; with `split`, as a host whose cull and draws are separate systems
+/// would: `Forest::cull`, `finish`, `resume`, `Forest::draw`, `finish`, one `Queue::submit`
+/// of both parts by the test, `host_submitted`.
+fn render_image_as(
+    shared: &SharedDevice,
+    forest: &mut Forest,
+    view: &ForestView,
+    depth_clear: f32,
+    frames: u32,
+    split: bool,
+) -> Vec<u8> {
     let device = shared.device();
     let (w, h) = (128u32, 96u32);
     let texture = |format, usage| texture(device, (w, h), format, usage);
@@ -437,6 +451,40 @@ fn render_image(
             });
         }
         let mut frame = shared.begin_frame().expect("frame");
+        if split {
+            // SAFETY: one thread; nothing is destroyed.
+            unsafe { forest.cull(&mut frame, view) }.expect("cull");
+            // SAFETY: both parts' command buffers go to the queue below, in order, before the
+            // last HostFrame is announced.
+            let (first, host) = unsafe { shared.finish(frame) }.expect("finish the cull");
+            let mut frame = shared.resume(host).expect("resume");
+            // SAFETY: as above.
+            unsafe { forest.draw(&mut frame, &color, &depth) }.expect("draw");
+            // SAFETY: as above.
+            let (second, host) = unsafe { shared.finish(frame) }.expect("finish the draws");
+            let mut cmds = vec![enc.finish()];
+            cmds.extend(first);
+            cmds.extend(second);
+            if f + 1 == frames {
+                let mut enc = device.create_command_encoder(&Default::default());
+                enc.copy_texture_to_buffer(
+                    color.as_image_copy(),
+                    wgpu::TexelCopyBufferInfo {
+                        buffer: &readback,
+                        layout: wgpu::TexelCopyBufferLayout {
+                            offset: 0,
+                            bytes_per_row: Some(w * 4),
+                            rows_per_image: None,
+                        },
+                    },
+                    color.size(),
+                );
+                cmds.push(enc.finish());
+            }
+            shared.queue().submit(cmds);
+            shared.host_submitted(host).expect("announce");
+            continue;
+        }
         // SAFETY: one thread; nothing is destroyed.
         unsafe { forest.render(&mut frame, view, &color, &depth) }.expect("render");
         let mut after = Vec::new();
@@ -654,6 +702,74 @@ fn species_draw_with_their_own_meshes() {
         "refused changes change nothing"
     );
     drop((a, b));
+    let log = shared.message_log();
+    let report = shared.shutdown().expect("shutdown");
+    assert!(report.leaks.is_empty(), "{:?}", report.leaks);
+    let m = log.read();
+    assert_eq!(m.layer + m.wgpu, 0, "{:?}", m.texts);
+}
+
+#[test]
+fn cull_and_draws_in_separate_parts_of_a_frame() {
+    use understory::gpu::draw::DrawOptions;
+    let Some(shared) = shared("wgpu_cull_draw_parts") else {
+        return;
+    };
+    let eye = glam::Vec3::new(14.0, 6.0, -12.0);
+    let look = glam::Mat4::look_at_rh(eye, glam::Vec3::new(14.0, 2.0, 20.0), glam::Vec3::Y);
+    let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
+    let view = ForestView {
+        eye,
+        view_proj: flip * glam::Mat4::perspective_rh(1.0, 128.0 / 96.0, 0.5, 1000.0) * look,
+        fog_m: 700.0,
+    };
+    let options = DrawOptions {
+        ground: false,
+        ..Default::default()
+    };
+    let mut a = small_forest(&shared, options);
+    let whole = render_image(&shared, &mut a, &view, 1.0, 3);
+    let mut b = small_forest(&shared, options);
+    let parts = render_image_as(&shared, &mut b, &view, 1.0, 3, true);
+    let drawn = whole.chunks(4).filter(|p| p[..3] != [0, 0, 0]).count();
+    assert!(drawn > 2000, "trees cover the view: {drawn} px");
+    assert!(
+        whole == parts,
+        "render and cull + draw in two parts draw the same image"
+    );
+
+    // Misuse is a typed error with nothing recorded, and never leaves a frame unannounced.
+    let device = shared.device().clone();
+    let t = |format, usage| texture(&device, (128, 96), format, usage);
+    let color = t(
+        wgpu::TextureFormat::Rgba8Unorm,
+        wgpu::TextureUsages::RENDER_ATTACHMENT,
+    );
+    let depth = t(
+        wgpu::TextureFormat::Depth32Float,
+        wgpu::TextureUsages::RENDER_ATTACHMENT,
+    );
+    let mut frame = shared.begin_frame().expect("frame");
+    // SAFETY (every call below): one thread; nothing is destroyed.
+    let undrawn = unsafe { b.draw(&mut frame, &color, &depth) };
+    assert!(matches!(undrawn, Err(Error::Lifecycle(_))), "{undrawn:?}");
+    unsafe { b.cull(&mut frame, &view) }.expect("cull");
+    let twice = unsafe { b.cull(&mut frame, &view) };
+    assert!(matches!(twice, Err(Error::Lifecycle(_))), "{twice:?}");
+    // SAFETY: the first part's command buffers are submitted below before the frame is
+    // announced (the resumed part's refusal sends it to be announced at the next frame).
+    let (first, host) = unsafe { shared.finish(frame) }.expect("finish");
+    let mut resumed = shared.resume(host).expect("resume");
+    unsafe { b.draw(&mut resumed, &color, &depth) }.expect("draw");
+    let again = unsafe { b.draw(&mut resumed, &color, &depth) };
+    assert!(matches!(again, Err(Error::Lifecycle(_))), "{again:?}");
+    shared.queue().submit(first);
+    // The plain submit refuses a resumed frame; it is announced at the next begin_frame.
+    let refused = shared.submit(resumed, [], []);
+    assert!(matches!(refused, Err(Error::Lifecycle(_))), "{refused:?}");
+    let frame = shared.begin_frame().expect("the next frame begins");
+    shared.submit(frame, [], []).expect("submit");
+    drop((a, b, color, depth, device));
     let log = shared.message_log();
     let report = shared.shutdown().expect("shutdown");
     assert!(report.leaks.is_empty(), "{:?}", report.leaks);

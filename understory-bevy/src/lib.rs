@@ -29,11 +29,14 @@
 //! - **Render world, `Render` / `RenderSystems::Prepare`** (`UnderstorySystems::Update`):
 //!   the queued spawns and despawns reach understory's vegetation (a despawned patch is
 //!   retired frame-fenced: freed once the GPU passed its last frame).
-//! - **`Core3d` / `Core3dSystems::MainPass`** (`UnderstorySystems::Cull` and `Draw`), after
-//!   the opaque pass and before the transparent one, for the first camera with
-//!   [`VegetationCamera`]: the budget controller, residency, uploads, GPU cull and indirect
-//!   draws into the camera's colour and depth textures, depth-tested against Bevy's reversed
-//!   depth, as command buffers in Bevy's own submission (`RenderContext::add_command_buffer`).
+//! - **`Core3d` / `Core3dSystems::MainPass`**, after the opaque pass and before the
+//!   transparent one, for the first camera with [`VegetationCamera`], as command buffers in
+//!   Bevy's own submission (`RenderContext::add_command_buffer`):
+//!   - `UnderstorySystems::Cull`: the budget controller, residency, uploads and the GPU cull
+//!     (`Forest::cull`);
+//!   - `UnderstorySystems::Draw`: the indirect draws into the camera's colour and depth
+//!     textures, depth-tested against Bevy's reversed depth (`Forest::draw`, the same
+//!     understory frame reopened with `SharedDevice::resume`).
 //! - **`RenderSystems::Cleanup`** (`UnderstorySystems::Cleanup`), after Bevy submitted: the
 //!   frame is announced to understory (`SharedDevice::host_submitted`); its completion comes
 //!   from wgpu.
@@ -85,12 +88,11 @@ pub enum UnderstorySystems {
     Init,
     /// Main world: patch changes queued; render world: applied to the vegetation.
     Update,
-    /// Render world, `Core3d`: before the vegetation's recording (for systems that must run
-    /// before the cull). Empty today: the controller, residency, uploads and the GPU cull are
-    /// recorded with the draws, by the one system in `Draw`, into one command buffer.
+    /// Render world, `Core3d`: the budget controller, residency, uploads and the GPU cull for
+    /// the vegetation camera, as command buffers in Bevy's submission.
     Cull,
-    /// Render world, `Core3d`: the budget controller, residency, uploads, GPU cull and
-    /// indirect draws into the camera's targets.
+    /// Render world, `Core3d`: the indirect draws of what the cull kept, into the camera's
+    /// main and depth textures (after `Cull`, in the same frame).
     Draw,
     /// Main world: removed patches queued for despawn; render world: the frame announced.
     Cleanup,
@@ -475,7 +477,13 @@ impl Plugin for UnderstoryPlugin {
                         .in_set(UnderstorySystems::Cleanup),
                 ),
             )
-            .add_systems(Core3d, draw_vegetation.in_set(UnderstorySystems::Draw));
+            .add_systems(
+                Core3d,
+                (
+                    cull_vegetation.in_set(UnderstorySystems::Cull),
+                    draw_vegetation.in_set(UnderstorySystems::Draw),
+                ),
+            );
     }
 }
 
@@ -544,6 +552,8 @@ fn queue_removals(bridge: Res<Bridge>, mut removed: RemovedComponents<Vegetation
 struct RenderState {
     // Dropped in this order by `Drop`: the pending frame, the forest, then the device.
     pending: Option<HostFrame>,
+    /// The view whose cull is in `pending`, until its draws are recorded.
+    culled_view: Option<Entity>,
     forest: Option<Forest>,
     shared: Option<SharedDevice>,
     patches: HashMap<Entity, PatchId>,
@@ -587,6 +597,7 @@ impl RenderState {
         };
         Self {
             pending: None,
+            culled_view: None,
             forest,
             shared: Some(shared),
             patches: HashMap::new(),
@@ -762,23 +773,28 @@ fn apply_patches(bridge: Res<Bridge>, forest: Res<RenderForest>) {
     state.apply(commands);
 }
 
-/// Render world, `Core3d`: budget, residency, uploads, cull and draws for the vegetation
-/// camera, into its targets, as command buffers in Bevy's submission.
-fn draw_vegetation(
-    view: ViewQuery<(
-        &ExtractedView,
-        &ViewTarget,
-        &ViewDepthTexture,
-        &VegetationCamera,
-    )>,
+/// The camera's views of the vegetation camera, as `Core3d`'s systems see them.
+type VegetationView = (
+    &'static ExtractedView,
+    &'static ViewTarget,
+    &'static ViewDepthTexture,
+    &'static VegetationCamera,
+);
+
+/// Render world, `Core3d`, [`UnderstorySystems::Cull`]: for the first vegetation camera of the
+/// frame, the budget controller, residency, uploads and the GPU cull, as command buffers in
+/// Bevy's submission. The frame stays open for [`draw_vegetation`].
+fn cull_vegetation(
+    view: ViewQuery<VegetationView>,
     forest: Res<RenderForest>,
     mut ctx: RenderContext,
 ) {
-    let (extracted, target, depth, _) = view.into_inner();
+    let entity = view.entity();
+    let (extracted, _, _, _) = view.into_inner();
     let mut guard = forest.lock();
     let state = &mut *guard;
     if state.pending.is_some() {
-        // Another vegetation camera drew this frame already.
+        // Another vegetation camera culled this frame already.
         return;
     }
     let (Some(shared), Some(forest)) = (state.shared.as_ref(), state.forest.as_mut()) else {
@@ -802,12 +818,12 @@ fn draw_vegetation(
     };
     let result = (|| -> Result<(Vec<understory_wgpu::wgpu::CommandBuffer>, HostFrame)> {
         let mut frame = shared.begin_frame()?;
-        // SAFETY: Bevy destroys a view's textures only when the view goes away, outside
-        // this system and after the frame's submission, never from another thread during it.
-        unsafe { forest.render(&mut frame, &view, target.main_texture(), &depth.texture) }?;
-        // SAFETY: the command buffers go to Bevy's pending list right below, which
-        // `camera_driver` submits in this frame's render schedule; `announce_frame` (in
-        // RenderSystems::Cleanup, after that submit) hands the HostFrame back.
+        // SAFETY: the args buffer is the forest's own; nothing destroys it.
+        unsafe { forest.cull(&mut frame, &view) }?;
+        // SAFETY: the command buffers go to Bevy's pending list right below, which Bevy
+        // submits in this frame's render schedule, before those of `draw_vegetation` (system
+        // order); `announce_frame` (in RenderSystems::Cleanup, after that submit) hands the
+        // last HostFrame of the frame back.
         unsafe { shared.finish(frame) }
     })();
     match result {
@@ -816,15 +832,62 @@ fn draw_vegetation(
                 ctx.add_command_buffer(c);
             }
             state.pending = Some(host);
+            state.culled_view = Some(entity);
             state.frames += 1;
         }
-        Err(e) => state.error("the vegetation frame", &e),
+        Err(e) => state.error("the vegetation cull", &e),
+    }
+}
+
+/// Render world, `Core3d`, [`UnderstorySystems::Draw`]: the draws of what
+/// [`cull_vegetation`] kept, into the camera's main and depth textures, as command buffers in
+/// Bevy's submission after the cull's.
+fn draw_vegetation(
+    view: ViewQuery<VegetationView>,
+    forest: Res<RenderForest>,
+    mut ctx: RenderContext,
+) {
+    let entity = view.entity();
+    let (_, target, depth, _) = view.into_inner();
+    let mut guard = forest.lock();
+    let state = &mut *guard;
+    if state.culled_view != Some(entity) {
+        return; // another camera's frame, or nothing culled
+    }
+    state.culled_view = None;
+    let (Some(shared), Some(forest), Some(host)) = (
+        state.shared.as_ref(),
+        state.forest.as_mut(),
+        state.pending.take(),
+    ) else {
+        return;
+    };
+    let result = (|| -> Result<(Vec<understory_wgpu::wgpu::CommandBuffer>, HostFrame)> {
+        // A failure below drops the resumed frame: it is announced at the next begin_frame
+        // (its cull's command buffers are Bevy's to submit), never dropped.
+        let mut frame = shared.resume(host)?;
+        // SAFETY: Bevy destroys a view's textures only when the view goes away, outside
+        // this system and after the frame's submission, never from another thread during it.
+        unsafe { forest.draw(&mut frame, target.main_texture(), &depth.texture) }?;
+        // SAFETY: as in `cull_vegetation`: Bevy submits these after the cull's, and
+        // `announce_frame` hands the HostFrame back after that submit.
+        unsafe { shared.finish(frame) }
+    })();
+    match result {
+        Ok((cmds, host)) => {
+            for c in cmds {
+                ctx.add_command_buffer(c);
+            }
+            state.pending = Some(host);
+        }
+        Err(e) => state.error("the vegetation draws", &e),
     }
 }
 
 /// Render world, after Bevy's submit: announce the frame, publish the budget.
 fn announce_frame(bridge: Res<Bridge>, forest: Res<RenderForest>) {
     let mut state = forest.lock();
+    state.culled_view = None;
     if let Some(pending) = state.pending.take() {
         let r = state.shared.as_ref().map(|s| s.host_submitted(pending));
         if let Some(Err(e)) = r {

@@ -205,9 +205,21 @@ fn shaded(in: VertexOut, texel: vec4<f32>, shade: f32) -> vec3<f32> {
     return rgb;
 }
 
+// The colours are meant as the bytes a UNORM attachment stores; an sRGB one encodes what is
+// written, so there they are decoded first (flag 2, `DrawFrame::SRGB_TARGET`).
+fn to_target(c: vec3<f32>) -> vec3<f32> {
+    if (frame.params.y & 2u) == 0u {
+        return c;
+    }
+    let x = clamp(c, vec3<f32>(0.0), vec3<f32>(1.0));
+    let lo = x / 12.92;
+    let hi = pow((x + 0.055) / 1.055, vec3<f32>(2.4));
+    return select(hi, lo, x <= vec3<f32>(0.04045));
+}
+
 fn fogged(in: VertexOut, rgb: vec3<f32>) -> vec4<f32> {
     let f = clamp(distance(in.world, frame.camera.xyz) / frame.fog.w, 0.0, 1.0);
-    return vec4<f32>(mix(rgb, frame.fog.rgb, f * f), 1.0);
+    return vec4<f32>(to_target(mix(rgb, frame.fog.rgb, f * f)), 1.0);
 }
 
 @fragment

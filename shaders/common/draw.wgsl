@@ -9,7 +9,7 @@ struct DrawFrame {
     fog: vec4<f32>,
     // Ground rectangle: lowest x, lowest z, side (metres); w unused.
     ground: vec4<f32>,
-    // x: entries per LOD list (the cull pass's capacity); y: flags (1 = tint by LOD);
+    // x: unused; y: flags (1 = tint by LOD, 2 = sRGB target: decode before writing);
     // z: species in the table; w unused.
     params: vec4<u32>,
 }

@@ -689,7 +689,7 @@ pub struct DrawFrame {
     pub fog: [f32; 4],
     /// Ground rectangle: lowest x, lowest z, side in metres.
     pub ground: [f32; 4],
-    /// x: unused; y: flags ([`DrawFrame::LOD_TINT`]); z: species in the table (set by
+    /// x: unused; y: flags ([`DrawFrame::LOD_TINT`], [`DrawFrame::SRGB_TARGET`]); z: species in the table (set by
     /// [`DrawPass::prepare`]).
     pub params: [u32; 4],
 }
@@ -705,6 +705,11 @@ const _: () =
 impl DrawFrame {
     /// Flag: colour instances by LOD (full red, medium yellow, billboard blue).
     pub const LOD_TINT: u32 = 1;
+    /// Flag set by [`DrawPass::prepare`] for a pass built for an sRGB colour format: the
+    /// colours (sky and fog included) are meant as the bytes a UNORM target stores, so the
+    /// fragment stage decodes them before the attachment encodes them again, and an sRGB
+    /// target stores the same bytes (within rounding).
+    pub const SRGB_TARGET: u32 = 2;
 
     /// Frame constants for a camera, with a default sun, sky and fog.
     pub fn new(
@@ -729,6 +734,20 @@ impl DrawFrame {
     pub fn sky(&self) -> [f32; 4] {
         [self.fog[0], self.fog[1], self.fog[2], 1.0]
     }
+}
+
+/// Whether attachments of `format` encode what the shader writes as sRGB.
+fn is_srgb(format: vk::Format) -> bool {
+    matches!(
+        format,
+        vk::Format::R8_SRGB
+            | vk::Format::R8G8_SRGB
+            | vk::Format::R8G8B8_SRGB
+            | vk::Format::B8G8R8_SRGB
+            | vk::Format::R8G8B8A8_SRGB
+            | vk::Format::B8G8R8A8_SRGB
+            | vk::Format::A8B8G8R8_SRGB_PACK32
+    )
 }
 
 /// How a [`DrawPass`] fits the host's frame ([`DrawPass::with_options`]).
@@ -818,6 +837,8 @@ pub struct DrawPass {
     fetch: [bool; 3],
     ground: DrawIndexedIndirect,
     options: DrawOptions,
+    /// The colour format is sRGB ([`DrawFrame::SRGB_TARGET`]).
+    srgb_target: bool,
     radius: f32,
     bounds: InstanceBounds,
     vertices: Option<Buffer>,
@@ -950,6 +971,7 @@ impl DrawPass {
             fetch: meshes.fetch,
             ground: meshes.ground,
             options,
+            srgb_target: is_srgb(color_format),
             radius: meshes.radius(),
             bounds: meshes.bounds(),
             vertices: None,
@@ -1253,6 +1275,10 @@ impl DrawPass {
         let species_uv = species_table(species, self.atlas_page, &self.species_meshes)?;
         let mut f = *constants;
         f.params[0] = 0;
+        f.params[1] &= !DrawFrame::SRGB_TARGET;
+        if self.srgb_target {
+            f.params[1] |= DrawFrame::SRGB_TARGET;
+        }
         f.params[2] = species_uv.len() as u32;
         if !cull.args()?.belongs_to(&self.shared) {
             return Err(Error::Lifecycle(

@@ -320,7 +320,9 @@ fn fly(
                 o.budget = budget.clone();
                 o.live_entities = live;
                 if let Some(data) = img.data.as_ref() {
-                    let sky = SKY.map(|c| (linear_to_srgb(c) * 255.0).round() as u8);
+                    // The sky is stored as the demo's bytes (`Color::srgb`, and understory's fog
+                    // decoded for the sRGB target).
+                    let sky = SKY.map(|c| (c * 255.0).round() as u8);
                     o.drawn_pixels = data
                         .chunks(4)
                         .filter(|p| p[..3].iter().zip(&sky).any(|(a, b)| a.abs_diff(*b) > 8))
@@ -356,14 +358,6 @@ fn set_cap(world: &mut World, cap: u64) {
     world.insert_resource(understory_bevy::VegetationCap(cap));
 }
 
-fn linear_to_srgb(c: f32) -> f32 {
-    if c <= 0.003_130_8 {
-        c * 12.92
-    } else {
-        1.055 * c.powf(1.0 / 2.4) - 0.055
-    }
-}
-
 /// Runs the app.
 pub fn run(options: &Options) -> Result<Outcome, BoxError> {
     let mut settings = ForestSettings {
@@ -395,7 +389,7 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
     )
     .add_plugins(ScheduleRunnerPlugin::run_loop(Duration::ZERO))
     .add_plugins(plugin)
-    .insert_resource(ClearColor(Color::linear_rgb(SKY[0], SKY[1], SKY[2])))
+    .insert_resource(ClearColor(Color::srgb(SKY[0], SKY[1], SKY[2])))
     .insert_resource(Run {
         options: options.clone(),
         shot: Handle::default(),

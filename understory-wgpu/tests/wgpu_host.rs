@@ -347,10 +347,20 @@ fn small_forest_and_species(
     shared: &SharedDevice,
     draw: understory::gpu::draw::DrawOptions,
 ) -> (Forest, understory::vegetation::SpeciesId) {
+    small_forest_in(shared, draw, wgpu::TextureFormat::Rgba8Unorm)
+}
+
+/// [`small_forest_and_species`] for colour targets of `format`.
+fn small_forest_in(
+    shared: &SharedDevice,
+    draw: understory::gpu::draw::DrawOptions,
+    color_format: wgpu::TextureFormat,
+) -> (Forest, understory::vegetation::SpeciesId) {
     let mut forest = Forest::new(
         shared,
         &ForestDesc {
             draw,
+            color_format,
             ..Default::default()
         },
     )
@@ -407,11 +417,28 @@ fn render_image_as(
     frames: u32,
     split: bool,
 ) -> Vec<u8> {
+    render_image_in(
+        shared,
+        forest,
+        view,
+        (depth_clear, frames, split),
+        wgpu::TextureFormat::Rgba8Unorm,
+    )
+}
+
+/// As [`render_image_as`] ((depth clear, frames, split)) into a colour target of `format`.
+fn render_image_in(
+    shared: &SharedDevice,
+    forest: &mut Forest,
+    view: &ForestView,
+    (depth_clear, frames, split): (f32, u32, bool),
+    format: wgpu::TextureFormat,
+) -> Vec<u8> {
     let device = shared.device();
     let (w, h) = (128u32, 96u32);
     let texture = |format, usage| texture(device, (w, h), format, usage);
     let color = texture(
-        wgpu::TextureFormat::Rgba8Unorm,
+        format,
         wgpu::TextureUsages::RENDER_ATTACHMENT | wgpu::TextureUsages::COPY_SRC,
     );
     let depth = texture(
@@ -770,6 +797,47 @@ fn cull_and_draws_in_separate_parts_of_a_frame() {
     let frame = shared.begin_frame().expect("the next frame begins");
     shared.submit(frame, [], []).expect("submit");
     drop((a, b, color, depth, device));
+    let log = shared.message_log();
+    let report = shared.shutdown().expect("shutdown");
+    assert!(report.leaks.is_empty(), "{:?}", report.leaks);
+    let m = log.read();
+    assert_eq!(m.layer + m.wgpu, 0, "{:?}", m.texts);
+}
+
+#[test]
+fn an_srgb_target_stores_the_same_colours() {
+    use understory::gpu::draw::DrawOptions;
+    let Some(shared) = shared("wgpu_srgb_target") else {
+        return;
+    };
+    let eye = glam::Vec3::new(14.0, 6.0, -12.0);
+    let look = glam::Mat4::look_at_rh(eye, glam::Vec3::new(14.0, 2.0, 20.0), glam::Vec3::Y);
+    let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
+    let view = ForestView {
+        eye,
+        view_proj: flip * glam::Mat4::perspective_rh(1.0, 128.0 / 96.0, 0.5, 1000.0) * look,
+        fog_m: 60.0,
+    };
+    let image = |format| {
+        let (mut forest, _) = small_forest_in(&shared, DrawOptions::default(), format);
+        render_image_in(&shared, &mut forest, &view, (1.0, 3, false), format)
+    };
+    let unorm = image(wgpu::TextureFormat::Rgba8Unorm);
+    let srgb = image(wgpu::TextureFormat::Rgba8UnormSrgb);
+    let drawn = unorm.chunks(4).filter(|p| p[..3] != [0, 0, 0]).count();
+    let worst = unorm
+        .iter()
+        .zip(&srgb)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    eprintln!("srgb target: {drawn} px drawn, largest byte difference {worst}");
+    assert!(drawn > 4000, "{drawn} px");
+    // Decoding then encoding an 8-bit value comes back within one step of rounding.
+    assert!(
+        worst <= 1,
+        "the sRGB target stores what the UNORM one does (largest difference {worst})"
+    );
     let log = shared.message_log();
     let report = shared.shutdown().expect("shutdown");
     assert!(report.leaks.is_empty(), "{:?}", report.leaks);

@@ -539,7 +539,7 @@ impl Frame {
     }
     /// This frame's identity, for state kept from one recording call to the next within a
     /// frame: a dropped frame's value is given to the next frame, its tag is not.
-    pub(crate) fn tag(&self) -> FrameTag {
+    pub fn tag(&self) -> FrameTag {
         FrameTag {
             value: self.value,
             fate: self.fate.clone(),
@@ -624,16 +624,17 @@ impl From<Rejected> for Error {
 }
 
 /// Which frame something was recorded for: its value and its identity (the frame's fate,
-/// kept alive by the tag, so no later frame can have it).
+/// kept alive by the tag, so no later frame can have it). For state a host keeps from one
+/// recording call to the next within a frame ([`Frame::tag`]).
 #[derive(Clone, Debug)]
-pub(crate) struct FrameTag {
+pub struct FrameTag {
     value: u64,
     fate: Arc<AtomicU8>,
 }
 
 impl FrameTag {
     /// Whether this is `frame`'s tag (not that of a dropped frame with the same value).
-    pub(crate) fn is(&self, frame: &Frame) -> bool {
+    pub fn is(&self, frame: &Frame) -> bool {
         self.value == frame.value && Arc::ptr_eq(&self.fate, &frame.fate)
     }
 
@@ -643,7 +644,7 @@ impl FrameTag {
     }
 
     /// The frame's value.
-    pub(crate) fn value(&self) -> u64 {
+    pub fn value(&self) -> u64 {
         self.value
     }
 }

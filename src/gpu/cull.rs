@@ -619,7 +619,10 @@ pub struct CullPass {
     batch: usize,
     compaction: Compaction,
     capacity: u32,
+    /// What the arguments are written with (and were, by the last record).
     meshes: [DrawIndexedIndirect; 3],
+    /// [`CullPass::set_meshes`], taken by the next record that writes the arguments.
+    next_meshes: Option<[DrawIndexedIndirect; 3]>,
     set_layout: vk::DescriptorSetLayout,
     layout: vk::PipelineLayout,
     /// Occlusion phases and cascades compiled in (made at the first use that needs it).
@@ -806,6 +809,7 @@ impl CullPass {
             compaction,
             capacity,
             meshes,
+            next_meshes: None,
             caps: [0; 3],
             sizer: None,
             readbacks: Vec::new(),
@@ -1113,11 +1117,12 @@ impl CullPass {
         [at, at + self.caps[0], at + self.caps[0] + self.caps[1]]
     }
 
-    /// Draw `meshes` from the next [`CullPass::record`] on (the arguments are written each
-    /// frame): for a draw pass rebuilt with other mesh sets
-    /// ([`DrawPass::lod_meshes`](crate::gpu::draw::DrawPass::lod_meshes)).
+    /// Draw `meshes` from the next [`CullPass::record`] (or [`CullPass::record_first`]) on:
+    /// for a draw pass rebuilt with other mesh sets
+    /// ([`DrawPass::lod_meshes`](crate::gpu::draw::DrawPass::lod_meshes)). Until that record,
+    /// [`CullPass::meshes`] stays what the arguments were written with.
     pub fn set_meshes(&mut self, meshes: [DrawIndexedIndirect; 3]) {
-        self.meshes = meshes;
+        self.next_meshes = Some(meshes);
     }
 
     /// Each LOD's index count, first index and vertex offset ([`CullDesc::meshes`]): what the
@@ -1506,6 +1511,13 @@ impl CullPass {
         occlusion: Option<(&DepthPyramid, &Occlusion)>,
     ) -> Result<()> {
         let value = frame.value();
+        if occlusion.is_none() {
+            // This record writes the arguments: from now on with `set_meshes`' meshes (a draw
+            // recorded after it in its frame checks them against its own).
+            if let Some(m) = self.next_meshes.take() {
+                self.meshes = m;
+            }
+        }
         let stride = table_stride(self.batch);
         let pipeline = if phase == Phase::Single && self.views == 1 {
             self.plain

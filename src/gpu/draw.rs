@@ -74,9 +74,11 @@ pub const MAX_MESH_SETS: usize = 256;
 /// Most indices (three per triangle) of one mesh. Every instance of a LOD runs the vertex
 /// stage as many times as the largest set's mesh of that LOD has indices (smaller meshes end
 /// in empty triangles), so one heavy mesh costs every species of its LOD.
-pub const MAX_MESH_INDICES: usize = 1 << 18;
+pub const MAX_MESH_INDICES: usize = 3 * 87_381;
 /// Most vertices of one mesh.
 pub const MAX_MESH_VERTICES: usize = 1 << 18;
+/// Largest coordinate of a mesh vertex, in tree heights (the mesh is of a tree of scale 1).
+pub const MAX_MESH_EXTENT: f32 = 1024.0;
 
 impl TreeMeshes {
     /// understory's conifer: a bark trunk and stacked foliage cones, at full (12 sides, 3
@@ -100,8 +102,8 @@ impl TreeMeshes {
     }
 
     /// [`Error::InvalidInput`] unless both meshes have 1..=[`MAX_MESH_INDICES`] indices in
-    /// whole triangles, each less than the vertex count (at most [`MAX_MESH_VERTICES`]), and
-    /// finite positions, normals and texture coordinates.
+    /// whole triangles, each less than the vertex count (at most [`MAX_MESH_VERTICES`]),
+    /// positions within ±[`MAX_MESH_EXTENT`], and finite normals and texture coordinates.
     pub fn check(&self) -> Result<()> {
         for (name, m) in [("full", &self.full), ("medium", &self.medium)] {
             let bad = |why: String| Err(Error::InvalidInput(format!("{name} mesh: {why}")));
@@ -121,12 +123,13 @@ impl TreeMeshes {
             if let Some(i) = m.indices.iter().find(|&&i| i as usize >= m.vertices.len()) {
                 return bad(format!("index {i} of {} vertices", m.vertices.len()));
             }
-            if let Some(v) = m
-                .vertices
-                .iter()
-                .find(|v| !(v.position.iter().chain(&v.normal).chain(&v.uv)).all(|x| x.is_finite()))
-            {
-                return bad(format!("vertex {v:?} is not finite"));
+            if let Some(v) = m.vertices.iter().find(|v| {
+                !(v.normal.iter().chain(&v.uv).all(|x| x.is_finite())
+                    && v.position.iter().all(|x| x.abs() <= MAX_MESH_EXTENT))
+            }) {
+                return bad(format!(
+                    "vertex {v:?}: positions within ±{MAX_MESH_EXTENT}, finite normals and uv"
+                ));
             }
         }
         Ok(())
@@ -364,6 +367,33 @@ impl Meshes {
             table,
             tree_vertices,
         })
+    }
+
+    /// [`Error::InvalidInput`] unless each of the buffers the passes bind (vertices, indices,
+    /// table) fits the device's `maxStorageBufferRange` (128 MiB on many devices: about 3.7M
+    /// vertices). [`DrawPass::with_meshes`] and
+    /// [`ShadowMaps::with_meshes`](crate::gpu::shadow::ShadowMaps::with_meshes) check it.
+    pub fn fits(&self, ctx: &Context) -> Result<()> {
+        let range = u64::from(ctx.adapter().limits.max_storage_buffer_range);
+        let bytes = self.largest_buffer();
+        if bytes > range {
+            return Err(Error::InvalidInput(format!(
+                "meshes: a buffer of {bytes} bytes, past the device's maxStorageBufferRange of {range}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the largest of the buffers the passes bind (vertices, indices, table).
+    pub fn largest_buffer(&self) -> u64 {
+        [
+            size_of_val(self.vertices.as_slice()),
+            size_of_val(self.indices.as_slice()),
+            size_of_val(self.table.as_slice()),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0) as u64
     }
 
     /// [`TreeMeshes::conifer`] as the only set.
@@ -935,6 +965,7 @@ impl DrawPass {
             vk::QueueFlags::GRAPHICS,
         )?;
         check_atlas_page(shared, atlas_page)?;
+        meshes.fits(ctx)?;
         let mut this = Self {
             shared: shared.clone(),
             last_use: AtomicU64::new(0),
@@ -1856,11 +1887,15 @@ mod tests {
         empty.full = Mesh::default();
         let mut nan = ok.clone();
         nan.full.vertices[3].normal[1] = f32::NAN;
+        // Finite, but its radius would overflow to infinity.
+        let mut huge = ok.clone();
+        huge.medium.vertices[0].position = [3e38; 3];
         for (what, bad) in [
             ("index out of range", out_of_range),
             ("partial triangle", partial),
             ("empty", empty),
             ("NaN normal", nan),
+            ("past the extent", huge),
         ] {
             match Meshes::new(&[ok.clone(), bad]) {
                 Err(Error::InvalidInput(m)) => assert!(m.contains("mesh set 1"), "{what}: {m}"),

@@ -232,6 +232,7 @@ impl ShadowMaps {
             vk::QueueFlags::GRAPHICS,
         )?;
         check_atlas_page(shared, atlas_page)?;
+        meshes.fits(ctx)?;
         // At most 2^16 texels a tile: the image's extent below cannot overflow (the device's
         // limits are checked after it).
         if !(1..=MAX_CASCADES).contains(&desc.cascades)

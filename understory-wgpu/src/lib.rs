@@ -83,7 +83,7 @@ use glam::{Mat4, Vec3};
 use understory::error::{Error, Result};
 use understory::gpu::adapter::{Adapter, DeviceType};
 use understory::gpu::budget::{BudgetSource, DriverBudget, HeapBudgets, RawHeap, Source};
-use understory::gpu::context::{Context, ContextOptions, Frame, HostHandles};
+use understory::gpu::context::{Context, ContextOptions, Frame, FrameTag, HostHandles};
 use understory::gpu::cull::{Compaction, CullDesc, CullPass, CullView, WIDE_SOURCES_PER_DISPATCH};
 use understory::gpu::debug::{Canary, messenger_create_info};
 use understory::gpu::draw::{DrawFrame, DrawOptions, DrawPass, Meshes, TreeMeshes};
@@ -1631,8 +1631,12 @@ pub struct Forest {
     meshes: Meshes,
     /// Species drawn with another set than 0.
     species_meshes: Vec<(SpeciesId, u32)>,
-    /// The frame (value, device) culled and not drawn yet.
-    culled: Option<(u64, u64)>,
+    /// The frame last culled, and whether it was drawn.
+    culled: Option<(FrameTag, bool)>,
+    /// [`Forest::add_meshes`] changed the sets: the next cull builds the draw pass again.
+    rebuild_draw: bool,
+    /// The device's `maxStorageBufferRange` (mesh buffers must fit it).
+    storage_range: u64,
     device_id: u64,
     color: vk::Format,
     depth: vk::Format,
@@ -1725,6 +1729,8 @@ impl Forest {
             meshes: Meshes::trees(),
             species_meshes: Vec::new(),
             culled: None,
+            rebuild_draw: false,
+            storage_range: u64::from(ctx.adapter().limits.max_storage_buffer_range),
             device_id: shared.id,
             color,
             depth,
@@ -1744,17 +1750,26 @@ impl Forest {
 
     /// Adds a mesh set (full and medium detail, [`TreeMeshes::check`]ed) and returns its
     /// number for [`Forest::set_species_meshes`]. Set 0 is understory's conifer, which every
-    /// species draws with until told otherwise. The draw pass is rebuilt at the next render
-    /// (the old one retires once its last frame completed). [`Error::InvalidInput`] for a
-    /// mesh `check` refuses or past [`MAX_MESH_SETS`](understory::gpu::draw::MAX_MESH_SETS) sets; nothing changes then.
+    /// species draws with until told otherwise. The draw pass is rebuilt at the next
+    /// [`Forest::cull`] (the old one retires once its last frame completed; a frame culled
+    /// already draws with it). [`Error::InvalidInput`] for a mesh `check` refuses, past
+    /// [`MAX_MESH_SETS`](understory::gpu::draw::MAX_MESH_SETS) sets, or mesh buffers past the
+    /// device's `maxStorageBufferRange` ([`Meshes::fits`]); nothing changes then.
     pub fn add_meshes(&mut self, meshes: TreeMeshes) -> Result<u32> {
         let mut sets = self.mesh_sets.clone();
         sets.push(meshes);
         let built = Meshes::new(&sets)?;
+        let bytes = built.largest_buffer();
+        if bytes > self.storage_range {
+            return Err(Error::InvalidInput(format!(
+                "add_meshes: a mesh buffer of {bytes} bytes, past the device's maxStorageBufferRange of {}",
+                self.storage_range
+            )));
+        }
         self.cull.set_meshes(built.lods);
         self.mesh_sets = sets;
         self.meshes = built;
-        self.draw = None;
+        self.rebuild_draw = true;
         Ok(self.meshes.sets() - 1)
     }
 
@@ -1773,7 +1788,8 @@ impl Forest {
                 self.meshes.sets()
             )));
         }
-        if let Some(draw) = &self.draw {
+        // A draw pass to be rebuilt takes the list at the next cull.
+        if let (Some(draw), false) = (&self.draw, self.rebuild_draw) {
             draw.set_species_meshes(species, set)?;
         }
         self.species_meshes.retain(|(s, _)| *s != species);
@@ -1908,7 +1924,11 @@ impl Forest {
             return Err(Error::InvalidInput(format!("view {view:?}")));
         }
         let value = frame.frame().value();
-        if self.culled.is_some_and(|(v, _)| v == value) {
+        if self
+            .culled
+            .as_ref()
+            .is_some_and(|(t, _)| t.is(frame.frame()))
+        {
             return Err(Error::Lifecycle(
                 "Forest::cull: this frame was culled already".into(),
             ));
@@ -1919,10 +1939,12 @@ impl Forest {
                 "the forest's indirect-args buffer was destroyed: make a new Forest".into(),
             ));
         }
-        if self.draw.is_none() {
+        if self.rebuild_draw || self.draw.is_none() {
             let page = self.veg.atlas_page(0).ok_or_else(|| {
                 Error::Lifecycle("Forest::cull: register a species first (no atlas page)".into())
             })?;
+            // The old pass retires at its last frame.
+            self.draw = None;
             let draw = DrawPass::with_meshes(
                 frame.shared.context(),
                 self.color,
@@ -1936,6 +1958,7 @@ impl Forest {
                 draw.set_species_meshes(species, set)?;
             }
             self.draw = Some(draw);
+            self.rebuild_draw = false;
         }
         self.read_counts();
         let Some(draw) = self.draw.as_ref() else {
@@ -2034,7 +2057,7 @@ impl Forest {
                 Ok(())
             })?;
         }
-        self.culled = Some((value, frame.shared.id));
+        self.culled = Some((frame.frame().tag(), false));
         Ok(update)
     }
 
@@ -2062,12 +2085,16 @@ impl Forest {
     }
 
     fn check_culled(&self, frame: &WgpuFrame<'_>) -> Result<()> {
-        if self.culled != Some((frame.frame().value(), frame.shared.id)) {
-            return Err(Error::Lifecycle(
-                "Forest::draw: cull this frame first (Forest::cull), once per draw".into(),
-            ));
+        // The frame's tag, not its value: a dropped frame's value goes to the next frame.
+        match &self.culled {
+            Some((t, false)) if t.is(frame.frame()) => Ok(()),
+            Some((t, true)) if t.is(frame.frame()) => Err(Error::Lifecycle(
+                "Forest::draw: this frame was drawn already".into(),
+            )),
+            _ => Err(Error::Lifecycle(
+                "Forest::draw: cull this frame first (Forest::cull)".into(),
+            )),
         }
-        Ok(())
     }
 
     /// [`Forest::draw`] into targets [`WgpuFrame::targets`] returned for this frame.
@@ -2120,7 +2147,9 @@ impl Forest {
                 Ok(())
             })?;
         }
-        self.culled = None;
+        if let Some((_, drawn)) = self.culled.as_mut() {
+            *drawn = true;
+        }
         Ok(())
     }
 }

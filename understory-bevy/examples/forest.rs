@@ -222,10 +222,16 @@ pub fn broadleaf() -> Result<TreeMeshes, understory::Error> {
             },
         ])
     };
-    Ok(TreeMeshes {
-        full: lod(10, 2)?,
-        medium: lod(5, 1)?,
-    })
+    // About the conifer's index counts (264 and 84): every instance of a LOD runs as many
+    // vertex-stage corners as that LOD's largest mesh has indices.
+    let full = lod(8, 1)?;
+    let medium = lod(4, 0)?;
+    log::info!(
+        "broadleaf: {} and {} indices (the conifer: 264 and 84)",
+        full.indices.len(),
+        medium.indices.len()
+    );
+    Ok(TreeMeshes { full, medium })
 }
 
 /// The broadleaf's billboard: its crown and trunk outline across understory's billboard quad

@@ -26,7 +26,7 @@ use bevy::window::{ExitCondition, WindowPlugin};
 use understory::gpu::draw::tree_billboard;
 use understory::world::instance::Instance;
 use understory_bevy::{
-    ExitReport, ForestSettings, TreeMeshes, TreePart, UnderstoryPlugin, VegetationCamera,
+    Density, ExitReport, ForestSettings, TreeMeshes, TreePart, UnderstoryPlugin, VegetationCamera,
     VegetationPatch, VegetationSpecies, VramBudget, tree_mesh,
 };
 
@@ -183,6 +183,23 @@ fn setup(
         patches.push((e, g));
     }
     run.patches = patches;
+    // And a grove from a density description: broadleaves scattered over most of the leaf
+    // tile at the world's centre (leaf tiles are 128 m from -1024 m).
+    match VegetationPatch::scatter(
+        run.species[BROADLEAF].clone(),
+        &Density {
+            size_m: Vec2::splat(120.0),
+            trees_per_hectare: 150.0,
+            scale: (10.0, 16.0),
+            tint: Color::srgb(0.45, 0.62, 0.22),
+            seed: 1,
+        },
+    ) {
+        Ok(grove) => {
+            commands.spawn((grove, Transform::from_xyz(4.0, 0.0, 4.0)));
+        }
+        Err(e) => log::error!("the grove: {e}"),
+    }
 }
 
 /// The demo species drawn as a broadleaf.
@@ -265,6 +282,7 @@ fn fly(
     mut run: ResMut<Run>,
     mut camera: Query<&mut Transform, With<VegetationCamera>>,
     budget: Res<VramBudget>,
+    patches: Query<(), With<VegetationPatch>>,
 ) {
     let f = frames.0;
     let n = run.options.frames.max(1);
@@ -316,7 +334,8 @@ fn fly(
         run.requested = true;
         let out = run.out.clone();
         let png = run.options.png.clone();
-        let live = run.patches.len() as u64;
+        // Every patch entity alive (the churned ones and the grove).
+        let live = patches.iter().count() as u64;
         commands.spawn(Screenshot::image(run.shot.clone())).observe(
             move |ev: On<ScreenshotCaptured>,
                   mut exit: MessageWriter<AppExit>,

@@ -225,6 +225,82 @@ pub struct VegetationPatch {
     pub instances: Arc<[Instance]>,
 }
 
+/// A density description of a patch, for [`VegetationPatch::scatter`]: trees scattered over
+/// a rectangle from the entity's origin (+x, +z), each with a random yaw, a scale in `scale`
+/// and `tint` varied by up to ±15% per tree. The same description and seed give the same trees.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Density {
+    /// The rectangle's size in metres along x and z.
+    pub size_m: Vec2,
+    /// Trees per hectare (10,000 m²).
+    pub trees_per_hectare: f32,
+    /// Smallest and largest tree scale (height in metres for understory's conifer).
+    pub scale: (f32, f32),
+    /// The trees' tint (foliage takes it; see [`TreePart::tint`]).
+    pub tint: Color,
+    /// Seed of the scatter.
+    pub seed: u64,
+}
+
+impl VegetationPatch {
+    /// A patch of `species` scattered as `density` describes (instance records made here,
+    /// once). [`Error::InvalidInput`] for a size, density or scale that is not finite and
+    /// positive (smallest ≤ largest), or more trees than a patch holds (65,536). The patch
+    /// must still lie in one leaf tile of the world (checked when it reaches the render world,
+    /// where a refusal is logged and counted in [`VramBudget::errors`]).
+    pub fn scatter(species: Handle<VegetationSpecies>, density: &Density) -> Result<Self> {
+        let d = density;
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if !(positive(d.size_m.x)
+            && positive(d.size_m.y)
+            && d.trees_per_hectare.is_finite()
+            && d.trees_per_hectare >= 0.0
+            && positive(d.scale.0)
+            && positive(d.scale.1)
+            && d.scale.0 <= d.scale.1)
+        {
+            return Err(Error::InvalidInput(format!("scatter: {d:?}")));
+        }
+        let count = (f64::from(d.size_m.x) * f64::from(d.size_m.y) / 10_000.0
+            * f64::from(d.trees_per_hectare))
+        .round();
+        if count > 65_536.0 {
+            return Err(Error::InvalidInput(format!(
+                "scatter: {count} trees, a patch holds at most 65,536"
+            )));
+        }
+        // SplitMix64: a small, well-mixed generator; the same seed gives the same trees.
+        let mut state = d.seed;
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let rgb = d.tint.to_srgba();
+        let instances: Arc<[Instance]> = (0..count as u32)
+            .map(|_| {
+                let (x, z) = (next() * d.size_m.x, next() * d.size_m.y);
+                let yaw = next() * std::f32::consts::TAU;
+                let scale = d.scale.0 + (d.scale.1 - d.scale.0) * next();
+                let v = 0.85 + 0.3 * next();
+                let byte = |c: f32| u32::from(((c * v).clamp(0.0, 1.0) * 255.0).round() as u8);
+                Instance {
+                    scale,
+                    yaw,
+                    tint: byte(rgb.red)
+                        | (byte(rgb.green) << 8)
+                        | (byte(rgb.blue) << 16)
+                        | (255 << 24),
+                    ..Instance::at(glam::Vec3::new(x, 0.0, z))
+                }
+            })
+            .collect();
+        Ok(Self { species, instances })
+    }
+}
+
 /// Marks the camera whose view the forest is culled for and drawn into (the first one, if
 /// several). Needs `Msaa::Off` and HDR off.
 #[derive(Component, Clone, Copy, Debug, Default, ExtractComponent)]
@@ -939,6 +1015,60 @@ mod tests {
         }
         .check()
         .expect("a valid LOD");
+    }
+
+    #[test]
+    fn scatter_follows_the_density_and_refuses_nonsense() {
+        let density = Density {
+            size_m: Vec2::new(30.0, 20.0),
+            trees_per_hectare: 500.0,
+            scale: (8.0, 12.0),
+            tint: Color::srgb(0.2, 0.5, 0.25),
+            seed: 7,
+        };
+        let p = VegetationPatch::scatter(Handle::default(), &density).expect("scatter");
+        // 600 m² at 500 per hectare.
+        assert_eq!(p.instances.len(), 30);
+        for i in p.instances.iter() {
+            let [x, y, z] = i.position;
+            assert!((0.0..30.0).contains(&x) && y == 0.0 && (0.0..20.0).contains(&z));
+            assert!((8.0..=12.0).contains(&i.scale) && i.is_finite());
+        }
+        let again = VegetationPatch::scatter(Handle::default(), &density).expect("scatter");
+        assert_eq!(
+            p.instances, again.instances,
+            "the same seed, the same trees"
+        );
+        let other = VegetationPatch::scatter(Handle::default(), &Density { seed: 8, ..density })
+            .expect("scatter");
+        assert_ne!(p.instances, other.instances);
+        for bad in [
+            Density {
+                size_m: Vec2::new(f32::NAN, 1.0),
+                ..density
+            },
+            Density {
+                trees_per_hectare: -1.0,
+                ..density
+            },
+            Density {
+                scale: (12.0, 8.0),
+                ..density
+            },
+            Density {
+                size_m: Vec2::new(1000.0, 1000.0),
+                trees_per_hectare: 1000.0,
+                ..density
+            },
+        ] {
+            assert!(
+                matches!(
+                    VegetationPatch::scatter(Handle::default(), &bad),
+                    Err(Error::InvalidInput(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

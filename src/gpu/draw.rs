@@ -1647,6 +1647,12 @@ impl DrawPass {
         // there: prepare_shadows' contract), which VUID-VkWriteDescriptorSet-descriptorType-04149
         // allows for a sampled image; the comparison sampler's filter is one the format
         // supports (VUID-vkCmdDraw-magFilter-04553).
+        // Meshes: the arguments index this pass's index buffer with this pass's ranges (the
+        // cull pass's meshes are the pass's `lods`, checked above, and the arguments were
+        // written with them); each index is in its mesh's vertices and each vertex-stage read
+        // of the mesh buffers stays in range (`Meshes::new` checked them; a corner past its
+        // mesh's index count reads nothing), and every buffer fits maxStorageBufferRange
+        // (`Meshes::fits`, VUID-VkWriteDescriptorSet-descriptorType-00333).
         unsafe {
             d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::GRAPHICS, pipeline);
             d.cmd_set_viewport(

@@ -51,7 +51,7 @@
 
 #![warn(missing_docs)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bevy::asset::{Asset, AssetId};
@@ -100,7 +100,11 @@ pub enum UnderstorySystems {
 
 /// A species: its billboard (RGBA8, `width × height`, the coarsest LOD), packed into the atlas
 /// when first used, and its full- and medium-detail meshes. Read once, when the first patch of
-/// it reaches the render world (later changes to the asset are not picked up).
+/// it reaches the render world (later changes to the asset are not picked up; a patch whose
+/// asset is not loaded yet waits for it). Removing the asset unregisters the species once no
+/// patch uses it (its atlas space is free again; a mesh set added for it stays, unused, and
+/// at most 255 can be added). The billboards of all species share the first atlas page
+/// (`VegetationConfig::atlas_page_px`); a species that does not fit it is refused.
 #[derive(Asset, TypePath, Clone, Debug)]
 pub struct VegetationSpecies {
     /// Name (for logs and stats).
@@ -215,7 +219,8 @@ pub fn tree_mesh(parts: &[TreePart<'_>]) -> Result<understory::gpu::draw::Mesh> 
 /// A patch of vegetation on an entity: instances of one species, relative to the entity's
 /// `Transform` translation. Spawning the entity spawns the patch; changing the component
 /// updates it; despawning the entity (or removing the component) retires its GPU resources,
-/// frame-fenced. A patch must lie in one leaf tile of the world.
+/// frame-fenced. A patch must lie in one leaf tile of the world; one without instances holds
+/// nothing.
 #[derive(Component, Clone, Debug)]
 #[require(Transform)]
 pub struct VegetationPatch {
@@ -334,7 +339,8 @@ pub struct VramBudget {
     /// Instances per LOD the last update counted (full, medium, billboard), on the CPU.
     pub lod_instances: [u64; 3],
     /// Instances per LOD the GPU drew in the latest completed frame (the cull's indirect
-    /// arguments, read back by understory).
+    /// arguments, read back by understory); zeros in a frame that drew no vegetation (no
+    /// vegetation camera, or its frame failed).
     pub drawn: [u64; 3],
     /// Frames rendered.
     pub frames: u64,
@@ -402,10 +408,13 @@ enum PatchCommand {
     Spawn {
         entity: Entity,
         species: AssetId<VegetationSpecies>,
-        species_data: Arc<VegetationSpecies>,
+        /// `None`: the asset is gone; the render world uses the species it registered.
+        species_data: Option<Arc<VegetationSpecies>>,
         instances: Vec<Instance>,
     },
     Despawn(Entity),
+    /// The species asset was removed: unregister it once no patch uses it.
+    ForgetSpecies(AssetId<VegetationSpecies>),
 }
 
 /// Shared between the two worlds.
@@ -501,6 +510,7 @@ impl Plugin for UnderstoryPlugin {
             return;
         }
         app.init_asset::<VegetationSpecies>()
+            .init_resource::<MainPatches>()
             .insert_resource(self.bridge.clone())
             .init_resource::<VramBudget>()
             .register_diagnostic(Diagnostic::new(HELD_BYTES).with_suffix(" B"))
@@ -521,13 +531,15 @@ impl Plugin for UnderstoryPlugin {
                 (
                     publish_budget.in_set(UnderstorySystems::Init),
                     (queue_cap, queue_patches).in_set(UnderstorySystems::Update),
-                    queue_removals.in_set(UnderstorySystems::Cleanup),
+                    (queue_removals, queue_species_removals).in_set(UnderstorySystems::Cleanup),
                 ),
             );
         for p in LOD_INSTANCES {
             app.register_diagnostic(Diagnostic::new(p));
         }
-        let state = RenderState::new(shared, settings);
+        let mut state = RenderState::new(shared, settings);
+        // The exit report goes to the main world even if the render world never runs.
+        state.bridge = Some(self.bridge.clone());
         let Some(render_app) = app.get_sub_app_mut(RenderApp) else {
             return; // checked above
         };
@@ -579,16 +591,45 @@ fn publish_budget(bridge: Res<Bridge>, mut budget: ResMut<VramBudget>, mut diag:
 type ChangedPatch = Or<(Changed<VegetationPatch>, Changed<Transform>)>;
 
 /// Main world: patches added or changed (or moved) go to the render world.
+/// Main world: patches whose species asset was not there yet (spawned once it is), and the
+/// species sent to the render world (a patch of a species whose asset was removed since still
+/// moves and changes with it: the render world keeps a species while patches use it).
+#[derive(Resource, Default)]
+struct MainPatches {
+    waiting: HashSet<Entity>,
+    sent: HashSet<AssetId<VegetationSpecies>>,
+}
+
 fn queue_patches(
     bridge: Res<Bridge>,
     species: Res<Assets<VegetationSpecies>>,
-    patches: Query<(Entity, &VegetationPatch, &Transform), ChangedPatch>,
+    mut main: ResMut<MainPatches>,
+    changed: Query<Entity, ChangedPatch>,
+    patches: Query<(&VegetationPatch, &Transform)>,
 ) {
     let mut b = bridge.lock();
-    for (entity, patch, transform) in &patches {
-        let Some(data) = species.get(&patch.species) else {
-            // The asset is not loaded yet: try again next frame.
-            continue;
+    let main = &mut *main;
+    let mut todo: Vec<Entity> = changed.iter().collect();
+    todo.extend(main.waiting.drain());
+    todo.sort_unstable();
+    todo.dedup();
+    for entity in todo {
+        let Ok((patch, transform)) = patches.get(entity) else {
+            continue; // despawned meanwhile
+        };
+        let id = patch.species.id();
+        let data = match species.get(id) {
+            Some(d) => {
+                main.sent.insert(id);
+                Some(Arc::new(d.clone()))
+            }
+            // Gone since it was sent: the render world has it (or says it does not).
+            None if main.sent.contains(&id) => None,
+            None => {
+                // The asset is not there yet: looked at again every frame until it is.
+                main.waiting.insert(entity);
+                continue;
+            }
         };
         let offset = glam::Vec3::from_array(transform.translation.to_array());
         let instances = patch
@@ -602,10 +643,27 @@ fn queue_patches(
             .collect();
         b.commands.push(PatchCommand::Spawn {
             entity,
-            species: patch.species.id(),
-            species_data: Arc::new(data.clone()),
+            species: id,
+            species_data: data,
             instances,
         });
+    }
+}
+
+/// Main world: a species asset removed goes from the render world too, once no patch uses it.
+fn queue_species_removals(
+    bridge: Res<Bridge>,
+    mut events: MessageReader<AssetEvent<VegetationSpecies>>,
+) {
+    for e in events.read() {
+        if let AssetEvent::Removed { id } = e {
+            // `MainPatches::sent` keeps the id: patches of it still move (the render world
+            // keeps the species while they use it).
+            bridge
+                .lock()
+                .commands
+                .push(PatchCommand::ForgetSpecies(*id));
+        }
     }
 }
 
@@ -617,9 +675,19 @@ fn queue_cap(bridge: Res<Bridge>, cap: Option<Res<VegetationCap>>) {
 }
 
 /// Main world: removed patches (and despawned entities) are retired.
-fn queue_removals(bridge: Res<Bridge>, mut removed: RemovedComponents<VegetationPatch>) {
+fn queue_removals(
+    bridge: Res<Bridge>,
+    mut main: ResMut<MainPatches>,
+    mut removed: RemovedComponents<VegetationPatch>,
+    still: Query<(), With<VegetationPatch>>,
+) {
     let mut b = bridge.lock();
     for e in removed.read() {
+        if still.contains(e) {
+            // Removed and inserted again since: its spawn (queued this frame) replaces it.
+            continue;
+        }
+        main.waiting.remove(&e);
         b.commands.push(PatchCommand::Despawn(e));
     }
 }
@@ -632,7 +700,10 @@ struct RenderState {
     culled_view: Option<Entity>,
     forest: Option<Forest>,
     shared: Option<SharedDevice>,
-    patches: HashMap<Entity, PatchId>,
+    /// Each patch entity's patch and species.
+    patches: HashMap<Entity, (PatchId, AssetId<VegetationSpecies>)>,
+    /// Species whose assets were removed, unregistered once no patch uses them.
+    forgetting: HashSet<AssetId<VegetationSpecies>>,
     species: HashMap<AssetId<VegetationSpecies>, SpeciesId>,
     errors: u64,
     frames: u64,
@@ -678,6 +749,7 @@ impl RenderState {
             shared: Some(shared),
             patches: HashMap::new(),
             species: HashMap::new(),
+            forgetting: HashSet::new(),
             errors: 0,
             frames: 0,
             bridge: None,
@@ -697,9 +769,12 @@ impl RenderState {
                 };
                 match c {
                     PatchCommand::Despawn(entity) => {
-                        if let Some(id) = self.patches.remove(&entity) {
+                        if let Some((id, _)) = self.patches.remove(&entity) {
                             forest.vegetation_mut().despawn(id)?;
                         }
+                    }
+                    PatchCommand::ForgetSpecies(species) => {
+                        self.forgetting.insert(species);
                     }
                     PatchCommand::Spawn {
                         entity,
@@ -707,12 +782,20 @@ impl RenderState {
                         species_data,
                         instances,
                     } => {
-                        if let Some(id) = self.patches.remove(&entity) {
+                        if let Some((id, _)) = self.patches.remove(&entity) {
                             forest.vegetation_mut().despawn(id)?;
                         }
-                        let sp = match self.species.get(&species) {
-                            Some(s) => *s,
-                            None => {
+                        if instances.is_empty() {
+                            return Ok(()); // an empty patch holds nothing
+                        }
+                        let sp = match (self.species.get(&species), species_data) {
+                            (Some(s), _) => *s,
+                            (None, None) => {
+                                return Err(Error::Lifecycle(
+                                    "a patch of a species whose asset was removed (and which no patch used since)".into(),
+                                ));
+                            }
+                            (None, Some(species_data)) => {
                                 if let Some(m) = &species_data.meshes {
                                     m.check().map_err(|e| {
                                         Error::InvalidInput(format!(
@@ -727,15 +810,31 @@ impl RenderState {
                                     height: species_data.height,
                                     rgba8: &species_data.rgba8,
                                 })?;
-                                if let Some(m) = &species_data.meshes {
-                                    let set = forest
-                                        .add_meshes(m.clone())
-                                        .and_then(|set| forest.set_species_meshes(s, set));
-                                    if let Err(e) = set {
-                                        // Not registered after all: the next patch tries again.
-                                        let _ = forest.vegetation_mut().unregister_species(s);
-                                        return Err(e);
-                                    }
+                                // The forest draws the billboards of the first atlas page.
+                                let page = forest
+                                    .vegetation()
+                                    .species_regions()
+                                    .get(s.index() as usize)
+                                    .copied()
+                                    .flatten()
+                                    .map(|r| r.page);
+                                if page != Some(0) {
+                                    let _ = forest.vegetation_mut().unregister_species(s);
+                                    return Err(Error::Unsupported(format!(
+                                        "species {:?}: its billboard does not fit the first atlas page (page {page:?}); the plugin draws species of that page only (ForestSettings::config.atlas_page_px sets its size)",
+                                        species_data.name
+                                    )));
+                                }
+                                // A new species' id may be a forgotten one's: its own set, or 0.
+                                let set = match &species_data.meshes {
+                                    Some(m) => forest.add_meshes(m.clone()),
+                                    None => Ok(0),
+                                }
+                                .and_then(|set| forest.set_species_meshes(s, set));
+                                if let Err(e) = set {
+                                    // Not registered after all: the next patch tries again.
+                                    let _ = forest.vegetation_mut().unregister_species(s);
+                                    return Err(e);
                                 }
                                 self.species.insert(species, s);
                                 s
@@ -745,7 +844,7 @@ impl RenderState {
                             species: sp,
                             instances: &instances,
                         })?;
-                        self.patches.insert(entity, id);
+                        self.patches.insert(entity, (id, species));
                     }
                 }
                 Ok(())
@@ -754,12 +853,42 @@ impl RenderState {
                 self.error("a patch change", &e);
             }
         }
+        self.forget_species();
     }
 
-    /// The numbers for the main world.
-    fn budget(&mut self) -> Option<VramBudget> {
+    /// Unregisters the species whose assets were removed, once no patch uses them (their
+    /// atlas space and id are free again; a mesh set added for one stays, unused).
+    fn forget_species(&mut self) {
+        let Some(forest) = self.forest.as_mut() else {
+            return;
+        };
+        let used: HashSet<AssetId<VegetationSpecies>> =
+            self.patches.values().map(|(_, s)| *s).collect();
+        let mut failed = Vec::new();
+        self.forgetting.retain(|species| {
+            if used.contains(species) {
+                return true; // a patch still uses it: later
+            }
+            if let Some(s) = self.species.remove(species) {
+                if let Err(e) = forest.vegetation_mut().unregister_species(s) {
+                    failed.push(e);
+                }
+            }
+            false
+        });
+        for e in failed {
+            self.error("forgetting a species", &e);
+        }
+    }
+
+    /// The numbers for the main world; `drew`: a vegetation frame was recorded this frame
+    /// (else nothing is drawn now, whatever the last completed frame drew).
+    fn budget(&mut self, drew: bool) -> Option<VramBudget> {
         let (shared, forest) = (self.shared.as_ref()?, self.forest.as_mut()?);
-        let drawn = forest.last_drawn().map_or([0; 3], |(_, d)| d);
+        let drawn = forest
+            .last_drawn()
+            .filter(|_| drew)
+            .map_or([0; 3], |(_, d)| d);
         let b = shared.budget().ok()?;
         let h = b.heap()?;
         let stats = forest.vegetation().stats();
@@ -964,13 +1093,14 @@ fn draw_vegetation(
 fn announce_frame(bridge: Res<Bridge>, forest: Res<RenderForest>) {
     let mut state = forest.lock();
     state.culled_view = None;
+    let drew = state.pending.is_some();
     if let Some(pending) = state.pending.take() {
         let r = state.shared.as_ref().map(|s| s.host_submitted(pending));
         if let Some(Err(e)) = r {
             state.error("announcing the frame", &e);
         }
     }
-    if let Some(b) = state.budget() {
+    if let Some(b) = state.budget(drew) {
         bridge.lock().budget = b;
     }
 }

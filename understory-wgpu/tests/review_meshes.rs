@@ -611,7 +611,6 @@ fn overflowing_tree() -> TreeMeshes {
 }
 
 #[test]
-
 fn meshes_with_an_infinite_radius_are_refused() {
     let t = overflowing_tree();
     let r = Meshes::new(&[TreeMeshes::conifer(), t]);
@@ -719,7 +718,6 @@ fn a_tiny_set_next_to_a_max_size_set_pads() {
 }
 
 #[test]
-
 fn a_mesh_with_an_overflowing_radius_bricks_the_forest() {
     let test = "a_mesh_with_an_overflowing_radius_bricks_the_forest";
     if isolated(test) {
@@ -1104,7 +1102,6 @@ fn cull_and_draw_misuse_across_frames_is_typed() {
 }
 
 #[test]
-
 fn draw_in_a_new_frame_after_a_dropped_culled_frame_is_refused() {
     let test = "draw_in_a_new_frame_after_a_dropped_culled_frame_is_refused";
     if isolated(test) {
@@ -1135,7 +1132,6 @@ fn draw_in_a_new_frame_after_a_dropped_culled_frame_is_refused() {
 }
 
 #[test]
-
 fn draw_after_a_refused_submit_is_refused() {
     let test = "draw_after_a_refused_submit_is_refused";
     if isolated(test) {
@@ -1514,7 +1510,6 @@ unsafe fn cull_then_draw(
 }
 
 #[test]
-
 fn a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass() {
     let test = "a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass";
     if isolated(test) {
@@ -1595,7 +1590,6 @@ fn a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass() {
 // Device limits: mesh buffers bound whole as storage buffers.
 
 #[test]
-
 fn mesh_buffers_past_max_storage_buffer_range() {
     let test = "mesh_buffers_past_max_storage_buffer_range";
     if isolated(test) {

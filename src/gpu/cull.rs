@@ -1752,10 +1752,13 @@ impl CullPass {
                         ),
                     );
                 }
-                if k > 0 {
-                    // Dispatches append to the same lists and counters.
-                    memory_barrier(d, cmd, compute_write, compute_rw);
-                }
+                // No barrier between the dispatches of one pass: they append to the same lists
+                // through atomics on the counters (device-scope, coherent across dispatches as
+                // across workgroups), each entry and record at its own slot, and the
+                // visibility bits by atomicOr/atomicAnd of each instance's own bit; nothing a
+                // dispatch writes is read before the barrier after the last one. (A barrier
+                // here cost 4M instances in 4,096 buffers 1.36-1.39x of one buffer on an H200,
+                // 1.10-1.17x without.)
                 write_set(
                     d,
                     *set,

@@ -542,7 +542,7 @@ fn main() {
     }
     // One source against sources of 1024 instances each: the price of many allocations.
     println!(
-        "\none buffer vs buffers of 1024 instances each (wide: up to {WIDE_SOURCES_PER_DISPATCH} buffers a dispatch; narrow: {SOURCES_PER_DISPATCH}, a barrier between dispatches):"
+        "\none buffer vs buffers of 1024 instances each (wide: up to {WIDE_SOURCES_PER_DISPATCH} buffers a dispatch; narrow: {SOURCES_PER_DISPATCH}; no barrier between the dispatches of one pass):"
     );
     let spread_millions: &[usize] = if cpu { &[1] } else { &[1, 4, 16] };
     for &millions in spread_millions {

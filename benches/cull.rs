@@ -382,6 +382,16 @@ fn main() {
     if a.subgroup_ballot_in_compute {
         variants.push(Compaction::Subgroup);
     }
+    // `UNDERSTORY_CULL_BENCH_ONLY=occlusion`: the occlusion rows alone (their timings depend on
+    // the GPU's clock state, which the sections before them change).
+    if std::env::var("UNDERSTORY_CULL_BENCH_ONLY").is_ok_and(|v| v == "occlusion") {
+        let spread: &[usize] = if cpu { &[1] } else { &[1, 4] };
+        occlusion_rows(&ctx, &variants, spread);
+        drop((copy, probe));
+        let report = ctx.shutdown().expect("shutdown");
+        assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
+        return;
+    }
     println!(
         "\n{:>6} {:>9} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6}",
         "N", "variant", "visible", "time us", "inst/ms", "B/inst", "GB/s", "floor us", "x"

@@ -242,3 +242,119 @@ pub fn image_with_view(
     let view = unsafe { ctx.device().create_image_view(&info, None) }.unwrap();
     (image, view)
 }
+
+// ---------------------------------------------------------------------------------------------
+// For the review suites (understory-wgpu/tests/review*.rs, understory-bevy/tests/review.rs).
+// A logger that keeps warnings and errors per thread (tests run in parallel).
+
+struct ThreadLog;
+
+std::thread_local! {
+    static LOGGED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl log::Log for ThreadLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let line = format!("[{} {}] {}", r.level(), r.target(), r.args());
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "{line}");
+        LOGGED.with(|l| l.borrow_mut().push(line));
+    }
+    fn flush(&self) {}
+}
+
+pub fn install_logger() {
+    static LOGGER: ThreadLog = ThreadLog;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Warn);
+        }
+    });
+}
+
+/// Warnings and errors logged on this thread since the last call (Vulkan layer messages
+/// included: the layer calls the messenger on the calling thread).
+pub fn take_log() -> Vec<String> {
+    LOGGED.with(|l| std::mem::take(&mut *l.borrow_mut()))
+}
+
+/// Log lines that mean something went wrong: any error, and any layer warning.
+pub fn bad_lines(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("[ERROR") || l.contains("understory::vulkan"))
+        .cloned()
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Each test runs in a child process of this binary: one that crashes (SIGSEGV in the driver
+// or the layer) fails alone, with its output, instead of taking every other test down.
+
+const CHILD: &str = "UNDERSTORY_TEST_CHILD";
+
+/// In the parent: runs test `name` in a child process and checks it passed; returns `true`.
+/// In that child: returns `false` (run the body).
+pub fn isolated(name: &str) -> bool {
+    if std::env::var(CHILD).as_deref() == Ok(name) {
+        return false;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            name,
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+            "--include-ignored",
+        ])
+        .env(CHILD, name)
+        .output()
+        .expect("child test process");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // "1 passed": the child ran the test (a name that matches none passes with 0).
+    if !out.status.success() || !text.contains("1 passed") {
+        let mut lines: Vec<String> = Vec::new();
+        let mut destroy_device = 0;
+        for l in text.lines() {
+            if l.contains("XDG_RUNTIME_DIR") || l.trim_start().starts_with("at /") {
+                continue;
+            }
+            if l.contains("VUID-vkDestroyDevice-device-00378") {
+                destroy_device += 1;
+                continue;
+            }
+            // Backtrace frames: only ours, wgpu's and understory's.
+            let t = l.trim_start();
+            if t.split_once(": ")
+                .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+                && !(t.contains("understory") || t.contains("wgpu") || t.contains("review"))
+            {
+                continue;
+            }
+            let l: String = l.chars().take(700).collect();
+            if lines.last() != Some(&l) {
+                lines.push(l);
+            }
+        }
+        if destroy_device > 0 {
+            lines.push(format!(
+                "(+ {destroy_device} x VUID-vkDestroyDevice-device-00378: objects alive when the VkDevice was destroyed)"
+            ));
+        }
+        let keep = lines.len().saturating_sub(90);
+        panic!(
+            "{name}: child process {}\n{}",
+            out.status,
+            lines[keep..].join("\n")
+        );
+    }
+    true
+}

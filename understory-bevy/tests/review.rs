@@ -41,46 +41,6 @@ use understory_bevy::{
 };
 
 // ---------------------------------------------------------------------------------------------
-// One child process per test.
-
-const CHILD: &str = "UNDERSTORY_BEVY_REVIEW_CHILD";
-
-/// In the parent: runs test `name` in a child process and checks it passed; returns `true`.
-/// In that child: returns `false` (run the body).
-fn isolated(name: &str) -> bool {
-    if std::env::var(CHILD).as_deref() == Ok(name) {
-        return false;
-    }
-    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            name,
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-            "--include-ignored",
-        ])
-        .env(CHILD, name)
-        .output()
-        .expect("child test process");
-    if !out.status.success() {
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<String> = text
-            .lines()
-            .filter(|l| !l.contains("XDG_RUNTIME_DIR") && !l.trim_start().starts_with("at /"))
-            .map(|l| l.chars().take(600).collect())
-            .collect();
-        let keep = lines.len().saturating_sub(80);
-        panic!(
-            "{name}: child process {}\n{}",
-            out.status,
-            lines[keep..].join("\n")
-        );
-    }
-    true
-}
-
-// ---------------------------------------------------------------------------------------------
 // A headless app stepped by hand.
 
 const W: u32 = 160;
@@ -317,7 +277,7 @@ fn drawn(b: &VramBudget) -> u64 {
 #[test]
 fn invalid_species_stay_unregistered_counted_and_a_valid_one_still_draws() {
     let test = "invalid_species_stay_unregistered_counted_and_a_valid_one_still_draws";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -487,7 +447,7 @@ fn tree_mesh_takes_odd_bevy_meshes() {
 #[test]
 fn a_patch_whose_species_arrives_later_is_spawned_then() {
     let test = "a_patch_whose_species_arrives_later_is_spawned_then";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -523,7 +483,7 @@ fn a_patch_whose_species_arrives_later_is_spawned_then() {
 #[test]
 fn species_that_come_and_go_do_not_use_up_the_atlas() {
     let test = "species_that_come_and_go_do_not_use_up_the_atlas";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -561,7 +521,7 @@ fn species_that_come_and_go_do_not_use_up_the_atlas() {
 #[test]
 fn a_species_off_the_first_atlas_page_spoils_only_itself() {
     let test = "a_species_off_the_first_atlas_page_spoils_only_itself";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -682,7 +642,7 @@ fn scatter_at_its_edges() {
 #[test]
 fn refused_patches_are_counted_and_a_full_patch_is_taken() {
     let test = "refused_patches_are_counted_and_a_full_patch_is_taken";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -738,7 +698,7 @@ fn refused_patches_are_counted_and_a_full_patch_is_taken() {
 #[test]
 fn an_empty_patch_is_not_an_error() {
     let test = "an_empty_patch_is_not_an_error";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -766,7 +726,7 @@ fn an_empty_patch_is_not_an_error() {
 #[test]
 fn moving_patches_and_changing_species_follow_their_entities() {
     let test = "moving_patches_and_changing_species_follow_their_entities";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -822,7 +782,7 @@ fn moving_patches_and_changing_species_follow_their_entities() {
 #[test]
 fn a_patch_removed_and_inserted_again_in_one_frame_stays() {
     let test = "a_patch_removed_and_inserted_again_in_one_frame_stays";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -852,7 +812,7 @@ fn a_patch_removed_and_inserted_again_in_one_frame_stays() {
 #[test]
 fn a_patch_changed_to_a_refused_species_and_back() {
     let test = "a_patch_changed_to_a_refused_species_and_back";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -890,7 +850,7 @@ fn a_patch_changed_to_a_refused_species_and_back() {
 #[test]
 fn despawning_everything_then_spawning_again() {
     let test = "despawning_everything_then_spawning_again";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -943,7 +903,7 @@ fn despawning_everything_then_spawning_again() {
 #[test]
 fn only_one_vegetation_camera_draws_and_a_plain_camera_none() {
     let test = "only_one_vegetation_camera_draws_and_a_plain_camera_none";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -982,7 +942,7 @@ fn only_one_vegetation_camera_draws_and_a_plain_camera_none() {
 #[test]
 fn removing_the_vegetation_camera_stops_drawing_and_the_budget_says_so() {
     let test = "removing_the_vegetation_camera_stops_drawing_and_the_budget_says_so";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -1023,7 +983,7 @@ fn removing_the_vegetation_camera_stops_drawing_and_the_budget_says_so() {
 #[test]
 fn an_msaa_vegetation_camera_is_a_counted_error() {
     let test = "an_msaa_vegetation_camera_is_a_counted_error";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -1052,7 +1012,7 @@ fn an_msaa_vegetation_camera_is_a_counted_error() {
 #[test]
 fn an_hdr_vegetation_camera_is_a_counted_error() {
     let test = "an_hdr_vegetation_camera_is_a_counted_error";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -1072,7 +1032,7 @@ fn an_hdr_vegetation_camera_is_a_counted_error() {
 #[test]
 fn a_viewport_camera_draws_only_inside_its_viewport() {
     let test = "a_viewport_camera_draws_only_inside_its_viewport";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -1113,7 +1073,7 @@ fn a_viewport_camera_draws_only_inside_its_viewport() {
 #[test]
 fn vegetation_cap_of_zero_is_counted_and_extremes_work() {
     let test = "vegetation_cap_of_zero_is_counted_and_extremes_work";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -1156,7 +1116,7 @@ fn vegetation_cap_of_zero_is_counted_and_extremes_work() {
 #[test]
 fn no_species_at_all_draws_nothing_and_exits_clean() {
     let test = "no_species_at_all_draws_nothing_and_exits_clean";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -1186,7 +1146,7 @@ fn no_species_at_all_draws_nothing_and_exits_clean() {
 #[test]
 fn exiting_after_the_first_frame_is_clean() {
     let test = "exiting_after_the_first_frame_is_clean";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -1208,7 +1168,7 @@ fn exiting_after_the_first_frame_is_clean() {
 #[test]
 fn exiting_before_any_frame_still_reports() {
     let test = "exiting_before_any_frame_still_reports";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(h) = Harness::new(test) else {
@@ -1224,7 +1184,7 @@ fn exiting_before_any_frame_still_reports() {
 #[test]
 fn the_vegetation_camera_despawned_and_replaced() {
     let test = "the_vegetation_camera_despawned_and_replaced";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {
@@ -1253,7 +1213,7 @@ fn the_vegetation_camera_despawned_and_replaced() {
 #[test]
 fn two_apps_one_after_the_other() {
     let test = "two_apps_one_after_the_other";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     for round in 0..2 {
@@ -1277,7 +1237,7 @@ fn two_apps_one_after_the_other() {
 #[test]
 fn a_patch_whose_species_asset_is_gone_still_follows_its_entity() {
     let test = "a_patch_whose_species_asset_is_gone_still_follows_its_entity";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(mut h) = Harness::new(test) else {

@@ -13,7 +13,6 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,118 +24,10 @@ use understory::vegetation::{PatchDesc, PatchId, SpeciesDesc, SpeciesId, Viewer}
 use understory_wgpu::{Forest, ForestDesc, ForestView, SharedDevice, SharedDeviceDesc, wgpu};
 
 // ---------------------------------------------------------------------------------------------
-// A logger that keeps warnings and errors per thread (tests run in parallel).
-
-struct ThreadLog;
-
-thread_local! {
-    static LOGGED: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-}
-
-impl log::Log for ThreadLog {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Warn
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if !self.enabled(r.metadata()) {
-            return;
-        }
-        let line = format!("[{} {}] {}", r.level(), r.target(), r.args());
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "{line}");
-        LOGGED.with(|l| l.borrow_mut().push(line));
-    }
-    fn flush(&self) {}
-}
-
-fn install_logger() {
-    static LOGGER: ThreadLog = ThreadLog;
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if log::set_logger(&LOGGER).is_ok() {
-            log::set_max_level(log::LevelFilter::Warn);
-        }
-    });
-}
-
-/// Warnings and errors logged on this thread since the last call (Vulkan layer messages
-/// included: the layer calls the messenger on the calling thread).
-fn take_log() -> Vec<String> {
-    LOGGED.with(|l| std::mem::take(&mut *l.borrow_mut()))
-}
-
-/// Log lines that mean something went wrong: any error, and any layer warning.
-fn bad_lines(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .filter(|l| l.starts_with("[ERROR") || l.contains("understory::vulkan"))
-        .cloned()
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Each test runs in a child process of this binary: one that crashes (SIGSEGV in the driver
-// or the layer) fails alone, with its output, instead of taking every other test down.
-
-const CHILD: &str = "UNDERSTORY_WGPU_REVIEW_CHILD";
-
-/// In the parent: runs test `name` in a child process and checks it passed; returns `true`.
-/// In that child: returns `false` (run the body).
-fn isolated(name: &str) -> bool {
-    if std::env::var(CHILD).as_deref() == Ok(name) {
-        return false;
-    }
-    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD, name)
-        .output()
-        .expect("child test process");
-    if !out.status.success() {
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        let mut lines: Vec<String> = Vec::new();
-        let mut destroy_device = 0;
-        for l in text.lines() {
-            if l.contains("XDG_RUNTIME_DIR") || l.trim_start().starts_with("at /") {
-                continue;
-            }
-            if l.contains("VUID-vkDestroyDevice-device-00378") {
-                destroy_device += 1;
-                continue;
-            }
-            // Backtrace frames: only ours, wgpu's and understory's.
-            let t = l.trim_start();
-            if t.split_once(": ")
-                .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
-                && !(t.contains("understory") || t.contains("wgpu") || t.contains("review::"))
-            {
-                continue;
-            }
-            let l: String = l.chars().take(700).collect();
-            if lines.last() != Some(&l) {
-                lines.push(l);
-            }
-        }
-        if destroy_device > 0 {
-            lines.push(format!(
-                "(+ {destroy_device} x VUID-vkDestroyDevice-device-00378: objects alive when the VkDevice was destroyed)"
-            ));
-        }
-        let keep = lines.len().saturating_sub(90);
-        panic!(
-            "{name}: child process {}\n{}",
-            out.status,
-            lines[keep..].join("\n")
-        );
-    }
-    true
-}
-
-// ---------------------------------------------------------------------------------------------
 // The device and the forest.
 
 fn desc(test: &str) -> Option<SharedDeviceDesc> {
-    install_logger();
+    common::install_logger();
     let probe = common::context(test)?;
     drop(probe);
     let options = common::options();
@@ -155,7 +46,7 @@ fn desc(test: &str) -> Option<SharedDeviceDesc> {
 fn shared(test: &str) -> Option<SharedDevice> {
     let d = desc(test)?;
     let s = SharedDevice::new(&d).expect("shared device");
-    take_log(); // start-up noise (none expected) is not the test's
+    common::take_log(); // start-up noise (none expected) is not the test's
     Some(s)
 }
 
@@ -452,7 +343,7 @@ fn frames_drawn(
 fn finish(test: &str, shared: SharedDevice) {
     let m = shared.messages();
     let report = shared.shutdown();
-    let logged = bad_lines(&take_log());
+    let logged = common::bad_lines(&common::take_log());
     let mut problems = Vec::new();
     if m.layer != 0 || m.wgpu != 0 {
         problems.push(format!(
@@ -494,7 +385,7 @@ fn messages_line(shared: &SharedDevice) -> Option<String> {
 /// the GPU, so later frames must upload again and draw the forest.
 #[test]
 fn dropped_rendered_frames_then_more_frames_draw_the_forest() {
-    if isolated("dropped_rendered_frames_then_more_frames_draw_the_forest") {
+    if common::isolated("dropped_rendered_frames_then_more_frames_draw_the_forest") {
         return;
     }
     let test = "review_dropped_frames";
@@ -520,7 +411,7 @@ fn dropped_rendered_frames_then_more_frames_draw_the_forest() {
 /// The reference: the same forest without dropped frames (how much a good frame draws).
 #[test]
 fn reference_frames_draw_the_forest() {
-    if isolated("reference_frames_draw_the_forest") {
+    if common::isolated("reference_frames_draw_the_forest") {
         return;
     }
     let test = "review_reference";
@@ -538,7 +429,7 @@ fn reference_frames_draw_the_forest() {
 /// `Lifecycle`, nothing else.
 #[test]
 fn frames_of_another_shared_device_are_refused() {
-    if isolated("frames_of_another_shared_device_are_refused") {
+    if common::isolated("frames_of_another_shared_device_are_refused") {
         return;
     }
     let test = "review_two_devices";
@@ -568,7 +459,7 @@ fn frames_of_another_shared_device_are_refused() {
 /// handles of another `VkDevice` recorded into A's command buffer.
 #[test]
 fn targets_of_another_device_are_a_typed_error() {
-    if isolated("targets_of_another_device_are_a_typed_error") {
+    if common::isolated("targets_of_another_device_are_a_typed_error") {
         return;
     }
     let test = "review_foreign_targets";
@@ -607,7 +498,7 @@ fn targets_of_another_device_are_a_typed_error() {
         rb.as_ref().is_ok_and(|r| r.leaks.is_empty()),
         format!("shutdown b: {rb:?}"),
     );
-    let logged = bad_lines(&take_log());
+    let logged = common::bad_lines(&common::take_log());
     check(
         &mut problems,
         logged.is_empty(),
@@ -621,7 +512,7 @@ fn targets_of_another_device_are_a_typed_error() {
 /// submits a frame after `InvalidInput`s).
 #[test]
 fn a_destroyed_target_is_a_typed_error_and_the_frame_stays_good() {
-    if isolated("a_destroyed_target_is_a_typed_error_and_the_frame_stays_good") {
+    if common::isolated("a_destroyed_target_is_a_typed_error_and_the_frame_stays_good") {
         return;
     }
     let test = "review_destroyed_before_render";
@@ -655,7 +546,7 @@ fn a_destroyed_target_is_a_typed_error_and_the_frame_stays_good() {
         report.as_ref().is_ok_and(|r| r.leaks.is_empty()),
         format!("shutdown: {report:?}"),
     );
-    let logged = bad_lines(&take_log());
+    let logged = common::bad_lines(&common::take_log());
     check(
         &mut problems,
         logged.is_empty(),
@@ -669,7 +560,7 @@ fn a_destroyed_target_is_a_typed_error_and_the_frame_stays_good() {
 /// submission index that never reached the GPU), and shutdown must still be clean.
 #[test]
 fn a_target_destroyed_between_render_and_submit() {
-    if isolated("a_target_destroyed_between_render_and_submit") {
+    if common::isolated("a_target_destroyed_between_render_and_submit") {
         return;
     }
     let test = "review_destroyed_before_submit";
@@ -698,7 +589,7 @@ fn a_target_destroyed_between_render_and_submit() {
         report.as_ref().is_ok_and(|r| r.leaks.is_empty()),
         format!("shutdown after that frame: {report:?}"),
     );
-    let logged = bad_lines(&take_log());
+    let logged = common::bad_lines(&common::take_log());
     let logged: Vec<_> = logged
         .into_iter()
         .filter(|l| !l.contains("has been destroyed")) // wgpu's own report of the app's misuse
@@ -716,7 +607,7 @@ fn a_target_destroyed_between_render_and_submit() {
 /// never ran. Afterwards the forest must still be drawn, and shutdown must be clean.
 #[test]
 fn a_submission_wgpu_refuses_is_not_reported_as_submitted() {
-    if isolated("a_submission_wgpu_refuses_is_not_reported_as_submitted") {
+    if common::isolated("a_submission_wgpu_refuses_is_not_reported_as_submitted") {
         return;
     }
     let test = "review_refused_submission";
@@ -770,7 +661,7 @@ fn a_submission_wgpu_refuses_is_not_reported_as_submitted() {
 /// As above, with the refused submission the last one before shutdown.
 #[test]
 fn shutdown_after_a_refused_last_submission() {
-    if isolated("shutdown_after_a_refused_last_submission") {
+    if common::isolated("shutdown_after_a_refused_last_submission") {
         return;
     }
     let test = "review_refused_last";
@@ -803,7 +694,7 @@ fn shutdown_after_a_refused_last_submission() {
 /// `render` must be a typed error, never a `vkCmdCopyBuffer` into a destroyed `VkBuffer`.
 #[test]
 fn destroying_the_indirect_args_buffer_then_rendering() {
-    if isolated("destroying_the_indirect_args_buffer_then_rendering") {
+    if common::isolated("destroying_the_indirect_args_buffer_then_rendering") {
         return;
     }
     let test = "review_args_destroyed";
@@ -857,7 +748,7 @@ fn destroying_the_indirect_args_buffer_then_rendering() {
 /// flight uses it, so wgpu destroys it at once while the recorded copy still names it).
 #[test]
 fn destroying_the_indirect_args_buffer_before_submit() {
-    if isolated("destroying_the_indirect_args_buffer_before_submit") {
+    if common::isolated("destroying_the_indirect_args_buffer_before_submit") {
         return;
     }
     let test = "review_args_destroyed_before_submit";
@@ -891,7 +782,7 @@ fn destroying_the_indirect_args_buffer_before_submit() {
 /// then shutdown: wgpu and understory keep what the GPU still uses.
 #[test]
 fn everything_dropped_or_destroyed_while_frames_are_in_flight() {
-    if isolated("everything_dropped_or_destroyed_while_frames_are_in_flight") {
+    if common::isolated("everything_dropped_or_destroyed_while_frames_are_in_flight") {
         return;
     }
     let test = "review_drop_in_flight";
@@ -916,7 +807,7 @@ fn everything_dropped_or_destroyed_while_frames_are_in_flight() {
 /// submitted: the frame's commands use the forest's objects.
 #[test]
 fn forest_dropped_between_render_and_submit() {
-    if isolated("forest_dropped_between_render_and_submit") {
+    if common::isolated("forest_dropped_between_render_and_submit") {
         return;
     }
     let test = "review_forest_dropped_open_frame";
@@ -941,7 +832,7 @@ fn forest_dropped_between_render_and_submit() {
 /// `render` twice in one frame, and two forests in one frame.
 #[test]
 fn render_twice_in_one_frame_and_two_forests() {
-    if isolated("render_twice_in_one_frame_and_two_forests") {
+    if common::isolated("render_twice_in_one_frame_and_two_forests") {
         return;
     }
     let test = "review_render_twice";
@@ -984,7 +875,7 @@ fn render_twice_in_one_frame_and_two_forests() {
 /// layers, several samples, sizes that differ.
 #[test]
 fn odd_targets() {
-    if isolated("odd_targets") {
+    if common::isolated("odd_targets") {
         return;
     }
     let test = "review_odd_targets";
@@ -1037,7 +928,7 @@ fn odd_targets() {
 /// Extreme view parameters: a typed error or a frame, never a panic or a validation message.
 #[test]
 fn extreme_views() {
-    if isolated("extreme_views") {
+    if common::isolated("extreme_views") {
         return;
     }
     let test = "review_extreme_views";
@@ -1143,7 +1034,7 @@ fn extreme_views() {
 /// open, and between frames, used for a vegetation update and dropped.
 #[test]
 fn context_frames_interleaved_with_wgpu_frames() {
-    if isolated("context_frames_interleaved_with_wgpu_frames") {
+    if common::isolated("context_frames_interleaved_with_wgpu_frames") {
         return;
     }
     let test = "review_ctx_frames";
@@ -1179,7 +1070,7 @@ fn context_frames_interleaved_with_wgpu_frames() {
     let m = shared.messages();
     let report = shared.shutdown();
     drop(raw);
-    let logged = bad_lines(&take_log());
+    let logged = common::bad_lines(&common::take_log());
     assert_eq!(m.layer + m.wgpu, 0, "{:?}", m.texts);
     assert!(
         report.as_ref().is_ok_and(|r| r.leaks.is_empty()),
@@ -1192,7 +1083,7 @@ fn context_frames_interleaved_with_wgpu_frames() {
 /// dropped after): nothing freed in use, nothing logged as an error, and the wgpu device works.
 #[test]
 fn shared_device_dropped_without_shutdown() {
-    if isolated("shared_device_dropped_without_shutdown") {
+    if common::isolated("shared_device_dropped_without_shutdown") {
         return;
     }
     let test = "review_drop_without_shutdown";
@@ -1213,7 +1104,7 @@ fn shared_device_dropped_without_shutdown() {
     queue.submit([clear(&device, &color, &depth), cmd]);
     assert_eq!(drawn_pixels(&device, &b, W, H), 0);
     drop((color, depth, b, queue, device));
-    let logged = bad_lines(&take_log());
+    let logged = common::bad_lines(&common::take_log());
     assert!(logged.is_empty(), "{test}: {logged:#?}");
 }
 
@@ -1221,7 +1112,7 @@ fn shared_device_dropped_without_shutdown() {
 /// with frames in flight, an empty forest rendered, patches back.
 #[test]
 fn many_frames_budget_despawn_all_and_respawn() {
-    if isolated("many_frames_budget_despawn_all_and_respawn") {
+    if common::isolated("many_frames_budget_despawn_all_and_respawn") {
         return;
     }
     let test = "review_many_frames";
@@ -1256,7 +1147,7 @@ fn many_frames_budget_despawn_all_and_respawn() {
 /// A tiny budget cap: frames keep coming (typed errors at worst), nothing invalid.
 #[test]
 fn tiny_budget_cap() {
-    if isolated("tiny_budget_cap") {
+    if common::isolated("tiny_budget_cap") {
         return;
     }
     let test = "review_tiny_cap";
@@ -1286,12 +1177,12 @@ fn tiny_budget_cap() {
 /// Bad `SharedDeviceDesc`s: typed errors, no panic, nothing logged as an error.
 #[test]
 fn bad_shared_device_descs_are_typed_errors() {
-    if isolated("bad_shared_device_descs_are_typed_errors") {
+    if common::isolated("bad_shared_device_descs_are_typed_errors") {
         return;
     }
     let test = "review_bad_descs";
     let Some(base) = desc(test) else { return };
-    take_log();
+    common::take_log();
     let supported = {
         let s = SharedDevice::new(&base).expect("device");
         let f = s.adapter().features();
@@ -1299,13 +1190,13 @@ fn bad_shared_device_descs_are_typed_errors() {
         s.shutdown().expect("shutdown");
         (f, l)
     };
-    take_log();
+    common::take_log();
     let mut problems = Vec::new();
     let mut try_desc = |what: &str, d: SharedDeviceDesc| {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             SharedDevice::new(&d).map(|s| s.shutdown())
         }));
-        let logged = bad_lines(&take_log());
+        let logged = common::bad_lines(&common::take_log());
         match r {
             Err(_) => problems.push(format!("{what}: panicked")),
             Ok(Ok(_)) => problems.push(format!("{what}: accepted")),
@@ -1346,7 +1237,7 @@ fn bad_shared_device_descs_are_typed_errors() {
 /// false `Timeout`.
 #[test]
 fn other_threads_submitting_do_not_fake_timeouts() {
-    if isolated("other_threads_submitting_do_not_fake_timeouts") {
+    if common::isolated("other_threads_submitting_do_not_fake_timeouts") {
         return;
     }
     let test = "review_threads";
@@ -1431,7 +1322,7 @@ fn other_threads_submitting_do_not_fake_timeouts() {
         report.as_ref().is_ok_and(|r| r.leaks.is_empty()),
         format!("shutdown: {report:?}"),
     );
-    let logged = bad_lines(&take_log());
+    let logged = common::bad_lines(&common::take_log());
     check(
         &mut problems,
         logged.is_empty(),
@@ -1445,7 +1336,7 @@ fn other_threads_submitting_do_not_fake_timeouts() {
 /// the driver does not support.
 #[test]
 fn unsupported_features_and_limits_are_refused() {
-    if isolated("unsupported_features_and_limits_are_refused") {
+    if common::isolated("unsupported_features_and_limits_are_refused") {
         return;
     }
     let test = "review_unsupported_granted";
@@ -1457,7 +1348,7 @@ fn unsupported_features_and_limits_are_refused() {
         s.shutdown().expect("shutdown");
         (f, l)
     };
-    take_log();
+    common::take_log();
     let mut problems = Vec::new();
     // Limits: twice the adapter's largest 2D texture.
     let mut d = base.clone();
@@ -1495,7 +1386,7 @@ fn unsupported_features_and_limits_are_refused() {
             let _ = s.shutdown();
         }
     }
-    take_log();
+    common::take_log();
     // A feature: ASTC HDR, when the adapter lacks it.
     let astc = wgpu::Features::TEXTURE_COMPRESSION_ASTC_HDR;
     if !features.contains(astc) {
@@ -1535,7 +1426,7 @@ fn unsupported_features_and_limits_are_refused() {
             }
         }
     }
-    let logged = bad_lines(&take_log());
+    let logged = common::bad_lines(&common::take_log());
     check(
         &mut problems,
         logged.is_empty(),
@@ -1547,7 +1438,7 @@ fn unsupported_features_and_limits_are_refused() {
 /// `frames_in_flight` at its bounds (1 and 4), a cull capacity of 1, many frames in a row.
 #[test]
 fn frames_in_flight_bounds_and_a_tiny_cull() {
-    if isolated("frames_in_flight_bounds_and_a_tiny_cull") {
+    if common::isolated("frames_in_flight_bounds_and_a_tiny_cull") {
         return;
     }
     let test = "review_in_flight_bounds";
@@ -1555,7 +1446,7 @@ fn frames_in_flight_bounds_and_a_tiny_cull() {
         let Some(mut d) = desc(test) else { return };
         d.context.frames_in_flight = n;
         let shared = SharedDevice::new(&d).expect("device");
-        take_log();
+        common::take_log();
         let (mut forest, _) = forest(&shared, 1_500);
         let (color, depth) = targets(shared.device());
         let drawn = frames_drawn(&shared, &mut forest, &color, &depth, 10);

@@ -19,7 +19,6 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::cell::RefCell;
 use std::time::Duration;
 
 use glam::{Mat4, Vec3};
@@ -32,99 +31,10 @@ use understory::vegetation::{PatchDesc, SpeciesDesc, SpeciesId};
 use understory_wgpu::{Forest, ForestDesc, ForestView, SharedDevice, SharedDeviceDesc, wgpu};
 
 // ---------------------------------------------------------------------------------------------
-// A logger that keeps warnings and errors per thread, so that teardown messages and the
-// library's own `log::error!`s are seen too.
-
-struct ThreadLog;
-
-thread_local! {
-    static LOGGED: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-}
-
-impl log::Log for ThreadLog {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Warn
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if !self.enabled(r.metadata()) {
-            return;
-        }
-        let line = format!("[{} {}] {}", r.level(), r.target(), r.args());
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "{line}");
-        LOGGED.with(|l| l.borrow_mut().push(line));
-    }
-    fn flush(&self) {}
-}
-
-fn install_logger() {
-    static LOGGER: ThreadLog = ThreadLog;
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if log::set_logger(&LOGGER).is_ok() {
-            log::set_max_level(log::LevelFilter::Warn);
-        }
-    });
-}
-
-fn take_log() -> Vec<String> {
-    LOGGED.with(|l| std::mem::take(&mut *l.borrow_mut()))
-}
-
-/// Log lines that mean something went wrong: any error, and any layer warning.
-fn bad_lines(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .filter(|l| l.starts_with("[ERROR") || l.contains("understory::vulkan"))
-        .cloned()
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Each test runs in a child process of this binary: validation messages are counted per
-// process instance (shared by every SharedDevice), and a crash fails one test only.
-
-const CHILD: &str = "UNDERSTORY_WGPU_REVIEW_MESHES_CHILD";
-
-/// In the parent: runs test `name` in a child process, checks it passed, returns `true`.
-/// In that child: returns `false` (run the body).
-fn isolated(name: &str) -> bool {
-    if std::env::var(CHILD).as_deref() == Ok(name) {
-        return false;
-    }
-    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            name,
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-            "--include-ignored",
-        ])
-        .env(CHILD, name)
-        .output()
-        .expect("child test process");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() || !text.contains("1 passed") {
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.contains("XDG_RUNTIME_DIR") && !l.trim_start().starts_with("at /"))
-            .collect();
-        let keep = lines.len().saturating_sub(120);
-        panic!(
-            "{name}: child process {}\n{}",
-            out.status,
-            lines[keep..].join("\n")
-        );
-    }
-    true
-}
-
-// ---------------------------------------------------------------------------------------------
 // The device, the forest and images.
 
 fn desc(test: &str) -> Option<SharedDeviceDesc> {
-    install_logger();
+    common::install_logger();
     let probe = common::context(test)?;
     drop(probe);
     let options = common::options();
@@ -143,7 +53,7 @@ fn desc(test: &str) -> Option<SharedDeviceDesc> {
 fn shared(test: &str) -> Option<SharedDevice> {
     let d = desc(test)?;
     let s = SharedDevice::new(&d).expect("shared device");
-    take_log();
+    common::take_log();
     Some(s)
 }
 
@@ -153,7 +63,7 @@ fn finish(test: &str, shared: SharedDevice) {
     let log = shared.message_log();
     let report = shared.shutdown();
     let m = log.read();
-    let logged = bad_lines(&take_log());
+    let logged = common::bad_lines(&common::take_log());
     let mut problems = Vec::new();
     if m.layer != 0 || m.wgpu != 0 {
         problems.push(format!(
@@ -631,7 +541,7 @@ fn meshes_with_an_infinite_radius_are_refused() {
 #[test]
 fn max_mesh_sets_draw_and_one_more_is_refused() {
     let test = "max_mesh_sets_draw_and_one_more_is_refused";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -674,7 +584,7 @@ fn max_mesh_sets_draw_and_one_more_is_refused() {
 #[test]
 fn a_tiny_set_next_to_a_max_size_set_pads() {
     let test = "a_tiny_set_next_to_a_max_size_set_pads";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -720,7 +630,7 @@ fn a_tiny_set_next_to_a_max_size_set_pads() {
 #[test]
 fn a_mesh_with_an_overflowing_radius_bricks_the_forest() {
     let test = "a_mesh_with_an_overflowing_radius_bricks_the_forest";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -749,7 +659,7 @@ fn a_mesh_with_an_overflowing_radius_bricks_the_forest() {
 #[test]
 fn degenerate_and_far_meshes_draw_cleanly() {
     let test = "degenerate_and_far_meshes_draw_cleanly";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -832,7 +742,7 @@ fn degenerate_and_far_meshes_draw_cleanly() {
 #[test]
 fn species_meshes_follow_ids_through_unregister_and_bad_ids() {
     let test = "species_meshes_follow_ids_through_unregister_and_bad_ids";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -909,7 +819,7 @@ fn species_meshes_follow_ids_through_unregister_and_bad_ids() {
 #[test]
 fn add_meshes_between_cull_and_draw() {
     let test = "add_meshes_between_cull_and_draw";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -980,7 +890,7 @@ fn add_meshes_between_cull_and_draw() {
 #[test]
 fn set_species_meshes_between_cull_and_draw_applies_next_frame() {
     let test = "set_species_meshes_between_cull_and_draw_applies_next_frame";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -1022,7 +932,7 @@ fn set_species_meshes_between_cull_and_draw_applies_next_frame() {
 #[test]
 fn cull_and_draw_misuse_across_frames_is_typed() {
     let test = "cull_and_draw_misuse_across_frames_is_typed";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -1104,7 +1014,7 @@ fn cull_and_draw_misuse_across_frames_is_typed() {
 #[test]
 fn draw_in_a_new_frame_after_a_dropped_culled_frame_is_refused() {
     let test = "draw_in_a_new_frame_after_a_dropped_culled_frame_is_refused";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -1134,7 +1044,7 @@ fn draw_in_a_new_frame_after_a_dropped_culled_frame_is_refused() {
 #[test]
 fn draw_after_a_refused_submit_is_refused() {
     let test = "draw_after_a_refused_submit_is_refused";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -1171,7 +1081,7 @@ fn draw_after_a_refused_submit_is_refused() {
 #[test]
 fn wrong_targets_in_draw_after_a_good_cull() {
     let test = "wrong_targets_in_draw_after_a_good_cull";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -1249,7 +1159,7 @@ fn wrong_targets_in_draw_after_a_good_cull() {
 #[test]
 fn a_target_destroyed_between_draw_and_finish() {
     let test = "a_target_destroyed_between_draw_and_finish";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -1297,7 +1207,7 @@ fn a_target_destroyed_between_draw_and_finish() {
 #[test]
 fn host_frames_resumed_dropped_and_announced_in_odd_orders() {
     let test = "host_frames_resumed_dropped_and_announced_in_odd_orders";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -1385,7 +1295,7 @@ fn host_frames_resumed_dropped_and_announced_in_odd_orders() {
 #[test]
 fn host_frames_of_another_shared_device() {
     let test = "host_frames_of_another_shared_device";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(a) = shared(test) else { return };
@@ -1512,7 +1422,7 @@ unsafe fn cull_then_draw(
 #[test]
 fn a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass() {
     let test = "a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };
@@ -1592,7 +1502,7 @@ fn a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass() {
 #[test]
 fn mesh_buffers_past_max_storage_buffer_range() {
     let test = "mesh_buffers_past_max_storage_buffer_range";
-    if isolated(test) {
+    if common::isolated(test) {
         return;
     }
     let Some(shared) = shared(test) else { return };

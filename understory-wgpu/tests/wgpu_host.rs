@@ -337,6 +337,24 @@ fn a_host_that_submits_itself() {
     assert_eq!(m.layer + m.wgpu, 0, "{:?}", m.texts);
 }
 
+/// Eye and target of [`side_view`]: low over the edge of [`small_forest`], looking across it.
+const SIDE: (glam::Vec3, glam::Vec3) = (
+    glam::Vec3::new(14.0, 6.0, -12.0),
+    glam::Vec3::new(14.0, 2.0, 20.0),
+);
+
+/// The view of [`small_forest`] the image tests draw (128×96, Vulkan clip space, depth 0 near).
+fn side_view(fog_m: f32) -> ForestView {
+    let (eye, target) = SIDE;
+    let look = glam::Mat4::look_at_rh(eye, target, glam::Vec3::Y);
+    let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
+    ForestView {
+        eye,
+        view_proj: flip * glam::Mat4::perspective_rh(1.0, 128.0 / 96.0, 0.5, 1000.0) * look,
+        fog_m,
+    }
+}
+
 /// A forest of 300 trees of one species in one tile, on `shared`, with these draw options.
 fn small_forest(shared: &SharedDevice, draw: understory::gpu::draw::DrawOptions) -> Forest {
     small_forest_and_species(shared, draw).0
@@ -552,18 +570,15 @@ fn reversed_depth_draws_the_same_forest() {
     let Some(shared) = shared("wgpu_reversed_depth") else {
         return;
     };
-    let eye = glam::Vec3::new(14.0, 6.0, -12.0);
-    let look = glam::Mat4::look_at_rh(eye, glam::Vec3::new(14.0, 2.0, 20.0), glam::Vec3::Y);
+    let normal = side_view(700.0);
+    let (eye, look) = SIDE;
+    let look = glam::Mat4::look_at_rh(eye, look, glam::Vec3::Y);
     let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
-    let aspect = 128.0 / 96.0;
-    let normal = ForestView {
-        eye,
-        view_proj: flip * glam::Mat4::perspective_rh(1.0, aspect, 0.5, 1000.0) * look,
-        fog_m: 700.0,
-    };
     // Bevy's projection: reversed, infinite.
     let reversed = ForestView {
-        view_proj: flip * glam::Mat4::perspective_infinite_reverse_rh(1.0, aspect, 0.5) * look,
+        view_proj: flip
+            * glam::Mat4::perspective_infinite_reverse_rh(1.0, 128.0 / 96.0, 0.5)
+            * look,
         ..normal
     };
     let mut a = small_forest(
@@ -654,14 +669,7 @@ fn species_draw_with_their_own_meshes() {
     let Some(shared) = shared("wgpu_species_meshes") else {
         return;
     };
-    let eye = glam::Vec3::new(14.0, 6.0, -12.0);
-    let look = glam::Mat4::look_at_rh(eye, glam::Vec3::new(14.0, 2.0, 20.0), glam::Vec3::Y);
-    let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
-    let view = ForestView {
-        eye,
-        view_proj: flip * glam::Mat4::perspective_rh(1.0, 128.0 / 96.0, 0.5, 1000.0) * look,
-        fog_m: 700.0,
-    };
+    let view = side_view(700.0);
     let options = DrawOptions {
         ground: false,
         ..Default::default()
@@ -742,14 +750,7 @@ fn cull_and_draws_in_separate_parts_of_a_frame() {
     let Some(shared) = shared("wgpu_cull_draw_parts") else {
         return;
     };
-    let eye = glam::Vec3::new(14.0, 6.0, -12.0);
-    let look = glam::Mat4::look_at_rh(eye, glam::Vec3::new(14.0, 2.0, 20.0), glam::Vec3::Y);
-    let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
-    let view = ForestView {
-        eye,
-        view_proj: flip * glam::Mat4::perspective_rh(1.0, 128.0 / 96.0, 0.5, 1000.0) * look,
-        fog_m: 700.0,
-    };
+    let view = side_view(700.0);
     let options = DrawOptions {
         ground: false,
         ..Default::default()
@@ -810,14 +811,7 @@ fn an_srgb_target_stores_the_same_colours() {
     let Some(shared) = shared("wgpu_srgb_target") else {
         return;
     };
-    let eye = glam::Vec3::new(14.0, 6.0, -12.0);
-    let look = glam::Mat4::look_at_rh(eye, glam::Vec3::new(14.0, 2.0, 20.0), glam::Vec3::Y);
-    let flip = glam::Mat4::from_scale(glam::Vec3::new(1.0, -1.0, 1.0));
-    let view = ForestView {
-        eye,
-        view_proj: flip * glam::Mat4::perspective_rh(1.0, 128.0 / 96.0, 0.5, 1000.0) * look,
-        fog_m: 60.0,
-    };
+    let view = side_view(60.0);
     let image = |format| {
         let (mut forest, _) = small_forest_in(&shared, DrawOptions::default(), format);
         render_image_in(&shared, &mut forest, &view, (1.0, 3, false), format)

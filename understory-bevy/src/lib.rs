@@ -598,6 +598,9 @@ type ChangedPatch = Or<(Changed<VegetationPatch>, Changed<Transform>)>;
 struct MainPatches {
     waiting: HashSet<Entity>,
     sent: HashSet<AssetId<VegetationSpecies>>,
+    /// One shared copy of each loaded species asset's data, for every patch change that sends
+    /// it (a churning patch would copy the billboard each time).
+    copies: HashMap<AssetId<VegetationSpecies>, Arc<VegetationSpecies>>,
 }
 
 fn queue_patches(
@@ -621,7 +624,12 @@ fn queue_patches(
         let data = match species.get(id) {
             Some(d) => {
                 main.sent.insert(id);
-                Some(Arc::new(d.clone()))
+                Some(
+                    main.copies
+                        .entry(id)
+                        .or_insert_with(|| Arc::new(d.clone()))
+                        .clone(),
+                )
             }
             // Gone since it was sent: the render world has it (or says it does not).
             None if main.sent.contains(&id) => None,
@@ -653,9 +661,13 @@ fn queue_patches(
 /// Main world: a species asset removed goes from the render world too, once no patch uses it.
 fn queue_species_removals(
     bridge: Res<Bridge>,
+    mut main: ResMut<MainPatches>,
     mut events: MessageReader<AssetEvent<VegetationSpecies>>,
 ) {
     for e in events.read() {
+        if let AssetEvent::Modified { id } | AssetEvent::Removed { id } = e {
+            main.copies.remove(id);
+        }
         if let AssetEvent::Removed { id } = e {
             // `MainPatches::sent` keeps the id: patches of it still move (the render world
             // keeps the species while they use it).

@@ -1677,6 +1677,7 @@ impl Forest {
                 ))
             })?;
         let veg = Vegetation::new(ctx, desc.config.clone())?;
+        let meshes = Meshes::trees();
         let compaction = if ctx.adapter().subgroup_ballot_in_compute {
             Compaction::Subgroup
         } else {
@@ -1694,7 +1695,7 @@ impl Forest {
                 compaction,
                 capacity,
                 adaptive: true,
-                meshes: Meshes::trees().lods,
+                meshes: meshes.lods,
                 records: true,
                 max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
                 views: 1,
@@ -1726,7 +1727,7 @@ impl Forest {
             counts,
             drawn: None,
             mesh_sets: vec![TreeMeshes::conifer()],
-            meshes: Meshes::trees(),
+            meshes,
             species_meshes: Vec::new(),
             culled: None,
             rebuild_draw: false,
@@ -1756,18 +1757,27 @@ impl Forest {
     /// [`MAX_MESH_SETS`](understory::gpu::draw::MAX_MESH_SETS) sets, or mesh buffers past the
     /// device's `maxStorageBufferRange` ([`Meshes::fits`]); nothing changes then.
     pub fn add_meshes(&mut self, meshes: TreeMeshes) -> Result<u32> {
-        let mut sets = self.mesh_sets.clone();
-        sets.push(meshes);
-        let built = Meshes::new(&sets)?;
-        let bytes = built.largest_buffer();
-        if bytes > self.storage_range {
-            return Err(Error::InvalidInput(format!(
-                "add_meshes: a mesh buffer of {bytes} bytes, past the device's maxStorageBufferRange of {}",
-                self.storage_range
-            )));
-        }
+        // Every set so far with the new one, built into a fresh `Meshes`; on error the new set
+        // comes off again and nothing changed.
+        self.mesh_sets.push(meshes);
+        let built = Meshes::new(&self.mesh_sets).and_then(|built| {
+            let bytes = built.largest_buffer();
+            if bytes > self.storage_range {
+                return Err(Error::InvalidInput(format!(
+                    "add_meshes: a mesh buffer of {bytes} bytes, past the device's maxStorageBufferRange of {}",
+                    self.storage_range
+                )));
+            }
+            Ok(built)
+        });
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                self.mesh_sets.pop();
+                return Err(e);
+            }
+        };
         self.cull.set_meshes(built.lods);
-        self.mesh_sets = sets;
         self.meshes = built;
         self.rebuild_draw = true;
         Ok(self.meshes.sets() - 1)

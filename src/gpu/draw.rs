@@ -144,25 +144,34 @@ impl TreeMeshes {
 /// looks up the corner's index in the mesh of the instance's species' set (from `table`): one
 /// indirect draw per LOD still covers every species. That costs a vertex-stage invocation per
 /// corner instead of per vertex, and smaller meshes pad with empty triangles.
+///
+/// Built only by [`Meshes::new`], which checks every index and range, and read-only after: the
+/// passes' vertex stages read what it holds, so a changed field could send them past their
+/// buffers.
+///
+/// ```compile_fail
+/// let mut m = understory::gpu::draw::Meshes::trees();
+/// m.indices[0] = 1_000_000; // private: only `Meshes::new` writes it
+/// ```
 #[derive(Clone, Debug)]
 pub struct Meshes {
     /// Vertices of every mesh.
-    pub vertices: Vec<Vertex>,
+    vertices: Vec<Vertex>,
     /// Indices of every mesh (relative to each mesh's `vertex_offset`), then `0, 1, 2, ...`:
     /// the run every draw indexes, so that the vertex stage sees the corner number.
-    pub indices: Vec<u32>,
+    indices: Vec<u32>,
     /// The draws of full, medium and billboard: the mesh itself where the LOD has one
     /// (`fetch` false), else as many corners of the run as that LOD's largest mesh has
     /// indices, vertex offset 0.
-    pub lods: [DrawIndexedIndirect; 3],
+    lods: [DrawIndexedIndirect; 3],
     /// Per LOD: the draw indexes the run and the vertex stage fetches each corner's index
     /// (several sets), or it indexes the mesh itself.
-    pub fetch: [bool; 3],
+    fetch: [bool; 3],
     /// The draw of the ground quad.
-    pub ground: DrawIndexedIndirect,
+    ground: DrawIndexedIndirect,
     /// Per mesh, `[first index, index count, vertex offset, 0]`: the ground, the billboard,
     /// then full and medium of each set in order.
-    pub table: Vec<[u32; 4]>,
+    table: Vec<[u32; 4]>,
     /// Vertices of the tree meshes (every set's and the billboard's): `0..tree_vertices`.
     tree_vertices: usize,
 }
@@ -399,6 +408,40 @@ impl Meshes {
     /// [`TreeMeshes::conifer`] as the only set.
     pub fn trees() -> Self {
         Self::new(&[TreeMeshes::conifer()]).expect("the conifer is a valid mesh set")
+    }
+
+    /// Vertices of every mesh.
+    pub fn vertices(&self) -> &[Vertex] {
+        &self.vertices
+    }
+
+    /// Indices of every mesh, then the run `0, 1, 2, ...` where a LOD has several sets.
+    pub fn indices(&self) -> &[u32] {
+        &self.indices
+    }
+
+    /// The draws of full, medium and billboard: the mesh itself where the LOD has one, else
+    /// the run as long as its largest mesh, vertex offset 0. The cull pass is built with
+    /// these ([`DrawPass::lod_meshes`] returns the same).
+    pub fn lods(&self) -> [DrawIndexedIndirect; 3] {
+        self.lods
+    }
+
+    /// Per LOD: whether its draw indexes the run and the vertex stage fetches each corner's
+    /// index (several sets), or it indexes its one mesh.
+    pub fn fetch(&self) -> [bool; 3] {
+        self.fetch
+    }
+
+    /// The ground quad's draw.
+    pub fn ground(&self) -> DrawIndexedIndirect {
+        self.ground
+    }
+
+    /// Per mesh, `[first index, index count, vertex offset, 0]`: the ground, the billboard,
+    /// then full and medium of each set in order.
+    pub fn table(&self) -> &[[u32; 4]] {
+        &self.table
     }
 
     /// Mesh sets held.

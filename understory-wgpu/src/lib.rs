@@ -1695,7 +1695,7 @@ impl Forest {
                 compaction,
                 capacity,
                 adaptive: true,
-                meshes: meshes.lods,
+                meshes: meshes.lods(),
                 records: true,
                 max_sources_per_dispatch: WIDE_SOURCES_PER_DISPATCH,
                 views: 1,
@@ -1777,7 +1777,7 @@ impl Forest {
                 return Err(e);
             }
         };
-        self.cull.set_meshes(built.lods);
+        self.cull.set_meshes(built.lods());
         self.meshes = built;
         self.rebuild_draw = true;
         Ok(self.meshes.sets() - 1)

@@ -481,26 +481,26 @@ fn meshes_new_refuses_bad_sets_with_typed_errors() {
     edge.check().expect("exactly the limits");
     let m = Meshes::new(&[conifer.clone(), edge]).expect("limits");
     assert_eq!(m.sets(), 2);
-    assert!(m.fetch[0] && m.fetch[1] && !m.fetch[2]);
-    assert_eq!(m.lods[0].index_count as usize, MAX_INDICES);
+    assert!(m.fetch()[0] && m.fetch()[1] && !m.fetch()[2]);
+    assert_eq!(m.lods()[0].index_count as usize, MAX_INDICES);
     let all = Meshes::new(&vec![conifer.clone(); MAX_MESH_SETS]).expect("MAX_MESH_SETS sets");
     assert_eq!(all.sets() as usize, MAX_MESH_SETS);
-    assert_eq!(all.table.len(), 2 + 2 * MAX_MESH_SETS);
+    assert_eq!(all.table().len(), 2 + 2 * MAX_MESH_SETS);
     // One set: the trees' own draws (no fetch), the same radius and bounds as trees().
     let one = Meshes::new(std::slice::from_ref(&conifer)).expect("one");
     let trees = Meshes::trees();
-    assert_eq!(one.lods, trees.lods);
-    assert_eq!(one.fetch, [false; 3]);
+    assert_eq!(one.lods(), trees.lods());
+    assert_eq!(one.fetch(), [false; 3]);
     assert_eq!(one.radius(), trees.radius());
     assert_eq!(all.radius(), trees.radius(), "copies change no radius");
     // Every table entry points inside the buffers.
     for m in [&one, &all] {
-        for e in &m.table {
-            assert!((e[0] + e[1]) as usize <= m.indices.len(), "{e:?}");
-            assert!((e[2] as usize) < m.vertices.len(), "{e:?}");
+        for e in m.table() {
+            assert!((e[0] + e[1]) as usize <= m.indices().len(), "{e:?}");
+            assert!((e[2] as usize) < m.vertices().len(), "{e:?}");
         }
-        for l in m.lods {
-            assert!((l.first_index + l.index_count) as usize <= m.indices.len());
+        for l in m.lods() {
+            assert!((l.first_index + l.index_count) as usize <= m.indices().len());
         }
     }
     // A far vertex: radius and bounds follow it.
@@ -1434,12 +1434,12 @@ fn a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass() {
     let page = forest.vegetation().atlas_page(0).expect("page");
     let conifer = Meshes::trees();
     let boxes = Meshes::new(&[box_tree()]).expect("box meshes");
-    assert_ne!(conifer.lods, boxes.lods);
+    assert_ne!(conifer.lods(), boxes.lods());
     let cull_desc = |m: &Meshes| understory::gpu::cull::CullDesc {
         compaction: understory::gpu::cull::Compaction::Atomic,
         capacity: 4096,
         adaptive: false,
-        meshes: m.lods,
+        meshes: m.lods(),
         records: true,
         max_sources_per_dispatch: 1,
         views: 1,
@@ -1453,7 +1453,7 @@ fn a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass() {
     )
     .expect("draw pass (box)");
     assert_eq!(draw_box.mesh_sets(), 1);
-    assert_eq!(draw_box.lod_meshes(), boxes.lods);
+    assert_eq!(draw_box.lod_meshes(), boxes.lods());
     let (color, depth) = targets(&device);
 
     // 1. The cull pass of the conifer, the draw pass of the box: refused.
@@ -1467,7 +1467,7 @@ fn a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass() {
     drop(frame);
 
     // 2. The same, with set_meshes(box) after the cull recorded the conifer's args.
-    cull.set_meshes(conifer.lods);
+    cull.set_meshes(conifer.lods());
     let mut frame = shared.begin_frame().expect("frame");
     let r = unsafe {
         cull_then_draw(
@@ -1478,13 +1478,13 @@ fn a_cull_pass_of_other_meshes_is_refused_by_the_draw_pass() {
             page,
             &color,
             &depth,
-            Some(boxes.lods),
+            Some(boxes.lods()),
         )
     };
     eprintln!(
         "{test}: set_meshes between the cull's record and the draw's: {r:?} (args recorded: {:?}; box index buffer: {} indices)",
-        conifer.lods,
-        boxes.indices.len()
+        conifer.lods(),
+        boxes.indices().len()
     );
     // Never submitted: the draw would index the box's buffers with the conifer's ranges.
     drop(frame);

@@ -13,7 +13,11 @@
 //! A table of two-phase occlusion culling follows: against a 1280×720 depth image whose lower
 //! half is a near wall, the single pass, each phase, the depth pyramid and the whole of it.
 //!
-//! Run: `cargo bench --bench cull`; on the GPU machine `.gpu/bin/cull-unittests`.
+//! A pass over 1,024 instances comes first: what a pass costs whatever it reads.
+//! `UNDERSTORY_CULL_BENCH_ONLY=single` stops after the first table, `=occlusion` runs the
+//! occlusion rows alone.
+//!
+//! Run: `cargo bench --bench cull`; on the GPU machine `.gpu/bin/cull-bench`.
 
 use ash::vk;
 use glam::{Mat4, Vec3};
@@ -379,7 +383,7 @@ fn main() {
     }
     .expect("probe pipeline");
     let mut variants = vec![Compaction::Atomic];
-    if a.subgroup_ballot_in_compute {
+    if a.subgroup_ballot_arithmetic_in_compute {
         variants.push(Compaction::Subgroup);
     }
     // `UNDERSTORY_CULL_BENCH_ONLY=occlusion`: the occlusion rows alone (their timings depend on
@@ -391,6 +395,37 @@ fn main() {
         let report = ctx.shutdown().expect("shutdown");
         assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
         return;
+    }
+    // What a pass costs whatever it reads: its resets, barriers and finalize around a dispatch
+    // over 1,024 instances.
+    {
+        let scene = forest(1024, 5);
+        let bytes: &[u8] = bytemuck::cast_slice(&scene);
+        let instances = gpu_buffer(
+            &ctx,
+            "bench instances",
+            bytes.len() as u64,
+            vk::BufferUsageFlags::STORAGE_BUFFER,
+        );
+        upload(&ctx, &instances, bytes);
+        let src = [CullSource {
+            buffer: &instances,
+            count: 1024,
+            base: 0,
+        }];
+        for &variant in &variants {
+            let mut pass = fixed_pass(&ctx, variant, 1024, WIDE_SOURCES_PER_DISPATCH);
+            let us = time_gpu(&ctx, |frame, cmd| {
+                // SAFETY: recording for `frame`; the pass marks what it reads.
+                unsafe { pass.record(frame, cmd, &src, &view).expect("record") };
+            });
+            println!(
+                "{:>9} fixed cost of a pass (1,024 instances): {us:.1} us",
+                format!("{variant:?}").to_lowercase()
+            );
+        }
+        drop(instances);
+        ctx.collect().expect("collect");
     }
     println!(
         "\n{:>6} {:>9} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6}",
@@ -549,6 +584,13 @@ fn main() {
         );
         drop((instances, src, dst));
         ctx.collect().expect("collect");
+    }
+    // `UNDERSTORY_CULL_BENCH_ONLY=single`: the table above alone.
+    if std::env::var("UNDERSTORY_CULL_BENCH_ONLY").is_ok_and(|v| v == "single") {
+        drop((copy, probe));
+        let report = ctx.shutdown().expect("shutdown");
+        assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
+        return;
     }
     // One source against sources of 1024 instances each: the price of many allocations.
     println!(

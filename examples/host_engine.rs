@@ -669,7 +669,7 @@ fn frames(
     }
     let page = veg.atlas_page(0).ok_or("no atlas page")?;
     let draw = DrawPass::new(ctx, COLOR, DEPTH, page, 0)?;
-    let compaction = if ctx.adapter().subgroup_ballot_in_compute {
+    let compaction = if ctx.adapter().subgroup_ballot_arithmetic_in_compute {
         Compaction::Subgroup
     } else {
         Compaction::Atomic

@@ -1,27 +1,23 @@
 enable wgpu_binding_array;
 
-// GPU cull, subgroup-aggregated: the same classification, then per LOD one ballot and one
-// atomic per subgroup; each lane writes at the subgroup's base plus its rank among the lanes of
-// the same LOD. All lanes stay in the loop (uniform control flow for the subgroup operations).
+// GPU cull, subgroup-aggregated: the same classification, then one exclusive scan per subgroup
+// over each thread's counts of the three drawn LODs (packed 10 bits each) and one shared-memory
+// atomic per subgroup and LOD; each instance goes at the subgroup's base plus the lanes below
+// it plus its rank among the thread's own instances of that LOD. All lanes stay in the uniform
+// control flow the subgroup operations need. No private array or vector is indexed by a value
+// computed at run time: those take scratch memory, which the NVIDIA driver keeps.
 
 // Push constants, bindings and the functions over them: shaders/cull/shared.wgsl (appended by
 // build.rs).
 
-fn lanes_below(lane: u32) -> vec4<u32> {
-    var m = vec4<u32>(0u);
-    for (var w = 0u; w < 4u; w = w + 1u) {
-        let lo = w * 32u;
-        if lane >= lo + 32u {
-            m[w] = 0xffffffffu;
-        } else if lane > lo {
-            m[w] = (1u << (lane - lo)) - 1u;
-        }
-    }
-    return m;
-}
+// Bits per LOD in a packed count: a subgroup (at most 128 lanes) of at most CULL_PER_THREAD
+// instances a lane counts at most 512, a workgroup at most CULL_PER_GROUP = 1024 of which a
+// base (what lies before an appending subgroup) is at most 1023.
+const FIELD: u32 = 10u;
+const FIELD_MASK: u32 = 1023u;
 
-fn bits(v: vec4<u32>) -> u32 {
-    return countOneBits(v.x) + countOneBits(v.y) + countOneBits(v.z) + countOneBits(v.w);
+fn field(packed: u32, lod: u32) -> u32 {
+    return (packed >> (FIELD * lod)) & FIELD_MASK;
 }
 
 var<workgroup> wg_count: array<atomic<u32>, 5>;
@@ -34,7 +30,7 @@ var<workgroup> wg_casc: array<atomic<u32>, 12>;
 var<workgroup> wg_casc_base: array<u32, 12>;
 var<workgroup> wg_casc_fill: array<atomic<u32>, 12>;
 
-// Two levels of aggregation: per subgroup (ballot, one shared-memory atomic per LOD), then per
+// Two levels of aggregation: per subgroup (a scan, one shared-memory atomic per LOD), then per
 // workgroup of CULL_PER_GROUP instances (one global atomic per LOD). Global atomics on the three
 // list counters are what limits the plain variant when visible instances are sparse.
 @compute @workgroup_size(256)
@@ -66,20 +62,32 @@ fn main(
         src = vec2<u32>(table[source].count, table[source].base);
     }
     let first = group * CULL_PER_GROUP + t;
-    let below = lanes_below(lane);
-    let leader = subgroupBroadcastFirst(lane);
-    var lods: array<u32, CULL_PER_THREAD>;
-    var slots: array<u32, CULL_PER_THREAD>;
-    // The band each instance takes in the cascades (LOD_CULLED: none).
-    var bands: array<u32, CULL_PER_THREAD>;
+    // The records first: the loads of all CULL_PER_THREAD instances in flight at once.
+    var pss: array<vec4<f32>, CULL_PER_THREAD>;
+    var live = 0u;
     for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
         let i = first + k * 256u;
-        var lod = 5u; // past the end: takes part in the ballots, appends nothing
-        var cb = LOD_CULLED;
+        pss[k] = vec4<f32>(0.0);
         if i < src.x && !unseen_first(src.y + i) {
-            let ps = sources[source].v[2u * i];
+            pss[k] = sources[source].v[2u * i];
+            live |= 1u << k;
+        }
+    }
+    var lods: array<u32, CULL_PER_THREAD>;
+    // Per instance, how many of the thread's earlier instances took the same LOD.
+    var ranks: array<u32, CULL_PER_THREAD>;
+    // The band each instance takes in the cascades (LOD_CULLED: none).
+    var bands: array<u32, CULL_PER_THREAD>;
+    // The thread's instances per drawn LOD (packed) and invalid ones.
+    var mine = 0u;
+    var invalid = 0u;
+    for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
+        var lod = LOD_CULLED;
+        var cb = LOD_CULLED;
+        if (live & (1u << k)) != 0u {
+            let ps = pss[k];
             let raw = classify(ps, view);
-            lod = through_phase(raw, src.y + i, ps);
+            lod = through_phase(raw, src.y + first + k * 256u, ps);
             cb = cascade_band(ps, raw);
             if cb < LOD_CULLED {
                 // Counted per workgroup in shared memory; slots are handed out when writing.
@@ -93,18 +101,36 @@ fn main(
         }
         bands[k] = cb;
         lods[k] = lod;
+        ranks[k] = 0u;
+        if lod < LOD_CULLED {
+            ranks[k] = field(mine, lod);
+            mine += 1u << (FIELD * lod);
+        } else if lod == LOD_INVALID {
+            invalid += 1u;
+        }
+    }
+    // The lanes below, and the whole subgroup; the first lane reserves the subgroup's runs.
+    let below = subgroupExclusiveAdd(mine);
+    let total = subgroupAdd(mine);
+    var base = 0u;
+    if lane == subgroupBroadcastFirst(lane) {
+        for (var l = 0u; l < LOD_CULLED; l = l + 1u) {
+            let n = field(total, l);
+            if n > 0u {
+                base |= atomicAdd(&wg_count[l], n) << (FIELD * l);
+            }
+        }
+    }
+    base = subgroupBroadcastFirst(base);
+    if invalid > 0u {
+        atomicAdd(&wg_count[LOD_INVALID], invalid);
+    }
+    var slots: array<u32, CULL_PER_THREAD>;
+    for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
+        let lod = lods[k];
         slots[k] = 0u;
-        for (var l = 0u; l < 5u; l = l + 1u) {
-            let ballot = subgroupBallot(lod == l && l != LOD_CULLED);
-            let total = bits(ballot);
-            var base = 0u;
-            if lane == leader && total > 0u {
-                base = atomicAdd(&wg_count[l], total);
-            }
-            base = subgroupBroadcastFirst(base);
-            if lod == l {
-                slots[k] = base + bits(ballot & below);
-            }
+        if lod < LOD_CULLED {
+            slots[k] = field(base, lod) + field(below, lod) + ranks[k];
         }
     }
     workgroupBarrier();

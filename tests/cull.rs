@@ -304,12 +304,12 @@ fn perspective(eye: Vec3, yaw: f32, quality: f32) -> CullView {
 
 fn variants(ctx: &Context) -> Vec<Compaction> {
     let mut v = vec![Compaction::Atomic];
-    if ctx.adapter().subgroup_ballot_in_compute {
+    if ctx.adapter().subgroup_ballot_arithmetic_in_compute {
         v.push(Compaction::Subgroup);
     } else {
         common::skip(
             "subgroup variant",
-            "no subgroup ballot in compute on this device",
+            "no subgroup ballot and arithmetic in compute on this device",
         );
     }
     v

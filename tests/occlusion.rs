@@ -401,7 +401,7 @@ fn two_phases_match_the_cpu_reference() {
     )
     .unwrap();
     let mut compactions = vec![Compaction::Atomic];
-    if ctx.adapter().subgroup_ballot_in_compute {
+    if ctx.adapter().subgroup_ballot_arithmetic_in_compute {
         compactions.push(Compaction::Subgroup);
     }
     for compaction in compactions {

@@ -208,7 +208,7 @@ const PRESSURE_STEPS: [(f64, Option<f64>); 6] = [
 fn warm_up(ctx: &Context) -> Result<()> {
     let mut pass = CullPass::new(
         ctx,
-        if ctx.adapter().subgroup_ballot_in_compute {
+        if ctx.adapter().subgroup_ballot_arithmetic_in_compute {
             Compaction::Subgroup
         } else {
             Compaction::Atomic
@@ -329,7 +329,7 @@ fn soak(ctx: &Context, config: &SoakConfig, heap: usize) -> Result<SoakReport> {
         })?);
     }
     let ring = FrameRing::new(ctx)?;
-    let compaction = if ctx.adapter().subgroup_ballot_in_compute {
+    let compaction = if ctx.adapter().subgroup_ballot_arithmetic_in_compute {
         Compaction::Subgroup
     } else {
         Compaction::Atomic

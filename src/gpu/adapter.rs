@@ -184,8 +184,9 @@ pub struct Adapter {
     pub heaps: Vec<HeapInfo>,
     /// `timestampPeriod` in nanoseconds per tick.
     pub timestamp_period_ns: f32,
-    /// Subgroup ballot is supported in compute shaders.
-    pub subgroup_ballot_in_compute: bool,
+    /// Subgroup ballot and arithmetic operations are supported in compute shaders (what
+    /// [`Compaction::Subgroup`](crate::gpu::cull::Compaction::Subgroup) uses).
+    pub subgroup_ballot_arithmetic_in_compute: bool,
     /// Subgroup size.
     pub subgroup_size: u32,
 }
@@ -282,9 +283,9 @@ impl Adapter {
             }
             subgroup_size = sg.subgroup_size;
             subgroup_ballot = sg.supported_stages.contains(vk::ShaderStageFlags::COMPUTE)
-                && sg
-                    .supported_operations
-                    .contains(vk::SubgroupFeatureFlags::BALLOT)
+                && sg.supported_operations.contains(
+                    vk::SubgroupFeatureFlags::BALLOT | vk::SubgroupFeatureFlags::ARITHMETIC,
+                )
                 && (1..=128).contains(&sg.subgroup_size);
         }
 
@@ -328,7 +329,7 @@ impl Adapter {
             queue_families,
             heaps,
             timestamp_period_ns: props.limits.timestamp_period,
-            subgroup_ballot_in_compute: subgroup_ballot,
+            subgroup_ballot_arithmetic_in_compute: subgroup_ballot,
             subgroup_size,
         })
     }
@@ -463,7 +464,7 @@ mod tests {
             queue_families: vec![vk::QueueFlags::COMPUTE],
             heaps: vec![],
             timestamp_period_ns: 1.0,
-            subgroup_ballot_in_compute: false,
+            subgroup_ballot_arithmetic_in_compute: false,
             subgroup_size: 0,
         }
     }

@@ -37,8 +37,9 @@ pub const LOD_INVALID: u32 = 4;
 pub enum Compaction {
     /// One atomic per visible instance.
     Atomic,
-    /// Ballots per subgroup, one shared-memory atomic per subgroup and LOD, and one global
-    /// atomic per workgroup (1024 instances) and LOD.
+    /// One scan per subgroup (each thread's four instances counted per LOD), one
+    /// shared-memory atomic per subgroup and LOD, and one global atomic per workgroup (1024
+    /// instances) and LOD.
     Subgroup,
 }
 
@@ -781,9 +782,12 @@ impl CullPass {
                 ctx.adapter().limits.max_storage_buffer_range
             )));
         }
-        if compaction == Compaction::Subgroup && !ctx.adapter().subgroup_ballot_in_compute {
+        if compaction == Compaction::Subgroup
+            && !ctx.adapter().subgroup_ballot_arithmetic_in_compute
+        {
             return Err(Error::Unsupported(
-                "subgroup compaction needs subgroup ballot in compute shaders".into(),
+                "subgroup compaction needs subgroup ballot and arithmetic in compute shaders"
+                    .into(),
             ));
         }
         let limits = ctx.adapter().limits;
@@ -1634,6 +1638,16 @@ impl CullPass {
         // previous frame's (or the first phase's) readers before this phase's writes
         // (write-after-read).
         unsafe {
+            // One barrier before the resets (each barrier drains the queue: on an H200 the
+            // fixed cost of a pass was most of a 1M-instance cull). Without a pyramid the
+            // placeholder is made GENERAL from UNDEFINED in it, after the previous use's
+            // reads (compute is among `users`): its contents are never read.
+            let placeholder_barrier = [image_barrier(
+                placeholder.raw(),
+                color_range(1),
+                (vk::ImageLayout::UNDEFINED, vk::AccessFlags::empty()),
+                (PYRAMID_LAYOUT, vk::AccessFlags::SHADER_READ),
+            )];
             d.cmd_pipeline_barrier(
                 cmd,
                 users,
@@ -1646,26 +1660,12 @@ impl CullPass {
                         | vk::AccessFlags::SHADER_WRITE,
                 ),
                 &[],
-                &[],
+                if occlusion.is_none() {
+                    &placeholder_barrier
+                } else {
+                    &[]
+                },
             );
-            if occlusion.is_none() {
-                // The placeholder's contents are never read: made GENERAL from UNDEFINED at
-                // every use, after the previous use's reads.
-                d.cmd_pipeline_barrier(
-                    cmd,
-                    vk::PipelineStageFlags::COMPUTE_SHADER,
-                    vk::PipelineStageFlags::COMPUTE_SHADER,
-                    vk::DependencyFlags::empty(),
-                    &[],
-                    &[],
-                    &[image_barrier(
-                        placeholder.raw(),
-                        color_range(1),
-                        (vk::ImageLayout::UNDEFINED, vk::AccessFlags::empty()),
-                        (PYRAMID_LAYOUT, vk::AccessFlags::SHADER_READ),
-                    )],
-                );
-            }
             if let Some((_, occ)) = occlusion {
                 d.cmd_update_buffer(cmd, occ_buf.raw(), 0, bytemuck::bytes_of(occ));
             } else {
@@ -1681,6 +1681,8 @@ impl CullPass {
             if let (true, Some(v)) = (clear_visible, visible) {
                 d.cmd_fill_buffer(cmd, v.raw(), 0, vk::WHOLE_SIZE, 0);
             }
+            // The first round of source tables (see below) with the resets, under one barrier.
+            write_tables(d, cmd, table.raw(), stride, &batches.tables);
             d.cmd_pipeline_barrier(
                 cmd,
                 vk::PipelineStageFlags::TRANSFER,
@@ -1713,32 +1715,20 @@ impl CullPass {
                 .enumerate()
             {
                 let slot = k % TABLE_BATCHES;
-                if slot == 0 {
-                    // A round of tables: written after the previous round's dispatches read
-                    // theirs, before this round's read them.
-                    if k > 0 {
-                        memory_barrier(
-                            d,
-                            cmd,
-                            compute_rw,
-                            (
-                                vk::PipelineStageFlags::TRANSFER,
-                                vk::AccessFlags::TRANSFER_WRITE,
-                            ),
-                        );
-                    }
-                    for (j, (entries, _)) in
-                        batches.tables[k..].iter().take(TABLE_BATCHES).enumerate()
-                    {
-                        // At most 1024 entries of 16 bytes: within vkCmdUpdateBuffer's 65536
-                        // (VUID-vkCmdUpdateBuffer-dataSize-00037), at a multiple of 4 (-00036).
-                        d.cmd_update_buffer(
-                            cmd,
-                            table.raw(),
-                            j as u64 * stride,
-                            bytemuck::cast_slice(entries),
-                        );
-                    }
+                if slot == 0 && k > 0 {
+                    // A further round of tables (the first was written with the resets):
+                    // written after the previous round's dispatches read theirs, before this
+                    // round's read them.
+                    memory_barrier(
+                        d,
+                        cmd,
+                        compute_rw,
+                        (
+                            vk::PipelineStageFlags::TRANSFER,
+                            vk::AccessFlags::TRANSFER_WRITE,
+                        ),
+                    );
+                    write_tables(d, cmd, table.raw(), stride, &batches.tables[k..]);
                     memory_barrier(
                         d,
                         cmd,
@@ -1889,6 +1879,31 @@ impl CullPass {
             self.readbacks[rb].2 = false;
         }
         Ok(())
+    }
+}
+
+/// Writes the source tables of up to [`TABLE_BATCHES`] dispatches, the first of `tables` at
+/// slot 0 of `table` (`stride` bytes a slot).
+///
+/// # Safety
+/// `cmd` is recording outside a render pass; `table` is live, marked used by the frame `cmd`
+/// records, and holds [`TABLE_BATCHES`] slots of `stride` bytes, each at least as large as any
+/// table (checked where the batches are made); nothing reads or writes it between the barriers
+/// around this call.
+unsafe fn write_tables(
+    d: &ash::Device,
+    cmd: vk::CommandBuffer,
+    table: vk::Buffer,
+    stride: u64,
+    tables: &[(Vec<SourceEntry>, u32)],
+) {
+    for (j, (entries, _)) in tables.iter().take(TABLE_BATCHES).enumerate() {
+        // SAFETY: as the function's contract; at most 1024 entries of 16 bytes: within
+        // vkCmdUpdateBuffer's 65536 (VUID-vkCmdUpdateBuffer-dataSize-00037), a multiple of 4
+        // (-00036), at a multiple of 4 within the buffer (-00032, -00033).
+        unsafe {
+            d.cmd_update_buffer(cmd, table, j as u64 * stride, bytemuck::cast_slice(entries))
+        };
     }
 }
 

@@ -1678,7 +1678,7 @@ impl Forest {
             })?;
         let veg = Vegetation::new(ctx, desc.config.clone())?;
         let meshes = Meshes::trees();
-        let compaction = if ctx.adapter().subgroup_ballot_in_compute {
+        let compaction = if ctx.adapter().subgroup_ballot_arithmetic_in_compute {
             Compaction::Subgroup
         } else {
             Compaction::Atomic

@@ -71,6 +71,8 @@ pub struct DemoConfig {
     pub shadows: bool,
     /// Texels along each cascade's square shadow map.
     pub shadow_map_px: u32,
+    /// Where the camera flies.
+    pub flight: Flight,
     /// Show an indicatif progress bar (on a terminal).
     pub progress: bool,
     /// One stats line this often (0: never).
@@ -93,6 +95,7 @@ impl Default for DemoConfig {
             occlusion: false,
             shadows: false,
             shadow_map_px: 1024,
+            flight: Flight::Canopy,
             progress: true,
             stats_interval: Duration::from_secs(1),
         }
@@ -163,6 +166,8 @@ pub struct DemoReport {
     pub drawn_total: u64,
     /// Two-phase occlusion culling was on.
     pub occlusion: bool,
+    /// Where the camera flew.
+    pub flight: Flight,
     /// Sun shadows were on.
     pub shadows: bool,
     /// Frames whose LOD lists overflowed (instances not drawn).
@@ -271,7 +276,15 @@ pub const SPECIES: [(&str, [f32; 3]); 3] = [
 
 /// The forest: `n` trees in stands (value noise decides where trees grow and which species),
 /// grouped into patches of one species per leaf tile.
-pub fn forest(config: &VegetationConfig, n: u64, seed: u64) -> Vec<(usize, Vec<Instance>)> {
+///
+/// With `track` (the [`Flight::Ground`] lap's radius) no tree grows within
+/// [`TRACK_HALF_WIDTH_M`] of the lap around the world's centre.
+pub fn forest(
+    config: &VegetationConfig,
+    n: u64,
+    seed: u64,
+    track: Option<f32>,
+) -> Vec<(usize, Vec<Instance>)> {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let s = seed as u32;
     let size = config.world_size_m;
@@ -283,6 +296,10 @@ pub fn forest(config: &VegetationConfig, n: u64, seed: u64) -> Vec<(usize, Vec<I
         let p = Vec2::new(rng.f(), rng.f()) * size * 0.9999 + config.world_origin;
         let density = 0.65 * value_noise(p / 180.0, s) + 0.35 * value_noise(p / 45.0, s ^ 7);
         if rng.f() > ((density - 0.3) * 2.2).clamp(0.02, 1.0) {
+            continue;
+        }
+        // The lap goes around the origin, as the cameras do.
+        if track.is_some_and(|r| (p.length() - r).abs() < TRACK_HALF_WIDTH_M) {
             continue;
         }
         let kind = value_noise(p / 260.0 + 31.0, s ^ 13);
@@ -313,6 +330,37 @@ pub fn forest(config: &VegetationConfig, n: u64, seed: u64) -> Vec<(usize, Vec<I
         .collect()
 }
 
+/// Where the demo's camera flies: one lap around the world's centre, at
+/// [`DemoConfig::frames`] frames a lap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flight {
+    /// 26–42 m above the ground, over a canopy of 9–21 m trees, looking ahead and a little down
+    /// ([`camera`]).
+    #[default]
+    Canopy,
+    /// At eye height (1.8 m) along a forest track: a ring without trees,
+    /// [`TRACK_HALF_WIDTH_M`] either side of the lap, looking along it ([`ground_camera`]).
+    Ground,
+}
+
+/// Half the width of the track the [`Flight::Ground`] camera walks along: no tree grows within
+/// this distance of the lap.
+pub const TRACK_HALF_WIDTH_M: f32 = 4.0;
+
+/// The lap's radius around the world's centre in a world `world_size_m` across.
+pub fn lap_radius(world_size_m: f32) -> f32 {
+    world_size_m * 0.27
+}
+
+/// The camera (eye, a point it looks at) of `flight` at `t` in [0, 1] of a lap of `radius`.
+pub fn flight_camera(flight: Flight, t: f32, radius: f32) -> (Vec3, Vec3) {
+    match flight {
+        Flight::Canopy => camera(t, radius),
+        Flight::Ground => ground_camera(t, radius),
+    }
+}
+
 /// The camera at `t` in [0, 1]: one lap around the world's centre at tree-top height, looking
 /// ahead and a little down.
 pub fn camera(t: f32, radius: f32) -> (Vec3, Vec3) {
@@ -325,6 +373,16 @@ pub fn camera(t: f32, radius: f32) -> (Vec3, Vec3) {
     let ahead = Vec3::new(-a.sin(), 0.0, a.cos());
     let inward = -Vec3::new(a.cos(), 0.0, a.sin());
     (eye, eye + ahead * 0.8 + inward * 0.6 - Vec3::Y * 0.22)
+}
+
+/// The camera at `t` in [0, 1] walking the track: one lap of `radius` around the world's
+/// centre at eye height, looking along the track (at a point on it 40 m ahead) and a little up.
+pub fn ground_camera(t: f32, radius: f32) -> (Vec3, Vec3) {
+    let a = t * std::f32::consts::TAU;
+    let on = |a: f32| Vec3::new(radius * a.cos(), 1.8, radius * a.sin());
+    let eye = on(a);
+    let ahead = on(a + 40.0 / radius);
+    (eye, ahead + Vec3::Y * 2.0)
 }
 
 /// Offscreen colour + depth targets and the PNG readback buffer: the host's own objects. The
@@ -552,7 +610,8 @@ fn demo(ctx: &Context, config: &DemoConfig) -> Result<DemoReport> {
         .collect::<Result<_>>()?;
     let generated = Instant::now();
     let mut patches = 0u64;
-    for (sp, instances) in forest(veg.config(), config.instances, config.seed) {
+    let track = (config.flight == Flight::Ground).then(|| lap_radius(veg.config().world_size_m));
+    for (sp, instances) in forest(veg.config(), config.instances, config.seed, track) {
         veg.spawn(&PatchDesc {
             species: species[sp],
             instances: &instances,
@@ -605,7 +664,7 @@ impl<'a> Gpu<'a> {
             .atlas_page(0)
             .ok_or_else(|| Error::InvalidInput("no atlas page".into()))?;
         let draw = DrawPass::new(ctx, COLOR_FORMAT, DEPTH_FORMAT, page, 0)?;
-        let compaction = if ctx.adapter().subgroup_ballot_in_compute {
+        let compaction = if ctx.adapter().subgroup_ballot_arithmetic_in_compute {
             Compaction::Subgroup
         } else {
             Compaction::Atomic
@@ -1223,6 +1282,7 @@ impl Accumulator {
                 },
                 drawn_total: 0,
                 occlusion: config.occlusion,
+                flight: config.flight,
                 shadows: config.shadows,
                 overflow_frames: 0,
                 shadow_overflow_frames: 0,
@@ -1395,7 +1455,11 @@ fn view_of(
 fn view_matrix(veg: &Vegetation, config: &DemoConfig, f: u64) -> (Vec3, Mat4) {
     let c = veg.config();
     let fog_m = c.lod.billboard_m * 1.15;
-    let (eye, look) = camera(f as f32 / config.frames as f32, c.world_size_m * 0.27);
+    let (eye, look) = flight_camera(
+        config.flight,
+        f as f32 / config.frames as f32,
+        lap_radius(c.world_size_m),
+    );
     let aspect = config.width as f32 / config.height as f32;
     let mut proj = Mat4::perspective_rh(FOV_Y_DEG.to_radians(), aspect, NEAR_M, fog_m * 1.5);
     // Vulkan's clip space has y pointing down.
@@ -1493,7 +1557,11 @@ fn shadow_cascades(
 /// The cascades of frame `f`: the camera's, along the sun of `constants`.
 fn cascades_of(veg: &Vegetation, config: &DemoConfig, f: u64, constants: &DrawFrame) -> Cascades {
     let c = veg.config();
-    let (eye, look) = camera(f as f32 / config.frames as f32, c.world_size_m * 0.27);
+    let (eye, look) = flight_camera(
+        config.flight,
+        f as f32 / config.frames as f32,
+        lap_radius(c.world_size_m),
+    );
     let sun = Vec3::new(constants.sun[0], constants.sun[1], constants.sun[2]);
     let distance_m = c.lod.medium_m * SHADOW_REACH_BANDS;
     Cascades {
@@ -1609,7 +1677,7 @@ mod tests {
             leaf_tile_m: 128.0,
             ..Default::default()
         };
-        let patches = forest(&config, 20_000, 3);
+        let patches = forest(&config, 20_000, 3, None);
         let total: usize = patches.iter().map(|(_, v)| v.len()).sum();
         assert_eq!(total, 20_000);
         let q = understory::world::quadtree::Quadtree::new(
@@ -1636,8 +1704,8 @@ mod tests {
         assert!(max > 3 * min.max(1), "density varies: {min}..{max}");
         // Same seed, same forest.
         assert_eq!(
-            forest(&config, 1000, 9).len(),
-            forest(&config, 1000, 9).len()
+            forest(&config, 1000, 9, None).len(),
+            forest(&config, 1000, 9, None).len()
         );
     }
 

@@ -60,6 +60,9 @@ enum Command {
         /// maps that the camera draw looks up).
         #[arg(long, value_enum, default_value_t = Switch::Off)]
         shadows: Switch,
+        /// Where the camera flies: over the canopy, or at eye height along a forest track.
+        #[arg(long, value_enum, default_value_t = FlightArg::Canopy)]
+        flight: FlightArg,
         /// Seed of the forest.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -153,6 +156,7 @@ fn run(cli: Cli) -> understory::Result<()> {
             lod_tint,
             occlusion,
             shadows,
+            flight,
             seed,
             quiet,
         } => {
@@ -184,6 +188,10 @@ fn run(cli: Cli) -> understory::Result<()> {
                 lod_tint,
                 occlusion: occlusion == Switch::On,
                 shadows: shadows == Switch::On,
+                flight: match flight {
+                    FlightArg::Canopy => understory_cli::demo::Flight::Canopy,
+                    FlightArg::Ground => understory_cli::demo::Flight::Ground,
+                },
                 progress: !quiet,
                 ..Default::default()
             };
@@ -245,9 +253,13 @@ fn run(cli: Cli) -> understory::Result<()> {
                 );
             }
             println!(
-                "drawn over the flight: {} instances (occlusion {})",
+                "drawn over the flight: {} instances (occlusion {}, flight {})",
                 r.drawn_total,
-                if r.occlusion { "on" } else { "off" }
+                if r.occlusion { "on" } else { "off" },
+                match r.flight {
+                    understory_cli::demo::Flight::Canopy => "canopy",
+                    understory_cli::demo::Flight::Ground => "ground",
+                }
             );
             if let (Some(c), Some(d)) = (r.gpu_cull_ms, r.gpu_draw_ms) {
                 let what = if r.occlusion {
@@ -450,6 +462,15 @@ fn run(cli: Cli) -> understory::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--flight`: where the demo's camera flies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum FlightArg {
+    /// 26–42 m above the ground, over the canopy.
+    Canopy,
+    /// At eye height along a forest track.
+    Ground,
 }
 
 /// An `on|off` flag value.

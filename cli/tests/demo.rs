@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use understory_cli::demo::{DemoConfig, DemoReport, run};
+use understory_cli::demo::{DemoConfig, DemoReport, Flight, run};
 
 fn config(dir: &Path, name: &str) -> DemoConfig {
     DemoConfig {
@@ -93,8 +93,9 @@ fn the_demo_draws_a_forest_and_returns_every_byte() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Two-phase occlusion culling draws fewer trees and the same picture: every 5th frame of a
-/// flight rendered with occlusion on and off differs on at most 0.1% of the pixels.
+/// Two-phase occlusion culling draws fewer trees and the same picture: every 5th frame of each
+/// flight (over the canopy, and at eye height along the track) rendered with occlusion on and
+/// off differs on at most 0.1% of the pixels.
 #[test]
 fn occlusion_draws_fewer_trees_and_the_same_image() {
     let Some(probe) = common::context("occlusion_same_image") else {
@@ -102,44 +103,48 @@ fn occlusion_draws_fewer_trees_and_the_same_image() {
     };
     drop(probe);
     let dir = temp_dir("occlusion");
-    let flight = |occlusion: bool, name: &str| {
-        let r = run(
-            &common::options(),
-            &DemoConfig {
-                occlusion,
-                frames: 30,
-                png_every: Some(5),
-                ..config(&dir, &format!("{name}-{{frame}}.png"))
-            },
-        )
-        .expect("demo");
-        check_clean(&r);
-        assert_eq!(r.overflow_frames, 0);
-        r
-    };
-    let off = flight(false, "off");
-    let on = flight(true, "on");
-    eprintln!(
-        "drawn over the flight: {} without occlusion, {} with",
-        off.drawn_total, on.drawn_total
-    );
-    assert!(on.drawn_total < off.drawn_total, "occlusion hides trees");
-    assert_eq!(on.pngs.len(), off.pngs.len());
-    for (a, b) in off.pngs.iter().zip(&on.pngs) {
-        let ((pa, _), (pb, _)) = (read_png(a), read_png(b));
-        let differ = pa.iter().zip(&pb).filter(|(x, y)| x != y).count();
-        let share = differ as f64 / pa.len() as f64;
+    for flight in [Flight::Canopy, Flight::Ground] {
+        let fly = |occlusion: bool, name: &str| {
+            let r = run(
+                &common::options(),
+                &DemoConfig {
+                    occlusion,
+                    flight,
+                    frames: 30,
+                    png_every: Some(5),
+                    ..config(&dir, &format!("{flight:?}-{name}-{{frame}}.png"))
+                },
+            )
+            .expect("demo");
+            check_clean(&r);
+            assert_eq!(r.overflow_frames, 0);
+            assert_eq!(r.flight, flight);
+            r
+        };
+        let off = fly(false, "off");
+        let on = fly(true, "on");
         eprintln!(
-            "{}: {differ} pixels differ ({:.4}%)",
-            b.display(),
-            share * 100.0
+            "{flight:?}: drawn over the flight: {} without occlusion, {} with",
+            off.drawn_total, on.drawn_total
         );
-        assert!(
-            share <= 0.001,
-            "{}: {:.4}% of the pixels differ",
-            b.display(),
-            share * 100.0
-        );
+        assert!(on.drawn_total < off.drawn_total, "occlusion hides trees");
+        assert_eq!(on.pngs.len(), off.pngs.len());
+        for (a, b) in off.pngs.iter().zip(&on.pngs) {
+            let ((pa, _), (pb, _)) = (read_png(a), read_png(b));
+            let differ = pa.iter().zip(&pb).filter(|(x, y)| x != y).count();
+            let share = differ as f64 / pa.len() as f64;
+            eprintln!(
+                "{}: {differ} pixels differ ({:.4}%)",
+                b.display(),
+                share * 100.0
+            );
+            assert!(
+                share <= 0.001,
+                "{}: {:.4}% of the pixels differ",
+                b.display(),
+                share * 100.0
+            );
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -288,7 +288,8 @@ fn fly(
     let n = run.options.frames.max(1);
     let t = (f.min(n) as f32) / n as f32;
     let world = understory_cli::demo::world_config();
-    let (eye, look) = understory_cli::demo::camera(t, world.world_size_m * 0.27);
+    let (eye, look) =
+        understory_cli::demo::camera(t, understory_cli::demo::lap_radius(world.world_size_m));
     if let Ok(mut tr) = camera.single_mut() {
         *tr = Transform::from_xyz(eye.x, eye.y, eye.z)
             .looking_at(Vec3::new(look.x, look.y, look.z), Vec3::Y);
@@ -395,6 +396,7 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
         &understory_cli::demo::world_config(),
         options.trees,
         1,
+        None,
     ));
     let out = Arc::new(Mutex::new(Outcome::default()));
     let started = std::time::Instant::now();

@@ -314,7 +314,8 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
     for (k, s) in species.iter().enumerate() {
         forest.set_species_meshes(*s, k as u32 % options.mesh_sets.max(1))?;
     }
-    let generated = understory_cli::demo::forest(forest.vegetation().config(), options.trees, 1);
+    let generated =
+        understory_cli::demo::forest(forest.vegetation().config(), options.trees, 1, None);
     let mut live: Vec<(PatchId, usize, usize)> = Vec::new();
     for (i, (sp, instances)) in generated.iter().enumerate() {
         let id = forest.vegetation_mut().spawn(&PatchDesc {
@@ -380,7 +381,8 @@ pub fn run(options: &Options) -> Result<Outcome, BoxError> {
         let t = f as f32 / options.frames.max(1) as f32;
         let c = forest.vegetation().config().clone();
         let fog_m = c.lod.billboard_m * 1.15;
-        let (eye, look) = understory_cli::demo::camera(t, c.world_size_m * 0.27);
+        let (eye, look) =
+            understory_cli::demo::camera(t, understory_cli::demo::lap_radius(c.world_size_m));
         let aspect = options.width as f32 / options.height as f32;
         let mut proj = Mat4::perspective_rh(60f32.to_radians(), aspect, 0.5, fog_m * 1.5);
         proj.y_axis.y = -proj.y_axis.y;

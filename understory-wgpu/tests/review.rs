@@ -63,7 +63,7 @@ fn forest(shared: &SharedDevice, trees: u64) -> (Forest, Vec<PatchId>) {
 
 /// Spawns `trees` more trees (seed `seed`).
 fn spawn(forest: &mut Forest, species: &[SpeciesId], trees: u64, seed: u64) -> Vec<PatchId> {
-    let generated = understory_cli::demo::forest(forest.vegetation().config(), trees, seed);
+    let generated = understory_cli::demo::forest(forest.vegetation().config(), trees, seed, None);
     generated
         .iter()
         .map(|(sp, instances)| {
@@ -115,7 +115,8 @@ fn forest_with_species(
 fn view(forest: &Forest, w: u32, h: u32) -> ForestView {
     let c = forest.vegetation().config().clone();
     let fog_m = c.lod.billboard_m * 1.15;
-    let (eye, look) = understory_cli::demo::camera(0.1, c.world_size_m * 0.27);
+    let (eye, look) =
+        understory_cli::demo::camera(0.1, understory_cli::demo::lap_radius(c.world_size_m));
     let mut proj = Mat4::perspective_rh(60f32.to_radians(), w as f32 / h as f32, 0.5, fog_m * 1.5);
     proj.y_axis.y = -proj.y_axis.y;
     ForestView {

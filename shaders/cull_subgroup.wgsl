@@ -16,6 +16,9 @@ enable wgpu_binding_array;
 const FIELD: u32 = 10u;
 const FIELD_MASK: u32 = 1023u;
 
+// Each thread's instances fit one byte each of a u32 (see `info` in main).
+const_assert CULL_PER_THREAD <= 4u;
+
 fn field(packed: u32, lod: u32) -> u32 {
     return (packed >> (FIELD * lod)) & FIELD_MASK;
 }
@@ -62,32 +65,22 @@ fn main(
         src = vec2<u32>(table[source].count, table[source].base);
     }
     let first = group * CULL_PER_GROUP + t;
-    // The records first: the loads of all CULL_PER_THREAD instances in flight at once.
-    var pss: array<vec4<f32>, CULL_PER_THREAD>;
-    var live = 0u;
-    for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
-        let i = first + k * 256u;
-        pss[k] = vec4<f32>(0.0);
-        if i < src.x && !unseen_first(src.y + i) {
-            pss[k] = sources[source].v[2u * i];
-            live |= 1u << k;
-        }
-    }
-    var lods: array<u32, CULL_PER_THREAD>;
-    // Per instance, how many of the thread's earlier instances took the same LOD.
-    var ranks: array<u32, CULL_PER_THREAD>;
-    // The band each instance takes in the cascades (LOD_CULLED: none).
-    var bands: array<u32, CULL_PER_THREAD>;
+    // Per instance k, byte k of `info`: its LOD (bits 0..3), how many of the thread's earlier
+    // instances took the same LOD (3..5) and its cascade band (5..7, LOD_CULLED: none). No array:
+    // the loops below are unrolled and their loads issued together, and a private array that
+    // is not kept in registers takes scratch memory, which the NVIDIA driver keeps.
+    var info = 0u;
     // The thread's instances per drawn LOD (packed) and invalid ones.
     var mine = 0u;
     var invalid = 0u;
     for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
+        let i = first + k * 256u;
         var lod = LOD_CULLED;
         var cb = LOD_CULLED;
-        if (live & (1u << k)) != 0u {
-            let ps = pss[k];
+        if i < src.x && !unseen_first(src.y + i) {
+            let ps = sources[source].v[2u * i];
             let raw = classify(ps, view);
-            lod = through_phase(raw, src.y + first + k * 256u, ps);
+            lod = through_phase(raw, src.y + i, ps);
             cb = cascade_band(ps, raw);
             if cb < LOD_CULLED {
                 // Counted per workgroup in shared memory; slots are handed out when writing.
@@ -99,15 +92,14 @@ fn main(
                 }
             }
         }
-        bands[k] = cb;
-        lods[k] = lod;
-        ranks[k] = 0u;
+        var rank = 0u;
         if lod < LOD_CULLED {
-            ranks[k] = field(mine, lod);
+            rank = field(mine, lod);
             mine += 1u << (FIELD * lod);
         } else if lod == LOD_INVALID {
             invalid += 1u;
         }
+        info |= (lod | (rank << 3u) | (cb << 5u)) << (8u * k);
     }
     // The lanes below, and the whole subgroup; the first lane reserves the subgroup's runs.
     let below = subgroupExclusiveAdd(mine);
@@ -124,14 +116,6 @@ fn main(
     base = subgroupBroadcastFirst(base);
     if invalid > 0u {
         atomicAdd(&wg_count[LOD_INVALID], invalid);
-    }
-    var slots: array<u32, CULL_PER_THREAD>;
-    for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
-        let lod = lods[k];
-        slots[k] = 0u;
-        if lod < LOD_CULLED {
-            slots[k] = field(base, lod) + field(below, lod) + ranks[k];
-        }
     }
     workgroupBarrier();
     if t < 5u && t != LOD_CULLED {
@@ -152,9 +136,10 @@ fn main(
     }
     workgroupBarrier();
     for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
-        let lod = lods[k];
+        let byte = info >> (8u * k);
+        let lod = byte & 7u;
         if lod < LOD_CULLED {
-            let slot = wg_base[lod] + slots[k];
+            let slot = wg_base[lod] + field(base, lod) + field(below, lod) + ((byte >> 3u) & 3u);
             if slot < pc.caps[lod] {
                 let j = first + k * 256u;
                 // The record is read only where records are written.
@@ -167,7 +152,7 @@ fn main(
                 put(list_base(pc.caps, 0u, lod) + slot, src.y + j, ps, rest);
             }
         }
-        let cb = bands[k];
+        let cb = (byte >> 5u) & 3u;
         if CULL_FULL && cb < LOD_CULLED {
             let j = first + k * 256u;
             let ps = sources[source].v[2u * j];

@@ -4,8 +4,9 @@ enable wgpu_binding_array;
 // over each thread's counts of the three drawn LODs (packed 10 bits each) and one shared-memory
 // atomic per subgroup and LOD; each instance goes at the subgroup's base plus the lanes below
 // it plus its rank among the thread's own instances of that LOD. All lanes stay in the uniform
-// control flow the subgroup operations need. No private array or vector is indexed by a value
-// computed at run time: those take scratch memory, which the NVIDIA driver keeps.
+// control flow the subgroup operations need. No private arrays (see `info` in main): a version
+// that held four records and their LODs in arrays took scratch memory, which the NVIDIA driver
+// keeps, and was slower.
 
 // Push constants, bindings and the functions over them: shaders/cull/shared.wgsl (appended by
 // build.rs).

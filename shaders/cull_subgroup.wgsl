@@ -32,7 +32,67 @@ var<workgroup> wg_base: array<u32, 5>;
 // slots handed out while writing.
 var<workgroup> wg_casc: array<atomic<u32>, 12>;
 var<workgroup> wg_casc_base: array<u32, 12>;
-var<workgroup> wg_casc_fill: array<atomic<u32>, 12>;
+
+// Cascade c's (0..4, view c + 1) membership of the thread's instance k (band cb, sphere at p of
+// radius r): counted in `counts` (the band's field), with its rank among the thread's earlier
+// instances in the same cascade and band in `ranks` (2 bits at 2 (4k + c)) and its membership in
+// `members` (bit 4k + c). Called with c a constant, one counter word per cascade: no private
+// array is indexed at run time.
+fn tally(
+    c: u32,
+    k: u32,
+    cb: u32,
+    p: vec3<f32>,
+    r: f32,
+    counts: ptr<function, u32>,
+    members: ptr<function, u32>,
+    ranks: ptr<function, u32>,
+) {
+    if c + 1u < pc.views && cascades.max_band[c] >= cb && in_cascade(c, p, r) {
+        let at = 4u * k + c;
+        *members |= 1u << at;
+        *ranks |= field(*counts, cb) << (2u * at);
+        *counts += 1u << (FIELD * cb);
+    }
+}
+
+// The first lane's reservation of its subgroup's runs in cascade c (`total`: per band, packed)
+// in the workgroup's counts: the bases, packed.
+fn reserve_cascade(c: u32, total: u32) -> u32 {
+    var base = 0u;
+    for (var l = 0u; l < LOD_CULLED; l = l + 1u) {
+        let n = field(total, l);
+        if n > 0u {
+            base |= atomicAdd(&wg_casc[3u * c + l], n) << (FIELD * l);
+        }
+    }
+    return base;
+}
+
+// Writes instance k (index `gi`, record ps + rest, band cb) into cascade c's list where it is a
+// member: at the workgroup's base, the subgroup's (`base`), the lanes' below (`below`) and its
+// rank among the thread's instances.
+fn emit_cascade(
+    c: u32,
+    k: u32,
+    cb: u32,
+    gi: u32,
+    ps: vec4<f32>,
+    rest: vec4<f32>,
+    base: u32,
+    below: u32,
+    members: u32,
+    ranks: u32,
+) {
+    let at = 4u * k + c;
+    if ((members >> at) & 1u) != 0u {
+        let slot = wg_casc_base[3u * c + cb] + field(base, cb) + field(below, cb)
+            + ((ranks >> (2u * at)) & 3u);
+        if slot < pc.caps[cb] {
+            put(list_base(pc.caps, c + 1u, cb) + slot, gi, ps, rest);
+        }
+    }
+}
 
 // Two levels of aggregation: per subgroup (a scan, one shared-memory atomic per LOD), then per
 // workgroup of CULL_PER_GROUP instances (one global atomic per LOD). Global atomics on the three
@@ -48,7 +108,6 @@ fn main(
     }
     if CULL_FULL && t < 12u {
         atomicStore(&wg_casc[t], 0u);
-        atomicStore(&wg_casc_fill[t], 0u);
     }
     // The workgroup's source, shared so that the binding-array index is provably uniform
     // (workgroupUniformLoad, which also orders the resets above); past the last source the
@@ -74,6 +133,14 @@ fn main(
     // The thread's instances per drawn LOD (packed) and invalid ones.
     var mine = 0u;
     var invalid = 0u;
+    // The same for the shadow cascades: per cascade its instances per band (packed), and per
+    // instance and cascade membership and rank (see `tally`).
+    var casc0 = 0u;
+    var casc1 = 0u;
+    var casc2 = 0u;
+    var casc3 = 0u;
+    var cmembers = 0u;
+    var cranks = 0u;
     for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
         let i = first + k * 256u;
         var lod = LOD_CULLED;
@@ -83,14 +150,12 @@ fn main(
             let raw = classify(ps, view);
             lod = through_phase(raw, src.y + i, ps);
             cb = cascade_band(ps, raw);
-            if cb < LOD_CULLED {
-                // Counted per workgroup in shared memory; slots are handed out when writing.
+            if CULL_FULL && cb < LOD_CULLED {
                 let r = view.camera.w * ps.w;
-                for (var v = 1u; v < pc.views; v = v + 1u) {
-                    if cascades.max_band[v - 1u] >= cb && in_cascade(v - 1u, ps.xyz, r) {
-                        atomicAdd(&wg_casc[3u * (v - 1u) + cb], 1u);
-                    }
-                }
+                tally(0u, k, cb, ps.xyz, r, &casc0, &cmembers, &cranks);
+                tally(1u, k, cb, ps.xyz, r, &casc1, &cmembers, &cranks);
+                tally(2u, k, cb, ps.xyz, r, &casc2, &cmembers, &cranks);
+                tally(3u, k, cb, ps.xyz, r, &casc3, &cmembers, &cranks);
             }
         }
         var rank = 0u;
@@ -105,8 +170,9 @@ fn main(
     // The lanes below, and the whole subgroup; the first lane reserves the subgroup's runs.
     let below = subgroupExclusiveAdd(mine);
     let total = subgroupAdd(mine);
+    let leader = lane == subgroupBroadcastFirst(lane);
     var base = 0u;
-    if lane == subgroupBroadcastFirst(lane) {
+    if leader {
         for (var l = 0u; l < LOD_CULLED; l = l + 1u) {
             let n = field(total, l);
             if n > 0u {
@@ -115,6 +181,24 @@ fn main(
         }
     }
     base = subgroupBroadcastFirst(base);
+    // The cascades' runs alike, four cascades a vector (push constants: a uniform branch).
+    var cbelow = vec4<u32>(0u);
+    var cbase = vec4<u32>(0u);
+    if CULL_FULL && pc.views > 1u {
+        let counts = vec4<u32>(casc0, casc1, casc2, casc3);
+        cbelow = subgroupExclusiveAdd(counts);
+        let ctotal = subgroupAdd(counts);
+        var b = vec4<u32>(0u);
+        if leader {
+            b = vec4<u32>(
+                reserve_cascade(0u, ctotal.x),
+                reserve_cascade(1u, ctotal.y),
+                reserve_cascade(2u, ctotal.z),
+                reserve_cascade(3u, ctotal.w),
+            );
+        }
+        cbase = subgroupBroadcastFirst(b);
+    }
     if invalid > 0u {
         atomicAdd(&wg_count[LOD_INVALID], invalid);
     }
@@ -153,24 +237,19 @@ fn main(
                 put(list_base(pc.caps, 0u, lod) + slot, src.y + j, ps, rest);
             }
         }
-        let cb = (byte >> 5u) & 3u;
-        if CULL_FULL && cb < LOD_CULLED {
+        if CULL_FULL && ((cmembers >> (4u * k)) & 15u) != 0u {
+            let cb = (byte >> 5u) & 3u;
             let j = first + k * 256u;
             let ps = sources[source].v[2u * j];
             var rest = vec4<f32>(0.0);
             if pc.caps.w != 0u {
                 rest = sources[source].v[2u * j + 1u];
             }
-            let r = view.camera.w * ps.w;
-            for (var v = 1u; v < pc.views; v = v + 1u) {
-                if cascades.max_band[v - 1u] >= cb && in_cascade(v - 1u, ps.xyz, r) {
-                    let at = 3u * (v - 1u) + cb;
-                    let slot = wg_casc_base[at] + atomicAdd(&wg_casc_fill[at], 1u);
-                    if slot < pc.caps[cb] {
-                        put(list_base(pc.caps, v, cb) + slot, src.y + j, ps, rest);
-                    }
-                }
-            }
+            let gi = src.y + j;
+            emit_cascade(0u, k, cb, gi, ps, rest, cbase.x, cbelow.x, cmembers, cranks);
+            emit_cascade(1u, k, cb, gi, ps, rest, cbase.y, cbelow.y, cmembers, cranks);
+            emit_cascade(2u, k, cb, gi, ps, rest, cbase.z, cbelow.z, cmembers, cranks);
+            emit_cascade(3u, k, cb, gi, ps, rest, cbase.w, cbelow.w, cmembers, cranks);
         }
     }
 }

@@ -17,8 +17,12 @@ enable wgpu_binding_array;
 const FIELD: u32 = 10u;
 const FIELD_MASK: u32 = 1023u;
 
-// Each thread's instances fit one byte each of a u32 (see `info` in main).
+// Each thread's instances fit one byte each of a u32 (see `info` in main); a workgroup's
+// counts, at most CULL_PER_GROUP, fit a field once a subgroup reserves (bases below 1024; the
+// adapter check keeps subgroups at 128 lanes at most, totals at 512).
 const_assert CULL_PER_THREAD <= 4u;
+const_assert CULL_PER_GROUP == 256u * CULL_PER_THREAD;
+const_assert CULL_PER_GROUP <= 1024u;
 
 fn field(packed: u32, lod: u32) -> u32 {
     return (packed >> (FIELD * lod)) & FIELD_MASK;
@@ -125,8 +129,8 @@ fn main(
         src = vec2<u32>(table[source].count, table[source].base);
     }
     let first = group * CULL_PER_GROUP + t;
-    // Per instance k, byte k of `info`: its LOD (bits 0..3), how many of the thread's earlier
-    // instances took the same LOD (3..5) and its cascade band (5..7, LOD_CULLED: none). No array:
+    // Per instance k, byte k of `info`: its LOD (bits 0-2), how many of the thread's earlier
+    // instances took the same LOD (bits 3-4) and its cascade band (bits 5-6, LOD_CULLED: none). No array:
     // the loops below are unrolled and their loads issued together, and a private array that
     // is not kept in registers takes scratch memory, which the NVIDIA driver keeps.
     var info = 0u;

@@ -244,6 +244,18 @@ fn gpu_buffer(ctx: &Context, name: &str, bytes: u64, usage: vk::BufferUsageFlags
 }
 
 /// Uploads through a 64 MiB staging buffer.
+/// A device-local storage buffer holding `bytes` (instance records).
+fn instance_buffer(ctx: &Context, bytes: &[u8]) -> Buffer {
+    let instances = gpu_buffer(
+        ctx,
+        "bench instances",
+        bytes.len() as u64,
+        vk::BufferUsageFlags::STORAGE_BUFFER,
+    );
+    upload(ctx, &instances, bytes);
+    instances
+}
+
 fn upload(ctx: &Context, dst: &Buffer, data: &[u8]) {
     const CHUNK: usize = 64 << 20;
     let mut staging = ctx
@@ -401,13 +413,7 @@ fn main() {
     {
         let scene = forest(1024, 5);
         let bytes: &[u8] = bytemuck::cast_slice(&scene);
-        let instances = gpu_buffer(
-            &ctx,
-            "bench instances",
-            bytes.len() as u64,
-            vk::BufferUsageFlags::STORAGE_BUFFER,
-        );
-        upload(&ctx, &instances, bytes);
+        let instances = instance_buffer(&ctx, bytes);
         let src = [CullSource {
             buffer: &instances,
             count: 1024,
@@ -435,13 +441,7 @@ fn main() {
         let n = m * 1_000_000;
         let scene = forest(n, 42 + m as u64);
         let bytes: &[u8] = bytemuck::cast_slice(&scene);
-        let instances = gpu_buffer(
-            &ctx,
-            "bench instances",
-            bytes.len() as u64,
-            vk::BufferUsageFlags::STORAGE_BUFFER,
-        );
-        upload(&ctx, &instances, bytes);
+        let instances = instance_buffer(&ctx, bytes);
         // Streaming yardstick: vec4 copy of as many bytes as the instances.
         let src = gpu_buffer(
             &ctx,

@@ -90,6 +90,35 @@ fn anchor_driver() {
     }
 }
 
+/// Makes the calling test run alone among this process's tests that call it: takes a
+/// process-wide lock and holds it until the test's thread ends (threads the test spawns, which
+/// have no name, take nothing, so they cannot wait on their own test).
+///
+/// For binaries whose tests each bring up a wgpu instance and device beside understory's on
+/// lavapipe: CI once saw `wgpu_host` die with SIGSEGV while two such tests ran in parallel,
+/// which 140 runs here (gdb, fresh shader caches, 1 to 9 test threads) and one valgrind run
+/// (no invalid access) never reproduced. The crashing thread is not known; lavapipe compiles
+/// pipelines with LLVM on its own threads, and Bevy's CI saw llvmpipe segfault when LLVM was
+/// driven from several threads at once (bevyengine/bevy#20195). Real engines have one device;
+/// tests of several threads inside one test keep their threads.
+pub fn alone() {
+    use std::cell::RefCell;
+    use std::sync::{Mutex, MutexGuard, PoisonError};
+    static LOCK: Mutex<()> = Mutex::new(());
+    thread_local! {
+        static HELD: RefCell<Option<MutexGuard<'static, ()>>> = const { RefCell::new(None) };
+    }
+    if std::thread::current().name().is_none() {
+        return;
+    }
+    HELD.with(|held| {
+        let mut held = held.borrow_mut();
+        if held.is_none() {
+            *held = Some(LOCK.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    });
+}
+
 /// A validated context, or `None` after a loud skip when no Vulkan device or validation layer
 /// is installed.
 pub fn context(test: &str) -> Option<Context> {

@@ -18,6 +18,7 @@ use understory_wgpu::{Forest, ForestDesc, ForestView, SharedDevice, SharedDevice
 /// The shared device's settings: validation required (the layer, synchronization validation),
 /// or `None` (a loud skip) where there is no device or no layer.
 fn desc(test: &str) -> Option<SharedDeviceDesc> {
+    common::alone();
     let probe = common::context(test)?;
     drop(probe);
     let options = common::options();

@@ -42,7 +42,11 @@ fn main(
     let gi = src.y + i;
     let ps = sources[source].v[2u * i];
     let raw = classify(ps, view);
-    let lod = through_phase(raw, gi, ps);
+    let phased = through_phase(raw, gi, ps);
+    let lod = phased.x;
+    if phased.y != 0u {
+        atomicAdd(&counters[COUNTER_HIDDEN + raw], 1u);
+    }
     if lod == LOD_INVALID {
         atomicAdd(&counters[COUNTER_INVALID], 1u);
         return;

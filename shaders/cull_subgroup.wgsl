@@ -36,6 +36,8 @@ var<workgroup> wg_base: array<u32, 5>;
 // slots handed out while writing.
 var<workgroup> wg_casc: array<atomic<u32>, 12>;
 var<workgroup> wg_casc_base: array<u32, 12>;
+// The second phase's hidden instances per LOD (COUNTER_HIDDEN).
+var<workgroup> wg_hidden: array<atomic<u32>, 3>;
 
 // Cascade c's (0..4, view c + 1) membership of the thread's instance k (band cb, sphere at p of
 // radius r): counted in `counts` (the band's field), with its rank among the thread's earlier
@@ -113,6 +115,9 @@ fn main(
     if CULL_FULL && t < 12u {
         atomicStore(&wg_casc[t], 0u);
     }
+    if CULL_FULL && t < 3u {
+        atomicStore(&wg_hidden[t], 0u);
+    }
     // The workgroup's source, shared so that the binding-array index is provably uniform
     // (workgroupUniformLoad, which also orders the resets above); past the last source the
     // workgroup appends nothing.
@@ -137,6 +142,8 @@ fn main(
     // The thread's instances per drawn LOD (packed) and invalid ones.
     var mine = 0u;
     var invalid = 0u;
+    // The second phase's hidden instances per LOD (packed).
+    var hid = 0u;
     // The same for the shadow cascades: per cascade its instances per band (packed), and per
     // instance and cascade membership and rank (see `tally`).
     var casc0 = 0u;
@@ -152,7 +159,11 @@ fn main(
         if i < src.x && !unseen_first(src.y + i) {
             let ps = sources[source].v[2u * i];
             let raw = classify(ps, view);
-            lod = through_phase(raw, src.y + i, ps);
+            let phased = through_phase(raw, src.y + i, ps);
+            lod = phased.x;
+            if phased.y != 0u {
+                hid += 1u << (FIELD * raw);
+            }
             cb = cascade_band(ps, raw);
             if CULL_FULL && cb < LOD_CULLED {
                 let r = view.camera.w * ps.w;
@@ -203,6 +214,18 @@ fn main(
         }
         cbase = subgroupBroadcastFirst(b);
     }
+    // Hidden instances: only counted (push constants: a uniform branch).
+    if CULL_FULL && pc.phase == PHASE_SECOND {
+        let htotal = subgroupAdd(hid);
+        if leader {
+            for (var l = 0u; l < LOD_CULLED; l = l + 1u) {
+                let n = field(htotal, l);
+                if n > 0u {
+                    atomicAdd(&wg_hidden[l], n);
+                }
+            }
+        }
+    }
     if invalid > 0u {
         atomicAdd(&wg_count[LOD_INVALID], invalid);
     }
@@ -222,6 +245,12 @@ fn main(
             b = atomicAdd(&counters[((t - 8u) / 3u + 1u) * COUNTERS + (t - 8u) % 3u], n);
         }
         wg_casc_base[t - 8u] = b;
+    }
+    if CULL_FULL && pc.phase == PHASE_SECOND && t >= 32u && t < 35u {
+        let n = atomicLoad(&wg_hidden[t - 32u]);
+        if n > 0u {
+            atomicAdd(&counters[COUNTER_HIDDEN + t - 32u], n);
+        }
     }
     workgroupBarrier();
     for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {

@@ -9,9 +9,9 @@ use ash::vk;
 use glam::{Mat4, Vec3};
 use understory::gpu::context::{Context, Frame};
 use understory::gpu::cull::{
-    COUNTER_FIRST, COUNTERS, CascadeView, Compaction, CullDesc, CullPass, CullSource, CullView,
-    DrawIndexedIndirect, InstanceBounds, LIST_GUARD_WORDS, WIDE_SOURCES_PER_DISPATCH, classify_cpu,
-    cull_views_cpu, occluded_cpu, phase_lod_cpu,
+    COUNTER_FIRST, COUNTER_HIDDEN, COUNTERS, CascadeView, Compaction, CullDesc, CullPass,
+    CullSource, CullView, DrawIndexedIndirect, InstanceBounds, LIST_GUARD_WORDS,
+    WIDE_SOURCES_PER_DISPATCH, classify_cpu, cull_views_cpu, occluded_cpu, phase_lod_cpu,
 };
 use understory::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
 use understory::gpu::pyramid::{DepthPyramid, pyramid_cpu};
@@ -296,17 +296,19 @@ fn frame_of(
     }
 }
 
-/// The reference of one frame: (first phase's lists, second phase's lists, bits after).
+/// The reference of one frame: (first phase's lists, second phase's lists, bits after, per LOD
+/// the instances in the frustum that are hidden and neither phase appends).
 fn reference(
     scene: &[(Vec<Instance>, u32)],
     vp: Mat4,
     levels: &[(u32, u32, Vec<f32>)],
     bits: &[bool],
-) -> ([Vec<u32>; 3], [Vec<u32>; 3], Vec<bool>) {
+) -> ([Vec<u32>; 3], [Vec<u32>; 3], Vec<bool>, [u32; 3]) {
     let view = cull_view(vp);
     let mut first: [Vec<u32>; 3] = Default::default();
     let mut second: [Vec<u32>; 3] = Default::default();
     let mut after = bits.to_vec();
+    let mut unseen_hidden = [0u32; 3];
     for (instances, base) in scene {
         for (i, inst) in instances.iter().enumerate() {
             let gi = (base + i as u32) as usize;
@@ -329,9 +331,12 @@ fn reference(
                 second[l2 as usize].push(gi as u32);
             }
             after[gi] = bit;
+            if hidden && !bits[gi] {
+                unseen_hidden[lod as usize] += 1;
+            }
         }
     }
-    (first, second, after)
+    (first, second, after, unseen_hidden)
 }
 
 #[test]
@@ -440,7 +445,7 @@ fn two_phases_match_the_cpu_reference() {
             for (f, yaw) in [0.0f32, 0.0, 0.25, -0.3].into_iter().enumerate() {
                 let vp = view_proj(yaw);
                 let got = frame_of(&ctx, &mut pass, &pyramid, &host, &staging, &sources, vp);
-                let (first, second, after) = reference(&cpu, vp, &levels, &bits);
+                let (first, second, after, hidden) = reference(&cpu, vp, &levels, &bits);
                 if views > 1 {
                     // The cascades: complete after the first phase, nothing added by the second.
                     let refs: Vec<(&[Instance], u32)> =
@@ -467,6 +472,11 @@ fn two_phases_match_the_cpu_reference() {
                         "{what}, frame {f}: second phase, LOD {l}"
                     );
                     assert_eq!(got.counters[4 + l], 0, "{what}: no overflow");
+                    assert_eq!(
+                        got.counters[COUNTER_HIDDEN + l],
+                        hidden[l],
+                        "{what}, frame {f}: hidden, LOD {l}"
+                    );
                     assert_eq!(got.counters[3], 3, "{what}: invalid instances");
                     assert_eq!(got.args[l].index_count, [36, 12, 6][l]);
                     assert_eq!(got.args[3 + l].index_count, [36, 12, 6][l]);

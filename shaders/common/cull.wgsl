@@ -62,11 +62,14 @@ fn band(p: vec3<f32>, view: CullView) -> u32 {
 }
 
 // Counters: [0..3) appended per list, [3] invalid instances, [4..7) overflow per list, [8..11)
-// entries of each list the first occlusion phase kept (where the second phase's draws start).
+// entries of each list the first occlusion phase kept (where the second phase's draws start),
+// [12..15) instances of each LOD in the frustum that the second phase found hidden and neither
+// phase appended (so appended + hidden is what the view holds without occlusion).
 const COUNTER_INVALID: u32 = 3u;
 const COUNTER_OVERFLOW: u32 = 4u;
 const COUNTER_FIRST: u32 = 8u;
-const COUNTERS: u32 = 12u;
+const COUNTER_HIDDEN: u32 = 12u;
+const COUNTERS: u32 = 16u;
 
 // Phases of a dispatch (CullPush.phase): one pass over everything, or two-phase occlusion
 // culling: the first draws what was visible last frame (the visibility bits), the second tests

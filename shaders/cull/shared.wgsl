@@ -67,10 +67,12 @@ fn cascade_band(ps: vec4<f32>, lod: u32) -> u32 {
 }
 
 // `lod` of instance `gi` (position and scale `ps`) through the phase (see phase_lod), updating
-// its visibility bit in the second phase.
-fn through_phase(lod: u32, gi: u32, ps: vec4<f32>) -> u32 {
+// its visibility bit in the second phase: (the level to append or LOD_CULLED / LOD_INVALID; 1
+// where the second phase found it in the frustum and hidden, and neither phase appends it: it
+// counts at COUNTER_HIDDEN + lod).
+fn through_phase(lod: u32, gi: u32, ps: vec4<f32>) -> vec2<u32> {
     if !CULL_FULL || pc.phase == PHASE_SINGLE {
-        return lod;
+        return vec2<u32>(lod, 0u);
     }
     let bit = 1u << (gi & 31u);
     let was = (atomicLoad(&visible[gi >> 5u]) & bit) != 0u;
@@ -84,7 +86,7 @@ fn through_phase(lod: u32, gi: u32, ps: vec4<f32>) -> u32 {
             atomicAnd(&visible[gi >> 5u], ~bit);
         }
     }
-    return out.x;
+    return vec2<u32>(out.x, u32(hidden && !was));
 }
 
 // The source workgroup `w` reads and the workgroup's index within it: the last source whose

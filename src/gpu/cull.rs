@@ -520,10 +520,14 @@ const _: () = assert!(PUSH_BYTES as usize == shaders::layout::CULLPUSH_SIZE);
 const _: () = assert!(PUSH_BYTES <= 128, "the guaranteed push-constant space");
 
 /// Counter words: appended per list (0..3), invalid (3), overflow per list (4..7), the entries
-/// of each list the first occlusion phase kept (8..11; where the second phase's start).
-pub const COUNTERS: usize = 12;
+/// of each list the first occlusion phase kept (8..11; where the second phase's start), and
+/// per LOD the instances in the frustum that the second phase found hidden and neither phase
+/// appended (12..15: appended + hidden is what the view holds without occlusion).
+pub const COUNTERS: usize = 16;
 /// Index of the first phase's kept entries of LOD 0 in the counters.
 pub const COUNTER_FIRST: usize = 8;
+/// Index of LOD 0's hidden instances (second occlusion phase) in the counters.
+pub const COUNTER_HIDDEN: usize = 12;
 const _: () = assert!(shaders::layout::COUNTERS == COUNTERS);
 
 /// Views one pass culls: the camera (view 0) and up to four shadow cascades
@@ -591,8 +595,9 @@ pub struct CullDesc {
     /// How visible instances are appended.
     pub compaction: Compaction,
     /// Most entries per LOD list. With `adaptive`, each list starts smaller and follows what
-    /// was visible lately (the GPU's counts, read back a frame or two later): the lists and
-    /// records then cost what the budget lets be visible, not what exists.
+    /// was in the views lately (the GPU's counts, read back a frame or two later; with
+    /// occlusion, the hidden instances count too, so a vista opening at once fits): the lists
+    /// and records then cost what the budget lets be visible, not what exists.
     pub capacity: u32,
     /// Size the lists from what is visible (`true`, the default of [`CullPass::new`]), or keep
     /// `capacity` entries per list.
@@ -1041,10 +1046,14 @@ impl CullPass {
                 let bytes = buf.mapped()?;
                 let c: &[u32] = bytemuck::cast_slice(&bytes[..words * 4]);
                 // Every view's lists have the same capacities: the largest demand sizes them.
+                // With occlusion the demand is what the frustum holds (appended + hidden), not
+                // what was drawn: a vista opening at once reveals the hidden ones, and lists
+                // sized from the drawn ones overflowed then (29 of 3,000 frames at eye height
+                // on the H200, against 1 without occlusion).
                 let mut demand = [0u32; 3];
                 for view in c.chunks(COUNTERS) {
-                    for (d, n) in demand.iter_mut().zip(view) {
-                        *d = (*d).max(*n);
+                    for (l, d) in demand.iter_mut().enumerate() {
+                        *d = (*d).max(view[l].saturating_add(view[COUNTER_HIDDEN + l]));
                     }
                 }
                 demands.push((*frame, demand));

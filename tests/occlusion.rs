@@ -296,14 +296,25 @@ fn frame_of(
     }
 }
 
-/// The reference of one frame: (first phase's lists, second phase's lists, bits after, per LOD
-/// the instances in the frustum that are hidden and neither phase appends).
+/// What the CPU reference expects of one frame.
+struct Reference {
+    /// The first phase's lists.
+    first: [Vec<u32>; 3],
+    /// The second phase's lists.
+    second: [Vec<u32>; 3],
+    /// The visibility bits after the frame.
+    after: Vec<bool>,
+    /// Per LOD, the instances in the frustum that are hidden and neither phase appends.
+    hidden: [u32; 3],
+}
+
+/// The reference of one frame.
 fn reference(
     scene: &[(Vec<Instance>, u32)],
     vp: Mat4,
     levels: &[(u32, u32, Vec<f32>)],
     bits: &[bool],
-) -> ([Vec<u32>; 3], [Vec<u32>; 3], Vec<bool>, [u32; 3]) {
+) -> Reference {
     let view = cull_view(vp);
     let mut first: [Vec<u32>; 3] = Default::default();
     let mut second: [Vec<u32>; 3] = Default::default();
@@ -336,7 +347,12 @@ fn reference(
             }
         }
     }
-    (first, second, after, unseen_hidden)
+    Reference {
+        first,
+        second,
+        after,
+        hidden: unseen_hidden,
+    }
 }
 
 #[test]
@@ -445,7 +461,12 @@ fn two_phases_match_the_cpu_reference() {
             for (f, yaw) in [0.0f32, 0.0, 0.25, -0.3].into_iter().enumerate() {
                 let vp = view_proj(yaw);
                 let got = frame_of(&ctx, &mut pass, &pyramid, &host, &staging, &sources, vp);
-                let (first, second, after, hidden) = reference(&cpu, vp, &levels, &bits);
+                let Reference {
+                    first,
+                    second,
+                    after,
+                    hidden,
+                } = reference(&cpu, vp, &levels, &bits);
                 if views > 1 {
                     // The cascades: complete after the first phase, nothing added by the second.
                     let refs: Vec<(&[Instance], u32)> =

@@ -458,6 +458,7 @@ fn two_phases_match_the_cpu_reference() {
             }
             let mut bits = vec![false; base as usize];
             let mut hidden_total = 0;
+            let mut hidden_counted = 0;
             for (f, yaw) in [0.0f32, 0.0, 0.25, -0.3].into_iter().enumerate() {
                 let vp = view_proj(yaw);
                 let got = frame_of(&ctx, &mut pass, &pyramid, &host, &staging, &sources, vp);
@@ -498,6 +499,18 @@ fn two_phases_match_the_cpu_reference() {
                         hidden[l],
                         "{what}, frame {f}: hidden, LOD {l}"
                     );
+                    // What the lists are sized from: what a pass without occlusion appends.
+                    let in_band = cpu
+                        .iter()
+                        .flat_map(|(p, _)| p.iter())
+                        .filter(|i| classify_cpu(i, &cull_view(vp)) == l as u32)
+                        .count() as u32;
+                    assert_eq!(
+                        got.counters[l] + got.counters[COUNTER_HIDDEN + l],
+                        in_band,
+                        "{what}, frame {f}: appended + hidden, LOD {l}"
+                    );
+                    hidden_counted += hidden[l];
                     assert_eq!(got.counters[3], 3, "{what}: invalid instances");
                     assert_eq!(got.args[l].index_count, [36, 12, 6][l]);
                     assert_eq!(got.args[3 + l].index_count, [36, 12, 6][l]);
@@ -525,6 +538,10 @@ fn two_phases_match_the_cpu_reference() {
             assert!(
                 hidden_total > 1000,
                 "{what}: the walls hide something ({hidden_total})"
+            );
+            assert!(
+                hidden_counted > 1000,
+                "{what}: the second phase counts hidden instances ({hidden_counted})"
             );
         }
     }

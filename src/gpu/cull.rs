@@ -519,14 +519,18 @@ const PUSH_BYTES: u32 = size_of::<CullPush>() as u32;
 const _: () = assert!(PUSH_BYTES as usize == shaders::layout::CULLPUSH_SIZE);
 const _: () = assert!(PUSH_BYTES <= 128, "the guaranteed push-constant space");
 
-/// Counter words: appended per list (0..3), invalid (3), overflow per list (4..7), the entries
-/// of each list the first occlusion phase kept (8..11; where the second phase's start), and
-/// per LOD the instances in the frustum that the second phase found hidden and neither phase
-/// appended (12..15: appended + hidden is what the view holds without occlusion).
+/// Counter words per view: appended per list (0..3), invalid (3), overflow per list (4..7), the
+/// entries of each list the first occlusion phase kept (8..11; where the second phase's
+/// start), and per LOD the instances in the frustum and the LOD's band that the second phase
+/// found hidden and that were not visible last frame, so neither phase appended them
+/// (12..15; the camera's only). Appended + hidden is what a single pass without occlusion
+/// appends. Words 7, 11 and 15 are unused.
 pub const COUNTERS: usize = 16;
 /// Index of the first phase's kept entries of LOD 0 in the counters.
 pub const COUNTER_FIRST: usize = 8;
-/// Index of LOD 0's hidden instances (second occlusion phase) in the counters.
+/// Index of LOD 0's hidden instances in the counters: in the frustum and band, hidden by the
+/// second occlusion phase's test, not visible last frame (instances the first phase drew are
+/// in the appended counts even when hidden now).
 pub const COUNTER_HIDDEN: usize = 12;
 const _: () = assert!(shaders::layout::COUNTERS == COUNTERS);
 
@@ -599,8 +603,8 @@ pub struct CullDesc {
     /// occlusion, the hidden instances count too, so a vista opening at once fits): the lists
     /// and records then cost what the budget lets be visible, not what exists.
     pub capacity: u32,
-    /// Size the lists from what is visible (`true`, the default of [`CullPass::new`]), or keep
-    /// `capacity` entries per list.
+    /// Size the lists from what the views held lately (`true`, the default of
+    /// [`CullPass::new`]; see `capacity`), or keep `capacity` entries per list.
     pub adaptive: bool,
     /// Each LOD's index count, first index and vertex offset.
     pub meshes: [DrawIndexedIndirect; 3],
@@ -1064,11 +1068,11 @@ impl CullPass {
         // Over the vegetation budget: the lists follow quality down within a few frames.
         let m = &self.shared.memory;
         let pressure = m.vegetation_reserved() > m.vegetation_limit();
-        for (_, appended) in demands {
+        for (_, demand) in demands {
             let next = self
                 .sizer
                 .as_mut()
-                .and_then(|s| s.observe(appended, pressure));
+                .and_then(|s| s.observe(demand, pressure));
             if let Some(caps) = next {
                 match self.resize(caps) {
                     Ok(()) => self.resizes += 1,
@@ -1111,7 +1115,8 @@ impl CullPass {
         self.capacity
     }
 
-    /// Entries of each LOD's list now (they follow what is visible with adaptive sizing).
+    /// Entries of each LOD's list now (with adaptive sizing they follow what the views held:
+    /// appended, plus with occlusion the hidden instances).
     pub fn capacities(&self) -> [u32; 3] {
         self.caps
     }

@@ -70,19 +70,20 @@ impl ListSizer {
         self.caps
     }
 
-    /// A frame's demand: how many instances each LOD appended (kept or not), and whether the
-    /// budget is under pressure. Returns the new capacities if any list should change.
-    pub fn observe(&mut self, appended: [u32; 3], pressure: bool) -> Option<[u32; 3]> {
+    /// A frame's demand: how many instances each LOD needs room for (appended, kept or not;
+    /// with occlusion the hidden ones too), and whether the budget is under pressure. Returns
+    /// the new capacities if any list should change.
+    pub fn observe(&mut self, demand: [u32; 3], pressure: bool) -> Option<[u32; 3]> {
         let s = self.sizing;
-        self.recent.push_back(appended);
+        self.recent.push_back(demand);
         while self.recent.len() > s.window {
             self.recent.pop_front();
         }
         let mut next = self.caps;
         for l in 0..3 {
             let cap = self.caps[l];
-            if appended[l] as f32 > cap as f32 * s.grow_above {
-                next[l] = s.with_headroom(appended[l]).max(cap);
+            if demand[l] as f32 > cap as f32 * s.grow_above {
+                next[l] = s.with_headroom(demand[l]).max(cap);
             } else {
                 let window = if pressure {
                     s.pressure_window.clamp(1, s.window.max(1))
@@ -105,7 +106,7 @@ impl ListSizer {
         self.caps = next;
         // A resize starts a new window: the old peaks were measured against other lists.
         self.recent.clear();
-        self.recent.push_back(appended);
+        self.recent.push_back(demand);
         Some(next)
     }
 }

@@ -142,6 +142,10 @@ pub struct DemoReport {
     /// Highest heap usage of the device-local heap: the driver's with `VK_EXT_memory_budget`,
     /// understory's own otherwise (see `budget_source`).
     pub peak_heap_usage: u64,
+    /// Usage of the device-local heap (as `peak_heap_usage`) when the context was new, and
+    /// after the demo released everything it made, before shutdown: with the driver's numbers,
+    /// what the driver keeps past its objects (scratch memory of the pipelines, say).
+    pub heap_usage_start_after: (u64, u64),
     /// That heap's budget at the same frame.
     pub heap_budget: u64,
     /// The driver's allocation granularity understory counts memory of its own at, and
@@ -563,10 +567,29 @@ pub fn run(options: &ContextOptions, config: &DemoConfig) -> Result<DemoReport> 
     }
     let ctx = Context::new(options)?;
     let canary = ctx.canary().clone();
+    let heap_usage = |ctx: &Context| -> Result<u64> {
+        let heap = ctx.memory().device_local_heap();
+        Ok(ctx
+            .memory()
+            .refresh_budget()?
+            .get(heap)
+            .map_or(0, |h| h.budget.usage))
+    };
+    let start = heap_usage(&ctx);
     // Everything the demo made is dropped inside `demo`, so shutdown finds nothing alive.
     let result = demo(&ctx, config);
+    // Everything was dropped; wait for the GPU, free, give blocks back, and read the driver.
+    let after = ctx
+        .wait(ctx.last_submitted(), Duration::from_secs(30))
+        .and_then(|()| ctx.collect())
+        .and_then(|_| {
+            ctx.memory().flush_cache();
+            ctx.memory().release_empty_blocks()
+        })
+        .and_then(|_| heap_usage(&ctx));
     let shutdown = ctx.shutdown();
     let mut report = result?;
+    report.heap_usage_start_after = (start?, after?);
     report.leaks = shutdown?.leaks.len();
     report.validation_messages = canary.total();
     Ok(report)
@@ -1267,6 +1290,7 @@ impl Accumulator {
                 blank_frames: 0,
                 recovery_frames: Some(0),
                 peak_heap_usage: 0,
+                heap_usage_start_after: (0, 0),
                 heap_budget: 0,
                 allocation_granularity: ctx.memory().allocation_granularity(),
                 min_quality: f32::INFINITY,

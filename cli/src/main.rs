@@ -231,6 +231,10 @@ fn run(cli: Cli) -> understory::Result<()> {
                 }
             );
             println!(
+                "device-local heap usage at start {} B, after everything was released {} B ({})",
+                r.heap_usage_start_after.0, r.heap_usage_start_after.1, r.budget_source,
+            );
+            println!(
                 "most drawn in a frame: full {}, medium {}, billboard {}; frames with list overflow {}",
                 r.peak_drawn[0], r.peak_drawn[1], r.peak_drawn[2], r.overflow_frames
             );

@@ -90,6 +90,16 @@ fn the_demo_draws_a_forest_and_returns_every_byte() {
     greens.sort_unstable();
     greens.dedup();
     assert!(greens.len() > 20, "{} shades of green", greens.len());
+    // Everything given back before shutdown: understory's own count (the estimate) is where it
+    // started; the driver's (VK_EXT_memory_budget) may keep one-time memory, and is printed.
+    let (start, after) = r.heap_usage_start_after;
+    eprintln!(
+        "heap usage ({}): start {start} B, after {after} B",
+        r.budget_source
+    );
+    if r.budget_source == understory::gpu::budget::Source::Estimated {
+        assert_eq!(after, start, "every byte back before shutdown");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -63,8 +63,8 @@ fn tally(
 }
 
 // Instance k of the thread, classified `lod` (band `cb` in the cascades), in the thread's
-// counts: its byte of `info` (see main), the LOD's field of `mine` (with its rank among the
-// thread's earlier instances of that LOD), or `invalid`.
+// counts: its byte of `info` (see main, with its rank among the thread's earlier instances of a
+// drawn LOD), and one more in the LOD's field of `mine` if drawn, or in `invalid` if invalid.
 fn place(
     k: u32,
     lod: u32,

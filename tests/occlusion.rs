@@ -131,7 +131,8 @@ struct Phases {
     second: [Vec<u32>; 3],
     /// Six per view.
     args: Vec<DrawIndexedIndirect>,
-    counters: [u32; COUNTERS],
+    /// Every view's counters, view after view.
+    counters: Vec<u32>,
 }
 
 /// Records, in one frame: the depth upload, the first phase, the pyramid, the second phase,
@@ -149,7 +150,7 @@ fn frame_of(
     let bases = pass.list_bases();
     let entries: u64 = caps.iter().map(|c| u64::from(*c)).sum();
     let list_bytes = (entries + LIST_GUARD_WORDS) * 4;
-    let counter_bytes = COUNTERS as u64 * 4;
+    let counter_bytes = COUNTERS as u64 * 4 * u64::from(pass.views());
     let args_bytes = size_of::<[DrawIndexedIndirect; 6]>() as u64 * u64::from(pass.views());
     let read = ctx
         .create_buffer(&BufferDesc {
@@ -264,9 +265,10 @@ fn frame_of(
     .unwrap();
     let bytes = read.mapped().unwrap();
     let words: &[u32] = bytemuck::cast_slice(&bytes[..list_bytes as usize]);
-    let counters: [u32; COUNTERS] = bytemuck::pod_read_unaligned(
-        &bytes[list_bytes as usize..(list_bytes + counter_bytes) as usize],
-    );
+    let counters: Vec<u32> = bytes[list_bytes as usize..(list_bytes + counter_bytes) as usize]
+        .chunks(4)
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
     let args: Vec<DrawIndexedIndirect> = bytes[(list_bytes + counter_bytes) as usize..]
         .chunks(size_of::<DrawIndexedIndirect>())
         .map(bytemuck::pod_read_unaligned)
@@ -479,6 +481,11 @@ fn two_phases_match_the_cpu_reference() {
                                 got.args[6 * v + l].instance_count as usize,
                                 want.lists[l].len(),
                                 "{what}, frame {f}: cascade {v} LOD {l}"
+                            );
+                            assert_eq!(
+                                got.counters[v * COUNTERS + COUNTER_HIDDEN + l],
+                                0,
+                                "{what}, frame {f}: cascade {v} hides nothing"
                             );
                             assert_eq!(got.args[6 * v + 3 + l].instance_count, 0);
                         }

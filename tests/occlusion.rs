@@ -77,6 +77,84 @@ fn depth_texels(seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A host-visible instance buffer holding `instances`.
+fn instance_buffer(ctx: &Context, instances: &[Instance]) -> Buffer {
+    let bytes: &[u8] = bytemuck::cast_slice(instances);
+    let mut b = ctx
+        .create_buffer(&BufferDesc {
+            name: "occlusion test instances",
+            size: bytes.len() as u64,
+            usage: vk::BufferUsageFlags::STORAGE_BUFFER,
+            location: MemoryLocation::CpuToGpu,
+            category: Category::Instances,
+        })
+        .unwrap();
+    b.mapped_mut().unwrap().copy_from_slice(bytes);
+    b
+}
+
+/// A staging buffer holding W x H depth texels (uploaded to the host's depth image by
+/// [`frame_of`]).
+fn depth_staging(ctx: &Context, texels: &[f32]) -> Buffer {
+    let mut b = ctx
+        .create_buffer(&BufferDesc {
+            name: "depth staging",
+            size: u64::from(W * H) * 4,
+            usage: vk::BufferUsageFlags::TRANSFER_SRC,
+            location: MemoryLocation::CpuToGpu,
+            category: Category::Staging,
+        })
+        .unwrap();
+    b.mapped_mut()
+        .unwrap()
+        .copy_from_slice(bytemuck::cast_slice(texels));
+    b
+}
+
+/// A depth pyramid for the W x H depth image.
+fn pyramid(ctx: &Context) -> DepthPyramid {
+    DepthPyramid::new(
+        ctx,
+        vk::Extent2D {
+            width: W,
+            height: H,
+        },
+    )
+    .unwrap()
+}
+
+/// The compactions this device runs.
+fn compactions(ctx: &Context) -> Vec<Compaction> {
+    let mut c = vec![Compaction::Atomic];
+    if ctx.adapter().subgroup_ballot_arithmetic_in_compute {
+        c.push(Compaction::Subgroup);
+    }
+    c
+}
+
+/// A cull pass with records and up to 40,000 entries per list, as the tests here use it.
+fn test_pass(
+    ctx: &Context,
+    compaction: Compaction,
+    adaptive: bool,
+    max_sources_per_dispatch: usize,
+    views: u32,
+) -> CullPass {
+    CullPass::from_desc(
+        ctx,
+        &CullDesc {
+            compaction,
+            capacity: 40_000,
+            meshes: [mesh(36), mesh(12), mesh(6)],
+            records: true,
+            adaptive,
+            max_sources_per_dispatch,
+            views,
+        },
+    )
+    .unwrap()
+}
+
 fn view_proj(yaw: f32) -> Mat4 {
     let eye = Vec3::new(0.0, 2.0, 0.0);
     let dir = Vec3::new(yaw.sin(), -0.05, -yaw.cos());
@@ -369,23 +447,7 @@ fn two_phases_match_the_cpu_reference() {
     for i in [3, 500, 7000] {
         parts[1][i].position[0] = f32::NAN;
     }
-    let bufs: Vec<Buffer> = parts
-        .iter()
-        .map(|p| {
-            let bytes: &[u8] = bytemuck::cast_slice(p);
-            let mut b = ctx
-                .create_buffer(&BufferDesc {
-                    name: "occlusion test instances",
-                    size: bytes.len() as u64,
-                    usage: vk::BufferUsageFlags::STORAGE_BUFFER,
-                    location: MemoryLocation::CpuToGpu,
-                    category: Category::Instances,
-                })
-                .unwrap();
-            b.mapped_mut().unwrap().copy_from_slice(bytes);
-            b
-        })
-        .collect();
+    let bufs: Vec<Buffer> = parts.iter().map(|p| instance_buffer(&ctx, p)).collect();
     // Bases with a gap: indices the bits hold but no source uses.
     let mut base = 0u32;
     let mut sources = vec![];
@@ -401,51 +463,16 @@ fn two_phases_match_the_cpu_reference() {
     }
     let texels = depth_texels(5);
     let levels = pyramid_cpu(&texels, W, H);
-    let mut staging = ctx
-        .create_buffer(&BufferDesc {
-            name: "depth staging",
-            size: u64::from(W * H) * 4,
-            usage: vk::BufferUsageFlags::TRANSFER_SRC,
-            location: MemoryLocation::CpuToGpu,
-            category: Category::Staging,
-        })
-        .unwrap();
-    staging
-        .mapped_mut()
-        .unwrap()
-        .copy_from_slice(bytemuck::cast_slice(&texels));
+    let staging = depth_staging(&ctx, &texels);
     let host = Host::new(&ctx);
-    let pyramid = DepthPyramid::new(
-        &ctx,
-        vk::Extent2D {
-            width: W,
-            height: H,
-        },
-    )
-    .unwrap();
-    let mut compactions = vec![Compaction::Atomic];
-    if ctx.adapter().subgroup_ballot_arithmetic_in_compute {
-        compactions.push(Compaction::Subgroup);
-    }
-    for compaction in compactions {
+    let pyramid = pyramid(&ctx);
+    for compaction in compactions(&ctx) {
         // With cascades the first phase reads every instance (they are culled there in full):
         // the camera's phases must not change.
         for (max_sources_per_dispatch, views) in [(WIDE_SOURCES_PER_DISPATCH, 1), (1, 1), (1, 3)] {
             let what =
                 format!("{compaction:?}, {max_sources_per_dispatch} per dispatch, {views} view(s)");
-            let mut pass = CullPass::from_desc(
-                &ctx,
-                &CullDesc {
-                    compaction,
-                    capacity: 40_000,
-                    meshes: [mesh(36), mesh(12), mesh(6)],
-                    records: true,
-                    adaptive: false,
-                    max_sources_per_dispatch,
-                    views,
-                },
-            )
-            .unwrap();
+            let mut pass = test_pass(&ctx, compaction, false, max_sources_per_dispatch, views);
             let cascades: Vec<CascadeView> = [60.0f32, 200.0]
                 .iter()
                 .map(|&half| {
@@ -557,4 +584,66 @@ fn two_phases_match_the_cpu_reference() {
     drop(staging);
     drop(bufs);
     common::finish(ctx, "two_phases_match");
+}
+
+/// Adaptive lists with occlusion are sized from what the frustum holds (drawn + hidden), so the
+/// frame the walls fall, when everything hidden is drawn at once, fits: no overflow. Sized from
+/// what was drawn (a third of the frustum here), the lists overflowed in that frame.
+#[test]
+fn adaptive_lists_have_room_when_the_walls_fall() {
+    let Some(ctx) = common::context("walls_fall") else {
+        return;
+    };
+    let part = scene(12_000, 11);
+    let buf = instance_buffer(&ctx, &part);
+    let walls = depth_staging(&ctx, &depth_texels(5));
+    let open = depth_staging(&ctx, &vec![1.0; (W * H) as usize]);
+    let host = Host::new(&ctx);
+    let pyramid = pyramid(&ctx);
+    let sources = [CullSource {
+        buffer: &buf,
+        count: part.len() as u32,
+        base: 0,
+    }];
+    let vp = view_proj(0.0);
+    let in_band: Vec<usize> = (0..3)
+        .map(|l| {
+            part.iter()
+                .filter(|i| classify_cpu(i, &cull_view(vp)) == l)
+                .count()
+        })
+        .collect();
+    for compaction in compactions(&ctx) {
+        let mut pass = test_pass(&ctx, compaction, true, WIDE_SOURCES_PER_DISPATCH, 1);
+        // Behind the walls for a few frames: the lists follow the read-back counts.
+        let mut drawn = 0;
+        for _ in 0..4 {
+            let got = frame_of(&ctx, &mut pass, &pyramid, &host, &walls, &sources, vp);
+            drawn = (0..3)
+                .map(|l| got.args[l].instance_count + got.args[3 + l].instance_count)
+                .sum::<u32>();
+        }
+        let caps = pass.capacities();
+        let got = frame_of(&ctx, &mut pass, &pyramid, &host, &open, &sources, vp);
+        let total: usize = in_band.iter().sum();
+        eprintln!(
+            "{compaction:?}: {total} in the frustum, {drawn} drawn behind the walls, lists {caps:?}"
+        );
+        assert!(
+            (drawn as usize) * 2 < total,
+            "the walls hide most of the frustum"
+        );
+        for l in 0..3 {
+            assert_eq!(got.counters[4 + l], 0, "{compaction:?}: LOD {l} overflowed");
+            assert_eq!(
+                got.counters[l] as usize, in_band[l],
+                "{compaction:?}: everything in LOD {l}'s band is drawn once the walls fall"
+            );
+            assert!(caps[l] as usize >= in_band[l], "{compaction:?}: LOD {l}");
+        }
+    }
+    host.destroy(&ctx);
+    drop(pyramid);
+    drop((walls, open, buf));
+    common::finish(ctx, "walls_fall");
 }

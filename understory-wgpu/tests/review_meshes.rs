@@ -35,6 +35,8 @@ use understory_wgpu::{Forest, ForestDesc, ForestView, SharedDevice, SharedDevice
 
 fn desc(test: &str) -> Option<SharedDeviceDesc> {
     common::install_logger();
+    // The tests that run in this process (not `isolated`) run one at a time (see `alone`).
+    common::alone();
     let probe = common::context(test)?;
     drop(probe);
     let options = common::options();

@@ -243,7 +243,6 @@ fn gpu_buffer(ctx: &Context, name: &str, bytes: u64, usage: vk::BufferUsageFlags
     .expect("buffer")
 }
 
-/// Uploads through a 64 MiB staging buffer.
 /// A device-local storage buffer holding `bytes` (instance records).
 fn instance_buffer(ctx: &Context, bytes: &[u8]) -> Buffer {
     let instances = gpu_buffer(
@@ -256,6 +255,7 @@ fn instance_buffer(ctx: &Context, bytes: &[u8]) -> Buffer {
     instances
 }
 
+/// Uploads through a 64 MiB staging buffer.
 fn upload(ctx: &Context, dst: &Buffer, data: &[u8]) {
     const CHUNK: usize = 64 << 20;
     let mut staging = ctx

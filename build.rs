@@ -12,6 +12,8 @@ use std::path::Path;
 /// The `wide` ones read `CULL_WIDE` buffers per dispatch where the device allows that many.
 /// The `plain` ones compile occlusion phases and shadow cascades out (`CULL_FULL` false): what a
 /// single pass over one view runs, without the registers the rest would take.
+/// The `views` ones compile occlusion phases out (`CULL_OCCLUSION` false) and keep the cascades:
+/// what a single pass over the camera and shadow cascades runs.
 const VARIANTS: &[Variant] = &[
     ("cull_atomic", "single", SINGLE_SOURCE),
     ("cull_subgroup", "single", SINGLE_SOURCE),
@@ -23,6 +25,12 @@ const VARIANTS: &[Variant] = &[
     ("cull_subgroup", "single_plain", SINGLE_PLAIN),
     ("cull_atomic", "wide_plain", WIDE_PLAIN),
     ("cull_subgroup", "wide_plain", WIDE_PLAIN),
+    ("cull_atomic", "views", VIEWS),
+    ("cull_subgroup", "views", VIEWS),
+    ("cull_atomic", "single_views", SINGLE_VIEWS),
+    ("cull_subgroup", "single_views", SINGLE_VIEWS),
+    ("cull_atomic", "wide_views", WIDE_VIEWS),
+    ("cull_subgroup", "wide_views", WIDE_VIEWS),
 ];
 
 /// (shader stem, variant suffix, replacements of (from, to)).
@@ -52,6 +60,14 @@ const FULL: (&str, &str) = (
 const PLAIN: &[(&str, &str)] = &[FULL];
 const SINGLE_PLAIN: &[(&str, &str)] = &[SINGLE_SOURCE[0], SINGLE_SOURCE[1], FULL];
 const WIDE_PLAIN: &[(&str, &str)] = &[WIDE_SOURCES[0], FULL];
+
+const OCCLUSION: (&str, &str) = (
+    "const CULL_OCCLUSION: bool = true;",
+    "const CULL_OCCLUSION: bool = false;",
+);
+const VIEWS: &[(&str, &str)] = &[OCCLUSION];
+const SINGLE_VIEWS: &[(&str, &str)] = &[SINGLE_SOURCE[0], SINGLE_SOURCE[1], OCCLUSION];
+const WIDE_VIEWS: &[(&str, &str)] = &[WIDE_SOURCES[0], OCCLUSION];
 
 fn main() {
     let dir = Path::new("shaders");

@@ -62,6 +62,28 @@ fn tally(
     }
 }
 
+// Instance k's (band cb, record ps) membership in the four cascades (see `tally`); none where
+// cb is LOD_CULLED (see cascade_band).
+fn tally_all(
+    k: u32,
+    cb: u32,
+    ps: vec4<f32>,
+    casc0: ptr<function, u32>,
+    casc1: ptr<function, u32>,
+    casc2: ptr<function, u32>,
+    casc3: ptr<function, u32>,
+    members: ptr<function, u32>,
+    ranks: ptr<function, u32>,
+) {
+    if cb < LOD_CULLED {
+        let r = view.camera.w * ps.w;
+        tally(0u, k, cb, ps.xyz, r, casc0, members, ranks);
+        tally(1u, k, cb, ps.xyz, r, casc1, members, ranks);
+        tally(2u, k, cb, ps.xyz, r, casc2, members, ranks);
+        tally(3u, k, cb, ps.xyz, r, casc3, members, ranks);
+    }
+}
+
 // Instance k of the thread, classified `lod` (band `cb` in the cascades), in the thread's
 // counts: its byte of `info` (see main, with its rank among the thread's earlier instances of a
 // drawn LOD), and one more in the LOD's field of `mine` if drawn, or in `invalid` if invalid.
@@ -136,7 +158,7 @@ fn main(
     if CULL_FULL && t < 12u {
         atomicStore(&wg_casc[t], 0u);
     }
-    if CULL_FULL && t < 3u {
+    if CULL_FULL && CULL_OCCLUSION && t < 3u {
         atomicStore(&wg_hidden[t], 0u);
     }
     // The workgroup's source, shared so that the binding-array index is provably uniform
@@ -173,7 +195,7 @@ fn main(
     var casc3 = 0u;
     var cmembers = 0u;
     var cranks = 0u;
-    if CULL_FULL {
+    if CULL_FULL && CULL_OCCLUSION {
         // One instance at a time: loading the four records first here took scratch memory on
         // the H200 (heap usage after the demo 262,144 -> 393,216 B) and made five views slower
         // (345.6 -> 378.5 us at 16M).
@@ -190,19 +212,16 @@ fn main(
                     hid += 1u << (FIELD * raw);
                 }
                 cb = cascade_band(ps, raw);
-                if cb < LOD_CULLED {
-                    let r = view.camera.w * ps.w;
-                    tally(0u, k, cb, ps.xyz, r, &casc0, &cmembers, &cranks);
-                    tally(1u, k, cb, ps.xyz, r, &casc1, &cmembers, &cranks);
-                    tally(2u, k, cb, ps.xyz, r, &casc2, &cmembers, &cranks);
-                    tally(3u, k, cb, ps.xyz, r, &casc3, &cmembers, &cranks);
-                }
+                tally_all(k, cb, ps, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
             }
             place(k, lod, cb, &info, &mine, &invalid);
         }
     } else {
         // The plain variant (one view, one pass) loads its four records before classifying
-        // any: 16M in 153.3 -> 139.9-140.4 us on the H200 (1.15x the copy floor).
+        // any: 16M in 153.3 -> 139.9-140.4 us on the H200 (1.15x the copy floor). So does the
+        // views variant (camera and cascades, one pass, no phases), which also counts each
+        // instance in the cascades (nothing where CULL_FULL is false: cascade_band gives
+        // LOD_CULLED there).
         let i0 = first;
         let i1 = first + 256u;
         let i2 = first + 512u;
@@ -224,13 +243,21 @@ fn main(
             ps3 = sources[source].v[2u * i3];
         }
         let lod0 = select(LOD_CULLED, classify(ps0, view), i0 < src.x);
-        place(0u, lod0, LOD_CULLED, &info, &mine, &invalid);
+        let cb0 = select(LOD_CULLED, cascade_band(ps0, lod0), i0 < src.x);
+        tally_all(0u, cb0, ps0, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
+        place(0u, lod0, cb0, &info, &mine, &invalid);
         let lod1 = select(LOD_CULLED, classify(ps1, view), i1 < src.x);
-        place(1u, lod1, LOD_CULLED, &info, &mine, &invalid);
+        let cb1 = select(LOD_CULLED, cascade_band(ps1, lod1), i1 < src.x);
+        tally_all(1u, cb1, ps1, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
+        place(1u, lod1, cb1, &info, &mine, &invalid);
         let lod2 = select(LOD_CULLED, classify(ps2, view), i2 < src.x);
-        place(2u, lod2, LOD_CULLED, &info, &mine, &invalid);
+        let cb2 = select(LOD_CULLED, cascade_band(ps2, lod2), i2 < src.x);
+        tally_all(2u, cb2, ps2, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
+        place(2u, lod2, cb2, &info, &mine, &invalid);
         let lod3 = select(LOD_CULLED, classify(ps3, view), i3 < src.x);
-        place(3u, lod3, LOD_CULLED, &info, &mine, &invalid);
+        let cb3 = select(LOD_CULLED, cascade_band(ps3, lod3), i3 < src.x);
+        tally_all(3u, cb3, ps3, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
+        place(3u, lod3, cb3, &info, &mine, &invalid);
     }
     // The lanes below, and the whole subgroup; the first lane reserves the subgroup's runs.
     let below = subgroupExclusiveAdd(mine);
@@ -266,7 +293,7 @@ fn main(
         cbase = subgroupBroadcastFirst(b);
     }
     // Hidden instances: only counted (push constants: a uniform branch).
-    if CULL_FULL && pc.phase == PHASE_SECOND {
+    if CULL_FULL && CULL_OCCLUSION && pc.phase == PHASE_SECOND {
         let htotal = subgroupAdd(hid);
         if leader {
             for (var l = 0u; l < LOD_CULLED; l = l + 1u) {
@@ -297,7 +324,7 @@ fn main(
         }
         wg_casc_base[t - 8u] = b;
     }
-    if CULL_FULL && pc.phase == PHASE_SECOND && t >= 32u && t < 35u {
+    if CULL_FULL && CULL_OCCLUSION && pc.phase == PHASE_SECOND && t >= 32u && t < 35u {
         let n = atomicLoad(&wg_hidden[t - 32u]);
         if n > 0u {
             atomicAdd(&counters[COUNTER_HIDDEN + t - 32u], n);
@@ -307,29 +334,28 @@ fn main(
     for (var k = 0u; k < CULL_PER_THREAD; k = k + 1u) {
         let byte = info >> (8u * k);
         let lod = byte & 7u;
-        if lod < LOD_CULLED {
+        let camera = lod < LOD_CULLED;
+        let shadow = CULL_FULL && ((cmembers >> (4u * k)) & 15u) != 0u;
+        if !camera && !shadow {
+            continue;
+        }
+        let j = first + k * 256u;
+        let gi = src.y + j;
+        // The record is read only where records are written, and once for every view.
+        var ps = vec4<f32>(0.0);
+        var rest = vec4<f32>(0.0);
+        if pc.caps.w != 0u {
+            ps = sources[source].v[2u * j];
+            rest = sources[source].v[2u * j + 1u];
+        }
+        if camera {
             let slot = wg_base[lod] + field(base, lod) + field(below, lod) + ((byte >> 3u) & 3u);
             if slot < pc.caps[lod] {
-                let j = first + k * 256u;
-                // The record is read only where records are written.
-                var ps = vec4<f32>(0.0);
-                var rest = vec4<f32>(0.0);
-                if pc.caps.w != 0u {
-                    ps = sources[source].v[2u * j];
-                    rest = sources[source].v[2u * j + 1u];
-                }
-                put(list_base(pc.caps, 0u, lod) + slot, src.y + j, ps, rest);
+                put(list_base(pc.caps, 0u, lod) + slot, gi, ps, rest);
             }
         }
-        if CULL_FULL && ((cmembers >> (4u * k)) & 15u) != 0u {
+        if shadow {
             let cb = (byte >> 5u) & 3u;
-            let j = first + k * 256u;
-            let ps = sources[source].v[2u * j];
-            var rest = vec4<f32>(0.0);
-            if pc.caps.w != 0u {
-                rest = sources[source].v[2u * j + 1u];
-            }
-            let gi = src.y + j;
             emit_cascade(0u, k, cb, gi, ps, rest, cbase.x, cbelow.x, cmembers, cranks);
             emit_cascade(1u, k, cb, gi, ps, rest, cbase.y, cbelow.y, cmembers, cranks);
             emit_cascade(2u, k, cb, gi, ps, rest, cbase.z, cbelow.z, cmembers, cranks);

@@ -7,6 +7,10 @@ var<immediate> pc: CullPush;
 // Occlusion phases and shadow cascades compiled in (build.rs's `plain` variants set it false:
 // a single pass over one view, without the registers the rest would take).
 const CULL_FULL: bool = true;
+// Occlusion phases compiled in (build.rs's `views` variants set it false: a single pass over the
+// camera and the cascades, without the registers and the visibility bits' atomics that phases
+// take, so it can load its records before classifying them).
+const CULL_OCCLUSION: bool = true;
 
 // One instance buffer as vec4s: instance i is vec4s 2i (position, scale) and 2i + 1 (the rest).
 struct InstanceWords {
@@ -36,7 +40,7 @@ struct InstanceWords {
 // Whether the first phase passes over instance `gi` without reading it: not visible last frame
 // and no cascade to cull it for.
 fn unseen_first(gi: u32) -> bool {
-    return CULL_FULL && pc.phase == PHASE_FIRST && pc.views == 1u
+    return CULL_FULL && CULL_OCCLUSION && pc.phase == PHASE_FIRST && pc.views == 1u
         && (atomicLoad(&visible[gi >> 5u]) & (1u << (gi & 31u))) == 0u;
 }
 
@@ -71,7 +75,7 @@ fn cascade_band(ps: vec4<f32>, lod: u32) -> u32 {
 // where the second phase found it in the frustum and hidden, and neither phase appends it: it
 // counts at COUNTER_HIDDEN + lod).
 fn through_phase(lod: u32, gi: u32, ps: vec4<f32>) -> vec2<u32> {
-    if !CULL_FULL || pc.phase == PHASE_SINGLE {
+    if !CULL_FULL || !CULL_OCCLUSION || pc.phase == PHASE_SINGLE {
         return vec2<u32>(lod, 0u);
     }
     let bit = 1u << (gi & 31u);

@@ -635,10 +635,12 @@ pub struct CullPass {
     next_meshes: Option<[DrawIndexedIndirect; 3]>,
     set_layout: vk::DescriptorSetLayout,
     layout: vk::PipelineLayout,
-    /// Occlusion phases and cascades compiled in (made at the first use that needs it).
+    /// Occlusion phases and cascades compiled in (made at the first phase recorded).
     pipeline: vk::Pipeline,
     /// A single pass over one view (the `plain` variant).
     plain: vk::Pipeline,
+    /// A single pass over the camera and cascades (the `views` variant; made at its first use).
+    views_pipeline: vk::Pipeline,
     fin_set_layout: vk::DescriptorSetLayout,
     fin_layout: vk::PipelineLayout,
     fin_pipeline: vk::Pipeline,
@@ -832,6 +834,7 @@ impl CullPass {
             layout: vk::PipelineLayout::null(),
             pipeline: vk::Pipeline::null(),
             plain: vk::Pipeline::null(),
+            views_pipeline: vk::Pipeline::null(),
             fin_set_layout: vk::DescriptorSetLayout::null(),
             fin_layout: vk::PipelineLayout::null(),
             fin_pipeline: vk::Pipeline::null(),
@@ -917,9 +920,6 @@ impl CullPass {
             (Compaction::Subgroup, _) => shaders::CULL_SUBGROUP_PLAIN,
         };
         self.plain = compute_pipeline(d, spirv, c"main", self.layout)?;
-        if self.views > 1 {
-            self.full_pipeline()?;
-        }
         self.fin_set_layout = set_layout(d, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER])?;
         self.fin_layout =
             pipeline_layout(d, self.fin_set_layout, size_of::<FinalizePush>() as u32)?;
@@ -989,6 +989,26 @@ impl CullPass {
         self.placeholder_view = unsafe { d.create_image_view(&info, None) }
             .map_err(crate::error::vk_err("vkCreateImageView"))?;
         Ok(())
+    }
+
+    /// The pipeline with cascades and no phases (the `views` variant), made at its first use
+    /// (each pipeline made keeps driver memory: see the README's heap readings).
+    fn views_pipeline(&mut self) -> Result<vk::Pipeline> {
+        if self.views_pipeline == vk::Pipeline::null() {
+            let spirv = match (self.compaction, self.batch) {
+                (Compaction::Atomic, 1) => shaders::CULL_ATOMIC_SINGLE_VIEWS,
+                (Compaction::Subgroup, 1) => shaders::CULL_SUBGROUP_SINGLE_VIEWS,
+                (Compaction::Atomic, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_ATOMIC_WIDE_VIEWS,
+                (Compaction::Subgroup, WIDE_SOURCES_PER_DISPATCH) => {
+                    shaders::CULL_SUBGROUP_WIDE_VIEWS
+                }
+                (Compaction::Atomic, _) => shaders::CULL_ATOMIC_VIEWS,
+                (Compaction::Subgroup, _) => shaders::CULL_SUBGROUP_VIEWS,
+            };
+            self.views_pipeline =
+                compute_pipeline(&self.shared.device, spirv, c"main", self.layout)?;
+        }
+        Ok(self.views_pipeline)
     }
 
     /// The pipeline with occlusion phases and cascades, made at its first use.
@@ -1537,10 +1557,10 @@ impl CullPass {
             }
         }
         let stride = table_stride(self.batch);
-        let pipeline = if phase == Phase::Single && self.views == 1 {
-            self.plain
-        } else {
-            self.full_pipeline()?
+        let pipeline = match (phase, self.views) {
+            (Phase::Single, 1) => self.plain,
+            (Phase::Single, _) => self.views_pipeline()?,
+            _ => self.full_pipeline()?,
         };
         let rb = if phase == Phase::First {
             None
@@ -1942,6 +1962,10 @@ impl Drop for CullPass {
         let last = *self.last_use.get_mut();
         self.shared
             .retire_object(RawObject::Pipeline(std::mem::take(&mut self.plain)), last);
+        self.shared.retire_object(
+            RawObject::Pipeline(std::mem::take(&mut self.views_pipeline)),
+            last,
+        );
         retire_pipeline_objects(
             &self.shared,
             last,

@@ -203,7 +203,13 @@ fn layouts(common: &str) -> Result<String, String> {
     let mut out = String::new();
     // The cull shaders' source-array lengths and counter words, for the Rust side to check its
     // layouts against.
-    for name in ["CULL_BATCH", "CULL_WIDE", "COUNTERS", "MAX_VIEWS"] {
+    for name in [
+        "CULL_BATCH",
+        "CULL_WIDE",
+        "COUNTERS",
+        "MAX_VIEWS",
+        "OCCLUSION_TEXELS",
+    ] {
         let value = common
             .lines()
             .find_map(|l| {

@@ -149,6 +149,13 @@ struct OcclusionView {
     bounds: vec4<f32>,
 }
 
+// Texels per axis the occlusion test reads at most (up to 8 x 8 at the finest level at which
+// the screen rectangle spans that many): a canopy seen from above is a sieve of crowns, and a
+// coarser level's texel takes the farthest depth of every gap in it. On the H200 (4M trees,
+// canopy flight, 300 frames) 2 per axis left 109.0M drawn of 132.7M, 4: 85.5M, 8: 71.0M at
+// 0.03 ms more per frame, 16: 62.6M at 0.14 ms more.
+const OCCLUSION_TEXELS: u32 = 8u;
+
 // Whether an instance at `p` of scale `s` is certainly hidden: its box (occ.bounds scaled by `s`)
 // lies wholly in front of the camera, and its nearest depth is beyond the farthest depth of the
 // pyramid texels that cover its screen rectangle. Pyramid level L texel x covers depth pixels
@@ -180,12 +187,16 @@ fn occluded(p: vec3<f32>, s: f32, occ: OcclusionView, pyramid: texture_2d<f32>) 
     // NDC -1..1 to pixels; every pixel whose centre the box can cover lies in [floor(lo), floor(hi)].
     let a = vec2<u32>(clamp(floor(fma(lo.xy, vec2<f32>(0.5), vec2<f32>(0.5)) * size), vec2<f32>(0.0), last));
     let b = vec2<u32>(clamp(floor(fma(hi, vec2<f32>(0.5), vec2<f32>(0.5)) * size), vec2<f32>(0.0), last));
-    // The finest level at which the rectangle spans at most two texels per axis.
+    // An empty rectangle (NaN corners) hides nothing.
+    if any(a > b) {
+        return false;
+    }
+    // The finest level at which the rectangle spans at most OCCLUSION_TEXELS texels per axis.
     var level = 0u;
     while level + 1u < occ.size.z {
         let s = level + 1u;
         let span = (b >> vec2<u32>(s)) - (a >> vec2<u32>(s));
-        if span.x <= 1u && span.y <= 1u {
+        if span.x < OCCLUSION_TEXELS && span.y < OCCLUSION_TEXELS {
             break;
         }
         level = s;
@@ -193,11 +204,15 @@ fn occluded(p: vec3<f32>, s: f32, occ: OcclusionView, pyramid: texture_2d<f32>) 
     let t0 = vec2<i32>(a >> vec2<u32>(level + 1u));
     let t1 = vec2<i32>(b >> vec2<u32>(level + 1u));
     let l = i32(level);
-    let far = max(
-        max(textureLoad(pyramid, t0, l).x, textureLoad(pyramid, vec2<i32>(t1.x, t0.y), l).x),
-        max(textureLoad(pyramid, vec2<i32>(t0.x, t1.y), l).x, textureLoad(pyramid, t1, l).x),
-    );
-    return lo.z > far;
+    // Hidden only if the box's nearest depth is beyond every texel (a NaN hides nothing).
+    for (var y = t0.y; y <= t1.y; y = y + 1) {
+        for (var x = t0.x; x <= t1.x; x = x + 1) {
+            if !(lo.z > textureLoad(pyramid, vec2<i32>(x, y), l).x) {
+                return false;
+            }
+        }
+    }
+    return true;
 }
 
 // What a phase makes of an instance classified `lod`, given its visibility bit from last frame

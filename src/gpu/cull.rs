@@ -179,13 +179,20 @@ fn band_cpu(p: [f32; 3], view: &CullView) -> u32 {
     }
 }
 
+/// Pyramid texels per axis the occlusion test reads at most: it tests a box's screen
+/// rectangle at the finest pyramid level at which the rectangle spans at most this many (up to
+/// 8 × 8 reads; the coarsest level where even that one spans more).
+pub const OCCLUSION_TEXELS: u32 = 8;
+const _: () = assert!(shaders::layout::OCCLUSION_TEXELS == OCCLUSION_TEXELS as usize);
+
 /// The CPU reference of `occluded` in `shaders/common/cull.wgsl` (the second occlusion phase's
 /// test), with the same operations in the same order: whether an instance at `position` of
 /// scale `scale` (its box: `bounds` scaled) is certainly hidden behind the depth seen through
 /// `view_proj` (Vulkan clip space, depth 0 near .. 1 far), given the depth image's size and the
 /// pyramid's levels as (width, height, texels row-major), the layout
-/// [`pyramid_cpu`](crate::gpu::pyramid::pyramid_cpu) makes. Not hidden when the box reaches
-/// the camera plane.
+/// [`pyramid_cpu`](crate::gpu::pyramid::pyramid_cpu) makes: its nearest depth is beyond every
+/// texel covering its screen rectangle at the finest level where that is at most
+/// [`OCCLUSION_TEXELS`] per axis. Not hidden when the box reaches the camera plane.
 pub fn occluded_cpu(
     position: Vec3,
     scale: f32,
@@ -236,12 +243,18 @@ pub fn occluded_cpu(
         [pixel(lo[0], 0), pixel(lo[1], 1)],
         [pixel(hi[0], 0), pixel(hi[1], 1)],
     );
+    // An empty rectangle (NaN corners) hides nothing.
+    if a[0] > b[0] || a[1] > b[1] {
+        return false;
+    }
     let levels = pyramid.len() as u32;
     let mut level = 0u32;
     while level + 1 < levels {
         let s = level + 1;
         // Wrapping, as the shader's u32 arithmetic.
-        if (b[0] >> s).wrapping_sub(a[0] >> s) <= 1 && (b[1] >> s).wrapping_sub(a[1] >> s) <= 1 {
+        if (b[0] >> s).wrapping_sub(a[0] >> s) < OCCLUSION_TEXELS
+            && (b[1] >> s).wrapping_sub(a[1] >> s) < OCCLUSION_TEXELS
+        {
             break;
         }
         level = s;
@@ -250,7 +263,6 @@ pub fn occluded_cpu(
         return false;
     };
     let at = |x: u32, y: u32| -> f32 {
-        let (x, y) = (x >> (level + 1), y >> (level + 1));
         if x >= *w || y >= *h {
             return f32::INFINITY;
         }
@@ -260,10 +272,12 @@ pub fn occluded_cpu(
             .copied()
             .unwrap_or(f32::INFINITY)
     };
-    let far = at(a[0], a[1])
-        .max(at(b[0], a[1]))
-        .max(at(a[0], b[1]).max(at(b[0], b[1])));
-    lo[2] > far
+    let (t0, t1) = (
+        [a[0] >> (level + 1), a[1] >> (level + 1)],
+        [b[0] >> (level + 1), b[1] >> (level + 1)],
+    );
+    // Hidden only if the nearest depth is beyond every texel (a NaN hides nothing).
+    (t0[1]..=t1[1]).all(|y| (t0[0]..=t1[0]).all(|x| lo[2] > at(x, y)))
 }
 
 /// The CPU reference of `phase_lod` in `shaders/common/cull.wgsl`: what an occlusion phase
@@ -2007,6 +2021,49 @@ mod tests {
             [0.0, 0.0, -1.0, 100.0],
         ];
         CullView::from_planes(planes, Vec3::ZERO, 1.0, &LodBands::default(), 1.0).unwrap()
+    }
+
+    /// The occlusion test reads the finest level at which the box's rectangle spans at most
+    /// OCCLUSION_TEXELS texels: a gap in the occluder beside the rectangle does not make it
+    /// visible (a test of 2 texels per axis reads 8-pixel texels here, one holding the gap);
+    /// a gap under the rectangle does.
+    #[test]
+    fn a_gap_beside_the_rectangle_hides_nothing_under_it() {
+        // One world unit is one pixel of a 64 × 64 depth image; depth = -z / 100.
+        let view_proj = Mat4::orthographic_rh(0.0, 64.0, 0.0, 64.0, 0.0, 100.0);
+        let bounds = InstanceBounds {
+            radius: 3.5,
+            y_min: 0.0,
+            y_max: 7.0,
+        };
+        // Pixels x 14..=21, y 20..=27; depth 0.465 and farther.
+        let at = Vec3::new(18.0, 20.0, -50.0);
+        let hidden = |gap: Option<(usize, usize)>| {
+            let mut depth = vec![0.2f32; 64 * 64];
+            if let Some((x, y)) = gap {
+                depth[y * 64 + x] = 1.0;
+            }
+            let pyramid = crate::gpu::pyramid::pyramid_cpu(&depth, 64, 64);
+            occluded_cpu(at, 1.0, &bounds, &view_proj, [64, 64], &pyramid)
+        };
+        assert!(hidden(None), "behind a wall");
+        assert!(hidden(Some((9, 22))), "a gap 5 pixels beside the rectangle");
+        assert!(
+            !hidden(Some((21, 27))),
+            "a gap under the rectangle's corner"
+        );
+        assert!(!hidden(Some((14, 20))), "a gap under the other corner");
+        // In front of the wall: never hidden.
+        let near = Vec3::new(18.0, 20.0, -10.0);
+        let pyramid = crate::gpu::pyramid::pyramid_cpu(&[0.2f32; 64 * 64], 64, 64);
+        assert!(!occluded_cpu(
+            near,
+            1.0,
+            &bounds,
+            &view_proj,
+            [64, 64],
+            &pyramid
+        ));
     }
 
     #[test]

@@ -910,6 +910,72 @@ fn camera_and_cascades_in_one_pass_match_the_reference() {
     finish(ctx, bufs, "camera_and_cascades");
 }
 
+/// The camera and four cascades in one pass without records and with lists too small for what
+/// the views hold: each view's lists hold distinct entries of its reference list, as many as
+/// fit; its counters count every one and its overflow words the rest; its commands draw what
+/// was written. For each compaction and source-array width.
+#[test]
+fn camera_and_cascades_overflow_without_records() {
+    let Some(ctx) = common::context("cascades_overflow") else {
+        return;
+    };
+    let scene = random_scene(30_000, 7);
+    let parts: Vec<&[Instance]> = scene.chunks(7_001).collect();
+    let bufs: Vec<Buffer> = parts.iter().map(|p| upload(&ctx, p)).collect();
+    let pairs: Vec<(&Buffer, &[Instance])> = bufs.iter().zip(parts.iter().copied()).collect();
+    let (sources, cpu) = numbered(&pairs, 5);
+    let eye = Vec3::new(10.0, 12.0, -20.0);
+    let view = perspective(eye, 0.7, 1.0);
+    let all = cascades(eye);
+    let want = cull_views_cpu(&cpu, &view, &all);
+    const CAP: usize = 300;
+    let overflowing = want
+        .iter()
+        .flat_map(|w| w.lists.iter())
+        .filter(|l| l.len() > CAP)
+        .count();
+    assert!(overflowing >= 3, "only {overflowing} lists overflow");
+    for compaction in variants(&ctx) {
+        for max_sources_per_dispatch in [WIDE_SOURCES_PER_DISPATCH, SOURCES_PER_DISPATCH, 1] {
+            let what = format!("{compaction:?} x{max_sources_per_dispatch}");
+            let mut pass = CullPass::from_desc(
+                &ctx,
+                &CullDesc {
+                    compaction,
+                    capacity: CAP as u32,
+                    meshes: MESHES,
+                    records: false,
+                    adaptive: false,
+                    max_sources_per_dispatch,
+                    views: MAX_VIEWS,
+                },
+            )
+            .unwrap();
+            pass.set_cascades(&all).unwrap();
+            let got = run_views(&ctx, &mut pass, &sources, &view);
+            for (v, want) in want.iter().enumerate() {
+                for l in 0..3 {
+                    let (w, g) = (&want.lists[l], &got.lists[v][l]);
+                    let what = format!("{what}, view {v}, LOD {l}");
+                    assert_eq!(g.len(), w.len().min(CAP), "{what}: entries");
+                    assert!(g.windows(2).all(|p| p[0] < p[1]), "{what}: repeated");
+                    assert!(
+                        g.iter().all(|i| w.binary_search(i).is_ok()),
+                        "{what}: stray"
+                    );
+                    assert_eq!(got.counters[v][l] as usize, w.len(), "{what}: count");
+                    assert_eq!(
+                        got.counters[v][4 + l] as usize,
+                        w.len().saturating_sub(CAP),
+                        "{what}: overflow"
+                    );
+                }
+            }
+        }
+    }
+    finish(ctx, bufs, "cascades_overflow");
+}
+
 /// What a pass of several views appended: per view the sorted lists, the counters, the
 /// (slot, index) pairs of its lists; the six commands per view; the records.
 struct Views {
@@ -931,7 +997,13 @@ fn run_views(
     let list_bytes = entries * 4;
     let counter_bytes = (COUNTERS * views * 4) as u64;
     let args_bytes = (size_of::<DrawIndexedIndirect>() * 6 * views) as u64;
-    let record_bytes = entries * size_of::<Instance>() as u64;
+    // A pass without records: none read back.
+    let with_records = pass.records().is_ok();
+    let record_bytes = if with_records {
+        entries * size_of::<Instance>() as u64
+    } else {
+        0
+    };
     let read = ctx
         .create_buffer(&BufferDesc {
             name: "views readback",
@@ -946,22 +1018,19 @@ fn run_views(
         // closing barrier (transfer reads).
         unsafe {
             pass.record(frame, cmd, sources, view)?;
-            copy_to_host(
-                ctx,
-                frame,
-                cmd,
-                &read,
-                &[
-                    (pass.lists()?, 0, list_bytes),
-                    (pass.counters()?, list_bytes, counter_bytes),
-                    (pass.args()?, list_bytes + counter_bytes, args_bytes),
-                    (
-                        pass.records()?,
-                        list_bytes + counter_bytes + args_bytes,
-                        record_bytes,
-                    ),
-                ],
-            );
+            let mut parts = vec![
+                (pass.lists()?, 0, list_bytes),
+                (pass.counters()?, list_bytes, counter_bytes),
+                (pass.args()?, list_bytes + counter_bytes, args_bytes),
+            ];
+            if with_records {
+                parts.push((
+                    pass.records()?,
+                    list_bytes + counter_bytes + args_bytes,
+                    record_bytes,
+                ));
+            }
+            copy_to_host(ctx, frame, cmd, &read, &parts);
         }
         Ok(())
     })

@@ -181,7 +181,8 @@ fn band_cpu(p: [f32; 3], view: &CullView) -> u32 {
 
 /// Pyramid texels per axis the occlusion test reads at most: it tests a box's screen
 /// rectangle at the finest pyramid level at which the rectangle spans at most this many (up to
-/// 8 × 8 reads; the coarsest level where even that one spans more).
+/// 8 × 8 reads; a [`DepthPyramid`] ends at 1 × 1, so such a
+/// level always exists).
 pub const OCCLUSION_TEXELS: u32 = 8;
 const _: () = assert!(shaders::layout::OCCLUSION_TEXELS == OCCLUSION_TEXELS as usize);
 
@@ -1287,8 +1288,9 @@ impl CullPass {
     /// usage and fit `maxStorageBufferRange` (its whole size is bound):
     /// [`Error::InvalidInput`] (or [`Error::Lifecycle`] for another context's buffer)
     /// otherwise. A source or output buffer with a live
-    /// [`Mapped`](crate::gpu::memory::Mapped) view is [`Error::Lifecycle`]. Nothing is
-    /// recorded on error.
+    /// [`Mapped`](crate::gpu::memory::Mapped) view is [`Error::Lifecycle`]. A pass of several
+    /// views makes its shader's pipeline at its first record (as the phases do theirs): the
+    /// driver's error then. Nothing is recorded on error.
     ///
     /// # Safety
     /// `cmd` must be a command buffer of this context's device, recording, outside a render
@@ -1563,13 +1565,6 @@ impl CullPass {
         occlusion: Option<(&DepthPyramid, &Occlusion)>,
     ) -> Result<()> {
         let value = frame.value();
-        if occlusion.is_none() {
-            // This record writes the arguments: from now on with `set_meshes`' meshes (a draw
-            // recorded after it in its frame checks them against its own).
-            if let Some(m) = self.next_meshes.take() {
-                self.meshes = m;
-            }
-        }
         let stride = table_stride(self.batch);
         let pipeline = match (phase, self.views) {
             (Phase::Single, 1) => self.plain,
@@ -1626,6 +1621,14 @@ impl CullPass {
                 .collect::<Result<Vec<_>>>()?
         };
         let fin_set = lock(&self.fin_sets).allocate(&self.shared, value, self.fin_set_layout)?;
+        // Nothing fails past here.
+        // This record writes the arguments (all but the second phase): with `set_meshes`'
+        // meshes, which `meshes` reports from its end on (a draw recorded after it in its
+        // frame checks them against its own). A record refused above leaves both as they were.
+        let written = match self.next_meshes {
+            Some(m) if occlusion.is_none() => m,
+            _ => self.meshes,
+        };
         self.last_use.fetch_max(value, Ordering::AcqRel);
         let d = &self.shared.device;
         let all_reads = vk::AccessFlags::SHADER_READ
@@ -1646,7 +1649,7 @@ impl CullPass {
             self.caps[2],
             u32::from(self.records.is_some()),
         ];
-        let mut meshes = vec![self.meshes; 2 * self.views as usize];
+        let mut meshes = vec![written; 2 * self.views as usize];
         for m in meshes.iter_mut().flatten() {
             m.instance_count = 0;
             m.first_instance = 0;
@@ -1925,6 +1928,10 @@ impl CullPass {
         if let Some(rb) = rb {
             self.readbacks[rb].1 = value;
             self.readbacks[rb].2 = false;
+        }
+        if occlusion.is_none() {
+            self.meshes = written;
+            self.next_meshes = None;
         }
         Ok(())
     }

@@ -5,6 +5,10 @@
 //! dispatch, finalize) is recorded 15 times between timestamp pairs and the median reported.
 //! In the same run a vec4 copy kernel moves as many bytes as the instance buffer holds (read +
 //! write): its bandwidth gives the floor, `(bytes read + written by the cull) / copy bandwidth`.
+//! Each row also culls the camera and four shadow cascades in one pass. The instances lie in
+//! random order, the worst case for the subgroup variant (a subgroup's instances lie anywhere);
+//! `UNDERSTORY_CULL_BENCH_ORDER=tiles` stores the same instances tile by tile (64 m tiles) in
+//! this table, as the world's patches hold them.
 //! A last table compares one source of 1M (and 4M) instances with sources of 1024 instances each
 //! (instances spread over many tile allocations), for each width of the pass's binding array of
 //! sources the device allows: the wide one (1024 sources a dispatch) and the narrow one (24,
@@ -79,6 +83,21 @@ fn cascades() -> Vec<CascadeView> {
         })
         .collect()
 }
+/// As the demo casts: billboards only into the two nearest of [`cascades`].
+fn near_cascades() -> Vec<CascadeView> {
+    cascades()
+        .into_iter()
+        .enumerate()
+        .map(|(c, v)| {
+            if c < 2 {
+                v
+            } else {
+                v.with_max_lod(Lod::Medium)
+            }
+        })
+        .collect()
+}
+
 const MESHES: [DrawIndexedIndirect; 3] = [DrawIndexedIndirect {
     index_count: 6,
     instance_count: 0,
@@ -109,6 +128,20 @@ fn forest(n: usize, seed: u64) -> Vec<Instance> {
             ))
         })
         .collect()
+}
+
+/// Tile edge of [`tile_ordered`], in metres.
+const TILE_M: f32 = 64.0;
+
+/// `scene` stored tile by tile (square tiles of [`TILE_M`], row by row), as the world's patches
+/// hold instances: those of one tile are neighbours in memory.
+fn tile_ordered(scene: &[Instance]) -> Vec<Instance> {
+    let mut out = scene.to_vec();
+    out.sort_by_key(|i| {
+        let cell = |v: f32| ((v + 1500.0) / TILE_M).floor() as i64;
+        (cell(i.position[2]), cell(i.position[0]))
+    });
+    out
 }
 
 fn view_proj() -> (Vec3, Mat4) {
@@ -288,6 +321,100 @@ fn upload(ctx: &Context, dst: &Buffer, data: &[u8]) {
     }
 }
 
+/// Copies of [`WARM_BYTES`] that [`time_gpu`] records before what it times, in the same
+/// submission: about 100 ms of work on an H200 (32 µs each), so the GPU runs at the clock it
+/// keeps under load. Without it, a GPU left idle for a few seconds (the host sorting 16M
+/// instances) dropped its clock from 1,980 to 345 MHz and the short timed submissions did not
+/// raise it again: every kernel, the copy yardstick too, took 2.5× as long. Repeating the timed
+/// work for 300 ms of wall time first did not help (short submissions with waits between them).
+const WARM_COPIES: u32 = 3000;
+const WARM_BYTES: u64 = 64 << 20;
+
+/// What the warm-up copies with (made by [`warm_up_begin`], dropped by [`warm_up_end`] before
+/// the context shuts down; none on a CPU driver).
+struct Warm {
+    copy: ComputePipeline,
+    src: Buffer,
+    dst: Buffer,
+}
+
+thread_local! {
+    static WARM: std::cell::RefCell<Option<Warm>> = const { std::cell::RefCell::new(None) };
+}
+
+fn warm_up_begin(ctx: &Context) {
+    if ctx.adapter().device_type == understory::gpu::adapter::DeviceType::Cpu {
+        return;
+    }
+    // SAFETY: as `copy` in main (copy_vec4.wgsl: two storage buffers, 16 bytes of push
+    // constants); `record_warm_up` keeps its dispatches within the buffers.
+    let copy = unsafe {
+        ComputePipeline::new(
+            ctx,
+            &ComputePipelineDesc {
+                name: "warm-up copy",
+                spirv: shaders::COPY_VEC4,
+                entry: c"main",
+                storage_buffers: 2,
+                push_constant_bytes: 16,
+            },
+        )
+    }
+    .expect("warm-up pipeline");
+    let usage = vk::BufferUsageFlags::STORAGE_BUFFER;
+    let (src, dst) = (
+        instance_buffer(ctx, &vec![0x5a; WARM_BYTES as usize]),
+        gpu_buffer(ctx, "warm-up dst", WARM_BYTES, usage),
+    );
+    WARM.with(|w| *w.borrow_mut() = Some(Warm { copy, src, dst }));
+}
+
+fn warm_up_end() {
+    WARM.with(|w| w.borrow_mut().take());
+}
+
+/// Records the warm-up copies (if any) and a barrier after them, so the timed work starts
+/// after them.
+/// # Safety
+/// `cmd` is recording for `frame`, outside a render pass.
+unsafe fn record_warm_up(ctx: &Context, frame: &Frame, cmd: vk::CommandBuffer) {
+    WARM.with(|w| {
+        let Some(w) = &*w.borrow() else {
+            return;
+        };
+        let vec4s = (WARM_BYTES / 16) as u32;
+        let groups = vec4s.div_ceil(256);
+        let pc: [u32; 4] = [vec4s, 0, 0, groups * 256];
+        let all = vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::MEMORY_WRITE)
+            .dst_access_mask(vk::AccessFlags::MEMORY_READ | vk::AccessFlags::MEMORY_WRITE);
+        for _ in 0..WARM_COPIES {
+            // SAFETY: `vec4s` vec4s in buffers of WARM_BYTES; one row of groups (16,384 of
+            // 65,535); the barrier orders each copy after the last (write after write).
+            unsafe {
+                w.copy
+                    .record_dispatch(
+                        frame,
+                        cmd,
+                        &[&w.src, &w.dst],
+                        bytemuck::cast_slice(&pc),
+                        [groups, 1, 1],
+                    )
+                    .expect("warm-up copy");
+                ctx.device().cmd_pipeline_barrier(
+                    cmd,
+                    vk::PipelineStageFlags::ALL_COMMANDS,
+                    vk::PipelineStageFlags::ALL_COMMANDS,
+                    vk::DependencyFlags::empty(),
+                    &[all],
+                    &[],
+                    &[],
+                );
+            }
+        }
+    });
+}
+
 /// Records `body` REPEATS times between timestamp pairs, returns the median in microseconds.
 fn time_gpu(ctx: &Context, mut body: impl FnMut(&Frame, vk::CommandBuffer)) -> f64 {
     let d = ctx.device();
@@ -299,6 +426,7 @@ fn time_gpu(ctx: &Context, mut body: impl FnMut(&Frame, vk::CommandBuffer)) -> f
     ctx.submit_and_wait(|frame, cmd| {
         // SAFETY: recording; the pool lives until after the wait; queries reset before use.
         unsafe {
+            record_warm_up(ctx, frame, cmd);
             d.cmd_reset_query_pool(cmd, pool, 0, REPEATS * 2);
             for r in 0..REPEATS {
                 d.cmd_write_timestamp(cmd, vk::PipelineStageFlags::TOP_OF_PIPE, pool, r * 2);
@@ -363,6 +491,7 @@ fn main() {
         .map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect())
         .unwrap_or_else(|| if cpu { vec![1] } else { vec![1, 4, 16] });
     let view = view();
+    let tiles = std::env::var("UNDERSTORY_CULL_BENCH_ORDER").is_ok_and(|v| v == "tiles");
     // SAFETY: understory's own shaders (naga-validated at build time), entry point `main`,
     // set 0 bindings 0..2 storage buffers and a 16-byte push-constant block (ProbePush), as
     // shaders/copy_vec4.wgsl and shaders/read_probe.wgsl declare; the dispatches below keep
@@ -380,6 +509,7 @@ fn main() {
         )
     }
     .expect("copy pipeline");
+    warm_up_begin(&ctx);
     // SAFETY: as above.
     let probe = unsafe {
         ComputePipeline::new(
@@ -404,6 +534,7 @@ fn main() {
         let spread: &[usize] = if cpu { &[1] } else { &[1, 4] };
         occlusion_rows(&ctx, &variants, spread);
         drop((copy, probe));
+        warm_up_end();
         let report = ctx.shutdown().expect("shutdown");
         assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
         return;
@@ -434,21 +565,26 @@ fn main() {
         ctx.collect().expect("collect");
     }
     println!(
+        "\ninstances {}",
+        if tiles {
+            "stored tile by tile (64 m tiles, as the world's patches hold them)"
+        } else {
+            "in random order"
+        }
+    );
+    println!(
         "\n{:>6} {:>9} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6}",
         "N", "variant", "visible", "time us", "inst/ms", "B/inst", "GB/s", "floor us", "x"
     );
     for m in millions {
         let n = m * 1_000_000;
         let scene = forest(n, 42 + m as u64);
+        let scene = if tiles { tile_ordered(&scene) } else { scene };
         let bytes: &[u8] = bytemuck::cast_slice(&scene);
         let instances = instance_buffer(&ctx, bytes);
-        // Streaming yardstick: vec4 copy of as many bytes as the instances.
-        let src = gpu_buffer(
-            &ctx,
-            "copy src",
-            bytes.len() as u64,
-            vk::BufferUsageFlags::STORAGE_BUFFER,
-        );
+        // Streaming yardstick: vec4 copy of the instances' bytes (written first: a buffer never
+        // written copied at 1,705 GB/s in one 16M run, at 4,200 in the others).
+        let src = instance_buffer(&ctx, bytes);
         let dst = gpu_buffer(
             &ctx,
             "copy dst",
@@ -544,19 +680,7 @@ fn main() {
                 // SAFETY: recording for `frame`; the pass marks what it reads.
                 unsafe { five.record(frame, cmd, &src, &view).expect("record") };
             });
-            // As the demo casts: billboards only into the two nearest cascades.
-            let near: Vec<CascadeView> = cascades()
-                .into_iter()
-                .enumerate()
-                .map(|(c, v)| {
-                    if c < 2 {
-                        v
-                    } else {
-                        v.with_max_lod(Lod::Medium)
-                    }
-                })
-                .collect();
-            five.set_cascades(&near).expect("cascades");
+            five.set_cascades(&near_cascades()).expect("cascades");
             let us5n = time_gpu(&ctx, |frame, cmd| {
                 // SAFETY: as above.
                 unsafe { five.record(frame, cmd, &src, &view).expect("record") };
@@ -588,6 +712,7 @@ fn main() {
     // `UNDERSTORY_CULL_BENCH_ONLY=single`: the table above alone.
     if std::env::var("UNDERSTORY_CULL_BENCH_ONLY").is_ok_and(|v| v == "single") {
         drop((copy, probe));
+        warm_up_end();
         let report = ctx.shutdown().expect("shutdown");
         assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
         return;
@@ -677,6 +802,7 @@ fn main() {
         &spread_millions[..spread_millions.len().min(2)],
     );
     drop((copy, probe));
+    warm_up_end();
     let report = ctx.shutdown().expect("shutdown");
     assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
 }

@@ -274,10 +274,12 @@ fn main(
     }
     base = subgroupBroadcastFirst(base);
     // The cascades' runs alike, four cascades a vector (push constants: a uniform branch). The
-    // second phase culls no cascade (cascade_band): its counts are zero, nothing to scan.
+    // second phase culls no cascade (cascade_band): its counts are zero, nothing to scan; nor
+    // does a subgroup none of whose instances is in a cascade (a vote, uniform in the
+    // subgroup: instances stored by tile are near each other).
     var cbelow = vec4<u32>(0u);
     var cbase = vec4<u32>(0u);
-    if CULL_FULL && pc.views > 1u && pc.phase != PHASE_SECOND {
+    if CULL_FULL && pc.views > 1u && pc.phase != PHASE_SECOND && subgroupAny(cmembers != 0u) {
         let counts = vec4<u32>(casc0, casc1, casc2, casc3);
         cbelow = subgroupExclusiveAdd(counts);
         let ctotal = subgroupAdd(counts);

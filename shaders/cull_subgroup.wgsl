@@ -3,8 +3,9 @@ enable wgpu_binding_array;
 // GPU cull, subgroup-aggregated: the same classification, then one exclusive scan per subgroup
 // over each thread's counts of the three drawn LODs (packed 10 bits each) and one shared-memory
 // atomic per subgroup and LOD; each instance goes at the subgroup's base plus the lanes below
-// it plus its rank among the thread's own instances of that LOD. All lanes stay in the uniform
-// control flow the subgroup operations need. No private arrays (see `info` in main): a version
+// it plus its rank among the thread's own instances of that LOD. The subgroup operations run
+// where all lanes of a subgroup do: past branches on constants and push constants only, or on
+// a subgroup vote (the cascades' scan). No private arrays (see `info` in main): a version
 // that held four records and their LODs in arrays took scratch memory, which the NVIDIA driver
 // keeps, and was slower.
 

@@ -19,7 +19,9 @@
 //!
 //! A pass over 1,024 instances comes first: what a pass costs whatever it reads.
 //! `UNDERSTORY_CULL_BENCH_ONLY=single` stops after the first table, `=occlusion` runs the
-//! occlusion rows alone.
+//! occlusion rows alone, `=spread` the table of many buffers alone (for the sizes of
+//! `UNDERSTORY_CULL_BENCH_MILLIONS`, buffers of `UNDERSTORY_CULL_BENCH_PATCH` instances, 1024
+//! unless set).
 //!
 //! Run: `cargo bench --bench cull`; on the GPU machine `.gpu/bin/cull-bench`.
 
@@ -576,7 +578,8 @@ fn main() {
         "\n{:>6} {:>9} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6}",
         "N", "variant", "visible", "time us", "inst/ms", "B/inst", "GB/s", "floor us", "x"
     );
-    for m in millions {
+    let only_spread = std::env::var("UNDERSTORY_CULL_BENCH_ONLY").is_ok_and(|v| v == "spread");
+    for &m in millions.iter().filter(|_| !only_spread) {
         let n = m * 1_000_000;
         let scene = forest(n, 42 + m as u64);
         let scene = if tiles { tile_ordered(&scene) } else { scene };
@@ -717,11 +720,23 @@ fn main() {
         assert!(report.leaks.is_empty(), "leaks: {:?}", report.leaks);
         return;
     }
-    // One source against sources of 1024 instances each: the price of many allocations.
+    // One source against sources of `patch` instances each (UNDERSTORY_CULL_BENCH_PATCH, 1024
+    // unless set): the price of many allocations.
+    let patch: usize = std::env::var("UNDERSTORY_CULL_BENCH_PATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&p| p > 0)
+        .unwrap_or(1024);
     println!(
-        "\none buffer vs buffers of 1024 instances each (wide: up to {WIDE_SOURCES_PER_DISPATCH} buffers a dispatch; narrow: {SOURCES_PER_DISPATCH}; no barrier between the dispatches of one pass):"
+        "\none buffer vs buffers of {patch} instances each (wide: up to {WIDE_SOURCES_PER_DISPATCH} buffers a dispatch; narrow: {SOURCES_PER_DISPATCH}; no barrier between the dispatches of one pass):"
     );
-    let spread_millions: &[usize] = if cpu { &[1] } else { &[1, 4, 16] };
+    let spread_millions: &[usize] = if only_spread {
+        &millions
+    } else if cpu {
+        &[1]
+    } else {
+        &[1, 4, 16]
+    };
     for &millions in spread_millions {
         let n = millions << 20;
         let scene = forest(n, 7);
@@ -733,12 +748,12 @@ fn main() {
         );
         upload(&ctx, &one, bytemuck::cast_slice(&scene));
         let many: Vec<Buffer> = scene
-            .chunks(1024)
+            .chunks(patch)
             .map(|c| {
                 let b = gpu_buffer(
                     &ctx,
                     "tile source",
-                    1024 * 32,
+                    (c.len() * 32) as u64,
                     vk::BufferUsageFlags::STORAGE_BUFFER,
                 );
                 upload(&ctx, &b, bytemuck::cast_slice(c));
@@ -755,8 +770,8 @@ fn main() {
             .enumerate()
             .map(|(i, b)| CullSource {
                 buffer: b,
-                count: 1024,
-                base: (i * 1024) as u32,
+                count: patch.min(n - i * patch) as u32,
+                base: (i * patch) as u32,
             })
             .collect();
         for &variant in &variants {
@@ -796,11 +811,14 @@ fn main() {
         drop((one, many));
         ctx.collect().expect("collect");
     }
-    occlusion_rows(
-        &ctx,
-        &variants,
-        &spread_millions[..spread_millions.len().min(2)],
-    );
+    // `UNDERSTORY_CULL_BENCH_ONLY=spread`: the table above alone.
+    if !only_spread {
+        occlusion_rows(
+            &ctx,
+            &variants,
+            &spread_millions[..spread_millions.len().min(2)],
+        );
+    }
     drop((copy, probe));
     warm_up_end();
     let report = ctx.shutdown().expect("shutdown");

@@ -566,19 +566,21 @@ fn main() {
         drop(instances);
         ctx.collect().expect("collect");
     }
-    println!(
-        "\ninstances {}",
-        if tiles {
-            "stored tile by tile (64 m tiles, as the world's patches hold them)"
-        } else {
-            "in random order"
-        }
-    );
-    println!(
-        "\n{:>6} {:>9} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6}",
-        "N", "variant", "visible", "time us", "inst/ms", "B/inst", "GB/s", "floor us", "x"
-    );
     let only_spread = std::env::var("UNDERSTORY_CULL_BENCH_ONLY").is_ok_and(|v| v == "spread");
+    if !only_spread {
+        println!(
+            "\ninstances {}",
+            if tiles {
+                "stored tile by tile (64 m tiles, as the world's patches hold them)"
+            } else {
+                "in random order"
+            }
+        );
+        println!(
+            "\n{:>6} {:>9} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6}",
+            "N", "variant", "visible", "time us", "inst/ms", "B/inst", "GB/s", "floor us", "x"
+        );
+    }
     for &m in millions.iter().filter(|_| !only_spread) {
         let n = m * 1_000_000;
         let scene = forest(n, 42 + m as u64);

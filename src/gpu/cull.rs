@@ -697,6 +697,52 @@ pub struct CullPass {
     cascade_buf: Option<Buffer>,
 }
 
+/// The cull shaders' variants (build.rs): one view in one pass, several views in one pass, and
+/// with the occlusion phases (and cascades) compiled in.
+#[derive(Clone, Copy)]
+enum Variant {
+    Plain,
+    Views,
+    Full,
+}
+
+/// The SPIR-V of `variant` for this compaction and source-array width.
+fn cull_spirv(compaction: Compaction, batch: usize, variant: Variant) -> &'static [u8] {
+    use shaders::*;
+    // (one source, WIDE_SOURCES_PER_DISPATCH, SOURCES_PER_DISPATCH)
+    let [single, wide, batched] = match (compaction, variant) {
+        (Compaction::Atomic, Variant::Plain) => [
+            CULL_ATOMIC_SINGLE_PLAIN,
+            CULL_ATOMIC_WIDE_PLAIN,
+            CULL_ATOMIC_PLAIN,
+        ],
+        (Compaction::Subgroup, Variant::Plain) => [
+            CULL_SUBGROUP_SINGLE_PLAIN,
+            CULL_SUBGROUP_WIDE_PLAIN,
+            CULL_SUBGROUP_PLAIN,
+        ],
+        (Compaction::Atomic, Variant::Views) => [
+            CULL_ATOMIC_SINGLE_VIEWS,
+            CULL_ATOMIC_WIDE_VIEWS,
+            CULL_ATOMIC_VIEWS,
+        ],
+        (Compaction::Subgroup, Variant::Views) => [
+            CULL_SUBGROUP_SINGLE_VIEWS,
+            CULL_SUBGROUP_WIDE_VIEWS,
+            CULL_SUBGROUP_VIEWS,
+        ],
+        (Compaction::Atomic, Variant::Full) => [CULL_ATOMIC_SINGLE, CULL_ATOMIC_WIDE, CULL_ATOMIC],
+        (Compaction::Subgroup, Variant::Full) => {
+            [CULL_SUBGROUP_SINGLE, CULL_SUBGROUP_WIDE, CULL_SUBGROUP]
+        }
+    };
+    match batch {
+        1 => single,
+        WIDE_SOURCES_PER_DISPATCH => wide,
+        _ => batched,
+    }
+}
+
 impl CullPass {
     /// Builds the pass with lists of at most `capacity` entries per LOD, sized from what is
     /// visible ([`CullDesc::adaptive`]). `meshes` gives each LOD's index count, first index and
@@ -926,14 +972,7 @@ impl CullPass {
         let d = ctx.device();
         self.set_layout = set_layout_with_counts(d, &Self::bindings(self.batch))?;
         self.layout = pipeline_layout(d, self.set_layout, PUSH_BYTES)?;
-        let spirv = match (self.compaction, self.batch) {
-            (Compaction::Atomic, 1) => shaders::CULL_ATOMIC_SINGLE_PLAIN,
-            (Compaction::Subgroup, 1) => shaders::CULL_SUBGROUP_SINGLE_PLAIN,
-            (Compaction::Atomic, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_ATOMIC_WIDE_PLAIN,
-            (Compaction::Subgroup, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_SUBGROUP_WIDE_PLAIN,
-            (Compaction::Atomic, _) => shaders::CULL_ATOMIC_PLAIN,
-            (Compaction::Subgroup, _) => shaders::CULL_SUBGROUP_PLAIN,
-        };
+        let spirv = cull_spirv(self.compaction, self.batch, Variant::Plain);
         self.plain = compute_pipeline(d, spirv, c"main", self.layout)?;
         self.fin_set_layout = set_layout(d, &[T::STORAGE_BUFFER, T::STORAGE_BUFFER])?;
         self.fin_layout =
@@ -1006,40 +1045,23 @@ impl CullPass {
         Ok(())
     }
 
-    /// The pipeline with cascades and no phases (the `views` variant), made at its first use
-    /// (each pipeline made keeps driver memory: see the README's heap readings).
-    fn views_pipeline(&mut self) -> Result<vk::Pipeline> {
-        if self.views_pipeline == vk::Pipeline::null() {
-            let spirv = match (self.compaction, self.batch) {
-                (Compaction::Atomic, 1) => shaders::CULL_ATOMIC_SINGLE_VIEWS,
-                (Compaction::Subgroup, 1) => shaders::CULL_SUBGROUP_SINGLE_VIEWS,
-                (Compaction::Atomic, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_ATOMIC_WIDE_VIEWS,
-                (Compaction::Subgroup, WIDE_SOURCES_PER_DISPATCH) => {
-                    shaders::CULL_SUBGROUP_WIDE_VIEWS
-                }
-                (Compaction::Atomic, _) => shaders::CULL_ATOMIC_VIEWS,
-                (Compaction::Subgroup, _) => shaders::CULL_SUBGROUP_VIEWS,
-            };
-            self.views_pipeline =
-                compute_pipeline(&self.shared.device, spirv, c"main", self.layout)?;
+    /// The pipeline of `variant` (`Views` or `Full`; `Plain` is made with the pass), made at
+    /// its first use (each pipeline made keeps driver memory: see the README's heap readings).
+    fn lazy_pipeline(&mut self, variant: Variant) -> Result<vk::Pipeline> {
+        let made = match variant {
+            Variant::Views => self.views_pipeline,
+            Variant::Plain | Variant::Full => self.pipeline,
+        };
+        if made != vk::Pipeline::null() {
+            return Ok(made);
         }
-        Ok(self.views_pipeline)
-    }
-
-    /// The pipeline with occlusion phases and cascades, made at its first use.
-    fn full_pipeline(&mut self) -> Result<vk::Pipeline> {
-        if self.pipeline == vk::Pipeline::null() {
-            let spirv = match (self.compaction, self.batch) {
-                (Compaction::Atomic, 1) => shaders::CULL_ATOMIC_SINGLE,
-                (Compaction::Subgroup, 1) => shaders::CULL_SUBGROUP_SINGLE,
-                (Compaction::Atomic, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_ATOMIC_WIDE,
-                (Compaction::Subgroup, WIDE_SOURCES_PER_DISPATCH) => shaders::CULL_SUBGROUP_WIDE,
-                (Compaction::Atomic, _) => shaders::CULL_ATOMIC,
-                (Compaction::Subgroup, _) => shaders::CULL_SUBGROUP,
-            };
-            self.pipeline = compute_pipeline(&self.shared.device, spirv, c"main", self.layout)?;
+        let spirv = cull_spirv(self.compaction, self.batch, variant);
+        let p = compute_pipeline(&self.shared.device, spirv, c"main", self.layout)?;
+        match variant {
+            Variant::Views => self.views_pipeline = p,
+            Variant::Plain | Variant::Full => self.pipeline = p,
         }
-        Ok(self.pipeline)
+        Ok(p)
     }
 
     /// New lists (and records) for these capacities; the old ones retire at their last use.
@@ -1568,8 +1590,8 @@ impl CullPass {
         let stride = table_stride(self.batch);
         let pipeline = match (phase, self.views) {
             (Phase::Single, 1) => self.plain,
-            (Phase::Single, _) => self.views_pipeline()?,
-            _ => self.full_pipeline()?,
+            (Phase::Single, _) => self.lazy_pipeline(Variant::Views)?,
+            _ => self.lazy_pipeline(Variant::Full)?,
         };
         let rb = if phase == Phase::First {
             None

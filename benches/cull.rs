@@ -139,7 +139,7 @@ const TILE_M: f32 = 64.0;
 /// hold instances: those of one tile are neighbours in memory.
 fn tile_ordered(scene: &[Instance]) -> Vec<Instance> {
     let mut out = scene.to_vec();
-    out.sort_by_key(|i| {
+    out.sort_by_cached_key(|i| {
         let cell = |v: f32| ((v + 1500.0) / TILE_M).floor() as i64;
         (cell(i.position[2]), cell(i.position[0]))
     });

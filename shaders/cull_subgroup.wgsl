@@ -5,7 +5,7 @@ enable wgpu_binding_array;
 // atomic per subgroup and LOD; each instance goes at the subgroup's base plus the lanes below
 // it plus its rank among the thread's own instances of that LOD. The subgroup operations run
 // where all lanes of a subgroup do: past branches on constants and push constants only, or on
-// a subgroup vote (the cascades' scan). No private arrays (see `info` in main): a version
+// subgroup-wide values (a vote, a sum: the cascades' candidates and scan). No private arrays (see `info` in main): a version
 // that held four records and their LODs in arrays took scratch memory, which the NVIDIA driver
 // keeps, and was slower.
 
@@ -144,6 +144,35 @@ fn emit_cascade(
     }
 }
 
+// The index of the r-th (from 0) set bit of x, which has more than r.
+fn nth_bit32(x: u32, r: u32) -> u32 {
+    var v = x;
+    var left = r;
+    var at = 0u;
+    for (var w = 16u; w > 0u; w = w / 2u) {
+        let low = countOneBits(v & ((1u << w) - 1u));
+        if left >= low {
+            left -= low;
+            v = v >> w;
+            at += w;
+        }
+    }
+    return at;
+}
+
+// The subgroup invocation of the r-th (from 0) lane set in a ballot that has more than r.
+fn nth_lane(b: vec4<u32>, r: u32) -> u32 {
+    var left = r;
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let n = countOneBits(b[i]);
+        if left < n {
+            return 32u * i + nth_bit32(b[i], left);
+        }
+        left -= n;
+    }
+    return 0u;
+}
+
 // Two levels of aggregation: per subgroup (a scan, one shared-memory atomic per LOD), then per
 // workgroup of CULL_PER_GROUP instances (one global atomic per LOD). Global atomics on the three
 // list counters are what limits the plain variant when visible instances are sparse.
@@ -196,6 +225,10 @@ fn main(
     var casc3 = 0u;
     var cmembers = 0u;
     var cranks = 0u;
+    // Where the views variant gathered its subgroup's cascade candidates (see below): bit 31,
+    // and the instance the thread's first slot holds (its index in the workgroup's instances,
+    // bits 0-9, and its band, bits 10-11).
+    var gathered = 0u;
     if CULL_FULL && CULL_OCCLUSION {
         // One instance at a time: loading the four records first here took scratch memory on
         // the H200 (heap usage after the demo 262,144 -> 393,216 B) and made five views slower
@@ -245,20 +278,75 @@ fn main(
         }
         let lod0 = select(LOD_CULLED, classify(ps0, view), i0 < src.x);
         let cb0 = select(LOD_CULLED, cascade_band(ps0, lod0), i0 < src.x);
-        tally_all(0u, cb0, ps0, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
         place(0u, lod0, cb0, &info, &mine, &invalid);
         let lod1 = select(LOD_CULLED, classify(ps1, view), i1 < src.x);
         let cb1 = select(LOD_CULLED, cascade_band(ps1, lod1), i1 < src.x);
-        tally_all(1u, cb1, ps1, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
         place(1u, lod1, cb1, &info, &mine, &invalid);
         let lod2 = select(LOD_CULLED, classify(ps2, view), i2 < src.x);
         let cb2 = select(LOD_CULLED, cascade_band(ps2, lod2), i2 < src.x);
-        tally_all(2u, cb2, ps2, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
         place(2u, lod2, cb2, &info, &mine, &invalid);
         let lod3 = select(LOD_CULLED, classify(ps3, view), i3 < src.x);
         let cb3 = select(LOD_CULLED, cascade_band(ps3, lod3), i3 < src.x);
-        tally_all(3u, cb3, ps3, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
         place(3u, lod3, cb3, &info, &mine, &invalid);
+        // The cascades' candidates (instances in a band). Where the subgroup holds no more than
+        // it has lanes, as in instances stored in random order (about nine of 128 at 16M in
+        // the bench's forest), lane q tests the subgroup's candidate q (ordered by k, then
+        // lane) in its first slot, instead of every lane testing its four with most lanes
+        // idle; `gathered` keeps which instance that is. Where it holds more, as in instances
+        // stored by tile, each lane tests its own four. Uniform branches: push constants and
+        // subgroup-wide values; the shuffles read lanes that are active (they voted).
+        if CULL_FULL && pc.views > 1u {
+            let c0 = cb0 < LOD_CULLED;
+            let c1 = cb1 < LOD_CULLED;
+            let c2 = cb2 < LOD_CULLED;
+            let c3 = cb3 < LOD_CULLED;
+            let total = subgroupAdd(u32(c0) + u32(c1) + u32(c2) + u32(c3));
+            if total > subgroupAdd(1u) {
+                tally_all(0u, cb0, ps0, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
+                tally_all(1u, cb1, ps1, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
+                tally_all(2u, cb2, ps2, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
+                tally_all(3u, cb3, ps3, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
+            } else if total > 0u {
+                let b0 = subgroupBallot(c0);
+                let b1 = subgroupBallot(c1);
+                let b2 = subgroupBallot(c2);
+                let b3 = subgroupBallot(c3);
+                let n0 = countOneBits(b0.x) + countOneBits(b0.y) + countOneBits(b0.z)
+                    + countOneBits(b0.w);
+                let n1 = countOneBits(b1.x) + countOneBits(b1.y) + countOneBits(b1.z)
+                    + countOneBits(b1.w);
+                let n2 = countOneBits(b2.x) + countOneBits(b2.y) + countOneBits(b2.z)
+                    + countOneBits(b2.w);
+                let q = subgroupExclusiveAdd(1u);
+                var k = 0u;
+                var r = q;
+                var b = b0;
+                if r >= n0 {
+                    r -= n0;
+                    k = 1u;
+                    b = b1;
+                    if r >= n1 {
+                        r -= n1;
+                        k = 2u;
+                        b = b2;
+                        if r >= n2 {
+                            r -= n2;
+                            k = 3u;
+                            b = b3;
+                        }
+                    }
+                }
+                let has = q < total;
+                let holder = select(lane, nth_lane(b, r), has);
+                let at = subgroupShuffle(t, holder) + 256u * k;
+                let cb = (subgroupShuffle(info, holder) >> (8u * k + 5u)) & 3u;
+                if has {
+                    gathered = 0x80000000u | at | (cb << 10u);
+                    let ps = sources[source].v[2u * (group * CULL_PER_GROUP + at)];
+                    tally_all(0u, cb, ps, &casc0, &casc1, &casc2, &casc3, &cmembers, &cranks);
+                }
+            }
+        }
     }
     // The lanes below, and the whole subgroup; the first lane reserves the subgroup's runs.
     let below = subgroupExclusiveAdd(mine);
@@ -344,10 +432,12 @@ fn main(
         }
         let j = first + k * 256u;
         let gi = src.y + j;
-        // The record is read only where records are written, and once for every view.
+        // The record is read only where records are written, and once for every view that
+        // takes it (the first slot's cascades take another instance where gathered).
+        let other = CULL_FULL && k == 0u && gathered != 0u;
         var ps = vec4<f32>(0.0);
         var rest = vec4<f32>(0.0);
-        if pc.caps.w != 0u {
+        if pc.caps.w != 0u && (camera || !other) {
             ps = sources[source].v[2u * j];
             rest = sources[source].v[2u * j + 1u];
         }
@@ -358,11 +448,23 @@ fn main(
             }
         }
         if shadow {
-            let cb = (byte >> 5u) & 3u;
-            emit_cascade(0u, k, cb, gi, ps, rest, cbase.x, cbelow.x, cmembers, cranks);
-            emit_cascade(1u, k, cb, gi, ps, rest, cbase.y, cbelow.y, cmembers, cranks);
-            emit_cascade(2u, k, cb, gi, ps, rest, cbase.z, cbelow.z, cmembers, cranks);
-            emit_cascade(3u, k, cb, gi, ps, rest, cbase.w, cbelow.w, cmembers, cranks);
+            var cb = (byte >> 5u) & 3u;
+            var sgi = gi;
+            var sps = ps;
+            var srest = rest;
+            if other {
+                let sj = group * CULL_PER_GROUP + (gathered & 1023u);
+                cb = (gathered >> 10u) & 3u;
+                sgi = src.y + sj;
+                if pc.caps.w != 0u {
+                    sps = sources[source].v[2u * sj];
+                    srest = sources[source].v[2u * sj + 1u];
+                }
+            }
+            emit_cascade(0u, k, cb, sgi, sps, srest, cbase.x, cbelow.x, cmembers, cranks);
+            emit_cascade(1u, k, cb, sgi, sps, srest, cbase.y, cbelow.y, cmembers, cranks);
+            emit_cascade(2u, k, cb, sgi, sps, srest, cbase.z, cbelow.z, cmembers, cranks);
+            emit_cascade(3u, k, cb, sgi, sps, srest, cbase.w, cbelow.w, cmembers, cranks);
         }
     }
 }

@@ -184,8 +184,8 @@ pub struct Adapter {
     pub heaps: Vec<HeapInfo>,
     /// `timestampPeriod` in nanoseconds per tick.
     pub timestamp_period_ns: f32,
-    /// Subgroup ballot and arithmetic operations are supported in compute shaders (what
-    /// [`Compaction::Subgroup`](crate::gpu::cull::Compaction::Subgroup) uses).
+    /// Subgroup ballot, arithmetic and shuffle operations are supported in compute shaders
+    /// (what [`Compaction::Subgroup`](crate::gpu::cull::Compaction::Subgroup) uses).
     pub subgroup_ballot_arithmetic_in_compute: bool,
     /// Subgroup size.
     pub subgroup_size: u32,
@@ -284,7 +284,9 @@ impl Adapter {
             subgroup_size = sg.subgroup_size;
             subgroup_ballot = sg.supported_stages.contains(vk::ShaderStageFlags::COMPUTE)
                 && sg.supported_operations.contains(
-                    vk::SubgroupFeatureFlags::BALLOT | vk::SubgroupFeatureFlags::ARITHMETIC,
+                    vk::SubgroupFeatureFlags::BALLOT
+                        | vk::SubgroupFeatureFlags::ARITHMETIC
+                        | vk::SubgroupFeatureFlags::SHUFFLE,
                 )
                 && (1..=128).contains(&sg.subgroup_size);
         }

@@ -858,7 +858,7 @@ impl CullPass {
             && !ctx.adapter().subgroup_ballot_arithmetic_in_compute
         {
             return Err(Error::Unsupported(
-                "subgroup compaction needs subgroup ballot and arithmetic in compute shaders"
+                "subgroup compaction needs subgroup ballot, arithmetic and shuffle in compute shaders"
                     .into(),
             ));
         }

@@ -106,17 +106,22 @@ fn place(
     *info |= (lod | (rank << 3u) | (cb << 5u)) << (8u * k);
 }
 
-// The first lane's reservation of its subgroup's runs in cascade c (`total`: per band, packed)
-// in the workgroup's counts: the bases, packed.
-fn reserve_cascade(c: u32, total: u32) -> u32 {
-    var base = 0u;
-    for (var l = 0u; l < LOD_CULLED; l = l + 1u) {
-        let n = field(total, l);
+// The reservation of a subgroup's runs in the cascades (`total`: per cascade, per band packed)
+// in the workgroup's counts, shared out among the active lanes (`rank` among `lanes`): one
+// run (cascade e / 3, band e % 3) each, so that the twelve shared-memory atomics are not one
+// lane's in a row. The bases, packed as `total`, are the subgroup-wide OR of the lanes'.
+fn reserve_cascades(total: vec4<u32>, rank: u32, lanes: u32) -> vec4<u32> {
+    var base = vec4<u32>(0u);
+    for (var e = rank; e < 12u; e = e + lanes) {
+        let c = e / 3u;
+        let l = e % 3u;
+        let n = field(total[c], l);
         if n > 0u {
-            base |= atomicAdd(&wg_casc[3u * c + l], n) << (FIELD * l);
+            let b = atomicAdd(&wg_casc[e], n) << (FIELD * l);
+            base |= select(vec4<u32>(0u), vec4<u32>(b), vec4<u32>(c) == vec4<u32>(0u, 1u, 2u, 3u));
         }
     }
-    return base;
+    return subgroupOr(base);
 }
 
 // Writes instance k (index `gi`, record ps + rest, band cb) into cascade c's list where it is a
@@ -372,16 +377,7 @@ fn main(
         let counts = vec4<u32>(casc0, casc1, casc2, casc3);
         cbelow = subgroupExclusiveAdd(counts);
         let ctotal = subgroupAdd(counts);
-        var b = vec4<u32>(0u);
-        if leader {
-            b = vec4<u32>(
-                reserve_cascade(0u, ctotal.x),
-                reserve_cascade(1u, ctotal.y),
-                reserve_cascade(2u, ctotal.z),
-                reserve_cascade(3u, ctotal.w),
-            );
-        }
-        cbase = subgroupBroadcastFirst(b);
+        cbase = reserve_cascades(ctotal, subgroupExclusiveAdd(1u), subgroupAdd(1u));
     }
     // Hidden instances: only counted (push constants: a uniform branch).
     if CULL_FULL && CULL_OCCLUSION && pc.phase == PHASE_SECOND {

@@ -5,9 +5,9 @@ enable wgpu_binding_array;
 // atomic per subgroup and LOD; each instance goes at the subgroup's base plus the lanes below
 // it plus its rank among the thread's own instances of that LOD. The subgroup operations run
 // where all lanes of a subgroup do: past branches on constants and push constants only, or on
-// subgroup-wide values (a vote, a sum: the cascades' candidates and scan). No private arrays (see `info` in main): a version
-// that held four records and their LODs in arrays took scratch memory, which the NVIDIA driver
-// keeps, and was slower.
+// subgroup-wide values (a vote, a sum: the cascades' candidates and scan). No private arrays
+// (see `info` in main): a version that held four records and their LODs in arrays took scratch
+// memory, which the NVIDIA driver keeps, and was slower.
 
 // Push constants, bindings and the functions over them: shaders/cull/shared.wgsl (appended by
 // build.rs).
@@ -40,11 +40,12 @@ var<workgroup> wg_casc_base: array<u32, 12>;
 // The second phase's hidden instances per LOD (COUNTER_HIDDEN).
 var<workgroup> wg_hidden: array<atomic<u32>, 3>;
 
-// Cascade c's (0..4, view c + 1) membership of the thread's instance k (band cb, sphere at p of
-// radius r): counted in `counts` (the band's field), with its rank among the thread's earlier
-// instances in the same cascade and band in `ranks` (2 bits at 2 (4k + c)) and its membership in
-// `members` (bit 4k + c). Called with c a constant, one counter word per cascade: no private
-// array is indexed at run time.
+// Cascade c's (0..4, view c + 1) membership of the instance in the thread's slot k (band cb,
+// sphere at p of radius r; slot k holds the thread's instance k, or in slot 0 a candidate the
+// views variant gathered from another lane, see `gathered` in main): counted in `counts` (the
+// band's field), with its rank among the thread's earlier slots in the same cascade and band in
+// `ranks` (2 bits at 2 (4k + c)) and its membership in `members` (bit 4k + c). Called with c a
+// constant, one counter word per cascade: no private array is indexed at run time.
 fn tally(
     c: u32,
     k: u32,
@@ -63,8 +64,8 @@ fn tally(
     }
 }
 
-// Instance k's (band cb, record ps) membership in the four cascades (see `tally`); none where
-// cb is LOD_CULLED (see cascade_band).
+// Slot k's instance's (band cb, record ps) membership in the four cascades (see `tally`); none
+// where cb is LOD_CULLED (see cascade_band).
 fn tally_all(
     k: u32,
     cb: u32,
@@ -124,9 +125,9 @@ fn reserve_cascades(total: vec4<u32>, rank: u32, lanes: u32) -> vec4<u32> {
     return subgroupOr(base);
 }
 
-// Writes instance k (index `gi`, record ps + rest, band cb) into cascade c's list where it is a
-// member: at the workgroup's base, the subgroup's (`base`), the lanes' below (`below`) and its
-// rank among the thread's instances.
+// Writes slot k's instance (index `gi`, record ps + rest, band cb) into cascade c's list where it
+// is a member: at the workgroup's base, the subgroup's (`base`), the lanes' below (`below`) and
+// its rank among the thread's slots.
 fn emit_cascade(
     c: u32,
     k: u32,
@@ -222,8 +223,8 @@ fn main(
     var invalid = 0u;
     // The second phase's hidden instances per LOD (packed).
     var hid = 0u;
-    // The same for the shadow cascades: per cascade its instances per band (packed), and per
-    // instance and cascade membership and rank (see `tally`).
+    // The same for the shadow cascades: per cascade its slots' instances per band (packed), and
+    // per slot and cascade membership and rank (see `tally`).
     var casc0 = 0u;
     var casc1 = 0u;
     var casc2 = 0u;
@@ -258,9 +259,8 @@ fn main(
     } else {
         // The plain variant (one view, one pass) loads its four records before classifying
         // any: 16M in 153.3 -> 139.9-140.4 us on the H200 (1.15x the copy floor). So does the
-        // views variant (camera and cascades, one pass, no phases), which also counts each
-        // instance in the cascades (nothing where CULL_FULL is false: cascade_band gives
-        // LOD_CULLED there).
+        // views variant (camera and cascades, one pass, no phases), which then tests the
+        // cascades' candidates (below; compiled out where CULL_FULL is false).
         let i0 = first;
         let i1 = first + 256u;
         let i2 = first + 512u;
@@ -367,7 +367,8 @@ fn main(
         }
     }
     base = subgroupBroadcastFirst(base);
-    // The cascades' runs alike, four cascades a vector (push constants: a uniform branch). The
+    // The cascades' runs: a scan alike, four cascades a vector, and the reservations shared
+    // among the lanes (reserve_cascades; push constants: a uniform branch). The
     // second phase culls no cascade (cascade_band): its counts are zero, nothing to scan; nor
     // does a subgroup none of whose instances is in a cascade (a vote, uniform in the
     // subgroup: instances stored by tile are near each other).
@@ -429,7 +430,8 @@ fn main(
         let j = first + k * 256u;
         let gi = src.y + j;
         // The record is read only where records are written, and once for every view that
-        // takes it (the first slot's cascades take another instance where gathered).
+        // takes it from this slot; where slot 0's cascades take a gathered candidate, its
+        // tester reads that one's record again (twice where the camera draws it too).
         let other = CULL_FULL && k == 0u && gathered != 0u;
         var ps = vec4<f32>(0.0);
         var rest = vec4<f32>(0.0);

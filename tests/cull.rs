@@ -309,7 +309,7 @@ fn variants(ctx: &Context) -> Vec<Compaction> {
     } else {
         common::skip(
             "subgroup variant",
-            "no subgroup ballot, arithmetic and shuffle in compute on this device",
+            "no subgroup vote, ballot, arithmetic and shuffle in compute on this device",
         );
     }
     v

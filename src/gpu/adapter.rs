@@ -184,8 +184,9 @@ pub struct Adapter {
     pub heaps: Vec<HeapInfo>,
     /// `timestampPeriod` in nanoseconds per tick.
     pub timestamp_period_ns: f32,
-    /// Subgroup ballot, arithmetic and shuffle operations are supported in compute shaders
-    /// (what [`Compaction::Subgroup`](crate::gpu::cull::Compaction::Subgroup) uses).
+    /// Subgroup vote, ballot, arithmetic and shuffle operations are supported in compute
+    /// shaders (what [`Compaction::Subgroup`](crate::gpu::cull::Compaction::Subgroup) uses; the
+    /// name is older than the vote and shuffle it now also needs).
     pub subgroup_ballot_arithmetic_in_compute: bool,
     /// Subgroup size.
     pub subgroup_size: u32,
@@ -284,7 +285,8 @@ impl Adapter {
             subgroup_size = sg.subgroup_size;
             subgroup_ballot = sg.supported_stages.contains(vk::ShaderStageFlags::COMPUTE)
                 && sg.supported_operations.contains(
-                    vk::SubgroupFeatureFlags::BALLOT
+                    vk::SubgroupFeatureFlags::VOTE
+                        | vk::SubgroupFeatureFlags::BALLOT
                         | vk::SubgroupFeatureFlags::ARITHMETIC
                         | vk::SubgroupFeatureFlags::SHUFFLE,
                 )

@@ -747,8 +747,8 @@ impl CullPass {
     /// Builds the pass with lists of at most `capacity` entries per LOD, sized from what is
     /// visible ([`CullDesc::adaptive`]). `meshes` gives each LOD's index count, first index and
     /// vertex offset (instance fields are filled by the pass).
-    /// Needs a compute queue; the subgroup variant needs ballot in
-    /// compute shaders.
+    /// Needs a compute queue; the subgroup variant needs subgroup vote, ballot, arithmetic and
+    /// shuffle in compute shaders.
     pub fn new(
         ctx: &Context,
         compaction: Compaction,
@@ -858,7 +858,7 @@ impl CullPass {
             && !ctx.adapter().subgroup_ballot_arithmetic_in_compute
         {
             return Err(Error::Unsupported(
-                "subgroup compaction needs subgroup ballot, arithmetic and shuffle in compute shaders"
+                "subgroup compaction needs subgroup vote, ballot, arithmetic and shuffle in compute shaders"
                     .into(),
             ));
         }

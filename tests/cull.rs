@@ -490,6 +490,72 @@ fn band_edges_planes_nans_and_many_sources() {
     finish(ctx, bufs, "edges");
 }
 
+/// More dispatches than the pass's source-table room: under a budget that refuses to grow it,
+/// the dispatches are recorded in rounds of four (the table rewritten between them); with room,
+/// the table grows to 64 and 150 dispatches take three rounds. The lists match the CPU
+/// reference every time, for each compaction.
+#[test]
+fn many_dispatches_grow_the_table_or_record_in_rounds() {
+    let Some(ctx) = common::context("table_rounds") else {
+        return;
+    };
+    let scene = random_scene(6_000, 23);
+    let parts: Vec<&[Instance]> = scene.chunks(40).collect();
+    assert_eq!(parts.len(), 150);
+    let bufs: Vec<Buffer> = parts.iter().map(|p| upload(&ctx, p)).collect();
+    let pairs: Vec<(&Buffer, &[Instance])> = bufs.iter().zip(parts.iter().copied()).collect();
+    let (sources, cpu) = numbered(&pairs, 3);
+    let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.5, 1.0);
+    let want = cull_cpu(&cpu, &view);
+    assert!(want.lists.iter().all(|l| !l.is_empty()), "every LOD drawn");
+    for compaction in variants(&ctx) {
+        let mut pass = CullPass::from_desc(
+            &ctx,
+            &CullDesc {
+                compaction,
+                capacity: 10_000,
+                meshes: MESHES,
+                records: false,
+                adaptive: false,
+                max_sources_per_dispatch: 1,
+                views: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(pass.source_tables(), (4, 0));
+        // Vegetation over its limit: nothing new (the pass's memory was made before).
+        let m = ctx.memory();
+        m.set_vegetation_limit(0);
+        let rb = run(&ctx, &mut pass, &sources, &view);
+        check(
+            &rb,
+            &want,
+            &format!("{compaction:?}: 150 dispatches in rounds of 4"),
+        );
+        assert_eq!(
+            pass.source_tables(),
+            (4, 1),
+            "{compaction:?}: growth refused"
+        );
+        m.set_vegetation_limit(u64::MAX);
+        let rb = run(&ctx, &mut pass, &sources, &view);
+        check(
+            &rb,
+            &want,
+            &format!("{compaction:?}: 150 dispatches in rounds of 64"),
+        );
+        assert_eq!(pass.source_tables(), (64, 1), "{compaction:?}: grown");
+        let rb = run(&ctx, &mut pass, &sources[..10], &view);
+        check(
+            &rb,
+            &cull_cpu(&cpu[..10], &view),
+            &format!("{compaction:?}: 10 dispatches"),
+        );
+        assert_eq!(pass.source_tables(), (64, 1), "{compaction:?}: kept");
+    }
+    finish(ctx, bufs, "table_rounds");
+}
+
 #[test]
 fn overflow_clamps_and_counts_without_writing_out_of_bounds() {
     let Some(ctx) = common::context("overflow_clamps") else {

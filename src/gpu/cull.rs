@@ -424,10 +424,16 @@ const _: () = assert!(shaders::layout::CULL_BATCH == SOURCES_PER_DISPATCH);
 // A dispatch's table is one vkCmdUpdateBuffer (VUID-vkCmdUpdateBuffer-dataSize-00037).
 const _: () = assert!(WIDE_SOURCES_PER_DISPATCH * size_of::<SourceEntry>() <= 65536);
 
-/// Dispatches whose source tables the table buffer holds at once (made with the pass, so
-/// recording allocates nothing; 64 KiB with the wide array): more batches are recorded in
-/// rounds, the table rewritten between them (4 × 1024 sources a round with the wide array).
+/// Dispatches whose source tables the table buffer holds at once when the pass is made (64 KiB
+/// with the wide array). A frame with more batches grows it (to the next power of two, at most
+/// [`MAX_TABLE_BATCHES`]); more batches than it holds, or a growth the budget refuses, are
+/// recorded in rounds, the table rewritten between them behind barriers (a round of 4 × 1024
+/// sources: 16M instances in 16,384 buffers cost 1.65x one buffer on an H200 in 4 rounds).
 const TABLE_BATCHES: usize = 4;
+
+/// The most dispatches' tables the table buffer grows to hold (1 MiB with the wide array:
+/// 65,536 instance buffers in one round).
+const MAX_TABLE_BATCHES: usize = 64;
 
 /// Bytes between two dispatches' tables in the table buffer: a batch of entries rounded up to
 /// 256 (the largest `minStorageBufferOffsetAlignment` the spec allows).
@@ -676,8 +682,12 @@ pub struct CullPass {
     view: Option<Buffer>,
     records: Option<Buffer>,
     with_records: bool,
-    /// The dispatches' source tables ([`table_stride`] bytes each, [`TABLE_BATCHES`] of them).
+    /// The dispatches' source tables ([`table_stride`] bytes each, `table_batches` of them).
     table: Option<Buffer>,
+    /// Tables `table` holds: [`TABLE_BATCHES`] up to [`MAX_TABLE_BATCHES`].
+    table_batches: usize,
+    /// Growths of `table` the budget (or the driver) refused: those frames record in rounds.
+    refused_table_growths: u64,
     /// The second phase's camera (`OcclusionView`).
     occlusion: Option<Buffer>,
     /// One bit per index (`base` + instance): visible in the last second phase.
@@ -921,6 +931,8 @@ impl CullPass {
             records: None,
             with_records,
             table: None,
+            table_batches: TABLE_BATCHES,
+            refused_table_growths: 0,
             occlusion: None,
             visible: None,
             clear_visible: false,
@@ -1256,6 +1268,13 @@ impl CullPass {
         (self.resizes, self.refused_resizes)
     }
 
+    /// Dispatches whose source tables the pass holds at once (a frame with more records its
+    /// dispatches in rounds, with barriers between them), and the times the budget (or the
+    /// driver) refused to grow that room. A frame that needs more grows it up to 64.
+    pub fn source_tables(&self) -> (usize, u64) {
+        (self.table_batches, self.refused_table_growths)
+    }
+
     /// The compaction variant.
     pub fn compaction(&self) -> Compaction {
         self.compaction
@@ -1573,6 +1592,36 @@ impl CullPass {
         Ok(())
     }
 
+    /// A table buffer for `batches` dispatches' tables at once, so they are recorded without
+    /// rounds: a larger one when needed (the old one retires once its frames complete). Over
+    /// the budget (or out of device memory) the old one stays and the frame records in rounds.
+    fn ensure_tables(&mut self, batches: usize) -> Result<()> {
+        let want = batches.next_power_of_two().min(MAX_TABLE_BATCHES);
+        if want <= self.table_batches {
+            return Ok(());
+        }
+        match self.shared.create_buffer(&BufferDesc {
+            name: "cull source tables",
+            size: want as u64 * table_stride(self.batch),
+            usage: vk::BufferUsageFlags::STORAGE_BUFFER
+                | vk::BufferUsageFlags::TRANSFER_DST
+                | vk::BufferUsageFlags::TRANSFER_SRC,
+            location: MemoryLocation::GpuOnly,
+            category: Category::Outputs,
+        }) {
+            Ok(b) => {
+                self.table = Some(b);
+                self.table_batches = want;
+                Ok(())
+            }
+            Err(Error::OverBudget { .. } | Error::OutOfDeviceMemory { .. }) => {
+                self.refused_table_growths += 1;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Records one phase over `batches` (see [`CullPass::record`]).
     ///
     /// # Safety
@@ -1586,8 +1635,12 @@ impl CullPass {
         view: Option<&CullView>,
         occlusion: Option<(&DepthPyramid, &Occlusion)>,
     ) -> Result<()> {
+        // Before anything is marked or recorded: a growth refused by the budget records in
+        // rounds instead.
+        self.ensure_tables(batches.tables.len())?;
         let value = frame.value();
         let stride = table_stride(self.batch);
+        let rounds = self.table_batches;
         let pipeline = match (phase, self.views) {
             (Phase::Single, 1) => self.plain,
             (Phase::Single, _) => self.lazy_pipeline(Variant::Views)?,
@@ -1755,7 +1808,13 @@ impl CullPass {
                 d.cmd_fill_buffer(cmd, v.raw(), 0, vk::WHOLE_SIZE, 0);
             }
             // The first round of source tables (see below) with the resets, under one barrier.
-            write_tables(d, cmd, table.raw(), stride, &batches.tables);
+            write_tables(
+                d,
+                cmd,
+                table.raw(),
+                stride,
+                &batches.tables[..rounds.min(batches.tables.len())],
+            );
             d.cmd_pipeline_barrier(
                 cmd,
                 vk::PipelineStageFlags::TRANSFER,
@@ -1787,7 +1846,7 @@ impl CullPass {
                 .zip(&batches.tables)
                 .enumerate()
             {
-                let slot = k % TABLE_BATCHES;
+                let slot = k % rounds;
                 if slot == 0 && k > 0 {
                     // A further round of tables (the first was written with the resets):
                     // written after the previous round's dispatches read theirs, before this
@@ -1801,7 +1860,8 @@ impl CullPass {
                             vk::AccessFlags::TRANSFER_WRITE,
                         ),
                     );
-                    write_tables(d, cmd, table.raw(), stride, &batches.tables[k..]);
+                    let end = (k + rounds).min(batches.tables.len());
+                    write_tables(d, cmd, table.raw(), stride, &batches.tables[k..end]);
                     memory_barrier(
                         d,
                         cmd,
@@ -1959,12 +2019,12 @@ impl CullPass {
     }
 }
 
-/// Writes the source tables of up to [`TABLE_BATCHES`] dispatches, the first of `tables` at
-/// slot 0 of `table` (`stride` bytes a slot).
+/// Writes the source tables of dispatches, the first of `tables` at slot 0 of `table`
+/// (`stride` bytes a slot).
 ///
 /// # Safety
 /// `cmd` is recording outside a render pass; `table` is live, marked used by the frame `cmd`
-/// records, and holds [`TABLE_BATCHES`] slots of `stride` bytes, each at least as large as any
+/// records, and holds `tables.len()` slots of `stride` bytes, each at least as large as any
 /// table (checked where the batches are made); nothing reads or writes it between the barriers
 /// around this call.
 unsafe fn write_tables(
@@ -1974,7 +2034,7 @@ unsafe fn write_tables(
     stride: u64,
     tables: &[(Vec<SourceEntry>, u32)],
 ) {
-    for (j, (entries, _)) in tables.iter().take(TABLE_BATCHES).enumerate() {
+    for (j, (entries, _)) in tables.iter().enumerate() {
         // SAFETY: as the function's contract; at most 1024 entries of 16 bytes: within
         // vkCmdUpdateBuffer's 65536 (VUID-vkCmdUpdateBuffer-dataSize-00037), a multiple of 4
         // (-00036), at a multiple of 4 within the buffer (-00032, -00033).

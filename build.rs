@@ -264,7 +264,8 @@ fn compile(
         naga::valid::Capabilities::IMMEDIATES
             | naga::valid::Capabilities::SUBGROUP
             | naga::valid::Capabilities::BUFFER_BINDING_ARRAY
-            | naga::valid::Capabilities::STORAGE_BUFFER_BINDING_ARRAY,
+            | naga::valid::Capabilities::STORAGE_BUFFER_BINDING_ARRAY
+            | naga::valid::Capabilities::EARLY_DEPTH_TEST,
     );
     validator.subgroup_stages(naga::valid::ShaderStages::COMPUTE);
     validator.subgroup_operations(naga::valid::SubgroupOperationSet::all());

@@ -42,7 +42,7 @@ var<immediate> pc: DrawPush;
 @group(1) @binding(2) var<uniform> shadows: ShadowFrame;
 
 struct VertexOut {
-    @builtin(position) clip: vec4<f32>,
+    @builtin(position) @invariant clip: vec4<f32>,
     @location(0) color: vec3<f32>,
     @location(1) uv: vec2<f32>,
     @location(2) @interpolate(flat) textured: u32,
@@ -111,6 +111,55 @@ fn vs_main(
     @builtin(instance_index) ii: u32,
     @builtin(vertex_index) vi: u32,
 ) -> VertexOut {
+    return vertex(ii, vi);
+}
+
+// The census (`DrawPass::record_census`): the same vertices (the position is invariant in both
+// entry points, so the census's fragments meet the depth the draws wrote exactly), each
+// carrying its list slot, which the fragment writes into an R32_UINT attachment, plus one.
+struct CensusOut {
+    @builtin(position) @invariant clip: vec4<f32>,
+    @location(1) uv: vec2<f32>,
+    @location(2) @interpolate(flat) textured: u32,
+    @location(3) @interpolate(flat) slot: u32,
+}
+
+@vertex
+fn vs_census(
+    @builtin(instance_index) ii: u32,
+    @builtin(vertex_index) vi: u32,
+) -> CensusOut {
+    let v = vertex(ii, vi);
+    var out: CensusOut;
+    out.clip = v.clip;
+    out.uv = v.uv;
+    out.textured = v.textured;
+    out.slot = slot_of(ii);
+    return out;
+}
+
+// The list slot (index into the records) of instance `ii` of this draw.
+fn slot_of(ii: u32) -> u32 {
+    var first = 0u;
+    if pc.second != 0u {
+        first = counters[COUNTER_FIRST + min(pc.lod, 2u)];
+    }
+    return pc.base + first + ii;
+}
+
+// Early tests: only fragments that meet the stored depth run, so a discarded (clear billboard)
+// texel writes nothing and a hidden one never reaches the attachment.
+@fragment
+@early_depth_test(force)
+fn fs_census(in: CensusOut) -> @location(0) u32 {
+    let texel = textureSample(atlas, atlas_sampler, in.uv);
+    if in.textured == 1u && texel.a < 0.5 {
+        discard;
+    }
+    return in.slot + 1u;
+}
+
+fn vertex(ii: u32, vi: u32) -> VertexOut {
     var out: VertexOut;
     if pc.mode == 1u {
         let k = corner_of(0u, vi);
@@ -129,11 +178,7 @@ fn vs_main(
         return out;
     }
     let lod = min(pc.lod, 2u);
-    var first = 0u;
-    if pc.second != 0u {
-        first = counters[COUNTER_FIRST + lod];
-    }
-    let inst = drawn[pc.base + first + ii];
+    let inst = drawn[slot_of(ii)];
     let id = inst.species_variant & 0xffffu;
     var entry = 0u;
     if pc.fetch != 0u {

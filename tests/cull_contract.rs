@@ -19,7 +19,7 @@ use understory::gpu::cull::{
     COUNTERS, CascadeView, Compaction, CullDesc, CullPass, CullSource, CullView,
     DrawIndexedIndirect, InstanceBounds, WIDE_SOURCES_PER_DISPATCH, occluded_cpu,
 };
-use understory::gpu::draw::{DrawFrame, DrawPass, tree_billboard};
+use understory::gpu::draw::{CENSUS_FORMAT, DrawFrame, DrawPass, tree_billboard};
 use understory::gpu::frame::FrameRing;
 use understory::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
 use understory::gpu::pyramid::{DepthPyramid, pyramid_cpu};
@@ -612,6 +612,242 @@ fn draw_without_shadows_after_an_abandoned_frame_is_clean() {
     .unwrap();
     drop((s, ring));
     target.destroy(&ctx);
+    common::finish(ctx, test);
+}
+
+/// Doc of `DrawPass::record_census`: each pixel gets the list slot + 1 of the instance it
+/// shows, 0 where none; the distinct values are the instances that reach the image. Four trees
+/// of 6 m: two stand in view, one is buried under the ground quad (in the frustum, so drawn,
+/// but the ground hides it), one is behind the camera (culled). The census holds two slots,
+/// the first two appended of the three the cull drew.
+#[test]
+fn the_census_counts_the_trees_that_reach_the_image() {
+    let test = "census";
+    let Some(ctx) = common::context(test) else {
+        return;
+    };
+    if !ctx.features().dynamic_rendering {
+        common::skip(test, "no dynamic rendering");
+        common::finish(ctx, test);
+        return;
+    }
+    let mut s = shadow_scene(&ctx);
+    upload_atlas(&ctx, &mut s.veg);
+    let target = Target::new(&ctx);
+    let extent = vk::Extent2D {
+        width: W,
+        height: H,
+    };
+    let (census, census_view) = common::image_with_view(
+        &ctx,
+        "review census",
+        extent,
+        CENSUS_FORMAT,
+        vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::TRANSFER_SRC,
+        vk::ImageAspectFlags::COLOR,
+    );
+    let tree = |p: Vec3| Instance {
+        scale: 6.0,
+        ..Instance::at(p)
+    };
+    let scene = [
+        tree(Vec3::new(1.5, 0.0, -12.0)),
+        tree(Vec3::new(2.0, -14.0, -30.0)),
+        tree(Vec3::new(-5.0, 0.0, -20.0)),
+        tree(Vec3::new(0.0, 0.0, 12.0)),
+    ];
+    let view = cull_view();
+    let want = understory::gpu::cull::cull_cpu(&[(&scene, 0)], &view);
+    let drawn: Vec<u32> = want.lists.iter().flatten().copied().collect();
+    assert_eq!(
+        drawn.len(),
+        3,
+        "the buried tree is in the frustum: {drawn:?}"
+    );
+    assert!(!drawn.contains(&3), "the tree behind the camera is culled");
+    let instances = upload(&ctx, &scene);
+    let (vp, eye) = camera();
+    let constants = DrawFrame::new(vp, eye, 500.0, [-100.0, -100.0, 200.0], false);
+    let species = s.veg.species_regions();
+    let read = ctx
+        .create_buffer(&BufferDesc {
+            name: "review census readback",
+            size: u64::from(W * H) * 4,
+            usage: vk::BufferUsageFlags::TRANSFER_DST,
+            location: MemoryLocation::GpuToCpu,
+            category: Category::Other,
+        })
+        .unwrap();
+    let ShadowScene {
+        veg, draw, cull, ..
+    } = &mut s;
+    let page = veg.atlas_page(0).unwrap();
+    let mut records = Vec::new();
+    ctx.submit_and_wait(|f, cmd| {
+        let source = CullSource {
+            buffer: &instances,
+            count: scene.len() as u32,
+            base: 0,
+        };
+        census.used_in(f)?;
+        read.used_in(f)?;
+        let d = ctx.device();
+        let color = [vk::RenderingAttachmentInfo::default()
+            .image_view(census_view)
+            .image_layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)
+            .load_op(vk::AttachmentLoadOp::CLEAR)
+            .store_op(vk::AttachmentStoreOp::STORE)
+            .clear_value(vk::ClearValue {
+                color: vk::ClearColorValue { uint32: [0; 4] },
+            })];
+        let depth = vk::RenderingAttachmentInfo::default()
+            .image_view(target.depth_view)
+            .image_layout(vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL)
+            .load_op(vk::AttachmentLoadOp::LOAD)
+            .store_op(vk::AttachmentStoreOp::NONE);
+        let info = vk::RenderingInfo::default()
+            .render_area(vk::Rect2D {
+                offset: vk::Offset2D::default(),
+                extent,
+            })
+            .layer_count(1)
+            .color_attachments(&color)
+            .depth_attachment(&depth);
+        // SAFETY: recording for `f` on the graphics queue: the cull and `prepare` outside
+        // rendering, the draw inside a scope of the pass's formats (its depth stored), then,
+        // after the depth writes are ordered before the census's tests, the census inside a
+        // scope of CENSUS_FORMAT and that depth; the atlas page is in SHADER_READ_ONLY_OPTIMAL
+        // (uploaded earlier); the census image and the readback are marked used by `f`.
+        unsafe {
+            cull.record(f, cmd, &[source], &view)?;
+            draw.prepare(f, cmd, cull, &constants, &species)?;
+            target.begin_rendering(&ctx, f, cmd);
+            draw.record(f, cmd, cull, page, extent)?;
+            d.cmd_end_rendering(cmd);
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::EARLY_FRAGMENT_TESTS
+                    | vk::PipelineStageFlags::LATE_FRAGMENT_TESTS,
+                vk::PipelineStageFlags::EARLY_FRAGMENT_TESTS
+                    | vk::PipelineStageFlags::LATE_FRAGMENT_TESTS
+                    | vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &[
+                    understory::gpu::compute::image_barrier(
+                        target.depth.raw(),
+                        depth_range(),
+                        (
+                            vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL,
+                            vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_WRITE,
+                        ),
+                        (
+                            vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL,
+                            vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_READ,
+                        ),
+                    ),
+                    understory::gpu::compute::image_barrier(
+                        census.raw(),
+                        color_range(),
+                        (vk::ImageLayout::UNDEFINED, vk::AccessFlags::empty()),
+                        (
+                            vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
+                            vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
+                        ),
+                    ),
+                ],
+            );
+            d.cmd_begin_rendering(cmd, &info);
+            draw.record_census(f, cmd, cull, page, extent)?;
+            d.cmd_end_rendering(cmd);
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &[understory::gpu::compute::image_barrier(
+                    census.raw(),
+                    color_range(),
+                    (
+                        vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
+                        vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
+                    ),
+                    (
+                        vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                        vk::AccessFlags::TRANSFER_READ,
+                    ),
+                )],
+            );
+            d.cmd_copy_image_to_buffer(
+                cmd,
+                census.raw(),
+                vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                read.raw(),
+                &[vk::BufferImageCopy {
+                    image_subresource: vk::ImageSubresourceLayers {
+                        aspect_mask: vk::ImageAspectFlags::COLOR,
+                        mip_level: 0,
+                        base_array_layer: 0,
+                        layer_count: 1,
+                    },
+                    image_extent: vk::Extent3D {
+                        width: W,
+                        height: H,
+                        depth: 1,
+                    },
+                    ..Default::default()
+                }],
+            );
+            understory::gpu::compute::memory_barrier(
+                d,
+                cmd,
+                (
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::AccessFlags::TRANSFER_WRITE,
+                ),
+                (vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ),
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
+    let texels: Vec<u32> = read
+        .mapped()
+        .unwrap()
+        .chunks_exact(4)
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
+    let mut shown: Vec<u32> = texels.iter().copied().filter(|v| *v != 0).collect();
+    let covered = shown.len();
+    shown.sort_unstable();
+    shown.dedup();
+    // Which instance each slot holds: the cull's records.
+    let rec_bytes = read_back(&ctx, cull.records().unwrap().size(), |f, _| {
+        let r = cull.records()?;
+        r.used_in(f)?;
+        Ok(r.raw())
+    });
+    records.extend(
+        rec_bytes
+            .chunks_exact(size_of::<Instance>())
+            .map(bytemuck::pod_read_unaligned::<Instance>),
+    );
+    let held: Vec<[f32; 3]> = shown
+        .iter()
+        .map(|v| records[(*v - 1) as usize].position)
+        .collect();
+    eprintln!("census: {covered} of {} pixels show trees {held:?}", W * H);
+    assert_eq!(shown.len(), 2, "two trees reach the image: {held:?}");
+    for p in [scene[0].position, scene[2].position] {
+        assert!(held.contains(&p), "{p:?} reaches the image: {held:?}");
+    }
+    drop((s, read, instances, census));
+    target.destroy(&ctx);
+    // SAFETY: the submission that used the view was waited for.
+    unsafe { ctx.device().destroy_image_view(census_view, None) };
     common::finish(ctx, test);
 }
 

@@ -19,7 +19,7 @@ use understory::gpu::context::{Context, ContextOptions, Frame};
 use understory::gpu::cull::{
     COUNTERS, CascadeView, Compaction, CullDesc, CullPass, CullView, WIDE_SOURCES_PER_DISPATCH,
 };
-use understory::gpu::draw::{DrawFrame, DrawPass, DrawPhase, tree_billboard};
+use understory::gpu::draw::{CENSUS_FORMAT, DrawFrame, DrawPass, DrawPhase, tree_billboard};
 use understory::gpu::frame::FrameRing;
 use understory::gpu::memory::{Buffer, BufferDesc, Image, ImageDesc, MemoryLocation, RawObject};
 use understory::gpu::pyramid::DepthPyramid;
@@ -71,6 +71,9 @@ pub struct DemoConfig {
     pub shadows: bool,
     /// Texels along each cascade's square shadow map.
     pub shadow_map_px: u32,
+    /// The census ([`DrawPass::record_census`]): after each frame's draws, which drawn
+    /// instances reach the image, counted on the CPU (each frame is waited for).
+    pub census: bool,
     /// Where the camera flies.
     pub flight: Flight,
     /// Show an indicatif progress bar (on a terminal).
@@ -95,6 +98,7 @@ impl Default for DemoConfig {
             occlusion: false,
             shadows: false,
             shadow_map_px: 1024,
+            census: false,
             flight: Flight::Canopy,
             progress: true,
             stats_interval: Duration::from_secs(1),
@@ -168,6 +172,9 @@ pub struct DemoReport {
     pub peak_drawn_cascades: Vec<[u32; 3]>,
     /// Instances drawn over the whole flight (every LOD, every frame read back).
     pub drawn_total: u64,
+    /// With the census: the instances that reached the image (at least one pixel shows them),
+    /// over the frames of `drawn_total`. No conservative culling draws fewer at that image.
+    pub reached_total: Option<u64>,
     /// Two-phase occlusion culling was on.
     pub occlusion: bool,
     /// Where the camera flew.
@@ -399,11 +406,13 @@ struct Target<'a> {
     color_view: vk::ImageView,
     depth_view: vk::ImageView,
     readback: Option<Buffer>,
+    /// With the census: its image, view and readback.
+    census: Option<(Image, vk::ImageView, Buffer)>,
     extent: vk::Extent2D,
 }
 
 impl<'a> Target<'a> {
-    fn new(ctx: &'a Context, extent: vk::Extent2D, readback: bool) -> Result<Self> {
+    fn new(ctx: &'a Context, extent: vk::Extent2D, readback: bool, census: bool) -> Result<Self> {
         let image = |name, format, usage| {
             ctx.create_image(&ImageDesc {
                 name,
@@ -432,6 +441,7 @@ impl<'a> Target<'a> {
             color_view: vk::ImageView::null(),
             depth_view: vk::ImageView::null(),
             readback: None,
+            census: None,
             extent,
         };
         // On error, Drop retires the views made so far.
@@ -446,6 +456,22 @@ impl<'a> Target<'a> {
                 category: Category::Other,
             })?);
         }
+        if census {
+            let image = image(
+                "demo census",
+                CENSUS_FORMAT,
+                vk::ImageUsageFlags::COLOR_ATTACHMENT | vk::ImageUsageFlags::TRANSFER_SRC,
+            )?;
+            let readback = ctx.create_buffer(&BufferDesc {
+                name: "demo census readback",
+                size: u64::from(extent.width) * u64::from(extent.height) * 4,
+                usage: vk::BufferUsageFlags::TRANSFER_DST,
+                location: MemoryLocation::GpuToCpu,
+                category: Category::Other,
+            })?;
+            let v = view(ctx, &image, vk::ImageAspectFlags::COLOR)?;
+            t.census = Some((image, v, readback));
+        }
         Ok(t)
     }
 
@@ -456,6 +482,10 @@ impl<'a> Target<'a> {
         if let Some(r) = &self.readback {
             r.used_in(frame)?;
         }
+        if let Some((image, _, readback)) = &self.census {
+            image.used_in(frame)?;
+            readback.used_in(frame)?;
+        }
         Ok(())
     }
 }
@@ -463,7 +493,8 @@ impl<'a> Target<'a> {
 impl Drop for Target<'_> {
     fn drop(&mut self) {
         let last = self.color.last_use();
-        for v in [self.color_view, self.depth_view] {
+        let census = self.census.as_ref().map(|c| c.1);
+        for v in [self.color_view, self.depth_view].into_iter().chain(census) {
             // SAFETY: views of this context's device, destroyed by nothing else; every frame
             // that used them also used `color`, whose last use is `last`.
             if let Err(e) = unsafe { self.ctx.retire_object(RawObject::ImageView(v), last) } {
@@ -727,7 +758,7 @@ impl<'a> Gpu<'a> {
             width: config.width,
             height: config.height,
         };
-        let target = Target::new(ctx, extent, config.png.is_some())?;
+        let target = Target::new(ctx, extent, config.png.is_some(), config.census)?;
         let pyramid = if config.occlusion {
             Some(DepthPyramid::new(ctx, extent)?)
         } else {
@@ -823,6 +854,9 @@ impl<'a> Gpu<'a> {
             log::warn!("frame {counted}: the GPU drew no tree");
         }
         acc.report.drawn_total += drawn.iter().map(|n| u64::from(*n)).sum::<u64>();
+        if let Some(r) = acc.report.reached_total.as_mut() {
+            *r += acc.reached.get(counted as usize).copied().unwrap_or(0);
+        }
         for (peak, n) in acc.report.peak_drawn.iter_mut().zip(drawn) {
             *peak = (*peak).max(n);
         }
@@ -931,6 +965,9 @@ impl<'a> Gpu<'a> {
                 stamp(bottom, q + 3);
             }
             stamp(bottom, q + 4);
+            if self.target.census.is_some() {
+                self.census(frame, cmd, veg)?;
+            }
             let (counters, _) = &self.counters[slot];
             counters.used_in(frame)?;
             let src = self.cull.counters()?;
@@ -1120,7 +1157,7 @@ impl<'a> Gpu<'a> {
             .image_view(t.depth_view)
             .image_layout(vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL)
             .load_op(load)
-            .store_op(if phase == Some(DrawPhase::First) {
+            .store_op(if phase == Some(DrawPhase::First) || t.census.is_some() {
                 vk::AttachmentStoreOp::STORE
             } else {
                 vk::AttachmentStoreOp::DONT_CARE
@@ -1168,6 +1205,133 @@ impl<'a> Gpu<'a> {
             d.cmd_end_rendering(cmd);
             drawn
         }
+    }
+
+    /// The census: the frame's instances drawn again into the census image against the depth
+    /// the draws stored ([`DrawPass::record_census`]), copied into its readback.
+    ///
+    /// # Safety
+    /// As [`Gpu::record`]; after the frame's last [`Gpu::render`] (which stored the depth).
+    unsafe fn census(&self, frame: &Frame, cmd: vk::CommandBuffer, veg: &Vegetation) -> Result<()> {
+        let d = self.ctx.device();
+        let t = &self.target;
+        let (image, census_view, readback) = t
+            .census
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("no census image".into()))?;
+        let page = veg
+            .atlas_page(0)
+            .ok_or_else(|| Error::InvalidInput("no atlas page".into()))?;
+        let fragment_tests = vk::PipelineStageFlags::EARLY_FRAGMENT_TESTS
+            | vk::PipelineStageFlags::LATE_FRAGMENT_TESTS;
+        let barriers = [
+            // The last frame's copy read it; this frame clears it.
+            image_barrier(
+                image.raw(),
+                vk::ImageAspectFlags::COLOR,
+                (vk::ImageLayout::UNDEFINED, vk::AccessFlags::empty()),
+                (
+                    vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
+                    vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
+                ),
+            ),
+            // The draws' depth writes before the census's depth tests.
+            image_barrier(
+                t.depth.raw(),
+                vk::ImageAspectFlags::DEPTH,
+                (
+                    vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL,
+                    vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_WRITE,
+                ),
+                (
+                    vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL,
+                    vk::AccessFlags::DEPTH_STENCIL_ATTACHMENT_READ,
+                ),
+            ),
+        ];
+        let color_att = [vk::RenderingAttachmentInfo::default()
+            .image_view(*census_view)
+            .image_layout(vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL)
+            .load_op(vk::AttachmentLoadOp::CLEAR)
+            .store_op(vk::AttachmentStoreOp::STORE)
+            .clear_value(vk::ClearValue {
+                color: vk::ClearColorValue { uint32: [0; 4] },
+            })];
+        let depth_att = vk::RenderingAttachmentInfo::default()
+            .image_view(t.depth_view)
+            .image_layout(vk::ImageLayout::DEPTH_ATTACHMENT_OPTIMAL)
+            .load_op(vk::AttachmentLoadOp::LOAD)
+            .store_op(vk::AttachmentStoreOp::NONE);
+        let rendering = vk::RenderingInfo::default()
+            .render_area(vk::Rect2D {
+                offset: vk::Offset2D::default(),
+                extent: t.extent,
+            })
+            .layer_count(1)
+            .color_attachments(&color_att)
+            .depth_attachment(&depth_att);
+        // SAFETY: cmd is recording for `frame` (caller), outside a rendering scope; the
+        // target's images and the census readback are marked used by `frame` (`used_in`); the
+        // depth holds what this frame's draws stored (the render before stored it), ordered by
+        // the barrier; the census image is in the layout of its barrier.
+        unsafe {
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TRANSFER | fragment_tests,
+                vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT | fragment_tests,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &barriers,
+            );
+            d.cmd_begin_rendering(cmd, &rendering);
+            let drawn = self
+                .draw
+                .record_census(frame, cmd, &self.cull, page, t.extent);
+            d.cmd_end_rendering(cmd);
+            drawn?;
+            d.cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &[image_barrier(
+                    image.raw(),
+                    vk::ImageAspectFlags::COLOR,
+                    (
+                        vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
+                        vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
+                    ),
+                    (
+                        vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                        vk::AccessFlags::TRANSFER_READ,
+                    ),
+                )],
+            );
+            d.cmd_copy_image_to_buffer(
+                cmd,
+                image.raw(),
+                vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                readback.raw(),
+                &[vk::BufferImageCopy {
+                    image_subresource: vk::ImageSubresourceLayers {
+                        aspect_mask: vk::ImageAspectFlags::COLOR,
+                        mip_level: 0,
+                        base_array_layer: 0,
+                        layer_count: 1,
+                    },
+                    image_extent: vk::Extent3D {
+                        width: t.extent.width,
+                        height: t.extent.height,
+                        depth: 1,
+                    },
+                    ..Default::default()
+                }],
+            );
+        }
+        Ok(())
     }
 
     /// Copies the colour image into the PNG readback buffer.
@@ -1248,6 +1412,8 @@ struct Accumulator {
     report: DemoReport,
     cull_ms: Vec<f64>,
     draw_ms: Vec<f64>,
+    /// With the census: per frame, the instances that reached the image.
+    reached: Vec<u64>,
     gpu_lod: [u32; 3],
     /// Per counters slot: the frame it counted, and whether that frame could be blank (its
     /// budget held the nearest tile's minimum footprint).
@@ -1305,6 +1471,7 @@ impl Accumulator {
                     Vec::new()
                 },
                 drawn_total: 0,
+                reached_total: config.census.then_some(0),
                 occlusion: config.occlusion,
                 flight: config.flight,
                 shadows: config.shadows,
@@ -1318,6 +1485,7 @@ impl Accumulator {
                 validation_messages: 0,
             },
             cull_ms: Vec::with_capacity(config.frames as usize),
+            reached: Vec::new(),
             draw_ms: Vec::with_capacity(config.frames as usize),
             gpu_lod: [0; 3],
             slot_frames: vec![(0, false); ctx.frames_in_flight() as usize],
@@ -1420,6 +1588,28 @@ impl Accumulator {
         r.deferred_frees = stats.memory.frees_completed;
         self.report
     }
+}
+
+/// The distinct non-zero values among the census image's texels (little-endian u32): the
+/// instances that reached the image.
+fn distinct_slots(texels: &[u8]) -> u64 {
+    let mut seen: Vec<u64> = Vec::new();
+    let mut distinct = 0;
+    for t in texels.chunks_exact(4) {
+        let v = u32::from_le_bytes([t[0], t[1], t[2], t[3]]) as usize;
+        if v == 0 {
+            continue;
+        }
+        let (w, bit) = (v / 64, 1u64 << (v % 64));
+        if w >= seen.len() {
+            seen.resize(w + 1, 0);
+        }
+        if seen[w] & bit == 0 {
+            seen[w] |= bit;
+            distinct += 1;
+        }
+    }
+    distinct
 }
 
 /// `--squeeze`: at a quarter of the run the cap drops to a third of what instances hold (the
@@ -1656,6 +1846,10 @@ fn fly(ctx: &Context, veg: &mut Vegetation, config: &DemoConfig) -> Result<DemoR
         };
         let done = ring.submit(frame, cmd)?;
         gpu.counters[slot].1 = done.value();
+        if let Some((_, _, readback)) = &gpu.target.census {
+            ctx.wait(done.value(), Duration::from_secs(30))?;
+            acc.reached.push(distinct_slots(&readback.mapped()?));
+        }
         // Report.
         if png {
             ctx.wait(done.value(), Duration::from_secs(30))?;

@@ -60,6 +60,11 @@ enum Command {
         /// maps that the camera draw looks up).
         #[arg(long, value_enum, default_value_t = Switch::Off)]
         shadows: Switch,
+        /// The census (on: after each frame's draws, draw the same instances again against
+        /// their depth and count those that reach the image: what no conservative culling can
+        /// draw fewer of; every frame is waited for).
+        #[arg(long, value_enum, default_value_t = Switch::Off)]
+        census: Switch,
         /// Where the camera flies: over the canopy, or at eye height along a forest track.
         #[arg(long, value_enum, default_value_t = FlightArg::Canopy)]
         flight: FlightArg,
@@ -156,6 +161,7 @@ fn run(cli: Cli) -> understory::Result<()> {
             lod_tint,
             occlusion,
             shadows,
+            census,
             flight,
             seed,
             quiet,
@@ -188,6 +194,7 @@ fn run(cli: Cli) -> understory::Result<()> {
                 lod_tint,
                 occlusion: occlusion == Switch::On,
                 shadows: shadows == Switch::On,
+                census: census == Switch::On,
                 flight: match flight {
                     FlightArg::Canopy => understory_cli::demo::Flight::Canopy,
                     FlightArg::Ground => understory_cli::demo::Flight::Ground,
@@ -265,6 +272,12 @@ fn run(cli: Cli) -> understory::Result<()> {
                     understory_cli::demo::Flight::Ground => "ground",
                 }
             );
+            if let Some(reached) = r.reached_total {
+                println!(
+                    "reached the image (census): {reached} instances; drawn / reached {:.2}x",
+                    r.drawn_total as f64 / reached.max(1) as f64
+                );
+            }
             if let (Some(c), Some(d)) = (r.gpu_cull_ms, r.gpu_draw_ms) {
                 let what = if r.occlusion {
                     "uploads + cull (both phases) + pyramid"

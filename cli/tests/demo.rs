@@ -105,7 +105,8 @@ fn the_demo_draws_a_forest_and_returns_every_byte() {
 
 /// Two-phase occlusion culling draws fewer trees and the same picture: every 5th frame of each
 /// flight (over the canopy, and at eye height along the track) rendered with occlusion on and
-/// off differs on at most 0.1% of the pixels.
+/// off differs on at most 0.1% of the pixels. The census (`--census on`) agrees: the trees
+/// that reach the image are the same number within 0.1%, and fewer than either run drew.
 #[test]
 fn occlusion_draws_fewer_trees_and_the_same_image() {
     let Some(probe) = common::context("occlusion_same_image") else {
@@ -120,6 +121,7 @@ fn occlusion_draws_fewer_trees_and_the_same_image() {
                 &DemoConfig {
                     occlusion,
                     flight,
+                    census: true,
                     frames: 30,
                     png_every: Some(5),
                     ..config(&dir, &format!("{flight:?}-{name}-{{frame}}.png"))
@@ -138,6 +140,13 @@ fn occlusion_draws_fewer_trees_and_the_same_image() {
             off.drawn_total, on.drawn_total
         );
         assert!(on.drawn_total < off.drawn_total, "occlusion hides trees");
+        let (r_off, r_on) = (off.reached_total.unwrap(), on.reached_total.unwrap());
+        eprintln!("{flight:?}: reached the image: {r_off} without occlusion, {r_on} with");
+        assert!(r_off > 0 && r_off < off.drawn_total && r_on < on.drawn_total);
+        assert!(
+            r_off.abs_diff(r_on) as f64 <= 0.001 * r_off as f64,
+            "the census differs: {r_off} vs {r_on}"
+        );
         assert_eq!(on.pngs.len(), off.pngs.len());
         for (a, b) in off.pngs.iter().zip(&on.pngs) {
             let ((pa, _), (pb, _)) = (read_png(a), read_png(b));

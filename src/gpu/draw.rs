@@ -823,6 +823,10 @@ fn is_srgb(format: vk::Format) -> bool {
     )
 }
 
+/// The colour format of [`DrawPass::record_census`]'s attachment: per pixel, the list slot + 1
+/// of the instance it shows, 0 where none.
+pub const CENSUS_FORMAT: vk::Format = vk::Format::R32_UINT;
+
 /// How a [`DrawPass`] fits the host's frame ([`DrawPass::with_options`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DrawOptions {
@@ -893,6 +897,10 @@ pub struct DrawPass {
     shadow_layout: vk::PipelineLayout,
     /// The same with `fs_shadowed`: used in frames that ran [`DrawPass::prepare_shadows`].
     shadowed: vk::Pipeline,
+    /// `vs_census` and `fs_census` for [`CENSUS_FORMAT`] and the depth format, with `layout`:
+    /// made by the first [`DrawPass::record_census`].
+    census: Mutex<vk::Pipeline>,
+    depth_format: vk::Format,
     sets: Mutex<DescriptorArena>,
     shadow_sets: Mutex<DescriptorArena>,
     sampler: vk::Sampler,
@@ -1018,6 +1026,8 @@ impl DrawPass {
             shadow_set_layout: vk::DescriptorSetLayout::null(),
             shadow_layout: vk::PipelineLayout::null(),
             shadowed: vk::Pipeline::null(),
+            census: Mutex::new(vk::Pipeline::null()),
+            depth_format,
             sets: Mutex::new(DescriptorArena::new(
                 &[
                     (vk::DescriptorType::UNIFORM_BUFFER, 1),
@@ -1224,6 +1234,7 @@ impl DrawPass {
             depth_format,
             (shaders::DRAW_FS_MAIN, c"fs_main"),
             self.layout,
+            false,
         )?;
         self.shadowed = self.create_pipeline(
             d,
@@ -1231,12 +1242,15 @@ impl DrawPass {
             depth_format,
             (shaders::DRAW_FS_SHADOWED, c"fs_shadowed"),
             self.shadow_layout,
+            false,
         )?;
         Ok(())
     }
 
     /// The pipeline of `vs_main` and the fragment stage `fs`: (module, entry point), with
-    /// `layout`.
+    /// `layout`; with `census`, of `vs_census` instead, testing depth without writing it
+    /// (`LESS_OR_EQUAL`, or `GREATER_OR_EQUAL` reversed: the census's fragments meet the
+    /// depth the draws stored).
     fn create_pipeline(
         &self,
         d: &ash::Device,
@@ -1244,10 +1258,16 @@ impl DrawPass {
         depth_format: vk::Format,
         (fs_spirv, fs_entry): (&[u8], &std::ffi::CStr),
         layout: vk::PipelineLayout,
+        census: bool,
     ) -> Result<vk::Pipeline> {
         // One module per stage: GPU-assisted validation cannot instrument a module that holds
         // both ("Mixed stage shader module not supported").
-        let vs = shader_module(d, shaders::DRAW_VS_MAIN)?;
+        let (vs_spirv, vs_entry) = if census {
+            (shaders::DRAW_VS_CENSUS, c"vs_census")
+        } else {
+            (shaders::DRAW_VS_MAIN, c"vs_main")
+        };
+        let vs = shader_module(d, vs_spirv)?;
         let fs = match shader_module(d, fs_spirv) {
             Ok(m) => m,
             Err(e) => {
@@ -1260,7 +1280,7 @@ impl DrawPass {
             vk::PipelineShaderStageCreateInfo::default()
                 .stage(vk::ShaderStageFlags::VERTEX)
                 .module(vs)
-                .name(c"vs_main"),
+                .name(vs_entry),
             vk::PipelineShaderStageCreateInfo::default()
                 .stage(vk::ShaderStageFlags::FRAGMENT)
                 .module(fs)
@@ -1282,11 +1302,12 @@ impl DrawPass {
             .rasterization_samples(vk::SampleCountFlags::TYPE_1);
         let depth = vk::PipelineDepthStencilStateCreateInfo::default()
             .depth_test_enable(true)
-            .depth_write_enable(true)
-            .depth_compare_op(if self.options.reversed_depth {
-                vk::CompareOp::GREATER
-            } else {
-                vk::CompareOp::LESS
+            .depth_write_enable(!census)
+            .depth_compare_op(match (census, self.options.reversed_depth) {
+                (false, false) => vk::CompareOp::LESS,
+                (false, true) => vk::CompareOp::GREATER,
+                (true, false) => vk::CompareOp::LESS_OR_EQUAL,
+                (true, true) => vk::CompareOp::GREATER_OR_EQUAL,
             });
         let blend_attachments = [vk::PipelineColorBlendAttachmentState::default()
             .color_write_mask(vk::ColorComponentFlags::RGBA)];
@@ -1491,6 +1512,7 @@ impl DrawPass {
                 atlas_page,
                 extent,
                 &[DrawPhase::First, DrawPhase::Second],
+                false,
             )
         }
     }
@@ -1512,11 +1534,72 @@ impl DrawPass {
         phase: DrawPhase,
     ) -> Result<()> {
         // SAFETY: the caller's promises are this function's.
-        unsafe { self.record_lists(frame, cmd, cull, atlas_page, extent, &[phase]) }
+        unsafe { self.record_lists(frame, cmd, cull, atlas_page, extent, &[phase], false) }
+    }
+
+    /// The census: which of the drawn instances reach the image. Draws the instances
+    /// [`DrawPass::record`] draws (both occlusion phases' lists; not the ground) again, with the
+    /// same vertices, into a [`CENSUS_FORMAT`] colour attachment, testing against the depth
+    /// the draws stored without writing it, with early fragment tests: each pixel gets the
+    /// list slot + 1 of the instance whose surface it shows (a billboard's clear texels show
+    /// none), 0 where none. The distinct non-zero values of the attachment (clear it to 0) are
+    /// the instances that reach the image; no conservative culling can draw fewer at the same
+    /// image. A diagnostic for measuring culling (`understory demo --census on`): it costs a
+    /// second draw of every instance.
+    ///
+    /// The positions are invariant in both vertex stages, so a fragment of the surface the
+    /// draws kept meets its stored depth exactly (`LESS_OR_EQUAL`, `GREATER_OR_EQUAL`
+    /// reversed). Where two instances' surfaces share a depth, the census keeps one of them.
+    ///
+    /// # Safety
+    /// `cmd` must be recording on this context's device inside a dynamic-rendering scope whose
+    /// colour attachment has [`CENSUS_FORMAT`] and whose depth attachment has the depth format
+    /// given to [`DrawPass::new`], in a layout for reading depth as an attachment, holding
+    /// what this frame's [`DrawPass::record`] (or both [`DrawPass::record_phase`]s) stored,
+    /// with the memory dependency from those depth writes to this scope's depth tests
+    /// recorded before it; recorded for `frame`, after those draws in submission order, with
+    /// no cull of `cull` recorded between; otherwise as [`DrawPass::record`].
+    pub unsafe fn record_census(
+        &self,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        cull: &CullPass,
+        atlas_page: &Image,
+        extent: vk::Extent2D,
+    ) -> Result<()> {
+        // SAFETY: the caller's promises are this function's.
+        unsafe {
+            self.record_lists(
+                frame,
+                cmd,
+                cull,
+                atlas_page,
+                extent,
+                &[DrawPhase::First, DrawPhase::Second],
+                true,
+            )
+        }
+    }
+
+    /// The census pipeline, made the first time.
+    fn census_pipeline(&self) -> Result<vk::Pipeline> {
+        let mut census = lock(&self.census);
+        if *census == vk::Pipeline::null() {
+            *census = self.create_pipeline(
+                &self.shared.device,
+                CENSUS_FORMAT,
+                self.depth_format,
+                (shaders::DRAW_FS_CENSUS, c"fs_census"),
+                self.layout,
+                true,
+            )?;
+        }
+        Ok(*census)
     }
 
     /// # Safety
-    /// As [`DrawPass::record`].
+    /// As [`DrawPass::record`] (with `census`, as [`DrawPass::record_census`]).
+    #[allow(clippy::too_many_arguments)]
     unsafe fn record_lists(
         &self,
         frame: &Frame,
@@ -1525,6 +1608,7 @@ impl DrawPass {
         atlas_page: &Image,
         extent: vk::Extent2D,
         phases: &[DrawPhase],
+        census: bool,
     ) -> Result<()> {
         frame.check(&self.shared, "DrawPass::record")?;
         if atlas_page.id() != self.atlas_image {
@@ -1555,12 +1639,18 @@ impl DrawPass {
                 "DrawPass::record: the cull pass is of another context".into(),
             ));
         }
+        let census_pipeline = if census {
+            Some(self.census_pipeline()?)
+        } else {
+            None
+        };
         let value = frame.value();
         let shadow_guard = lock(&self.shadow);
-        // Shadows in the frames that prepared them (their uniform and image are this frame's).
+        // Shadows in the frames that prepared them (their uniform and image are this frame's);
+        // the census draws no colour, so it never shades.
         let shadow = shadow_guard
             .as_ref()
-            .filter(|b| b.frame.as_ref().is_some_and(|t| t.is(frame)));
+            .filter(|b| !census && b.frame.as_ref().is_some_and(|t| t.is(frame)));
         let shadow_frame = match shadow {
             Some(_) => Some(Self::get(&self.shadow_frame)?),
             None => None,
@@ -1670,9 +1760,10 @@ impl DrawPass {
                     .buffer_info(&shadow_info),
             ]);
         }
-        let (pipeline, layout) = match shadow {
-            Some(_) => (self.shadowed, self.shadow_layout),
-            None => (self.pipeline, self.layout),
+        let (pipeline, layout) = match (census_pipeline, shadow) {
+            (Some(p), _) => (p, self.layout),
+            (None, Some(_)) => (self.shadowed, self.shadow_layout),
+            (None, None) => (self.pipeline, self.layout),
         };
         let sets: Vec<vk::DescriptorSet> = [set].into_iter().chain(shadow_set).collect();
         let stride = size_of::<DrawIndexedIndirect>() as u64;
@@ -1732,7 +1823,7 @@ impl DrawPass {
             };
             for &phase in phases {
                 let second = u32::from(phase == DrawPhase::Second);
-                if phase == DrawPhase::First && self.options.ground {
+                if phase == DrawPhase::First && self.options.ground && !census {
                     constants(DrawPush {
                         mode: 1,
                         ..Default::default()
@@ -1792,6 +1883,10 @@ impl Drop for DrawPass {
             &mut self.shadow_layout,
             &mut self.shadow_set_layout,
         );
+        let census = std::mem::take(self.census.get_mut().unwrap_or_else(|p| p.into_inner()));
+        if census != vk::Pipeline::null() {
+            self.shared.retire_object(RawObject::Pipeline(census), last);
+        }
         for sampler in [&mut self.sampler, &mut self.shadow_sampler] {
             self.shared
                 .retire_object(RawObject::Sampler(std::mem::take(sampler)), last);

@@ -1290,46 +1290,7 @@ impl<'a> Gpu<'a> {
                 .record_census(frame, cmd, &self.cull, page, t.extent);
             d.cmd_end_rendering(cmd);
             drawn?;
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::DependencyFlags::empty(),
-                &[],
-                &[],
-                &[image_barrier(
-                    image.raw(),
-                    vk::ImageAspectFlags::COLOR,
-                    (
-                        vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
-                        vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
-                    ),
-                    (
-                        vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
-                        vk::AccessFlags::TRANSFER_READ,
-                    ),
-                )],
-            );
-            d.cmd_copy_image_to_buffer(
-                cmd,
-                image.raw(),
-                vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
-                readback.raw(),
-                &[vk::BufferImageCopy {
-                    image_subresource: vk::ImageSubresourceLayers {
-                        aspect_mask: vk::ImageAspectFlags::COLOR,
-                        mip_level: 0,
-                        base_array_layer: 0,
-                        layer_count: 1,
-                    },
-                    image_extent: vk::Extent3D {
-                        width: t.extent.width,
-                        height: t.extent.height,
-                        depth: 1,
-                    },
-                    ..Default::default()
-                }],
-            );
+            copy_to_readback(d, cmd, image, readback, t.extent);
         }
         Ok(())
     }
@@ -1346,51 +1307,7 @@ impl<'a> Gpu<'a> {
             .as_ref()
             .ok_or_else(|| Error::InvalidInput("no readback buffer".into()))?;
         // SAFETY: as the caller vouched; the readback is marked with the target.
-        unsafe {
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::DependencyFlags::empty(),
-                &[],
-                &[],
-                &[image_barrier(
-                    t.color.raw(),
-                    vk::ImageAspectFlags::COLOR,
-                    (
-                        vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
-                        vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
-                    ),
-                    (
-                        vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
-                        vk::AccessFlags::TRANSFER_READ,
-                    ),
-                )],
-            );
-            d.cmd_copy_image_to_buffer(
-                cmd,
-                t.color.raw(),
-                vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
-                readback.raw(),
-                &[vk::BufferImageCopy {
-                    buffer_offset: 0,
-                    buffer_row_length: 0,
-                    buffer_image_height: 0,
-                    image_subresource: vk::ImageSubresourceLayers {
-                        aspect_mask: vk::ImageAspectFlags::COLOR,
-                        mip_level: 0,
-                        base_array_layer: 0,
-                        layer_count: 1,
-                    },
-                    image_offset: vk::Offset3D::default(),
-                    image_extent: vk::Extent3D {
-                        width: t.extent.width,
-                        height: t.extent.height,
-                        depth: 1,
-                    },
-                }],
-            );
-        }
+        unsafe { copy_to_readback(d, cmd, &t.color, readback, t.extent) };
         Ok(())
     }
 }
@@ -1587,6 +1504,64 @@ impl Accumulator {
         r.refused_uploads = stats.refused_uploads;
         r.deferred_frees = stats.memory.frees_completed;
         self.report
+    }
+}
+
+/// Copies a colour attachment just rendered (in COLOR_ATTACHMENT_OPTIMAL, left in
+/// TRANSFER_SRC_OPTIMAL) of `extent` into `readback`.
+///
+/// # Safety
+/// `cmd` is recording outside a rendering scope; the image and the buffer are live, marked used
+/// by the frame `cmd` records, and the buffer holds 4 bytes per texel.
+unsafe fn copy_to_readback(
+    d: &ash::Device,
+    cmd: vk::CommandBuffer,
+    image: &Image,
+    readback: &Buffer,
+    extent: vk::Extent2D,
+) {
+    // SAFETY: the caller's promises; the barrier orders the attachment writes before the copy.
+    unsafe {
+        d.cmd_pipeline_barrier(
+            cmd,
+            vk::PipelineStageFlags::COLOR_ATTACHMENT_OUTPUT,
+            vk::PipelineStageFlags::TRANSFER,
+            vk::DependencyFlags::empty(),
+            &[],
+            &[],
+            &[image_barrier(
+                image.raw(),
+                vk::ImageAspectFlags::COLOR,
+                (
+                    vk::ImageLayout::COLOR_ATTACHMENT_OPTIMAL,
+                    vk::AccessFlags::COLOR_ATTACHMENT_WRITE,
+                ),
+                (
+                    vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+                    vk::AccessFlags::TRANSFER_READ,
+                ),
+            )],
+        );
+        d.cmd_copy_image_to_buffer(
+            cmd,
+            image.raw(),
+            vk::ImageLayout::TRANSFER_SRC_OPTIMAL,
+            readback.raw(),
+            &[vk::BufferImageCopy {
+                image_subresource: vk::ImageSubresourceLayers {
+                    aspect_mask: vk::ImageAspectFlags::COLOR,
+                    mip_level: 0,
+                    base_array_layer: 0,
+                    layer_count: 1,
+                },
+                image_extent: vk::Extent3D {
+                    width: extent.width,
+                    height: extent.height,
+                    depth: 1,
+                },
+                ..Default::default()
+            }],
+        );
     }
 }
 

@@ -1269,8 +1269,10 @@ impl CullPass {
     }
 
     /// Dispatches whose source tables the pass holds at once (a frame with more records its
-    /// dispatches in rounds, with barriers between them), and the times the budget (or the
-    /// driver) refused to grow that room. A frame that needs more grows it up to 64.
+    /// dispatches in rounds, with barriers between them), and the recorded phases in which the
+    /// budget (or the driver) refused to grow that room (each such phase asks again, and each
+    /// refusal is also counted by the memory system). A phase that needs more grows it up to
+    /// 64.
     pub fn source_tables(&self) -> (usize, u64) {
         (self.table_batches, self.refused_table_growths)
     }

@@ -824,7 +824,8 @@ fn is_srgb(format: vk::Format) -> bool {
 }
 
 /// The colour format of [`DrawPass::record_census`]'s attachment: per pixel, the list slot + 1
-/// of the instance it shows, 0 where none.
+/// of the instance it shows; pixels that show none keep what the attachment was cleared to
+/// (clear it to 0).
 pub const CENSUS_FORMAT: vk::Format = vk::Format::R32_UINT;
 
 /// How a [`DrawPass`] fits the host's frame ([`DrawPass::with_options`]).
@@ -1554,11 +1555,15 @@ impl DrawPass {
     /// # Safety
     /// `cmd` must be recording on this context's device inside a dynamic-rendering scope whose
     /// colour attachment has [`CENSUS_FORMAT`] and whose depth attachment has the depth format
-    /// given to [`DrawPass::new`], in a layout for reading depth as an attachment, holding
+    /// the pass was built with ([`DrawPass::new`], [`DrawPass::with_options`] or
+    /// [`DrawPass::with_meshes`]), in a layout for reading depth as an attachment, holding
     /// what this frame's [`DrawPass::record`] (or both [`DrawPass::record_phase`]s) stored,
     /// with the memory dependency from those depth writes to this scope's depth tests
     /// recorded before it; recorded for `frame`, after those draws in submission order, with
     /// no cull of `cull` recorded between; otherwise as [`DrawPass::record`].
+    ///
+    /// For a meaningful count (not for soundness): the same `extent` as the draws, and no
+    /// [`DrawPass::prepare`] with other constants recorded between them and the census.
     pub unsafe fn record_census(
         &self,
         frame: &Frame,

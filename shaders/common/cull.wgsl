@@ -100,9 +100,9 @@ const CULL_PER_GROUP: u32 = 1024u;
 // Instance sources one cull dispatch reads (the binding array at binding 0 has this many
 // entries): 24 keeps the stage at 28 storage buffers (lavapipe allows 32). The `wide` variants
 // (build.rs) read CULL_WIDE where the device allows that many bindings (NVIDIA: a million), so
-// one dispatch covers a thousand patch buffers.
+// one dispatch covers four thousand patch buffers.
 const CULL_BATCH: u32 = 24u;
-const CULL_WIDE: u32 = 1024u;
+const CULL_WIDE: u32 = 4096u;
 
 // Push constants of the cull dispatches: one dispatch per batch of sources.
 struct CullPush {

@@ -393,11 +393,13 @@ pub struct DrawIndexedIndirect {
 pub const SOURCES_PER_DISPATCH: usize = 24;
 
 /// Instance sources one cull dispatch reads where the device allows that many storage-buffer
-/// bindings per stage and per set (plus 4; NVIDIA allows about a million): one dispatch and no
-/// barrier for a thousand patch buffers (`CULL_WIDE` in `shaders/common/cull.wgsl`). 4,096 was
-/// measured faster for 4,096 buffers (1.15× one buffer against 1.35–1.46× on an H200), but with
-/// it heapUsage ended a soak 64 KiB above where it started (no allocation of ours left).
-pub const WIDE_SOURCES_PER_DISPATCH: usize = 1024;
+/// bindings per stage and per set (plus 5; NVIDIA allows about a million): one dispatch for
+/// four thousand patch buffers (`CULL_WIDE` in `shaders/common/cull.wgsl`). On an H200, 16M
+/// instances in 16,384 buffers cull in 1.25× one buffer (4 dispatches) against 1.32–1.34× with
+/// 1,024 a dispatch (16). An earlier 4,096 left heapUsage 64 KiB above a soak's start; the soak
+/// now reads its baseline after a cull pass was made and dropped (the driver's memory for the
+/// pipelines), and ends at it with 4,096 too.
+pub const WIDE_SOURCES_PER_DISPATCH: usize = 4096;
 
 /// Storage buffers of the cull stage besides the sources: lists, counters, records, the
 /// source table, the visibility bits.
@@ -424,16 +426,35 @@ const _: () = assert!(shaders::layout::CULL_BATCH == SOURCES_PER_DISPATCH);
 // A dispatch's table is one vkCmdUpdateBuffer (VUID-vkCmdUpdateBuffer-dataSize-00037).
 const _: () = assert!(WIDE_SOURCES_PER_DISPATCH * size_of::<SourceEntry>() <= 65536);
 
-/// Dispatches whose source tables the table buffer holds at once when the pass is made (64 KiB
-/// with the wide array). A frame with more batches grows it (to the next power of two, at most
-/// [`MAX_TABLE_BATCHES`]); more batches than it holds, or a growth the budget refuses, are
-/// recorded in rounds, the table rewritten between them behind barriers (a round of 4 × 1024
-/// sources: 16M instances in 16,384 buffers cost 1.65x one buffer on an H200 in 4 rounds).
-const TABLE_BATCHES: usize = 4;
+/// Dispatches whose source tables the table buffer holds at once when the pass is made: 4, at
+/// most 64 KiB (one table with the wide array). A frame with more batches grows it (to the next
+/// power of two, at most [`max_table_batches`]); more batches than it holds, or a growth the
+/// budget refuses, are recorded in rounds, the table rewritten between them behind barriers
+/// (16M instances in 16,384 buffers cost 1.65x one buffer on an H200 in 4 rounds of 4 × 1,024
+/// sources, 1.33x in one).
+const fn table_batches(batch: usize) -> usize {
+    let n = (65_536 / table_stride(batch)) as usize;
+    if n < 1 {
+        1
+    } else if n > 4 {
+        4
+    } else {
+        n
+    }
+}
 
-/// The most dispatches' tables the table buffer grows to hold (1 MiB with the wide array:
-/// 65,536 instance buffers in one round).
-const MAX_TABLE_BATCHES: usize = 64;
+/// The most dispatches' tables the table buffer grows to hold: at most 1 MiB, at most 64
+/// (65,536 instance buffers in one round with the wide array).
+const fn max_table_batches(batch: usize) -> usize {
+    let n = ((1 << 20) / table_stride(batch)) as usize;
+    if n < 1 {
+        1
+    } else if n > 64 {
+        64
+    } else {
+        n
+    }
+}
 
 /// Bytes between two dispatches' tables in the table buffer: a batch of entries rounded up to
 /// 256 (the largest `minStorageBufferOffsetAlignment` the spec allows).
@@ -684,7 +705,7 @@ pub struct CullPass {
     with_records: bool,
     /// The dispatches' source tables ([`table_stride`] bytes each, `table_batches` of them).
     table: Option<Buffer>,
-    /// Tables `table` holds: [`TABLE_BATCHES`] up to [`MAX_TABLE_BATCHES`].
+    /// Tables `table` holds: [`table_batches`] up to [`max_table_batches`].
     table_batches: usize,
     /// Growths of `table` the budget (or the driver) refused: those frames record in rounds.
     refused_table_growths: u64,
@@ -873,8 +894,8 @@ impl CullPass {
             ));
         }
         let limits = ctx.adapter().limits;
-        // A binding array of `n` sources: n + 4 storage buffers in the stage and the set, and
-        // one uniform buffer besides (VUID-VkPipelineLayoutCreateInfo-descriptorType-03022,
+        // A binding array of `n` sources: n + 5 storage buffers in the stage and the set, and
+        // the uniform buffers and the sampled image besides (VUID-VkPipelineLayoutCreateInfo-descriptorType-03022,
         // -03036, -03016).
         let fits = |n: usize| {
             let storage = n as u32 + OTHER_STORAGE_BUFFERS;
@@ -918,7 +939,8 @@ impl CullPass {
                     (vk::DescriptorType::UNIFORM_BUFFER, UNIFORM_BUFFERS),
                     (vk::DescriptorType::SAMPLED_IMAGE, SAMPLED_IMAGES),
                 ],
-                64,
+                // 64 sets a pool, 16 of the 4,096-wide array.
+                (65_536 / batch as u32).clamp(4, 64),
             )),
             fin_sets: Mutex::new(DescriptorArena::new(
                 &[(vk::DescriptorType::STORAGE_BUFFER, 2)],
@@ -931,7 +953,7 @@ impl CullPass {
             records: None,
             with_records,
             table: None,
-            table_batches: TABLE_BATCHES,
+            table_batches: table_batches(batch),
             refused_table_growths: 0,
             occlusion: None,
             visible: None,
@@ -1019,7 +1041,7 @@ impl CullPass {
         )?);
         self.table = Some(buffer(
             "cull source tables",
-            TABLE_BATCHES as u64 * table_stride(self.batch),
+            self.table_batches as u64 * table_stride(self.batch),
             vk::BufferUsageFlags::STORAGE_BUFFER,
         )?);
         self.occlusion = Some(buffer(
@@ -1598,7 +1620,9 @@ impl CullPass {
     /// rounds: a larger one when needed (the old one retires once its frames complete). Over
     /// the budget (or out of device memory) the old one stays and the frame records in rounds.
     fn ensure_tables(&mut self, batches: usize) -> Result<()> {
-        let want = batches.next_power_of_two().min(MAX_TABLE_BATCHES);
+        let want = batches
+            .next_power_of_two()
+            .min(max_table_batches(self.batch));
         if want <= self.table_batches {
             return Ok(());
         }
@@ -2037,7 +2061,7 @@ unsafe fn write_tables(
     tables: &[(Vec<SourceEntry>, u32)],
 ) {
     for (j, (entries, _)) in tables.iter().enumerate() {
-        // SAFETY: as the function's contract; at most 1024 entries of 16 bytes: within
+        // SAFETY: as the function's contract; at most 4096 entries of 16 bytes: within
         // vkCmdUpdateBuffer's 65536 (VUID-vkCmdUpdateBuffer-dataSize-00037), a multiple of 4
         // (-00036), at a multiple of 4 within the buffer (-00032, -00033).
         unsafe {

@@ -36,6 +36,7 @@ fn context(name: &str, memory: MemoryConfig) -> Result<Context> {
         device: Some(DeviceSelector::Name(name.to_lowercase())),
         memory,
         frames_in_flight: FRAMES_IN_FLIGHT as u32,
+        ..Default::default()
     })
     .map_err(|e| anyhow!("understory Context::new: {e}"))
 }

@@ -19,7 +19,7 @@ use understory::gpu::cull::{
     COUNTERS, CascadeView, Compaction, CullDesc, CullPass, CullSource, CullView,
     DrawIndexedIndirect, InstanceBounds, WIDE_SOURCES_PER_DISPATCH, occluded_cpu,
 };
-use understory::gpu::draw::{CENSUS_FORMAT, DrawFrame, DrawPass, tree_billboard};
+use understory::gpu::draw::{CENSUS_FORMAT, DrawFrame, DrawOptions, DrawPass, tree_billboard};
 use understory::gpu::frame::FrameRing;
 use understory::gpu::memory::{Buffer, BufferDesc, Image, MemoryLocation};
 use understory::gpu::pyramid::{DepthPyramid, pyramid_cpu};
@@ -196,11 +196,27 @@ impl Target {
         }
     }
 
-    /// Begins rendering into both attachments (cleared).
+    /// Begins rendering into both attachments (cleared; depth to 1, far).
     ///
     /// # Safety
     /// `cmd` recording for `frame` outside rendering, on a graphics queue.
     unsafe fn begin_rendering(&self, ctx: &Context, frame: &Frame, cmd: vk::CommandBuffer) {
+        // SAFETY: the caller's promises.
+        unsafe { self.begin_rendering_cleared(ctx, frame, cmd, 1.0) }
+    }
+
+    /// As `begin_rendering`, depth cleared to `depth` (0 for reversed depth).
+    ///
+    /// # Safety
+    /// As `begin_rendering`.
+    unsafe fn begin_rendering_cleared(
+        &self,
+        ctx: &Context,
+        frame: &Frame,
+        cmd: vk::CommandBuffer,
+        depth: f32,
+    ) {
+        let clear_depth = depth;
         let d = ctx.device();
         self.depth.used_in(frame).unwrap();
         self.color.used_in(frame).unwrap();
@@ -249,7 +265,7 @@ impl Target {
                 .store_op(vk::AttachmentStoreOp::STORE)
                 .clear_value(vk::ClearValue {
                     depth_stencil: vk::ClearDepthStencilValue {
-                        depth: 1.0,
+                        depth: clear_depth,
                         stencil: 0,
                     },
                 });
@@ -618,8 +634,8 @@ fn draw_without_shadows_after_an_abandoned_frame_is_clean() {
 /// Doc of `DrawPass::record_census`: each pixel gets the list slot + 1 of the instance it
 /// shows, 0 where none; the distinct values are the instances that reach the image. Four trees
 /// of 6 m: two stand in view, one is buried under the ground quad (in the frustum, so drawn,
-/// but the ground hides it), one is behind the camera (culled). The census holds two slots,
-/// the first two appended of the three the cull drew.
+/// but the ground hides it), one is behind the camera (culled). The census holds the two
+/// trees in view, with ordinary and with reversed depth (`DrawOptions::reversed_depth`).
 #[test]
 fn the_census_counts_the_trees_that_reach_the_image() {
     let test = "census";
@@ -631,15 +647,37 @@ fn the_census_counts_the_trees_that_reach_the_image() {
         common::finish(ctx, test);
         return;
     }
-    let mut s = shadow_scene(&ctx);
-    upload_atlas(&ctx, &mut s.veg);
-    let target = Target::new(&ctx);
+    for reversed in [false, true] {
+        census_case(&ctx, reversed);
+    }
+    common::finish(ctx, test);
+}
+
+fn census_case(ctx: &Context, reversed: bool) {
+    let mut s = shadow_scene(ctx);
+    if reversed {
+        let page = s.veg.atlas_page(0).unwrap();
+        s.draw = DrawPass::with_options(
+            ctx,
+            vk::Format::R8G8B8A8_UNORM,
+            vk::Format::D32_SFLOAT,
+            page,
+            0,
+            DrawOptions {
+                reversed_depth: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    upload_atlas(ctx, &mut s.veg);
+    let target = Target::new(ctx);
     let extent = vk::Extent2D {
         width: W,
         height: H,
     };
     let (census, census_view) = common::image_with_view(
-        &ctx,
+        ctx,
         "review census",
         extent,
         CENSUS_FORMAT,
@@ -665,8 +703,16 @@ fn the_census_counts_the_trees_that_reach_the_image() {
         "the buried tree is in the frustum: {drawn:?}"
     );
     assert!(!drawn.contains(&3), "the tree behind the camera is culled");
-    let instances = upload(&ctx, &scene);
+    let instances = upload(ctx, &scene);
     let (vp, eye) = camera();
+    // Reversed: clip z' = w - z (near 1, far 0).
+    let flip = Mat4::from_cols(
+        glam::Vec4::X,
+        glam::Vec4::Y,
+        glam::Vec4::new(0.0, 0.0, -1.0, 0.0),
+        glam::Vec4::new(0.0, 0.0, 1.0, 1.0),
+    );
+    let vp = if reversed { flip * vp } else { vp };
     let constants = DrawFrame::new(vp, eye, 500.0, [-100.0, -100.0, 200.0], false);
     let species = s.veg.species_regions();
     let read = ctx
@@ -721,7 +767,7 @@ fn the_census_counts_the_trees_that_reach_the_image() {
         unsafe {
             cull.record(f, cmd, &[source], &view)?;
             draw.prepare(f, cmd, cull, &constants, &species)?;
-            target.begin_rendering(&ctx, f, cmd);
+            target.begin_rendering_cleared(ctx, f, cmd, if reversed { 0.0 } else { 1.0 });
             draw.record(f, cmd, cull, page, extent)?;
             d.cmd_end_rendering(cmd);
             d.cmd_pipeline_barrier(
@@ -825,7 +871,7 @@ fn the_census_counts_the_trees_that_reach_the_image() {
     shown.sort_unstable();
     shown.dedup();
     // Which instance each slot holds: the cull's records.
-    let rec_bytes = read_back(&ctx, cull.records().unwrap().size(), |f, _| {
+    let rec_bytes = read_back(ctx, cull.records().unwrap().size(), |f, _| {
         let r = cull.records()?;
         r.used_in(f)?;
         Ok(r.raw())
@@ -839,16 +885,25 @@ fn the_census_counts_the_trees_that_reach_the_image() {
         .iter()
         .map(|v| records[(*v - 1) as usize].position)
         .collect();
-    eprintln!("census: {covered} of {} pixels show trees {held:?}", W * H);
-    assert_eq!(shown.len(), 2, "two trees reach the image: {held:?}");
+    eprintln!(
+        "census (reversed {reversed}): {covered} of {} pixels show trees {held:?}",
+        W * H
+    );
+    assert_eq!(
+        shown.len(),
+        2,
+        "reversed {reversed}: two trees reach the image: {held:?}"
+    );
     for p in [scene[0].position, scene[2].position] {
-        assert!(held.contains(&p), "{p:?} reaches the image: {held:?}");
+        assert!(
+            held.contains(&p),
+            "reversed {reversed}: {p:?} reaches the image: {held:?}"
+        );
     }
     drop((s, read, instances, census));
-    target.destroy(&ctx);
+    target.destroy(ctx);
     // SAFETY: the submission that used the view was waited for.
     unsafe { ctx.device().destroy_image_view(census_view, None) };
-    common::finish(ctx, test);
 }
 
 // ---------------------------------------------------------------------------------------------

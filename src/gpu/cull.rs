@@ -1293,8 +1293,8 @@ impl CullPass {
     /// Dispatches whose source tables the pass holds at once (a frame with more records its
     /// dispatches in rounds, with barriers between them), and the recorded phases in which the
     /// budget (or the driver) refused to grow that room (each such phase asks again, and each
-    /// refusal is also counted by the memory system). A phase that needs more grows it up to
-    /// 64.
+    /// refusal is also counted by the memory system). A phase that needs more grows it, up to
+    /// 1 MiB of tables (64 tables; 16 with the 4,096-wide array).
     pub fn source_tables(&self) -> (usize, u64) {
         (self.table_batches, self.refused_table_growths)
     }

@@ -432,28 +432,33 @@ const _: () = assert!(WIDE_SOURCES_PER_DISPATCH * size_of::<SourceEntry>() <= 65
 /// budget refuses, are recorded in rounds, the table rewritten between them behind barriers
 /// (16M instances in 16,384 buffers cost 1.65x one buffer on an H200 in 4 rounds of 4 × 1,024
 /// sources, 1.33x in one).
-const fn table_batches(batch: usize) -> usize {
-    let n = (65_536 / table_stride(batch)) as usize;
-    if n < 1 {
-        1
-    } else if n > 4 {
-        4
-    } else {
-        n
-    }
+fn table_batches(batch: usize) -> usize {
+    tables_within(64 << 10, 4, batch)
 }
 
 /// The most dispatches' tables the table buffer grows to hold: at most 1 MiB, at most 64
 /// (65,536 instance buffers in one round with the wide array).
-const fn max_table_batches(batch: usize) -> usize {
-    let n = ((1 << 20) / table_stride(batch)) as usize;
-    if n < 1 {
-        1
-    } else if n > 64 {
-        64
-    } else {
-        n
-    }
+fn max_table_batches(batch: usize) -> usize {
+    tables_within(1 << 20, 64, batch)
+}
+
+/// Tables of `batch` sources that fit `bytes`, at least 1 and at most `most`.
+fn tables_within(bytes: u64, most: usize, batch: usize) -> usize {
+    ((bytes / table_stride(batch)) as usize).clamp(1, most)
+}
+
+/// The table buffer: `tables` dispatches' tables of `batch` sources (device-local, written by
+/// `vkCmdUpdateBuffer`, counted with the pass's outputs).
+fn table_buffer(shared: &Arc<Shared>, batch: usize, tables: usize) -> Result<Buffer> {
+    shared.create_buffer(&BufferDesc {
+        name: "cull source tables",
+        size: tables as u64 * table_stride(batch),
+        usage: vk::BufferUsageFlags::STORAGE_BUFFER
+            | vk::BufferUsageFlags::TRANSFER_DST
+            | vk::BufferUsageFlags::TRANSFER_SRC,
+        location: MemoryLocation::GpuOnly,
+        category: Category::Outputs,
+    })
 }
 
 /// Bytes between two dispatches' tables in the table buffer: a batch of entries rounded up to
@@ -1039,11 +1044,7 @@ impl CullPass {
             size_of::<CullView>() as u64,
             vk::BufferUsageFlags::UNIFORM_BUFFER,
         )?);
-        self.table = Some(buffer(
-            "cull source tables",
-            self.table_batches as u64 * table_stride(self.batch),
-            vk::BufferUsageFlags::STORAGE_BUFFER,
-        )?);
+        self.table = Some(table_buffer(ctx.shared(), self.batch, self.table_batches)?);
         self.occlusion = Some(buffer(
             "cull occlusion view",
             size_of::<Occlusion>() as u64,
@@ -1626,15 +1627,7 @@ impl CullPass {
         if want <= self.table_batches {
             return Ok(());
         }
-        match self.shared.create_buffer(&BufferDesc {
-            name: "cull source tables",
-            size: want as u64 * table_stride(self.batch),
-            usage: vk::BufferUsageFlags::STORAGE_BUFFER
-                | vk::BufferUsageFlags::TRANSFER_DST
-                | vk::BufferUsageFlags::TRANSFER_SRC,
-            location: MemoryLocation::GpuOnly,
-            category: Category::Outputs,
-        }) {
+        match table_buffer(&self.shared, self.batch, want) {
             Ok(b) => {
                 self.table = Some(b);
                 self.table_batches = want;

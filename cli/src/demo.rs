@@ -1988,6 +1988,17 @@ mod tests {
     }
 
     #[test]
+    fn distinct_slots_counts_each_non_zero_value_once() {
+        let texels: Vec<u8> = [0u32, 5, 5, 1, 0, 64, 63, 5, 1_000_000, 64]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(distinct_slots(&texels), 5, "1, 5, 63, 64 and 1,000,000");
+        assert_eq!(distinct_slots(&[0; 16]), 0);
+        assert_eq!(distinct_slots(&[]), 0);
+    }
+
+    #[test]
     fn png_paths_substitute_the_frame() {
         assert_eq!(
             png_path(Path::new("out/f{frame}.png"), 42),

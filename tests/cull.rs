@@ -556,6 +556,156 @@ fn many_dispatches_grow_the_table_or_record_in_rounds() {
     finish(ctx, bufs, "table_rounds");
 }
 
+/// Records one single-pass cull of `sources` in a frame of its own and waits for it.
+fn cull_frame(ctx: &Context, pass: &mut CullPass, sources: &[CullSource<'_>], view: &CullView) {
+    ctx.submit_and_wait(|frame, cmd| {
+        // SAFETY: cmd is recording for `frame`, outside a render pass; the sources were
+        // uploaded before (`upload` waits).
+        unsafe { pass.record(frame, cmd, sources, view) }
+    })
+    .unwrap();
+}
+
+/// A cull that fails after it resized its lists (here the first occlusion phase: visibility
+/// bits for indices from 2^31 are past what the device binds, or past the budget) keeps the
+/// lists, records and capacities that the last recorded cull's arguments were written
+/// against: a draw recorded in that frame after the failed cull indexes within them. The
+/// resize it wanted is asked for again by the sizer and made by a later cull. The control: the
+/// same history with a first phase that succeeds resizes in that frame.
+#[test]
+fn a_cull_that_fails_after_resizing_keeps_the_lists_its_arguments_index() {
+    let Some(ctx) = common::context("failed_resize") else {
+        return;
+    };
+    let scene = random_scene(60_000, 41);
+    let buf = upload(&ctx, &scene);
+    let (sources, cpu) = numbered(&[(&buf, &scene[..])], 0);
+    let bad = [CullSource {
+        base: 1 << 31,
+        ..sources[0]
+    }];
+    let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.5, 1.0);
+    let want = cull_cpu(&cpu, &view);
+    let most = want.lists.iter().map(Vec::len).max().unwrap();
+    assert!(
+        most > 5_000,
+        "a list outgrows the first lists (4,096): {most}"
+    );
+    let m = ctx.memory();
+    for compaction in variants(&ctx) {
+        let adaptive = |ctx: &Context| {
+            CullPass::from_desc(
+                ctx,
+                &CullDesc {
+                    compaction,
+                    capacity: 100_000,
+                    meshes: MESHES,
+                    records: true,
+                    adaptive: true,
+                    max_sources_per_dispatch: SOURCES_PER_DISPATCH,
+                    views: 1,
+                },
+            )
+            .unwrap()
+        };
+        let (mut control, mut pass) = (adaptive(&ctx), adaptive(&ctx));
+        for p in [&mut control, &mut pass] {
+            cull_frame(&ctx, p, &sources, &view);
+        }
+        let caps = pass.capacities();
+        assert_eq!(caps, control.capacities());
+        // The control's first phase reads the first frame's counts and resizes.
+        ctx.submit_and_wait(|frame, cmd| {
+            // SAFETY: as in `cull_frame`.
+            unsafe { control.record_first(frame, cmd, &sources, &view) }
+        })
+        .unwrap();
+        let grown = control.capacities();
+        assert_ne!(grown, caps, "{compaction:?}: the control resized");
+        assert_eq!(
+            control.resizes().0,
+            1,
+            "{compaction:?}: the control's resize"
+        );
+        // The same with a source whose visibility bits can't be had: the first phase fails
+        // after its resize (past maxStorageBufferRange, or past the vegetation limit).
+        let before = (
+            pass.list_bases(),
+            pass.lists().unwrap().raw(),
+            pass.records().unwrap().raw(),
+        );
+        m.set_vegetation_limit(m.vegetation_reserved() + (64 << 20));
+        let mut failed = None;
+        ctx.submit_and_wait(|frame, cmd| {
+            // SAFETY: as in `cull_frame`.
+            failed = Some(unsafe { pass.record_first(frame, cmd, &bad, &view) });
+            Ok(())
+        })
+        .unwrap();
+        m.set_vegetation_limit(u64::MAX);
+        let err = failed.unwrap().unwrap_err();
+        eprintln!("{compaction:?}: the failed first phase: {err}");
+        assert_eq!(pass.capacities(), caps, "{compaction:?}: capacities kept");
+        assert_eq!(
+            (
+                pass.list_bases(),
+                pass.lists().unwrap().raw(),
+                pass.records().unwrap().raw(),
+            ),
+            before,
+            "{compaction:?}: lists, records and their bases kept"
+        );
+        assert_eq!(pass.resizes().0, 0, "{compaction:?}: no resize took effect");
+        // The failed frame left no counts; the next cull's are asked for again.
+        cull_frame(&ctx, &mut pass, &sources, &view);
+        assert_eq!(pass.capacities(), caps, "{compaction:?}: no new counts yet");
+        cull_frame(&ctx, &mut pass, &sources, &view);
+        assert_eq!(
+            pass.capacities(),
+            grown,
+            "{compaction:?}: resized by a later cull"
+        );
+        let rb = run(&ctx, &mut pass, &sources, &view);
+        check(&rb, &want, &format!("{compaction:?}: after the resize"));
+    }
+    finish(ctx, vec![buf], "failed_resize");
+}
+
+/// A resize the budget refuses is asked for again at the next frame's counts, and made once
+/// there is room: the sizer measures against the lists the pass kept, not the ones it asked for.
+#[test]
+fn a_refused_resize_is_asked_for_again() {
+    let Some(ctx) = common::context("refused_resize") else {
+        return;
+    };
+    let scene = random_scene(60_000, 41);
+    let buf = upload(&ctx, &scene);
+    let (sources, cpu) = numbered(&[(&buf, &scene[..])], 0);
+    let view = perspective(Vec3::new(0.0, 20.0, 0.0), 0.5, 1.0);
+    let want = cull_cpu(&cpu, &view);
+    let m = ctx.memory();
+    for compaction in variants(&ctx) {
+        let mut pass = CullPass::with_records(&ctx, compaction, 100_000, MESHES).unwrap();
+        let caps = pass.capacities();
+        cull_frame(&ctx, &mut pass, &sources, &view);
+        m.set_vegetation_limit(0);
+        cull_frame(&ctx, &mut pass, &sources, &view);
+        m.set_vegetation_limit(u64::MAX);
+        assert_eq!(pass.resizes(), (0, 1), "{compaction:?}: refused");
+        assert_eq!(pass.capacities(), caps, "{compaction:?}: kept");
+        cull_frame(&ctx, &mut pass, &sources, &view);
+        assert_eq!(pass.resizes(), (1, 1), "{compaction:?}: asked for again");
+        assert!(
+            (0..3).all(|l| pass.capacities()[l] as usize >= want.lists[l].len()),
+            "{compaction:?}: room for every list: {:?}",
+            pass.capacities()
+        );
+        let rb = run(&ctx, &mut pass, &sources, &view);
+        check(&rb, &want, &format!("{compaction:?}: after the resize"));
+    }
+    finish(ctx, vec![buf], "refused_resize");
+}
+
 #[test]
 fn overflow_clamps_and_counts_without_writing_out_of_bounds() {
     let Some(ctx) = common::context("overflow_clamps") else {

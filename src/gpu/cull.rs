@@ -202,7 +202,8 @@ pub fn occluded_cpu(
     depth_size: [u32; 2],
     pyramid: &[(u32, u32, Vec<f32>)],
 ) -> bool {
-    if !view_proj.is_finite() {
+    // A depth image of no pixels hides nothing (the GPU's pyramids are never that small).
+    if !view_proj.is_finite() || depth_size.contains(&0) {
         return false;
     }
     let m = view_proj.to_cols_array_2d();
@@ -313,7 +314,8 @@ pub fn cull_cpu(sources: &[(&[Instance], u32)], view: &CullView) -> CullExpectat
     for (instances, base) in sources {
         for (i, inst) in instances.iter().enumerate() {
             match classify_cpu(inst, view) {
-                l @ 0..=2 => e.lists[l as usize].push(base + i as u32),
+                // Wrapping, as the shader's u32 index (`base` + instance).
+                l @ 0..=2 => e.lists[l as usize].push(base.wrapping_add(i as u32)),
                 LOD_INVALID => e.invalid += 1,
                 _ => {}
             }
@@ -345,7 +347,7 @@ pub fn cull_views_cpu(
                 let b = band_cpu(inst.position, view);
                 let max = (c.max_lod as u32).min(Lod::Billboard as u32);
                 if b <= max && inside_cpu(&c.planes, inst.position, view.camera[3] * inst.scale) {
-                    e.lists[b as usize].push(base + i as u32);
+                    e.lists[b as usize].push(base.wrapping_add(i as u32));
                 }
             }
         }
@@ -700,6 +702,13 @@ pub struct CullPass {
     /// Times the lists were resized, and times a resize was refused by the budget.
     resizes: u64,
     refused_resizes: u64,
+    /// The lists, records and capacities in effect before this record's resizes, until the
+    /// record can no longer fail (then they retire): a record that fails after resizing puts
+    /// them back, so the draws of a frame whose cull failed read the lists, records and
+    /// capacities that the last recorded cull's arguments were written against.
+    before_resize: Option<Lists>,
+    /// Resizes of the record under way (counted in `resizes` once it can no longer fail).
+    pending_resizes: u64,
     sets: Mutex<DescriptorArena>,
     fin_sets: Mutex<DescriptorArena>,
     lists: Option<Buffer>,
@@ -777,6 +786,13 @@ fn cull_spirv(compaction: Compaction, batch: usize, variant: Variant) -> &'stati
         WIDE_SOURCES_PER_DISPATCH => wide,
         _ => batched,
     }
+}
+
+/// A pass's lists, records and their capacities, as one resize replaces them.
+struct Lists {
+    lists: Option<Buffer>,
+    records: Option<Buffer>,
+    caps: [u32; 3],
 }
 
 impl CullPass {
@@ -927,6 +943,8 @@ impl CullPass {
             readbacks: Vec::new(),
             resizes: 0,
             refused_resizes: 0,
+            before_resize: None,
+            pending_resizes: 0,
             set_layout: vk::DescriptorSetLayout::null(),
             layout: vk::PipelineLayout::null(),
             pipeline: vk::Pipeline::null(),
@@ -985,6 +1003,7 @@ impl CullPass {
         // On error, Drop retires whatever was built (nothing was recorded with it).
         this.build(ctx)?;
         this.resize(initial)?;
+        this.before_resize = None;
         Ok(this)
     }
 
@@ -1099,8 +1118,10 @@ impl CullPass {
         Ok(p)
     }
 
-    /// New lists (and records) for these capacities; the old ones retire at their last use.
-    /// On an error (the budget refuses them) nothing changes.
+    /// New lists (and records) for these capacities; the old ones retire at their last use,
+    /// or, for the first resize of a record, once the record can no longer fail
+    /// ([`CullPass::commit_resizes`]; [`CullPass::undo_resizes`] puts them back). On an error
+    /// (the budget refuses them) nothing changes.
     fn resize(&mut self, caps: [u32; 3]) -> Result<()> {
         let entries = caps.iter().map(|c| u64::from(*c)).sum::<u64>() * u64::from(self.views);
         let buffer = |name, size| {
@@ -1123,10 +1144,36 @@ impl CullPass {
         } else {
             None
         };
-        self.lists = Some(lists);
-        self.records = records;
-        self.caps = caps;
+        let old = Lists {
+            lists: self.lists.replace(lists),
+            records: std::mem::replace(&mut self.records, records),
+            caps: std::mem::replace(&mut self.caps, caps),
+        };
+        // A later resize of the same record drops the lists of the one before it: never
+        // bound (this record has recorded nothing yet), they retire at once.
+        self.before_resize.get_or_insert(old);
         Ok(())
+    }
+
+    /// The record can no longer fail: its resizes stand, and the lists they replaced retire at
+    /// their last use.
+    fn commit_resizes(&mut self) {
+        self.before_resize = None;
+        self.resizes += std::mem::take(&mut self.pending_resizes);
+    }
+
+    /// The record failed: the lists, records and capacities before its resizes come back (the
+    /// new ones, bound by no command, retire), and the sizer measures against them again.
+    fn undo_resizes(&mut self) {
+        self.pending_resizes = 0;
+        if let Some(old) = self.before_resize.take() {
+            self.lists = old.lists;
+            self.records = old.records;
+            self.caps = old.caps;
+            if let Some(sizer) = self.sizer.as_mut() {
+                sizer.kept(old.caps);
+            }
+        }
     }
 
     /// Reads the counters of frames the GPU has completed and lets the sizer resize the lists.
@@ -1167,11 +1214,16 @@ impl CullPass {
                 .and_then(|s| s.observe(demand, pressure));
             if let Some(caps) = next {
                 match self.resize(caps) {
-                    Ok(()) => self.resizes += 1,
+                    Ok(()) => self.pending_resizes += 1,
                     Err(Error::OverBudget { .. } | Error::OutOfDeviceMemory { .. }) => {
                         // The budget (or the driver) has no room: keep the lists; overflow
-                        // is counted, and the controller lowers quality.
+                        // is counted, and the controller lowers quality. The sizer measures
+                        // the next demand against the lists kept, so a resize still needed
+                        // is asked for again once there is room.
                         self.refused_resizes += 1;
+                        if let Some(sizer) = self.sizer.as_mut() {
+                            sizer.kept(self.caps);
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -1196,8 +1248,11 @@ impl CullPass {
         Ok(self.readbacks.len() - 1)
     }
 
-    /// Instance sources one dispatch reads on this device: [`SOURCES_PER_DISPATCH`], or 1
-    /// where the device's limits or features do not allow the array.
+    /// Instance sources one dispatch reads on this device: at most the pass's
+    /// [`CullDesc::max_sources_per_dispatch`] ([`WIDE_SOURCES_PER_DISPATCH`] for
+    /// [`CullPass::new`]), then [`SOURCES_PER_DISPATCH`] where the device has too few
+    /// storage-buffer bindings for the wide array, or 1 where its limits or features do not
+    /// allow an array at all.
     pub fn sources_per_dispatch(&self) -> usize {
         self.batch
     }
@@ -1286,7 +1341,10 @@ impl CullPass {
         Ok(())
     }
 
-    /// Times the lists were resized, and times the budget refused a resize.
+    /// Times the lists were resized (by records that were recorded: a record that fails keeps
+    /// the lists it found), and times the budget (or the driver) refused a resize. A refused
+    /// resize that is still needed is asked for again at the next frame's counts, and each
+    /// refusal is counted.
     pub fn resizes(&self) -> (u64, u64) {
         (self.resizes, self.refused_resizes)
     }
@@ -1351,7 +1409,7 @@ impl CullPass {
     /// record a valid, empty pass. Marks the pass and every source used by `frame`.
     ///
     /// Every source must be of this context, hold `count` instances, have `STORAGE_BUFFER`
-    /// usage and fit `maxStorageBufferRange` (its whole size is bound):
+    /// usage and fit `maxStorageBufferRange` (its size is bound, [`Buffer::size`]):
     /// [`Error::InvalidInput`] (or [`Error::Lifecycle`] for another context's buffer)
     /// otherwise. A source or output buffer with a live
     /// [`Mapped`](crate::gpu::memory::Mapped) view is [`Error::Lifecycle`]. A pass of several
@@ -1362,7 +1420,9 @@ impl CullPass {
     /// `cmd` must be a command buffer of this context's device, recording, outside a render
     /// pass, on a queue family with compute, and recorded for `frame` (submitted as its
     /// submission, or before it on the same queue). The sources' instance data must have been
-    /// written (uploads recorded earlier in submission order).
+    /// written by the host before the submission, or by commands recorded earlier in
+    /// submission order: transfers or shader writes of the stages the queue has (the pass's
+    /// first barrier makes those visible to its reads).
     pub unsafe fn record(
         &mut self,
         frame: &Frame,
@@ -1372,9 +1432,17 @@ impl CullPass {
     ) -> Result<()> {
         frame.check(&self.shared, "CullPass::record")?;
         self.first = None;
-        let batches = self.begin(frame, sources)?;
-        // SAFETY: the caller's promises are this function's.
-        unsafe { self.record_phase(frame, cmd, Phase::Single, &batches, Some(view), None) }
+        let r = match self.begin(frame, sources) {
+            // SAFETY: the caller's promises are this function's.
+            Ok(batches) => unsafe {
+                self.record_phase(frame, cmd, Phase::Single, &batches, Some(view), None)
+            },
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
+            self.undo_resizes();
+        }
+        r
     }
 
     /// The first phase of two-phase occlusion culling: as [`CullPass::record`], but appends
@@ -1390,8 +1458,8 @@ impl CullPass {
     /// set does not change). Where they move, or in the first frame, the first phase draws
     /// the wrong instances or none, and the second draws whatever is visible and was not drawn:
     /// the picture is the same, only the split between the phases differs. The bits cost one
-    /// bit per index up to the highest `base + count`, in a buffer of a power of two bytes that
-    /// grows and does not shrink (category `Outputs`). When the budget refuses them this
+    /// bit per index up to the highest `base + count`, in a buffer of a power of two bytes (at
+    /// most `maxStorageBufferRange`) that grows and does not shrink (category `Outputs`). When the budget refuses them this
     /// returns [`Error::OverBudget`], and when they would pass `maxStorageBufferRange`
     /// [`Error::InvalidInput`] (number the sources from 0); nothing is recorded then (cull with
     /// [`CullPass::record`] instead). A frame dropped after its first phase leaves nothing for
@@ -1408,12 +1476,22 @@ impl CullPass {
     ) -> Result<()> {
         frame.check(&self.shared, "CullPass::record_first")?;
         self.first = None;
-        let batches = self.begin(frame, sources)?;
-        self.ensure_visibility(&batches)?;
-        // SAFETY: the caller's promises are this function's.
-        unsafe { self.record_phase(frame, cmd, Phase::First, &batches, Some(view), None)? };
-        self.first = Some((frame.tag(), batches));
-        Ok(())
+        let r = self.begin(frame, sources).and_then(|batches| {
+            self.ensure_visibility(&batches)?;
+            // SAFETY: the caller's promises are this function's.
+            unsafe { self.record_phase(frame, cmd, Phase::First, &batches, Some(view), None)? };
+            Ok(batches)
+        });
+        match r {
+            Ok(batches) => {
+                self.first = Some((frame.tag(), batches));
+                Ok(())
+            }
+            Err(e) => {
+                self.undo_resizes();
+                Err(e)
+            }
+        }
     }
 
     /// The second phase: culls the sources of this frame's [`CullPass::record_first`] again
@@ -1530,8 +1608,8 @@ impl CullPass {
                     s.buffer.usage()
                 )));
             }
-            // VUID-VkWriteDescriptorSet-descriptorType-00333: the range (the whole buffer)
-            // fits maxStorageBufferRange.
+            // VUID-VkWriteDescriptorSet-descriptorType-00333: the range (the buffer's
+            // requested size, `whole`) fits maxStorageBufferRange.
             if s.buffer.size() > range {
                 return Err(Error::InvalidInput(format!(
                     "cull source {:?} of {} bytes is larger than maxStorageBufferRange ({range})",
@@ -1715,7 +1793,7 @@ impl CullPass {
                 .collect::<Result<Vec<_>>>()?
         };
         let fin_set = lock(&self.fin_sets).allocate(&self.shared, value, self.fin_set_layout)?;
-        // Nothing fails past here.
+        // Nothing fails past here (the resizes are committed at the end).
         // This record writes the arguments (all but the second phase): with `set_meshes`'
         // meshes, which `meshes` reports from its end on (a draw recorded after it in its
         // frame checks them against its own). A record refused above leaves both as they were.
@@ -1798,8 +1876,10 @@ impl CullPass {
                 users,
                 vk::PipelineStageFlags::TRANSFER | vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::DependencyFlags::empty(),
+                // Transfer writes among the sources: a host's own copies into a source,
+                // recorded before the pass, are visible to its reads.
                 &barrier(
-                    all_reads,
+                    all_reads | vk::AccessFlags::TRANSFER_WRITE,
                     vk::AccessFlags::TRANSFER_WRITE
                         | vk::AccessFlags::SHADER_READ
                         | vk::AccessFlags::SHADER_WRITE,
@@ -2034,6 +2114,7 @@ impl CullPass {
             self.meshes = written;
             self.next_meshes = None;
         }
+        self.commit_resizes();
         Ok(())
     }
 }
@@ -2172,6 +2253,39 @@ mod tests {
             [64, 64],
             &pyramid
         ));
+    }
+
+    #[test]
+    fn cpu_references_take_any_input_without_a_panic() {
+        let bounds = InstanceBounds {
+            radius: 0.1,
+            y_min: 0.0,
+            y_max: 0.1,
+        };
+        let level = [(1, 1, vec![0.0])];
+        let p = Vec3::new(0.0, 0.0, 0.5);
+        for size in [[0, 8], [8, 0], [0, 0]] {
+            assert!(
+                !occluded_cpu(p, 1.0, &bounds, &Mat4::IDENTITY, size, &level),
+                "{size:?}: a depth image of no pixels hides nothing"
+            );
+        }
+        assert!(occluded_cpu(
+            p,
+            1.0,
+            &bounds,
+            &Mat4::IDENTITY,
+            [1, 1],
+            &level
+        ));
+        // Indices past u32::MAX wrap, as the shader's u32 `base + instance` does.
+        let view = box_view();
+        let three = [inst(0.0, 0.0, 0.0); 3];
+        let e = cull_cpu(&[(&three, u32::MAX - 1)], &view);
+        let lod = classify_cpu(&three[0], &view) as usize;
+        assert_eq!(e.lists[lod], vec![0, u32::MAX - 1, u32::MAX]);
+        let views = cull_views_cpu(&[(&three, u32::MAX)], &view, &[]);
+        assert_eq!(views[0].lists[lod], vec![0, 1, u32::MAX]);
     }
 
     #[test]

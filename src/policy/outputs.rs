@@ -70,6 +70,12 @@ impl ListSizer {
         self.caps
     }
 
+    /// The lists stayed at `caps` (a resize this sizer asked for did not take effect): the
+    /// next demand is measured against them, so a resize still needed is asked for again.
+    pub fn kept(&mut self, caps: [u32; 3]) {
+        self.caps = caps;
+    }
+
     /// A frame's demand: how many instances each LOD needs room for (appended, kept or not;
     /// with occlusion the hidden ones too), and whether the budget is under pressure. Returns
     /// the new capacities if any list should change.

@@ -232,11 +232,14 @@ pub(crate) fn retire_pipeline_objects(
     );
 }
 
-/// A whole-buffer storage-buffer descriptor.
+/// A descriptor of a buffer's requested size ([`Buffer::size`]), not `VK_WHOLE_SIZE`: the
+/// buffer may be rounded up to a size class, and a whole-size range would then be the class
+/// (past `maxStorageBufferRange` for a source whose own size fits it,
+/// VUID-VkWriteDescriptorSet-descriptorType-00333, and counted by `arrayLength`).
 pub(crate) fn whole(b: &Buffer) -> [vk::DescriptorBufferInfo; 1] {
     [vk::DescriptorBufferInfo::default()
         .buffer(b.raw())
-        .range(vk::WHOLE_SIZE)]
+        .range(b.size())]
 }
 
 /// One descriptor write of `info` at `binding`.
@@ -519,14 +522,7 @@ impl ComputePipeline {
         }
         let set = lock(&self.sets).allocate(&self.shared, frame.value(), self.set_layout)?;
         // The requested size, not WHOLE_SIZE: the buffer may be a larger size class.
-        let infos: Vec<_> = buffers
-            .iter()
-            .map(|b| {
-                [vk::DescriptorBufferInfo::default()
-                    .buffer(b.raw())
-                    .range(b.size())]
-            })
-            .collect();
+        let infos: Vec<_> = buffers.iter().map(|b| whole(b)).collect();
         let bindings: Vec<_> = infos
             .iter()
             .enumerate()

@@ -1683,11 +1683,7 @@ impl DrawPass {
         };
         self.last_use.fetch_max(value, Ordering::AcqRel);
         let d = &self.shared.device;
-        let buf = |b: &Buffer| {
-            [vk::DescriptorBufferInfo::default()
-                .buffer(b.raw())
-                .range(vk::WHOLE_SIZE)]
-        };
+        let buf = crate::gpu::compute::whole;
         let (fi, ri, si, ci) = (buf(fb), buf(records), buf(sb), buf(counters));
         let (vi, ii, ti) = (buf(vb), buf(ib), buf(tb));
         let image = [vk::DescriptorImageInfo::default()

@@ -668,11 +668,7 @@ impl ShadowMaps {
         *lock(&self.recorded) = (Some(frame.tag()), view_projs.to_vec());
 
         let d = &self.shared.device;
-        let buf = |b: &Buffer| {
-            [vk::DescriptorBufferInfo::default()
-                .buffer(b.raw())
-                .range(vk::WHOLE_SIZE)]
-        };
+        let buf = crate::gpu::compute::whole;
         let (ri, si) = (buf(records), buf(sb));
         let (vi, ii, ti) = (buf(vb), buf(ib), buf(tb));
         let image = [vk::DescriptorImageInfo::default()

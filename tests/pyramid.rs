@@ -480,3 +480,66 @@ fn refuses_bad_input_and_describes_itself() {
     depth.destroy(&ctx);
     common::finish(ctx, "refuses_bad_input_and_describes_itself");
 }
+
+/// `DepthPyramid::used_in` marks the pyramid's image (and views, retired with it) used by the
+/// frame, so a host's own commands that use it may be recorded after the pyramid is dropped
+/// (here a layout transition of the image, under validation): they are destroyed, like every
+/// image, no earlier than the last frame marked. A frame of another context is refused.
+#[test]
+fn used_in_keeps_the_image_and_views_for_the_frame() {
+    let test = "pyramid_used_in";
+    let Some(ctx) = common::context(test) else {
+        return;
+    };
+    let pyramid = DepthPyramid::new(&ctx, extent(64, 32)).unwrap();
+    let (image, view, mips) = (
+        pyramid.image().raw(),
+        pyramid.view(),
+        pyramid.image().mip_levels(),
+    );
+    assert_ne!(view, vk::ImageView::null());
+    ctx.submit_and_wait(|frame, cmd| {
+        pyramid.used_in(frame)?;
+        assert_eq!(pyramid.image().last_use(), frame.value());
+        drop(pyramid);
+        let range = vk::ImageSubresourceRange {
+            aspect_mask: vk::ImageAspectFlags::COLOR,
+            base_mip_level: 0,
+            level_count: mips,
+            base_array_layer: 0,
+            layer_count: 1,
+        };
+        // SAFETY: cmd is recording for `frame`, outside rendering; the image was marked used
+        // by `frame`, so the dropped pyramid's image lives until the frame completes.
+        unsafe {
+            ctx.device().cmd_pipeline_barrier(
+                cmd,
+                vk::PipelineStageFlags::TOP_OF_PIPE,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::DependencyFlags::empty(),
+                &[],
+                &[],
+                &[image_barrier(
+                    image,
+                    range,
+                    (vk::ImageLayout::UNDEFINED, vk::AccessFlags::empty()),
+                    (PYRAMID_LAYOUT, vk::AccessFlags::SHADER_READ),
+                )],
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
+    let other = common::context(&format!("{test} (another context)")).unwrap();
+    let pyramid = DepthPyramid::new(&ctx, extent(8, 8)).unwrap();
+    other
+        .submit_and_wait(|frame, _| {
+            let r = pyramid.used_in(frame);
+            assert!(matches!(r, Err(Error::Lifecycle(_))), "{r:?}");
+            Ok(())
+        })
+        .unwrap();
+    drop(pyramid);
+    common::finish(other, &format!("{test} (another context)"));
+    common::finish(ctx, test);
+}

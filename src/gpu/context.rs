@@ -463,6 +463,13 @@ pub struct SubmitSync<'a> {
 /// An open frame: its value, and what [`Context::begin_frame`] found. Recording functions take
 /// `&Frame`; a submission consumes it. Dropped unsubmitted, it gives its value back.
 ///
+/// Commands recorded for a frame run only as that frame: submitted through it
+/// ([`FrameRing::submit`](crate::gpu::frame::FrameRing::submit), [`Context::submit_frame`]), or by
+/// the host and then reported with [`Context::frame_submitted`]. A frame that is dropped
+/// instead must have none of its commands submitted, ever (the `unsafe` recording functions
+/// require it through "recorded for `frame`"): what was retired at its value is freed once
+/// the frames before it complete, since nothing waits for a frame that was never submitted.
+///
 /// A frame cannot be copied, so a submission consumes the only one, and nothing can be recorded
 /// for a frame after its submission:
 ///

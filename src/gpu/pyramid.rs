@@ -286,10 +286,21 @@ impl DepthPyramid {
     }
 
     /// A view of every level (colour aspect), for `textureLoad(t, coords, level)` in a compute
-    /// shader, in [`PYRAMID_LAYOUT`]. Valid while the pyramid lives; a frame that reads it must
-    /// mark [`DepthPyramid::image`] used.
+    /// shader, in [`PYRAMID_LAYOUT`]. Valid while the pyramid lives, and after it is dropped
+    /// until the last frame marked with [`DepthPyramid::used_in`] (or that recorded it)
+    /// completes: a frame whose commands read the view must mark the pyramid used first.
     pub fn view(&self) -> vk::ImageView {
         self.view
+    }
+
+    /// Marks the pyramid (its image and its views) used by `frame`: they are destroyed, once
+    /// the pyramid is dropped, no earlier than that frame completes. For a host's own commands
+    /// that read [`DepthPyramid::view`] or [`DepthPyramid::image`] (understory's passes mark
+    /// what they record). [`Error::Lifecycle`] for a frame of another context.
+    pub fn used_in(&self, frame: &Frame) -> Result<()> {
+        self.image.used_in(frame)?;
+        self.used_by(frame.value());
+        Ok(())
     }
 
     /// Records the pyramid's build from `depth`: one dispatch per level, the first reading the

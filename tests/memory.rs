@@ -150,6 +150,42 @@ fn released_buffers_are_reused_from_the_cache() {
     common::finish(ctx, "cache");
 }
 
+/// A buffer whose size class would not fit its category's cache can never be cached: it is made
+/// at its own size, not rounded up by as much as a quarter (a 20 MiB + 1 B instance buffer holds
+/// about 20 MiB, not its 24 MiB class), and `predicted_bytes` says so. Smaller ones keep their
+/// class.
+#[test]
+fn buffers_too_large_to_cache_are_made_at_their_own_size() {
+    let Some(ctx) = context_with("own_size", MemoryConfig::default()) else {
+        return;
+    };
+    let mem = ctx.memory();
+    let cache = MemoryConfig::default().cache_bytes[Category::Instances];
+    assert_eq!(cache, 16 * MIB);
+    for (size, most) in [(20 * MIB + 1, 20 * MIB + 64 * KIB), (1000, 1024)] {
+        let b = ctx
+            .create_buffer(&desc("sized", size, Category::Instances))
+            .unwrap();
+        let predicted = mem.predicted_bytes(Category::Instances, size);
+        assert!(b.bytes() >= size && predicted >= size, "{size}");
+        assert!(predicted <= most, "{size}: predicted {predicted}");
+        assert!(
+            b.bytes() <= most.max(64 * KIB),
+            "{size}: holds {}",
+            b.bytes()
+        );
+        drop(b);
+    }
+    ctx.collect().unwrap();
+    assert_eq!(
+        mem.stats().categories[Category::Instances].cached_bytes,
+        1024,
+        "only the small one is cached"
+    );
+    mem.flush_cache();
+    common::finish(ctx, "own_size");
+}
+
 #[test]
 fn a_cap_on_a_vegetation_category_is_refused_the_budget_is_the_one_cap() {
     let mut cfg = no_cache();

@@ -69,7 +69,9 @@ pub struct MemoryConfig {
     /// `VK_EXT_memory_priority` priority per category, 0..=1 (0.5 is the driver's default):
     /// vegetation is the first thing the driver should page out, below render targets.
     pub priority: PerCategory<f32>,
-    /// Keep released buffers for reuse up to this many bytes per category.
+    /// Keep released buffers for reuse up to this many bytes per category. Where it is not
+    /// zero, buffers whose size class fits it are made at that class (at most a quarter
+    /// larger, [`size_class`]) so they can be reused; larger ones at their own size.
     pub cache_bytes: PerCategory<u64>,
     /// When any heap's headroom falls below this share of its budget, flush the caches and
     /// release empty blocks.
@@ -644,11 +646,17 @@ impl Drop for Buffer {
                 raw: self.raw,
                 allocation,
                 meta: self.meta.clone(),
-                key: Some(CacheKey {
-                    usage: self.usage,
-                    location: location_id(self.location),
-                    class_bytes: size_class(self.size),
-                }),
+                // Made at its own size (no class): never cached, so never handed out for a
+                // larger request of its class.
+                key: self
+                    .shared
+                    .memory
+                    .cache_class(self.meta.category, self.size)
+                    .map(|class_bytes| CacheKey {
+                        usage: self.usage,
+                        location: location_id(self.location),
+                        class_bytes,
+                    }),
             };
             let last_use = *self.last_use.get_mut() & MAX_FRAME_VALUE;
             self.shared.memory.retire_resource(resource, last_use);
@@ -1537,15 +1545,21 @@ impl Memory {
     }
 
     /// The bytes a buffer of `size` bytes in `category` will hold: its size class where the
-    /// category caches released buffers, rounded to 256 bytes (the usual alignment). For
+    /// category caches released buffers and the class fits the cache, rounded to 256 bytes (the usual alignment). For
     /// planning; the real number is [`Buffer::bytes`].
     pub fn predicted_bytes(&self, category: Category, size: u64) -> u64 {
-        let class = if self.config.cache_bytes[category] > 0 {
-            size_class(size)
-        } else {
-            size
-        };
+        let class = self.cache_class(category, size).unwrap_or(size);
         class.div_ceil(256) * 256
+    }
+
+    /// The size class a buffer of `size` bytes in `category` is made (and cached) at: only
+    /// where the category caches released buffers and the class fits that cache. A larger
+    /// buffer could never be cached, so it is made at its own size (no quarter wasted, and a
+    /// source just under 4 GiB stays under 4 GiB).
+    pub(crate) fn cache_class(&self, category: Category, size: u64) -> Option<u64> {
+        let cache = self.config.cache_bytes[category];
+        let class = size_class(size);
+        (cache > 0 && class <= cache).then_some(class)
     }
 
     /// Whether the instances' shared blocks are too big for the vegetation limit: a new block
@@ -1746,11 +1760,9 @@ impl Memory {
             )));
         }
         // Round to a size class only where released buffers are cached for reuse.
-        let class = if self.config.cache_bytes[desc.category] > 0 {
-            size_class(desc.size)
-        } else {
-            desc.size
-        };
+        let class = self
+            .cache_class(desc.category, desc.size)
+            .unwrap_or(desc.size);
         let key = CacheKey {
             usage: desc.usage,
             location: location_id(desc.location),

@@ -499,8 +499,10 @@ fn used_in_keeps_the_image_and_views_for_the_frame() {
     );
     assert_ne!(view, vk::ImageView::null());
     ctx.submit_and_wait(|frame, cmd| {
+        assert_eq!(pyramid.last_use(), 0);
         pyramid.used_in(frame)?;
         assert_eq!(pyramid.image().last_use(), frame.value());
+        assert_eq!(pyramid.last_use(), frame.value(), "the views' retire value");
         drop(pyramid);
         let range = vk::ImageSubresourceRange {
             aspect_mask: vk::ImageAspectFlags::COLOR,

@@ -1803,13 +1803,15 @@ impl CullPass {
         };
         self.last_use.fetch_max(value, Ordering::AcqRel);
         let d = &self.shared.device;
-        let all_reads = vk::AccessFlags::SHADER_READ
+        let mut all_reads = vk::AccessFlags::SHADER_READ
             | vk::AccessFlags::SHADER_WRITE
-            | vk::AccessFlags::INDIRECT_COMMAND_READ
             | vk::AccessFlags::UNIFORM_READ
             | vk::AccessFlags::TRANSFER_READ;
         let mut users = vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER;
         if self.shared.queue_flags.contains(vk::QueueFlags::GRAPHICS) {
+            // Indirect reads only with the stage that does them
+            // (VUID-vkCmdPipelineBarrier-srcAccessMask-02815, dstAccessMask-02816).
+            all_reads |= vk::AccessFlags::INDIRECT_COMMAND_READ;
             // Only stages the queue has may be named (VUID-vkCmdPipelineBarrier-srcStageMask-06461).
             users |= vk::PipelineStageFlags::DRAW_INDIRECT
                 | vk::PipelineStageFlags::VERTEX_SHADER
@@ -2284,8 +2286,15 @@ mod tests {
         let e = cull_cpu(&[(&three, u32::MAX - 1)], &view);
         let lod = classify_cpu(&three[0], &view) as usize;
         assert_eq!(e.lists[lod], vec![0, u32::MAX - 1, u32::MAX]);
-        let views = cull_views_cpu(&[(&three, u32::MAX)], &view, &[]);
+        // A cascade holding them: its lists wrap too.
+        let everything = CascadeView {
+            planes: [[0.0, 0.0, 0.0, 1.0]; 6],
+            max_lod: Lod::Billboard,
+        };
+        let views = cull_views_cpu(&[(&three, u32::MAX)], &view, &[everything]);
         assert_eq!(views[0].lists[lod], vec![0, 1, u32::MAX]);
+        let band = band_cpu(three[0].position, &view) as usize;
+        assert_eq!(views[1].lists[band], vec![0, 1, u32::MAX]);
     }
 
     #[test]

@@ -303,6 +303,13 @@ impl DepthPyramid {
         Ok(())
     }
 
+    /// The value of the last frame that recorded the pyramid or was marked with
+    /// [`DepthPyramid::used_in`] (0: none): once the pyramid is dropped, its views, pipelines
+    /// and sets are destroyed no earlier than that frame completes.
+    pub fn last_use(&self) -> u64 {
+        self.last_use.load(Ordering::Acquire)
+    }
+
     /// Records the pyramid's build from `depth`: one dispatch per level, the first reading the
     /// depth view, each next one the level before it. Marks the pyramid and its image used by
     /// `frame`.

@@ -375,21 +375,8 @@ fn cull_sources_need_storage_usage() {
         // pass; the refused calls record nothing, the last one a whole pass over `storage`,
         // whose 32 instances are written: zeros (the buffer is filled first).
         unsafe {
-            ctx.device()
-                .cmd_fill_buffer(cmd, storage.raw(), 0, vk::WHOLE_SIZE, 0);
             storage.used_in(frame)?;
-            understory::gpu::compute::memory_barrier(
-                ctx.device(),
-                cmd,
-                (
-                    vk::PipelineStageFlags::TRANSFER,
-                    vk::AccessFlags::TRANSFER_WRITE,
-                ),
-                (
-                    vk::PipelineStageFlags::COMPUTE_SHADER,
-                    vk::AccessFlags::SHADER_READ,
-                ),
-            );
+            common::zero_for_compute(&ctx, cmd, &storage);
             let view = box_view();
             refused.push((
                 "VERTEX_BUFFER source",

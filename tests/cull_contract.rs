@@ -1217,20 +1217,7 @@ fn cull_one_source(ctx: &Context, size: u64) {
         // SAFETY: recording for `frame` outside rendering; the source is marked used by it and
         // written (zeros) before the cull reads it.
         unsafe {
-            ctx.device()
-                .cmd_fill_buffer(cmd, src.raw(), 0, vk::WHOLE_SIZE, 0);
-            understory::gpu::compute::memory_barrier(
-                ctx.device(),
-                cmd,
-                (
-                    vk::PipelineStageFlags::TRANSFER,
-                    vk::AccessFlags::TRANSFER_WRITE,
-                ),
-                (
-                    vk::PipelineStageFlags::COMPUTE_SHADER,
-                    vk::AccessFlags::SHADER_READ,
-                ),
-            );
+            common::zero_for_compute(ctx, cmd, &src);
             pass.record(frame, cmd, &[source], &cull_view())
         }
     })

@@ -387,3 +387,33 @@ pub fn isolated(name: &str) -> bool {
     }
     true
 }
+
+/// Records a fill of `buffer` with zeros (instances at the origin, of scale 0) and the barrier
+/// that makes it visible to compute-shader reads.
+///
+/// # Safety
+/// `cmd` is recording, outside a render pass, for a frame that `buffer` is marked used by.
+pub unsafe fn zero_for_compute(
+    ctx: &Context,
+    cmd: ash::vk::CommandBuffer,
+    buffer: &understory::gpu::memory::Buffer,
+) {
+    use ash::vk;
+    // SAFETY: as the caller vouched; `buffer` was created with TRANSFER_DST by the tests.
+    unsafe {
+        ctx.device()
+            .cmd_fill_buffer(cmd, buffer.raw(), 0, vk::WHOLE_SIZE, 0);
+        understory::gpu::compute::memory_barrier(
+            ctx.device(),
+            cmd,
+            (
+                vk::PipelineStageFlags::TRANSFER,
+                vk::AccessFlags::TRANSFER_WRITE,
+            ),
+            (
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::AccessFlags::SHADER_READ,
+            ),
+        );
+    }
+}

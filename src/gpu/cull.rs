@@ -1120,8 +1120,8 @@ impl CullPass {
 
     /// New lists (and records) for these capacities; the old ones retire at their last use,
     /// or, for the first resize of a record, once the record can no longer fail
-    /// ([`CullPass::commit_resizes`]; [`CullPass::undo_resizes`] puts them back). On an error
-    /// (the budget refuses them) nothing changes.
+    /// ([`CullPass::commit_resizes`]; [`CullPass::undo_resizes_on_error`] puts them back). On
+    /// an error (the budget refuses them) nothing changes.
     fn resize(&mut self, caps: [u32; 3]) -> Result<()> {
         let entries = caps.iter().map(|c| u64::from(*c)).sum::<u64>() * u64::from(self.views);
         let buffer = |name, size| {
@@ -1162,18 +1162,22 @@ impl CullPass {
         self.resizes += std::mem::take(&mut self.pending_resizes);
     }
 
-    /// The record failed: the lists, records and capacities before its resizes come back (the
-    /// new ones, bound by no command, retire), and the sizer measures against them again.
-    fn undo_resizes(&mut self) {
-        self.pending_resizes = 0;
-        if let Some(old) = self.before_resize.take() {
-            self.lists = old.lists;
-            self.records = old.records;
-            self.caps = old.caps;
-            if let Some(sizer) = self.sizer.as_mut() {
-                sizer.kept(old.caps);
+    /// `r`, after undoing the record's resizes if it failed: the lists, records and capacities
+    /// before them come back (the new ones, bound by no command, retire), and the sizer
+    /// measures against them again.
+    fn undo_resizes_on_error<T>(&mut self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.pending_resizes = 0;
+            if let Some(old) = self.before_resize.take() {
+                self.lists = old.lists;
+                self.records = old.records;
+                self.caps = old.caps;
+                if let Some(sizer) = self.sizer.as_mut() {
+                    sizer.kept(old.caps);
+                }
             }
         }
+        r
     }
 
     /// Reads the counters of frames the GPU has completed and lets the sizer resize the lists.
@@ -1432,17 +1436,11 @@ impl CullPass {
     ) -> Result<()> {
         frame.check(&self.shared, "CullPass::record")?;
         self.first = None;
-        let r = match self.begin(frame, sources) {
+        let r = self.begin(frame, sources).and_then(|batches| {
             // SAFETY: the caller's promises are this function's.
-            Ok(batches) => unsafe {
-                self.record_phase(frame, cmd, Phase::Single, &batches, Some(view), None)
-            },
-            Err(e) => Err(e),
-        };
-        if r.is_err() {
-            self.undo_resizes();
-        }
-        r
+            unsafe { self.record_phase(frame, cmd, Phase::Single, &batches, Some(view), None) }
+        });
+        self.undo_resizes_on_error(r)
     }
 
     /// The first phase of two-phase occlusion culling: as [`CullPass::record`], but appends
@@ -1482,16 +1480,9 @@ impl CullPass {
             unsafe { self.record_phase(frame, cmd, Phase::First, &batches, Some(view), None)? };
             Ok(batches)
         });
-        match r {
-            Ok(batches) => {
-                self.first = Some((frame.tag(), batches));
-                Ok(())
-            }
-            Err(e) => {
-                self.undo_resizes();
-                Err(e)
-            }
-        }
+        let batches = self.undo_resizes_on_error(r)?;
+        self.first = Some((frame.tag(), batches));
+        Ok(())
     }
 
     /// The second phase: culls the sources of this frame's [`CullPass::record_first`] again
